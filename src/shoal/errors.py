@@ -1,0 +1,64 @@
+"""shoal's exception hierarchy.
+
+Every error a user can cause is one of these types; the HTTP layers map them to
+status codes (400/404/413/429/503) in each dialect's own error shape. Input is
+never checked with `assert`.
+"""
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base class of every error shoal raises on purpose."""
+
+
+class InvalidParameterError(ShoalError, ValueError):
+    """A request parameter has an invalid value; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ContextLengthExceededError(InvalidParameterError):
+    """prompt tokens + max_tokens do not fit the model's context window."""
+
+    def __init__(self, num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+        super().__init__(
+            "max_tokens" if num_prompt_tokens < max_model_len else "prompt",
+            f"this model's maximum context length is {max_model_len} tokens, but the request "
+            f"asks for {num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt + "
+            f"{max_tokens} to generate)",
+        )
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+
+
+class ModelLoadError(ShoalError):
+    """A model file or directory could not be loaded; names the path and the problem."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+class ModelNotFoundError(ModelLoadError):
+    """The model path or name does not exist."""
+
+
+class CorruptModelError(ModelLoadError):
+    """The file exists but is truncated, malformed or inconsistent."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The file is well formed but uses an architecture or tensor type shoal lacks."""
+
+
+class EngineDeadError(ShoalError):
+    """The engine loop died; no further requests can be served."""
+
+
+class RequestAbortedError(ShoalError):
+    """The request was aborted before it finished."""
