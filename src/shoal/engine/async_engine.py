@@ -1,0 +1,158 @@
+"""AsyncEngine: the online interface, with the engine loop on a background thread.
+
+`generate()` is an async iterator of RequestOutput for one request; cancelling it
+(e.g. a client that disconnects) aborts the request, and its KV blocks are freed at
+the next step. The loop thread owns the EngineCore; other threads only post
+commands to it, so the core needs no locks.
+
+NOTE: a thread, not a process: torch kernels release the GIL, so the HTTP event
+loop runs while a step computes, and outputs cross without pickling
+(docs/architecture.md has the measurements behind this choice).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.config import EngineConfig
+from shoal.engine.builder import EngineInfo, build_engine_core
+from shoal.engine.core import EngineCore
+from shoal.engine.outputs import RequestOutput
+from shoal.errors import EngineDeadError, InvalidParameterError
+from shoal.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    samples_left: int
+
+
+class AsyncEngine:
+    """Serves many concurrent generate() calls from one engine loop."""
+
+    def __init__(self, core: EngineCore, info: EngineInfo | None = None) -> None:
+        self.core = core
+        self.info = info
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._stopping = False
+        self.dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="shoal-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        core, info = build_engine_core(config)
+        return cls(core, info)
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yields incremental outputs until all n samples finish. Raises typed errors early."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine loop died: {self.dead!r}")
+        self.core.check_request(prompt_token_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        with self._streams_lock:
+            if request_id in self._streams:
+                raise InvalidParameterError("request_id", f"{request_id!r} is already running")
+            self._streams[request_id] = stream
+        self._post("add", (request_id, list(prompt_token_ids), params, priority))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    stream.samples_left -= 1
+                    if stream.samples_left == 0:
+                        finished = True
+                        return
+        finally:
+            with self._streams_lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._post("abort", request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    # ---- the loop thread -----------------------------------------------------------
+    def _post(self, kind: str, payload: Any) -> None:
+        self._commands.put((kind, payload))
+        self._wakeup.set()
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, ids, params, priority = payload
+                with self._streams_lock:
+                    wanted = request_id in self._streams
+                if not wanted:
+                    continue  # the caller went away before the request reached the loop
+                try:
+                    self.core.add_request(request_id, ids, params, priority)
+                except Exception as exc:  # typed errors go back to the caller
+                    self._deliver(request_id, [exc])
+            elif kind == "abort":
+                self.core.abort_request(payload)
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if not self.core.has_unfinished_requests():
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                outputs = self.core.step()
+                by_request: dict[str, list[RequestOutput]] = {}
+                for out in outputs:
+                    by_request.setdefault(out.request_id, []).append(out)
+                for request_id, items in by_request.items():
+                    self._deliver(request_id, items)
+        except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
+            log.exception("engine loop died")
+            self.dead = exc
+            with self._streams_lock:
+                ids = list(self._streams)
+            for request_id in ids:
+                self._deliver(request_id, [EngineDeadError(f"the engine loop died: {exc!r}")])
+
+    def _deliver(self, request_id: str, items: list[Any]) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        stream.loop.call_soon_threadsafe(_put_all, stream.queue, items)
+
+
+def _put_all(q: asyncio.Queue, items: list[Any]) -> None:
+    for item in items:
+        q.put_nowait(item)

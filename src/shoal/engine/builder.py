@@ -1,0 +1,114 @@
+"""Builds a ready EngineCore from an EngineConfig: model, tokenizer, KV cache, scheduler."""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from shoal.config import EngineConfig
+from shoal.engine.core import EngineCore
+from shoal.engine.kv.manager import KVCacheManager
+from shoal.engine.scheduler import Scheduler, SchedulerConfig
+from shoal.errors import ModelLoadError, ShoalError
+from shoal.models.config import ModelConfig
+from shoal.models.llama import LlamaForCausalLM
+from shoal.models.loader import open_model, resolve_model
+from shoal.tokenizer.tokenizer import Tokenizer
+from shoal.worker.kv_cache import allocate_kv_caches, bytes_per_block, default_kv_cache_bytes
+from shoal.worker.model_runner import ModelRunner
+from shoal.worker.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineInfo:
+    """Facts about a built engine, for logs, /api/ps and benchmarks."""
+
+    model_path: str
+    model_format: str
+    model_config: ModelConfig
+    device: str
+    dtype: str
+    compute: str
+    num_blocks: int
+    block_size: int
+    kv_cache_bytes: int
+    max_model_len: int
+    load_seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ShoalError(f"unknown device {name!r}") from None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ShoalError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
+    started = time.monotonic()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    path = resolve_model(config.model)
+    source = open_model(path)
+    try:
+        model_config = source.config
+        if source.format == "gguf":
+            tokenizer = Tokenizer.from_gguf_metadata(source.metadata, str(source.path))
+        else:
+            tokenizer = Tokenizer.from_hf_dir(source.path)
+        model = LlamaForCausalLM(model_config, source.iter_weights(), compute=config.compute,
+                                 device=device, dtype=dtype, source=str(source.path))
+    except ModelLoadError:
+        raise
+    finally:
+        source.close()
+    model.eval()
+
+    max_model_len = model_config.max_position_embeddings
+    if config.max_model_len:
+        max_model_len = min(max_model_len, config.max_model_len)
+    budget = config.kv_cache_bytes or default_kv_cache_bytes(device)
+    per_block = bytes_per_block(model_config, config.block_size, dtype)
+    num_blocks = max(2, budget // per_block)
+    # One request must be able to fill its whole context; cap the context otherwise.
+    max_model_len = min(max_model_len, (num_blocks - 1) * config.block_size)
+    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device)
+    runner = ModelRunner(model, kv_caches, config.block_size, device)
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                        max_num_batched_tokens=config.max_num_batched_tokens,
+                        max_model_len=max_model_len, block_size=config.block_size,
+                        enable_chunked_prefill=config.enable_chunked_prefill,
+                        enable_prefix_caching=config.enable_prefix_caching,
+                        long_prefill_token_threshold=config.long_prefill_token_threshold),
+        KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
+    eos = frozenset(tokenizer.eos_token_ids)
+    # NOTE: the salt keeps two models' (or two adapters') cached blocks apart even if
+    # they ever share a pool.
+    salt = zlib.crc32(f"{path}:{config.compute}".encode())
+    core = EngineCore(runner, scheduler, Sampler(), tokenizer, max_model_len,
+                      model_config.vocab_size, eos, cache_salt=salt)
+    info = EngineInfo(str(path), source.format, model_config, str(device), str(dtype).replace("torch.", ""),
+                      config.compute, num_blocks, config.block_size, num_blocks * per_block,
+                      max_model_len, time.monotonic() - started)
+    log.info("loaded %s (%s) on %s: %d KV blocks, context %d, %.2fs", path, config.compute,
+             device, num_blocks, max_model_len, info.load_seconds)
+    return core, info

@@ -1,0 +1,170 @@
+"""EngineCore: one step = schedule -> run the model -> sample -> update -> report."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.engine.request import Request, RequestStatus
+from shoal.engine.scheduler import Scheduler
+from shoal.errors import ContextLengthExceededError, InvalidParameterError
+from shoal.sampling_params import SamplingParams
+from shoal.tokenizer.detokenizer import IncrementalDetokenizer
+from shoal.tokenizer.tokenizer import Tokenizer
+from shoal.worker.model_runner import ModelRunner
+from shoal.worker.sampler import Sampler, SamplingRow
+
+
+@dataclass(slots=True)
+class _Sample:
+    """Engine-side bookkeeping of one sample of a user request."""
+
+    request: Request
+    user_request_id: str
+    index: int
+    seed: int
+    detokenizer: IncrementalDetokenizer
+
+
+class EngineCore:
+    """Owns the scheduler, the model runner and the sampler of one loaded model."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler,
+                 tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
+                 eos_token_ids: frozenset[int], cache_salt: int = 0) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.cache_salt = cache_salt
+        self._samples: dict[str, _Sample] = {}             # engine request id -> sample
+        self._by_user_id: dict[str, list[str]] = {}         # user request id -> engine ids
+        self._seed_source = random.Random()
+
+    # ---- requests in -------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Validates a request against the model; returns the resolved max_tokens."""
+        if not prompt_token_ids:
+            raise InvalidParameterError("prompt", "the prompt is empty")
+        bad = next((t for t in prompt_token_ids
+                    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size),
+                   None)
+        if bad is not None:
+            raise InvalidParameterError("prompt", f"token id {bad!r} is outside the vocabulary "
+                                        f"(0..{self.vocab_size - 1})")
+        params.validate_for_vocab(self.vocab_size)
+        num_prompt = len(prompt_token_ids)
+        if params.max_tokens is None:
+            if num_prompt >= self.max_model_len:
+                raise ContextLengthExceededError(num_prompt, 1, self.max_model_len)
+            return self.max_model_len - num_prompt
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceededError(num_prompt, params.max_tokens, self.max_model_len)
+        return params.max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Queues a request (n samples); raises a typed error if it can never run."""
+        if request_id in self._by_user_id:
+            raise InvalidParameterError("request_id", f"{request_id!r} is already running")
+        max_tokens = self.check_request(prompt_token_ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        base_seed = params.seed if params.seed is not None else self._seed_source.getrandbits(62)
+        leader: Request | None = None
+        ids: list[str] = []
+        for index in range(params.n):
+            engine_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(
+                request_id=engine_id, prompt_token_ids=list(prompt_token_ids),
+                sampling_params=params, eos_token_ids=self.eos_token_ids, max_tokens=max_tokens,
+                priority=priority, arrival_time=arrival,
+                group_id=request_id if params.n > 1 else None, group_leader=leader,
+                cache_salt=self.cache_salt)
+            leader = leader or request
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                           skip_special_tokens=params.skip_special_tokens,
+                                           stop=params.stop,
+                                           include_stop_str_in_output=params.include_stop_str_in_output)
+            self._samples[engine_id] = _Sample(request, request_id, index, base_seed + index, detok)
+            ids.append(engine_id)
+            self.scheduler.add_request(request)
+        self._by_user_id[request_id] = ids
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Aborts every sample of a user request; returns their final outputs."""
+        ids = self._by_user_id.get(request_id, [])
+        aborted = self.scheduler.abort_requests(ids)
+        return [self._final_output(self._samples[r.request_id], "", [], None) for r in aborted
+                if r.request_id in self._samples]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one step ----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.scheduled:
+            return []
+        logits, sampling = self.runner.execute(scheduler_output.scheduled)
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprob] = {}
+        if sampling:
+            rows = []
+            for work in sampling:
+                sample = self._samples[work.request.request_id]
+                request = sample.request
+                rows.append(SamplingRow(params=request.sampling_params,
+                                        prompt_token_ids=request.prompt_token_ids,
+                                        output_token_ids=request.output_token_ids,
+                                        seed=sample.seed, eos_token_ids=request.eos_token_ids))
+            result = self.sampler(logits, rows)
+            for work, token, lp in zip(sampling, result.token_ids, result.logprobs):
+                sampled[work.request.request_id] = token
+                if lp is not None:
+                    logprobs[work.request.request_id] = TokenLogprob(lp.token_id, lp.logprob,
+                                                                     list(lp.top))
+        updated = self.scheduler.update_from_output(scheduler_output, sampled)
+        return [self._output_for(r, logprobs.get(r.request_id)) for r in updated
+                if r.request_id in self._samples]
+
+    def _output_for(self, request: Request, logprob: TokenLogprob | None) -> RequestOutput:
+        sample = self._samples[request.request_id]
+        token = request.output_token_ids[-1]
+        step = sample.detokenizer.add_tokens([token])
+        text = step.text_delta
+        if step.stop_string is not None and not request.is_finished:
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, step.stop_string)
+        lps = [logprob] if logprob is not None else None
+        if request.is_finished:
+            if step.stop_string is None:
+                text += sample.detokenizer.flush()
+            return self._final_output(sample, text, [token], lps)
+        return self._make_output(sample, text, [token], lps)
+
+    def _make_output(self, sample: _Sample, text: str, token_ids: list[int],
+                     logprobs: list[TokenLogprob] | None) -> RequestOutput:
+        request = sample.request
+        return RequestOutput(
+            request_id=sample.user_request_id, index=sample.index, text=text, token_ids=token_ids,
+            finished=request.is_finished, finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason, logprobs=logprobs,
+            num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=request.num_output_tokens, num_preemptions=request.num_preemptions,
+            timings=request.timings)
+
+    def _final_output(self, sample: _Sample, text: str, token_ids: list[int],
+                      logprobs: list[TokenLogprob] | None) -> RequestOutput:
+        output = self._make_output(sample, text, token_ids, logprobs)
+        engine_id = sample.request.request_id
+        self._samples.pop(engine_id, None)
+        siblings = self._by_user_id.get(sample.user_request_id)
+        if siblings is not None:
+            if engine_id in siblings:
+                siblings.remove(engine_id)
+            if not siblings:
+                del self._by_user_id[sample.user_request_id]
+        return output

@@ -1,0 +1,66 @@
+"""What the engine reports to its callers after each step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shoal.engine.request import RequestTimings
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """The chosen token's log-probability and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """An incremental update for one sample (`index`) of one request.
+
+    `text` and `token_ids` hold only what is new since the previous update; the
+    last update of a sample has `finished` set and a `finish_reason`
+    ("stop", "length" or "abort").
+    """
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    num_preemptions: int = 0
+    timings: RequestTimings | None = None
+
+
+@dataclass(slots=True)
+class SampleResult:
+    """One finished sample of an offline generation."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """The offline result for one prompt: its tokens and its n samples."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[SampleResult]
+    num_cached_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
