@@ -1,0 +1,364 @@
+"""Scheduler: continuous batching with chunked prefill, prefix caching and preemption.
+
+Each step hands every request up to `num_tokens - num_computed_tokens` tokens to compute
+under one token budget; there are no separate prefill and decode phases. A request whose
+computed tokens reach `num_tokens` samples its next token in that step.
+
+Policy, in order:
+1. Running requests, in admission order. When a request's KV cannot grow, the running
+   request of lowest priority (largest (priority, arrival_time)) is preempted by
+   recompute, possibly the request itself, and the allocation is retried.
+2. Only if nothing was preempted this step: waiting requests in (priority, arrival_time)
+   order. The head blocks the queue (FCFS) when its KV does not fit; the only requests
+   passed over are n>1 siblings whose leader has not computed the prompt yet (they could
+   not run anyway and keep their place).
+Without chunked prefill a request's remaining tokens are scheduled in one go or it waits
+for a step with room; the config then requires max_num_batched_tokens >= max_model_len,
+so every prompt fits an otherwise empty step.
+
+Contract with the engine: schedule(), run the whole SchedulerOutput (aborted requests
+included: a request admitted in the same step may read KV they write), then
+update_from_output(), before the next schedule().
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from shoal.engine.kv.hashing import update_block_hashes
+from shoal.engine.kv.manager import KVCacheManager
+from shoal.engine.request import Request, RequestStatus
+from shoal.errors import ContextLengthExceededError, InvalidParameterError, ShoalError
+
+
+class SchedulerStateError(ShoalError):
+    """The engine drove the scheduler out of order (a bug, not a user error)."""
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Limits of one engine step and of the batch."""
+
+    max_model_len: int
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    long_prefill_token_threshold: int = 0   # 0: no per-request cap on a prefill chunk
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(name, f"must be a positive integer, got {value!r}")
+        threshold = self.long_prefill_token_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise InvalidParameterError(
+                "long_prefill_token_threshold", f"must be an integer >= 0, got {threshold!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise InvalidParameterError(
+                "max_num_batched_tokens",
+                f"must be >= max_model_len ({self.max_model_len}) without chunked prefill, "
+                f"got {self.max_num_batched_tokens}")
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step: compute `num_new_tokens` tokens from `start_pos`."""
+
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+    start_pos: int
+    num_tokens_at_schedule: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # NOTE: frozen here because update_from_output appends the sampled token.
+        self.num_tokens_at_schedule = self.request.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the last known token, so a new one is sampled."""
+        return self.start_pos + self.num_new_tokens == self.num_tokens_at_schedule
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What one step computes, and what changed since the previous step."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    finished_request_ids: list[str] = field(default_factory=list)  # since the last step
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decides each step which requests compute how many tokens, within KV and token budgets."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        if kv_manager.block_size != config.block_size:
+            raise InvalidParameterError(
+                "block_size", f"config says {config.block_size}, KV manager uses {kv_manager.block_size}")
+        self.config = config
+        self.kv = kv_manager
+        self.running: list[Request] = []
+        self._waiting: list[tuple[int, float, int, Request]] = []   # heap
+        self._requests: dict[str, Request] = {}                      # every unfinished request
+        self._seq: dict[str, int] = {}                               # insertion order, tie-break
+        self._counter = itertools.count()
+        self._finished_ids: list[str] = []
+        self.num_preemptions_total = 0
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # -- request lifecycle -----------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queues a new request; raises if it could never fit the model or the KV cache."""
+        if request.request_id in self._requests:
+            raise InvalidParameterError("request_id", f"{request.request_id!r} is already running")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise InvalidParameterError("request", "only a new, waiting request can be added")
+        self._check_fits(request)
+        leader = request.group_leader
+        if leader is not None and leader is not request and not leader.is_finished \
+                and self._requests.get(leader.request_id) is not leader:
+            raise InvalidParameterError("group_leader", "the group's leader must be added first")
+        update_block_hashes(request, self.config.block_size)
+        self._requests[request.request_id] = request
+        self._seq[request.request_id] = next(self._counter)
+        self._push_waiting(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Aborts requests in any state, freeing their blocks now; unknown ids are ignored."""
+        aborted = []
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                aborted.append(request)
+        self._check_when_idle()
+        return aborted
+
+    def finish_request(self, request: Request, status: RequestStatus,
+                       stop_reason: int | str | None = None) -> None:
+        """Ends a request from outside (e.g. a stop string matched in the detokenizer)."""
+        if not status.finished:
+            raise InvalidParameterError("status", f"{status} is not a finished status")
+        if request.is_finished or self._requests.get(request.request_id) is not request:
+            return
+        self._finish(request, status, stop_reason)
+        self._check_when_idle()
+
+    # -- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Picks this step's tokens: running requests first, then waiting ones."""
+        output = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self._schedule_running(output, self.config.max_num_batched_tokens)
+        # NOTE: no admissions in a step that preempted: the preempted requests' blocks
+        # must not be handed to a newcomer in the very step that freed them, and the
+        # pool is evidently short.
+        if not output.preempted:
+            self._schedule_waiting(output, budget)
+        output.num_batched_tokens = sum(s.num_new_tokens for s in output.scheduled)
+        return output
+
+    def update_from_output(self, output: SchedulerOutput,
+                           sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Commits a computed step; returns the requests that received a new token."""
+        now = time.monotonic()
+        received = []
+        for entry in output.scheduled:
+            request = entry.request
+            if request.is_finished:
+                continue   # aborted or finished while the step ran
+            if request.num_computed_tokens != entry.start_pos:
+                raise SchedulerStateError(
+                    f"request {request.request_id!r}: output applied twice or out of order")
+            request.num_computed_tokens += entry.num_new_tokens
+            if request.timings.prefill_done is None and request.num_computed_tokens >= request.num_prompt_tokens:
+                request.timings.prefill_done = now
+            if not entry.samples:
+                continue
+            token = sampled_token_ids[request.request_id]
+            request.append_output_token(token)
+            update_block_hashes(request, self.config.block_size)
+            if request.timings.first_token is None:
+                request.timings.first_token = now
+            self._check_stop(request, token)
+            received.append(request)
+        self._check_when_idle()
+        return received
+
+    # -- scheduling internals --------------------------------------------------------------
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._tokens_to_schedule(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:
+                index += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self._lowest_priority_running()
+                victim_index = self.running.index(victim)
+                budget += self._unschedule(output, victim)
+                self._preempt(victim)
+                output.preempted.append(victim)
+                if victim is request:
+                    break
+                if victim_index < index:
+                    index -= 1
+            else:
+                output.scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                index += 1
+        return budget
+
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        passed_over = []
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self._waiting[0][-1]
+            if not self._leader_ready(request):
+                passed_over.append(heapq.heappop(self._waiting))
+                continue
+            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = self._tokens_to_schedule(request.num_tokens - num_hit, budget)
+            if num_new == 0 or not self.kv.allocate_slots(request, num_new, hit_blocks, num_hit):
+                break
+            heapq.heappop(self._waiting)
+            self._admit(request, num_hit)
+            output.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        for entry in passed_over:
+            heapq.heappush(self._waiting, entry)
+
+    def _tokens_to_schedule(self, remaining: int, budget: int) -> int:
+        if not self.config.enable_chunked_prefill:
+            return remaining if remaining <= budget else 0
+        num = min(remaining, budget)
+        if self.config.long_prefill_token_threshold:
+            num = min(num, self.config.long_prefill_token_threshold)
+        return num
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        return ScheduledRequest(request, num_new, self.kv.get_block_ids(request.request_id),
+                                request.num_computed_tokens)
+
+    def _admit(self, request: Request, num_hit: int) -> None:
+        request.num_computed_tokens = num_hit
+        if request.timings.scheduled is None:
+            request.timings.scheduled = time.monotonic()
+            request.num_cached_tokens = num_hit
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _leader_ready(self, request: Request) -> bool:
+        leader = request.group_leader
+        return (leader is None or leader is request or leader.is_finished
+                or leader.num_computed_tokens >= leader.num_prompt_tokens)
+
+    def _lowest_priority_running(self) -> Request:
+        return max(self.running, key=lambda r: (r.priority, r.arrival_time, self._seq[r.request_id]))
+
+    def _unschedule(self, output: SchedulerOutput, request: Request) -> int:
+        """Drops a request already scheduled this step; returns the tokens it had."""
+        for position, entry in enumerate(output.scheduled):
+            if entry.request is request:
+                del output.scheduled[position]
+                return entry.num_new_tokens
+        return 0
+
+    def _preempt(self, request: Request) -> None:
+        """Preempts by recompute: frees every block; the request restarts from the waiting queue."""
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self._push_waiting(request)
+
+    def _push_waiting(self, request: Request) -> None:
+        key = (request.priority, request.arrival_time, self._seq[request.request_id], request)
+        heapq.heappush(self._waiting, key)
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        # NOTE: a stop token wins over the length limit it may hit at the same time, so
+        # a sequence that ended naturally on its last allowed token reports "stop".
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if (not params.ignore_eos and token in request.eos_token_ids) or token in params.stop_token_ids:
+                self._finish(request, RequestStatus.FINISHED_STOPPED, token)
+                return
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            self._finish(request, RequestStatus.FINISHED_LENGTH)
+
+    def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        request.status = status
+        request.stop_reason = stop_reason
+        request.timings.finished = time.monotonic()
+        self.kv.free(request)
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self._remove_waiting(request)
+        del self._requests[request.request_id]
+        del self._seq[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def _remove_waiting(self, request: Request) -> None:
+        for position, entry in enumerate(self._waiting):
+            if entry[-1] is request:
+                self._waiting[position] = self._waiting[-1]
+                self._waiting.pop()
+                heapq.heapify(self._waiting)
+                return
+
+    def _check_fits(self, request: Request) -> None:
+        num_prompt = request.num_prompt_tokens
+        max_len = self.config.max_model_len
+        if num_prompt == 0:
+            raise InvalidParameterError("prompt", "must hold at least one token")
+        if num_prompt > max_len:
+            raise ContextLengthExceededError(num_prompt, request.max_tokens, max_len)
+        # NOTE: the last sampled token's KV is never computed.
+        max_kv_tokens = max(num_prompt, min(num_prompt + request.max_tokens, max_len) - 1)
+        if self.kv.blocks_needed(max_kv_tokens) > self.kv.num_blocks:
+            raise InvalidParameterError(
+                "max_tokens", f"the request may need {max_kv_tokens} tokens of KV cache but it "
+                f"holds only {self.kv.num_blocks * self.kv.block_size}")
+
+    def _check_when_idle(self) -> None:
+        if self._requests:
+            return
+        if self.kv.num_used_blocks:
+            raise SchedulerStateError(f"idle, yet {self.kv.num_used_blocks} KV blocks are in use")
+        self.kv.check_integrity()
