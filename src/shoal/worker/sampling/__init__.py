@@ -1,0 +1,1 @@
+"""Building blocks of the sampler: per-row randomness, logits processing, filters."""
