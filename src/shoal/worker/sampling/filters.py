@@ -9,7 +9,7 @@ from shoal.worker.sampling.rng import RANDOM_BITS
 
 # NOTE: probabilities become integers in units of 2**-PROB_BITS. Integer sums are exact
 # in any order, so a row's CDF and top_p cut are bit-identical whatever the batch size
-# and however the device's cumsum kernel splits the work (CUDA uses a different scan
+# and however the device's cumsum kernel splits the work (CUDA may pick another scan
 # for a single row). Tokens below 2**-31 become unsampleable; the mass lost is < V/2**31.
 PROB_BITS = 31
 _PROB_ONE = 1 << PROB_BITS
