@@ -11,6 +11,7 @@ slot = block_id * block_size + offset; block 0 is the padding target.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,29 @@ class AttentionMetadata:
     """Where each token's K/V goes and which cached K/V each query reads."""
 
     slot_mapping: torch.Tensor                 # [T] write slot of every token
+    block_size: int = 16
     num_decodes: int = 0
+    decode_block_table: torch.Tensor | None = None   # [D, B] block ids (padded with 0)
+    decode_context_lens: torch.Tensor | None = None  # [D] keys visible to each decode query
+    # Filled for the PyTorch fallback only (gather + SDPA), once per step:
     decode_slots: torch.Tensor | None = None   # [D, Lmax] read slots (padded with 0)
     decode_mask: torch.Tensor | None = None    # [D, 1, 1, Lmax] True where a key is real
     prefills: list[PrefillChunk] = field(default_factory=list)
+    kernels: Any = None                        # compiled CPU kernels, or None
+
+
+def prepare_decode_gather(meta: AttentionMetadata) -> None:
+    """Slot indices and padding mask for the gather-based decode path."""
+    table, lengths = meta.decode_block_table, meta.decode_context_lens
+    assert table is not None and lengths is not None
+    bs = meta.block_size
+    max_len = int(lengths.max())
+    offsets = torch.arange(max_len, device=table.device)
+    valid = offsets[None, :] < lengths[:, None]
+    # NOTE: padding reads slot 0 (block 0 is zeroed and never written): an unwritten slot
+    # may hold NaN, and a masked NaN still poisons SDPA's weighted sum.
+    meta.decode_slots = torch.where(valid, table[:, offsets // bs] * bs + offsets % bs, 0)
+    meta.decode_mask = valid.view(len(lengths), 1, 1, max_len)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -49,7 +69,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
 
     d = meta.num_decodes
-    if d:
+    if d and meta.kernels is not None:
+        out[:d] = meta.kernels.paged_attention_decode(
+            q[:d], k_cache, v_cache, meta.decode_block_table, meta.decode_context_lens,
+            meta.block_size, scale)
+    elif d:
         # NOTE: a decode query is one token, so the `group` query heads that share a
         # KV head can stand in the query-length axis: no causal mask, no K/V repeat.
         keys = k_cache[meta.decode_slots].transpose(1, 2)      # [D, KV, L, hd]

@@ -38,5 +38,11 @@ def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
     shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
     # NOTE: torch.empty, not zeros: untouched blocks cost no physical memory on CPU.
     # Reads are always masked to written slots, so garbage is never attended to.
-    return [(torch.empty(shape, dtype=dtype, device=device),
-             torch.empty(shape, dtype=dtype, device=device)) for _ in range(config.num_layers)]
+    caches = []
+    for _ in range(config.num_layers):
+        k = torch.empty(shape, dtype=dtype, device=device)
+        v = torch.empty(shape, dtype=dtype, device=device)
+        k[:block_size].zero_()  # block 0: the padding target of gathered reads
+        v[:block_size].zero_()
+        caches.append((k, v))
+    return caches

@@ -6,7 +6,8 @@ from typing import Protocol
 
 import torch
 
-from shoal.worker.attention import AttentionMetadata, PrefillChunk
+from shoal.worker.attention import AttentionMetadata, PrefillChunk, prepare_decode_gather
+from shoal.worker.cpu_kernels import load_cpu_kernels
 
 
 class ScheduledWork(Protocol):
@@ -22,11 +23,17 @@ class ModelRunner:
     """Owns the KV cache tensors and executes one flat batch per engine step."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, device: torch.device) -> None:
+                 block_size: int, device: torch.device, use_kernels: bool = True) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        # NOTE: the C++ decode kernel reads float32 KV straight from the blocks; other
+        # devices and dtypes take the gather + SDPA path.
+        self.kernels = None
+        if device.type == "cpu" and kv_caches and kv_caches[0][0].dtype == torch.float32 \
+                and use_kernels:
+            self.kernels = load_cpu_kernels()
 
     @torch.inference_mode()
     def execute(self, scheduled: Sequence[ScheduledWork]) -> tuple[torch.Tensor, list[ScheduledWork]]:
@@ -51,7 +58,8 @@ class ModelRunner:
                 sample_rows.append(len(token_ids) - 1)
                 sampling.append(work)
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                                 block_size=bs)
         if decodes:
             self._add_decode_metadata(meta, decodes)
         offset = len(decodes)
@@ -78,14 +86,12 @@ class ModelRunner:
     def _add_decode_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledWork]) -> None:
         bs = self.block_size
         lengths = [w.start_pos + 1 for w in decodes]
-        max_len = max(lengths)
-        max_blocks = (max_len + bs - 1) // bs
+        max_blocks = (max(lengths) + bs - 1) // bs
         table = [w.block_ids[:max_blocks] + [0] * (max_blocks - min(len(w.block_ids), max_blocks))
                  for w in decodes]
-        dev = self.device
-        block_table = torch.tensor(table, dtype=torch.long, device=dev)          # [D, B]
-        offsets = torch.arange(max_len, device=dev)
-        meta.decode_slots = block_table[:, offsets // bs] * bs + offsets % bs    # [D, L]
-        length_tensor = torch.tensor(lengths, dtype=torch.long, device=dev)
-        meta.decode_mask = (offsets[None, :] < length_tensor[:, None]).view(len(decodes), 1, 1, max_len)
+        meta.decode_block_table = torch.tensor(table, dtype=torch.long, device=self.device)
+        meta.decode_context_lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
         meta.num_decodes = len(decodes)
+        meta.kernels = self.kernels
+        if self.kernels is None:
+            prepare_decode_gather(meta)

@@ -1,0 +1,119 @@
+"""The `shoal` command line (engine-level commands; the server commands come with `serve`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=None,
+                        help="GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct)")
+    parser.add_argument("--compute", choices=("fast", "exact"), default=None,
+                        help="fast: int8 kernels (default); exact: float weights")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--verbose", "-v", action="store_true", help="print timings and tokens/s")
+
+
+def _stream(args: argparse.Namespace, chat: bool) -> int:
+    from shoal.config import EngineConfig
+    from shoal.engine.builder import build_engine_core
+    from shoal.errors import ShoalError
+    from shoal.sampling_params import SamplingParams
+
+    prompt = " ".join(args.prompt) if args.prompt else ""
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        print("shoal: give a prompt (as arguments or on stdin)", file=sys.stderr)
+        return 2
+    try:
+        config = EngineConfig.from_env(model=args.model, compute=args.compute, device=args.device)
+        core, info = build_engine_core(config)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        tokenizer = core.tokenizer
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(prompt)
+        started = time.monotonic()
+        core.add_request("cli", ids, params)
+        first = None
+        count = 0
+        while core.has_unfinished_requests():
+            for out in core.step():
+                if first is None:
+                    first = time.monotonic()
+                count += len(out.token_ids)
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        ended = time.monotonic()
+    except ShoalError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return 1
+    if args.verbose:
+        decode = ended - (first or ended)
+        print(f"model:          {info.model_path} ({info.compute}, {info.device})\n"
+              f"load duration:  {info.load_seconds:.2f}s\n"
+              f"prompt tokens:  {len(ids)}\n"
+              f"time to first:  {(first or ended) - started:.3f}s\n"
+              f"output tokens:  {count}\n"
+              f"decode rate:    {(count - 1) / decode if decode > 0 and count > 1 else 0:.1f} tokens/s",
+              file=sys.stderr)
+    return 0
+
+
+def _model_path(args: argparse.Namespace) -> int:
+    from shoal.errors import ShoalError
+    from shoal.models.loader import resolve_model
+
+    try:
+        print(resolve_model(args.model))
+    except ShoalError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _env(_args: argparse.Namespace) -> int:
+    from shoal.config import ENV_VARS
+
+    for name, (_field, doc) in ENV_VARS.items():
+        print(f"{name:28s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Self-hosted LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="answer one chat message (streams the answer)")
+    _add_engine_args(chat)
+    chat.add_argument("prompt", nargs="*")
+    chat.set_defaults(func=lambda a: _stream(a, chat=True))
+    gen = sub.add_parser("generate", help="continue a raw text prompt")
+    _add_engine_args(gen)
+    gen.add_argument("prompt", nargs="*")
+    gen.set_defaults(func=lambda a: _stream(a, chat=False))
+    path = sub.add_parser("model-path", help="print a model's file path (fetches the default)")
+    path.add_argument("model", nargs="?", default=None)
+    path.set_defaults(func=_model_path)
+    env = sub.add_parser("env", help="list the SHOAL_* environment variables")
+    env.set_defaults(func=_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

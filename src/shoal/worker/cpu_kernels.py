@@ -1,0 +1,56 @@
+"""Builds (once, cached) and loads shoal's C++ CPU kernels; None when unavailable.
+
+The kernels are compiled on first use with the machine's C++ compiler through
+torch.utils.cpp_extension and cached under ~/.cache/torch_extensions (or
+TORCH_EXTENSIONS_DIR). Where no compiler is present, or SHOAL_CPU_KERNELS=0,
+shoal falls back to pure PyTorch paths with identical semantics.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_tried = False
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256()
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    # NOTE: -march=native code is only valid on the CPU that built it.
+    digest.update(platform.processor().encode())
+    try:
+        digest.update(Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0])
+    except OSError:
+        pass
+    return f"shoal_cpu_ops_{digest.hexdigest()[:12]}"
+
+
+def load_cpu_kernels() -> ModuleType | None:
+    """The compiled module, or None if kernels are disabled or cannot be built."""
+    global _module, _tried
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("SHOAL_CPU_KERNELS", "1") in ("0", "false", "no", "off"):
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+            _module = load(name=_build_name(), sources=[str(s) for s in _SOURCES],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
+            log.warning("shoal CPU kernels unavailable, using PyTorch fallbacks: %s", exc)
+            _module = None
+        return _module
