@@ -1,0 +1,357 @@
+"""ModelConfig: the architecture hyper-parameters of a model, from GGUF metadata or HF config.json."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.errors import CorruptModelError, UnsupportedModelError
+
+
+@dataclass(frozen=True, slots=True)
+class ArchitectureSpec:
+    """What shoal knows about one supported architecture family."""
+
+    name: str
+    # transformers class that computes the same function (reference tests, HF configs)
+    hf_class: str
+    # NOTE: llama.cpp's converter permutes Q/K rows of llama-style models so that its
+    # interleaved ("normal") RoPE matches HF's half-split RoPE; qwen2 uses NEOX RoPE and
+    # is stored unpermuted.
+    gguf_qk_permuted: bool
+    # q/k/v projections carry a bias (Qwen2); o_proj never does for these families.
+    qkv_bias: bool
+
+
+# NOTE: adding a family (e.g. Gemma 3) = one ArchitectureSpec here plus its GGUF / HF names
+# below, plus whatever new fields the model code needs.
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": ArchitectureSpec("llama", "LlamaForCausalLM", gguf_qk_permuted=True, qkv_bias=False),
+    "mistral": ArchitectureSpec("mistral", "MistralForCausalLM", gguf_qk_permuted=True, qkv_bias=False),
+    "qwen2": ArchitectureSpec("qwen2", "Qwen2ForCausalLM", gguf_qk_permuted=False, qkv_bias=True),
+}
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+HF_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Hyper-parameters of a decoder-only llama-family transformer, in HF terms."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    # HF-style: {"rope_type": "linear"|"llama3"|"dynamic"|"yarn"|..., "factor": ..., ...}
+    rope_scaling: dict[str, Any] | None = None
+    # NOTE: llama.cpp stores Llama 3.x RoPE scaling as a precomputed per-frequency divisor
+    # tensor (rope_freqs.weight) instead of parameters; each inverse frequency i is
+    # divided by rope_freq_factors[i]. None when absent.
+    rope_freq_factors: tuple[float, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    # every token id that ends generation (eos first); HF configs may list several
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def spec(self) -> ArchitectureSpec:
+        return ARCHITECTURES[self.architecture]
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def hf_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The expected HF-named weights and their shapes ([out, in] for projections)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+        for layer in range(self.num_layers):
+            p = f"model.layers.{layer}."
+            shapes[p + "self_attn.q_proj.weight"] = (self.q_size, h)
+            shapes[p + "self_attn.k_proj.weight"] = (self.kv_size, h)
+            shapes[p + "self_attn.v_proj.weight"] = (self.kv_size, h)
+            shapes[p + "self_attn.o_proj.weight"] = (h, self.q_size)
+            if self.attention_bias:
+                shapes[p + "self_attn.q_proj.bias"] = (self.q_size,)
+                shapes[p + "self_attn.k_proj.bias"] = (self.kv_size,)
+                shapes[p + "self_attn.v_proj.bias"] = (self.kv_size,)
+            shapes[p + "mlp.gate_proj.weight"] = (i, h)
+            shapes[p + "mlp.up_proj.weight"] = (i, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, i)
+            shapes[p + "input_layernorm.weight"] = (h,)
+            shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes["model.norm.weight"] = (h,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (v, h)
+        return shapes
+
+    def validate(self, source: str) -> None:
+        """Raises CorruptModelError naming `source` when the numbers are inconsistent."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise CorruptModelError(source, f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise CorruptModelError(
+                source, f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads "
+                        f"({self.num_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise CorruptModelError(source, f"head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise CorruptModelError(source, f"{name} must be a positive number, got {value!r}")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise CorruptModelError(
+                source, f"rope_freqs has {len(self.rope_freq_factors)} entries, expected "
+                        f"head_dim/2 = {self.head_dim // 2}")
+        for token_id in (self.bos_token_id, *self.eos_token_ids):
+            if token_id is not None and not 0 <= token_id < self.vocab_size:
+                raise CorruptModelError(
+                    source, f"special token id {token_id} is outside the vocabulary "
+                            f"(size {self.vocab_size})")
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any], source: str,
+                           tensor_shapes: Mapping[str, Sequence[int]] | None = None,
+                           rope_freq_factors: Sequence[float] | None = None) -> ModelConfig:
+        """Builds the config from GGUF key/values.
+
+        `tensor_shapes` (GGUF tensor name -> shape in ggml order) decides what the metadata
+        cannot: tied embeddings (no output.weight), q/k/v bias, and a missing vocab_size.
+        Without it the head is taken as tied. `rope_freq_factors` is the content of
+        rope_freqs.weight when the file has one.
+        """
+        gguf_arch = metadata.get("general.architecture")
+        if not isinstance(gguf_arch, str):
+            raise CorruptModelError(source, "GGUF metadata lacks general.architecture")
+        if gguf_arch not in GGUF_ARCHITECTURES:
+            raise UnsupportedModelError(
+                source, f"unsupported architecture {gguf_arch!r} (supported GGUF architectures: "
+                        f"{', '.join(sorted(GGUF_ARCHITECTURES))})")
+        arch = ARCHITECTURES[GGUF_ARCHITECTURES[gguf_arch]]
+        shapes = dict(tensor_shapes or {})
+
+        def get(key: str, default: Any = None, *, required: bool = False) -> Any:
+            full = f"{gguf_arch}.{key}"
+            if full in metadata:
+                return metadata[full]
+            if required:
+                raise CorruptModelError(source, f"GGUF metadata lacks {full}")
+            return default
+
+        hidden = _int(get("embedding_length", required=True), "embedding_length", source)
+        num_heads = _int(get("attention.head_count", required=True), "attention.head_count", source)
+        num_kv_heads = get("attention.head_count_kv", num_heads)
+        if isinstance(num_heads, list) or isinstance(num_kv_heads, list):
+            raise UnsupportedModelError(source, "per-layer head counts are not supported")
+        num_kv_heads = _int(num_kv_heads, "attention.head_count_kv", source)
+        if num_heads <= 0:
+            raise CorruptModelError(source, f"attention.head_count must be positive, got {num_heads}")
+        head_dim = _int(get("attention.key_length", hidden // num_heads), "attention.key_length", source)
+        value_dim = get("attention.value_length", head_dim)
+        if value_dim != head_dim:
+            raise UnsupportedModelError(
+                source, f"key_length {head_dim} != value_length {value_dim} is not supported")
+        rope_dims = get("rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise UnsupportedModelError(
+                source, f"partial rotary embeddings (rope.dimension_count {rope_dims} of "
+                        f"head_dim {head_dim}) are not supported")
+
+        vocab = get("vocab_size")
+        if vocab is None and "token_embd.weight" in shapes:
+            vocab = int(shapes["token_embd.weight"][-1])
+        if vocab is None and isinstance(metadata.get("tokenizer.ggml.tokens"), list):
+            vocab = len(metadata["tokenizer.ggml.tokens"])
+        if vocab is None:
+            raise CorruptModelError(source, f"GGUF metadata lacks {gguf_arch}.vocab_size")
+
+        context = _int(get("context_length", required=True), "context_length", source)
+        sliding = get("attention.sliding_window")
+        if sliding is not None and 0 < int(sliding) < context:
+            raise UnsupportedModelError(
+                source, f"sliding-window attention (window {sliding} < context {context}) "
+                        "is not supported")
+
+        if shapes:
+            tied = "output.weight" not in shapes
+            bias = "blk.0.attn_q.bias" in shapes
+        else:
+            tied, bias = True, arch.qkv_bias
+
+        bos = metadata.get("tokenizer.ggml.bos_token_id")
+        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        eos_ids = [t for t in (eos, metadata.get("tokenizer.ggml.eot_token_id"),
+                               metadata.get("tokenizer.ggml.eom_token_id")) if t is not None]
+
+        config = cls(
+            architecture=arch.name,
+            vocab_size=_int(vocab, "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=_int(get("feed_forward_length", required=True),
+                                   "feed_forward_length", source),
+            num_layers=_int(get("block_count", required=True), "block_count", source),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            max_position_embeddings=context,
+            tie_word_embeddings=tied,
+            attention_bias=bias,
+            rope_scaling=_gguf_rope_scaling(get, source),
+            rope_freq_factors=(tuple(float(x) for x in rope_freq_factors)
+                               if rope_freq_factors is not None else None),
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=None if eos is None else int(eos),
+            eos_token_ids=tuple(dict.fromkeys(int(t) for t in eos_ids)),
+        )
+        config.validate(source)
+        return config
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Mapping[str, Any], source: str) -> ModelConfig:
+        """Builds the config from a parsed Hugging Face config.json."""
+        architectures = hf_config.get("architectures") or []
+        if not isinstance(architectures, list) or not architectures:
+            model_type = hf_config.get("model_type")
+            raise UnsupportedModelError(
+                source, f"config.json names no architecture (model_type {model_type!r}); "
+                        f"supported: {', '.join(sorted(HF_ARCHITECTURES))}")
+        hf_arch = architectures[0]
+        if hf_arch not in HF_ARCHITECTURES:
+            raise UnsupportedModelError(
+                source, f"unsupported architecture {hf_arch!r} (supported: "
+                        f"{', '.join(sorted(HF_ARCHITECTURES))})")
+        arch = ARCHITECTURES[HF_ARCHITECTURES[hf_arch]]
+
+        def req(key: str) -> Any:
+            if key not in hf_config or hf_config[key] is None:
+                raise CorruptModelError(source, f"config.json lacks {key!r}")
+            return hf_config[key]
+
+        hidden = _int(req("hidden_size"), "hidden_size", source)
+        num_heads = _int(req("num_attention_heads"), "num_attention_heads", source)
+        num_kv_heads = hf_config.get("num_key_value_heads") or num_heads
+        head_dim = hf_config.get("head_dim") or (hidden // num_heads if num_heads > 0 else 0)
+        context = _int(hf_config.get("max_position_embeddings", 2048), "max_position_embeddings",
+                       source)
+
+        sliding = hf_config.get("sliding_window")
+        if arch.name == "qwen2" and not hf_config.get("use_sliding_window", False):
+            sliding = None
+        if sliding is not None and 0 < int(sliding) < context:
+            raise UnsupportedModelError(
+                source, f"sliding-window attention (window {sliding} < context {context}) "
+                        "is not supported")
+        if hf_config.get("mlp_bias"):
+            raise UnsupportedModelError(source, "mlp_bias is not supported")
+        partial = hf_config.get("partial_rotary_factor", 1.0)
+        if partial not in (None, 1, 1.0):
+            raise UnsupportedModelError(source, f"partial_rotary_factor {partial} is not supported")
+        if hf_config.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise UnsupportedModelError(
+                source, f"activation {hf_config.get('hidden_act')!r} is not supported")
+
+        rope_theta, rope_scaling = _hf_rope(hf_config, source)
+        bias = arch.qkv_bias or bool(hf_config.get("attention_bias", False))
+        if bias and not arch.qkv_bias:
+            # NOTE: HF Llama's attention_bias also adds an o_proj bias, which the weight
+            # naming here (q/k/v bias only) does not carry.
+            raise UnsupportedModelError(source, f"attention_bias on {hf_arch} is not supported")
+
+        eos = hf_config.get("eos_token_id")
+        eos_ids = [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+        bos = hf_config.get("bos_token_id")
+
+        config = cls(
+            architecture=arch.name,
+            vocab_size=_int(req("vocab_size"), "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=_int(req("intermediate_size"), "intermediate_size", source),
+            num_layers=_int(req("num_hidden_layers"), "num_hidden_layers", source),
+            num_heads=num_heads,
+            num_kv_heads=_int(num_kv_heads, "num_key_value_heads", source),
+            head_dim=_int(head_dim, "head_dim", source),
+            rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            max_position_embeddings=context,
+            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            attention_bias=bias,
+            rope_scaling=rope_scaling,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=eos_ids[0] if eos_ids else None,
+            eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+        )
+        config.validate(source)
+        return config
+
+
+def _int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise CorruptModelError(source, f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _gguf_rope_scaling(get: Any, source: str) -> dict[str, Any] | None:
+    kind = get("rope.scaling.type")
+    factor = get("rope.scaling.factor")
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 0.0, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor or 1.0)}
+        original = get("rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        for key, hf_key in (("rope.scaling.yarn_beta_fast", "beta_fast"),
+                            ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                            ("rope.scaling.attn_factor", "attention_factor")):
+            value = get(key)
+            if value is not None:
+                scaling[hf_key] = float(value)
+        return scaling
+    raise UnsupportedModelError(source, f"unsupported RoPE scaling type {kind!r}")
+
+
+def _hf_rope(hf_config: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+    # NOTE: transformers >= 5 writes "rope_parameters" (theta included); older configs
+    # have top-level "rope_theta" and "rope_scaling" (sometimes with "type" for "rope_type").
+    params = hf_config.get("rope_parameters")
+    scaling = dict(params) if isinstance(params, Mapping) else None
+    theta = hf_config.get("rope_theta")
+    if scaling is not None:
+        theta = scaling.pop("rope_theta", theta)
+    if isinstance(hf_config.get("rope_scaling"), Mapping):
+        scaling = {**(scaling or {}), **hf_config["rope_scaling"]}
+    if scaling is not None:
+        if "rope_type" not in scaling and "type" in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        scaling.pop("type", None)
+        if scaling.get("rope_type", "default") == "default":
+            scaling = None
+    theta = 10000.0 if theta is None else theta
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise CorruptModelError(source, f"rope_theta must be a number, got {theta!r}")
+    return float(theta), scaling
