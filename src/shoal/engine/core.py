@@ -141,7 +141,7 @@ class EngineCore:
         lps = [logprob] if logprob is not None else None
         if request.is_finished:
             if step.stop_string is None:
-                text += sample.detokenizer.flush()
+                text += sample.detokenizer.flush().text_delta
             return self._final_output(sample, text, [token], lps)
         return self._make_output(sample, text, [token], lps)
 
