@@ -36,8 +36,12 @@ class RotaryEmbedding:
     """Precomputed cos/sin tables indexed by absolute position."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
-                 scaling: dict | None, device: torch.device | str = "cpu") -> None:
+                 scaling: dict | None, device: torch.device | str = "cpu",
+                 freq_factors: tuple[float, ...] | None = None) -> None:
         inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+        if freq_factors is not None:
+            # llama.cpp's Llama 3 files carry the scaling as per-frequency divisors.
+            inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64)
         positions = torch.arange(max_positions, dtype=torch.float64)
         angles = torch.outer(positions, inv_freq)                  # [P, hd/2]
         angles = torch.cat([angles, angles], dim=-1)               # [P, hd]

@@ -125,7 +125,8 @@ class LlamaForCausalLM(nn.Module):
             self.embed_weight = nn.Parameter(embed.to(dtype), requires_grad=False)
         del embed, head
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                    config.rope_theta, config.rope_scaling, self.device)
+                                    config.rope_theta, config.rope_scaling, self.device,
+                                    config.rope_freq_factors)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_weight is None:
