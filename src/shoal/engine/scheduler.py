@@ -224,6 +224,8 @@ class Scheduler:
             if num_new == 0:
                 index += 1
                 continue
+            # NOTE: while/else: the else branch runs once allocation succeeds, not after
+            # `break` (the request preempted itself and left the running list).
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._lowest_priority_running()
                 victim_index = self.running.index(victim)
