@@ -13,10 +13,6 @@ from tokenizers import models
 from shoal.errors import InvalidParameterError
 from shoal.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, render_chat_template
 
-MODEL_DIR = Path("/tmp/models")
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_model = pytest.mark.skipif(not (MODEL_DIR / MODEL_FILE).is_file(), reason="model file absent")
-
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there!"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}],
@@ -31,25 +27,22 @@ CONVERSATIONS = [
 ]
 
 
+# The real SmolLM2 file comes from conftest's session fixtures (skipped when unavailable).
+
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    import gguf
-
-    from shoal.models.loaders.gguf_metadata import read_gguf_metadata
-
-    metadata = read_gguf_metadata(gguf.GGUFReader(str(MODEL_DIR / MODEL_FILE)))
-    return Tokenizer.from_gguf_metadata(metadata, str(MODEL_DIR / MODEL_FILE))
+def tok(smollm2_source, smollm2_path: Path) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(smollm2_source.metadata, str(smollm2_path))
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(smollm2_path: Path):
     transformers = pytest.importorskip("transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR), gguf_file=MODEL_FILE)
+        return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
+                                                          gguf_file=smollm2_path.name)
 
 
-@needs_model
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_matches_transformers(tok: Tokenizer, reference, messages: list[dict],
@@ -63,7 +56,6 @@ def test_matches_transformers(tok: Tokenizer, reference, messages: list[dict],
     assert ids.count(tok.token_to_id("<|im_start|>")) == ours.count("<|im_start|>")
 
 
-@needs_model
 def test_content_parts_join_like_strings(tok: Tokenizer) -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": "first"},
                                           {"type": "text", "text": "second"}]}]

@@ -10,18 +10,11 @@ from hypothesis import strategies as st
 
 from shoal.tokenizer import IncrementalDetokenizer, Tokenizer
 
-MODEL_PATH = Path("/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-pytestmark = pytest.mark.skipif(not MODEL_PATH.is_file(), reason="model file absent")
 
-
+# The real SmolLM2 file comes from conftest's session fixtures (skipped when unavailable).
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    import gguf
-
-    from shoal.models.loaders.gguf_metadata import read_gguf_metadata
-
-    return Tokenizer.from_gguf_metadata(read_gguf_metadata(gguf.GGUFReader(str(MODEL_PATH))),
-                                        str(MODEL_PATH))
+def tok(smollm2_source, smollm2_path: Path) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(smollm2_source.metadata, str(smollm2_path))
 
 
 @pytest.fixture(scope="module")

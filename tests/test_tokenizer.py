@@ -13,9 +13,6 @@ from hypothesis import strategies as st
 from shoal.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 from shoal.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 
-MODEL_DIR = Path("/tmp/models")
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_model = pytest.mark.skipif(not (MODEL_DIR / MODEL_FILE).is_file(), reason="model file absent")
 
 TEXTS = [
     "Hello world",
@@ -36,32 +33,30 @@ TEXTS = [
 ]
 
 
+# The real SmolLM2 file comes from conftest's session fixtures (skipped when unavailable).
+
 @pytest.fixture(scope="module")
-def metadata() -> dict:
-    import gguf
-
-    from shoal.models.loaders.gguf_metadata import read_gguf_metadata
-
-    return read_gguf_metadata(gguf.GGUFReader(str(MODEL_DIR / MODEL_FILE)))
+def metadata(smollm2_source) -> dict:
+    return smollm2_source.metadata
 
 
 @pytest.fixture(scope="module")
-def tok(metadata: dict) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(metadata, str(MODEL_DIR / MODEL_FILE))
+def tok(metadata: dict, smollm2_path: Path) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(metadata, str(smollm2_path))
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(smollm2_path: Path):
     transformers = pytest.importorskip("transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR), gguf_file=MODEL_FILE)
+        return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
+                                                          gguf_file=smollm2_path.name)
 
 
 # ----- the real GGUF file ---------------------------------------------------------------------
 
 
-@needs_model
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_matches_transformers(tok: Tokenizer, reference, text: str) -> None:
     assert tok.encode(text) == reference(text)["input_ids"]
@@ -69,14 +64,12 @@ def test_encode_matches_transformers(tok: Tokenizer, reference, text: str) -> No
         text, add_special_tokens=False)["input_ids"]
 
 
-@needs_model
 @pytest.mark.parametrize("text", TEXTS)
 def test_decode_round_trips(tok: Tokenizer, text: str) -> None:
     ids = tok.encode(text)
     assert tok.decode(ids, skip_special_tokens=False) == text
 
 
-@needs_model
 def test_special_tokens_are_single_ids_and_skippable(tok: Tokenizer, metadata: dict) -> None:
     tokens = metadata["tokenizer.ggml.tokens"]
     for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
@@ -87,7 +80,6 @@ def test_special_tokens_are_single_ids_and_skippable(tok: Tokenizer, metadata: d
                                    if t == 3}
 
 
-@needs_model
 @pytest.mark.parametrize(("text", "pieces"), [
     ("2024", ["2", "0", "2", "4"]),
     (" 123", [" ", "1", "2", "3"]),
@@ -102,7 +94,6 @@ def test_smollm_pretokenizer_splits_every_numeral(tok: Tokenizer, text: str,
     assert tok.encode(text) == [i for piece in pieces for i in tok.encode(piece)]
 
 
-@needs_model
 def test_model_facts(tok: Tokenizer, metadata: dict) -> None:
     tokens = metadata["tokenizer.ggml.tokens"]
     assert tok.vocab_size == len(tokens) == metadata["llama.vocab_size"]
@@ -116,14 +107,12 @@ def test_model_facts(tok: Tokenizer, metadata: dict) -> None:
     assert tok.encode("hi")[0] != tok.bos_token_id
 
 
-@needs_model
 def test_add_bos_token_flag_is_honoured(metadata: dict) -> None:
     tok = Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.add_bos_token": True}, "x")
     plain = tok.encode("hi", add_special_tokens=False)
     assert tok.encode("hi") == [metadata["tokenizer.ggml.bos_token_id"], *plain]
 
 
-@needs_model
 def test_hf_dir_matches_transformers(tmp_path: Path, reference, tok: Tokenizer) -> None:
     reference.save_pretrained(str(tmp_path))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0, 7]}))
@@ -137,7 +126,6 @@ def test_hf_dir_matches_transformers(tmp_path: Path, reference, tok: Tokenizer) 
     assert hf.apply_chat_template(messages) == tok.apply_chat_template(messages)
 
 
-@needs_model
 def test_hf_dir_add_bos_and_jinja_file(tmp_path: Path, tok: Tokenizer) -> None:
     tok.backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
@@ -148,6 +136,24 @@ def test_hf_dir_add_bos_and_jinja_file(tmp_path: Path, tok: Tokenizer) -> None:
     assert hf.encode("hi") == [1, *tok.encode("hi")]
     assert hf.chat_template == "{{ bos_token }}file template"
     assert hf.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_start|>file template"
+
+
+def test_tiny_hf_dir_and_tiny_gguf_agree(tiny_llama_dir: Path, tiny_llama_gguf: Path) -> None:
+    import gguf
+
+    from shoal.models.loaders.gguf_metadata import read_gguf_metadata
+
+    hf = Tokenizer.from_hf_dir(tiny_llama_dir)
+    gg = Tokenizer.from_gguf_metadata(read_gguf_metadata(gguf.GGUFReader(str(tiny_llama_gguf))),
+                                      str(tiny_llama_gguf))
+    messages = [{"role": "user", "content": "hello there, world!"}]
+    prompt = hf.apply_chat_template(messages)
+    assert prompt == gg.apply_chat_template(messages)
+    assert hf.encode(prompt) == gg.encode(prompt)
+    assert hf.encode(prompt)[0] == hf.token_to_id("<|im_start|>")
+    assert hf.eos_token_ids == gg.eos_token_ids == {0, 2}
+    assert (hf.bos_token_id, hf.eos_token_id) == (gg.bos_token_id, gg.eos_token_id) == (1, 2)
+    assert hf.vocab_size == gg.vocab_size
 
 
 def test_hf_dir_errors(tmp_path: Path) -> None:
@@ -203,6 +209,18 @@ def test_pre_tokenizer_follows_gguf_pre(pre: str | None, expected: list[str]) ->
     assert [tok.id_to_token(i) for i in ids] == expected
     assert tok.decode(ids) == "1234 12abc"
     assert tok.encode("<|end|>") == [0]
+
+
+def test_mislabelled_end_of_turn_token_is_special_and_eos() -> None:
+    meta = _byte_level_metadata("gpt2")
+    meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], "<|im_end|>"]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], 1]  # says "normal"
+    meta["tokenizer.chat_template"] = "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}"
+    tok = Tokenizer.from_gguf_metadata(meta, "x")
+    end = len(meta["tokenizer.ggml.tokens"]) - 1
+    assert tok.encode("ab<|im_end|>", add_special_tokens=False) == [tok.token_to_id("ab"), end]
+    assert tok.eos_token_ids == {0, end}
+    assert tok.decode([end]) == ""
 
 
 # ----- SentencePiece-style ('llama') vocab -------------------------------------------------

@@ -44,6 +44,9 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         self._skip_special = skip_special_tokens
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]) if PROMPT_CONTEXT_TOKENS else []
+        if context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith(
+                _REPLACEMENT):
+            context = []  # NOTE: a prompt cut inside a character would skew the text offsets.
         self._ids: list[int] = context
         self._prefix = 0
         self._read = len(context)

@@ -101,14 +101,25 @@ def gguf_add_bos_token(metadata: dict[str, Any]) -> bool:
     return metadata.get("tokenizer.ggml.pre") in _LLAMA3_FAMILY
 
 
+# End-of-turn tokens llama.cpp treats as control whatever type the file gives them.
+_FORCED_CONTROL = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
+                             "<|endoftext|>", "<EOT>", "<\uff5cend\u2581of\u2581sentence\uff5c>"})
+
+
 def _token_types(metadata: dict[str, Any], tokens: list[str], source: str) -> list[int]:
     types = metadata.get("tokenizer.ggml.token_type")
     if types is None:
-        return [TokenType.NORMAL] * len(tokens)
-    if len(types) != len(tokens):
+        types = [TokenType.NORMAL] * len(tokens)
+    elif len(types) != len(tokens):
         raise CorruptModelError(
             source, f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    return list(types)
+    out = list(types)
+    # NOTE: some converters mislabel these as normal/user-defined; llama.cpp overrides that so
+    # they encode whole and end generation, and so do we.
+    for index, token in enumerate(tokens):
+        if token in _FORCED_CONTROL and out[index] in (TokenType.NORMAL, TokenType.USER_DEFINED):
+            out[index] = TokenType.CONTROL
+    return out
 
 
 def _first_ids(tokens: Sequence[str]) -> dict[str, int]:
