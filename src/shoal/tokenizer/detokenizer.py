@@ -38,7 +38,7 @@ class IncrementalDetokenizer:
     __slots__ = ("_tok", "_skip_special", "_ids", "_prefix", "_read", "_stops", "_max_hold",
                  "_include_stop", "_pending", "_chunks", "_finished", "_stop_string")
 
-    def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int], *,
+    def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int],
                  skip_special_tokens: bool = True, stop: str | Iterable[str] = (),
                  include_stop_str_in_output: bool = False) -> None:
         self._tok = tokenizer
