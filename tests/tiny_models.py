@@ -159,9 +159,11 @@ def write_hf_model(directory: str | Path, arch: str = "llama", *, tied: bool = T
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # NOTE: weights follow the plain config, so overrides can make config.json inconsistent.
+    weights = {n: t.to(dtype).contiguous()
+               for n, t in random_weights(hf_config(arch, tied=tied), seed).items()}
     config = hf_config(arch, tied=tied, **dict(config_overrides or {}))
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    weights = {n: t.to(dtype).contiguous() for n, t in random_weights(config, seed).items()}
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     names = list(weights)
     if shards <= 1:
@@ -290,7 +292,7 @@ def write_gguf_model(path: str | Path, arch: str = "llama", *, tied: bool = True
             block, size = GGML_QUANT_SIZES[qtype]
             packed = rng.integers(0, 256, (data.shape[0], data.shape[1] // block * size),
                                   dtype=np.uint8)
-            writer.add_tensor(name, packed, raw_shape=data.shape, raw_dtype=qtype)
+            writer.add_tensor(name, packed, raw_dtype=qtype)
             continue
         if qtype == GGMLQuantizationType.F16:
             writer.add_tensor(name, packed)
