@@ -13,6 +13,7 @@ from shoal.engine.core import EngineCore
 from shoal.engine.kv.manager import KVCacheManager
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
 from shoal.errors import ModelLoadError, ShoalError
+from shoal.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
 from shoal.models.config import ModelConfig
 from shoal.models.llama import LlamaForCausalLM
 from shoal.models.loader import open_model, resolve_model
@@ -74,13 +75,16 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
             tokenizer = Tokenizer.from_gguf_metadata(source.metadata, str(source.path))
         else:
             tokenizer = Tokenizer.from_hf_dir(source.path)
-        model = LlamaForCausalLM(model_config, source.iter_weights(), compute=config.compute,
-                                 device=device, dtype=dtype, source=str(source.path))
+        model = LlamaForCausalLM(model_config, source.iter_weights(), device=device, dtype=dtype,
+                                 source=str(source.path))
     except ModelLoadError:
         raise
     finally:
         source.close()
     model.eval()
+    if config.compute == "fast" and device.type == "cpu":
+        # NOTE: on CUDA, fast mode is simply the half-precision dtype chosen above.
+        quantize_model_int8(model, tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=False))
 
     max_model_len = model_config.max_position_embeddings
     if config.max_model_len:

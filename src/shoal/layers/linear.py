@@ -38,18 +38,31 @@ class ExactLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """y ≈ x W^T + b with int8 weights (per output channel) and int8 activations (per row)."""
+    """y ≈ x W^T + b with int8 weights (per output channel) and int8 activations (per row).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    `smooth` (SmoothQuant) moves activation outliers into the weights: the layer
+    computes (x / s) (W s)^T, which equals x W^T, but x / s has no channel that
+    dwarfs the others, so one int8 scale per row loses far less.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None) -> None:
         super().__init__()
-        q, scale = quantize_rows_int8(weight.float())
+        weight = weight.float()
+        if smooth is not None:
+            weight = weight * smooth[None, :]
+        q, scale = quantize_rows_int8(weight)
         self.register_buffer("qweight", q)          # [N, K]
         self.register_buffer("scale", scale)        # [N]
         self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("smooth", None if smooth is None else smooth.float())
+        self.register_buffer("inv_smooth", None if smooth is None else (1.0 / smooth).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self.inv_smooth is not None:
+            x2 = x2 * self.inv_smooth
         x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
         xq = torch.round(x2 / x_scale).to(torch.int8)
         # NOTE: the transposed view (not a contiguous copy) measured faster for the
@@ -62,15 +75,12 @@ class Int8Linear(nn.Module):
 
     def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The float rows of W for the given indices (embedding lookup on a tied head)."""
-        return self.qweight[rows].to(torch.float32) * self.scale[rows, None]
+        rows_f = self.qweight[rows].to(torch.float32) * self.scale[rows, None]
+        if self.smooth is not None:
+            rows_f = rows_f / self.smooth
+        return rows_f
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute: str,
-                dtype: torch.dtype) -> nn.Module:
-    """Builds the linear layer for a compute mode; `weight` may be freed by the caller."""
-    if compute == "fast" and weight.device.type == "cpu":
-        return Int8Linear(weight, bias)
-    # NOTE: on CUDA, "fast" means half-precision weights: tensor cores beat int8 here
-    # without a custom kernel, and _int_mm on CUDA has shape restrictions.
-    w = weight.to(dtype)
-    return ExactLinear(w, None if bias is None else bias.to(dtype))
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """A float linear layer; fast mode converts these after calibration (layers.quantize)."""
+    return ExactLinear(weight.to(dtype), None if bias is None else bias.to(dtype))

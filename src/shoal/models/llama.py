@@ -23,7 +23,7 @@ from shoal.worker.attention import AttentionMetadata, paged_attention
 class LlamaDecoderLayer(nn.Module):
     """One transformer block: attention then SwiGLU MLP, each behind an RMSNorm."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], compute: str,
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -39,12 +39,12 @@ class LlamaDecoderLayer(nn.Module):
             qkv_bias = torch.cat([weights.pop("self_attn.q_proj.bias"),
                                   weights.pop("self_attn.k_proj.bias"),
                                   weights.pop("self_attn.v_proj.bias")])
-        self.qkv_proj = make_linear(qkv, qkv_bias, compute, dtype)
-        self.o_proj = make_linear(weights.pop("self_attn.o_proj.weight"), None, compute, dtype)
+        self.qkv_proj = make_linear(qkv, qkv_bias, dtype)
+        self.o_proj = make_linear(weights.pop("self_attn.o_proj.weight"), None, dtype)
         gate_up = torch.cat([weights.pop("mlp.gate_proj.weight"), weights.pop("mlp.up_proj.weight")])
         self.intermediate = config.intermediate_size
-        self.gate_up_proj = make_linear(gate_up, None, compute, dtype)
-        self.down_proj = make_linear(weights.pop("mlp.down_proj.weight"), None, compute, dtype)
+        self.gate_up_proj = make_linear(gate_up, None, dtype)
+        self.down_proj = make_linear(weights.pop("mlp.down_proj.weight"), None, dtype)
         self.input_layernorm = RMSNorm(weights.pop("input_layernorm.weight"), config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(weights.pop("post_attention_layernorm.weight"),
                                                 config.rms_norm_eps)
@@ -73,10 +73,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Embeddings, decoder layers, final norm and LM head, built from a weight stream."""
+    """Embeddings, decoder layers, final norm and LM head, built from a weight stream.
+
+    Built with float weights; fast mode converts the linears to int8 afterwards
+    (shoal.layers.quantize), once activations have been calibrated.
+    """
 
     def __init__(self, config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]],
-                 compute: str = "exact", device: torch.device | str = "cpu",
+                 device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, source: str = "model") -> None:
         super().__init__()
         self.config = config
@@ -98,7 +102,7 @@ class LlamaForCausalLM(nn.Module):
                 # NOTE: build each layer as soon as its tensors are in, so at most one
                 # layer's float weights exist beside the compact ones.
                 if len(layer_parts[index]) == _layer_tensor_count(config):
-                    layers[index] = LlamaDecoderLayer(config, layer_parts[index], compute, dtype)
+                    layers[index] = LlamaDecoderLayer(config, layer_parts[index], dtype)
                     layer_parts[index] = {}
             else:
                 top[name] = tensor
@@ -115,13 +119,12 @@ class LlamaForCausalLM(nn.Module):
         if head is None and not config.tie_word_embeddings:
             raise CorruptModelError(source, "missing tensor lm_head.weight (embeddings are not tied)")
         self.norm = RMSNorm(top.pop("model.norm.weight"), config.rms_norm_eps)
+        self.tied = head is None
         if head is None:
-            self.lm_head = make_linear(embed, None, compute, dtype)
-            # NOTE: a tied int8 head doubles as the embedding table (same per-row
-            # scales), so the big vocab matrix is held once.
-            self.embed_weight = None if isinstance(self.lm_head, Int8Linear) else self.lm_head.weight
+            self.lm_head = make_linear(embed, None, dtype)
+            self.embed_weight = self.lm_head.weight
         else:
-            self.lm_head = make_linear(head, None, compute, dtype)
+            self.lm_head = make_linear(head, None, dtype)
             self.embed_weight = nn.Parameter(embed.to(dtype), requires_grad=False)
         del embed, head
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
@@ -130,6 +133,9 @@ class LlamaForCausalLM(nn.Module):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_weight is None:
+            # NOTE: a tied int8 head doubles as the embedding table, so the big vocab
+            # matrix is held once.
+            assert isinstance(self.lm_head, Int8Linear)
             return self.lm_head.dequantized_rows(token_ids)
         return F.embedding(token_ids, self.embed_weight)
 
