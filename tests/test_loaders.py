@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import tiny_models
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from gguf import GGMLQuantizationType as T
 from reference import (
     build_reference_model,
@@ -22,6 +24,7 @@ from reference import (
 
 from shoal.errors import (
     CorruptModelError,
+    ModelLoadError,
     ModelNotFoundError,
     UnsupportedModelError,
 )
@@ -472,3 +475,30 @@ def test_resolve_model_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     result = subprocess.run([sys.executable, "-m", "shoal.models.default_model"], env=env,
                             capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == str(cached)
+
+
+# --- robustness -------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_damaged_gguf_raises_only_typed_errors(tiny_llama_gguf: Path, tmp_path_factory,
+                                               data: st.DataObject) -> None:
+    original = bytearray(tiny_llama_gguf.read_bytes())
+    header_end = GGUFModelSource(tiny_llama_gguf).header.data_offset
+    damaged = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(4, header_end - 1))
+        damaged[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        damaged = damaged[:data.draw(st.integers(0, len(damaged)))]
+    path = tmp_path_factory.mktemp("fuzz") / "m.gguf"
+    path.write_bytes(bytes(damaged))
+    try:
+        source = open_model(path)
+    except ModelLoadError:
+        return
+    with source:  # a benign change (e.g. inside a token string) must still load fully
+        for _, weight in source.iter_weights():
+            assert weight.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""ModelConfig: the architecture hyper-parameters of a model, from GGUF metadata or HF config.json."""
+"""ModelConfig: a model's architecture hyper-parameters, from GGUF metadata or HF config.json."""
 from __future__ import annotations
 
 import math
@@ -28,7 +28,8 @@ class ArchitectureSpec:
 # below, plus whatever new fields the model code needs.
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": ArchitectureSpec("llama", "LlamaForCausalLM", gguf_qk_permuted=True, qkv_bias=False),
-    "mistral": ArchitectureSpec("mistral", "MistralForCausalLM", gguf_qk_permuted=True, qkv_bias=False),
+    "mistral": ArchitectureSpec("mistral", "MistralForCausalLM", gguf_qk_permuted=True,
+                                qkv_bias=False),
     "qwen2": ArchitectureSpec("qwen2", "Qwen2ForCausalLM", gguf_qk_permuted=False, qkv_bias=True),
 }
 GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -160,14 +161,17 @@ class ModelConfig:
             return default
 
         hidden = _int(get("embedding_length", required=True), "embedding_length", source)
-        num_heads = _int(get("attention.head_count", required=True), "attention.head_count", source)
-        num_kv_heads = get("attention.head_count_kv", num_heads)
-        if isinstance(num_heads, list) or isinstance(num_kv_heads, list):
+        raw_heads = get("attention.head_count", required=True)
+        raw_kv_heads = get("attention.head_count_kv", raw_heads)
+        if isinstance(raw_heads, list) or isinstance(raw_kv_heads, list):
             raise UnsupportedModelError(source, "per-layer head counts are not supported")
-        num_kv_heads = _int(num_kv_heads, "attention.head_count_kv", source)
+        num_heads = _int(raw_heads, "attention.head_count", source)
+        num_kv_heads = _int(raw_kv_heads, "attention.head_count_kv", source)
         if num_heads <= 0:
-            raise CorruptModelError(source, f"attention.head_count must be positive, got {num_heads}")
-        head_dim = _int(get("attention.key_length", hidden // num_heads), "attention.key_length", source)
+            raise CorruptModelError(
+                source, f"attention.head_count must be positive, got {num_heads}")
+        head_dim = _int(get("attention.key_length", hidden // num_heads),
+                        "attention.key_length", source)
         value_dim = get("attention.value_length", head_dim)
         if value_dim != head_dim:
             raise UnsupportedModelError(
@@ -188,7 +192,7 @@ class ModelConfig:
 
         context = _int(get("context_length", required=True), "context_length", source)
         sliding = get("attention.sliding_window")
-        if sliding is not None and 0 < int(sliding) < context:
+        if sliding is not None and 0 < _int(sliding, "attention.sliding_window", source) < context:
             raise UnsupportedModelError(
                 source, f"sliding-window attention (window {sliding} < context {context}) "
                         "is not supported")
@@ -199,10 +203,13 @@ class ModelConfig:
         else:
             tied, bias = True, arch.qkv_bias
 
-        bos = metadata.get("tokenizer.ggml.bos_token_id")
-        eos = metadata.get("tokenizer.ggml.eos_token_id")
-        eos_ids = [t for t in (eos, metadata.get("tokenizer.ggml.eot_token_id"),
-                               metadata.get("tokenizer.ggml.eom_token_id")) if t is not None]
+        bos = _opt_int(metadata.get("tokenizer.ggml.bos_token_id"), "bos_token_id", source)
+        eos = _opt_int(metadata.get("tokenizer.ggml.eos_token_id"), "eos_token_id", source)
+        eos_ids = [t for t in (eos,
+                               _opt_int(metadata.get("tokenizer.ggml.eot_token_id"),
+                                        "eot_token_id", source),
+                               _opt_int(metadata.get("tokenizer.ggml.eom_token_id"),
+                                        "eom_token_id", source)) if t is not None]
 
         config = cls(
             architecture=arch.name,
@@ -214,17 +221,18 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_norm_eps=_float(get("attention.layer_norm_rms_epsilon", 1e-5),
+                                "attention.layer_norm_rms_epsilon", source),
+            rope_theta=_float(get("rope.freq_base", 10000.0), "rope.freq_base", source),
             max_position_embeddings=context,
             tie_word_embeddings=tied,
             attention_bias=bias,
             rope_scaling=_gguf_rope_scaling(get, source),
             rope_freq_factors=(tuple(float(x) for x in rope_freq_factors)
                                if rope_freq_factors is not None else None),
-            bos_token_id=None if bos is None else int(bos),
-            eos_token_id=None if eos is None else int(eos),
-            eos_token_ids=tuple(dict.fromkeys(int(t) for t in eos_ids)),
+            bos_token_id=bos,
+            eos_token_id=eos,
+            eos_token_ids=tuple(dict.fromkeys(eos_ids)),
         )
         config.validate(source)
         return config
@@ -260,7 +268,7 @@ class ModelConfig:
         sliding = hf_config.get("sliding_window")
         if arch.name == "qwen2" and not hf_config.get("use_sliding_window", False):
             sliding = None
-        if sliding is not None and 0 < int(sliding) < context:
+        if sliding is not None and 0 < _int(sliding, "sliding_window", source) < context:
             raise UnsupportedModelError(
                 source, f"sliding-window attention (window {sliding} < context {context}) "
                         "is not supported")
@@ -281,8 +289,9 @@ class ModelConfig:
             raise UnsupportedModelError(source, f"attention_bias on {hf_arch} is not supported")
 
         eos = hf_config.get("eos_token_id")
-        eos_ids = [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
-        bos = hf_config.get("bos_token_id")
+        eos_ids = [_int(t, "eos_token_id", source)
+                   for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+        bos = _opt_int(hf_config.get("bos_token_id"), "bos_token_id", source)
 
         config = cls(
             architecture=arch.name,
@@ -293,13 +302,13 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=_int(num_kv_heads, "num_key_value_heads", source),
             head_dim=_int(head_dim, "head_dim", source),
-            rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_float(hf_config.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
             rope_theta=rope_theta,
             max_position_embeddings=context,
             tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
             attention_bias=bias,
             rope_scaling=rope_scaling,
-            bos_token_id=None if bos is None else int(bos),
+            bos_token_id=bos,
             eos_token_id=eos_ids[0] if eos_ids else None,
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
         )
@@ -308,9 +317,20 @@ class ModelConfig:
 
 
 def _int(value: Any, name: str, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or int(value) != value):
         raise CorruptModelError(source, f"{name} must be an integer, got {value!r}")
     return int(value)
+
+
+def _opt_int(value: Any, name: str, source: str) -> int | None:
+    return None if value is None else _int(value, name, source)
+
+
+def _float(value: Any, name: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CorruptModelError(source, f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _gguf_rope_scaling(get: Any, source: str) -> dict[str, Any] | None:
@@ -319,18 +339,20 @@ def _gguf_rope_scaling(get: Any, source: str) -> dict[str, Any] | None:
     if kind in (None, "none") or (kind == "linear" and factor in (None, 0.0, 1.0)):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
+        return {"rope_type": "linear", "factor": _float(factor, "rope.scaling.factor", source)}
     if kind == "yarn":
-        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor or 1.0)}
+        scaling: dict[str, Any] = {
+            "rope_type": "yarn", "factor": _float(factor or 1.0, "rope.scaling.factor", source)}
         original = get("rope.scaling.original_context_length")
         if original is not None:
-            scaling["original_max_position_embeddings"] = int(original)
+            scaling["original_max_position_embeddings"] = _int(
+                original, "rope.scaling.original_context_length", source)
         for key, hf_key in (("rope.scaling.yarn_beta_fast", "beta_fast"),
                             ("rope.scaling.yarn_beta_slow", "beta_slow"),
                             ("rope.scaling.attn_factor", "attention_factor")):
             value = get(key)
             if value is not None:
-                scaling[hf_key] = float(value)
+                scaling[hf_key] = _float(value, key, source)
         return scaling
     raise UnsupportedModelError(source, f"unsupported RoPE scaling type {kind!r}")
 

@@ -42,4 +42,5 @@ class ModelSource(ABC):
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r}, architecture={self.config.architecture!r})"
+        arch = self.config.architecture
+        return f"{type(self).__name__}({str(self.path)!r}, architecture={arch!r})"

@@ -108,7 +108,8 @@ class _Cursor:
                 start = self.take(count * dtype.itemsize, what)
                 return np.frombuffer(self.buf, dtype, count, start).tolist()
             if count > self.size - self.pos:  # every item takes at least one byte
-                raise CorruptModelError(self.source, f"{what}: array length {count} exceeds the file")
+                raise CorruptModelError(self.source,
+                                        f"{what}: array length {count} exceeds the file")
             return [self.value(item_type, what, depth + 1) for _ in range(count)]
         raise CorruptModelError(self.source, f"{what}: unknown GGUF value type {vtype}")
 
@@ -118,7 +119,8 @@ def read_gguf_header(buf: Any, size: int, source: str) -> GGUFHeader:
     cur = _Cursor(buf, size, source)
     magic = bytes(buf[0:4]) if size >= 4 else bytes(buf[0:size])
     if magic != GGUF_MAGIC:
-        raise CorruptModelError(source, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        raise CorruptModelError(
+            source, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
     cur.take(4, "magic")
     version = cur.scalar("<I", "version")
     if version not in SUPPORTED_VERSIONS:
@@ -145,7 +147,8 @@ def read_gguf_header(buf: Any, size: int, source: str) -> GGUFHeader:
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise CorruptModelError(source, f"general.alignment must be a power of two, got {alignment!r}")
+        raise CorruptModelError(
+            source, f"general.alignment must be a power of two, got {alignment!r}")
 
     raw_infos: list[tuple[str, int, tuple[int, ...], int]] = []
     for i in range(n_tensors):

@@ -82,7 +82,8 @@ class HFModelSource(ModelSource):
             try:
                 handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError, ValueError) as exc:
-                raise CorruptModelError(str(file), f"not a readable safetensors file: {exc}") from None
+                raise CorruptModelError(
+                    str(file), f"not a readable safetensors file: {exc}") from None
             self._handles[file] = handle
         return handle
 
