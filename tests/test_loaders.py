@@ -9,6 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import tiny_models
@@ -236,6 +237,18 @@ def test_gguf_rope_metadata(tmp_path: Path) -> None:
         assert source.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
 
 
+def test_gguf_rope_freqs_tensor_becomes_config(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    factors = [1.0, 1.0, 2.5, 4.0, 8.0, 8.0, 8.0, 8.0]  # head_dim 16 -> 8 frequencies
+    tiny_models.write_gguf_model(path, extra_tensors={"rope_freqs.weight": np.array(factors)})
+    with open_model(path) as source:
+        assert source.config.rope_freq_factors == tuple(factors)
+        assert "rope_freqs.weight" not in source.gguf_names.values()
+    tiny_models.write_gguf_model(path, extra_tensors={"rope_freqs.weight": np.ones(5)})
+    with pytest.raises(CorruptModelError, match="rope_freqs"):
+        open_model(path)
+
+
 # --- typed errors -----------------------------------------------------------------------
 
 
@@ -304,6 +317,16 @@ def test_missing_tensor(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     tiny_models.write_gguf_model(path, skip_tensors=["blk.1.ffn_gate.weight"])
     with pytest.raises(CorruptModelError, match=r"missing tensor 'blk\.1\.ffn_gate\.weight'"):
+        open_model(path)
+
+
+def test_unexpected_gguf_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    tiny_models.write_gguf_model(path, extra_tensors={"blk.0.attn_q_norm.weight": np.ones(16)})
+    with pytest.raises(UnsupportedModelError, match=r"unexpected tensor 'blk\.0\.attn_q_norm"):
+        open_model(path)
+    tiny_models.write_gguf_model(path, extra_tensors={"blk.7.attn_norm.weight": np.ones(64)})
+    with pytest.raises(CorruptModelError, match="beyond block_count 2"):
         open_model(path)
 
 

@@ -220,13 +220,16 @@ def write_gguf_model(path: str | Path, arch: str = "llama", *, tied: bool = True
                      seed: int = 0, with_tokenizer: bool = True,
                      skip_tensors: Iterable[str] = (),
                      extra_metadata: Mapping[str, Any] | None = None,
-                     omit_metadata: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+                     omit_metadata: Sequence[str] = (),
+                     extra_tensors: Mapping[str, np.ndarray] | None = None,
+                     ) -> dict[str, torch.Tensor]:
     """Writes a tiny GGUF the way llama.cpp's converter would (Q/K permuted for llama).
 
     2-D weights use `weight_type` (any type gguf can quantize: F32, F16, BF16, Q8_0,
     Q4_0, Q4_1, Q5_0, Q5_1) unless `type_overrides` (GGUF tensor name -> type) says
     otherwise; an override to a type gguf cannot quantize gets random bytes. Norms and
-    biases stay F32. Returns what the loader must yield: dequant(quant(w)) in HF layout.
+    biases stay F32; `extra_tensors` are written as F32 after the model's own.
+    Returns what the loader must yield: dequant(quant(w)) in HF layout.
     """
     path = Path(path)
     config = hf_config("qwen2" if arch == "qwen2" else "llama", tied=tied)
@@ -302,6 +305,8 @@ def write_gguf_model(path: str | Path, arch: str = "llama", *, tied: bool = True
         # the expected HF-layout weight is dequant(quant(w)) of the unpermuted tensor.
         restored = quants.dequantize(quants.quantize(tensor.numpy(), qtype), qtype)
         expected[hf_name] = torch.from_numpy(np.array(restored, dtype=np.float32))
+    for name, array in (extra_tensors or {}).items():
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -128,7 +128,8 @@ class HFModelSource(ModelSource):
             tensor = self._handle(file).get_tensor(name)
         except SafetensorError as exc:
             raise CorruptModelError(str(file), f"cannot read tensor {name!r}: {exc}") from None
-        return tensor.to(device=device or "cpu", dtype=torch.float32)
+        # NOTE: move first, widen second: a bf16/f16 transfer is half the bytes.
+        return tensor.to(device or "cpu").to(torch.float32)
 
     def iter_weights(self, device: torch.device | str | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
