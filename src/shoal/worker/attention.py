@@ -1,12 +1,19 @@
 """Attention over a paged KV cache, for a flat batch of decode and prefill tokens.
 
-A step's tokens arrive as one flat list: first the decode queries (one token per
-request), then the prefill chunks (several consecutive tokens of one request each).
+A step's tokens arrive as one flat list: the decode queries (one token per request)
+first, then the prefill chunks (several consecutive tokens of one request each).
 Every token's K/V is first written to its slot in the cache; only then does any
 attention read, so requests scheduled together may share freshly cached blocks.
 
+Two implementations with the same semantics:
+- the C++ kernel (CPU, float32): every query, decode or prefill, reads its keys
+  straight from the blocks with one fixed arithmetic order, which makes a request's
+  output independent of chunking, prefix-cache hits and batch company;
+- the PyTorch fallback (CUDA, other dtypes, no compiler): decodes gather their keys
+  and run one batched SDPA; prefill chunks run SDPA one chunk at a time.
+
 The cache of one layer is two tensors [num_slots, kv_heads, head_dim] where
-slot = block_id * block_size + offset; block 0 is the padding target.
+slot = block_id * block_size + offset; block 0 is zeroed and never written.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import torch.nn.functional as F
 
 @dataclass(slots=True)
 class PrefillChunk:
-    """One request's run of consecutive query tokens inside the flat batch."""
+    """One request's run of consecutive query tokens inside the flat batch (fallback path)."""
 
     token_start: int           # index of the chunk's first token in the flat batch
     num_tokens: int
@@ -33,28 +40,30 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor                 # [T] write slot of every token
     block_size: int = 16
+    # Kernel path: one row per sequence of the step, in flat-batch order.
+    kernels: Any = None                        # compiled CPU kernels, or None
+    block_tables: torch.Tensor | None = None   # [N, B] block ids (padded with 0)
+    query_start: torch.Tensor | None = None    # [N + 1] flat index of each sequence's first query
+    first_pos: torch.Tensor | None = None      # [N] position of each sequence's first query
+    # Fallback path:
     num_decodes: int = 0
-    decode_block_table: torch.Tensor | None = None   # [D, B] block ids (padded with 0)
-    decode_context_lens: torch.Tensor | None = None  # [D] keys visible to each decode query
-    # Filled for the PyTorch fallback only (gather + SDPA), once per step:
-    decode_slots: torch.Tensor | None = None   # [D, Lmax] read slots (padded with 0)
+    decode_slots: torch.Tensor | None = None   # [D, Lmax] read slots (padding reads slot 0)
     decode_mask: torch.Tensor | None = None    # [D, 1, 1, Lmax] True where a key is real
     prefills: list[PrefillChunk] = field(default_factory=list)
-    kernels: Any = None                        # compiled CPU kernels, or None
 
 
-def prepare_decode_gather(meta: AttentionMetadata) -> None:
-    """Slot indices and padding mask for the gather-based decode path."""
-    table, lengths = meta.decode_block_table, meta.decode_context_lens
-    assert table is not None and lengths is not None
+def prepare_decode_gather(meta: AttentionMetadata, block_table: torch.Tensor,
+                          lengths: torch.Tensor) -> None:
+    """Slot indices and padding mask for the fallback's batched decode."""
     bs = meta.block_size
     max_len = int(lengths.max())
-    offsets = torch.arange(max_len, device=table.device)
+    offsets = torch.arange(max_len, device=block_table.device)
     valid = offsets[None, :] < lengths[:, None]
     # NOTE: padding reads slot 0 (block 0 is zeroed and never written): an unwritten slot
     # may hold NaN, and a masked NaN still poisons SDPA's weighted sum.
-    meta.decode_slots = torch.where(valid, table[:, offsets // bs] * bs + offsets % bs, 0)
+    meta.decode_slots = torch.where(valid, block_table[:, offsets // bs] * bs + offsets % bs, 0)
     meta.decode_mask = valid.view(len(lengths), 1, 1, max_len)
+    meta.num_decodes = len(lengths)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -62,18 +71,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, hd]; k, v: [T, KV, hd]. Returns [T, H * hd]."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_heads // num_kv_heads
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+    if meta.kernels is not None:
+        out = meta.kernels.paged_attention(q, k_cache, v_cache, meta.block_tables,
+                                           meta.query_start, meta.first_pos, meta.block_size, scale)
+        return out.view(num_tokens, num_heads * head_dim)
+    return _fallback_attention(q, k, v, k_cache, v_cache, meta, scale)
 
+
+def _fallback_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
     d = meta.num_decodes
-    if d and meta.kernels is not None:
-        out[:d] = meta.kernels.paged_attention_decode(
-            q[:d], k_cache, v_cache, meta.decode_block_table, meta.decode_context_lens,
-            meta.block_size, scale)
-    elif d:
+    if d:
         # NOTE: a decode query is one token, so the `group` query heads that share a
         # KV head can stand in the query-length axis: no causal mask, no K/V repeat.
         keys = k_cache[meta.decode_slots].transpose(1, 2)      # [D, KV, L, hd]
@@ -82,7 +97,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         attn = F.scaled_dot_product_attention(queries, keys, values,
                                               attn_mask=meta.decode_mask, scale=scale)
         out[:d] = attn.reshape(d, num_heads, head_dim)
-
     for chunk in meta.prefills:
         s, n = chunk.token_start, chunk.num_tokens
         queries = q[s:s + n].transpose(0, 1).unsqueeze(0)      # [1, H, n, hd]

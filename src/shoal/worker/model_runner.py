@@ -28,7 +28,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        # NOTE: the C++ decode kernel reads float32 KV straight from the blocks; other
+        # NOTE: the C++ attention kernel reads float32 KV straight from the blocks; other
         # devices and dtypes take the gather + SDPA path.
         self.kernels = None
         if device.type == "cpu" and kv_caches and kv_caches[0][0].dtype == torch.float32 \
@@ -38,9 +38,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: Sequence[ScheduledWork]) -> tuple[torch.Tensor, list[ScheduledWork]]:
         """Computes the step; returns (logits [R, vocab], the R sampling requests in order)."""
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
-        ordered = decodes + prefills
+        # Decodes first, then prefill chunks (the fallback batches the decodes together).
+        ordered = sorted(scheduled, key=lambda w: w.num_new_tokens > 1)
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -49,27 +48,21 @@ class ModelRunner:
         bs = self.block_size
         for work in ordered:
             start, n = work.start_pos, work.num_new_tokens
-            token_ids.extend(work.request.all_token_ids[start:start + n])  # type: ignore[attr-defined]
+            all_ids = work.request.all_token_ids  # type: ignore[attr-defined]
+            token_ids.extend(all_ids[start:start + n])
             table = work.block_ids
-            for pos in range(start, start + n):
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
-            if start + n == len(work.request.all_token_ids):  # type: ignore[attr-defined]
+            positions.extend(range(start, start + n))
+            slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, start + n))
+            if start + n == len(all_ids):
                 sample_rows.append(len(token_ids) - 1)
                 sampling.append(work)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  block_size=bs)
-        if decodes:
-            self._add_decode_metadata(meta, decodes)
-        offset = len(decodes)
-        for work in prefills:
-            start, n = work.start_pos, work.num_new_tokens
-            context_slots = None
-            if start > 0:
-                context_slots = self._slots_for(work.block_ids, start + n)
-            meta.prefills.append(PrefillChunk(offset, n, start + n, context_slots))
-            offset += n
+        if self.kernels is not None:
+            self._kernel_metadata(meta, ordered)
+        else:
+            self._fallback_metadata(meta, ordered)
         hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev),
                             self.kv_caches, meta)
@@ -78,20 +71,36 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
         return self.model.compute_logits(hidden.index_select(0, rows)), sampling
 
+    def _padded_tables(self, works: Sequence[ScheduledWork]) -> torch.Tensor:
+        bs = self.block_size
+        needed = [(w.start_pos + w.num_new_tokens + bs - 1) // bs for w in works]
+        width = max(needed)
+        rows = [w.block_ids[:n] + [0] * (width - n) for w, n in zip(works, needed)]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _kernel_metadata(self, meta: AttentionMetadata, ordered: Sequence[ScheduledWork]) -> None:
+        starts = [0]
+        for work in ordered:
+            starts.append(starts[-1] + work.num_new_tokens)
+        meta.kernels = self.kernels
+        meta.block_tables = self._padded_tables(ordered)
+        meta.query_start = torch.tensor(starts, dtype=torch.long)
+        meta.first_pos = torch.tensor([w.start_pos for w in ordered], dtype=torch.long)
+
+    def _fallback_metadata(self, meta: AttentionMetadata, ordered: Sequence[ScheduledWork]) -> None:
+        decodes = [w for w in ordered if w.num_new_tokens == 1]
+        if decodes:
+            lengths = torch.tensor([w.start_pos + 1 for w in decodes], dtype=torch.long,
+                                   device=self.device)
+            prepare_decode_gather(meta, self._padded_tables(decodes), lengths)
+        offset = len(decodes)
+        for work in ordered[len(decodes):]:
+            start, n = work.start_pos, work.num_new_tokens
+            context_slots = self._slots_for(work.block_ids, start + n) if start > 0 else None
+            meta.prefills.append(PrefillChunk(offset, n, start + n, context_slots))
+            offset += n
+
     def _slots_for(self, block_ids: list[int], length: int) -> torch.Tensor:
         bs = self.block_size
         blocks = torch.tensor(block_ids[: (length + bs - 1) // bs], dtype=torch.long, device=self.device)
         return (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:length]
-
-    def _add_decode_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledWork]) -> None:
-        bs = self.block_size
-        lengths = [w.start_pos + 1 for w in decodes]
-        max_blocks = (max(lengths) + bs - 1) // bs
-        table = [w.block_ids[:max_blocks] + [0] * (max_blocks - min(len(w.block_ids), max_blocks))
-                 for w in decodes]
-        meta.decode_block_table = torch.tensor(table, dtype=torch.long, device=self.device)
-        meta.decode_context_lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        meta.num_decodes = len(decodes)
-        meta.kernels = self.kernels
-        if self.kernels is None:
-            prepare_decode_gather(meta)
