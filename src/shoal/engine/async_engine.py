@@ -121,7 +121,11 @@ class AsyncEngine:
                 except Exception as exc:  # typed errors go back to the caller
                     self._deliver(request_id, [exc])
             elif kind == "abort":
-                self.core.abort_request(payload)
+                # Final "abort" outputs reach a caller still listening (an explicit abort);
+                # a cancelled caller has already gone and _deliver drops them.
+                finals = self.core.abort_request(payload)
+                if finals:
+                    self._deliver(payload, finals)
 
     def _run_loop(self) -> None:
         try:
