@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Side-by-side engine benchmark: shoal's engine vs an OpenAI-compatible peer server.
+
+Closed loop: at each concurrency level, C clients each keep one streaming request in
+flight; every request has a short, distinct prompt and asks for exactly
+--max-tokens tokens (ignore_eos). Levels are interleaved across targets so machine
+drift hits all alike. Also measured: time to first token of a lone long prompt, the
+largest inter-token gap of 8 running streams while a long prompt arrives, and peak RSS.
+
+shoal runs in-process through AsyncEngine (the HTTP server is a later issue); the peer
+is reached over HTTP on loopback. Prints a table and writes JSON.
+
+    python benchmarks/engine_bench.py --levels 1,4,16,32 \
+        --peer llamacpp=http://127.0.0.1:8081 --peer-pid $(pgrep llama-server)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TOPICS = ["the sea", "a violin", "volcanoes", "bread", "winter", "a lighthouse", "chess", "bees",
+          "the moon", "rivers", "clocks", "trains", "mountains", "paper", "gardens", "rain",
+          "owls", "glass", "maps", "salt", "bridges", "comets", "wool", "tea", "copper", "ferns",
+          "kites", "deserts", "coral", "lanterns", "foxes", "markets"]
+
+
+def short_prompt(i: int) -> str:
+    return f"Request {i}: write a long, detailed story about {TOPICS[i % len(TOPICS)]}."
+
+
+def long_prompt(i: int, approx_tokens: int) -> str:
+    sentence = (f"Note {i}: the committee reviewed section {{}} of the harbour plan, weighing "
+                "costs, tides, shipping schedules and the concerns of local fishermen. ")
+    parts, n = [], 0
+    while n < approx_tokens:
+        parts.append(sentence.format(len(parts)))
+        n += 24
+    return "".join(parts) + "Summarise the discussion."
+
+
+@dataclass
+class RequestRecord:
+    ttft: float
+    itls: list[float]
+    tokens: int
+    e2e: float
+
+
+@dataclass
+class LevelResult:
+    target: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    output_tokens: int
+    tok_per_s: float
+    ttft_p50: float
+    ttft_p99: float
+    itl_p50: float
+    itl_p99: float
+    itl_max: float
+    extra: dict = field(default_factory=dict)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, int(round(q / 100 * (len(values) - 1)))))
+    return values[k]
+
+
+# ---- targets ------------------------------------------------------------------------------
+class ShoalTarget:
+    name = "shoal"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from shoal.config import EngineConfig
+        from shoal.engine.async_engine import AsyncEngine
+
+        config = EngineConfig.from_env(model=args.model, compute=args.compute,
+                                       max_num_seqs=max(64, max(args.levels)))
+        started = time.monotonic()
+        self.engine = AsyncEngine.from_config(config)
+        self.load_s = time.monotonic() - started
+        self.counter = 0
+        self.name = f"shoal-{args.compute}"
+
+    def tokens(self, text: str) -> list[int]:
+        return self.engine.tokenizer.encode(text)
+
+    async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
+        from shoal import SamplingParams
+
+        self.counter += 1
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        times: list[float] = []
+        count = 0
+        async for out in self.engine.generate(f"b{self.counter}", self.tokens(prompt), params):
+            if out.token_ids:
+                times.append(time.perf_counter())
+                count += len(out.token_ids)
+        return RequestRecord(times[0] - start, [b - a for a, b in zip(times, times[1:])], count,
+                             times[-1] - start)
+
+    def rss_peak_mb(self) -> float:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    async def close(self) -> None:
+        self.engine.shutdown()
+
+
+class PeerTarget:
+    """Any OpenAI-compatible server (llama.cpp's llama-server, vLLM)."""
+
+    def __init__(self, name: str, url: str, model: str, pid: int | None) -> None:
+        import httpx
+
+        self.name = name
+        self.url = url.rstrip("/")
+        self.model = model
+        self.pid = pid
+        self.client = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256))
+
+    async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                "temperature": 0, "ignore_eos": True, "cache_prompt": False,
+                "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        times: list[float] = []
+        usage_tokens = None
+        async with self.client.stream("POST", f"{self.url}/v1/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    usage_tokens = event["usage"].get("completion_tokens")
+                choices = event.get("choices") or []
+                if choices and choices[0].get("text"):
+                    times.append(time.perf_counter())
+        tokens = usage_tokens if usage_tokens is not None else len(times)
+        return RequestRecord(times[0] - start, [b - a for a, b in zip(times, times[1:])], tokens,
+                             times[-1] - start)
+
+    def rss_peak_mb(self) -> float:
+        if not self.pid:
+            return float("nan")
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+# ---- measurements ---------------------------------------------------------------------------
+async def closed_loop(target, concurrency: int, requests_per_client: int, max_tokens: int,
+                      offset: int) -> LevelResult:
+    records: list[RequestRecord] = []
+
+    async def client(c: int) -> None:
+        for r in range(requests_per_client):
+            records.append(await target.stream(short_prompt(offset + c * 1000 + r), max_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*[client(c) for c in range(concurrency)])
+    wall = time.perf_counter() - start
+    itls = [x for rec in records for x in rec.itls]
+    ttfts = [rec.ttft for rec in records]
+    tokens = sum(rec.tokens for rec in records)
+    return LevelResult(target.name, concurrency, len(records), wall, tokens, tokens / wall,
+                       pct(ttfts, 50), pct(ttfts, 99), pct(itls, 50), pct(itls, 99), max(itls))
+
+
+async def long_prompt_ttft(target, approx_tokens: int) -> float:
+    rec = await target.stream(long_prompt(7, approx_tokens), 8)
+    return rec.ttft
+
+
+async def long_prompt_during_streams(target, approx_tokens: int, streams: int = 8) -> dict:
+    """Largest gap between tokens of running streams while a long prompt is prefilled."""
+    async def runner(i: int) -> RequestRecord:
+        return await target.stream(short_prompt(5000 + i), 96)
+
+    tasks = [asyncio.create_task(runner(i)) for i in range(streams)]
+    await asyncio.sleep(3.0)   # let the streams reach steady decoding
+    intruder = asyncio.create_task(target.stream(long_prompt(11, approx_tokens), 8))
+    records = await asyncio.gather(*tasks)
+    intruder_rec = await intruder
+    return {"max_gap_s": max(max(r.itls) for r in records if r.itls),
+            "intruder_ttft_s": intruder_rec.ttft}
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    targets = []
+    if not args.skip_shoal:
+        targets.append(ShoalTarget(args))
+    for spec in args.peer:
+        name, _, url = spec.partition("=")
+        targets.append(PeerTarget(name, url, args.peer_model, args.peer_pid))
+    results: list[LevelResult] = []
+    extras: dict[str, dict] = {t.name: {} for t in targets}
+    for t in targets:   # warm-up: kernels, caches, first-request paths
+        await closed_loop(t, 2, 1, 16, offset=90000)
+    for level in args.levels:
+        for t in targets:
+            per_client = max(1, args.requests_per_level // level) if args.requests_per_level else 2
+            res = await closed_loop(t, level, per_client, args.max_tokens, offset=level * 100)
+            res.extra["rss_peak_mb"] = t.rss_peak_mb()
+            results.append(res)
+            print(f"{res.target:16s} c={level:3d} reqs={res.requests:3d} {res.tok_per_s:7.1f} tok/s  "
+                  f"TTFT p50 {res.ttft_p50:6.3f}s p99 {res.ttft_p99:6.3f}s  ITL p50 "
+                  f"{res.itl_p50 * 1e3:6.1f}ms p99 {res.itl_p99 * 1e3:6.1f}ms max "
+                  f"{res.itl_max * 1e3:6.1f}ms  RSS {res.extra['rss_peak_mb']:.0f}MB", flush=True)
+    if args.long_prompt_tokens:
+        for t in targets:
+            extras[t.name]["long_prompt_ttft_s"] = await long_prompt_ttft(t, args.long_prompt_tokens)
+            extras[t.name].update(await long_prompt_during_streams(t, 1000))
+            print(f"{t.name:16s} lone ~{args.long_prompt_tokens}-token prompt TTFT "
+                  f"{extras[t.name]['long_prompt_ttft_s']:.2f}s; 1000-token prompt during 8 streams: "
+                  f"max gap {extras[t.name]['max_gap_s']:.2f}s (its TTFT "
+                  f"{extras[t.name]['intruder_ttft_s']:.2f}s)", flush=True)
+    for t in targets:
+        extras[t.name]["rss_peak_mb"] = t.rss_peak_mb()
+        await t.close()
+    return {"levels": [asdict(r) for r in results], "extras": extras,
+            "settings": {k: v for k, v in vars(args).items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="shoal model (default: SmolLM2-135M Q4_1)")
+    parser.add_argument("--compute", default="fast", choices=("fast", "exact"))
+    parser.add_argument("--levels", default="1,4,16,32")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests-per-level", type=int, default=0,
+                        help="total requests per level (default: 2 per client)")
+    parser.add_argument("--peer", action="append", default=[], help="NAME=URL of an OpenAI-compatible server")
+    parser.add_argument("--peer-model", default="smollm2")
+    parser.add_argument("--peer-pid", type=int, default=None, help="peer's PID, for its peak RSS")
+    parser.add_argument("--long-prompt-tokens", type=int, default=1300)
+    parser.add_argument("--skip-shoal", action="store_true")
+    parser.add_argument("--json", default="bench-results/engine_bench.json")
+    args = parser.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",")]
+    result = asyncio.run(main_async(args))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
