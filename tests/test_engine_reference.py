@@ -40,14 +40,11 @@ def reference(smollm2_source):
 
 @pytest.fixture(scope="module", params=[True, False], ids=["cpp-kernel", "torch-fallback"])
 def exact_runner(request, smollm2_path):
+    backend = "kernel" if request.param else "torch"
     core, _info = build_engine_core(EngineConfig(model=str(smollm2_path), compute="exact",
-                                                 kv_cache_bytes=64 << 20))
-    runner = core.runner
-    if not request.param:
-        runner.kernels = None
-    elif runner.kernels is None:
-        pytest.skip("C++ kernels could not be built here")
-    return runner
+                                                 kv_cache_bytes=64 << 20, attention_backend=backend))
+    assert (core.runner.kernels is not None) == request.param
+    return core.runner
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -108,16 +105,11 @@ def test_mixed_step_of_decodes_chunks_and_cached_context_matches_reference(exact
 
 
 def _all_position_logits(core, token_ids: list[int]) -> torch.Tensor:
-    from shoal.worker.attention import AttentionMetadata, PrefillChunk
+    from shoal.worker.model_runner import forward_single_sequence
 
-    n = len(token_ids)
-    bs = core.runner.block_size
-    meta = AttentionMetadata(slot_mapping=torch.arange(bs, bs + n), block_size=bs)
-    meta.prefills.append(PrefillChunk(0, n, n, None))
     model = core.runner.model
     with torch.inference_mode():
-        hidden = model(torch.tensor(token_ids), torch.arange(n), core.runner.kv_caches, meta)
-        return model.compute_logits(hidden)
+        return model.compute_logits(forward_single_sequence(model, token_ids))
 
 
 def test_fast_mode_stays_close_to_reference_on_natural_text(smollm2_path, reference):

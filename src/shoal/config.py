@@ -21,6 +21,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_PREFIX_CACHING": ("enable_prefix_caching", "Reuse KV of shared prompt prefixes (default 1)."),
     "SHOAL_CHUNKED_PREFILL": ("enable_chunked_prefill", "Split long prompts across steps (default 1)."),
     "SHOAL_NUM_THREADS": ("num_threads", "Torch CPU threads (default: all cores)."),
+    "SHOAL_ATTENTION": ("attention_backend", "'auto' (C++ kernel on CPU when it builds), 'kernel', or 'torch'."),
 }
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20,
@@ -54,8 +55,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
     num_threads: int | None = None
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "kernel", "torch"):
+            raise InvalidParameterError("attention_backend",
+                                        f"must be 'auto', 'kernel' or 'torch', got {self.attention_backend!r}")
         if self.compute not in ("fast", "exact"):
             raise InvalidParameterError("compute", f"must be 'fast' or 'exact', got {self.compute!r}")
         if self.kv_cache_bytes is not None:

@@ -19,7 +19,7 @@ from shoal.models.llama import LlamaForCausalLM
 from shoal.models.loader import open_model, resolve_model
 from shoal.tokenizer.tokenizer import Tokenizer
 from shoal.worker.kv_cache import allocate_kv_caches, bytes_per_block, default_kv_cache_bytes
-from shoal.worker.model_runner import ModelRunner
+from shoal.worker.model_runner import ModelRunner, kernel_supported
 from shoal.worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,14 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     num_blocks = max(2, budget // per_block)
     # One request must be able to fill its whole context; cap the context otherwise.
     max_model_len = min(max_model_len, (num_blocks - 1) * config.block_size)
-    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device)
-    runner = ModelRunner(model, kv_caches, config.block_size, device)
+    use_kernels = config.attention_backend != "torch" and kernel_supported(
+        device, dtype, config.block_size, model_config.head_dim)
+    if config.attention_backend == "kernel" and not use_kernels:
+        raise ShoalError("attention_backend='kernel' but the C++ kernel cannot serve this "
+                         f"configuration (device {device}, dtype {dtype}, block size {config.block_size})")
+    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device,
+                                   blocked=use_kernels)
+    runner = ModelRunner(model, kv_caches, config.block_size, device, use_kernels=use_kernels)
     scheduler = Scheduler(
         SchedulerConfig(max_num_seqs=config.max_num_seqs,
                         max_num_batched_tokens=config.max_num_batched_tokens,

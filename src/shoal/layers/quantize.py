@@ -52,7 +52,7 @@ our eyes from every direction of the sky.<|im_end|>
 @torch.inference_mode()
 def calibrate_input_ranges(model: nn.Module, token_ids: list[int]) -> dict[nn.Module, torch.Tensor]:
     """Largest |input| per channel seen by each ExactLinear during one forward pass."""
-    from shoal.worker.attention import AttentionMetadata, PrefillChunk
+    from shoal.worker.model_runner import forward_single_sequence
 
     ranges: dict[nn.Module, torch.Tensor] = {}
 
@@ -64,18 +64,7 @@ def calibrate_input_ranges(model: nn.Module, token_ids: list[int]) -> dict[nn.Mo
     linears = [m for m in model.modules() if isinstance(m, ExactLinear)]
     hooks = [m.register_forward_pre_hook(record) for m in linears]
     try:
-        n = len(token_ids)
-        config = model.config
-        device = next(model.parameters()).device
-        dtype = model.dtype
-        shape = (n, config.num_kv_heads, config.head_dim)
-        caches = [(torch.empty(shape, dtype=dtype, device=device),
-                   torch.empty(shape, dtype=dtype, device=device)) for _ in range(config.num_layers)]
-        meta = AttentionMetadata(slot_mapping=torch.arange(n, device=device), block_size=n)
-        meta.prefills.append(PrefillChunk(0, n, n, None))
-        hidden = model(torch.tensor(token_ids, device=device), torch.arange(n, device=device),
-                       caches, meta)
-        model.compute_logits(hidden)
+        model.compute_logits(forward_single_sequence(model, token_ids))
     finally:
         for hook in hooks:
             hook.remove()

@@ -12,8 +12,8 @@ Two implementations with the same semantics:
 - the PyTorch fallback (CUDA, other dtypes, no compiler): decodes gather their keys
   and run one batched SDPA; prefill chunks run SDPA one chunk at a time.
 
-The cache of one layer is two tensors [num_slots, kv_heads, head_dim] where
-slot = block_id * block_size + offset; block 0 is zeroed and never written.
+A token's slot is block_id * block_size + offset; block 0 is zeroed and never written.
+The kernel uses a blocked cache layout, the fallback a flat one (worker/kv_cache.py).
 """
 from __future__ import annotations
 
@@ -71,12 +71,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, hd]; k, v: [T, KV, hd]. Returns [T, H * hd]."""
     num_tokens, num_heads, head_dim = q.shape
+    if meta.kernels is not None:
+        meta.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = meta.kernels.paged_attention(q, k_cache, v_cache, meta.block_tables,
+                                           meta.query_start, meta.first_pos, scale)
+        return out.view(num_tokens, num_heads * head_dim)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    if meta.kernels is not None:
-        out = meta.kernels.paged_attention(q, k_cache, v_cache, meta.block_tables,
-                                           meta.query_start, meta.first_pos, meta.block_size, scale)
-        return out.view(num_tokens, num_heads * head_dim)
     return _fallback_attention(q, k, v, k_cache, v_cache, meta, scale)
 
 

@@ -32,17 +32,32 @@ def default_kv_cache_bytes(device: torch.device) -> int:
 
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
-                       dtype: torch.dtype, device: torch.device
+                       dtype: torch.dtype, device: torch.device, blocked: bool = False
                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair per layer, each [num_blocks * block_size, kv_heads, head_dim]."""
-    shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
-    # NOTE: torch.empty, not zeros: untouched blocks cost no physical memory on CPU.
-    # Reads are always masked to written slots, so garbage is never attended to.
+    """One (K, V) pair per layer.
+
+    flat (PyTorch attention): K and V are [num_blocks * block_size, kv_heads, head_dim].
+    blocked (the C++ kernel): K is [num_blocks, kv_heads, head_dim, block_size] and V is
+    [num_blocks, kv_heads, block_size, head_dim] (see csrc/paged_attention.cpp).
+    """
+    kv, hd = config.num_kv_heads, config.head_dim
+    if blocked:
+        k_shape = (num_blocks, kv, hd, block_size)
+        v_shape = (num_blocks, kv, block_size, hd)
+    else:
+        k_shape = v_shape = (num_blocks * block_size, kv, hd)
     caches = []
     for _ in range(config.num_layers):
-        k = torch.empty(shape, dtype=dtype, device=device)
-        v = torch.empty(shape, dtype=dtype, device=device)
-        k[:block_size].zero_()  # block 0: the padding target of gathered reads
-        v[:block_size].zero_()
+        # NOTE: torch.empty, not zeros: untouched blocks cost no physical memory on CPU.
+        # Reads are always limited to written slots, except the fallback's padded reads,
+        # which point at block 0: zero it (garbage may be NaN, and 0 * NaN = NaN).
+        k = torch.empty(k_shape, dtype=dtype, device=device)
+        v = torch.empty(v_shape, dtype=dtype, device=device)
+        if blocked:
+            k[0].zero_()
+            v[0].zero_()
+        else:
+            k[:block_size].zero_()
+            v[:block_size].zero_()
         caches.append((k, v))
     return caches

@@ -19,6 +19,30 @@ class ScheduledWork(Protocol):
     start_pos: int
 
 
+def kernel_supported(device: torch.device, dtype: torch.dtype, block_size: int,
+                     head_dim: int) -> bool:
+    """Whether the C++ attention kernel serves this configuration (it then needs a blocked cache)."""
+    return (device.type == "cpu" and dtype == torch.float32 and block_size == 16
+            and head_dim % 16 == 0 and load_cpu_kernels() is not None)
+
+
+@torch.inference_mode()
+def forward_single_sequence(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+    """Hidden states [n, hidden] of one whole sequence, with a throwaway flat KV cache.
+
+    Used outside serving: fast-mode calibration and tests that need every position's logits.
+    """
+    n = len(token_ids)
+    config = model.config
+    device = next(model.parameters()).device
+    shape = (n, config.num_kv_heads, config.head_dim)
+    caches = [(torch.empty(shape, dtype=model.dtype, device=device),
+               torch.empty(shape, dtype=model.dtype, device=device)) for _ in range(config.num_layers)]
+    meta = AttentionMetadata(slot_mapping=torch.arange(n, device=device), block_size=n)
+    meta.prefills.append(PrefillChunk(0, n, n, None))
+    return model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), caches, meta)
+
+
 class ModelRunner:
     """Owns the KV cache tensors and executes one flat batch per engine step."""
 
@@ -30,10 +54,9 @@ class ModelRunner:
         self.device = device
         # NOTE: the C++ attention kernel reads float32 KV straight from the blocks; other
         # devices and dtypes take the gather + SDPA path.
-        self.kernels = None
-        if device.type == "cpu" and kv_caches and kv_caches[0][0].dtype == torch.float32 \
-                and use_kernels:
-            self.kernels = load_cpu_kernels()
+        self.kernels = load_cpu_kernels() if use_kernels else None
+        if self.kernels is not None and kv_caches and kv_caches[0][0].dim() != 4:
+            raise ValueError("the attention kernel needs a blocked KV cache (kernel_supported)")
 
     @torch.inference_mode()
     def execute(self, scheduled: Sequence[ScheduledWork]) -> tuple[torch.Tensor, list[ScheduledWork]]:

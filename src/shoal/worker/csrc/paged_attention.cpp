@@ -1,15 +1,20 @@
 // Causal attention straight from the paged KV cache, for CPUs, for every query of a
 // step: decode queries (one per sequence) and prefill chunks (many) alike.
 //
-// One task per (sequence, tile of up to kTile consecutive queries, KV head). The query
-// heads sharing the KV head walk the sequence's blocks once per tile, so each K and V row
-// is read once per tile and nothing is gathered into a temporary.
+// Cache layout (per layer), chosen for this kernel (BS = 16 keys per block):
+//   K: [num_blocks, kv_heads, head_dim, BS]  (transposed inside a block)
+//   V: [num_blocks, kv_heads, BS, head_dim]
+// so the BS keys of a block are scored with one vector FMA per head dimension (lanes run
+// over keys: no horizontal sums), and a block's V rows are one contiguous run.
 //
-// Batch invariance by construction: a query at position p always computes
-//   s_t = dot(q, k_t) * scale for t = 0..p, softmax over them in that order,
-//   out = sum_t p_t v_t in that order,
-// with the same instructions whatever the tile, chunking or batch it arrives in. So a
-// request's output does not depend on chunked prefill, prefix-cache hits or neighbours.
+// One task per (sequence, tile of up to kTile consecutive queries, KV head); the query
+// heads sharing the KV head walk the sequence's blocks once per tile.
+//
+// Batch invariance by construction: the score of query q against key t is
+//   sum over d = 0..hd-1, in order, of q[d] * k_t[d]   (one lane, fixed order),
+// softmax runs over keys 0..pos in order, and out[d] = sum over t = 0..pos, in order, of
+// p_t * v_t[d]. Nothing depends on the tile, chunk or batch a query arrives in, so a
+// request's output is independent of chunked prefill, prefix-cache hits and neighbours.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -20,48 +25,189 @@
 
 namespace {
 
-constexpr int kLanes = 16;   // independent partial sums: lets the compiler vectorize dot products
 constexpr int64_t kTile = 16;
-
-inline float dot(const float* a, const float* b, int n) {
-  float acc[kLanes] = {0};
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
-  }
-  float sum = 0.f;
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-inline void axpy(float* y, const float* x, float alpha, int n) {
-  for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
 
 struct Task {
   int64_t seq, q_begin, q_end, kv_head;
 };
 
+// 16 floats as one value: GCC/Clang lower it to one AVX-512 register, or to 2 AVX2 / 4 SSE
+// registers on older CPUs, with the same per-lane arithmetic.
+typedef float v16 __attribute__((vector_size(64)));
+constexpr int BS = 16;   // keys per block = lanes of v16
+
+inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// Scores of R rows (query, head) against one block's 16 keys: acc[r] lanes = keys.
+// Each lane sums q[d] * k[d] for d = 0..hd-1 in order, whatever R is.
+template <int R>
+inline void score_block(const float* const* q, const float* kt, int64_t hd, float scale,
+                        float* const* out) {
+  v16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = v16{};
+  for (int64_t d = 0; d < hd; ++d) {
+    const v16 k = load16(kt + d * BS);
+    for (int r = 0; r < R; ++r) acc[r] += q[r][d] * k;
+  }
+  for (int r = 0; r < R; ++r) store16(out[r], acc[r] * scale);
+}
+
+// out[r][:] += sum over the block's first `lanes[r]` keys of p[r][l] * v[l][:], key by key.
+template <int R>
+inline void accumulate_block(const float* const* p, const int64_t* lanes, const float* vblock,
+                             int64_t hd, float* const* out) {
+  for (int64_t j = 0; j < hd; j += 16) {
+    v16 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = load16(out[r] + j);
+    for (int l = 0; l < BS; ++l) {
+      const v16 v = load16(vblock + l * hd + j);
+      for (int r = 0; r < R; ++r) {
+        if (l < lanes[r]) acc[r] += p[r][l] * v;
+      }
+    }
+    for (int r = 0; r < R; ++r) store16(out[r] + j, acc[r]);
+  }
+}
+
+template <int R>
+void score_rows(int nr, const float* const* q, const float* kt, int64_t hd, float scale,
+                float* const* out) {
+  if (nr == R) score_block<R>(q, kt, hd, scale, out);
+  else if constexpr (R > 1) score_rows<R - 1>(nr, q, kt, hd, scale, out);
+}
+
+template <int R>
+void accumulate_rows(int nr, const float* const* p, const int64_t* lanes, const float* vblock,
+                     int64_t hd, float* const* out) {
+  if (nr == R) accumulate_block<R>(p, lanes, vblock, hd, out);
+  else if constexpr (R > 1) accumulate_rows<R - 1>(nr, p, lanes, vblock, hd, out);
+}
+
+constexpr int kScoreRows = 8;   // rows scored together: independent FMA chains
+constexpr int kValueRows = 4;   // rows accumulated together: 4 x hd/16 accumulators
+
+void attend_tile(const Task& task, const float* qp, const float* kp, const float* vp,
+                 const int64_t* table, int64_t pos0, int64_t H, int64_t KV, int64_t hd,
+                 int64_t group, float scale, float* op, std::vector<float>& scores,
+                 std::vector<float>& acc) {
+  const int64_t nq = task.q_end - task.q_begin;
+  const int64_t rows = nq * group;                     // row = (query i, head g), i-major
+  const int64_t len = pos0 + nq;                       // keys the tile's last query sees
+  const int64_t nblocks = (len + BS - 1) / BS;
+  const int64_t width = nblocks * BS;
+  const int64_t kvh = task.kv_head;
+  scores.assign(rows * width, 0.f);
+  acc.assign(rows * hd, 0.f);
+  const int64_t block_stride = KV * hd * BS;
+  auto qrow = [&](int64_t r) {
+    return qp + ((task.q_begin + r / group) * H + kvh * group + r % group) * hd;
+  };
+
+  // Scores: rows whose query sees any key of the block, kScoreRows at a time.
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const float* kt = kp + table[b] * block_stride + kvh * hd * BS;   // [hd][BS]
+    const int64_t t0 = b * BS;
+    const int64_t first_row = std::max<int64_t>(0, t0 - pos0) * group;
+    for (int64_t r0 = first_row; r0 < rows; r0 += kScoreRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kScoreRows, rows - r0));
+      const float* q[kScoreRows];
+      float* out[kScoreRows];
+      for (int r = 0; r < nr; ++r) {
+        q[r] = qrow(r0 + r);
+        out[r] = scores.data() + (r0 + r) * width + t0;
+      }
+      score_rows<kScoreRows>(nr, q, kt, hd, scale, out);
+    }
+  }
+  // Softmax of each row over its own keys 0 .. pos.
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t visible = pos0 + r / group + 1;
+    float* s = scores.data() + r * width;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < visible; ++t) mx = std::max(mx, s[t]);
+    float total = 0.f;
+    for (int64_t t = 0; t < visible; ++t) { s[t] = std::exp(s[t] - mx); total += s[t]; }
+    const float inv = 1.f / total;
+    for (int64_t t = 0; t < visible; ++t) s[t] *= inv;
+  }
+  // Weighted sum of V, key by key in order, kValueRows rows at a time.
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const float* vblock = vp + table[b] * block_stride + kvh * BS * hd;   // [BS][hd]
+    const int64_t t0 = b * BS;
+    const int64_t first_row = std::max<int64_t>(0, t0 - pos0) * group;
+    for (int64_t r0 = first_row; r0 < rows; r0 += kValueRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kValueRows, rows - r0));
+      const float* p[kValueRows];
+      float* out[kValueRows];
+      int64_t lanes[kValueRows];
+      for (int r = 0; r < nr; ++r) {
+        p[r] = scores.data() + (r0 + r) * width + t0;
+        out[r] = acc.data() + (r0 + r) * hd;
+        lanes[r] = std::min<int64_t>(BS, pos0 + (r0 + r) / group + 1 - t0);
+      }
+      accumulate_rows<kValueRows>(nr, p, lanes, vblock, hd, out);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(acc.begin() + r * hd, acc.begin() + (r + 1) * hd,
+              op + ((task.q_begin + r / group) * H + kvh * group + r % group) * hd);
+  }
+}
+
+void check_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32,
+              "paged attention: float32 KV cache only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "KV cache must be blocked (4-D)");
+}
+
 }  // namespace
 
+// Writes each token's K and V into its slot (slot = block * BS + offset).
+// k, v: [T, KV, hd] f32; k_cache [N, KV, hd, BS]; v_cache [N, KV, BS, hd]; slots [T] i64.
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+              torch::Tensor slots) {
+  check_cache(k_cache, v_cache);
+  k = k.contiguous();
+  v = v.contiguous();
+  slots = slots.contiguous();
+  const int64_t T = k.size(0), KV = k.size(1), hd = k.size(2);
+  const int64_t bs = k_cache.size(3);
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t block = sp[t] / bs, offset = sp[t] % bs;
+    for (int64_t h = 0; h < KV; ++h) {
+      const float* ksrc = kp + (t * KV + h) * hd;
+      float* kdst = kc + ((block * KV + h) * hd) * bs + offset;
+      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = ksrc[d];
+      std::copy(vp + (t * KV + h) * hd, vp + (t * KV + h + 1) * hd,
+                vc + ((block * KV + h) * bs + offset) * hd);
+    }
+  }
+}
+
 // q: [T, H, hd] f32 (flat tokens of all sequences, each sequence's queries consecutive);
-// k_cache, v_cache: [S, KV, hd] f32; block_tables: [N, B] i64 (one row per sequence);
-// query_start: [N + 1] i64 (sequence n owns tokens query_start[n] .. query_start[n+1]);
-// first_pos: [N] i64 (absolute position of each sequence's first query).
-// Returns out [T, H, hd]. Query i of sequence n sees keys 0 .. first_pos[n] + i.
+// block_tables: [N, B] i64 (one row per sequence); query_start: [N + 1] i64 (sequence n
+// owns tokens query_start[n] .. query_start[n+1]); first_pos: [N] i64 (absolute position
+// of each sequence's first query). Query i of sequence n sees keys 0 .. first_pos[n] + i.
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor query_start,
-                              torch::Tensor first_pos, int64_t block_size, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 &&
-              v_cache.dtype() == torch::kFloat32, "paged_attention: float32 only");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
+                              torch::Tensor first_pos, double scale) {
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(q.dtype() == torch::kFloat32, "paged attention: float32 queries only");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   query_start = query_start.contiguous();
   first_pos = first_pos.contiguous();
   const int64_t H = q.size(1), hd = q.size(2);
   const int64_t KV = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(3) == BS, "paged attention kernel: block size 16 only");
+  TORCH_CHECK(hd % 16 == 0, "paged attention kernel: head_dim must be a multiple of 16");
   const int64_t group = H / KV;
   const int64_t num_seqs = first_pos.size(0);
   const int64_t max_blocks = block_tables.size(1);
@@ -81,62 +227,19 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       for (int64_t h = 0; h < KV; ++h) tasks.push_back({n, b, std::min(b + kTile, qs[n + 1]), h});
     }
   }
-
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  // NOTE: a tile's cost grows with its position in a long prompt, so contiguous halves
+  // would leave one thread idle; threads take every nthreads-th task instead.
+  const int64_t ntasks = static_cast<int64_t>(tasks.size());
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc;
-    for (int64_t ti = begin; ti < end; ++ti) {
+    for (int64_t worker = begin; worker < end; ++worker)
+    for (int64_t ti = worker; ti < ntasks; ti += nthreads) {
       const Task& task = tasks[ti];
-      const int64_t n = task.seq, kvh = task.kv_head;
-      const int64_t rows = (task.q_end - task.q_begin) * group;
-      const int64_t pos0 = fp[n] + (task.q_begin - qs[n]);      // position of the tile's first query
-      const int64_t len = pos0 + (task.q_end - task.q_begin);   // keys the last query sees
-      const int64_t* table = bt + n * max_blocks;
-      scores.assign(rows * len, 0.f);
-      acc.assign(rows * hd, 0.f);
-      // Scores: one pass over K; query i (position pos0 + i) uses keys t <= pos0 + i.
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float* krow = kp + (slot * KV + kvh) * hd;
-        const int64_t first_query = std::max<int64_t>(0, t - pos0);
-        for (int64_t i = first_query; i < task.q_end - task.q_begin; ++i) {
-          const float* qrow = qp + ((task.q_begin + i) * H + kvh * group) * hd;
-          for (int64_t g = 0; g < group; ++g) {
-            scores[(i * group + g) * len + t] = dot(qrow + g * hd, krow, static_cast<int>(hd)) * fscale;
-          }
-        }
-      }
-      // Softmax of each row over its own keys 0 .. pos.
-      for (int64_t i = 0; i < task.q_end - task.q_begin; ++i) {
-        const int64_t visible = pos0 + i + 1;
-        for (int64_t g = 0; g < group; ++g) {
-          float* s = scores.data() + (i * group + g) * len;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < visible; ++t) mx = std::max(mx, s[t]);
-          float total = 0.f;
-          for (int64_t t = 0; t < visible; ++t) { s[t] = std::exp(s[t] - mx); total += s[t]; }
-          const float inv = 1.f / total;
-          for (int64_t t = 0; t < visible; ++t) s[t] *= inv;
-        }
-      }
-      // Weighted sum of V: one pass over V.
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float* vrow = vp + (slot * KV + kvh) * hd;
-        const int64_t first_query = std::max<int64_t>(0, t - pos0);
-        for (int64_t i = first_query; i < task.q_end - task.q_begin; ++i) {
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t r = i * group + g;
-            axpy(acc.data() + r * hd, vrow, scores[r * len + t], static_cast<int>(hd));
-          }
-        }
-      }
-      for (int64_t i = 0; i < task.q_end - task.q_begin; ++i) {
-        for (int64_t g = 0; g < group; ++g) {
-          std::copy(acc.begin() + (i * group + g) * hd, acc.begin() + (i * group + g + 1) * hd,
-                    op + ((task.q_begin + i) * H + kvh * group + g) * hd);
-        }
-      }
+      const int64_t pos0 = fp[task.seq] + (task.q_begin - qs[task.seq]);
+      const int64_t* table = bt + task.seq * max_blocks;
+      attend_tile(task, qp, kp, vp, table, pos0, H, KV, hd, group, fscale, op, scores, acc);
     }
   });
   return out;
@@ -144,5 +247,6 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
-        "Causal attention over a paged KV cache for decode and prefill queries (CPU, float32)");
+        "Causal attention over a blocked paged KV cache for decode and prefill queries (CPU, f32)");
+  m.def("write_kv", &write_kv, "Write K/V rows into a blocked paged KV cache (CPU, f32)");
 }
