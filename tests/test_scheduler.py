@@ -446,3 +446,19 @@ def test_random_workloads_under_memory_pressure_match_solo_runs():
                                             frozenset({0}), max_model_len)
                 assert request.output_token_ids == expected, (seed, request.request_id)
     assert preempted_runs >= 30          # the workload really exercises preemption
+
+
+def test_step_budget_shrinks_while_streams_decode_and_not_for_a_lone_prompt():
+    h = Harness(num_blocks=200, max_num_batched_tokens=256, max_batched_tokens_while_decoding=40)
+    lone = h.add(make_request("lone", _prompt(50, 300), max_tokens=30))
+    out = h.step()
+    assert out.num_batched_tokens == 256          # nothing decoding yet: the full budget
+    h.step()                                       # finishes the prompt (44 tokens)
+    long = h.add(make_request("long", _prompt(51, 300), max_tokens=2))
+    while long.num_computed_tokens < long.num_prompt_tokens:
+        out = h.step()
+        assert out.num_batched_tokens <= 40       # `lone` decodes: the capped budget
+        assert any(s.request is lone for s in out.scheduled)   # and it never waits
+    h.run()
+    _assert_matches_reference(lone)
+    _assert_matches_reference(long)

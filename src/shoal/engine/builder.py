@@ -94,6 +94,9 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     num_blocks = max(2, budget // per_block)
     # One request must be able to fill its whole context; cap the context otherwise.
     max_model_len = min(max_model_len, (num_blocks - 1) * config.block_size)
+    max_batched = config.max_num_batched_tokens
+    if not config.enable_chunked_prefill:
+        max_batched = max(max_batched, max_model_len)   # a whole prompt must fit one step
     use_kernels = config.attention_backend != "torch" and kernel_supported(
         device, dtype, config.block_size, model_config.head_dim)
     if config.attention_backend == "kernel" and not use_kernels:
@@ -104,11 +107,12 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     runner = ModelRunner(model, kv_caches, config.block_size, device, use_kernels=use_kernels)
     scheduler = Scheduler(
         SchedulerConfig(max_num_seqs=config.max_num_seqs,
-                        max_num_batched_tokens=config.max_num_batched_tokens,
+                        max_num_batched_tokens=max_batched,
                         max_model_len=max_model_len, block_size=config.block_size,
                         enable_chunked_prefill=config.enable_chunked_prefill,
                         enable_prefix_caching=config.enable_prefix_caching,
-                        long_prefill_token_threshold=config.long_prefill_token_threshold),
+                        long_prefill_token_threshold=config.long_prefill_token_threshold,
+                        max_batched_tokens_while_decoding=config.max_batched_tokens_while_decoding),
         KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
     eos = frozenset(tokenizer.eos_token_ids)
     # NOTE: the salt keeps two models' (or two adapters') cached blocks apart even if

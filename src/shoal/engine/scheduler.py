@@ -49,16 +49,20 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int = 0   # 0: no per-request cap on a prefill chunk
+    # Step budget while some request is decoding (0: max_num_batched_tokens). A smaller
+    # budget then bounds how long running streams wait between tokens when a long prompt
+    # arrives, while a lone prompt still gets big, efficient chunks.
+    max_batched_tokens_while_decoding: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidParameterError(name, f"must be a positive integer, got {value!r}")
-        threshold = self.long_prefill_token_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-            raise InvalidParameterError(
-                "long_prefill_token_threshold", f"must be an integer >= 0, got {threshold!r}")
+        for name in ("long_prefill_token_threshold", "max_batched_tokens_while_decoding"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidParameterError(name, f"must be an integer >= 0, got {value!r}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise InvalidParameterError(
                 "max_num_batched_tokens",
@@ -178,7 +182,7 @@ class Scheduler:
         """Picks this step's tokens: running requests first, then waiting ones."""
         output = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
-        budget = self._schedule_running(output, self.config.max_num_batched_tokens)
+        budget = self._schedule_running(output, self._step_budget())
         # NOTE: no admissions in a step that preempted: the preempted requests' blocks
         # must not be handed to a newcomer in the very step that freed them, and the
         # pool is evidently short.
@@ -215,6 +219,14 @@ class Scheduler:
         return received
 
     # -- scheduling internals --------------------------------------------------------------
+
+    def _step_budget(self) -> int:
+        budget = self.config.max_num_batched_tokens
+        cap = self.config.max_batched_tokens_while_decoding
+        if cap and self.config.enable_chunked_prefill and any(
+                r.num_tokens - r.num_computed_tokens == 1 for r in self.running):
+            budget = min(budget, max(cap, 1))
+        return budget
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
         index = 0
