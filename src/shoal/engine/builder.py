@@ -105,6 +105,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device,
                                    blocked=use_kernels)
     runner = ModelRunner(model, kv_caches, config.block_size, device, use_kernels=use_kernels)
+    if use_kernels and config.compute == "fast":
+        model.enable_fused_int8(runner.kernels)
     scheduler = Scheduler(
         SchedulerConfig(max_num_seqs=config.max_num_seqs,
                         max_num_batched_tokens=max_batched,

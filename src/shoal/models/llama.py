@@ -49,6 +49,53 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(weights.pop("post_attention_layernorm.weight"),
                                                 config.rms_norm_eps)
 
+    def enable_fused_int8(self, kernels) -> None:
+        """Switches to the fused C++ path; call after the linears became Int8Linear."""
+        def folded(norm: RMSNorm, linear: Int8Linear) -> torch.Tensor:
+            inv = linear.inv_smooth if linear.inv_smooth is not None else torch.ones_like(norm.weight)
+            return (norm.weight * inv).contiguous()
+
+        def inv_smooth(linear: Int8Linear) -> torch.Tensor:
+            if linear.inv_smooth is not None:
+                return linear.inv_smooth
+            return torch.ones(linear.qweight.shape[1], device=linear.qweight.device)
+
+        self.kernels = kernels
+        self.input_weight = folded(self.input_layernorm, self.qkv_proj)
+        self.post_attention_weight = folded(self.post_attention_layernorm, self.gate_up_proj)
+        self.o_inv_smooth = inv_smooth(self.o_proj)
+        self.down_inv_smooth = inv_smooth(self.down_proj)
+        self.empty = torch.empty(0)
+
+    def forward_fused(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                      positions: torch.Tensor, rope: RotaryEmbedding,
+                      kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast mode on CPU: the same block in ~14 ops (fused norm/quantize/RoPE kernels)."""
+        ops = self.kernels
+        eps = self.input_layernorm.eps
+        if residual is None:
+            residual = hidden   # the embeddings: a fresh tensor, safe to update in place
+            xq, xs = ops.rms_norm_quant(hidden, residual, self.input_weight, eps, False)
+        else:
+            xq, xs = ops.rms_norm_quant(hidden, residual, self.input_weight, eps, True)
+        qkv_proj = self.qkv_proj
+        qkv = ops.dequant_rows(torch._int_mm(xq, qkv_proj.qweight.t()), xs, qkv_proj.scale,
+                               qkv_proj.bias if qkv_proj.bias is not None else self.empty)
+        q, k, v = ops.rope_split(qkv, positions, rope.cos, rope.sin, self.num_heads,
+                                 self.num_kv_heads, self.head_dim)
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        xq, xs = ops.quant_rows(attn, self.o_inv_smooth)
+        hidden = ops.dequant_rows(torch._int_mm(xq, self.o_proj.qweight.t()), xs,
+                                  self.o_proj.scale, self.empty)
+        xq, xs = ops.rms_norm_quant(hidden, residual, self.post_attention_weight, eps, True)
+        gate_up = ops.dequant_rows(torch._int_mm(xq, self.gate_up_proj.qweight.t()), xs,
+                                   self.gate_up_proj.scale, self.empty)
+        xq, xs = ops.silu_mul_quant(gate_up, self.down_inv_smooth)
+        hidden = ops.dequant_rows(torch._int_mm(xq, self.down_proj.qweight.t()), xs,
+                                  self.down_proj.scale, self.empty)
+        return hidden, residual
+
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryEmbedding,
                 cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,9 +174,16 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = make_linear(head, None, dtype)
             self.embed_weight = nn.Parameter(embed.to(dtype), requires_grad=False)
         del embed, head
+        self.fused = False   # set by enable_fused_int8 (fast mode with CPU kernels)
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                     config.rope_theta, config.rope_scaling, self.device,
                                     config.rope_freq_factors)
+
+    def enable_fused_int8(self, kernels) -> None:
+        """Routes fast-mode forward passes through the fused C++ ops (when the runner has them)."""
+        for layer in self.layers:
+            layer.enable_fused_int8(kernels)
+        self.fused = True
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_weight is None:
@@ -144,10 +198,15 @@ class LlamaForCausalLM(nn.Module):
                 ) -> torch.Tensor:
         """token_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
         hidden = self.embed(token_ids)
-        cos, sin = self.rope.tables(positions)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(hidden, residual, self.rope, cos, sin, kv_cache, meta)
+        if self.fused and meta.kernels is not None:
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden, residual = layer.forward_fused(hidden, residual, positions, self.rope,
+                                                       kv_cache, meta)
+        else:
+            cos, sin = self.rope.tables(positions)
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden, residual = layer(hidden, residual, self.rope, cos, sin, kv_cache, meta)
         hidden, _ = self.norm.forward_with_residual(hidden, residual)
         return hidden
 

@@ -244,9 +244,3 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention,
-        "Causal attention over a blocked paged KV cache for decode and prefill queries (CPU, f32)");
-  m.def("write_kv", &write_kv, "Write K/V rows into a blocked paged KV cache (CPU, f32)");
-}
