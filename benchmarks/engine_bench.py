@@ -86,7 +86,7 @@ class ShoalTarget:
         from shoal.engine.async_engine import AsyncEngine
 
         config = EngineConfig.from_env(model=args.model, compute=args.compute,
-                                       max_num_seqs=max(64, max(args.levels)))
+                                       max_num_seqs=max([64, *args.levels]))
         started = time.monotonic()
         self.engine = AsyncEngine.from_config(config)
         self.load_s = time.monotonic() - started
@@ -190,15 +190,24 @@ async def long_prompt_ttft(target, approx_tokens: int) -> float:
 
 
 async def long_prompt_during_streams(target, approx_tokens: int, streams: int = 8) -> dict:
-    """Largest gap between tokens of running streams while a long prompt is prefilled."""
-    async def runner(i: int) -> RequestRecord:
-        return await target.stream(short_prompt(5000 + i), 96)
+    """Largest gap between tokens of running streams while a long prompt is prefilled.
 
+    The streams ask for many tokens and the long prompt arrives once they decode; the
+    check below makes sure they were still running when its first token came back.
+    """
+    async def runner(i: int) -> RequestRecord:
+        return await target.stream(short_prompt(5000 + i), 1000)
+
+    started = time.perf_counter()
     tasks = [asyncio.create_task(runner(i)) for i in range(streams)]
-    await asyncio.sleep(3.0)   # let the streams reach steady decoding
-    intruder = asyncio.create_task(target.stream(long_prompt(11, approx_tokens), 8))
+    await asyncio.sleep(1.5)   # let the streams reach steady decoding
+    intruder_start = time.perf_counter()
+    intruder_rec = await target.stream(long_prompt(11, approx_tokens), 8)
+    intruder_first_token = intruder_start + intruder_rec.ttft
     records = await asyncio.gather(*tasks)
-    intruder_rec = await intruder
+    ends = [started + r.e2e for r in records]
+    if min(ends) < intruder_first_token:
+        raise RuntimeError("streams ended before the long prompt was served: raise their length")
     return {"max_gap_s": max(max(r.itls) for r in records if r.itls),
             "intruder_ttft_s": intruder_rec.ttft}
 
@@ -214,6 +223,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     extras: dict[str, dict] = {t.name: {} for t in targets}
     for t in targets:   # warm-up: kernels, caches, first-request paths
         await closed_loop(t, 2, 1, 16, offset=90000)
+    if not args.levels:
+        print("no concurrency levels: long-prompt checks only")
     for level in args.levels:
         for t in targets:
             per_client = max(1, args.requests_per_level // level) if args.requests_per_level else 2
@@ -254,7 +265,7 @@ def main() -> int:
     parser.add_argument("--skip-shoal", action="store_true")
     parser.add_argument("--json", default="bench-results/engine_bench.json")
     args = parser.parse_args()
-    args.levels = [int(x) for x in args.levels.split(",")]
+    args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
     result = asyncio.run(main_async(args))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
