@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.errors import CorruptModelError
-from shoal.layers.linear import Int8Linear, make_linear
+from shoal.layers.linear import Int8Linear, int8_matmul, make_linear
 from shoal.layers.norm import RMSNorm
 from shoal.layers.rotary import RotaryEmbedding
 from shoal.models.config import ModelConfig
@@ -80,19 +80,19 @@ class LlamaDecoderLayer(nn.Module):
         else:
             xq, xs = ops.rms_norm_quant(hidden, residual, self.input_weight, eps, True)
         qkv_proj = self.qkv_proj
-        qkv = ops.dequant_rows(torch._int_mm(xq, qkv_proj.qweight.t()), xs, qkv_proj.scale,
+        qkv = ops.dequant_rows(int8_matmul(xq, qkv_proj.qweight, ops), xs, qkv_proj.scale,
                                qkv_proj.bias if qkv_proj.bias is not None else self.empty)
         q, k, v = ops.rope_split(qkv, positions, rope.cos, rope.sin, self.num_heads,
                                  self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         xq, xs = ops.quant_rows(attn, self.o_inv_smooth)
-        hidden = ops.dequant_rows(torch._int_mm(xq, self.o_proj.qweight.t()), xs,
+        hidden = ops.dequant_rows(int8_matmul(xq, self.o_proj.qweight, ops), xs,
                                   self.o_proj.scale, self.empty)
         xq, xs = ops.rms_norm_quant(hidden, residual, self.post_attention_weight, eps, True)
-        gate_up = ops.dequant_rows(torch._int_mm(xq, self.gate_up_proj.qweight.t()), xs,
+        gate_up = ops.dequant_rows(int8_matmul(xq, self.gate_up_proj.qweight, ops), xs,
                                    self.gate_up_proj.scale, self.empty)
         xq, xs = ops.silu_mul_quant(gate_up, self.down_inv_smooth)
-        hidden = ops.dequant_rows(torch._int_mm(xq, self.down_proj.qweight.t()), xs,
+        hidden = ops.dequant_rows(int8_matmul(xq, self.down_proj.qweight, ops), xs,
                                   self.down_proj.scale, self.empty)
         return hidden, residual
 
@@ -183,6 +183,8 @@ class LlamaForCausalLM(nn.Module):
         """Routes fast-mode forward passes through the fused C++ ops (when the runner has them)."""
         for layer in self.layers:
             layer.enable_fused_int8(kernels)
+        if isinstance(self.lm_head, Int8Linear):
+            self.lm_head.kernels = kernels
         self.fused = True
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_split(
     torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
 
+torch::Tensor int8_matmul_small(torch::Tensor x, torch::Tensor w);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
         "Causal attention over a blocked paged KV cache for decode and prefill queries (CPU, f32)");
@@ -29,5 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_rows", &quant_rows, "Per-row symmetric int8 quantization after smoothing");
   m.def("silu_mul_quant", &silu_mul_quant, "silu(gate) * up, smoothing, per-row int8 quantization");
   m.def("dequant_rows", &dequant_rows, "int32 accumulators -> float with row and column scales (+ bias)");
+  m.def("int8_matmul_small", &int8_matmul_small,
+        "int8 x int8 -> int32 for a few rows (decoding), exact like torch._int_mm");
   m.def("rope_split", &rope_split, "Split fused QKV into contiguous q, k, v with RoPE applied");
 }

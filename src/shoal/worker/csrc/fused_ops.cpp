@@ -179,3 +179,33 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_split(
   });
   return {q, k, v};
 }
+
+namespace {
+
+inline int32_t dot_i8(const int8_t* a, const int8_t* b, int64_t k) {
+  int32_t sum = 0;
+  for (int64_t i = 0; i < k; ++i) sum += static_cast<int16_t>(a[i]) * static_cast<int16_t>(b[i]);
+  return sum;
+}
+
+}  // namespace
+
+// x: int8 [M, K] (small M: decoding), w: int8 [N, K]. Returns int32 x w^T, exactly the
+// integers torch._int_mm gives (integer sums do not depend on order), but streaming each
+// weight row once for all M rows: at batch 1 this is a memory-bound matrix-vector product.
+torch::Tensor int8_matmul_small(torch::Tensor x, torch::Tensor w) {
+  x = x.contiguous();
+  TORCH_CHECK(w.is_contiguous(), "weights must be contiguous [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kInt32));
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = wp + n * K;
+      for (int64_t m = 0; m < M; ++m) op[m * N + n] = dot_i8(xp + m * K, row, K);
+    }
+  });
+  return out;
+}
