@@ -79,7 +79,8 @@ def smoothing_factors(input_amax: torch.Tensor, weight: torch.Tensor,
 
 def quantize_model_int8(model: nn.Module, calibration_ids: list[int]) -> None:
     """Replaces every ExactLinear of the model with a calibrated Int8Linear, in place."""
-    ranges = calibrate_input_ranges(model, calibration_ids)
+    # A model with a short context sees only what fits in it.
+    ranges = calibrate_input_ranges(model, calibration_ids[: model.config.max_position_embeddings])
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, ExactLinear) and child in ranges:
