@@ -12,7 +12,7 @@ from shoal.config import EngineConfig
 from shoal.engine.core import EngineCore
 from shoal.engine.kv.manager import KVCacheManager
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
-from shoal.errors import ModelLoadError, ShoalError
+from shoal.errors import ShoalError
 from shoal.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
 from shoal.models.config import ModelConfig
 from shoal.models.llama import LlamaForCausalLM
@@ -77,10 +77,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
             tokenizer = Tokenizer.from_hf_dir(source.path)
         model = LlamaForCausalLM(model_config, source.iter_weights(), device=device, dtype=dtype,
                                  source=str(source.path))
-    except ModelLoadError:
-        raise
     finally:
-        source.close()
+        source.close()   # on error too: nothing half-loaded stays referenced
     model.eval()
     if config.compute == "fast" and device.type == "cpu":
         # NOTE: on CUDA, fast mode is simply the half-precision dtype chosen above.
