@@ -18,7 +18,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp")]
+            for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp", "sampling.cpp")]
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False

@@ -7,6 +7,7 @@ import torch
 
 from shoal.errors import InvalidParameterError
 from shoal.sampling_params import SamplingParams
+from shoal.worker.cpu_kernels import load_cpu_kernels
 from shoal.worker.sampling.filters import RandomRowParams, sample_random
 from shoal.worker.sampling.processors import (
     apply_logit_bias, apply_min_tokens, apply_penalties, min_tokens_masked_ids, needs_penalties)
@@ -89,9 +90,23 @@ class Sampler:
                 top_ps=[r.params.top_p for r in picked],
                 min_ps=[r.params.min_p for r in picked],
                 random_bits=[random_bits(r.seed, len(r.output_token_ids)) for r in picked])
-            tokens.index_copy_(0, idx, sample_random(subset, params))
+            tokens.index_copy_(0, idx, _draw(subset, params))
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _gather_logprobs(logits, tokens, token_ids, rows))
+
+
+def _draw(logits: torch.Tensor, params: RandomRowParams) -> torch.Tensor:
+    """The C++ row sampler on CPUs (one pass per row), the PyTorch one elsewhere."""
+    kernels = load_cpu_kernels() if logits.device.type == "cpu" else None
+    if kernels is None:
+        return sample_random(logits, params)
+    return kernels.sample_rows(
+        logits.to(torch.float32),
+        torch.tensor(params.temperatures, dtype=torch.float32),
+        torch.tensor(params.top_ks, dtype=torch.int64),
+        torch.tensor(params.top_ps, dtype=torch.float64),
+        torch.tensor(params.min_ps, dtype=torch.float32),
+        torch.tensor(params.random_bits, dtype=torch.int64))
 
 
 def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, token_ids: list[int],

@@ -22,6 +22,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_split(
 
 torch::Tensor int8_matmul_small(torch::Tensor x, torch::Tensor w);
 
+torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor temperatures, torch::Tensor top_ks,
+                          torch::Tensor top_ps, torch::Tensor min_ps, torch::Tensor random_bits);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
         "Causal attention over a blocked paged KV cache for decode and prefill queries (CPU, f32)");
@@ -33,5 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_rows", &dequant_rows, "int32 accumulators -> float with row and column scales (+ bias)");
   m.def("int8_matmul_small", &int8_matmul_small,
         "int8 x int8 -> int32 for a few rows (decoding), exact like torch._int_mm");
+  m.def("sample_rows", &sample_rows,
+        "temperature / top_k / top_p / min_p sampling of logit rows with per-row random bits");
   m.def("rope_split", &rope_split, "Split fused QKV into contiguous q, k, v with RoPE applied");
 }

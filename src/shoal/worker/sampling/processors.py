@@ -63,23 +63,11 @@ def _window(row: SamplingRow) -> tuple[list[int], list[int]]:
     return (prompt[-room:] if room > 0 else []), out_tail
 
 
-def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(token_lists), vocab] float counts of each token per list."""
-    counts = torch.zeros(len(token_lists), vocab, dtype=torch.float32, device=device)
-    lengths = [len(t) for t in token_lists]
-    if sum(lengths) == 0:
-        return counts
-    tokens = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.long, device=device)
-    row_ids = torch.repeat_interleave(
-        torch.arange(len(token_lists), device=device),
-        torch.tensor(lengths, dtype=torch.long, device=device))
-    # NOTE: ids outside the logits' width (never produced by the tokenizer) add weight 0
-    # instead of being filtered out, which would need a host sync on a GPU.
-    weights = (tokens < vocab).to(torch.float32)
-    flat = row_ids * vocab + tokens.clamp(max=vocab - 1)
-    # Adding 1.0s is exact in any order, so atomics on a GPU stay deterministic.
-    counts.view(-1).index_add_(0, flat, weights)
-    return counts
+def _flat_ids(token_lists: list[list[int]], rows: list[int], vocab: int,
+              device: torch.device) -> torch.Tensor:
+    """row * vocab + token for every token of every list (ids >= vocab dropped)."""
+    flat = [b * vocab + t for b, tokens in zip(rows, token_lists) for t in tokens if t < vocab]
+    return torch.tensor(flat, dtype=torch.long, device=device)
 
 
 def apply_penalties(x: torch.Tensor, rows: list[SamplingRow], indices: list[int]) -> None:
@@ -90,6 +78,9 @@ def apply_penalties(x: torch.Tensor, rows: list[SamplingRow], indices: list[int]
     (OpenAI): logit -= frequency * count + presence * (count > 0), counting output
     tokens. With repetition_window N all three only look at the last N tokens of
     prompt + output.
+
+    NOTE: only the (row, token) pairs that occur are touched (a few hundred per row)
+    instead of full [rows, vocab] tensors, which cost tens of ms per step on a CPU.
     """
     if not indices:
         return
@@ -98,24 +89,29 @@ def apply_penalties(x: torch.Tensor, rows: list[SamplingRow], indices: list[int]
     output_lists: list[list[int]] = []
     for b in indices:
         prompt_tail, output_tail = _window(rows[b])
-        # NOTE: the prompt only matters to repetition_penalty; skip the copy otherwise.
+        # NOTE: the prompt only matters to repetition_penalty; skip it otherwise.
         prompt_lists.append(prompt_tail if rows[b].params.repetition_penalty != 1.0 else [])
         output_lists.append(output_tail)
-    out_counts = _token_counts(output_lists, vocab, device)
-    seen = (_token_counts(prompt_lists, vocab, device) > 0) | (out_counts > 0)
+    flat_x = x.view(-1)
+    out_ids, out_counts = torch.unique(_flat_ids(output_lists, indices, vocab, device),
+                                       return_counts=True)
+    seen = torch.unique(torch.cat([out_ids, _flat_ids(prompt_lists, indices, vocab, device)]))
+    if seen.numel() == 0:
+        return
 
-    def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    def per_row(values: list[float]) -> torch.Tensor:
+        table = torch.ones(x.shape[0], dtype=torch.float32, device=device)
+        table[torch.tensor(indices, dtype=torch.long, device=device)] = torch.tensor(
+            values, dtype=torch.float32, device=device)
+        return table
 
     params = [rows[b].params for b in indices]
-    rep = column([p.repetition_penalty for p in params])
-    freq = column([p.frequency_penalty for p in params])
-    pres = column([p.presence_penalty for p in params])
-    idx = torch.tensor(indices, dtype=torch.long, device=device)
-    sub = x.index_select(0, idx)
-    # NOTE: rows with a penalty of 1 (or 0) go through the same ops unchanged (x / 1,
-    # x * 1 and x - 0 are exact), so one batched pass serves every row in the group.
-    penalised = torch.where(sub > 0, sub / rep, sub * rep)
-    sub = torch.where(seen, penalised, sub)
-    sub = sub - (freq * out_counts + pres * (out_counts > 0).to(torch.float32))
-    x.index_copy_(0, idx, sub)
+    rep = per_row([p.repetition_penalty for p in params])[seen // vocab]
+    logits = flat_x[seen]
+    flat_x[seen] = torch.where(logits > 0, logits / rep, logits * rep)
+    if out_ids.numel():
+        freq = per_row([p.frequency_penalty for p in params])[out_ids // vocab]
+        pres = per_row([p.presence_penalty for p in params])[out_ids // vocab]
+        counts = out_counts.to(torch.float32)
+        # NOTE: rows without these penalties subtract 0 * count: exact, no branch needed.
+        flat_x[out_ids] = flat_x[out_ids] - (freq * counts + pres * (counts > 0).to(torch.float32))

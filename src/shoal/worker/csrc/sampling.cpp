@@ -1,0 +1,116 @@
+// Random sampling of logit rows on the CPU: temperature, top_k, top_p, min_p, then an
+// inverse-CDF draw with each row's own random bits. Same semantics as
+// shoal/worker/sampling/filters.py (its PyTorch twin, used on other devices), in one pass
+// per row instead of a dozen full-vocabulary tensor ops.
+//
+// Probabilities become integers in units of 2^-31, so every cumulative sum and cut is
+// exact; a row's result depends only on its own logits, settings and random bits.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kProbOne = int64_t(1) << 31;
+constexpr int kRandomBits = 31;
+constexpr int64_t kNucleusPrefix = 1024;
+
+// Sets entries of a row below its k-th largest value to -inf (ties with it stay).
+void apply_top_k(float* row, int64_t V, int64_t k, std::vector<float>& copy) {
+  if (k <= 0 || k >= V) return;
+  copy.assign(row, row + V);
+  std::nth_element(copy.begin(), copy.begin() + (k - 1), copy.end(), std::greater<float>());
+  const float kth = copy[k - 1];
+  for (int64_t v = 0; v < V; ++v) {
+    if (row[v] < kth) row[v] = -std::numeric_limits<float>::infinity();
+  }
+}
+
+// Index of the token drawn from one row of probabilities (already softmaxed).
+int64_t draw_row(const float* probs, int64_t V, double top_p, float min_p, int64_t bits,
+                 std::vector<int64_t>& q, std::vector<int64_t>& sorted) {
+  q.resize(V);
+  float pmax = 0.f;
+  for (int64_t v = 0; v < V; ++v) {
+    const float p = std::isnan(probs[v]) ? 0.f : probs[v];   // an all -inf row gives NaN
+    pmax = std::max(pmax, p);
+    q[v] = static_cast<int64_t>(p * static_cast<float>(kProbOne));
+  }
+  if (top_p < 1.0) {
+    int64_t total = 0;
+    for (int64_t v = 0; v < V; ++v) total += q[v];
+    const int64_t tp = std::max<int64_t>(1, static_cast<int64_t>(top_p * static_cast<double>(kProbOne)));
+    // Kept while the mass before a token (in descending order) is below top_p of the
+    // total, compared as exact integer products.
+    auto cut_in = [&](int64_t k, int64_t& cut) -> bool {
+      sorted.assign(q.begin(), q.end());
+      std::partial_sort(sorted.begin(), sorted.begin() + k, sorted.end(), std::greater<int64_t>());
+      int64_t before = 0;
+      int64_t kept = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        if (static_cast<__int128>(before) * kProbOne < static_cast<__int128>(tp) * total) {
+          kept = j + 1;
+        }
+        before += sorted[j];
+      }
+      cut = sorted[std::max<int64_t>(kept, 1) - 1];
+      return static_cast<__int128>(before) * kProbOne >= static_cast<__int128>(tp) * total;
+    };
+    int64_t cut = 0;
+    if (!(V > kNucleusPrefix && cut_in(kNucleusPrefix, cut))) cut_in(V, cut);
+    for (int64_t v = 0; v < V; ++v) {
+      if (q[v] < cut) q[v] = 0;
+    }
+  }
+  if (min_p > 0.f) {
+    const float floor_p = min_p * pmax;
+    for (int64_t v = 0; v < V; ++v) {
+      if (probs[v] < floor_p) q[v] = 0;
+    }
+  }
+  int64_t total = 0;
+  for (int64_t v = 0; v < V; ++v) total += q[v];
+  const int64_t target = static_cast<int64_t>((static_cast<__int128>(bits) * total) >> kRandomBits);
+  int64_t running = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    running += q[v];
+    if (running > target) return v;
+  }
+  return V - 1;
+}
+
+}  // namespace
+
+// logits: [R, V] f32; the per-row settings are [R] tensors. Returns int64 [R].
+// NOTE: temperature scaling and softmax use ATen's own kernels, so probabilities are
+// bit-identical to the PyTorch twin (boundary cases of min_p/top_p included).
+torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor temperatures, torch::Tensor top_ks,
+                          torch::Tensor top_ps, torch::Tensor min_ps, torch::Tensor random_bits) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  auto scaled = (logits.to(torch::kFloat32) / temperatures.unsqueeze(1)).contiguous();
+  const int64_t* ks = top_ks.data_ptr<int64_t>();
+  float* sp = scaled.data_ptr<float>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> copy;
+    for (int64_t r = begin; r < end; ++r) apply_top_k(sp + r * V, V, ks[r], copy);
+  });
+  auto probs = torch::softmax(scaled, 1).contiguous();
+  auto out = torch::empty({R}, logits.options().dtype(torch::kInt64));
+  const float* pp = probs.data_ptr<float>();
+  const double* ps = top_ps.data_ptr<double>();
+  const float* mins = min_ps.data_ptr<float>();
+  const int64_t* bits = random_bits.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> q, sorted;
+    for (int64_t r = begin; r < end; ++r) {
+      op[r] = draw_row(pp + r * V, V, ps[r], mins[r], bits[r], q, sorted);
+    }
+  });
+  return out;
+}
