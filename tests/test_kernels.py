@@ -109,3 +109,26 @@ def test_rope_split_matches_the_python_rotary_embedding():
     assert torch.allclose(q, rope.apply(qkv[:, : heads * HD].view(4, heads, HD), cos, sin), atol=1e-6)
     assert torch.allclose(k, rope.apply(qkv[:, heads * HD:(heads + KV) * HD].view(4, KV, HD), cos, sin), atol=1e-6)
     assert torch.equal(v, qkv[:, (heads + KV) * HD:].reshape(4, KV, HD))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+    dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0),
+    dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.0),
+    dict(temperature=1.3, top_k=0, top_p=1.0, min_p=0.05),
+    dict(temperature=0.5, top_k=3, top_p=0.5, min_p=0.2),
+])
+def test_cpp_row_sampler_draws_what_the_pytorch_sampler_draws(settings):
+    from shoal.worker.sampling.filters import RandomRowParams, sample_random
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(16, 5000, generator=g) * 3
+    rows = 16
+    params = RandomRowParams([settings["temperature"]] * rows, [settings["top_k"]] * rows,
+                             [settings["top_p"]] * rows, [settings["min_p"]] * rows,
+                             torch.randint(0, 1 << 31, (rows,), generator=g).tolist())
+    expected = sample_random(logits, params)
+    got = ops.sample_rows(logits, torch.tensor(params.temperatures), torch.tensor(params.top_ks),
+                          torch.tensor(params.top_ps, dtype=torch.float64),
+                          torch.tensor(params.min_ps), torch.tensor(params.random_bits))
+    assert torch.equal(got, expected)
