@@ -132,3 +132,22 @@ def test_cpp_row_sampler_draws_what_the_pytorch_sampler_draws(settings):
                           torch.tensor(params.top_ps, dtype=torch.float64),
                           torch.tensor(params.min_ps), torch.tensor(params.random_bits))
     assert torch.equal(got, expected)
+
+
+def test_bfloat16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
+    kc = torch.zeros(8, KV, HD, BS, dtype=torch.bfloat16)
+    vc = torch.zeros(8, KV, BS, HD, dtype=torch.bfloat16)
+    n = 20
+    k, v = torch.randn(n, KV, HD), torch.randn(n, KV, HD)
+    table = [3, 5]
+    slots = torch.tensor([table[t // BS] * BS + t % BS for t in range(n)])
+    ops.write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc[3, :, :, 4], k[4].to(torch.bfloat16))   # round to nearest even
+    q = torch.randn(n, KV * GROUP, HD)
+    out = ops.paged_attention(q, kc, vc, torch.tensor([table]), torch.tensor([0, n]),
+                              torch.tensor([0]), 0.125)
+    kr, vr = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kr.transpose(0, 1)[None],
+                                         vr.transpose(0, 1)[None], is_causal=True, scale=0.125,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(out, ref, atol=1e-5)

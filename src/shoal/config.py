@@ -22,6 +22,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_PREFIX_CACHING": ("enable_prefix_caching", "Reuse KV of shared prompt prefixes (default 1)."),
     "SHOAL_CHUNKED_PREFILL": ("enable_chunked_prefill", "Split long prompts across steps (default 1)."),
     "SHOAL_NUM_THREADS": ("num_threads", "Torch CPU threads (default: all cores)."),
+    "SHOAL_KV_CACHE_DTYPE": ("kv_cache_dtype", "'auto' (bfloat16 for fast mode on the CPU kernel, else the model dtype), 'float32', 'bfloat16'."),
     "SHOAL_ATTENTION": ("attention_backend", "'auto' (C++ kernel on CPU when it builds), 'kernel', or 'torch'."),
 }
 
@@ -58,8 +59,12 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0
     num_threads: int | None = None
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise InvalidParameterError("kv_cache_dtype",
+                                        f"must be 'auto', 'float32' or 'bfloat16', got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ("auto", "kernel", "torch"):
             raise InvalidParameterError("attention_backend",
                                         f"must be 'auto', 'kernel' or 'torch', got {self.attention_backend!r}")

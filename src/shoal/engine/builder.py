@@ -87,20 +87,29 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     max_model_len = model_config.max_position_embeddings
     if config.max_model_len:
         max_model_len = min(max_model_len, config.max_model_len)
+    use_kernels = config.attention_backend != "torch" and kernel_supported(
+        device, dtype, config.block_size, model_config.head_dim)
+    if config.attention_backend == "kernel" and not use_kernels:
+        raise ShoalError("attention_backend='kernel' but the C++ kernel cannot serve this "
+                         f"configuration (device {device}, dtype {dtype}, block size {config.block_size})")
+    # NOTE: fast mode on the CPU kernel keeps K/V in bfloat16: half the memory traffic of
+    # decode attention (the largest cost after the matmuls at 32 streams) and twice the
+    # tokens per GiB. Exact mode keeps the model's dtype.
+    if config.kv_cache_dtype != "auto":
+        kv_dtype = _DTYPES[config.kv_cache_dtype]
+        if use_kernels and kv_dtype not in (torch.float32, torch.bfloat16):
+            raise ShoalError(f"the CPU attention kernel cannot store a {config.kv_cache_dtype} KV cache")
+    else:
+        kv_dtype = torch.bfloat16 if use_kernels and config.compute == "fast" else dtype
     budget = config.kv_cache_bytes or default_kv_cache_bytes(device)
-    per_block = bytes_per_block(model_config, config.block_size, dtype)
+    per_block = bytes_per_block(model_config, config.block_size, kv_dtype)
     num_blocks = max(2, budget // per_block)
     # One request must be able to fill its whole context; cap the context otherwise.
     max_model_len = min(max_model_len, (num_blocks - 1) * config.block_size)
     max_batched = config.max_num_batched_tokens
     if not config.enable_chunked_prefill:
         max_batched = max(max_batched, max_model_len)   # a whole prompt must fit one step
-    use_kernels = config.attention_backend != "torch" and kernel_supported(
-        device, dtype, config.block_size, model_config.head_dim)
-    if config.attention_backend == "kernel" and not use_kernels:
-        raise ShoalError("attention_backend='kernel' but the C++ kernel cannot serve this "
-                         f"configuration (device {device}, dtype {dtype}, block size {config.block_size})")
-    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device,
+    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device,
                                    blocked=use_kernels)
     runner = ModelRunner(model, kv_caches, config.block_size, device, use_kernels=use_kernels)
     if use_kernels and config.compute == "fast":

@@ -1,6 +1,7 @@
 // Causal attention straight from the paged KV cache, for CPUs, for every query of a
 // step: decode queries (one per sequence) and prefill chunks (many) alike.
 //
+// K/V are float32 (exact mode) or bfloat16 (fast mode; widened exactly on load).
 // Cache layout (per layer), chosen for this kernel (BS = 16 keys per block):
 //   K: [num_blocks, kv_heads, head_dim, BS]  (transposed inside a block)
 //   V: [num_blocks, kv_heads, BS, head_dim]
@@ -37,12 +38,24 @@ typedef float v16 __attribute__((vector_size(64)));
 constexpr int BS = 16;   // keys per block = lanes of v16
 
 inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+
+// bfloat16 KV (fast mode): 16 values widened to float by a 16-bit shift, exactly.
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+inline v16 load16(const at::BFloat16* p) {
+  u16x16 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  v16 v;
+  __builtin_memcpy(&v, &w, sizeof(v));
+  return v;
+}
 inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
 // Scores of R rows (query, head) against one block's 16 keys: acc[r] lanes = keys.
 // Each lane sums q[d] * k[d] for d = 0..hd-1 in order, whatever R is.
-template <int R>
-inline void score_block(const float* const* q, const float* kt, int64_t hd, float scale,
+template <int R, typename KT>
+inline void score_block(const float* const* q, const KT* kt, int64_t hd, float scale,
                         float* const* out) {
   v16 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = v16{};
@@ -54,8 +67,8 @@ inline void score_block(const float* const* q, const float* kt, int64_t hd, floa
 }
 
 // out[r][:] += sum over the block's first `lanes[r]` keys of p[r][l] * v[l][:], key by key.
-template <int R>
-inline void accumulate_block(const float* const* p, const int64_t* lanes, const float* vblock,
+template <int R, typename KT>
+inline void accumulate_block(const float* const* p, const int64_t* lanes, const KT* vblock,
                              int64_t hd, float* const* out) {
   for (int64_t j = 0; j < hd; j += 16) {
     v16 acc[R];
@@ -70,15 +83,15 @@ inline void accumulate_block(const float* const* p, const int64_t* lanes, const 
   }
 }
 
-template <int R>
-void score_rows(int nr, const float* const* q, const float* kt, int64_t hd, float scale,
+template <int R, typename KT>
+void score_rows(int nr, const float* const* q, const KT* kt, int64_t hd, float scale,
                 float* const* out) {
   if (nr == R) score_block<R>(q, kt, hd, scale, out);
   else if constexpr (R > 1) score_rows<R - 1>(nr, q, kt, hd, scale, out);
 }
 
-template <int R>
-void accumulate_rows(int nr, const float* const* p, const int64_t* lanes, const float* vblock,
+template <int R, typename KT>
+void accumulate_rows(int nr, const float* const* p, const int64_t* lanes, const KT* vblock,
                      int64_t hd, float* const* out) {
   if (nr == R) accumulate_block<R>(p, lanes, vblock, hd, out);
   else if constexpr (R > 1) accumulate_rows<R - 1>(nr, p, lanes, vblock, hd, out);
@@ -87,7 +100,8 @@ void accumulate_rows(int nr, const float* const* p, const int64_t* lanes, const 
 constexpr int kScoreRows = 8;   // rows scored together: independent FMA chains
 constexpr int kValueRows = 4;   // rows accumulated together: 4 x hd/16 accumulators
 
-void attend_tile(const Task& task, const float* qp, const float* kp, const float* vp,
+template <typename KT>
+void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
                  const int64_t* table, int64_t pos0, int64_t H, int64_t KV, int64_t hd,
                  int64_t group, float scale, float* op, std::vector<float>& scores,
                  std::vector<float>& acc) {
@@ -106,7 +120,7 @@ void attend_tile(const Task& task, const float* qp, const float* kp, const float
 
   // Scores: rows whose query sees any key of the block, kScoreRows at a time.
   for (int64_t b = 0; b < nblocks; ++b) {
-    const float* kt = kp + table[b] * block_stride + kvh * hd * BS;   // [hd][BS]
+    const KT* kt = kp + table[b] * block_stride + kvh * hd * BS;   // [hd][BS]
     const int64_t t0 = b * BS;
     const int64_t first_row = std::max<int64_t>(0, t0 - pos0) * group;
     for (int64_t r0 = first_row; r0 < rows; r0 += kScoreRows) {
@@ -117,7 +131,7 @@ void attend_tile(const Task& task, const float* qp, const float* kp, const float
         q[r] = qrow(r0 + r);
         out[r] = scores.data() + (r0 + r) * width + t0;
       }
-      score_rows<kScoreRows>(nr, q, kt, hd, scale, out);
+      score_rows<kScoreRows, KT>(nr, q, kt, hd, scale, out);
     }
   }
   // Softmax of each row over its own keys 0 .. pos.
@@ -133,7 +147,7 @@ void attend_tile(const Task& task, const float* qp, const float* kp, const float
   }
   // Weighted sum of V, key by key in order, kValueRows rows at a time.
   for (int64_t b = 0; b < nblocks; ++b) {
-    const float* vblock = vp + table[b] * block_stride + kvh * BS * hd;   // [BS][hd]
+    const KT* vblock = vp + table[b] * block_stride + kvh * BS * hd;   // [BS][hd]
     const int64_t t0 = b * BS;
     const int64_t first_row = std::max<int64_t>(0, t0 - pos0) * group;
     for (int64_t r0 = first_row; r0 < rows; r0 += kValueRows) {
@@ -146,7 +160,7 @@ void attend_tile(const Task& task, const float* qp, const float* kp, const float
         out[r] = acc.data() + (r0 + r) * hd;
         lanes[r] = std::min<int64_t>(BS, pos0 + (r0 + r) / group + 1 - t0);
       }
-      accumulate_rows<kValueRows>(nr, p, lanes, vblock, hd, out);
+      accumulate_rows<kValueRows, KT>(nr, p, lanes, vblock, hd, out);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -156,16 +170,38 @@ void attend_tile(const Task& task, const float* qp, const float* kp, const float
 }
 
 void check_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
-  TORCH_CHECK(k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32,
-              "paged attention: float32 KV cache only");
+  TORCH_CHECK((k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16) &&
+              v_cache.dtype() == k_cache.dtype(), "paged attention: float32 or bfloat16 KV cache");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "KV cache must be blocked (4-D)");
 }
 
 }  // namespace
 
-// Writes each token's K and V into its slot (slot = block * BS + offset).
-// k, v: [T, KV, hd] f32; k_cache [N, KV, hd, BS]; v_cache [N, KV, BS, hd]; slots [T] i64.
+namespace {
+
+template <typename KT>
+void write_rows(const float* kp, const float* vp, const int64_t* sp, KT* kc, KT* vc, int64_t T,
+                int64_t KV, int64_t hd, int64_t bs) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t block = sp[t] / bs, offset = sp[t] % bs;
+    for (int64_t h = 0; h < KV; ++h) {
+      const float* ksrc = kp + (t * KV + h) * hd;
+      const float* vsrc = vp + (t * KV + h) * hd;
+      KT* kdst = kc + ((block * KV + h) * hd) * bs + offset;
+      KT* vdst = vc + ((block * KV + h) * bs + offset) * hd;
+      // NOTE: float -> bfloat16 rounds to nearest even (c10::BFloat16's constructor).
+      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = static_cast<KT>(ksrc[d]);
+      for (int64_t d = 0; d < hd; ++d) vdst[d] = static_cast<KT>(vsrc[d]);
+    }
+  }
+}
+
+}  // namespace
+
+// Writes each token's K and V into its slot (slot = block * BS + offset), converting to
+// the cache's element type. k, v: [T, KV, hd] f32; k_cache [N, KV, hd, BS];
+// v_cache [N, KV, BS, hd]; slots [T] i64.
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
               torch::Tensor slots) {
   check_cache(k_cache, v_cache);
@@ -174,20 +210,12 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   slots = slots.contiguous();
   const int64_t T = k.size(0), KV = k.size(1), hd = k.size(2);
   const int64_t bs = k_cache.size(3);
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t block = sp[t] / bs, offset = sp[t] % bs;
-    for (int64_t h = 0; h < KV; ++h) {
-      const float* ksrc = kp + (t * KV + h) * hd;
-      float* kdst = kc + ((block * KV + h) * hd) * bs + offset;
-      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = ksrc[d];
-      std::copy(vp + (t * KV + h) * hd, vp + (t * KV + h + 1) * hd,
-                vc + ((block * KV + h) * bs + offset) * hd);
-    }
+  if (k_cache.dtype() == torch::kBFloat16) {
+    write_rows(k.data_ptr<float>(), v.data_ptr<float>(), slots.data_ptr<int64_t>(),
+               k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), T, KV, hd, bs);
+  } else {
+    write_rows(k.data_ptr<float>(), v.data_ptr<float>(), slots.data_ptr<int64_t>(),
+               k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), T, KV, hd, bs);
   }
 }
 
@@ -213,8 +241,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int64_t max_blocks = block_tables.size(1);
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const bool bf16 = k_cache.dtype() == torch::kBFloat16;
+  const void* kp = k_cache.data_ptr();
+  const void* vp = v_cache.data_ptr();
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* qs = query_start.data_ptr<int64_t>();
   const int64_t* fp = first_pos.data_ptr<int64_t>();
@@ -239,7 +268,14 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       const Task& task = tasks[ti];
       const int64_t pos0 = fp[task.seq] + (task.q_begin - qs[task.seq]);
       const int64_t* table = bt + task.seq * max_blocks;
-      attend_tile(task, qp, kp, vp, table, pos0, H, KV, hd, group, fscale, op, scores, acc);
+      if (bf16) {
+        attend_tile(task, qp, static_cast<const at::BFloat16*>(kp),
+                    static_cast<const at::BFloat16*>(vp), table, pos0, H, KV, hd, group, fscale,
+                    op, scores, acc);
+      } else {
+        attend_tile(task, qp, static_cast<const float*>(kp), static_cast<const float*>(vp),
+                    table, pos0, H, KV, hd, group, fscale, op, scores, acc);
+      }
     }
   });
   return out;
