@@ -11,7 +11,8 @@ shoal runs in-process through AsyncEngine (the HTTP server is a later issue); th
 is reached over HTTP on loopback. Prints a table and writes JSON.
 
     python benchmarks/engine_bench.py --levels 1,4,16,32 \
-        --peer llamacpp=http://127.0.0.1:8081 --peer-pid $(pgrep llama-server)
+        --peer llamacpp=http://127.0.0.1:8081 --peer-pid llamacpp=$(pgrep -f bin/llama-server) \
+        --peer vllm=http://127.0.0.1:8082
 """
 from __future__ import annotations
 
@@ -216,9 +217,11 @@ async def main_async(args: argparse.Namespace) -> dict:
     targets = []
     if not args.skip_shoal:
         targets.append(ShoalTarget(args))
+    pids = dict(spec.split("=", 1) for spec in args.peer_pid)
     for spec in args.peer:
         name, _, url = spec.partition("=")
-        targets.append(PeerTarget(name, url, args.peer_model, args.peer_pid))
+        pid = pids.get(name)
+        targets.append(PeerTarget(name, url, args.peer_model, int(pid) if pid else None))
     results: list[LevelResult] = []
     extras: dict[str, dict] = {t.name: {} for t in targets}
     for t in targets:   # warm-up: kernels, caches, first-request paths
@@ -260,7 +263,8 @@ def main() -> int:
                         help="total requests per level (default: 2 per client)")
     parser.add_argument("--peer", action="append", default=[], help="NAME=URL of an OpenAI-compatible server")
     parser.add_argument("--peer-model", default="smollm2")
-    parser.add_argument("--peer-pid", type=int, default=None, help="peer's PID, for its peak RSS")
+    parser.add_argument("--peer-pid", action="append", default=[],
+                        help="NAME=PID of a peer's server process, for its peak RSS")
     parser.add_argument("--long-prompt-tokens", type=int, default=1300)
     parser.add_argument("--skip-shoal", action="store_true")
     parser.add_argument("--json", default="bench-results/engine_bench.json")

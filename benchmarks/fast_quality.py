@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """How closely fast mode (int8) follows exact mode (float32) on the same model.
 
-Teacher-forced on a fixed text and on exact mode's own chat answers: perplexity of each
-mode, top-1 agreement, and mean KL(exact || fast) per position; plus greedy chat answers
-that come out identical.
+Teacher-forced on a fixed text and on exact mode's own chat answers, through each mode's
+serving path (fast: int8 fused ops and a bfloat16 KV cache; exact: float32 throughout):
+perplexity of each mode, top-1 agreement, and mean KL(exact || fast) per position; plus
+greedy chat answers that come out identical.
 
     python benchmarks/fast_quality.py
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from shoal import LLM, SamplingParams
-from shoal.worker.model_runner import forward_single_sequence
+from dataclasses import dataclass
 
 TEXT = ("The harbour had been busy since dawn. Fishing boats came in low in the water, and "
         "the gulls followed them, calling over the noise of the market. By noon the prices "
@@ -27,9 +28,36 @@ QUESTIONS = ["What is the capital of France?", "Name three rivers.", "Write a ha
 
 
 def logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    model = llm.engine.runner.model
-    with torch.inference_mode():
-        return model.compute_logits(forward_single_sequence(model, ids))
+    """Teacher-forced logits at every position, through the serving path.
+
+    The prompt is prefilled in one chunk, then each following token is fed as a decode
+    step, exactly as the engine runs a request (kernel attention, paged KV cache in its
+    serving dtype, fused ops). Uses blocks 1.. of an idle engine's pool.
+    """
+    runner = llm.engine.runner
+    llm.engine.scheduler.kv.reset_prefix_cache()
+    bs = runner.block_size
+    table = list(range(1, (len(ids) + bs - 1) // bs + 2))
+    seq = _Seq(list(ids[:1]))
+    rows = []
+    for pos in range(len(ids)):
+        seq.all_token_ids = list(ids[: pos + 1])
+        out, _ = runner.execute([_Work(seq, 1, table, pos)])
+        rows.append(out[0])
+    return torch.stack(rows)
+
+
+@dataclass
+class _Seq:
+    all_token_ids: list[int]
+
+
+@dataclass
+class _Work:
+    request: _Seq
+    num_new_tokens: int
+    block_ids: list[int]
+    start_pos: int
 
 
 def compare(exact: torch.Tensor, fast: torch.Tensor, targets: list[int]) -> dict[str, float]:
