@@ -36,13 +36,19 @@ def short_prompt(i: int) -> str:
     return f"Request {i}: write a long, detailed story about {TOPICS[i % len(TOPICS)]}."
 
 
+# NOTE: a per-run salt at the start of every long prompt, so no server (vLLM keeps its
+# prefix cache across runs) answers a repeated prompt from cache.
+RUN_SALT = os.urandom(4).hex()
+
+
 def long_prompt(i: int, approx_tokens: int) -> str:
+    """~approx_tokens tokens for SmolLM2's tokenizer (about 30 per sentence)."""
     sentence = (f"Note {i}: the committee reviewed section {{}} of the harbour plan, weighing "
                 "costs, tides, shipping schedules and the concerns of local fishermen. ")
-    parts, n = [], 0
+    parts, n = [f"Meeting {RUN_SALT}-{i}. "], 0
     while n < approx_tokens:
         parts.append(sentence.format(len(parts)))
-        n += 24
+        n += 30
     return "".join(parts) + "Summarise the discussion."
 
 
@@ -130,7 +136,10 @@ class PeerTarget:
         self.url = url.rstrip("/")
         self.model = model
         self.pid = pid
-        self.client = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256))
+        # NOTE: no keep-alive: llama-server closes idle connections, and a reused, closed one
+        # fails the next request ("server disconnected") through no fault of the server.
+        self.client = httpx.AsyncClient(timeout=600, limits=httpx.Limits(
+            max_connections=256, max_keepalive_connections=0))
 
     async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
@@ -170,10 +179,14 @@ class PeerTarget:
 async def closed_loop(target, concurrency: int, requests_per_client: int, max_tokens: int,
                       offset: int) -> LevelResult:
     records: list[RequestRecord] = []
+    errors: list[str] = []
 
     async def client(c: int) -> None:
         for r in range(requests_per_client):
-            records.append(await target.stream(short_prompt(offset + c * 1000 + r), max_tokens))
+            try:
+                records.append(await target.stream(short_prompt(offset + c * 1000 + r), max_tokens))
+            except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
+                errors.append(type(exc).__name__)
 
     start = time.perf_counter()
     await asyncio.gather(*[client(c) for c in range(concurrency)])
@@ -181,8 +194,11 @@ async def closed_loop(target, concurrency: int, requests_per_client: int, max_to
     itls = [x for rec in records for x in rec.itls]
     ttfts = [rec.ttft for rec in records]
     tokens = sum(rec.tokens for rec in records)
-    return LevelResult(target.name, concurrency, len(records), wall, tokens, tokens / wall,
-                       pct(ttfts, 50), pct(ttfts, 99), pct(itls, 50), pct(itls, 99), max(itls))
+    result = LevelResult(target.name, concurrency, len(records), wall, tokens, tokens / wall,
+                         pct(ttfts, 50), pct(ttfts, 99), pct(itls, 50), pct(itls, 99),
+                         max(itls, default=float("nan")))
+    result.extra["errors"] = len(errors)
+    return result
 
 
 async def long_prompt_ttft(target, approx_tokens: int) -> float:
@@ -237,7 +253,8 @@ async def main_async(args: argparse.Namespace) -> dict:
             print(f"{res.target:16s} c={level:3d} reqs={res.requests:3d} {res.tok_per_s:7.1f} tok/s  "
                   f"TTFT p50 {res.ttft_p50:6.3f}s p99 {res.ttft_p99:6.3f}s  ITL p50 "
                   f"{res.itl_p50 * 1e3:6.1f}ms p99 {res.itl_p99 * 1e3:6.1f}ms max "
-                  f"{res.itl_max * 1e3:6.1f}ms  RSS {res.extra['rss_peak_mb']:.0f}MB", flush=True)
+                  f"{res.itl_max * 1e3:6.1f}ms  RSS {res.extra['rss_peak_mb']:.0f}MB"
+                  f"{'  ERRORS %d' % res.extra['errors'] if res.extra['errors'] else ''}", flush=True)
     if args.long_prompt_tokens:
         for t in targets:
             extras[t.name]["long_prompt_ttft_s"] = await long_prompt_ttft(t, args.long_prompt_tokens)
