@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from shoal import LLM, SamplingParams
-from dataclasses import dataclass
+from shoal.worker.model_runner import DirectWork, TokenSequence
 
 TEXT = ("The harbour had been busy since dawn. Fishing boats came in low in the water, and "
         "the gulls followed them, calling over the noise of the market. By noon the prices "
@@ -38,26 +38,13 @@ def logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     llm.engine.scheduler.kv.reset_prefix_cache()
     bs = runner.block_size
     table = list(range(1, (len(ids) + bs - 1) // bs + 2))
-    seq = _Seq(list(ids[:1]))
+    seq = TokenSequence(list(ids[:1]))
     rows = []
     for pos in range(len(ids)):
         seq.all_token_ids = list(ids[: pos + 1])
-        out, _ = runner.execute([_Work(seq, 1, table, pos)])
+        out, _ = runner.execute([DirectWork(seq, 1, table, pos)])
         rows.append(out[0])
     return torch.stack(rows)
-
-
-@dataclass
-class _Seq:
-    all_token_ids: list[int]
-
-
-@dataclass
-class _Work:
-    request: _Seq
-    num_new_tokens: int
-    block_ids: list[int]
-    start_pos: int
 
 
 def compare(exact: torch.Tensor, fast: torch.Tensor, targets: list[int]) -> dict[str, float]:

@@ -6,31 +6,15 @@ is checked for agreement of the top token, not for logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from reference import build_reference_model, reference_logits
 from shoal.config import EngineConfig
 from shoal.engine.builder import build_engine_core
+from shoal.worker.model_runner import DirectWork, TokenSequence
 
 EXACT_ATOL = 2e-3
-
-
-@dataclass
-class _Seq:
-    all_token_ids: list[int]
-
-
-@dataclass
-class _Work:
-    """A hand-made scheduled chunk: the runner's input contract, without a scheduler."""
-
-    request: _Seq
-    num_new_tokens: int
-    block_ids: list[int]
-    start_pos: int
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +54,10 @@ def test_prefill_logits_match_reference_alone_and_batched(exact_runner, referenc
     blocks = _Blocks(exact_runner.block_size)
     # Alone: one prompt per step.
     for prompt, ref in zip(prompts, expected):
-        logits, _ = exact_runner.execute([_Work(_Seq(list(prompt)), len(prompt), blocks.take(len(prompt)), 0)])
+        logits, _ = exact_runner.execute([DirectWork(TokenSequence(list(prompt)), len(prompt), blocks.take(len(prompt)), 0)])
         assert torch.allclose(logits[0], ref, atol=EXACT_ATOL), (logits[0] - ref).abs().max()
     # Batched: all prompts in one flat step.
-    works = [_Work(_Seq(list(p)), len(p), blocks.take(len(p) + 8), 0) for p in prompts]
+    works = [DirectWork(TokenSequence(list(p)), len(p), blocks.take(len(p) + 8), 0) for p in prompts]
     logits, sampling = exact_runner.execute(works)
     assert len(sampling) == len(works)
     by_request = {id(w.request): row for w, row in zip(sampling, logits)}
@@ -87,16 +71,16 @@ def test_mixed_step_of_decodes_chunks_and_cached_context_matches_reference(exact
     prompts = _prompts(reference.config.vocab_size)
     blocks = _Blocks(exact_runner.block_size)
     # Step 1: prefill the three short prompts fully, and the first 30 tokens of the long one.
-    seqs = [_Seq(list(p)) for p in prompts]
+    seqs = [TokenSequence(list(p)) for p in prompts]
     tables = [blocks.take(len(p) + 8) for p in prompts]
-    step1 = [_Work(seqs[i], len(prompts[i]), tables[i], 0) for i in range(4)]
-    step1.append(_Work(seqs[4], 30, tables[4], 0))
+    step1 = [DirectWork(seqs[i], len(prompts[i]), tables[i], 0) for i in range(4)]
+    step1.append(DirectWork(seqs[4], 30, tables[4], 0))
     logits, sampling = exact_runner.execute(step1)
     for work, row in zip(sampling, logits):
         work.request.all_token_ids.append(int(row.argmax()))
     # Step 2: the four decode, the long one continues its prompt from position 30.
-    step2 = [_Work(seqs[i], 1, tables[i], len(seqs[i].all_token_ids) - 1) for i in range(4)]
-    step2.append(_Work(seqs[4], len(prompts[4]) - 30, tables[4], 30))
+    step2 = [DirectWork(seqs[i], 1, tables[i], len(seqs[i].all_token_ids) - 1) for i in range(4)]
+    step2.append(DirectWork(seqs[4], len(prompts[4]) - 30, tables[4], 30))
     logits, sampling = exact_runner.execute(step2)
     assert len(sampling) == 5
     for work, row in zip(sampling, logits):
@@ -140,7 +124,7 @@ def test_fused_fast_path_matches_the_unfused_int8_layers(smollm2_path):
     ids = core.tokenizer.encode("A short note about fused kernels and why they help decoding.")
     unfused = _all_position_logits(core, ids)[-1]
     blocks = _Blocks(core.runner.block_size)
-    fused, _ = core.runner.execute([_Work(_Seq(list(ids)), len(ids), blocks.take(len(ids)), 0)])
+    fused, _ = core.runner.execute([DirectWork(TokenSequence(list(ids)), len(ids), blocks.take(len(ids)), 0)])
     diff = (fused[0] - unfused).abs()
     # NOTE: both quantize activations to int8; a handful of elements round the other way
     # when float operations are ordered differently, which moves logits by quantization
@@ -169,7 +153,7 @@ def test_tiny_models_through_the_engine_match_reference(fixture, backend, reques
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, core.vocab_size, (n,), generator=g).tolist() for n in (3, 20, 37)]
     blocks = _Blocks(core.runner.block_size)
-    works = [_Work(_Seq(list(p)), len(p), blocks.take(len(p) + 4), 0) for p in prompts]
+    works = [DirectWork(TokenSequence(list(p)), len(p), blocks.take(len(p) + 4), 0) for p in prompts]
     logits, sampling = core.runner.execute(works)
     for work, row in zip(sampling, logits):
         ref = reference_logits(ref_model, work.request.all_token_ids)[-1]

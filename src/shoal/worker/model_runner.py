@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -14,6 +15,26 @@ class ScheduledWork(Protocol):
     """What the runner needs of one scheduled request (see engine.scheduler)."""
 
     request: object
+    num_new_tokens: int
+    block_ids: list[int]
+    start_pos: int
+
+
+@dataclass(slots=True)
+class TokenSequence:
+    """Just the token ids of a sequence: what the runner reads of a request."""
+
+    all_token_ids: list[int]
+
+
+@dataclass(slots=True)
+class DirectWork:
+    """A hand-built chunk of work for the runner, without a scheduler (tests, benchmarks).
+
+    The caller owns `block_ids` and must not share them with a live engine's requests.
+    """
+
+    request: TokenSequence
     num_new_tokens: int
     block_ids: list[int]
     start_pos: int
