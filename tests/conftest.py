@@ -86,3 +86,23 @@ def tiny_llama_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama_gguf") / "tiny-llama.Q8_0.gguf"
     tiny_models.write_gguf_model(path, "llama", weight_type=tiny_models.GGMLQuantizationType.Q8_0)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_source, smollm2_path: Path):
+    """shoal's tokenizer for the real model, built from its GGUF metadata."""
+    from shoal.tokenizer.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_metadata(smollm2_source.metadata, str(smollm2_path))
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer(smollm2_path: Path):
+    """transformers' own tokenizer for the same GGUF file (the reference), built once."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
+                                                          gguf_file=smollm2_path.name)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -30,17 +29,13 @@ CONVERSATIONS = [
 # The real SmolLM2 file comes from conftest's session fixtures (skipped when unavailable).
 
 @pytest.fixture(scope="module")
-def tok(smollm2_source, smollm2_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smollm2_source.metadata, str(smollm2_path))
+def tok(smollm2_tokenizer) -> Tokenizer:
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path: Path):
-    transformers = pytest.importorskip("transformers")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
-                                                          gguf_file=smollm2_path.name)
+def reference(reference_tokenizer):
+    return reference_tokenizer
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 from pathlib import Path
 
 import pytest
@@ -41,17 +40,13 @@ def metadata(smollm2_source) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tok(metadata: dict, smollm2_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(metadata, str(smollm2_path))
+def tok(smollm2_tokenizer) -> Tokenizer:
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path: Path):
-    transformers = pytest.importorskip("transformers")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
-                                                          gguf_file=smollm2_path.name)
+def reference(reference_tokenizer):
+    return reference_tokenizer
 
 
 # ----- the real GGUF file ---------------------------------------------------------------------
