@@ -106,3 +106,17 @@ def reference_tokenizer(smollm2_path: Path):
         warnings.simplefilter("ignore")
         return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
                                                           gguf_file=smollm2_path.name)
+
+
+@pytest.fixture(scope="session")
+def shoal_server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real `shoal serve` of SmolLM2 for the whole session (context capped at 2048)."""
+    from live_server import LiveServer
+
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    server = LiveServer(smollm2_path, "--served-model-name", "smollm2:135m,smollm2", "--max-model-len", "2048",
+                        "--kv-cache-bytes", "256MiB", log_path=log)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()

@@ -1,4 +1,4 @@
-"""The `shoal` command line (engine-level commands; the server commands come with `serve`)."""
+"""The `shoal` command line: `serve`, and engine-level `chat` / `generate` for quick checks."""
 from __future__ import annotations
 
 import argparse
@@ -84,10 +84,55 @@ def _model_path(args: argparse.Namespace) -> int:
 
 
 def _env(_args: argparse.Namespace) -> int:
+    from shoal.api.settings import SERVER_ENV_VARS
     from shoal.config import ENV_VARS
 
-    for name, (_field, doc) in ENV_VARS.items():
-        print(f"{name:28s} {doc}")
+    for name, (_field, doc) in {**SERVER_ENV_VARS, **ENV_VARS}.items():
+        print(f"{name:34s} {doc}")
+    return 0
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from shoal.api.settings import ServerSettings
+    from shoal.config import EngineConfig
+    from shoal.errors import ShoalError
+
+    try:
+        settings = ServerSettings.from_env(host=args.host, port=args.port,
+                                           served_model_name=args.served_model_name,
+                                           max_queue=args.max_queue)
+        config = EngineConfig.from_env(model=args.model, compute=args.compute, device=args.device,
+                                       max_model_len=args.max_model_len,
+                                       kv_cache_bytes=args.kv_cache_bytes,
+                                       max_num_seqs=args.max_num_seqs)
+    except ShoalError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return 2
+    # Fail before the model loads, with the likely reason.
+    if _port_in_use(settings.host, settings.port):
+        print(f"shoal: cannot listen on {settings.host}:{settings.port}: the port is in use "
+              "(another shoal, or Ollama on its default port?). Choose one with --port or SHOAL_PORT.",
+              file=sys.stderr)
+        return 1
+    from shoal.api.server import serve
+
+    try:
+        serve(config, settings)
+    except ShoalError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -105,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     path = sub.add_parser("model-path", help="print a model's file path (fetches the default)")
     path.add_argument("model", nargs="?", default=None)
     path.set_defaults(func=_model_path)
+    serve = sub.add_parser("serve", help="serve the OpenAI and Ollama HTTP APIs")
+    serve.add_argument("--model", "-m", default=None,
+                       help="GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; SHOAL_HOST)")
+    serve.add_argument("--port", "-p", type=int, default=None, help="port (default 11434; SHOAL_PORT)")
+    serve.add_argument("--served-model-name", default=None, help="the name clients use for the model (several: comma-separated, first reported)")
+    serve.add_argument("--compute", choices=("fast", "exact"), default=None)
+    serve.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context length cap")
+    serve.add_argument("--kv-cache-bytes", default=None, help="KV cache budget, e.g. 2GiB")
+    serve.add_argument("--max-num-seqs", type=int, default=None, help="largest running batch")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="requests that may wait beyond the running batch before 503s")
+    serve.set_defaults(func=_serve)
     env = sub.add_parser("env", help="list the SHOAL_* environment variables")
     env.set_defaults(func=_env)
     return parser

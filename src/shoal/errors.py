@@ -62,3 +62,32 @@ class EngineDeadError(ShoalError):
 
 class RequestAbortedError(ShoalError):
     """The request was aborted before it finished."""
+
+
+class UnknownModelError(ShoalError):
+    """A request names a model this server does not serve."""
+
+    def __init__(self, name: str, available: list[str] | None = None) -> None:
+        super().__init__(f"model {name!r} not found")
+        self.name = name
+        self.available = list(available or [])
+
+
+class ServerBusyError(ShoalError):
+    """The server cannot take more requests now; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+
+
+class PayloadTooLargeError(ShoalError):
+    """The request body is larger than the server accepts."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+class UnsupportedFeatureError(InvalidParameterError):
+    """A well-formed request asks for something shoal does not do (yet)."""

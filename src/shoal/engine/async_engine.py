@@ -69,6 +69,18 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields incremental outputs until all n samples finish. Raises typed errors early."""
+        async for batch in self.generate_batches(request_id, prompt_token_ids, params, priority):
+            for item in batch:
+                yield item
+
+    async def generate_batches(self, request_id: str, prompt_token_ids: list[int],
+                               params: SamplingParams, priority: int = 0
+                               ) -> AsyncIterator[list[RequestOutput]]:
+        """Like generate(), but yields everything that arrived since the last read at once.
+
+        A consumer that falls behind (a slow HTTP reader) gets one larger batch instead of
+        a growing backlog of small ones; the engine itself never waits for a consumer.
+        """
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop died: {self.dead!r}")
         self.core.check_request(prompt_token_ids, params)
@@ -81,16 +93,22 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-                if item.finished:
-                    stream.samples_left -= 1
-                    if stream.samples_left == 0:
+                items = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    items.append(stream.queue.get_nowait())
+                batch = []
+                for item in items:
+                    if isinstance(item, BaseException):
                         finished = True
-                        return
+                        raise item
+                    batch.append(item)
+                    if item.finished:
+                        stream.samples_left -= 1
+                if stream.samples_left <= 0:
+                    finished = True
+                yield batch
+                if finished:
+                    return
         finally:
             with self._streams_lock:
                 self._streams.pop(request_id, None)

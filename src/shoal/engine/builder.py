@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ class EngineInfo:
     kv_cache_bytes: int
     max_model_len: int
     load_seconds: float
+    num_parameters: int = 0
+    quantization: str = ""        # the most common stored weight type, e.g. "Q4_1" or "BF16"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,6 +80,9 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
             tokenizer = Tokenizer.from_hf_dir(source.path)
         model = LlamaForCausalLM(model_config, source.iter_weights(), device=device, dtype=dtype,
                                  source=str(source.path))
+        num_parameters = sum(p.numel() for p in model.parameters())
+        stored_types = Counter(source.weight_types.values())
+        quantization = stored_types.most_common(1)[0][0] if stored_types else str(dtype)
     finally:
         source.close()   # on error too: nothing half-loaded stays referenced
     model.eval()
@@ -131,7 +137,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
                       model_config.vocab_size, eos, cache_salt=salt)
     info = EngineInfo(str(path), source.format, model_config, str(device), str(dtype).replace("torch.", ""),
                       config.compute, num_blocks, config.block_size, num_blocks * per_block,
-                      max_model_len, time.monotonic() - started)
+                      max_model_len, time.monotonic() - started, num_parameters, quantization)
     log.info("loaded %s (%s) on %s: %d KV blocks, context %d, %.2fs", path, config.compute,
              device, num_blocks, max_model_len, info.load_seconds)
     return core, info

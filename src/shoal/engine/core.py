@@ -44,6 +44,9 @@ class EngineCore:
         self._samples: dict[str, _Sample] = {}             # engine request id -> sample
         self._by_user_id: dict[str, list[str]] = {}         # user request id -> engine ids
         self._seed_source = random.Random()
+        # Cumulative counts for /metrics (read from other threads; ints, so no lock).
+        self.num_prompt_tokens_total = 0       # prompt tokens of requests whose prefill finished
+        self.num_generation_tokens_total = 0
 
     # ---- requests in -------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -134,6 +137,10 @@ class EngineCore:
     def _output_for(self, request: Request, logprob: TokenLogprob | None) -> RequestOutput:
         sample = self._samples[request.request_id]
         token = request.output_token_ids[-1]
+        self.num_generation_tokens_total += 1
+        if request.num_output_tokens == 1 and sample.index == 0:
+            # n samples share one prompt: count it once, as vLLM does.
+            self.num_prompt_tokens_total += request.num_prompt_tokens
         step = sample.detokenizer.add_tokens([token])
         text = step.text_delta
         if step.stop_string is not None and not request.is_finished:
@@ -154,7 +161,7 @@ class EngineCore:
             stop_reason=request.stop_reason, logprobs=logprobs,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens,
             num_output_tokens=request.num_output_tokens, num_preemptions=request.num_preemptions,
-            timings=request.timings)
+            timings=request.timings, produced_at=time.monotonic())
 
     def _final_output(self, sample: _Sample, text: str, token_ids: list[int],
                       logprobs: list[TokenLogprob] | None) -> RequestOutput:

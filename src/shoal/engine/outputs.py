@@ -37,6 +37,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_preemptions: int = 0
     timings: RequestTimings | None = None
+    produced_at: float = 0.0            # time.monotonic() when the engine made this update
 
 
 @dataclass(slots=True)

@@ -1,0 +1,162 @@
+"""The FastAPI application: shared endpoints, error rendering per dialect, body limits."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import shoal
+from shoal.api.errors import ApiError, classify
+from shoal.api.generation import GenerationService
+from shoal.api.metrics import CONTENT_TYPE, ServerMetrics
+from shoal.api.models import ModelRegistry
+from shoal.api.settings import ServerSettings
+
+
+def dialect_of(path: str) -> str:
+    """Which dialect's error shape a path answers in: Ollama's under /api/, OpenAI's elsewhere."""
+    return "ollama" if path.startswith("/api/") else "openai"
+
+
+def error_response(path: str, error: ApiError) -> JSONResponse:
+    if dialect_of(path) == "ollama":
+        body: dict = {"error": error.message}
+    else:
+        body = {"error": {"message": error.message, "type": error.type, "param": error.param,
+                          "code": error.code}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _describe_validation(errors: Iterable[dict]) -> ApiError:
+    """FastAPI's validation errors as one 400 that names the first bad field."""
+    errors = list(errors)
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "the request body is not valid JSON: "
+                        + str(first.get("ctx", {}).get("error", first.get("msg", ""))))
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return ApiError(400, message, param=param, code="invalid_value")
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the limit with 413, before any JSON parsing.
+
+    The body is read here (at most `limit` bytes) and replayed to the app; later receive()
+    calls go to the server, so a disconnect is still seen by the app.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        too_large = ApiError(413, f"the request body is larger than the limit of {self.limit} bytes "
+                                  "(SHOAL_MAX_BODY_BYTES)", code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await error_response(path, too_large)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await error_response(path, too_large)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
+    """The server's app over already-loaded models."""
+    app = FastAPI(title="shoal", version=shoal.__version__, docs_url="/docs", redoc_url=None)
+    metrics = ServerMetrics(lambda: [(m.name, m.engine.core) for m in registry])
+    for model in registry:
+        metrics.register_model(model.name)
+    service = GenerationService(registry, metrics, settings)
+    app.state.registry = registry
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = service
+    app.state.started_at = time.time()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request.url.path, _describe_validation(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"{request.method} {request.url.path}: no such endpoint"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return error_response(request.url.path, ApiError(exc.status_code, message,
+                                                          headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request.url.path, classify(exc))
+
+    @app.get("/", response_class=PlainTextResponse)
+    @app.head("/", response_class=PlainTextResponse)
+    async def root() -> str:
+        return "shoal is running"
+
+    @app.get("/health")
+    async def health() -> Response:
+        for model in registry:
+            if model.engine.dead is not None:
+                return JSONResponse({"status": "engine dead", "model": model.name}, status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": shoal.__version__}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    from shoal.api.ollama.routes import router as ollama_router
+    from shoal.api.openai.routes import router as openai_router
+    app.include_router(openai_router)
+    app.include_router(ollama_router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    return app

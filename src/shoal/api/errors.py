@@ -1,0 +1,56 @@
+"""One classification of failures into HTTP terms; each dialect renders it in its own shape."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from shoal.errors import (ContextLengthExceededError, EngineDeadError, InvalidParameterError,
+                          ModelLoadError, PayloadTooLargeError, ServerBusyError, ShoalError,
+                          UnknownModelError, UnsupportedFeatureError)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ApiError(Exception):
+    """An HTTP-level failure: status, a message for people, and the OpenAI-style details."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"       # OpenAI's error type
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def classify(exc: BaseException) -> ApiError:
+    """Maps any exception to an ApiError; unexpected ones become a logged 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UnknownModelError):
+        return ApiError(404, f"The model `{exc.name}` does not exist.", param="model",
+                        code="model_not_found")
+    if isinstance(exc, ContextLengthExceededError):
+        return ApiError(400, exc.message, param=exc.field, code="context_length_exceeded")
+    if isinstance(exc, UnsupportedFeatureError):
+        return ApiError(400, exc.message, param=exc.field, code="unsupported_parameter")
+    if isinstance(exc, InvalidParameterError):
+        return ApiError(400, f"{exc.field}: {exc.message}", param=exc.field, code="invalid_value")
+    if isinstance(exc, PayloadTooLargeError):
+        return ApiError(413, str(exc), code="request_too_large")
+    if isinstance(exc, ServerBusyError):
+        return ApiError(503, str(exc), type="server_error", code="server_busy",
+                        headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, EngineDeadError):
+        return ApiError(503, str(exc), type="server_error", code="engine_dead",
+                        headers={"Retry-After": "30"})
+    if isinstance(exc, ModelLoadError):
+        return ApiError(500, f"the model could not be loaded: {exc}", type="server_error",
+                        code="model_load_failed")
+    if isinstance(exc, ShoalError):
+        return ApiError(400, str(exc))
+    log.exception("unexpected error while serving a request", exc_info=exc)
+    return ApiError(500, "internal server error (the server log has the details)", type="server_error")

@@ -1,0 +1,232 @@
+"""The one internal generate path both dialects translate onto.
+
+GenerationService admits a request (a bounded number in flight per model, else 503 +
+Retry-After), streams it from the engine, merges updates a slow reader has not yet
+taken, records metrics, and aborts the request when the caller goes away.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from shoal.api.metrics import ServerMetrics
+from shoal.api.models import ModelRegistry, ServedModel
+from shoal.api.settings import ServerSettings
+from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.errors import ServerBusyError, ShoalError
+from shoal.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """What every dialect's endpoint becomes: a tokenized prompt and sampling parameters."""
+
+    model: ServedModel
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: new_request_id("req"))
+    priority: int = 0
+    prompt_text: str | None = None
+    dialect: str = "openai"
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class Sample:
+    """One finished sample of a non-streamed request."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished non-streamed request: its samples and the usage and timing figures."""
+
+    samples: list[Sample]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    last: RequestOutput | None          # the final update of the last sample to finish
+
+
+def merge_updates(updates: list[RequestOutput]) -> list[RequestOutput]:
+    """Folds consecutive updates of the same sample into one (order kept by first appearance)."""
+    merged: dict[int, RequestOutput] = {}
+    for out in updates:
+        prev = merged.get(out.index)
+        if prev is None:
+            merged[out.index] = RequestOutput(
+                request_id=out.request_id, index=out.index, text=out.text,
+                token_ids=list(out.token_ids), finished=out.finished,
+                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                logprobs=list(out.logprobs) if out.logprobs is not None else None,
+                num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+                num_output_tokens=out.num_output_tokens, num_preemptions=out.num_preemptions,
+                timings=out.timings, produced_at=out.produced_at)
+            continue
+        prev.text += out.text
+        prev.token_ids.extend(out.token_ids)
+        if out.logprobs is not None:
+            prev.logprobs = (prev.logprobs or []) + list(out.logprobs)
+        prev.finished, prev.finish_reason, prev.stop_reason = out.finished, out.finish_reason, out.stop_reason
+        prev.num_cached_tokens = out.num_cached_tokens
+        prev.num_output_tokens, prev.num_preemptions = out.num_output_tokens, out.num_preemptions
+        prev.timings, prev.produced_at = out.timings, out.produced_at
+    return list(merged.values())
+
+
+class GenerationService:
+    """Admission, streaming and accounting for every generate request of the server."""
+
+    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics,
+                 settings: ServerSettings) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.settings = settings
+        self._in_flight: dict[str, int] = {}
+        self._ids = itertools.count()
+
+    def in_flight(self, model: ServedModel) -> int:
+        return self._in_flight.get(model.name, 0)
+
+    def capacity(self, model: ServedModel) -> int:
+        """Requests one model accepts at once: a full running batch plus the waiting queue."""
+        return model.engine.core.scheduler.config.max_num_seqs + self.settings.max_queue
+
+    def _admit(self, model: ServedModel) -> None:
+        # NOTE: runs on the event loop thread only, so the counter needs no lock.
+        current = self._in_flight.get(model.name, 0)
+        if current >= self.capacity(model):
+            self.metrics.rejected.labels(model.name, "queue_full").inc()
+            raise ServerBusyError(
+                f"server busy: {current} requests are already running or queued for "
+                f"{model.name}; try again later", retry_after=self._retry_after(model, current))
+        self._in_flight[model.name] = current + 1
+
+    def _release(self, model: ServedModel) -> None:
+        self._in_flight[model.name] = max(0, self._in_flight.get(model.name, 1) - 1)
+
+    def _retry_after(self, model: ServedModel, in_flight: int) -> int:
+        """Seconds until a slot is likely free: queued batches ahead x mean request latency."""
+        mean = self.metrics.mean_latency(model.name) or 1.0
+        batches_ahead = max(1, in_flight - self.capacity(model) + self.settings.max_queue) / max(
+            1, model.engine.core.scheduler.config.max_num_seqs)
+        return int(min(60, max(1, math.ceil(mean * batches_ahead))))
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+        """Yields merged updates (at most one per sample per read) until every sample ends.
+
+        Raises typed errors (ServerBusyError, InvalidParameterError, ...) before the first
+        yield; closing the iterator early aborts the request in the engine.
+        """
+        model = req.model
+        self._admit(model)
+        name = model.name
+        first_token_seen = False
+        last_produced: dict[int, float] = {}
+        generated = 0
+        final: RequestOutput | None = None
+        last_seen: RequestOutput | None = None
+        rejected = False
+        try:
+            async for batch in model.engine.generate_batches(req.request_id, req.prompt_token_ids,
+                                                             req.params, req.priority):
+                for out in batch:
+                    last_seen = out
+                    generated += len(out.token_ids)
+                    if out.token_ids:
+                        if not first_token_seen:
+                            first_token_seen = True
+                            self.metrics.observe_first_token(name, out.produced_at - req.arrival_time)
+                        prev = last_produced.get(out.index)
+                        if prev is not None:
+                            self.metrics.observe_token_gap(name, out.produced_at - prev)
+                        last_produced[out.index] = out.produced_at
+                    if out.finished and out.finish_reason != "abort":
+                        final = out
+                yield merge_updates(batch)
+        except ShoalError:
+            rejected = last_seen is None    # refused by validation: never an engine request
+            raise
+        finally:
+            self._release(model)
+            if final is not None:
+                self.metrics.observe_finished(name, final, req.arrival_time, generated)
+            elif not rejected:
+                self.metrics.observe_finished(name, _aborted(req, last_seen), req.arrival_time,
+                                              generated)
+
+    async def complete(self, req: GenerateRequest) -> Completion:
+        """Runs a request to the end and gathers its samples (for non-streamed responses)."""
+        samples = [Sample(index=i, logprobs=[] if req.params.logprobs is not None else None)
+                   for i in range(req.params.n)]
+        num_prompt = len(req.prompt_token_ids)
+        num_cached = 0
+        last: RequestOutput | None = None
+        async for batch in self.stream(req):
+            for out in batch:
+                sample = samples[out.index]
+                sample.text += out.text
+                sample.token_ids.extend(out.token_ids)
+                if out.logprobs and sample.logprobs is not None:
+                    sample.logprobs.extend(out.logprobs)
+                if out.finished:
+                    sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+                    last = out
+                num_cached = max(num_cached, out.num_cached_tokens)
+        return Completion(samples, num_prompt, num_cached,
+                          sum(len(s.token_ids) for s in samples), last)
+
+
+def _aborted(req: GenerateRequest, last: RequestOutput | None) -> RequestOutput:
+    """The summary of a request whose caller left (or that failed) before it finished."""
+    return RequestOutput(request_id=req.request_id, index=0, text="", token_ids=[], finished=True,
+                         finish_reason="abort", num_prompt_tokens=len(req.prompt_token_ids),
+                         num_cached_tokens=last.num_cached_tokens if last else 0,
+                         timings=last.timings if last else None,
+                         produced_at=last.produced_at if last else time.monotonic())
+
+
+async def run_until_disconnect(receive: Callable[[], Awaitable[dict]], work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it if the HTTP client disconnects first (non-streamed requests).
+
+    `receive` is the ASGI receive callable; once the body has been read its next message
+    is `http.disconnect`, which is how a client that hangs up is noticed while the
+    response is still being computed.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise asyncio.CancelledError("client disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()

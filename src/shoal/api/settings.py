@@ -1,0 +1,73 @@
+"""Server settings and their SHOAL_* environment variables (docs/operations.md mirrors both tables)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from shoal.config import parse_bytes
+from shoal.errors import InvalidParameterError
+
+# The Ollama port: clients that default to Ollama (the ollama SDK, Open WebUI) find shoal
+# without configuration. `shoal serve --port` or SHOAL_PORT when Ollama itself runs here.
+DEFAULT_PORT = 11434
+
+# name -> (ServerSettings field, description)
+SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
+    "SHOAL_HOST": ("host", "Address to listen on, 'host' or 'host:port' (default 127.0.0.1)."),
+    "SHOAL_PORT": ("port", f"Port to listen on (default {DEFAULT_PORT}, Ollama's)."),
+    "SHOAL_SERVED_MODEL_NAME": ("served_model_name", "Name clients use for the model (default: 'smollm2' for the default model, else the file or directory name)."),
+    "SHOAL_MAX_QUEUE": ("max_queue", "Requests allowed to wait beyond the running batch before new ones get 503 + Retry-After (default 256)."),
+    "SHOAL_MAX_BODY_BYTES": ("max_body_bytes", "Largest request body accepted; larger gets 413 (default 16MiB)."),
+    "SHOAL_STREAM_BUFFER": ("stream_buffer", "Undelivered updates kept per streaming request before they are merged into one (default 64)."),
+    "SHOAL_LOG_LEVEL": ("log_level", "Logging level: debug, info, warning, error (default info)."),
+}
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """How the HTTP server listens and how much it admits."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    served_model_name: str | None = None
+    max_queue: int = 256
+    max_body_bytes: int = 16 << 20
+    stream_buffer: int = 64
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
+        host = self.host.removeprefix("http://")
+        if host.count(":") == 1:
+            name, _, port = host.partition(":")
+            if not port.isdigit():
+                raise InvalidParameterError("host", f"bad port in {self.host!r}")
+            host, self.port = name or "127.0.0.1", int(port)
+        self.host = host
+        self.max_body_bytes = parse_bytes(self.max_body_bytes)
+        if not 0 < int(self.port) < 65536:
+            raise InvalidParameterError("port", f"must be in 1..65535, got {self.port}")
+        if self.max_queue < 0:
+            raise InvalidParameterError("max_queue", "must be >= 0")
+        if self.stream_buffer < 1:
+            raise InvalidParameterError("stream_buffer", "must be >= 1")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerSettings":
+        """Defaults, then SHOAL_* variables, then explicit overrides (None = not given)."""
+        env = os.environ if environ is None else environ
+        types = {f.name: str(f.type) for f in fields(cls)}
+        values: dict[str, object] = {}
+        for var, (name, _doc) in SERVER_ENV_VARS.items():
+            raw = env.get(var, "")
+            if raw == "":
+                continue
+            if "int" in types[name] and name != "max_body_bytes":
+                try:
+                    values[name] = int(raw)
+                except ValueError:
+                    raise InvalidParameterError(name, f"{var}: expected an integer, got {raw!r}") from None
+            else:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
