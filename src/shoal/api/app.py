@@ -17,6 +17,7 @@ from shoal.api.generation import GenerationService
 from shoal.api.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.api.models import ModelRegistry
 from shoal.api.settings import ServerSettings
+from shoal.errors import ShoalError
 
 
 def dialect_of(path: str) -> str:
@@ -129,6 +130,10 @@ def create_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
             message = f"method {request.method} is not allowed on {request.url.path}"
         return error_response(request.url.path, ApiError(exc.status_code, message,
                                                           headers=dict(exc.headers or {})))
+
+    @app.exception_handler(ShoalError)
+    async def _shoal_error(request: Request, exc: ShoalError) -> JSONResponse:
+        return error_response(request.url.path, classify(exc))
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:

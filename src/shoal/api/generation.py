@@ -11,6 +11,7 @@ import itertools
 import math
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -130,14 +131,49 @@ class GenerationService:
             1, model.engine.core.scheduler.config.max_num_seqs)
         return int(min(60, max(1, math.ceil(mean * batches_ahead))))
 
-    async def stream(self, req: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
-        """Yields merged updates (at most one per sample per read) until every sample ends.
+    def start(self, req: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+        """Validates and admits a request now; returns the iterator of its merged updates.
 
-        Raises typed errors (ServerBusyError, InvalidParameterError, ...) before the first
-        yield; closing the iterator early aborts the request in the engine.
+        Raises typed errors (InvalidParameterError, ContextLengthExceededError -> 400,
+        ServerBusyError -> 503) here, before a streaming response has started. The
+        iterator yields at most one update per sample per read until every sample ends;
+        closing it early aborts the request in the engine.
         """
+        return self.start_all([req])[0]
+
+    def start_all(self, reqs: list[GenerateRequest]) -> list[AsyncIterator[list[RequestOutput]]]:
+        """start() for several prompts of one HTTP request: all are admitted, or none."""
+        for req in reqs:
+            req.model.engine.core.check_request(req.prompt_token_ids, req.params)
+        tickets: list[_Ticket] = []
+        try:
+            for req in reqs:
+                self._admit(req.model)
+                tickets.append(_Ticket(self, req.model))
+        except BaseException:
+            for ticket in tickets:
+                ticket.release()
+            raise
+        streams = []
+        for req, ticket in zip(reqs, tickets):
+            stream = self._stream(req, ticket)
+            # NOTE: a generator that is never started never runs its `finally`; if the
+            # client leaves before the first read, garbage collection returns the slot.
+            weakref.finalize(stream, ticket.release)
+            streams.append(stream)
+        return streams
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+        """start() as an async generator: the errors start() raises come at the first read."""
+        stream = self.start(req)
+        try:
+            async for batch in stream:
+                yield batch
+        finally:
+            await stream.aclose()
+
+    async def _stream(self, req: GenerateRequest, ticket: "_Ticket") -> AsyncIterator[list[RequestOutput]]:
         model = req.model
-        self._admit(model)
         name = model.name
         first_token_seen = False
         last_produced: dict[int, float] = {}
@@ -163,10 +199,10 @@ class GenerationService:
                         final = out
                 yield merge_updates(batch)
         except ShoalError:
-            rejected = last_seen is None    # refused by validation: never an engine request
+            rejected = last_seen is None    # refused by the engine: it never ran
             raise
         finally:
-            self._release(model)
+            ticket.release()
             if final is not None:
                 self.metrics.observe_finished(name, final, req.arrival_time, generated)
             elif not rejected:
@@ -175,24 +211,45 @@ class GenerationService:
 
     async def complete(self, req: GenerateRequest) -> Completion:
         """Runs a request to the end and gathers its samples (for non-streamed responses)."""
+        return await self.collect(req, self.start(req))
+
+    async def collect(self, req: GenerateRequest,
+                      stream: AsyncIterator[list[RequestOutput]]) -> Completion:
+        """Gathers a started request's samples."""
         samples = [Sample(index=i, logprobs=[] if req.params.logprobs is not None else None)
                    for i in range(req.params.n)]
-        num_prompt = len(req.prompt_token_ids)
         num_cached = 0
         last: RequestOutput | None = None
-        async for batch in self.stream(req):
-            for out in batch:
-                sample = samples[out.index]
-                sample.text += out.text
-                sample.token_ids.extend(out.token_ids)
-                if out.logprobs and sample.logprobs is not None:
-                    sample.logprobs.extend(out.logprobs)
-                if out.finished:
-                    sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
-                    last = out
-                num_cached = max(num_cached, out.num_cached_tokens)
-        return Completion(samples, num_prompt, num_cached,
+        try:
+            async for batch in stream:
+                for out in batch:
+                    sample = samples[out.index]
+                    sample.text += out.text
+                    sample.token_ids.extend(out.token_ids)
+                    if out.logprobs and sample.logprobs is not None:
+                        sample.logprobs.extend(out.logprobs)
+                    if out.finished:
+                        sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+                        last = out
+                    num_cached = max(num_cached, out.num_cached_tokens)
+        finally:
+            await stream.aclose()
+        return Completion(samples, len(req.prompt_token_ids), num_cached,
                           sum(len(s.token_ids) for s in samples), last)
+
+
+class _Ticket:
+    """One admitted request's slot; released exactly once."""
+
+    __slots__ = ("_service", "_model", "_held")
+
+    def __init__(self, service: GenerationService, model: ServedModel) -> None:
+        self._service, self._model, self._held = service, model, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._service._release(self._model)
 
 
 def _aborted(req: GenerateRequest, last: RequestOutput | None) -> RequestOutput:

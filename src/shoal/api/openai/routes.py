@@ -1,3 +1,106 @@
-from fastapi import APIRouter
+"""The OpenAI dialect's endpoints (and vLLM's utility endpoints)."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from shoal.api.generation import GenerationService, new_request_id, run_until_disconnect
+from shoal.api.models import ModelRegistry, ServedModel
+from shoal.api.openai import serving
+from shoal.api.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                       TokenizeRequest)
+from shoal.errors import InvalidParameterError
 
 router = APIRouter()
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _service(request: Request) -> GenerationService:
+    return request.app.state.service
+
+
+def _registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    arrival = time.monotonic()
+    service = _service(request)
+    gen = serving.chat_request(_registry(request), body, arrival)
+    created = serving.now()
+    updates = service.start(gen)
+    if body.stream:
+        options = body.stream_options
+        return StreamingResponse(
+            serving.chat_stream(gen, updates, created, bool(options and options.include_usage),
+                                bool(options and options.continuous_usage_stats)),
+            media_type="text/event-stream", headers=_SSE_HEADERS)
+    done = await run_until_disconnect(request.receive, service.collect(gen, updates))
+    return JSONResponse(serving.chat_response(gen, done, created))
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    arrival = time.monotonic()
+    service = _service(request)
+    gens = serving.completion_requests(_registry(request), body, arrival)
+    created = serving.now()
+    response_id = gens[0].request_id.rsplit("-", 1)[0] if len(gens) > 1 else gens[0].request_id
+    if body.stream:
+        options = body.stream_options
+        updates = service.start_all(gens)
+        return StreamingResponse(
+            serving.completion_stream(gens, updates, created, body.echo,
+                                      bool(options and options.include_usage),
+                                      bool(options and options.continuous_usage_stats), response_id),
+            media_type="text/event-stream", headers=_SSE_HEADERS)
+    dones = await run_until_disconnect(request.receive, serving.complete_all(service, gens))
+    return JSONResponse(serving.completion_response(gens, dones, created, body.echo, response_id))
+
+
+def _model_card(model: ServedModel) -> dict:
+    return {"id": model.name, "object": "model", "created": int(model.loaded_at), "owned_by": "shoal",
+            "root": model.info.model_path, "parent": None, "max_model_len": model.max_model_len}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(m) for m in _registry(request)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict:
+    return _model_card(_registry(request).get(model_id))
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    model = serving.pick_model(_registry(request), body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidParameterError("prompt", "give exactly one of 'prompt' or 'messages'")
+    if body.messages is not None:
+        text = model.tokenizer.apply_chat_template(serving.message_dicts(body.messages),
+                                                   add_generation_prompt=body.add_generation_prompt)
+        ids = model.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+    else:
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        ids = model.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
+    strs = [model.tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids, "token_strs": strs}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    model = serving.pick_model(_registry(request), body.model)
+    vocab = model.info.model_config.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidParameterError("tokens", f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+__all__ = ["router", "new_request_id"]
