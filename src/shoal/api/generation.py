@@ -69,6 +69,8 @@ class Completion:
 
 def merge_updates(updates: list[RequestOutput]) -> list[RequestOutput]:
     """Folds consecutive updates of the same sample into one (order kept by first appearance)."""
+    if len(updates) == 1 or len({out.index for out in updates}) == len(updates):
+        return updates          # the usual case: the reader kept up, nothing to fold
     merged: dict[int, RequestOutput] = {}
     for out in updates:
         prev = merged.get(out.index)

@@ -15,10 +15,9 @@ DEFAULT_PORT = 11434
 SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_HOST": ("host", "Address to listen on, 'host' or 'host:port' (default 127.0.0.1)."),
     "SHOAL_PORT": ("port", f"Port to listen on (default {DEFAULT_PORT}, Ollama's)."),
-    "SHOAL_SERVED_MODEL_NAME": ("served_model_name", "Name clients use for the model (default: 'smollm2' for the default model, else the file or directory name)."),
+    "SHOAL_SERVED_MODEL_NAME": ("served_model_name", "Name clients use for the model several comma-separated, the first reported (default: 'smollm2:135m' for the default model, else the file or directory name)."),
     "SHOAL_MAX_QUEUE": ("max_queue", "Requests allowed to wait beyond the running batch before new ones get 503 + Retry-After (default 256)."),
     "SHOAL_MAX_BODY_BYTES": ("max_body_bytes", "Largest request body accepted; larger gets 413 (default 16MiB)."),
-    "SHOAL_STREAM_BUFFER": ("stream_buffer", "Undelivered updates kept per streaming request before they are merged into one (default 64)."),
     "SHOAL_LOG_LEVEL": ("log_level", "Logging level: debug, info, warning, error (default info)."),
 }
 
@@ -32,7 +31,6 @@ class ServerSettings:
     served_model_name: str | None = None
     max_queue: int = 256
     max_body_bytes: int = 16 << 20
-    stream_buffer: int = 64
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -49,8 +47,6 @@ class ServerSettings:
             raise InvalidParameterError("port", f"must be in 1..65535, got {self.port}")
         if self.max_queue < 0:
             raise InvalidParameterError("max_queue", "must be >= 0")
-        if self.stream_buffer < 1:
-            raise InvalidParameterError("stream_buffer", "must be >= 1")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerSettings":
