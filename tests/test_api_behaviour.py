@@ -181,3 +181,52 @@ def test_overload_gets_503_with_retry_after_in_both_dialects(busy_server) -> Non
     assert ok.status_code == 200
     rejected = [v for (n, labels), v in metrics(busy_server).items() if n == "shoal:requests_rejected_total"]
     assert sum(rejected) == 2
+
+
+def _raw_stream_request(server, body: dict):
+    """A streaming request on a raw socket that reads nothing until told to (a stalled reader)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    sock = socket.create_connection((url.hostname, url.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    payload = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+    return sock
+
+
+def _read_sse_text(sock) -> str:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    text = ""
+    for line in data.decode().split("\n"):
+        if line.startswith("data: {"):
+            text += json.loads(line[6:])["choices"][0]["text"]
+    return text
+
+
+def test_a_stalled_reader_neither_stalls_the_engine_nor_loses_text(shoal_server) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    expected = httpx.post(shoal_server.url + "/v1/completions", timeout=60,
+                          json={**body, "stream": False}).json()["choices"][0]["text"]
+    sock = _raw_stream_request(shoal_server, body)
+    try:
+        # while that reader sleeps, other requests are served and the stalled one keeps generating
+        started = time.monotonic()
+        for _ in range(3):
+            r = httpx.post(shoal_server.url + "/v1/completions", timeout=30,
+                           json={"model": MODEL, "prompt": "Hello", "max_tokens": 8})
+            assert r.status_code == 200
+        assert time.monotonic() - started < 30
+        deadline = time.monotonic() + 60
+        while value(metrics(shoal_server), "shoal:num_requests_running") > 0:
+            assert time.monotonic() < deadline, "the stalled reader's request never finished"
+            time.sleep(0.1)
+        # the reader wakes up: it gets everything, merged into fewer chunks, nothing lost
+        assert _read_sse_text(sock) == expected
+    finally:
+        sock.close()
