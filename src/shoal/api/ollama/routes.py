@@ -126,13 +126,14 @@ async def tags(request: Request) -> dict[str, Any]:
 
 
 @router.post("/show")
-async def show(request: Request) -> dict[str, Any]:
+async def show(request: Request) -> Response:
     body = await read_body(request, ShowBody)
     name = body.model or body.name
     if not name:
         raise ApiError(400, "model is required", param="model")
     model = serving.find_model(request.app.state.registry, name)
-    return await asyncio.to_thread(model_info.show, model, bool(body.verbose))
+    # NOTE: JSONResponse skips FastAPI's encoder walk, which is slow over a verbose token list.
+    return JSONResponse(await asyncio.to_thread(model_info.show, model, bool(body.verbose)))
 
 
 @router.get("/ps")
