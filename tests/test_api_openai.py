@@ -8,6 +8,7 @@ from openai import OpenAI
 
 MODEL = "smollm2:135m"
 HELLO = [{"role": "user", "content": "Say hello to Ada in five words."}]
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,7 @@ def _error(response: httpx.Response, status: int) -> dict:
     return body
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("n", 0),
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("n", 0), ("n", 10**9),
                                          ("max_tokens", 0), ("presence_penalty", 5),
                                          ("top_k", -5), ("logit_bias", {"x": 1}),
                                          ("stop", [""])])
@@ -205,7 +206,9 @@ def test_invalid_values_are_400_naming_the_parameter(shoal_server, field, value)
 
 def test_bad_requests_in_openai_shape(shoal_server) -> None:
     url = "/v1/chat/completions"
-    _error(_post(shoal_server, url, content=b'{"model": "smollm2:135m", "messages": ['), 400)
+    broken = _error(_post(shoal_server, url, content=b'{"model": "smollm2:135m", "messages": [',
+                          headers=JSON), 400)
+    assert "JSON" in broken["message"]
     missing = _error(_post(shoal_server, url, json={"model": MODEL}), 400)
     assert missing["param"] == "messages"
     wrong_type = _error(_post(shoal_server, url, json={"model": MODEL, "messages": "hi"}), 400)
@@ -213,6 +216,10 @@ def test_bad_requests_in_openai_shape(shoal_server) -> None:
     image = {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
     assert "image_url" in _error(_post(shoal_server, url, json=image), 400)["message"]
+    surrogate = b'{"model": "smollm2:135m", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    assert "Unicode" in _error(_post(shoal_server, url, content=surrogate, headers=JSON), 400)["message"]
+    not_object = _error(_post(shoal_server, url, json=[1, 2]), 400)
+    assert not_object["message"]
     role = {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}
     assert _error(_post(shoal_server, url, json=role), 400)["param"] == "messages[0].role"
     unknown = _error(_post(shoal_server, url, json={"model": "gpt-17", "messages": HELLO}), 404)

@@ -11,6 +11,9 @@ from shoal.errors import InvalidParameterError
 MAX_LOGPROBS = 20
 
 
+MAX_N = 128   # OpenAI's own limit on n
+
+
 def _check_number(name: str, value: object, *, integer: bool = False) -> None:
     # bool is an int subclass in Python; a JSON `true` for a number is a type error.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -63,8 +66,10 @@ class SamplingParams:
         self.n = int(self.n)
         self.min_tokens = int(self.min_tokens)
         self.top_k = int(self.top_k)
-        if self.n < 1:
-            raise InvalidParameterError("n", f"must be at least 1, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            # NOTE: bounded because every sample is a request object and a stream: an
+            # unbounded n is a one-line denial of service (a billion samples exhausted memory).
+            raise InvalidParameterError("n", f"must be in 1..{MAX_N}, got {self.n}")
         if self.max_tokens is not None:
             _check_number("max_tokens", self.max_tokens, integer=True)
             self.max_tokens = int(self.max_tokens)

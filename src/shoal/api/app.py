@@ -52,10 +52,12 @@ def _describe_validation(errors: Iterable[dict]) -> ApiError:
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over the limit with 413, before any JSON parsing.
+    """Refuses bodies over the limit with 413, before any JSON parsing; every body is JSON.
 
     The body is read here (at most `limit` bytes) and replayed to the app; later receive()
-    calls go to the server, so a disconnect is still seen by the app.
+    calls go to the server, so a disconnect is still seen by the app. Bodies are read as
+    JSON whatever their Content-Type, as Ollama's server does: `curl -d '{...}'` sends
+    form encoding, and Ollama's own docs use exactly that.
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
@@ -97,6 +99,8 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, replay, send)
 
 
@@ -137,7 +141,8 @@ def create_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(request.url.path, classify(exc))
+        # NOTE: Starlette logs the traceback of what reaches this handler itself.
+        return error_response(request.url.path, classify(exc, log_unexpected=False))
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)

@@ -26,8 +26,8 @@ class ApiError(Exception):
         return self.message
 
 
-def classify(exc: BaseException) -> ApiError:
-    """Maps any exception to an ApiError; unexpected ones become a logged 500."""
+def classify(exc: BaseException, log_unexpected: bool = True) -> ApiError:
+    """Maps any exception to an ApiError; unexpected ones become a (logged) 500."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, UnknownModelError):
@@ -52,5 +52,6 @@ def classify(exc: BaseException) -> ApiError:
                         code="model_load_failed")
     if isinstance(exc, ShoalError):
         return ApiError(400, str(exc))
-    log.exception("unexpected error while serving a request", exc_info=exc)
+    if log_unexpected:
+        log.error("unexpected error while serving a request", exc_info=exc)
     return ApiError(500, "internal server error (the server log has the details)", type="server_error")

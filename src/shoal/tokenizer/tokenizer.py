@@ -8,7 +8,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as RustTokenizer
 
-from shoal.errors import CorruptModelError, ModelNotFoundError
+from shoal.errors import CorruptModelError, InvalidParameterError, ModelNotFoundError
 from shoal.tokenizer.chat_template import render_chat_template
 from shoal.tokenizer.gguf_vocab import gguf_add_bos_token, tokenizer_from_gguf_metadata
 
@@ -126,6 +126,16 @@ class Tokenizer:
         add_special_tokens adds BOS (and EOS) only when the model asks for it. Text rendered by a
         chat template that already writes the BOS token should be encoded with it False.
         """
+        if not isinstance(text, str):
+            raise InvalidParameterError("prompt", f"expected text, got {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                # JSON allows "\ud800"; a lone surrogate is not a character any model can read.
+                raise InvalidParameterError(
+                    "prompt", f"the text holds an invalid Unicode code point "
+                    f"{text[exc.start]!a} at position {exc.start}") from None
         ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self._add_bos != self._backend_adds_bos:
             if self._add_bos:
