@@ -257,3 +257,11 @@ def test_unsupported_features_are_400(shoal_server) -> None:
     assert suffix["param"] == "suffix"
     top = _error(_post(shoal_server, "/v1/chat/completions", json={**base, "top_logprobs": 2}), 400)
     assert top["param"] == "top_logprobs"
+
+
+def test_body_is_json_whatever_its_content_type(shoal_server) -> None:
+    # `curl -d '{...}'` sends application/x-www-form-urlencoded
+    body = b'{"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    r = _post(shoal_server, "/v1/chat/completions", content=body,
+              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
