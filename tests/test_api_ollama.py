@@ -351,6 +351,9 @@ def test_unknown_model_is_a_404(client, call: str) -> None:
      "does not support tools"),
     ("/api/show", {}, 400, "model is required"),
     ("/api/generate", [1, 2], 400, "JSON object"),
+    # JSON can carry a lone surrogate, which UTF-8 cannot: echoed escaped, not a 500.
+    ("/api/show", b'{"model": "\\ud800"}', 404, "model '\\ud800' not found"),
+    ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "think": "\\ud800"}', 400, "think value"),
 ])
 def test_bad_requests_get_ollama_errors(shoal_server, path, body, status, words) -> None:
     r = post(shoal_server, path, body)

@@ -20,7 +20,7 @@ from shoal.api.generation import GenerateRequest, GenerationService, new_request
 from shoal.api.models import ModelRegistry, ServedModel
 from shoal.api.ollama import templates
 from shoal.api.ollama.protocol import (ROLES, ChatBody, GenerateBody, nanoseconds, parse_keep_alive,
-                                       timestamp)
+                                       printable, timestamp)
 from shoal.engine.outputs import RequestOutput
 from shoal.errors import InvalidParameterError, UnknownModelError, UnsupportedFeatureError
 from shoal.sampling_params import SamplingParams
@@ -82,7 +82,7 @@ def find_model(registry: ModelRegistry, name: str | None) -> ServedModel:
     try:
         return registry.get(name)
     except UnknownModelError:
-        raise ApiError(404, f"model '{name}' not found", param="model",
+        raise ApiError(404, f"model '{printable(name)}' not found", param="model",
                        code="model_not_found") from None
 
 
@@ -329,9 +329,11 @@ def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> float | N
     keep_alive = parse_keep_alive(body.keep_alive)
     think = body.think
     if isinstance(think, str):
-        raise UnsupportedFeatureError("think", f"think value \"{think}\" is not supported for this model")
+        raise UnsupportedFeatureError(
+            "think", f"think value \"{printable(think)}\" is not supported for this model")
     if think:
-        raise UnsupportedFeatureError("think", f"\"{body.model}\" does not support thinking")
+        raise UnsupportedFeatureError(
+            "think", f"\"{printable(body.model or '')}\" does not support thinking")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise ApiError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
     return keep_alive

@@ -105,6 +105,9 @@ def parse(source: str) -> list:
     stack: list[tuple[_If, list]] = []   # open ifs and the body being filled
     body = root
     for kind, value in _lex(source):
+        if kind == "action":
+            # NOTE: actions are quoted in error messages; keep them encodable.
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
         if kind == "text":
             body.append(_Text(value))
             continue
