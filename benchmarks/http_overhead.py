@@ -6,7 +6,12 @@ server) busy, a prober calls GET /v1/models every 20 ms on a fresh connection an
 how long each answer takes. If the engine thread starved the event loop (the GIL, a
 blocking call), the loaded figures would be far above the idle ones.
 
-    python benchmarks/http_overhead.py --url http://127.0.0.1:11434 --concurrency 32 --seconds 20
+With --pid (the server's process id, Linux) it also reports the CPU seconds the server's
+main thread (uvicorn's event loop: HTTP parsing, JSON, SSE framing) spent against all its
+other threads (the engine loop and torch's workers) during the loaded window.
+
+    python benchmarks/http_overhead.py --url http://127.0.0.1:11434 --concurrency 32 --seconds 20 \
+        --pid $(pgrep -f "shoal serve")
 """
 from __future__ import annotations
 
@@ -49,15 +54,35 @@ async def stream_loop(url: str, model: str, max_tokens: int, stop: asyncio.Event
                         counts[0] += len(json.loads(line[6:])["choices"][0]["text"]) > 0
 
 
-async def measure(url: str, model: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
+def thread_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(main thread, all other threads) CPU seconds of a process, from /proc."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    main = others = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick     # utime + stime
+        if int(tid) == pid:
+            main += seconds
+        else:
+            others += seconds
+    return main, others
+
+
+async def measure(url: str, model: str, concurrency: int, seconds: float, max_tokens: int,
+                  pid: int | None = None) -> dict:
     stop = asyncio.Event()
     counts = [0]
     streams = [asyncio.ensure_future(stream_loop(url, model, max_tokens, stop, counts))
                for _ in range(concurrency)]
     await asyncio.sleep(2.0 if concurrency else 0)   # let the batch fill
     counts[0] = 0
+    cpu_before = thread_cpu_seconds(pid) if pid else None
     prober = asyncio.ensure_future(probe(url, stop))
     await asyncio.sleep(seconds)
+    cpu_after = thread_cpu_seconds(pid) if pid else None
     stop.set()
     latencies = await prober
     for task in streams:
@@ -65,7 +90,9 @@ async def measure(url: str, model: str, concurrency: int, seconds: float, max_to
     await asyncio.gather(*streams, return_exceptions=True)
     return {"concurrency": concurrency, "probes": len(latencies),
             "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * pct(latencies, 99),
-            "max_ms": 1000 * max(latencies), "stream_chunks_per_s": counts[0] / seconds}
+            "max_ms": 1000 * max(latencies), "stream_chunks_per_s": counts[0] / seconds,
+            "cpu_event_loop_s": cpu_after[0] - cpu_before[0] if pid else None,
+            "cpu_engine_and_torch_s": cpu_after[1] - cpu_before[1] if pid else None, "seconds": seconds}
 
 
 def main() -> None:
@@ -75,13 +102,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--pid", type=int, default=None, help="server pid, for per-thread CPU time")
     args = parser.parse_args()
     model = args.model or httpx.get(args.url + "/v1/models").json()["data"][0]["id"]
     for c in (0, args.concurrency):
-        r = asyncio.run(measure(args.url, model, c, args.seconds, args.max_tokens))
+        r = asyncio.run(measure(args.url, model, c, args.seconds, args.max_tokens, args.pid))
         print(f"{'idle' if c == 0 else f'{c} streams':>10}: GET /v1/models p50 {r['p50_ms']:.1f} ms, "
               f"p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms over {r['probes']} probes; "
               f"{r['stream_chunks_per_s']:.0f} stream chunks/s")
+        if args.pid:
+            print(f"{'':>10}  server CPU in {r['seconds']:.0f}s: event loop {r['cpu_event_loop_s']:.2f}s, "
+                  f"engine + torch threads {r['cpu_engine_and_torch_s']:.2f}s")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,13 @@ def dialect_of(path: str) -> str:
 
 
 def error_response(path: str, error: ApiError) -> JSONResponse:
+    # NOTE: messages may echo user text; a lone surrogate in it must not turn a 400 into a 500.
+    message = error.message.encode("utf-8", "backslashreplace").decode("utf-8")
     if dialect_of(path) == "ollama":
-        body: dict = {"error": error.message}
+        ollama = error.ollama_message or message
+        body: dict = {"error": ollama.encode("utf-8", "backslashreplace").decode("utf-8")}
     else:
-        body = {"error": {"message": error.message, "type": error.type, "param": error.param,
+        body = {"error": {"message": message, "type": error.type, "param": error.param,
                           "code": error.code}}
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 

@@ -21,6 +21,7 @@ class ApiError(Exception):
     param: str | None = None
     code: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    ollama_message: str | None = None          # where Ollama words the same failure differently
 
     def __str__(self) -> str:
         return self.message
@@ -32,7 +33,7 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> ApiError:
         return exc
     if isinstance(exc, UnknownModelError):
         return ApiError(404, f"The model `{exc.name}` does not exist.", param="model",
-                        code="model_not_found")
+                        code="model_not_found", ollama_message=f"model '{exc.name}' not found")
     if isinstance(exc, ContextLengthExceededError):
         return ApiError(400, exc.message, param=exc.field, code="context_length_exceeded")
     if isinstance(exc, UnsupportedFeatureError):
