@@ -64,6 +64,7 @@ async def generate(request: Request) -> Response:
     started = time.monotonic()
     body = await read_body(request, GenerateBody)
     model = serving.find_model(request.app.state.registry, body.model)
+    loaded = time.monotonic()       # models are resident; on-demand loading will wait here
     keep_alive = serving.check_common(body, model)
     opts = serving.resolve_options(model, body.options)
     if body.raw and (body.template or body.system or body.context):
@@ -80,7 +81,7 @@ async def generate(request: Request) -> Response:
     _text, ids = await serving.prepare(serving.generate_prompt, model, body, opts)
     turn = serving.Turn(kind="generate", echo_model=body.model or model.name, model=model,
                         prompt_ids=ids, params=serving.make_params(opts, len(ids)),
-                        started=started, with_context=not body.raw)
+                        started=started, loaded=loaded, with_context=not body.raw)
     return await _run(request, turn, body.stream is not False)
 
 
@@ -89,6 +90,7 @@ async def chat(request: Request) -> Response:
     started = time.monotonic()
     body = await read_body(request, ChatBody)
     model = serving.find_model(request.app.state.registry, body.model)
+    loaded = time.monotonic()       # models are resident; on-demand loading will wait here
     keep_alive = serving.check_common(body, model)
     opts = serving.resolve_options(model, body.options)
     if body.tools and not model.supports_tools():
@@ -102,7 +104,7 @@ async def chat(request: Request) -> Response:
                                        opts, body.truncate is not False)
     turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
                         prompt_ids=ids, params=serving.make_params(opts, len(ids)),
-                        started=started)
+                        started=started, loaded=loaded)
     return await _run(request, turn, body.stream is not False)
 
 

@@ -365,6 +365,7 @@ class Turn:
     prompt_ids: list[int]
     params: SamplingParams
     started: float                  # time.monotonic() when the handler began
+    loaded: float = 0.0             # time.monotonic() when the model was ready (load_duration ends)
     with_context: bool = False      # /api/generate without raw: the reply carries `context`
     request: GenerateRequest | None = None
 
@@ -431,7 +432,9 @@ def final_chunk(turn: Turn, last: RequestOutput | None, text: str, output_ids: l
     first = first or now
     finished = (timings.finished if timings else None) or now
     body["total_duration"] = nanoseconds(now - turn.started)
-    body["load_duration"] = nanoseconds(engine_start - turn.started)
+    # NOTE: as Ollama: load_duration is the wait for the model to be loaded; time queued for
+    # the engine counts in total_duration only.
+    body["load_duration"] = nanoseconds(max(0.0, (turn.loaded or turn.started) - turn.started))
     body["prompt_eval_count"] = len(turn.prompt_ids)
     body["prompt_eval_duration"] = nanoseconds(first - engine_start)
     body["eval_count"] = len(output_ids)
