@@ -45,6 +45,7 @@ class EngineInfo:
     load_seconds: float
     num_parameters: int = 0
     quantization: str = ""        # the most common stored weight type, e.g. "Q4_1" or "BF16"
+    weights_bytes: int = 0        # parameters and buffers as held in memory (after quantization)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,7 +138,18 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
                       model_config.vocab_size, eos, cache_salt=salt)
     info = EngineInfo(str(path), source.format, model_config, str(device), str(dtype).replace("torch.", ""),
                       config.compute, num_blocks, config.block_size, num_blocks * per_block,
-                      max_model_len, time.monotonic() - started, num_parameters, quantization)
+                      max_model_len, time.monotonic() - started, num_parameters, quantization,
+                      _tensor_bytes(model))
     log.info("loaded %s (%s) on %s: %d KV blocks, context %d, %.2fs", path, config.compute,
              device, num_blocks, max_model_len, info.load_seconds)
     return core, info
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.data_ptr() not in seen:     # tied embeddings count once
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
