@@ -1,6 +1,7 @@
 """The FastAPI application: shared endpoints, error rendering per dialect, body limits."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -15,7 +16,7 @@ import shoal
 from shoal.api.errors import ApiError, classify
 from shoal.api.generation import GenerationService
 from shoal.api.metrics import CONTENT_TYPE, ServerMetrics
-from shoal.api.models import ModelRegistry
+from shoal.api.models import ResidencyManager
 from shoal.api.settings import ServerSettings
 from shoal.errors import ShoalError
 
@@ -107,14 +108,25 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
-    """The server's app over already-loaded models."""
-    app = FastAPI(title="shoal", version=shoal.__version__, docs_url="/docs", redoc_url=None)
-    metrics = ServerMetrics(lambda: [(m.name, m.engine.core) for m in registry])
-    for model in registry:
+def create_app(residency: ResidencyManager, settings: ServerSettings) -> FastAPI:
+    """The server's app; `residency` decides which models are loaded."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        residency.start()
+        try:
+            yield
+        finally:
+            await residency.shutdown()
+
+    app = FastAPI(title="shoal", version=shoal.__version__, docs_url="/docs", redoc_url=None,
+                  lifespan=lifespan)
+    metrics = ServerMetrics(lambda: [(m.name, m.engine.core) for m in residency.loaded()])
+    for model in residency.loaded():
         metrics.register_model(model.name)
-    service = GenerationService(registry, metrics, settings)
-    app.state.registry = registry
+    residency.add_load_listener(lambda model: metrics.register_model(model.name))
+    service = GenerationService(residency, metrics, settings)
+    app.state.residency = residency
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
@@ -154,7 +166,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        for model in registry:
+        for model in residency.loaded():
             if model.engine.dead is not None:
                 return JSONResponse({"status": "engine dead", "model": model.name}, status_code=503)
         return Response(status_code=200)

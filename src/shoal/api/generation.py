@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from shoal.api.metrics import ServerMetrics
-from shoal.api.models import ModelRegistry, ServedModel
+from shoal.api.models import ResidencyManager, ServedModel
 from shoal.api.settings import ServerSettings
 from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.errors import ServerBusyError, ShoalError
@@ -42,6 +42,7 @@ class GenerateRequest:
     prompt_text: str | None = None
     dialect: str = "openai"
     arrival_time: float = field(default_factory=time.monotonic)
+    keep_alive: float | None = None     # seconds the model stays after this request (None: default)
 
 
 @dataclass(slots=True)
@@ -98,9 +99,9 @@ def merge_updates(updates: list[RequestOutput]) -> list[RequestOutput]:
 class GenerationService:
     """Admission, streaming and accounting for every generate request of the server."""
 
-    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics,
+    def __init__(self, residency: ResidencyManager, metrics: ServerMetrics,
                  settings: ServerSettings) -> None:
-        self.registry = registry
+        self.residency = residency
         self.metrics = metrics
         self.settings = settings
         self._in_flight: dict[str, int] = {}
@@ -151,7 +152,7 @@ class GenerationService:
         try:
             for req in reqs:
                 self._admit(req.model)
-                tickets.append(_Ticket(self, req.model))
+                tickets.append(_Ticket(self, req))
         except BaseException:
             for ticket in tickets:
                 ticket.release()
@@ -241,17 +242,21 @@ class GenerationService:
 
 
 class _Ticket:
-    """One admitted request's slot; released exactly once."""
+    """One admitted request's slot and its hold on the model; released exactly once."""
 
-    __slots__ = ("_service", "_model", "_held")
+    __slots__ = ("_service", "_req", "_held")
 
-    def __init__(self, service: GenerationService, model: ServedModel) -> None:
-        self._service, self._model, self._held = service, model, True
+    def __init__(self, service: GenerationService, req: GenerateRequest) -> None:
+        self._service, self._req, self._held = service, req, True
+        # NOTE: the stream holds the model itself, so the caller can let go of its own
+        # hold as soon as the stream exists; the model stays until the stream ends.
+        service.residency.retain(req.model)
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._service._release(self._model)
+            self._service._release(self._req.model)
+            self._service.residency.release(self._req.model, self._req.keep_alive)
 
 
 def _aborted(req: GenerateRequest, last: RequestOutput | None) -> RequestOutput:

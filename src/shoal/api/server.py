@@ -1,6 +1,7 @@
-"""`shoal serve`: load the model, build the app, run uvicorn."""
+"""`shoal serve`: build the model catalog and residency, preload pinned models, run uvicorn."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -8,11 +9,14 @@ from pathlib import Path
 import uvicorn
 
 from shoal.api.app import create_app
-from shoal.api.models import ModelRegistry, ServedModel
 from shoal.api.settings import ServerSettings
 from shoal.config import EngineConfig
 from shoal.engine.async_engine import AsyncEngine
 from shoal.models.default_model import DEFAULT_MODEL_ALIASES, default_model_path
+from shoal.residency.catalog import BuiltinCatalog, ChainCatalog, ModelSpec, StaticCatalog
+from shoal.residency.manager import ResidencyManager
+from shoal.residency.served import ServedModel
+from shoal.worker.kv_cache import default_kv_cache_bytes
 
 log = logging.getLogger("shoal.server")
 
@@ -42,24 +46,52 @@ def served_name(model_spec: str | None, explicit: str | None) -> tuple[str, tupl
     return stem, (model_spec,)
 
 
-def load_models(engine_config: EngineConfig, settings: ServerSettings) -> ModelRegistry:
+def build_served_model(spec: ModelSpec, base: EngineConfig) -> ServedModel:
+    """Loads one model (blocking; residency calls it on a worker thread)."""
+    engine = AsyncEngine(dataclasses.replace(base, model=str(spec.path)))
+    return ServedModel(name=spec.name, engine=engine, info=engine.info, aliases=spec.aliases, spec=spec)
+
+
+def estimate_bytes(spec: ModelSpec, base: EngineConfig) -> int:
+    """Memory a model will take before it is loaded: its file(s) plus the KV reservation."""
+    path = Path(spec.path)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
+        path.stat().st_size if path.exists() else 0)
+    import torch
+
+    return int(size * 1.5) + (base.kv_cache_bytes or default_kv_cache_bytes(torch.device("cpu")))
+
+
+def make_residency(engine_config: EngineConfig, settings: ServerSettings) -> ResidencyManager:
+    """The catalog (the --model, then the built-in models in the cache) and its residency.
+
+    The --model (or the default model when none is given) is loaded now and pinned.
+    """
     started = time.monotonic()
-    engine = AsyncEngine(engine_config)
     name, aliases = served_name(engine_config.model, settings.served_model_name)
-    registry = ModelRegistry()
-    registry.add(ServedModel(name=name, engine=engine, info=engine.info, aliases=aliases))
+    from shoal.models.loader import resolve_model
+
+    spec = ModelSpec(name=name, path=resolve_model(engine_config.model), aliases=aliases, pinned=True)
+    catalog = ChainCatalog([StaticCatalog([spec]), BuiltinCatalog()])
+    residency = ResidencyManager(
+        catalog, lambda s: build_served_model(s, engine_config),
+        max_loaded=settings.max_loaded_models, memory_budget=settings.memory_budget,
+        default_keep_alive=settings.keep_alive, load_timeout=settings.load_timeout,
+        estimate=lambda s: estimate_bytes(s, engine_config))
+    model = build_served_model(spec, engine_config)
+    residency.adopt(model, pinned=True)
     log.info("model %s loaded in %.2fs (context %d tokens, %d KV blocks)", name,
-             time.monotonic() - started, engine.info.max_model_len, engine.info.num_blocks)
-    return registry
+             time.monotonic() - started, model.info.max_model_len, model.info.num_blocks)
+    return residency
 
 
 def serve(engine_config: EngineConfig, settings: ServerSettings) -> None:
-    """Blocks serving HTTP until interrupted; the model is loaded before the port opens."""
+    """Blocks serving HTTP until interrupted; pinned models load before the port opens."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    registry = load_models(engine_config, settings)
-    app = create_app(registry, settings)
+    residency = make_residency(engine_config, settings)
+    app = create_app(residency, settings)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=False,
@@ -71,11 +103,9 @@ def serve(engine_config: EngineConfig, settings: ServerSettings) -> None:
     async def startup(sockets=None) -> None:
         await original_startup(sockets)
         if server.started:
-            log.info("shoal is ready on http://%s:%d in %.2fs (models: %s)", settings.host,
-                     settings.port, time.monotonic() - started, ", ".join(registry.names()))
+            log.info("shoal is ready on http://%s:%d in %.2fs (loaded: %s)", settings.host,
+                     settings.port, time.monotonic() - started,
+                     ", ".join(m.name for m in residency.loaded()))
 
     server.startup = startup  # type: ignore[method-assign]
-    try:
-        server.run()
-    finally:
-        registry.shutdown()
+    server.run()

@@ -19,6 +19,10 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_MAX_QUEUE": ("max_queue", "Requests allowed to wait beyond the running batch before new ones get 503 + Retry-After (default 256)."),
     "SHOAL_MAX_BODY_BYTES": ("max_body_bytes", "Largest request body accepted; larger gets 413 (default 16MiB)."),
     "SHOAL_LOG_LEVEL": ("log_level", "Logging level: debug, info, warning, error (default info)."),
+    "SHOAL_KEEP_ALIVE": ("keep_alive", "How long an idle model stays loaded: '5m', '1h', seconds, 0 (unload when idle) or negative (never); a request's keep_alive overrides it (default 5m)."),
+    "SHOAL_MAX_LOADED_MODELS": ("max_loaded_models", "Most models loaded at once; idle ones unload first to make room (default 3)."),
+    "SHOAL_MEMORY_BUDGET": ("memory_budget", "Memory for loaded models (weights + reserved KV cache), e.g. '16GiB' (default: 75% of RAM)."),
+    "SHOAL_LOAD_TIMEOUT": ("load_timeout", "How long a request waits for room to load its model before 503 (default 5m)."),
 }
 
 
@@ -30,8 +34,12 @@ class ServerSettings:
     port: int = DEFAULT_PORT
     served_model_name: str | None = None
     max_queue: int = 256
-    max_body_bytes: int = 16 << 20
+    max_body_bytes: int | str = 16 << 20
     log_level: str = "info"
+    keep_alive: float | str = 300.0
+    max_loaded_models: int = 3
+    memory_budget: int | str | None = None
+    load_timeout: float | str = 300.0
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -43,6 +51,13 @@ class ServerSettings:
             host, self.port = name or "127.0.0.1", int(port)
         self.host = host
         self.max_body_bytes = parse_bytes(self.max_body_bytes)
+        self.keep_alive = _seconds("keep_alive", self.keep_alive)
+        self.load_timeout = _seconds("load_timeout", self.load_timeout)
+        if self.memory_budget is None:
+            self.memory_budget = int(_total_memory() * 0.75)
+        self.memory_budget = parse_bytes(self.memory_budget)
+        if self.max_loaded_models < 1:
+            raise InvalidParameterError("max_loaded_models", "must be at least 1")
         if not 0 < int(self.port) < 65536:
             raise InvalidParameterError("port", f"must be in 1..65535, got {self.port}")
         if self.max_queue < 0:
@@ -58,7 +73,7 @@ class ServerSettings:
             raw = env.get(var, "")
             if raw == "":
                 continue
-            if "int" in types[name] and name != "max_body_bytes":
+            if types[name] == "int":
                 try:
                     values[name] = int(raw)
                 except ValueError:
@@ -67,3 +82,21 @@ class ServerSettings:
                 values[name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _seconds(field: str, value: float | str) -> float:
+    """A duration setting: seconds, or Ollama's forms ('5m', '1h30m', negative = forever)."""
+    from shoal.api.ollama.protocol import parse_keep_alive
+
+    try:
+        seconds = parse_keep_alive(value)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(field, exc.message) from None
+    return 300.0 if seconds is None else seconds
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 16 << 30

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from shoal.api.models import ServedModel
+from shoal.api.models import ModelSpec, ServedModel
 from shoal.api.ollama.protocol import timestamp
 
 # GGUF metadata per (path, mtime): read once (the token list is large), then served from memory.
@@ -47,6 +47,40 @@ def details(model: ServedModel) -> dict[str, Any]:
     }
 
 
+def spec_details(spec: ModelSpec) -> dict[str, Any]:
+    """details for a model that is not loaded, from its GGUF header (no weights read)."""
+    path = Path(spec.path)
+    meta = metadata_of(path) or {}
+    family = str(meta.get("general.architecture", ""))
+    file_type = meta.get("general.file_type")
+    quantization = ""
+    if file_type is not None:
+        try:
+            import gguf
+
+            quantization = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+        except (ValueError, ImportError):
+            quantization = str(file_type)
+    return {
+        "parent_model": "",
+        "format": "safetensors" if path.is_dir() else "gguf",
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": str(meta.get("general.size_label", "")),
+        "quantization_level": quantization,
+    }
+
+
+def spec_modified_at(spec: ModelSpec) -> str:
+    mtime = spec.modified_at
+    if mtime is None:
+        try:
+            mtime = Path(spec.path).stat().st_mtime
+        except OSError:
+            mtime = 0.0
+    return timestamp(datetime.fromtimestamp(mtime, timezone.utc))
+
+
 def capabilities(model: ServedModel) -> list[str]:
     caps = ["completion"]
     if model.supports_tools():
@@ -57,7 +91,13 @@ def capabilities(model: ServedModel) -> list[str]:
 def _gguf_metadata(model: ServedModel) -> dict[str, Any] | None:
     if model.info.model_format != "gguf":
         return None
-    path = Path(model.info.model_path)
+    return metadata_of(Path(model.info.model_path))
+
+
+def metadata_of(path: Path) -> dict[str, Any] | None:
+    """A GGUF file's metadata (cached per file version); None for anything else."""
+    if path.is_dir():
+        return None
     try:
         key = (str(path), path.stat().st_mtime_ns)
     except OSError:

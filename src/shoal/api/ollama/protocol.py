@@ -132,6 +132,11 @@ def timestamp(at: datetime | None = None) -> str:
     return at.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def timestamp_at(epoch_seconds: float) -> str:
+    """timestamp() of a wall-clock time given in epoch seconds."""
+    return timestamp(datetime.fromtimestamp(epoch_seconds, tz=timezone.utc))
+
+
 def far_future() -> str:
     """expires_at of a model that never unloads: now + Go's largest duration (~292 years)."""
     return timestamp(datetime.now(timezone.utc) + timedelta(seconds=(2**63 - 1) / 1e9))

@@ -17,7 +17,7 @@ from shoal.api.generation import run_until_disconnect
 from shoal.api.ollama import info as model_info
 from shoal.api.ollama import serving
 from shoal.api.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
-                                       far_future)
+                                       far_future, timestamp_at)
 
 router = APIRouter(prefix="/api")
 
@@ -63,49 +63,72 @@ async def _run(request: Request, turn: serving.Turn, stream: bool) -> Response:
 async def generate(request: Request) -> Response:
     started = time.monotonic()
     body = await read_body(request, GenerateBody)
-    model = serving.find_model(request.app.state.registry, body.model)
-    loaded = time.monotonic()       # models are resident; on-demand loading will wait here
-    keep_alive = serving.check_common(body, model)
-    opts = serving.resolve_options(model, body.options)
+    residency = request.app.state.residency
+    name = serving.check_model_name(residency, body.model)
     if body.raw and (body.template or body.system or body.context):
         raise ApiError(400, "raw mode does not support template, system, or context")
-    if body.suffix:
-        raise ApiError(400, f"{model.name} does not support insert", param="suffix",
-                       code="unsupported_parameter")
+    keep_alive = serving.check_keep_alive(body)
     if not body.prompt:
-        return JSONResponse(serving.load_reply("generate", body.model or "", keep_alive == 0))
-    serving.check_generation_features(body)
-    if body.images:
-        raise ApiError(400, f"images are not supported: {model.name} reads text only",
-                       param="images", code="unsupported_parameter")
-    _text, ids = await serving.prepare(serving.generate_prompt, model, body, opts)
-    turn = serving.Turn(kind="generate", echo_model=body.model or model.name, model=model,
-                        prompt_ids=ids, params=serving.make_params(opts, len(ids)),
-                        started=started, loaded=loaded, with_context=not body.raw)
-    return await _run(request, turn, body.stream is not False)
+        return JSONResponse(await _load_call("generate", residency, name, body.model, keep_alive))
+    model = await residency.acquire(name, keep_alive)
+    try:
+        loaded = time.monotonic()
+        serving.check_common(body, model)
+        opts = serving.resolve_options(model, body.options)
+        if body.suffix:
+            raise ApiError(400, f"{model.name} does not support insert", param="suffix",
+                           code="unsupported_parameter")
+        serving.check_generation_features(body)
+        if body.images:
+            raise ApiError(400, f"images are not supported: {model.name} reads text only",
+                           param="images", code="unsupported_parameter")
+        _text, ids = await serving.prepare(serving.generate_prompt, model, body, opts)
+        turn = serving.Turn(kind="generate", echo_model=body.model or model.name, model=model,
+                            prompt_ids=ids, params=serving.make_params(opts, len(ids)),
+                            started=started, loaded=loaded, with_context=not body.raw,
+                            keep_alive=keep_alive)
+        return await _run(request, turn, body.stream is not False)
+    finally:
+        residency.release(model)
 
 
 @router.post("/chat")
 async def chat(request: Request) -> Response:
     started = time.monotonic()
     body = await read_body(request, ChatBody)
-    model = serving.find_model(request.app.state.registry, body.model)
-    loaded = time.monotonic()       # models are resident; on-demand loading will wait here
-    keep_alive = serving.check_common(body, model)
-    opts = serving.resolve_options(model, body.options)
-    if body.tools and not model.supports_tools():
-        raise ApiError(400, f"{model.name} does not support tools", param="tools",
-                       code="unsupported_parameter")
+    residency = request.app.state.residency
+    name = serving.check_model_name(residency, body.model)
+    keep_alive = serving.check_keep_alive(body)
     if not body.messages:
-        return JSONResponse(serving.load_reply("chat", body.model or "", keep_alive == 0))
-    serving.check_generation_features(body)
-    messages = serving.chat_messages(body, model)
-    _text, ids = await serving.prepare(serving.chat_prompt, model, messages, body.tools or None,
-                                       opts, body.truncate is not False)
-    turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
-                        prompt_ids=ids, params=serving.make_params(opts, len(ids)),
-                        started=started, loaded=loaded)
-    return await _run(request, turn, body.stream is not False)
+        return JSONResponse(await _load_call("chat", residency, name, body.model, keep_alive))
+    model = await residency.acquire(name, keep_alive)
+    try:
+        loaded = time.monotonic()
+        serving.check_common(body, model)
+        opts = serving.resolve_options(model, body.options)
+        if body.tools and not model.supports_tools():
+            raise ApiError(400, f"{model.name} does not support tools", param="tools",
+                           code="unsupported_parameter")
+        serving.check_generation_features(body)
+        messages = serving.chat_messages(body, model)
+        _text, ids = await serving.prepare(serving.chat_prompt, model, messages, body.tools or None,
+                                           opts, body.truncate is not False)
+        turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
+                            prompt_ids=ids, params=serving.make_params(opts, len(ids)),
+                            started=started, loaded=loaded, keep_alive=keep_alive)
+        return await _run(request, turn, body.stream is not False)
+    finally:
+        residency.release(model)
+
+
+async def _load_call(kind: str, residency, name: str, echo: str | None,
+                     keep_alive: float | None) -> dict[str, Any]:
+    """Ollama's empty request: load the model (or, with keep_alive 0, unload it)."""
+    if keep_alive == 0:
+        await residency.unload(name)
+    else:
+        await residency.preload(name, keep_alive)
+    return serving.load_reply(kind, echo or name, keep_alive == 0)
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -113,18 +136,29 @@ async def chat(request: Request) -> Response:
 @router.get("/tags")
 @router.head("/tags")
 async def tags(request: Request) -> dict[str, Any]:
+    """Every model this server can serve, loaded or not."""
+    residency = request.app.state.residency
     models = []
-    for model in request.app.state.registry:
-        size, digest = await asyncio.to_thread(lambda m=model: (m.size_bytes, m.digest))
-        models.append({
-            "name": model.name,
-            "model": model.name,
-            "modified_at": model_info.modified_at(model),
-            "size": size,
-            "digest": digest,
-            "details": model_info.details(model),
-        })
+    for spec in residency.catalog.specs():
+        loaded = residency.get_loaded(spec.name)
+        if loaded is not None:
+            size, digest = await asyncio.to_thread(lambda m=loaded: (m.size_bytes, m.digest))
+            details, modified = model_info.details(loaded), model_info.modified_at(loaded)
+        else:
+            size, digest, details = await asyncio.to_thread(_unloaded_facts, spec)
+            modified = model_info.spec_modified_at(spec)
+        models.append({"name": spec.name, "model": spec.name, "modified_at": modified,
+                       "size": size, "digest": digest, "details": details})
     return {"models": models}
+
+
+def _unloaded_facts(spec) -> tuple[int, str, dict[str, Any]]:
+    from pathlib import Path
+
+    path = Path(spec.path)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
+        path.stat().st_size if path.exists() else 0)
+    return size, spec.digest or "", model_info.spec_details(spec)
 
 
 @router.post("/show")
@@ -133,26 +167,31 @@ async def show(request: Request) -> Response:
     name = body.model or body.name
     if not name:
         raise ApiError(400, "model is required", param="model")
-    model = serving.find_model(request.app.state.registry, name)
-    # NOTE: JSONResponse skips FastAPI's encoder walk, which is slow over a verbose token list.
-    return JSONResponse(await asyncio.to_thread(model_info.show, model, bool(body.verbose)))
+    residency = request.app.state.residency
+    model = await serving.acquire_model(residency, name)
+    try:
+        # NOTE: JSONResponse skips FastAPI's encoder walk, which is slow over a verbose token list.
+        return JSONResponse(await asyncio.to_thread(model_info.show, model, bool(body.verbose)))
+    finally:
+        residency.release(model)
 
 
 @router.get("/ps")
 async def ps(request: Request) -> dict[str, Any]:
     models = []
-    for model in request.app.state.registry:
-        size, digest = await asyncio.to_thread(lambda m=model: (m.size_bytes, m.digest))
-        total = size + int(model.info.kv_cache_bytes)
+    residency = request.app.state.residency
+    for model in residency.loaded():
+        digest = await asyncio.to_thread(lambda m=model: m.digest)
+        total = model.size_in_memory
         on_gpu = str(model.info.device).startswith("cuda")
+        expires = residency.expires_at(model)
         models.append({
             "name": model.name,
             "model": model.name,
             "size": total,
             "digest": digest,
             "details": model_info.details(model),
-            # NOTE: models stay loaded for the server's life (residency comes later).
-            "expires_at": far_future(),
+            "expires_at": far_future() if expires is None else timestamp_at(expires),
             "size_vram": total if on_gpu else 0,
             "context_length": serving.served_context(model),
         })

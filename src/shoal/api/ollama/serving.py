@@ -17,7 +17,7 @@ from typing import Any
 
 from shoal.api.errors import ApiError, classify
 from shoal.api.generation import GenerateRequest, GenerationService, new_request_id
-from shoal.api.models import ModelRegistry, ServedModel
+from shoal.api.models import ResidencyManager, ServedModel
 from shoal.api.ollama import templates
 from shoal.api.ollama.protocol import (ROLES, ChatBody, GenerateBody, nanoseconds, parse_keep_alive,
                                        printable, timestamp)
@@ -75,15 +75,21 @@ _PARAM_TO_OPTION = {
 
 # ---- models ------------------------------------------------------------------------------
 
-def find_model(registry: ModelRegistry, name: str | None) -> ServedModel:
-    """The named model; 400 when no name is given, 404 (Ollama's wording) when unknown."""
+def check_model_name(residency: ResidencyManager, name: str | None) -> str:
+    """The model's canonical name; 400 when no name is given, 404 (Ollama's wording) when unknown."""
     if name is None or not name.strip():
         raise ApiError(400, "model is required", param="model")
     try:
-        return registry.get(name)
+        return residency.resolve(name).name
     except UnknownModelError:
         raise ApiError(404, f"model '{printable(name)}' not found", param="model",
                        code="model_not_found") from None
+
+
+async def acquire_model(residency: ResidencyManager, name: str | None,
+                        keep_alive: float | None = None) -> ServedModel:
+    """The named model, loaded (pair with residency.release); errors as check_model_name."""
+    return await residency.acquire(check_model_name(residency, name), keep_alive)
 
 
 def kv_capacity(model: ServedModel) -> int:
@@ -324,9 +330,13 @@ def chat_prompt(model: ServedModel, messages: list[dict[str, Any]],
 
 # ---- request checks -------------------------------------------------------------------------
 
-def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> float | None:
-    """Checks shared by generate and chat; returns keep_alive in seconds (None = unset)."""
-    keep_alive = parse_keep_alive(body.keep_alive)
+def check_keep_alive(body: GenerateBody | ChatBody) -> float | None:
+    """The request's keep_alive in seconds (None = unset, inf = forever); 400 on garbage."""
+    return parse_keep_alive(body.keep_alive)
+
+
+def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> None:
+    """Checks shared by generate and chat."""
     think = body.think
     if isinstance(think, str):
         raise UnsupportedFeatureError(
@@ -336,7 +346,6 @@ def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> float | N
             "think", f"\"{printable(body.model or '')}\" does not support thinking")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise ApiError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
-    return keep_alive
 
 
 def check_generation_features(body: GenerateBody | ChatBody) -> None:
@@ -367,12 +376,14 @@ class Turn:
     started: float                  # time.monotonic() when the handler began
     loaded: float = 0.0             # time.monotonic() when the model was ready (load_duration ends)
     with_context: bool = False      # /api/generate without raw: the reply carries `context`
+    keep_alive: float | None = None
     request: GenerateRequest | None = None
 
     def build(self) -> GenerateRequest:
         self.request = GenerateRequest(
             model=self.model, prompt_token_ids=self.prompt_ids, params=self.params,
-            request_id=new_request_id(f"ollama-{self.kind}"), dialect="ollama")
+            request_id=new_request_id(f"ollama-{self.kind}"), dialect="ollama",
+            keep_alive=self.keep_alive)
         return self.request
 
 

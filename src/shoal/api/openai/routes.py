@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from shoal.api.generation import GenerationService, new_request_id, run_until_disconnect
-from shoal.api.models import ModelRegistry, ServedModel
+from shoal.api.models import ModelSpec, ResidencyManager, ServedModel
 from shoal.api.openai import serving
 from shoal.api.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest)
@@ -22,17 +22,22 @@ def _service(request: Request) -> GenerationService:
     return request.app.state.service
 
 
-def _registry(request: Request) -> ModelRegistry:
-    return request.app.state.registry
+def _residency(request: Request) -> ResidencyManager:
+    return request.app.state.residency
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     arrival = time.monotonic()
     service = _service(request)
-    gen = serving.chat_request(_registry(request), body, arrival)
+    residency = _residency(request)
+    model = await serving.acquire_model(residency, body.model)
+    try:
+        gen = serving.chat_request(model, body, arrival)
+        updates = service.start(gen)      # the stream holds the model from here
+    finally:
+        residency.release(model)
     created = serving.now()
-    updates = service.start(gen)
     if body.stream:
         options = body.stream_options
         return StreamingResponse(
@@ -47,39 +52,58 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     arrival = time.monotonic()
     service = _service(request)
-    gens = serving.completion_requests(_registry(request), body, arrival)
+    residency = _residency(request)
+    model = await serving.acquire_model(residency, body.model)
+    try:
+        gens = serving.completion_requests(model, body, arrival)
+        updates = service.start_all(gens)  # the streams hold the model from here
+    finally:
+        residency.release(model)
     created = serving.now()
     response_id = gens[0].request_id.rsplit("-", 1)[0] if len(gens) > 1 else gens[0].request_id
     if body.stream:
         options = body.stream_options
-        updates = service.start_all(gens)
         return StreamingResponse(
             serving.completion_stream(gens, updates, created, body.echo,
                                       bool(options and options.include_usage),
                                       bool(options and options.continuous_usage_stats), response_id),
             media_type="text/event-stream", headers=_SSE_HEADERS)
-    dones = await run_until_disconnect(request.receive, serving.complete_all(service, gens))
+    dones = await run_until_disconnect(request.receive, serving.collect_all(service, gens, updates))
     return JSONResponse(serving.completion_response(gens, dones, created, body.echo, response_id))
 
 
-def _model_card(model: ServedModel) -> dict:
-    return {"id": model.name, "object": "model", "created": int(model.loaded_at), "owned_by": "shoal",
-            "root": model.info.model_path, "parent": None, "max_model_len": model.max_model_len}
+def _model_card(spec: ModelSpec, loaded: ServedModel | None) -> dict:
+    created = loaded.loaded_at if loaded else (spec.modified_at or 0)
+    return {"id": spec.name, "object": "model", "created": int(created), "owned_by": "shoal",
+            "root": str(spec.path), "parent": None,
+            "max_model_len": loaded.max_model_len if loaded else None}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [_model_card(m) for m in _registry(request)]}
+    residency = _residency(request)
+    return {"object": "list", "data": [_model_card(spec, residency.get_loaded(spec.name))
+                                       for spec in residency.catalog.specs()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
-    return _model_card(_registry(request).get(model_id))
+    residency = _residency(request)
+    spec = residency.resolve(model_id)
+    return _model_card(spec, residency.get_loaded(spec.name))
 
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    model = serving.pick_model(_registry(request), body.model)
+    residency = _residency(request)
+    model = await serving.acquire_model(residency, body.model)
+    try:
+        return _tokenize(model, body)
+    finally:
+        residency.release(model)
+
+
+def _tokenize(model: ServedModel, body: TokenizeRequest) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidParameterError("prompt", "give exactly one of 'prompt' or 'messages'")
     if body.messages is not None:
@@ -95,7 +119,15 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
-    model = serving.pick_model(_registry(request), body.model)
+    residency = _residency(request)
+    model = await serving.acquire_model(residency, body.model)
+    try:
+        return _detokenize(model, body)
+    finally:
+        residency.release(model)
+
+
+def _detokenize(model: ServedModel, body: DetokenizeRequest) -> dict:
     vocab = model.info.model_config.vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:

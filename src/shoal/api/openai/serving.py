@@ -9,7 +9,7 @@ from typing import Any
 
 from shoal.api.errors import ApiError, classify
 from shoal.api.generation import Completion, GenerateRequest, GenerationService, new_request_id
-from shoal.api.models import ModelRegistry, ServedModel
+from shoal.api.models import ResidencyManager, ServedModel
 from shoal.api.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                        SamplingFields)
 from shoal.engine.outputs import RequestOutput, TokenLogprob
@@ -21,14 +21,19 @@ MAX_LOGPROBS = 20
 
 
 # ---- requests in ---------------------------------------------------------------------
-def pick_model(registry: ModelRegistry, name: str | None) -> ServedModel:
-    """The named model; with no name, the first served one (as vLLM does)."""
+async def acquire_model(residency: ResidencyManager, name: str | None) -> ServedModel:
+    """The named model, loaded (pair with residency.release); with no name, the first
+    served one (as vLLM does)."""
     if name is None:
-        names = registry.names()
-        if not names:
-            raise ApiError(503, "no model is loaded", type="server_error")
-        return registry.get(names[0])
-    return registry.get(name)
+        loaded = residency.loaded()
+        if loaded:
+            name = loaded[0].name
+        else:
+            specs = residency.catalog.specs()
+            if not specs:
+                raise ApiError(503, "no model is available", type="server_error")
+            name = specs[0].name
+    return await residency.acquire(name)
 
 
 def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -79,8 +84,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         skip_special_tokens=req.skip_special_tokens)
 
 
-def chat_request(registry: ModelRegistry, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
-    model = pick_model(registry, req.model)
+def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
     if req.response_format is not None and req.response_format.type != "text":
         raise UnsupportedFeatureError("response_format",
                                       f"{req.response_format.type!r} (structured output) is not supported yet")
@@ -124,9 +128,8 @@ def completion_prompts(model: ServedModel, prompt: Any) -> list[tuple[str, list[
     return out
 
 
-def completion_requests(registry: ModelRegistry, req: CompletionRequest,
+def completion_requests(model: ServedModel, req: CompletionRequest,
                         arrival: float) -> list[GenerateRequest]:
-    model = pick_model(registry, req.model)
     if req.suffix:
         raise UnsupportedFeatureError("suffix", "fill-in-the-middle is not supported")
     if req.best_of is not None and req.best_of != req.n:
@@ -360,9 +363,9 @@ async def merge_streams(streams: Sequence[AsyncIterator[list[RequestOutput]]]
             task.cancel()
 
 
-async def complete_all(service: GenerationService, reqs: Sequence[GenerateRequest]) -> list[Completion]:
-    """Runs several prompts' requests concurrently (one engine batch) and gathers them."""
-    streams = service.start_all(list(reqs))
+async def collect_all(service: GenerationService, reqs: Sequence[GenerateRequest],
+                      streams: Sequence[AsyncIterator[list[RequestOutput]]]) -> list[Completion]:
+    """Gathers several started prompts' requests concurrently (one engine batch)."""
     tasks = [asyncio.ensure_future(service.collect(r, s)) for r, s in zip(reqs, streams)]
     try:
         return list(await asyncio.gather(*tasks))

@@ -1,0 +1,116 @@
+"""What models exist and where their files are (not whether they are loaded)."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from shoal.errors import UnknownModelError
+
+
+def normalize_name(name: str) -> str:
+    """Ollama's rule: a name without a tag means ':latest'; names compare case-insensitively."""
+    name = name.strip().lower()
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    """Everything needed to load a model and to present it: files, defaults, prompt parts."""
+
+    name: str
+    path: Path
+    aliases: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)      # Ollama-named defaults (PARAMETER)
+    template: str | None = None       # a Go template (Modelfile TEMPLATE); None = the model's own
+    system: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    adapters: list[Path] = field(default_factory=list)
+    license: list[str] = field(default_factory=list)
+    digest: str | None = None         # of the manifest (store) or None
+    modified_at: float | None = None
+    pinned: bool = False              # loaded at start and never unloaded (`serve --model`)
+
+    def matches(self, name: str) -> bool:
+        wanted = {name.strip().lower(), normalize_name(name)}
+        mine = {n.strip().lower() for n in (self.name, *self.aliases)}
+        mine |= {normalize_name(n) for n in (self.name, *self.aliases)}
+        return bool(wanted & mine)
+
+
+class Catalog(Protocol):
+    def resolve(self, name: str) -> ModelSpec:
+        """The model a name means; raises UnknownModelError."""
+
+    def specs(self) -> list[ModelSpec]:
+        """Every model this catalog can serve."""
+
+
+class StaticCatalog:
+    """A fixed list of models (those named on the command line)."""
+
+    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+        self._specs = list(specs)
+
+    def add(self, spec: ModelSpec) -> None:
+        self._specs.append(spec)
+
+    def resolve(self, name: str) -> ModelSpec:
+        for spec in self._specs:
+            if spec.matches(name):
+                return spec
+        raise UnknownModelError(name, [s.name for s in self._specs])
+
+    def specs(self) -> list[ModelSpec]:
+        return list(self._specs)
+
+
+class ChainCatalog:
+    """Several catalogs, first match wins (command-line models before the store)."""
+
+    def __init__(self, catalogs: Sequence[Catalog]) -> None:
+        self.catalogs = list(catalogs)
+
+    def resolve(self, name: str) -> ModelSpec:
+        for catalog in self.catalogs:
+            try:
+                return catalog.resolve(name)
+            except UnknownModelError:
+                continue
+        raise UnknownModelError(name, [s.name for s in self.specs()])
+
+    def specs(self) -> list[ModelSpec]:
+        seen: set[str] = set()
+        out = []
+        for catalog in self.catalogs:
+            for spec in catalog.specs():
+                if normalize_name(spec.name) not in seen:
+                    seen.add(normalize_name(spec.name))
+                    out.append(spec)
+        return out
+
+
+class BuiltinCatalog:
+    """The built-in models (shoal.models.builtin) whose files are already in the cache."""
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        self.cache_dir = cache_dir
+
+    def specs(self) -> list[ModelSpec]:
+        from shoal.models.builtin import BUILTIN_MODELS, builtin_path
+
+        out = []
+        for model in BUILTIN_MODELS.values():
+            path = builtin_path(model, self.cache_dir)
+            if path.is_file() and path.stat().st_size == model.size:
+                out.append(ModelSpec(name=model.name, path=path, aliases=model.aliases,
+                                     digest=model.sha256, modified_at=path.stat().st_mtime))
+        return out
+
+    def resolve(self, name: str) -> ModelSpec:
+        for spec in self.specs():
+            if spec.matches(name):
+                return spec
+        raise UnknownModelError(name, [s.name for s in self.specs()])
