@@ -69,7 +69,9 @@ class BodyLimitMiddleware:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or \
+                scope.get("path", "").startswith("/api/blobs/"):
+            # NOTE: blob uploads are model files, streamed to disk by their route.
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
@@ -108,8 +110,9 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(residency: ResidencyManager, settings: ServerSettings) -> FastAPI:
-    """The server's app; `residency` decides which models are loaded."""
+def create_app(residency: ResidencyManager, settings: ServerSettings, store=None) -> FastAPI:
+    """The server's app; `residency` decides which models are loaded; `store` (a
+    shoal.store ModelStore, optional) backs pull/create/copy/delete."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -127,6 +130,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings) -> FastAPI
     residency.add_load_listener(lambda model: metrics.register_model(model.name))
     service = GenerationService(residency, metrics, settings)
     app.state.residency = residency
+    app.state.store = store
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
@@ -179,9 +183,11 @@ def create_app(residency: ResidencyManager, settings: ServerSettings) -> FastAPI
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    from shoal.api.ollama.lifecycle import router as lifecycle_router
     from shoal.api.ollama.routes import router as ollama_router
     from shoal.api.openai.routes import router as openai_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    app.include_router(lifecycle_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     return app

@@ -77,11 +77,23 @@ class ServedModel:
             return f"{n / 1e9:.1f}B"
         return f"{round(n / 1e6)}M"
 
+    def conversation(self, messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The messages the model sees: its Modelfile MESSAGEs first, then the request's, with
+        its Modelfile SYSTEM in front when the request brings no system message (as Ollama)."""
+        spec = self.spec
+        if spec is None or (not spec.messages and not spec.system):
+            return list(messages)
+        conversation: list[Mapping[str, Any]] = [*spec.messages, *messages]
+        if spec.system and not any(m.get("role") == "system" for m in conversation):
+            conversation.insert(0, {"role": "system", "content": spec.system})
+        return conversation
+
     def render_chat(self, messages: Sequence[Mapping[str, Any]],
                     tools: Sequence[Mapping[str, Any]] | None = None,
                     add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         """The chat as prompt text (the model's template) and its token ids."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+        conversation = self.conversation(messages)
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                   tools=tools or None)
         # NOTE: the template writes BOS itself when the model wants one.
         return text, self.tokenizer.encode(text, add_special_tokens=False)

@@ -10,7 +10,7 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from shoal.errors import InvalidParameterError
 
@@ -22,7 +22,7 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
 class Message(_Body):
@@ -60,6 +60,44 @@ class GenerateBody(_GenerationBody):
 class ChatBody(_GenerationBody):
     messages: list[Message] | None = None
     tools: list[dict[str, Any]] | None = None
+
+
+class PullBody(_Body):
+    model: StrictStr | None = None
+    name: StrictStr | None = None          # the older spelling of `model`
+    insecure: StrictBool | None = None
+    stream: StrictBool | None = None
+
+
+class PushBody(PullBody):
+    pass
+
+
+class CreateBody(_Body):
+    model: StrictStr | None = None
+    name: StrictStr | None = None
+    modelfile: StrictStr | None = None     # the older form: the Modelfile's text (+ its `path`)
+    path: StrictStr | None = None
+    from_: StrictStr | None = Field(default=None, alias="from")
+    files: dict[str, StrictStr] | None = None          # file name -> uploaded blob digest
+    adapters: dict[str, StrictStr] | None = None
+    template: StrictStr | None = None
+    license: Union[StrictStr, list[StrictStr], None] = None
+    system: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    quantize: StrictStr | None = None
+    stream: StrictBool | None = None
+
+
+class CopyBody(_Body):
+    source: StrictStr | None = None
+    destination: StrictStr | None = None
+
+
+class DeleteBody(_Body):
+    model: StrictStr | None = None
+    name: StrictStr | None = None
 
 
 class ShowBody(_Body):
