@@ -1,4 +1,4 @@
-"""The `shoal` command line: `serve`, and engine-level `chat` / `generate` for quick checks."""
+"""The commands that run in this process: `serve`, and engine-level `chat` / `generate` / `model-path` / `env`."""
 from __future__ import annotations
 
 import argparse
@@ -85,9 +85,14 @@ def _model_path(args: argparse.Namespace) -> int:
 
 def _env(_args: argparse.Namespace) -> int:
     from shoal.api.settings import SERVER_ENV_VARS
+    from shoal.cli.client import CLIENT_ENV_VARS
     from shoal.config import ENV_VARS
 
     for name, (_field, doc) in {**SERVER_ENV_VARS, **ENV_VARS}.items():
+        if name == "SHOAL_HOST":
+            doc += " Client commands (run, list, ...) connect to it; 'http://host:port' works too."
+        print(f"{name:34s} {doc}")
+    for name, doc in CLIENT_ENV_VARS.items():
         print(f"{name:34s} {doc}")
     return 0
 
@@ -136,14 +141,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shoal", description="Self-hosted LLM serving.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat", help="answer one chat message (streams the answer)")
+def add_local_commands(sub) -> None:
+    """`chat`, `generate`, `model-path`, `serve` and `env` on the `shoal` parser's subparsers."""
+    chat = sub.add_parser("chat", help="answer one chat message in this process, no server (streams the answer)")
     _add_engine_args(chat)
     chat.add_argument("prompt", nargs="*")
     chat.set_defaults(func=lambda a: _stream(a, chat=True))
-    gen = sub.add_parser("generate", help="continue a raw text prompt")
+    gen = sub.add_parser("generate", help="continue a raw text prompt in this process, no server")
     _add_engine_args(gen)
     gen.add_argument("prompt", nargs="*")
     gen.set_defaults(func=lambda a: _stream(a, chat=False))
@@ -166,13 +170,3 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     env = sub.add_parser("env", help="list the SHOAL_* environment variables")
     env.set_defaults(func=_env)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
