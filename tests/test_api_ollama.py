@@ -80,18 +80,23 @@ def test_template_trim_markers_comments_and_else_chains() -> None:
     assert templates.render(chain, {"System": "x", "Prompt": "y"}) == "S"
     assert templates.render(chain, {"System": "", "Prompt": "y"}) == "P"
     assert templates.render(chain, {}) == "none"
-    # "{{-3}}" has no space after the dash: not a trim marker (and not a field either).
-    with pytest.raises(templates.TemplateError):
-        templates.render("x {{-3}}", {})
+    # "{{-3}}" has no space after the dash: not a trim marker but, as in Go, the number -3.
+    assert templates.render("x {{-3}}", {}) == "x -3"
+
+
+def test_template_runs_messages_templates_as_ollama_generate_does() -> None:
+    # Ollama's generate runs a .Messages template over [system, user].
+    source = "{{ range .Messages }}<{{ .Role }}>{{ .Content }}{{ end }}<assistant>"
+    assert templates.render(source, {"System": "S", "Prompt": "P"}) == "<system>S<user>P<assistant>"
+    assert templates.render(source, {"Prompt": "P"}) == "<user>P<assistant>"
 
 
 @pytest.mark.parametrize("source, words", [
-    ("{{ range .Messages }}{{ .Content }}{{ end }}", "range"),
-    ("{{ .Messages }}", ".Messages"),
-    ("{{ .Prompt | upper }}", "unsupported action"),
-    ("{{ if .System }}open", "without a matching {{ end }}"),
-    ("{{ end }}", "without a matching {{ if }}"),
-    ("{{ .Prompt", "unclosed"),
+    ("{{ .Prompt | upper }}", 'function "upper" not defined'),
+    ("{{ if .System }}open", "without a matching {{end}}"),
+    ("{{ end }}", "unexpected {{end}}"),
+    ("{{ .Prompt", "unclosed action"),
+    ("{{ range .Prompt }}{{ end }}", "range can't iterate over p"),
 ])
 def test_template_refuses_what_it_cannot_run(source: str, words: str) -> None:
     with pytest.raises(templates.TemplateError) as info:
@@ -342,7 +347,7 @@ def test_unknown_model_is_a_404(client, call: str) -> None:
     ("/api/generate", {"model": MODEL, "prompt": "hi", "keep_alive": "a while"}, 400, "keep_alive"),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "raw": True, "system": "s"}, 400, "raw mode"),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ("/api/generate", {"model": MODEL, "prompt": "hi", "template": "{{ range .Messages }}{{ end }}"}, 400,
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "template": "{{ .Prompt | upper }}"}, 400,
      "template"),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "context": [10 ** 9]}, 400, "context"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
