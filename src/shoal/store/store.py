@@ -1,0 +1,446 @@
+"""`ModelStore`: the one object the server, the CLI and residency use to manage models.
+
+    store = ModelStore.from_env()                    # $SHOAL_MODELS or ~/.shoal/models
+    store.pull("smollm2", progress=print)            # Ollama-shaped progress events
+    store.create("mario", modelfile_text, base_dir=Path("."))
+    model = store.resolve("mario")                   # weights path, template, system, params...
+    store.list(); store.show("mario"); store.copy("mario", "luigi"); store.delete("mario")
+
+Layout under the root: `blobs/` (content), `manifests/` (one JSON per name), `locks/`,
+`leases/` (operations in progress), `dirs/` (safetensors models as directories of symlinks
+into `blobs/`, built on first resolve). docs/store.md describes it all.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from shoal.errors import CorruptModelError, UnknownModelError
+from shoal.store.blobs import BlobStore
+from shoal.store.create import Creator, manifest_for
+from shoal.store.errors import PullError
+from shoal.store.hf_files import is_safe_title
+from shoal.store.locks import Lease, StoreLocks, leased_digests
+from shoal.store.manifests import (ANNOTATION_ADAPTER_CONFIG, ANNOTATION_ADAPTER_FORMAT,
+                                   MEDIA_ADAPTER, MEDIA_LICENSE, MEDIA_MESSAGES, MEDIA_MODEL,
+                                   MEDIA_MODEL_FILE, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE,
+                                   Layer, Manifest, ManifestStore)
+from shoal.store.modelfile import Message, Modelfile, format_parameters, parse_modelfile, \
+    render_modelfile
+from shoal.store.modelinfo import ModelDetails, model_info
+from shoal.store.names import ModelName, parse_name
+from shoal.store.progress import ProgressCallback, Reporter
+from shoal.store.sources.builtin import BuiltinSource, builtin_names
+from shoal.store.sources.huggingface import HuggingFaceSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "~/.shoal/models"
+DIRS_DIR = "dirs"
+_STALE_TEMP_SECONDS = 24 * 3600
+
+
+@dataclass(slots=True)
+class StoredModel:
+    """One entry of `list()` (Ollama's /api/tags item)."""
+
+    name: str                 # display name, e.g. "smollm2:latest"
+    model: ModelName
+    digest: str               # sha256 of the manifest file, bare hex (as /api/tags shows it)
+    size: int                 # bytes of every blob the manifest names
+    modified_at: datetime     # the manifest's mtime, UTC
+    details: ModelDetails = field(default_factory=ModelDetails)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.name,
+                "modified_at": self.modified_at.isoformat(), "size": self.size,
+                "digest": self.digest, "details": self.details.to_json()}
+
+
+@dataclass(slots=True)
+class ResolvedAdapter:
+    path: Path
+    format: str                       # "gguf" | "safetensors" | "" (unknown)
+    config: dict[str, Any] | None     # PEFT adapter_config.json, when it was beside the file
+
+
+@dataclass(slots=True)
+class ResolvedModel:
+    """What the loader and the request path need to serve a stored model."""
+
+    name: str                          # display name
+    model: ModelName
+    digest: str                        # manifest digest, bare hex
+    weights: Path                      # a GGUF blob file, or a directory (safetensors)
+    format: str                        # "gguf" | "safetensors"
+    template: str | None = None        # TEMPLATE text (None: use the model's own chat template)
+    system: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] = field(default_factory=list)
+    adapters: list[ResolvedAdapter] = field(default_factory=list)
+    licenses: list[str] = field(default_factory=list)
+    details: ModelDetails = field(default_factory=ModelDetails)
+    modified_at: datetime | None = None
+
+    @property
+    def adapter_paths(self) -> list[Path]:
+        return [adapter.path for adapter in self.adapters]
+
+
+@dataclass(slots=True)
+class ModelShow:
+    """What `shoal show` and /api/show report."""
+
+    name: str
+    modelfile: str
+    parameters: str
+    template: str
+    system: str
+    license: str
+    details: ModelDetails
+    model_info: dict[str, Any]
+    messages: list[dict[str, str]]
+    modified_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"modelfile": self.modelfile, "parameters": self.parameters,
+                               "template": self.template, "details": self.details.to_json(),
+                               "model_info": self.model_info}
+        if self.system:
+            out["system"] = self.system
+        if self.license:
+            out["license"] = self.license
+        if self.messages:
+            out["messages"] = self.messages
+        if self.modified_at is not None:
+            out["modified_at"] = self.modified_at.isoformat()
+        return out
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+class ModelStore:
+    """Models on disk under `root`. Thread- and process-safe; every method is synchronous
+    (run pull/create in a worker thread from async code)."""
+
+    def __init__(self, root: str | Path, *, builtin: BuiltinSource | None = None,
+                 huggingface: HuggingFaceSource | None = None, link_imports: bool = True) -> None:
+        self.root = Path(root).expanduser()
+        self.blobs = BlobStore(self.root)
+        self.manifests = ManifestStore(self.root)
+        self.locks = StoreLocks(self.root)
+        self.builtin = builtin if builtin is not None else BuiltinSource()
+        self.huggingface = huggingface if huggingface is not None else HuggingFaceSource()
+        self.link_imports = link_imports
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> ModelStore:
+        """The store at $SHOAL_MODELS (default ~/.shoal/models)."""
+        return cls(os.environ.get("SHOAL_MODELS") or DEFAULT_ROOT, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ModelStore({str(self.root)!r})"
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _name(name: str | ModelName) -> ModelName:
+        return name if isinstance(name, ModelName) else parse_name(name)
+
+    def _read_json_blob(self, digest: str, default: Any = None) -> Any:
+        try:
+            return json.loads(self.blobs.read_bytes(digest).decode("utf-8"))
+        except (CorruptModelError, OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return default
+
+    def _read(self, name: ModelName) -> tuple[Manifest, bytes, Path]:
+        found = self.manifests.read(name)
+        if found is None:
+            raise UnknownModelError(name.display, [m.name for m in self.list()])
+        return found
+
+    def _details(self, manifest: Manifest) -> ModelDetails:
+        config = self._read_json_blob(manifest.config.digest, default={})
+        return ModelDetails.from_config(config if isinstance(config, dict) else {})
+
+    def _stored(self, name: ModelName, manifest: Manifest, data: bytes, path: Path) -> StoredModel:
+        mtime = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
+        # NOTE: shown as spelled on disk (a lookup may differ in case)
+        on_disk = ModelName(*path.parts[-4:])
+        name = on_disk if on_disk == name else name
+        return StoredModel(name.display, name, hashlib.sha256(data).hexdigest(), manifest.size, mtime,
+                           self._details(manifest))
+
+    def _write_manifest(self, name: ModelName, manifest: Manifest) -> None:
+        """Writes the manifest once every blob it names is there (under the store lock)."""
+        with self.locks.store_lock():
+            missing = [d for d in sorted(manifest.digests()) if not self.blobs.has(d)]
+            if missing:
+                raise PullError(f"blob {missing[0]} disappeared before {name.display}'s manifest "
+                                "was written (removed by hand?); run the command again")
+            self.manifests.write(name, manifest)
+
+    # -- queries -------------------------------------------------------------------------------
+    def exists(self, name: str | ModelName) -> bool:
+        return self.manifests.find(self._name(name)) is not None
+
+    def list(self) -> list[StoredModel]:
+        """Every stored model, newest first."""
+        models = []
+        for name, path in self.manifests.names():
+            try:
+                data = path.read_bytes()
+                manifest = Manifest.from_bytes(data, str(path))
+            except FileNotFoundError:
+                continue
+            except (OSError, CorruptModelError) as exc:
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            models.append(self._stored(name, manifest, data, path))
+        models.sort(key=lambda m: (m.modified_at, m.name), reverse=True)
+        return models
+
+    def get(self, name: str | ModelName) -> StoredModel:
+        model = self._name(name)
+        manifest, data, path = self._read(model)
+        return self._stored(model, manifest, data, path)
+
+    def resolve(self, name: str | ModelName) -> ResolvedModel:
+        """Everything needed to load and prompt `name`; UnknownModelError (404) if it is not
+        stored, CorruptModelError if a blob it needs is missing or has the wrong size."""
+        model = self._name(name)
+        manifest, data, path = self._read(model)
+        stored = self._stored(model, manifest, data, path)
+        if manifest.layers_of(MEDIA_MODEL):
+            weights, fmt = self._checked_blob(manifest.layers_of(MEDIA_MODEL)[0]), "gguf"
+        elif manifest.layers_of(MEDIA_MODEL_FILE):
+            weights, fmt = self._materialize(manifest.layers_of(MEDIA_MODEL_FILE)), "safetensors"
+        else:
+            raise CorruptModelError(str(path), "the manifest has no model layer")
+
+        def last_text(media_type: str) -> str | None:
+            layers = manifest.layers_of(media_type)
+            return _text(self.blobs.read_bytes(layers[-1].digest)) if layers else None
+
+        params: dict[str, Any] = {}
+        for layer in manifest.layers_of(MEDIA_PARAMS):
+            value = self._read_json_blob(layer.digest, default={})
+            if isinstance(value, dict):
+                params.update(value)
+        messages: list[dict[str, str]] = []
+        for layer in manifest.layers_of(MEDIA_MESSAGES):
+            value = self._read_json_blob(layer.digest, default=[])
+            if isinstance(value, list):
+                messages = [{"role": str(m.get("role", "")), "content": str(m.get("content", ""))}
+                            for m in value if isinstance(m, dict)]
+        adapters = []
+        for layer in manifest.layers_of(MEDIA_ADAPTER):
+            config_text = layer.annotations.get(ANNOTATION_ADAPTER_CONFIG)
+            try:
+                config = json.loads(config_text) if config_text else None
+            except json.JSONDecodeError:
+                config = None
+            adapters.append(ResolvedAdapter(self._checked_blob(layer),
+                                            layer.annotations.get(ANNOTATION_ADAPTER_FORMAT, ""),
+                                            config if isinstance(config, dict) else None))
+        licenses = [_text(self.blobs.read_bytes(layer.digest))
+                    for layer in manifest.layers_of(MEDIA_LICENSE)]
+        return ResolvedModel(stored.name, stored.model, stored.digest, weights, fmt,
+                             template=last_text(MEDIA_TEMPLATE), system=last_text(MEDIA_SYSTEM),
+                             params=params, messages=messages, adapters=adapters,
+                             licenses=licenses, details=stored.details,
+                             modified_at=stored.modified_at)
+
+    def _checked_blob(self, layer: Layer) -> Path:
+        path = self.blobs.path(layer.digest)
+        size = self.blobs.size(layer.digest)
+        if size is None:
+            raise CorruptModelError(str(path), "blob is missing from the store; pull or create "
+                                               "the model again")
+        if size != layer.size:
+            raise CorruptModelError(str(path), f"blob has {size} bytes, the manifest says "
+                                               f"{layer.size} (was an imported file changed in "
+                                               "place?); pull or create the model again")
+        return path
+
+    @staticmethod
+    def _tree_key(layers: list[Layer]) -> str:
+        entries = sorted((layer.title or "", layer.digest) for layer in layers)
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+    def _materialize(self, layers: list[Layer]) -> Path:
+        """A directory of symlinks named by the layers' titles, pointing at their blobs."""
+        titles = [layer.title or "" for layer in layers]
+        for title in titles:
+            if not is_safe_title(title):
+                raise CorruptModelError(str(self.root), f"model file layer has an unsafe name "
+                                                        f"{title!r}")
+        if len(set(titles)) != len(titles):
+            raise CorruptModelError(str(self.root), "model file layers repeat a file name")
+        blob_paths = {layer.title: self._checked_blob(layer) for layer in layers}
+        target = self.root / DIRS_DIR / self._tree_key(layers)
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            for title, blob in blob_paths.items():
+                os.symlink(os.path.relpath(blob, target), tmp / str(title))
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def show(self, name: str | ModelName) -> ModelShow:
+        resolved = self.resolve(name)
+        modelfile = Modelfile(base=str(resolved.weights), parameters=dict(resolved.params),
+                              template=resolved.template, system=resolved.system,
+                              messages=[Message(m["role"], m["content"])
+                                        for m in resolved.messages],
+                              adapters=[str(p) for p in resolved.adapter_paths],
+                              licenses=list(resolved.licenses))
+        header = (f'Modelfile generated by "shoal show"\n'
+                  f"To build a new Modelfile based on this, replace FROM with:\n"
+                  f"FROM {resolved.name}")
+        info = model_info(resolved.weights) if resolved.format == "gguf" else {}
+        return ModelShow(resolved.name, render_modelfile(modelfile, header),
+                         format_parameters(resolved.params), resolved.template or "",
+                         resolved.system or "", "\n".join(resolved.licenses), resolved.details,
+                         info, resolved.messages, resolved.modified_at)
+
+    def verify(self, name: str | ModelName) -> list[str]:
+        """Re-hashes every blob of `name`; returns the digests that are missing or changed."""
+        manifest, _, _ = self._read(self._name(name))
+        return [d for d in sorted(manifest.digests()) if not self.blobs.verify(d)]
+
+    # -- changes -------------------------------------------------------------------------------
+    def can_pull(self, name: str | ModelName) -> bool:
+        model = self._name(name)
+        return self.builtin.find(model) is not None or self.huggingface.handles(model)
+
+    def pull(self, name: str | ModelName, progress: ProgressCallback | None = None) -> StoredModel:
+        """Fetches a built-in model or hf.co/<owner>/<repo>[:quant] into the store.
+
+        Emits Ollama's /api/pull events through `progress`. Raises UnknownModelError for a
+        name no source has, PullError when a source cannot be reached or misbehaves."""
+        model = self._name(name)
+        reporter = Reporter(progress)
+        if self.huggingface.handles(model):
+            source: Any = self.huggingface
+        elif self.builtin.find(model) is not None:
+            source = self.builtin
+        else:
+            raise UnknownModelError(model.display, builtin_names())
+        reporter.status("pulling manifest")
+        with Lease(self.root) as lease:
+            pulled = source.pull(model, self.blobs, lease, reporter)
+            manifest = manifest_for(self, pulled.layers, pulled.details, lease)
+            reporter.status("writing manifest")
+            self._write_manifest(model, manifest)
+        reporter.status("success")
+        return self.get(model)
+
+    def create(self, name: str | ModelName, modelfile: str | Modelfile,
+               base_dir: str | Path | None = None,
+               progress: ProgressCallback | None = None) -> StoredModel:
+        """Builds `name` from a Modelfile (text or parsed); relative paths in it are relative
+        to `base_dir` (default: the current directory). Emits Ollama-style /api/create events."""
+        model = self._name(name)
+        reporter = Reporter(progress)
+        reporter.status("parsing modelfile")
+        parsed = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
+        base = Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
+        with Lease(self.root) as lease:
+            layers, details = Creator(self, parsed, base, lease, reporter).run()
+            manifest = manifest_for(self, layers, details, lease)
+            reporter.status("writing manifest")
+            self._write_manifest(model, manifest)
+        reporter.status("success")
+        return self.get(model)
+
+    def copy(self, source: str | ModelName, destination: str | ModelName) -> StoredModel:
+        """`shoal cp`: the destination gets the source's manifest (same bytes, same digest)."""
+        src, dst = self._name(source), self._name(destination)
+        with self.locks.store_lock():
+            found = self.manifests.read(src)
+            if found is None:
+                raise UnknownModelError(src.display, [m.name for m in self.list()])
+            self.manifests.write(dst, found[1])
+        return self.get(dst)
+
+    def delete(self, name: str | ModelName) -> list[str]:
+        """`shoal rm`: removes the name, then every blob no manifest references any more
+        (never one another model or an operation in progress uses). Returns those digests."""
+        model = self._name(name)
+        with self.locks.store_lock():
+            if not self.manifests.delete(model):
+                raise UnknownModelError(model.display, [m.name for m in self.list()])
+            return self._prune_locked()
+
+    def prune(self) -> list[str]:
+        """Removes unreferenced, unleased blobs and stale directories; returns the digests."""
+        with self.locks.store_lock():
+            return self._prune_locked()
+
+    def _prune_locked(self) -> list[str]:
+        try:
+            referenced = self.manifests.referenced_digests()
+        except (OSError, CorruptModelError) as exc:
+            # NOTE: an unreadable manifest may reference anything; deleting nothing is safe.
+            log.warning("not pruning blobs: %s", exc)
+            return []
+        keep = referenced | leased_digests(self.root)
+        removed = [d for d in self.blobs.digests() if d not in keep and self.blobs.remove(d)]
+        self._prune_dirs()
+        self._prune_temp_files()
+        return removed
+
+    def _prune_dirs(self) -> None:
+        dirs = self.root / DIRS_DIR
+        if not dirs.is_dir():
+            return
+        wanted = set()
+        for path in self.manifests.files():
+            try:
+                manifest = Manifest.from_bytes(path.read_bytes(), str(path))
+            except (OSError, CorruptModelError):
+                return
+            files = manifest.layers_of(MEDIA_MODEL_FILE)
+            if files:
+                wanted.add(self._tree_key(files))
+        for entry in dirs.iterdir():
+            if entry.name.startswith("."):
+                continue
+            if entry.name not in wanted:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def _prune_temp_files(self) -> None:
+        cutoff = time.time() - _STALE_TEMP_SECONDS
+        for folder in (self.blobs.dir, self.root / DIRS_DIR):
+            if not folder.is_dir():
+                continue
+            for entry in folder.glob(".tmp-*"):
+                try:
+                    if entry.lstat().st_mtime < cutoff:
+                        if entry.is_dir():
+                            shutil.rmtree(entry, ignore_errors=True)
+                        else:
+                            entry.unlink(missing_ok=True)
+                except OSError:
+                    continue
