@@ -218,7 +218,7 @@ def test_bad_adapters_point_at_the_line(store: ModelStore, tiny_llama_gguf: Path
         store.create("x", f"FROM {tiny_llama_gguf}\n\n  ADAPTER {paths[adapter]}\n")
     assert (info.value.line, info.value.column) == (3, 11)
     assert fragment in str(info.value)
-    assert store.list() == []
+    assert store.list() == [] and store.blobs.digests() == []     # the imported GGUF went too
 
 
 @pytest.mark.parametrize("from_value, fragment", [

@@ -164,3 +164,28 @@ def test_delete_while_another_thread_creates(store: ModelStore, tiny_llama_gguf:
         assert errors == []
         resolved = store.resolve(f"fresh{round_}")
         assert resolved.weights.is_file() and store.verify(f"fresh{round_}") == []
+
+
+def test_recreate_prunes_what_only_the_old_version_used(store: ModelStore,
+                                                        tiny_llama_gguf: Path) -> None:
+    _create(store, "m", tiny_llama_gguf, "SYSTEM old\n")
+    old_system = store.blobs.write_bytes(b"old").digest
+    _create(store, "m", tiny_llama_gguf, "SYSTEM new\n")
+    assert not store.blobs.has(old_system)
+    assert store.resolve("m").system == "new" and store.resolve("m").weights.is_file()
+
+
+def test_rm_leaves_blobs_it_did_not_use(store: ModelStore, tiny_llama_gguf: Path) -> None:
+    """A blob uploaded (/api/blobs) for a create that has not run yet survives an rm."""
+    uploaded = store.blobs.write_bytes(b"GGUF waiting for /api/create").digest
+    _create(store, "m", tiny_llama_gguf)
+    store.delete("m")
+    assert store.blobs.digests() == [uploaded]
+    assert store.prune() == [uploaded]                     # a full prune collects it
+
+
+def test_from_env(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SHOAL_MODELS", str(tmp_path / "elsewhere"))
+    assert ModelStore.from_env().root == tmp_path / "elsewhere"
+    monkeypatch.delenv("SHOAL_MODELS")
+    assert ModelStore.from_env().root == Path.home() / ".shoal" / "models"

@@ -74,6 +74,12 @@ class Lease:
             self.digests |= new
             self._write()
 
+    def release_all(self) -> None:
+        """Forgets every digest (the manifest that references them now exists)."""
+        if self.digests:
+            self.digests = set()
+            self._write()
+
     def add_one(self, digest: str) -> None:
         self.add((digest,))
 

@@ -19,6 +19,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -181,14 +183,22 @@ class ModelStore:
         return StoredModel(name.display, name, hashlib.sha256(data).hexdigest(), manifest.size, mtime,
                            self._details(manifest))
 
-    def _write_manifest(self, name: ModelName, manifest: Manifest) -> None:
-        """Writes the manifest once every blob it names is there (under the store lock)."""
+    def _write_manifest(self, name: ModelName, manifest: Manifest, lease: Lease) -> None:
+        """Writes the manifest once every blob it names is there (under the store lock); the
+        blobs only the replaced manifest (if any) used are pruned, as Ollama does."""
         with self.locks.store_lock():
             missing = [d for d in sorted(manifest.digests()) if not self.blobs.has(d)]
             if missing:
                 raise PullError(f"blob {missing[0]} disappeared before {name.display}'s manifest "
                                 "was written (removed by hand?); run the command again")
+            try:
+                old = self.manifests.read(name)
+            except CorruptModelError:
+                old = None
             self.manifests.write(name, manifest)
+            if old is not None:
+                lease.release_all()
+                self._prune_locked(old[0].digests() - manifest.digests())
 
     # -- queries -------------------------------------------------------------------------------
     def exists(self, name: str | ModelName) -> bool:
@@ -330,6 +340,22 @@ class ModelStore:
         return [d for d in sorted(manifest.digests()) if not self.blobs.verify(d)]
 
     # -- changes -------------------------------------------------------------------------------
+    @contextmanager
+    def _cleanup_on_failure(self, lease: Lease) -> Iterator[None]:
+        """If the operation fails, the blobs it stored that nothing else uses are removed
+        (a partial download is not a blob: it stays, for the retry to resume)."""
+        try:
+            yield
+        except BaseException:
+            digests = set(lease.digests)
+            try:
+                with self.locks.store_lock():
+                    lease.release_all()
+                    self._prune_locked(digests)
+            except Exception as exc:  # noqa: BLE001 - the original error matters more
+                log.warning("could not clean up after a failed operation: %s", exc)
+            raise
+
     def can_pull(self, name: str | ModelName) -> bool:
         model = self._name(name)
         return self.builtin.find(model) is not None or self.huggingface.handles(model)
@@ -348,11 +374,11 @@ class ModelStore:
         else:
             raise UnknownModelError(model.display, builtin_names())
         reporter.status("pulling manifest")
-        with Lease(self.root) as lease:
+        with Lease(self.root) as lease, self._cleanup_on_failure(lease):
             pulled = source.pull(model, self.blobs, lease, reporter)
             manifest = manifest_for(self, pulled.layers, pulled.details, lease)
             reporter.status("writing manifest")
-            self._write_manifest(model, manifest)
+            self._write_manifest(model, manifest, lease)
         reporter.status("success")
         return self.get(model)
 
@@ -366,11 +392,11 @@ class ModelStore:
         reporter.status("parsing modelfile")
         parsed = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
         base = Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
-        with Lease(self.root) as lease:
+        with Lease(self.root) as lease, self._cleanup_on_failure(lease):
             layers, details = Creator(self, parsed, base, lease, reporter).run()
             manifest = manifest_for(self, layers, details, lease)
             reporter.status("writing manifest")
-            self._write_manifest(model, manifest)
+            self._write_manifest(model, manifest, lease)
         reporter.status("success")
         return self.get(model)
 
@@ -385,20 +411,28 @@ class ModelStore:
         return self.get(dst)
 
     def delete(self, name: str | ModelName) -> list[str]:
-        """`shoal rm`: removes the name, then every blob no manifest references any more
-        (never one another model or an operation in progress uses). Returns those digests."""
+        """`shoal rm`: removes the name, then the blobs it used that no manifest references
+        any more (never one another model or an operation in progress uses). Returns them."""
         model = self._name(name)
         with self.locks.store_lock():
-            if not self.manifests.delete(model):
+            found = self.manifests.read(model)
+            if found is None:
                 raise UnknownModelError(model.display, [m.name for m in self.list()])
-            return self._prune_locked()
+            self.manifests.delete(model)
+            return self._prune_locked(found[0].digests())
 
     def prune(self) -> list[str]:
-        """Removes unreferenced, unleased blobs and stale directories; returns the digests."""
+        """Removes every blob no manifest references and no operation in progress needs
+        (e.g. at server start, as Ollama does), stale directories and old temp files."""
         with self.locks.store_lock():
-            return self._prune_locked()
+            removed = self._prune_locked(None)
+            self._prune_temp_files()
+            return removed
 
-    def _prune_locked(self) -> list[str]:
+    def _prune_locked(self, candidates: set[str] | None) -> list[str]:
+        """Removes the `candidates` (None: every blob) that nothing references or leases.
+        NOTE: rm prunes only what the removed manifest used, so a blob uploaded through
+        /api/blobs for a create that has not happened yet survives other models' rm."""
         try:
             referenced = self.manifests.referenced_digests()
         except (OSError, CorruptModelError) as exc:
@@ -406,9 +440,9 @@ class ModelStore:
             log.warning("not pruning blobs: %s", exc)
             return []
         keep = referenced | leased_digests(self.root)
-        removed = [d for d in self.blobs.digests() if d not in keep and self.blobs.remove(d)]
+        pool = self.blobs.digests() if candidates is None else sorted(candidates)
+        removed = [d for d in pool if d not in keep and self.blobs.remove(d)]
         self._prune_dirs()
-        self._prune_temp_files()
         return removed
 
     def _prune_dirs(self) -> None:
