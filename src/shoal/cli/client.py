@@ -54,8 +54,9 @@ class ApiError(CliError):
 
     @property
     def missing_endpoint(self) -> bool:
-        """The server has no such endpoint (an older shoal), rather than no such model."""
-        if self.status == 405:
+        """The server cannot do this at all (no such endpoint in an older shoal, or 501: e.g. a
+        server started with --model alone has no model store), rather than no such model."""
+        if self.status in (405, 501):
             return True
         return self.status == 404 and ("no such endpoint" in self.message.lower()
                                        or self.message.strip().lower() in ("not found", "404 page not found"))
@@ -308,6 +309,8 @@ def _server_env() -> dict[str, str]:
 def _wait_ready(client: Client, process: subprocess.Popen, log_path: Path) -> None:
     from rich.console import Console
 
+    from shoal.cli.display import animated
+
     try:
         timeout = float(os.environ.get("SHOAL_AUTOSTART_TIMEOUT", "") or 600)
     except ValueError:
@@ -315,9 +318,10 @@ def _wait_ready(client: Client, process: subprocess.Popen, log_path: Path) -> No
     console = Console(stderr=True)
     deadline = time.monotonic() + timeout
     message = f"starting a shoal server on {client.host.url} (log: {log_path})"
-    if not console.is_terminal:
+    live = animated(console)
+    if not live:
         print(f"shoal: {message}", file=sys.stderr, flush=True)
-    with console.status(message) if console.is_terminal else _nullcontext():
+    with console.status(message) if live else _nullcontext():
         while time.monotonic() < deadline:
             code = process.poll()
             if client.heartbeat(timeout=1.0):

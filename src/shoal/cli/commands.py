@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cli.client import ApiError, CliError, Client, connect
-from shoal.cli.display import (AnswerWriter, human_bytes, human_number, human_time, print_table,
+from shoal.cli.display import (AnswerWriter, animated, human_bytes, human_number, human_time, print_table,
                                stdout_console, timing_summary, wordwrap_default)
 from shoal.cli.progress import show_progress
 
@@ -45,7 +45,7 @@ def model_error(exc: ApiError, model: str, action: str = "") -> CliError:
     """A 404 for a model, or a missing endpoint, as one helpful line."""
     if exc.missing_endpoint:
         what = f" {action}" if action else ""
-        return CliError(f"this server cannot{what} yet ({exc.message}); it may be an older shoal")
+        return CliError(f"this server cannot{what} ({exc.message})")
     if exc.not_found:
         return CliError(f"model '{model}' not found; try `shoal pull {model}` (or `shoal list` for the models "
                         "this server has)")
@@ -94,7 +94,7 @@ def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]]
     writer = AnswerWriter(wrap=opts.wordwrap)
     final: dict[str, Any] = {}
     err = Console(stderr=True)
-    spinner = err.status("", spinner="dots") if err.is_terminal else None
+    spinner = err.status("", spinner="dots") if animated(err) else None
     interrupted = False
     try:
         if spinner:
@@ -132,7 +132,7 @@ def load_model(client: Client, opts: RunOptions) -> None:
     from rich.console import Console
 
     err = Console(stderr=True)
-    with (err.status("") if err.is_terminal else _null()):
+    with (err.status("") if animated(err) else _null()):
         try:
             client.request("POST", "/api/chat", body)
         except ApiError as exc:
@@ -164,7 +164,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt)
     interactive = True
     if not sys.stdin.isatty():
-        prompts = [sys.stdin.read(), *prompts]
+        # piped input comes before the arguments (`cat notes.txt | shoal run m "Summarize:"`)
+        piped = sys.stdin.read()
+        if piped:
+            prompts = [piped, *prompts]
         opts.wordwrap = False
         interactive = False
     if prompts:
@@ -206,7 +209,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             pull(client, args.model, args.insecure)
         except ApiError as exc:
             if exc.missing_endpoint:
-                raise CliError(f"this server cannot pull models yet ({exc.message})") from None
+                raise CliError(f"this server cannot pull models ({exc.message})") from None
             raise CliError(f"pulling '{args.model}': {exc.message}") from None
     return 0
 
@@ -221,7 +224,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                 show_progress(events, verb="pushing")
         except ApiError as exc:
             if exc.missing_endpoint:
-                raise CliError(f"this server cannot push models yet ({exc.message})") from None
+                raise CliError(f"this server cannot push models ({exc.message})") from None
             raise model_error(exc, args.model) from None
     return 0
 
@@ -243,7 +246,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                 show_progress(events, verb="copying")
         except ApiError as exc:
             if exc.missing_endpoint:
-                raise CliError(f"this server cannot create models yet ({exc.message})") from None
+                raise CliError(f"this server cannot create models ({exc.message})") from None
             raise CliError(exc.message) from None
     return 0
 
@@ -255,7 +258,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 client.request("DELETE", "/api/delete", {"model": name})
             except ApiError as exc:
                 if exc.missing_endpoint:
-                    raise CliError(f"this server cannot delete models yet ({exc.message})") from None
+                    raise CliError(f"this server cannot delete models ({exc.message})") from None
                 if exc.not_found:
                     raise CliError(f"model '{name}' not found") from None
                 raise CliError(exc.message) from None
@@ -269,7 +272,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
             client.request("POST", "/api/copy", {"source": args.source, "destination": args.destination})
         except ApiError as exc:
             if exc.missing_endpoint:
-                raise CliError(f"this server cannot copy models yet ({exc.message})") from None
+                raise CliError(f"this server cannot copy models ({exc.message})") from None
             if exc.not_found:
                 raise CliError(f"model '{args.source}' not found") from None
             raise CliError(exc.message) from None

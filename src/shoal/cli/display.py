@@ -15,6 +15,11 @@ from rich.table import Table
 from rich.text import Text
 
 
+def animated(console: Console) -> bool:
+    """Spinners and live bars only on a real terminal (not TERM=dumb, not a pipe)."""
+    return console.is_terminal and not console.is_dumb_terminal
+
+
 def stdout_console() -> Console:
     # NOTE: off a terminal rich assumes 80 columns and would fold long names; tables there
     # take the width they need.

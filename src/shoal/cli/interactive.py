@@ -134,6 +134,8 @@ class _Input:
                 self.history_file.parent.mkdir(parents=True, exist_ok=True)
                 if self.history_file.exists():
                     readline.read_history_file(self.history_file)
+                else:
+                    self.history_file.touch()         # append_history_file() needs the file
             except OSError:
                 pass
         readline.set_history_length(1000)
@@ -436,7 +438,7 @@ class Chat:
                     pass
         except ApiError as exc:
             if exc.missing_endpoint:
-                print(f"error: this server cannot save models yet ({exc.message})")
+                print(f"error: this server cannot save models ({exc.message})")
             else:
                 print(f"error: {exc.message}")
             return

@@ -11,6 +11,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, 
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.text import Text
 
+from shoal.cli.display import animated
+
 
 class _LayerOnly(ProgressColumn):
     """A column drawn for layer bars only; status lines show their text alone."""
@@ -33,7 +35,7 @@ def show_progress(events: Iterable[dict[str, Any]], verb: str = "pulling") -> di
     own line. Off a terminal, bars are not drawn: each layer gets one line when it ends.
     """
     console = Console(stderr=True, highlight=False)
-    live = console.is_terminal
+    live = animated(console)
     progress = Progress(TextColumn("{task.description}"),
                         *(_LayerOnly(c) for c in (BarColumn(bar_width=None), TextColumn("{task.percentage:>3.0f}%"),
                                                   DownloadColumn(binary_units=False), TransferSpeedColumn(),
