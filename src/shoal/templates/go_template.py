@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import is_dataclass, fields as dataclass_fields
 from typing import Any
 
@@ -52,7 +52,11 @@ class TemplateError(InvalidParameterError):
 
 _SPACE = " \t\r\n"
 NO_VALUE = "<no value>"  # what Go prints for nil (a missing key of a map[string]any included)
+_CUT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes of a UTF-8 sequence `slice` cut (surrogateescape)
 _MAX_DEPTH = 1000  # nested {{ template }} calls (Go allows 100000; Python's stack does not)
+# Node visits one execution may make: a guard against templates that would run for minutes
+# ({{ range 1000000000 }}) on a server thread. A 100-message chat takes about 10,000.
+MAX_STEPS = 2_000_000
 
 
 # ---- lexer -------------------------------------------------------------------------------------
@@ -1186,23 +1190,23 @@ def truth(v: Any) -> bool:
     return True
 
 
-def _iterate(v: Any, node: Node, two_vars: bool) -> list[tuple[Any, Any]] | None:
+def _iterate(v: Any, two_vars: bool) -> Iterable[tuple[Any, Any]] | None:
     """(index or key, element) pairs for range; None for something range cannot iterate."""
     if v is None:
-        return []
+        return ()
     if isinstance(v, (list, tuple)):
-        return list(enumerate(v))
+        return enumerate(v)
     if isinstance(v, Mapping):
         return [(k, v[k]) for k in gofmt.sorted_keys(v)]
     if isinstance(v, int) and not isinstance(v, bool):
         if two_vars:
             raise GoFuncError(f"can't use {v} to iterate over more than one variable")
-        return [(i, i) for i in range(v)]
+        return ((i, i) for i in range(v))
     return None
 
 
 class _State:
-    __slots__ = ("tmpl", "vars", "out", "node", "depth", "no_value", "strict")
+    __slots__ = ("tmpl", "vars", "out", "node", "depth", "no_value", "strict", "steps")
 
     def __init__(self, tmpl: GoTemplate, data: Any, strict: bool) -> None:
         self.tmpl = tmpl
@@ -1212,6 +1216,7 @@ class _State:
         self.depth = 0
         self.strict = strict
         self.no_value = NO_VALUE if strict else ""
+        self.steps = 0
 
     def error(self, msg: str, node: Node | None = None, at: Node | None = None) -> None:
         """Raises TemplateError at `node` (default: the node being evaluated), quoting `at`."""
@@ -1238,6 +1243,9 @@ class _State:
     # walking
     def walk(self, dot: Any, nodes: list[Node]) -> None:
         out = self.out
+        self.steps += len(nodes) + 1
+        if self.steps > MAX_STEPS:
+            self.error(f"template runs too long (over {MAX_STEPS} steps)", nodes[0] if nodes else None)
         for node in nodes:
             kind = type(node)
             if kind is TextNode:
@@ -1278,13 +1286,15 @@ class _State:
         val = self.eval_pipeline(dot, pipe, declare=False)
         self.node = node
         try:
-            items = _iterate(val, node, len(pipe.decl) > 1)
+            items = _iterate(val, len(pipe.decl) > 1)
         except GoFuncError as exc:
             self.error(str(exc), pipe)
         if items is None:
             self.error(f"range can't iterate over {gofmt.format_v(val)}", pipe)
         body = node.list.nodes
+        empty = True
         for index, elem in items:
+            empty = False
             if pipe.decl:
                 if pipe.is_assign:
                     if len(pipe.decl) > 1:
@@ -1297,7 +1307,6 @@ class _State:
                     self.vars.append([pipe.decl[1], elem])
                 else:
                     self.vars.append([pipe.decl[0], elem])
-            inner = len(self.vars)
             try:
                 self.walk(elem, body)
             except _Continue:
@@ -1305,10 +1314,9 @@ class _State:
             except _Break:
                 break
             finally:
-                del self.vars[inner if pipe.is_assign else mark:]
-        else:
-            if not items and node.else_list is not None:
-                self.walk(dot, node.else_list.nodes)
+                del self.vars[mark:]
+        if empty and node.else_list is not None:
+            self.walk(dot, node.else_list.nodes)
         del self.vars[mark:]
 
     def walk_template(self, dot: Any, node: TemplateNode) -> None:
@@ -1527,7 +1535,7 @@ class GoTemplate:
         except RecursionError:
             raise TemplateError("template nests too deeply to execute") from None
         out = "".join(state.out)
-        if any("\udc80" <= c <= "\udcff" for c in out):
+        if _CUT_UTF8.search(out):
             # `slice` of a string cut a UTF-8 sequence; put the bytes back together as Go would
             out = out.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         return out
@@ -1570,7 +1578,10 @@ def parse(source: str) -> GoTemplate:
     if not isinstance(source, str):
         raise TemplateError("must be a string")
     parser = _Parser(source, BUILTINS)
-    root = parser.parse()
+    try:
+        root = parser.parse()
+    except RecursionError:
+        raise TemplateError("template nests too deeply to parse") from None
     return GoTemplate(source, root, parser.defines)
 
 

@@ -162,7 +162,7 @@ def sorted_keys(m: Mapping[Any, Any]) -> list[Any]:
 
 def _shortest_digits(f: float) -> tuple[str, int]:
     """(digits, dp) of |f|'s shortest round-trip decimal: value = 0.digits * 10**dp."""
-    sign, digits, exponent = Decimal(repr(abs(f))).as_tuple()
+    _, digits, exponent = Decimal(repr(abs(f))).as_tuple()
     ds = "".join(map(str, digits))
     dp = len(ds) + int(exponent)
     stripped = ds.rstrip("0") or "0"
@@ -180,12 +180,10 @@ def _special_float(f: float) -> str | None:
     return None
 
 
-def _fmt_e(neg: bool, digits: str, dp: int, min_frac: int | None = None) -> str:
+def _fmt_e(neg: bool, digits: str, dp: int) -> str:
     exp = dp - 1
     mant = digits[0]
     frac = digits[1:]
-    if min_frac is not None and len(frac) < min_frac:
-        frac += "0" * (min_frac - len(frac))
     if frac:
         mant += "." + frac
     sign = "-" if exp < 0 else "+"
@@ -467,6 +465,9 @@ def format_one(verb: str, flags: str, width: int | None, prec: int | None, v: An
     return _bad_verb(verb, v)
 
 
+_TOO_LARGE = 1_000_000  # fmt refuses widths and precisions above this
+
+
 def sprintf(fmt: str, args: list[Any]) -> str:
     """fmt.Sprintf, with Go's in-band errors: %!d(MISSING), %!(EXTRA ...), %!(NOVERB)."""
     out: list[str] = []
@@ -485,7 +486,8 @@ def sprintf(fmt: str, args: list[Any]) -> str:
         width: int | None = None
         if i < n and fmt[i] == "*":
             i += 1
-            if argi < len(args) and isinstance(args[argi], int) and not isinstance(args[argi], bool):
+            if argi < len(args) and isinstance(args[argi], int) and not isinstance(args[argi], bool) \
+                    and abs(args[argi]) <= _TOO_LARGE:
                 width = args[argi]
                 if width < 0:
                     flags += "-"
@@ -495,25 +497,32 @@ def sprintf(fmt: str, args: list[Any]) -> str:
             argi += 1
         else:
             start = i
-            while i < n and fmt[i].isdigit():
+            while i < n and "0" <= fmt[i] <= "9":
                 i += 1
             if i > start:
                 width = int(fmt[start:i])
+                if width > _TOO_LARGE:
+                    out.append("%!(BADWIDTH)")
+                    width = None
         prec: int | None = None
         if i < n and fmt[i] == ".":
             i += 1
             if i < n and fmt[i] == "*":
                 i += 1
-                if argi < len(args) and isinstance(args[argi], int) and not isinstance(args[argi], bool):
+                if argi < len(args) and isinstance(args[argi], int) and not isinstance(args[argi], bool) \
+                        and args[argi] <= _TOO_LARGE:
                     prec = args[argi] if args[argi] >= 0 else None
                 else:
                     out.append("%!(BADPREC)")
                 argi += 1
             else:
                 start = i
-                while i < n and fmt[i].isdigit():
+                while i < n and "0" <= fmt[i] <= "9":
                     i += 1
                 prec = int(fmt[start:i]) if i > start else 0
+                if prec > _TOO_LARGE:
+                    out.append("%!(BADPREC)")
+                    prec = None
         if i >= n:
             out.append("%!(NOVERB)")
             break
