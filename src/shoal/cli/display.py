@@ -201,9 +201,10 @@ class AnswerWriter:
     the line are written as they come.
     """
 
-    def __init__(self, out: IO[str] | None = None, wrap: bool = True) -> None:
+    def __init__(self, out: IO[str] | None = None, wrap: bool = True, width: int | None = None) -> None:
         self.out = out or sys.stdout
-        width = shutil.get_terminal_size((0, 0)).columns if _isatty(self.out) else 0
+        if width is None:
+            width = shutil.get_terminal_size((0, 0)).columns if _isatty(self.out) else 0
         self.width = width - 5 if wrap and width >= 10 else 0
         self.column = 0
         self.word = ""
@@ -253,11 +254,6 @@ class AnswerWriter:
             self._flush_word()
         self.out.flush()
         return "".join(self.text)
-
-    @property
-    def at_line_start(self) -> bool:
-        joined = "".join(self.text[-1:])
-        return not joined or joined.endswith("\n")
 
 
 def _isatty(stream: Any) -> bool:
