@@ -319,3 +319,17 @@ def test_hf_real_hub_is_not_reachable_here(tmp_path: Path) -> None:
     except (PullError, UnknownModelError):
         pass
     assert store.list() == []
+
+
+def test_create_from_a_pullable_name_pulls_it_first(tmp_path: Path, monkeypatch,
+                                                    tiny_llama_gguf: Path) -> None:
+    model = _fake_builtin(monkeypatch, tiny_llama_gguf)
+    source = BuiltinSource(ensure=lambda name, cache_dir, progress=None: tiny_llama_gguf)
+    store = ModelStore(tmp_path / "models", builtin=source)
+    events: list[dict] = []
+    store.create("derived", "FROM fake\nSYSTEM derived\n", progress=events.append)
+    assert sorted(m.name for m in store.list()) == ["derived:latest", "fake:latest"]
+    assert store.resolve("derived").weights == store.resolve("fake").weights
+    statuses = [e["status"] for e in events]
+    assert f"pulling {model.sha256[:12]}" in statuses
+    assert statuses.count("success") == 1 and statuses[-1] == "success"

@@ -135,7 +135,10 @@ class Creator:
             if not self.store.can_pull(name):
                 raise self.error(f"FROM {name.display}: no such model in the store (and it "
                                  "cannot be pulled)", position)
-            self.store.pull(name, progress=self.reporter.callback)
+            def forward(event: dict[str, Any]) -> None:
+                if event.get("status") != "success":     # the create is not done yet
+                    self.reporter.emit(event)
+            self.store.pull(name, progress=forward)
             found = self.store.manifests.read(name)
             if found is None:
                 raise self.error(f"FROM {name.display}: the model vanished after its pull",
