@@ -6,11 +6,18 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight (Llama's normalisation)."""
+    """x * rsqrt(mean(x^2) + eps) * weight (Llama's normalisation).
 
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    unit_offset: the stored weight w scales by (1 + w), as Gemma's norms do; `weight` then
+    holds 1 + w (computed once, in float32, as transformers computes it per call).
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+        weight = weight.float()
+        if unit_offset:
+            weight = 1.0 + weight
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,15 @@ def calibrate_input_ranges(model: nn.Module, token_ids: list[int]) -> dict[nn.Mo
     linears = [m for m in model.modules() if isinstance(m, ExactLinear)]
     hooks = [m.register_forward_pre_hook(record) for m in linears]
     try:
-        model.compute_logits(forward_single_sequence(model, token_ids))
+        hidden = forward_single_sequence(model, token_ids)
+        head = getattr(model, "lm_head", None)
+        if isinstance(head, ExactLinear):
+            # NOTE: compute_logits feeds the final hidden states straight to lm_head; record
+            # them rather than computing every position's logits (for a 262k vocabulary that
+            # matmul cost more than the rest of the calibration pass).
+            record(head, (hidden,))
+        else:
+            model.compute_logits(hidden)
     finally:
         for hook in hooks:
             hook.remove()

@@ -22,22 +22,37 @@ class ArchitectureSpec:
     gguf_qk_permuted: bool
     # q/k/v projections carry a bias (Qwen2); o_proj never does for these families.
     qkv_bias: bool
+    # NOTE: llama.cpp's converter stores Gemma's RMSNorm weights w (applied as 1 + w) as
+    # 1 + w; the GGUF loader subtracts this offset so weights come out in HF terms.
+    gguf_norm_offset: float = 0.0
 
 
-# NOTE: adding a family (e.g. Gemma 3) = one ArchitectureSpec here plus its GGUF / HF names
-# below, plus whatever new fields the model code needs.
+# NOTE: adding a family = one ArchitectureSpec here plus its GGUF / HF names below, its
+# tensor names in loaders/gguf_loader.py, and its model class (models/loader.py).
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": ArchitectureSpec("llama", "LlamaForCausalLM", gguf_qk_permuted=True, qkv_bias=False),
     "mistral": ArchitectureSpec("mistral", "MistralForCausalLM", gguf_qk_permuted=True,
                                 qkv_bias=False),
     "qwen2": ArchitectureSpec("qwen2", "Qwen2ForCausalLM", gguf_qk_permuted=False, qkv_bias=True),
+    # Gemma 3 (text): NEOX RoPE, stored unpermuted; norms stored as 1 + w.
+    "gemma3": ArchitectureSpec("gemma3", "Gemma3ForCausalLM", gguf_qk_permuted=False,
+                               qkv_bias=False, gguf_norm_offset=1.0),
 }
-GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
+                                      "gemma3": "gemma3"}
 HF_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3",
 }
+
+SLIDING_ATTENTION = "sliding_attention"
+FULL_ATTENTION = "full_attention"
+# Gemma 3: every 6th layer is global unless the file says otherwise (llama.cpp and
+# transformers both default to this pattern), and local layers use RoPE base 10 000.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
 
 @dataclass(slots=True)
@@ -67,6 +82,17 @@ class ModelConfig:
     eos_token_id: int | None = None
     # every token id that ends generation (eos first); HF configs may list several
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Gemma 3 and other interleaved local/global attention models:
+    # keys a sliding-window layer sees (query at p attends to p - window + 1 .. p); 0 = none
+    sliding_window: int = 0
+    # per layer SLIDING_ATTENTION or FULL_ATTENTION; empty = every layer full
+    layer_types: tuple[str, ...] = ()
+    # RoPE base of the sliding layers (they use no rope_scaling); None = rope_theta
+    rope_local_theta: float | None = None
+    # attention scores are scaled by query_pre_attn_scalar ** -0.5; None = head_dim
+    query_pre_attn_scalar: float | None = None
+    # logits -> tanh(logits / c) * c when set
+    final_logit_softcapping: float | None = None
 
     @property
     def spec(self) -> ArchitectureSpec:
@@ -79,6 +105,17 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def layer_window(self, layer: int) -> int:
+        """Sliding window of `layer` (0 = it attends to the whole context)."""
+        if self.layer_types and self.layer_types[layer] == SLIDING_ATTENTION:
+            return self.sliding_window
+        return 0
+
+    @property
+    def attention_scale(self) -> float:
+        scalar = self.query_pre_attn_scalar
+        return (self.head_dim if scalar is None else scalar) ** -0.5
 
     def hf_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """The expected HF-named weights and their shapes ([out, in] for projections)."""
@@ -99,6 +136,11 @@ class ModelConfig:
             shapes[p + "mlp.down_proj.weight"] = (h, i)
             shapes[p + "input_layernorm.weight"] = (h,)
             shapes[p + "post_attention_layernorm.weight"] = (h,)
+            if self.architecture == "gemma3":
+                shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+                shapes[p + "post_feedforward_layernorm.weight"] = (h,)
+                shapes[p + "self_attn.q_norm.weight"] = (self.head_dim,)
+                shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
         shapes["model.norm.weight"] = (h,)
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (v, h)
@@ -125,6 +167,20 @@ class ModelConfig:
             raise CorruptModelError(
                 source, f"rope_freqs has {len(self.rope_freq_factors)} entries, expected "
                         f"head_dim/2 = {self.head_dim // 2}")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise CorruptModelError(
+                    source, f"{len(self.layer_types)} layer types for {self.num_layers} layers")
+            bad = set(self.layer_types) - {SLIDING_ATTENTION, FULL_ATTENTION}
+            if bad:
+                raise UnsupportedModelError(source, f"unsupported layer types {sorted(bad)}")
+            if SLIDING_ATTENTION in self.layer_types and self.sliding_window <= 0:
+                raise CorruptModelError(source, "sliding-window layers without a window size")
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or
+                                      not math.isfinite(value) or value <= 0):
+                raise CorruptModelError(source, f"{name} must be a positive number, got {value!r}")
         for token_id in (self.bos_token_id, *self.eos_token_ids):
             if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise CorruptModelError(
@@ -191,8 +247,13 @@ class ModelConfig:
             raise CorruptModelError(source, f"GGUF metadata lacks {gguf_arch}.vocab_size")
 
         context = _int(get("context_length", required=True), "context_length", source)
+        num_layers = _int(get("block_count", required=True), "block_count", source)
         sliding = get("attention.sliding_window")
-        if sliding is not None and 0 < _int(sliding, "attention.sliding_window", source) < context:
+        gemma: dict[str, Any] = {}
+        if arch.name == "gemma3":
+            gemma = _gguf_gemma3_fields(get, source, num_layers=num_layers, hidden=hidden,
+                                        num_heads=num_heads, head_dim=head_dim)
+        elif sliding is not None and 0 < _int(sliding, "attention.sliding_window", source) < context:
             raise UnsupportedModelError(
                 source, f"sliding-window attention (window {sliding} < context {context}) "
                         "is not supported")
@@ -217,7 +278,7 @@ class ModelConfig:
             hidden_size=hidden,
             intermediate_size=_int(get("feed_forward_length", required=True),
                                    "feed_forward_length", source),
-            num_layers=_int(get("block_count", required=True), "block_count", source),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
@@ -233,6 +294,7 @@ class ModelConfig:
             bos_token_id=bos,
             eos_token_id=eos,
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+            **gemma,
         )
         config.validate(source)
         return config
@@ -268,7 +330,11 @@ class ModelConfig:
         sliding = hf_config.get("sliding_window")
         if arch.name == "qwen2" and not hf_config.get("use_sliding_window", False):
             sliding = None
-        if sliding is not None and 0 < _int(sliding, "sliding_window", source) < context:
+        gemma: dict[str, Any] = {}
+        if arch.name == "gemma3":
+            num_layers = _int(req("num_hidden_layers"), "num_hidden_layers", source)
+            gemma = _hf_gemma3_fields(hf_config, source, num_layers)
+        elif sliding is not None and 0 < _int(sliding, "sliding_window", source) < context:
             raise UnsupportedModelError(
                 source, f"sliding-window attention (window {sliding} < context {context}) "
                         "is not supported")
@@ -277,11 +343,19 @@ class ModelConfig:
         partial = hf_config.get("partial_rotary_factor", 1.0)
         if partial not in (None, 1, 1.0):
             raise UnsupportedModelError(source, f"partial_rotary_factor {partial} is not supported")
-        if hf_config.get("hidden_act", "silu") not in ("silu", "swish"):
+        if arch.name == "gemma3":
+            act = hf_config.get("hidden_activation") or hf_config.get("hidden_act")
+            if act not in (None, "gelu_pytorch_tanh", "gelu_tanh"):
+                raise UnsupportedModelError(source, f"activation {act!r} is not supported")
+        elif hf_config.get("hidden_act", "silu") not in ("silu", "swish"):
             raise UnsupportedModelError(
                 source, f"activation {hf_config.get('hidden_act')!r} is not supported")
 
-        rope_theta, rope_scaling = _hf_rope(hf_config, source)
+        if arch.name == "gemma3":
+            rope_theta, rope_scaling, local_theta = _hf_gemma3_rope(hf_config, source)
+            gemma["rope_local_theta"] = local_theta
+        else:
+            rope_theta, rope_scaling = _hf_rope(hf_config, source)
         bias = arch.qkv_bias or bool(hf_config.get("attention_bias", False))
         if bias and not arch.qkv_bias:
             # NOTE: HF Llama's attention_bias also adds an o_proj bias, which the weight
@@ -311,6 +385,7 @@ class ModelConfig:
             bos_token_id=bos,
             eos_token_id=eos_ids[0] if eos_ids else None,
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+            **gemma,
         )
         config.validate(source)
         return config
@@ -331,6 +406,49 @@ def _float(value: Any, name: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CorruptModelError(source, f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+def _gguf_gemma3_fields(get: Any, source: str, *, num_layers: int, hidden: int, num_heads: int,
+                        head_dim: int) -> dict[str, Any]:
+    """Gemma 3's local/global attention facts from GGUF metadata (llama.cpp's defaults)."""
+    if get("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError(source, "attention logit soft-capping is not supported")
+    window = _int(get("attention.sliding_window", required=True), "attention.sliding_window",
+                  source)
+    if window <= 0:
+        raise CorruptModelError(source, f"attention.sliding_window must be positive, got {window}")
+    pattern = get("attention.sliding_window_pattern", GEMMA3_SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, list):
+        # per layer, True = sliding (llama.cpp's swa_layers array)
+        if len(pattern) != num_layers:
+            raise CorruptModelError(
+                source, f"attention.sliding_window_pattern has {len(pattern)} entries for "
+                        f"{num_layers} layers")
+        sliding_layers = [bool(x) for x in pattern]
+    else:
+        every = _int(pattern, "attention.sliding_window_pattern", source)
+        if every <= 0:
+            raise CorruptModelError(source, f"attention.sliding_window_pattern must be positive, "
+                                            f"got {every}")
+        sliding_layers = [(i + 1) % every != 0 for i in range(num_layers)]
+    scale = get("attention.scale")
+    if scale is not None:
+        scalar = _float(scale, "attention.scale", source) ** -2
+    elif num_layers == 62:
+        # NOTE: as llama.cpp: the 27B model scales by hidden / heads (168), not head_dim.
+        scalar = float(hidden // num_heads)
+    else:
+        scalar = float(head_dim)
+    softcap = get("final_logit_softcapping")
+    return {
+        "sliding_window": window,
+        "layer_types": tuple(SLIDING_ATTENTION if s else FULL_ATTENTION for s in sliding_layers),
+        "rope_local_theta": _float(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA),
+                                   "rope.freq_base_swa", source),
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": (None if softcap in (None, 0, 0.0)
+                                    else _float(softcap, "final_logit_softcapping", source)),
+    }
 
 
 def _gguf_rope_scaling(get: Any, source: str) -> dict[str, Any] | None:
@@ -355,6 +473,56 @@ def _gguf_rope_scaling(get: Any, source: str) -> dict[str, Any] | None:
                 scaling[hf_key] = _float(value, key, source)
         return scaling
     raise UnsupportedModelError(source, f"unsupported RoPE scaling type {kind!r}")
+
+
+def _hf_gemma3_fields(hf_config: Mapping[str, Any], source: str, num_layers: int) -> dict[str, Any]:
+    """Gemma3TextConfig's local/global attention facts (its defaults where a key is absent)."""
+    if hf_config.get("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError(source, "attention logit soft-capping is not supported")
+    if hf_config.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(source, "bidirectional attention is not supported")
+    window = _int(hf_config.get("sliding_window") or 4096, "sliding_window", source)
+    layer_types = hf_config.get("layer_types")
+    if layer_types is None:
+        every = _int(hf_config.get("sliding_window_pattern") or GEMMA3_SLIDING_WINDOW_PATTERN,
+                     "sliding_window_pattern", source)
+        layer_types = [SLIDING_ATTENTION if (i + 1) % every else FULL_ATTENTION
+                       for i in range(num_layers)]
+    if not isinstance(layer_types, list):
+        raise CorruptModelError(source, f"layer_types must be a list, got {layer_types!r}")
+    softcap = hf_config.get("final_logit_softcapping")
+    return {
+        "sliding_window": window,
+        "layer_types": tuple(str(t) for t in layer_types),
+        "query_pre_attn_scalar": _float(hf_config.get("query_pre_attn_scalar", 256),
+                                        "query_pre_attn_scalar", source),
+        "final_logit_softcapping": (None if softcap is None
+                                    else _float(softcap, "final_logit_softcapping", source)),
+    }
+
+
+def _hf_gemma3_rope(hf_config: Mapping[str, Any], source: str
+                    ) -> tuple[float, dict[str, Any] | None, float]:
+    """(global theta, global rope_scaling, local theta) of a Gemma 3 text config.
+
+    transformers >= 5 writes rope_parameters per layer type; older configs have rope_theta,
+    rope_local_base_freq and rope_scaling (which applies to the global layers only).
+    """
+    params = hf_config.get("rope_parameters")
+    if isinstance(params, Mapping) and FULL_ATTENTION in params:
+        full = dict(params.get(FULL_ATTENTION) or {})
+        local = dict(params.get(SLIDING_ATTENTION) or {})
+        flat = {**hf_config, "rope_parameters": full, "rope_scaling": None}
+        theta, scaling = _hf_rope({**flat, "rope_theta": full.get("rope_theta", 1_000_000.0)},
+                                  source)
+        if local.get("rope_type", "default") not in ("default", None):
+            raise UnsupportedModelError(source, "RoPE scaling on sliding layers is not supported")
+        local_theta = local.get("rope_theta", GEMMA3_LOCAL_ROPE_THETA)
+    else:
+        theta, scaling = _hf_rope({**hf_config,
+                                   "rope_theta": hf_config.get("rope_theta", 1_000_000.0)}, source)
+        local_theta = hf_config.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)
+    return theta, scaling, _float(local_theta, "rope_local_base_freq", source)
 
 
 def _hf_rope(hf_config: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from shoal.errors import ModelNotFoundError, UnsupportedModelError
 from shoal.models.default_model import DEFAULT_MODEL_ALIASES, ensure_default_model
 from shoal.models.loaders import ModelSource
 from shoal.models.loaders.gguf_loader import GGUF_MAGIC, GGUFModelSource
 from shoal.models.loaders.hf_loader import HFModelSource
 
-__all__ = ["ModelSource", "open_model", "resolve_model"]
+__all__ = ["ModelSource", "model_class_for", "open_model", "resolve_model"]
 
 
 def resolve_model(spec: str | Path | None) -> Path:
@@ -41,3 +43,12 @@ def open_model(path: str | Path) -> ModelSource:
         return HFModelSource(path.parent)
     raise UnsupportedModelError(
         str(path), "not a GGUF file or a Hugging Face model directory")
+
+
+def model_class_for(architecture: str) -> type[torch.nn.Module]:
+    """The decoder class that computes `architecture` (a key of models.config.ARCHITECTURES)."""
+    if architecture == "gemma3":
+        from shoal.models.gemma3 import Gemma3ForCausalLM
+        return Gemma3ForCausalLM
+    from shoal.models.llama import LlamaForCausalLM
+    return LlamaForCausalLM

@@ -21,6 +21,34 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma's turn format, for GGUF files that carry no template of their own (the gemma3:270m
+# file has none): <start_of_turn>{user|model}\n ... <end_of_turn>\n, the system prompt
+# folded into the first user turn, contents trimmed, as Gemma 3's own template renders them.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '')"
+    " + (message['content'] | trim) + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def fallback_chat_template(special_tokens: frozenset[str] | set[str]) -> str | None:
+    """A template for a model file without one, recognised by its turn tokens; None = ChatML."""
+    if {"<start_of_turn>", "<end_of_turn>"} <= special_tokens:
+        return GEMMA_CHAT_TEMPLATE
+    return None
+
+
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 

@@ -9,7 +9,7 @@ from typing import Any
 from tokenizers import Tokenizer as RustTokenizer
 
 from shoal.errors import CorruptModelError, InvalidParameterError, ModelNotFoundError
-from shoal.tokenizer.chat_template import render_chat_template
+from shoal.tokenizer.chat_template import fallback_chat_template, render_chat_template
 from shoal.tokenizer.gguf_vocab import gguf_add_bos_token, tokenizer_from_gguf_metadata
 
 # Tokens that end an assistant turn in common chat formats; one counts as an EOS id when it is a
@@ -58,10 +58,17 @@ class Tokenizer:
         tokens = meta["tokenizer.ggml.tokens"]
         extra = [meta[key] for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
                  if isinstance(meta.get(key), int)]
+        template = meta.get("tokenizer.chat_template")
+        if not template:
+            # NOTE: some converters drop the template (the gemma3:270m file has none); a known
+            # turn format is still better than ChatML, which such a model never saw.
+            special = {added.content for added in backend.get_added_tokens_decoder().values()
+                       if added.special}
+            template = fallback_chat_template(special)
         return cls(backend, bos_token_id=_valid_id(meta.get("tokenizer.ggml.bos_token_id"), tokens),
                    eos_token_id=_valid_id(meta.get("tokenizer.ggml.eos_token_id"), tokens),
                    add_bos_token=gguf_add_bos_token(meta),
-                   chat_template=meta.get("tokenizer.chat_template"),
+                   chat_template=template,
                    extra_eos_token_ids=extra, vocab_size=len(tokens))
 
     @classmethod

@@ -210,7 +210,17 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_HF_LAYER_NAMES = {hf: gg for gg, hf in _LAYER_NAMES.items()}
+# Gemma 3: four norms per layer (llama.cpp's ffn_norm is the pre-feedforward norm there) and
+# q/k norms over head_dim.
+_GEMMA3_LAYER_NAMES = {
+    **{gg: hf for gg, hf in _LAYER_NAMES.items() if gg != "ffn_norm.weight"},
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+_ARCH_LAYER_NAMES: dict[str, dict[str, str]] = {"gemma3": _GEMMA3_LAYER_NAMES}
 _HF_GLOBAL_NAMES = {hf: gg for gg, hf in _GLOBAL_NAMES.items()}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -218,23 +228,27 @@ _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _CONFIG_TENSORS = frozenset({"rope_freqs.weight"})
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, architecture: str = "llama") -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None if unknown."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    layer_names = _ARCH_LAYER_NAMES.get(architecture, _LAYER_NAMES)
     match = _BLOCK_RE.fullmatch(name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    if match and match.group(2) in layer_names:
+        return f"model.layers.{match.group(1)}.{layer_names[match.group(2)]}"
     return None
 
 
-def hf_to_gguf_name(name: str) -> str | None:
+def hf_to_gguf_name(name: str, architecture: str = "llama") -> str | None:
     """Inverse of gguf_to_hf_name."""
     if name in _HF_GLOBAL_NAMES:
         return _HF_GLOBAL_NAMES[name]
+    layer_names = _ARCH_LAYER_NAMES.get(architecture, _LAYER_NAMES)
     match = _HF_LAYER_RE.fullmatch(name)
-    if match and match.group(2) in _HF_LAYER_NAMES:
-        return f"blk.{match.group(1)}.{_HF_LAYER_NAMES[match.group(2)]}"
+    if match:
+        for gguf, hf in layer_names.items():
+            if hf == match.group(2):
+                return f"blk.{match.group(1)}.{gguf}"
     return None
 
 
@@ -295,7 +309,7 @@ class GGUFModelSource(ModelSource):
         for name in tensors:
             if name in _CONFIG_TENSORS:
                 continue
-            hf_name = gguf_to_hf_name(name)
+            hf_name = gguf_to_hf_name(name, config.architecture)
             match = _BLOCK_RE.fullmatch(name)
             if hf_name is None:
                 raise UnsupportedModelError(
@@ -304,7 +318,7 @@ class GGUFModelSource(ModelSource):
                 raise CorruptModelError(
                     source, f"tensor {name!r} is beyond block_count {config.num_layers}")
         for hf_name, shape in config.hf_weight_shapes().items():
-            gguf_name = hf_to_gguf_name(hf_name) or hf_name
+            gguf_name = hf_to_gguf_name(hf_name, config.architecture) or hf_name
             info = tensors.get(gguf_name)
             if info is None:
                 raise CorruptModelError(source, f"missing tensor {gguf_name!r} ({hf_name})")
@@ -337,6 +351,9 @@ class GGUFModelSource(ModelSource):
         if info is None:
             raise KeyError(hf_name)
         weight = self._dequantize(info, device)
+        offset = self.config.spec.gguf_norm_offset
+        if offset and hf_name.endswith("norm.weight"):
+            weight = weight - offset
         if self.config.spec.gguf_qk_permuted:
             if ".q_proj." in hf_name:
                 weight = unpermute_qk(weight, self.config.num_heads)

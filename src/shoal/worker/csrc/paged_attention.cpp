@@ -13,9 +13,14 @@
 //
 // Batch invariance by construction: the score of query q against key t is
 //   sum over d = 0..hd-1, in order, of q[d] * k_t[d]   (one lane, fixed order),
-// softmax runs over keys 0..pos in order, and out[d] = sum over t = 0..pos, in order, of
+// softmax runs over keys lo..pos in order, and out[d] = sum over t = lo..pos, in order, of
 // p_t * v_t[d]. Nothing depends on the tile, chunk or batch a query arrives in, so a
 // request's output is independent of chunked prefill, prefix-cache hits and neighbours.
+//
+// Sliding windows (Gemma 3's local layers): with window w > 0 a query at pos sees keys
+// lo = max(0, pos - w + 1) .. pos, otherwise lo = 0. A query walks exactly the blocks that
+// hold its keys; keys of its first block below lo get probability 0, and adding 0 * v to
+// the sum changes nothing, so the arithmetic stays a function of (pos, w) alone.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -103,13 +108,16 @@ constexpr int kValueRows = 4;   // rows accumulated together: 4 x hd/16 accumula
 template <typename KT>
 void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
                  const int64_t* table, int64_t pos0, int64_t H, int64_t KV, int64_t hd,
-                 int64_t group, float scale, float* op, std::vector<float>& scores,
-                 std::vector<float>& acc) {
+                 int64_t group, float scale, int64_t window, float* op,
+                 std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t nq = task.q_end - task.q_begin;
   const int64_t rows = nq * group;                     // row = (query i, head g), i-major
   const int64_t len = pos0 + nq;                       // keys the tile's last query sees
   const int64_t nblocks = (len + BS - 1) / BS;
-  const int64_t width = nblocks * BS;
+  // First block any query of the tile sees; scores are stored from its first key on.
+  const int64_t b0 = window > 0 ? std::max<int64_t>(0, pos0 - window + 1) / BS : 0;
+  const int64_t base = b0 * BS;
+  const int64_t width = (nblocks - b0) * BS;
   const int64_t kvh = task.kv_head;
   scores.assign(rows * width, 0.f);
   acc.assign(rows * hd, 0.f);
@@ -117,46 +125,60 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
   auto qrow = [&](int64_t r) {
     return qp + ((task.q_begin + r / group) * H + kvh * group + r % group) * hd;
   };
+  // Rows whose query sees a key of block b: from the first query at or after its first key
+  // to the last query whose window still reaches its last key.
+  auto row_range = [&](int64_t t0, int64_t& first, int64_t& end) {
+    first = std::max<int64_t>(0, t0 - pos0) * group;
+    end = rows;
+    if (window > 0) {
+      end = std::min<int64_t>(nq, std::max<int64_t>(0, t0 + BS + window - 1 - pos0)) * group;
+    }
+  };
 
   // Scores: rows whose query sees any key of the block, kScoreRows at a time.
-  for (int64_t b = 0; b < nblocks; ++b) {
+  for (int64_t b = b0; b < nblocks; ++b) {
     const KT* kt = kp + table[b] * block_stride + kvh * hd * BS;   // [hd][BS]
     const int64_t t0 = b * BS;
-    const int64_t first_row = std::max<int64_t>(0, t0 - pos0) * group;
-    for (int64_t r0 = first_row; r0 < rows; r0 += kScoreRows) {
-      const int nr = static_cast<int>(std::min<int64_t>(kScoreRows, rows - r0));
+    int64_t first_row, end_row;
+    row_range(t0, first_row, end_row);
+    for (int64_t r0 = first_row; r0 < end_row; r0 += kScoreRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kScoreRows, end_row - r0));
       const float* q[kScoreRows];
       float* out[kScoreRows];
       for (int r = 0; r < nr; ++r) {
         q[r] = qrow(r0 + r);
-        out[r] = scores.data() + (r0 + r) * width + t0;
+        out[r] = scores.data() + (r0 + r) * width + (t0 - base);
       }
       score_rows<kScoreRows, KT>(nr, q, kt, hd, scale, out);
     }
   }
-  // Softmax of each row over its own keys 0 .. pos.
+  // Softmax of each row over its own keys lo .. pos.
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t visible = pos0 + r / group + 1;
-    float* s = scores.data() + r * width;
+    const int64_t pos = pos0 + r / group;
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+    float* s = scores.data() + r * width - base;       // s[t]: key t (absolute position)
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < visible; ++t) mx = std::max(mx, s[t]);
+    for (int64_t t = lo; t <= pos; ++t) mx = std::max(mx, s[t]);
     float total = 0.f;
-    for (int64_t t = 0; t < visible; ++t) { s[t] = std::exp(s[t] - mx); total += s[t]; }
+    for (int64_t t = lo; t <= pos; ++t) { s[t] = std::exp(s[t] - mx); total += s[t]; }
     const float inv = 1.f / total;
-    for (int64_t t = 0; t < visible; ++t) s[t] *= inv;
+    for (int64_t t = lo; t <= pos; ++t) s[t] *= inv;
+    // keys of the first block before the window: scored above, weigh nothing
+    for (int64_t t = lo / BS * BS; t < lo; ++t) s[t] = 0.f;
   }
   // Weighted sum of V, key by key in order, kValueRows rows at a time.
-  for (int64_t b = 0; b < nblocks; ++b) {
+  for (int64_t b = b0; b < nblocks; ++b) {
     const KT* vblock = vp + table[b] * block_stride + kvh * BS * hd;   // [BS][hd]
     const int64_t t0 = b * BS;
-    const int64_t first_row = std::max<int64_t>(0, t0 - pos0) * group;
-    for (int64_t r0 = first_row; r0 < rows; r0 += kValueRows) {
-      const int nr = static_cast<int>(std::min<int64_t>(kValueRows, rows - r0));
+    int64_t first_row, end_row;
+    row_range(t0, first_row, end_row);
+    for (int64_t r0 = first_row; r0 < end_row; r0 += kValueRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kValueRows, end_row - r0));
       const float* p[kValueRows];
       float* out[kValueRows];
       int64_t lanes[kValueRows];
       for (int r = 0; r < nr; ++r) {
-        p[r] = scores.data() + (r0 + r) * width + t0;
+        p[r] = scores.data() + (r0 + r) * width + (t0 - base);
         out[r] = acc.data() + (r0 + r) * hd;
         lanes[r] = std::min<int64_t>(BS, pos0 + (r0 + r) / group + 1 - t0);
       }
@@ -222,10 +244,11 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 // q: [T, H, hd] f32 (flat tokens of all sequences, each sequence's queries consecutive);
 // block_tables: [N, B] i64 (one row per sequence); query_start: [N + 1] i64 (sequence n
 // owns tokens query_start[n] .. query_start[n+1]); first_pos: [N] i64 (absolute position
-// of each sequence's first query). Query i of sequence n sees keys 0 .. first_pos[n] + i.
+// of each sequence's first query). Query i of sequence n at position p = first_pos[n] + i
+// sees keys 0 .. p, or p - window + 1 .. p when window > 0 (sliding-window layers).
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor query_start,
-                              torch::Tensor first_pos, double scale) {
+                              torch::Tensor first_pos, double scale, int64_t window) {
   check_cache(k_cache, v_cache);
   TORCH_CHECK(q.dtype() == torch::kFloat32, "paged attention: float32 queries only");
   q = q.contiguous();
@@ -236,6 +259,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int64_t KV = k_cache.size(1);
   TORCH_CHECK(k_cache.size(3) == BS, "paged attention kernel: block size 16 only");
   TORCH_CHECK(hd % 16 == 0, "paged attention kernel: head_dim must be a multiple of 16");
+  TORCH_CHECK(window >= 0, "paged attention kernel: window must be >= 0");
   const int64_t group = H / KV;
   const int64_t num_seqs = first_pos.size(0);
   const int64_t max_blocks = block_tables.size(1);
@@ -271,10 +295,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       if (bf16) {
         attend_tile(task, qp, static_cast<const at::BFloat16*>(kp),
                     static_cast<const at::BFloat16*>(vp), table, pos0, H, KV, hd, group, fscale,
-                    op, scores, acc);
+                    window, op, scores, acc);
       } else {
         attend_tile(task, qp, static_cast<const float*>(kp), static_cast<const float*>(vp),
-                    table, pos0, H, KV, hd, group, fscale, op, scores, acc);
+                    table, pos0, H, KV, hd, group, fscale, window, op, scores, acc);
       }
     }
   });
