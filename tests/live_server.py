@@ -28,7 +28,11 @@ class LiveServer:
                 *extra_args]
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        full_env = {**os.environ, "SHOAL_LOG_LEVEL": "warning", **(env or {})}
+        # NOTE: each server gets its own empty model store unless the test gives one.
+        import tempfile
+
+        store = tempfile.mkdtemp(prefix="shoal-test-store-")
+        full_env = {**os.environ, "SHOAL_LOG_LEVEL": "warning", "SHOAL_MODELS": store, **(env or {})}
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
 
     def wait_ready(self, timeout: float = 180.0) -> "LiveServer":

@@ -13,7 +13,7 @@ from shoal.api.settings import ServerSettings
 from shoal.config import EngineConfig
 from shoal.engine.async_engine import AsyncEngine
 from shoal.models.default_model import DEFAULT_MODEL_ALIASES, default_model_path
-from shoal.residency.catalog import BuiltinCatalog, ChainCatalog, ModelSpec, StaticCatalog
+from shoal.residency.catalog import ChainCatalog, ModelSpec, StaticCatalog, StoreCatalog
 from shoal.residency.manager import ResidencyManager
 from shoal.residency.served import ServedModel
 from shoal.worker.kv_cache import default_kv_cache_bytes
@@ -62,8 +62,9 @@ def estimate_bytes(spec: ModelSpec, base: EngineConfig) -> int:
     return int(size * 1.5) + (base.kv_cache_bytes or default_kv_cache_bytes(torch.device("cpu")))
 
 
-def make_residency(engine_config: EngineConfig, settings: ServerSettings) -> ResidencyManager:
-    """The catalog (the --model, then the built-in models in the cache) and its residency.
+def make_residency(engine_config: EngineConfig, settings: ServerSettings,
+                   store=None) -> ResidencyManager:
+    """The catalog (the --model, then the model store) and its residency.
 
     The --model (or the default model when none is given) is loaded now and pinned.
     """
@@ -72,7 +73,10 @@ def make_residency(engine_config: EngineConfig, settings: ServerSettings) -> Res
     from shoal.models.loader import resolve_model
 
     spec = ModelSpec(name=name, path=resolve_model(engine_config.model), aliases=aliases, pinned=True)
-    catalog = ChainCatalog([StaticCatalog([spec]), BuiltinCatalog()])
+    catalogs = [StaticCatalog([spec])]
+    if store is not None:
+        catalogs.append(StoreCatalog(store))
+    catalog = ChainCatalog(catalogs)
     residency = ResidencyManager(
         catalog, lambda s: build_served_model(s, engine_config),
         max_loaded=settings.max_loaded_models, memory_budget=settings.memory_budget,
@@ -90,8 +94,11 @@ def serve(engine_config: EngineConfig, settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    residency = make_residency(engine_config, settings)
-    app = create_app(residency, settings)
+    from shoal.store.store import ModelStore
+
+    store = ModelStore.from_env()
+    residency = make_residency(engine_config, settings, store)
+    app = create_app(residency, settings, store)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=False,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from shoal.errors import UnknownModelError
+from shoal.errors import ShoalError, UnknownModelError
 
 
 def normalize_name(name: str) -> str:
@@ -114,3 +114,33 @@ class BuiltinCatalog:
             if spec.matches(name):
                 return spec
         raise UnknownModelError(name, [s.name for s in self.specs()])
+
+
+class StoreCatalog:
+    """The models in a shoal.store ModelStore (pulled or created)."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def resolve(self, name: str) -> ModelSpec:
+        from shoal.store.errors import InvalidModelNameError
+
+        try:
+            resolved = self.store.resolve(name)
+        except InvalidModelNameError:
+            raise UnknownModelError(name, []) from None
+        return ModelSpec(
+            name=resolved.name, path=Path(resolved.weights), options=dict(resolved.params),
+            template=resolved.template, system=resolved.system, messages=list(resolved.messages),
+            adapters=list(resolved.adapter_paths), license=list(resolved.licenses),
+            digest=resolved.digest,
+            modified_at=resolved.modified_at.timestamp() if resolved.modified_at else None)
+
+    def specs(self) -> list[ModelSpec]:
+        out = []
+        for stored in self.store.list():
+            try:
+                out.append(self.resolve(stored.name))
+            except (UnknownModelError, ShoalError):
+                continue      # removed meanwhile, or damaged: /api/tags must still answer
+        return out

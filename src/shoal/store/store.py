@@ -148,8 +148,10 @@ class ModelStore:
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> ModelStore:
-        """The store at $SHOAL_MODELS (default ~/.shoal/models)."""
-        return cls(os.environ.get("SHOAL_MODELS") or DEFAULT_ROOT, **kwargs)
+        """The store at $SHOAL_MODELS (default $SHOAL_HOME/models, SHOAL_HOME being ~/.shoal)."""
+        home = os.environ.get("SHOAL_HOME")
+        default = str(Path(home).expanduser() / "models") if home else DEFAULT_ROOT
+        return cls(os.environ.get("SHOAL_MODELS") or default, **kwargs)
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r})"

@@ -43,6 +43,8 @@ async def _progress_response(work: Callable[[Callable[[dict], None]], Any], stre
     queue: asyncio.Queue = asyncio.Queue()
 
     def progress(event: dict) -> None:
+        if event.get("status") == "success":
+            return      # said once, below, after `after` ran
         loop.call_soon_threadsafe(queue.put_nowait, dict(event))
 
     async def run() -> None:
