@@ -142,6 +142,9 @@ def test_strict_mode_is_gos_missingkey_zero() -> None:
     assert render("[{{ .Nil }}][{{ .Missing }}][{{ .M.zz }}]", DATA, strict=True) == \
         "[<no value>][<no value>][<no value>]"
     assert render("{{ if .Missing }}x{{ else }}y{{ end }}", DATA, strict=True) == "y"
+    # html/js/urlquery format a nil operand as it prints: <no value>, escaped
+    assert render("{{ html .Missing }}|{{ js .Nil }}", DATA, strict=True) == "&lt;no value&gt;|\\u003Cno value\\u003E"
+    assert render("{{ html .Missing }}|{{ js .Nil }}", DATA) == "|"
     # ...and a field of a nil read from a map is an error
     with pytest.raises(TemplateError, match=r"nil pointer evaluating interface \{\}\.X"):
         render("{{ .Missing.X }}", DATA, strict=True)

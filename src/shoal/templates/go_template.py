@@ -18,10 +18,17 @@ It follows Go's lexer, parser and evaluator (text/template/parse and exec.go) cl
 
 Data are Python values (see gofmt: None/bool/int/float/str/list/dict, and GoStruct/GoSlice/
 GoMap for typed Go values). A missing map key is nil, like Go's missingkey=zero over
-map[string]any; nil prints as `no_value` (default "", Go and Ollama print "<no value>"). A field
-a GoStruct does not have is an error, as in Go: `can't evaluate field X in type T`.
+map[string]any. By default nil prints as "" and a field of nil is nil (lenient, for plain
+dicts); `strict=True` is Go exactly: nil prints "<no value>" and a field of a nil read from a
+map is an error (render_chat runs strict, as Ollama does). A field a GoStruct does not have is
+always an error, as in Go: `can't evaluate field X in type T`.
+
+Not supported: method calls on data (`.Method arg`), function values and `call` on them,
+complex numbers, custom delimiters, and html/template's contextual escaping. A `slice` of a
+string that cuts a UTF-8 sequence prints U+FFFD where Go would print the raw bytes.
 
 Every problem, at parse or at execution time, is a TemplateError naming the line and column.
+Execution is bounded (MAX_STEPS) so that a template from a request cannot run for minutes.
 """
 from __future__ import annotations
 
@@ -586,16 +593,15 @@ class _Parser:
 
     # token stream
     def next(self) -> _Tok:
-        t = self.toks[self.i]
-        if self.i < len(self.toks) - 1:
-            self.i += 1
+        t = self.toks[min(self.i, len(self.toks) - 1)]  # the last token is EOF
+        self.i += 1
         return t
 
     def backup(self, k: int = 1) -> None:
         self.i -= k
 
     def peek(self) -> _Tok:
-        return self.toks[self.i]
+        return self.toks[min(self.i, len(self.toks) - 1)]
 
     def next_non_space(self) -> _Tok:
         t = self.next()
@@ -604,11 +610,9 @@ class _Parser:
         return t
 
     def peek_non_space(self) -> _Tok:
-        j = self.i
-        while self.toks[j].kind == SPACE:
-            j += 1
-        self.i = j
-        return self.toks[j]
+        while self.peek().kind == SPACE:
+            self.i += 1
+        return self.peek()
 
     def error(self, msg: str, pos: int | None = None) -> None:
         if pos is None:
@@ -1177,6 +1181,9 @@ BUILTINS: dict[str, _Func] = {f.name: f for f in (
 )}
 
 
+_ESCAPERS = frozenset({"html", "js", "urlquery"})
+
+
 def truth(v: Any) -> bool:
     """Go's isTrue: false, 0, nil, "" and empty slices and maps are false; structs are true."""
     if v is None:
@@ -1495,6 +1502,9 @@ class _State:
             if param(len(values)) == "string":
                 final = self.want_string(final, ident)
             values.append(final)
+        if name in _ESCAPERS:
+            # Go formats the escapers' operands as it prints values: nil is "<no value>"
+            values = [self.no_value if v is None else v for v in values]
         self.node = ident
         try:
             return fn.fn(*values)
