@@ -1,6 +1,8 @@
 """The C++ CPU kernels against plain PyTorch on random data."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +153,22 @@ def test_bfloat16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
                                          vr.transpose(0, 1)[None], is_causal=True, scale=0.125,
                                          enable_gqa=True)[0].transpose(0, 1)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_a_stale_build_lock_does_not_hang_the_next_start() -> None:
+    """A first-run build killed half-way leaves torch's lock file; the next start must not wait forever."""
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from shoal.worker import cpu_kernels
+
+    if cpu_kernels.load_cpu_kernels() is None:
+        pytest.skip("no C++ toolchain: the kernels are not built here")
+    lock = Path(_get_build_directory(cpu_kernels._build_name(), verbose=False)) / "lock"
+    lock.touch()
+    code = "from shoal.worker.cpu_kernels import load_cpu_kernels; assert load_cpu_kernels() is not None"
+    result = subprocess.run([sys.executable, "-c", code], timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not lock.exists()

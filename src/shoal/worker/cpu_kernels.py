@@ -47,10 +47,20 @@ def load_cpu_kernels() -> ModuleType | None:
         if os.environ.get("SHOAL_CPU_KERNELS", "1") in ("0", "false", "no", "off"):
             return None
         try:
-            from torch.utils.cpp_extension import load
-            _module = load(name=_build_name(), sources=[str(s) for s in _SOURCES],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+            from filelock import FileLock
+            from torch.utils.cpp_extension import _get_build_directory, load
+
+            name = _build_name()
+            build_dir = Path(_get_build_directory(name, verbose=False))
+            # NOTE: torch guards a build with a plain "lock" file and waits forever for it;
+            # a build killed half-way (Ctrl-C on a first run) leaves it behind and every
+            # later start would hang. shoal builds under its own OS lock (released when a
+            # process dies), so a torch lock found while holding it is stale.
+            with FileLock(str(build_dir / "shoal-build.lock")):
+                (build_dir / "lock").unlink(missing_ok=True)
+                _module = load(name=name, sources=[str(s) for s in _SOURCES],
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                               extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
             log.warning("shoal CPU kernels unavailable, using PyTorch fallbacks: %s", exc)
             _module = None
