@@ -92,6 +92,14 @@ class ServedModel:
                     tools: Sequence[Mapping[str, Any]] | None = None,
                     add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         """The chat as prompt text (the model's template) and its token ids."""
+        if self.spec is not None and self.spec.template:
+            # A Modelfile TEMPLATE (Go): rendered as Ollama renders it, which places the
+            # Modelfile SYSTEM itself; the tokenizer adds BOS as the model asks.
+            from shoal.templates import render_chat
+
+            text = render_chat(self.spec.template, [*self.spec.messages, *messages], tools,
+                               system=self.spec.system)
+            return text, self.tokenizer.encode(text, add_special_tokens=True)
         conversation = self.conversation(messages)
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                   tools=tools or None)
@@ -99,5 +107,6 @@ class ServedModel:
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
     def supports_tools(self) -> bool:
-        template = self.tokenizer.chat_template or ""
-        return "tools" in template
+        template = (self.spec.template if self.spec is not None and self.spec.template
+                    else self.tokenizer.chat_template) or ""
+        return "tools" in template.lower()

@@ -192,3 +192,14 @@ def show(model: ServedModel, verbose: bool) -> dict[str, Any]:
         "capabilities": capabilities(model),
         "modified_at": modified_at(model),
     }
+
+
+def show_stored(store, name: str) -> dict[str, Any]:
+    """/api/show for a stored model that is not loaded (the store knows it all)."""
+    shown = store.show(name).to_json()
+    template = shown.get("template") or ""
+    if not template:
+        meta = metadata_of(Path(store.resolve(name).weights)) or {}
+        template = str(meta.get("tokenizer.chat_template", ""))
+    shown["capabilities"] = ["completion"] + (["tools"] if "tools" in template.lower() else [])
+    return shown

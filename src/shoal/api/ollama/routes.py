@@ -168,6 +168,13 @@ async def show(request: Request) -> Response:
     if not name:
         raise ApiError(400, "model is required", param="model")
     residency = request.app.state.residency
+    canonical = serving.check_model_name(residency, name)
+    loaded = residency.get_loaded(canonical)
+    store = getattr(request.app.state, "store", None)
+    if loaded is None and store is not None and residency.resolve(canonical).digest is not None \
+            and await asyncio.to_thread(store.exists, canonical):
+        # A stored model that is not loaded: answered from the store, without loading it.
+        return JSONResponse(await asyncio.to_thread(model_info.show_stored, store, canonical))
     model = await serving.acquire_model(residency, name)
     try:
         # NOTE: JSONResponse skips FastAPI's encoder walk, which is slow over a verbose token list.

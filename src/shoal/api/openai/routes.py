@@ -107,9 +107,9 @@ def _tokenize(model: ServedModel, body: TokenizeRequest) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidParameterError("prompt", "give exactly one of 'prompt' or 'messages'")
     if body.messages is not None:
-        text = model.tokenizer.apply_chat_template(serving.message_dicts(body.messages),
-                                                   add_generation_prompt=body.add_generation_prompt)
-        ids = model.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        # exactly the tokens a chat request would send (the model's template, SYSTEM, MESSAGEs)
+        _text, ids = model.render_chat(serving.message_dicts(body.messages),
+                                       add_generation_prompt=body.add_generation_prompt)
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         ids = model.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
