@@ -156,23 +156,39 @@ def test_unreachable_server(home):
     assert "SHOAL_NO_AUTOSTART" in shoal("run", "smollm2", "hi", url=url, home=home).stderr
 
 
-def test_store_commands_work_or_fail_cleanly(shoal_server, home, tmp_path):
-    """cp/create/rm talk to endpoints the server may not have yet: each works or says so in one line."""
+def test_create_list_show_cp_rm(shoal_server, home, tmp_path, smollm2_path):
+    """The store through the command line: a Modelfile with a relative FROM (resolved beside
+    the Modelfile, whose absolute path is sent), then list, show, cp and rm."""
     url = shoal_server.url
-    copied = shoal("cp", "smollm2", "cli-test-copy", url=url, home=home)
-    if copied.returncode == 0:
-        assert "copied 'smollm2' to 'cli-test-copy'" in copied.stdout
-        listed = shoal("list", url=url, home=home).stdout
-        assert "cli-test-copy" in listed
-        removed = shoal("rm", "cli-test-copy", url=url, home=home)
-        assert removed.returncode == 0 and "deleted 'cli-test-copy'" in removed.stdout
-    else:
-        assert_clean_failure(copied)
-        assert_clean_failure(shoal("rm", "cli-test-copy", url=url, home=home))
+    folder = tmp_path / "modelfile-dir"
+    folder.mkdir()
+    (folder / "weights.gguf").symlink_to(smollm2_path)
+    (folder / "Modelfile").write_text('FROM ./weights.gguf\nPARAMETER num_predict 3\nSYSTEM """Be terse."""\n')
+    created = subprocess.run([sys.executable, "-m", "shoal", "create", "cli-made"], cwd=folder, capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "SHOAL_HOST": url, "SHOAL_HOME": str(home),
+                                  "SHOAL_NO_AUTOSTART": "1"})
+    assert created.returncode == 0, created.stderr
+    assert created.stderr.splitlines()[-1] == "success"
+    try:
+        assert "cli-made:latest" in shoal("list", url=url, home=home).stdout
+        assert shoal("show", "cli-made", "--parameters", url=url, home=home).stdout.split() == ["num_predict", "3"]
+        assert shoal("show", "cli-made", "--system", url=url, home=home).stdout.strip() == "Be terse."
+        copied = shoal("cp", "cli-made", "cli-copy", url=url, home=home)
+        assert copied.returncode == 0 and "copied 'cli-made' to 'cli-copy'" in copied.stdout
+        assert "cli-copy:latest" in shoal("list", url=url, home=home).stdout
+    finally:
+        removed = shoal("rm", "cli-made", "cli-copy", url=url, home=home)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.splitlines() == ["deleted 'cli-made'", "deleted 'cli-copy'"]
+    listed = shoal("list", url=url, home=home).stdout
+    assert "cli-made" not in listed and "cli-copy" not in listed
+
+    assert_clean_failure(shoal("rm", "cli-made", url=url, home=home), "cli-made")
+    assert_clean_failure(shoal("cp", "no-such-model", "x", url=url, home=home), "no-such-model")
     assert_clean_failure(shoal("create", "cli-x", "-f", str(tmp_path / "missing"), url=url, home=home),
                          "no Modelfile at")
-    pulled = shoal("pull", "no-such-model-anywhere", url=url, home=home)
-    assert_clean_failure(pulled)
+    assert_clean_failure(shoal("pull", "no-such-model-anywhere", url=url, home=home), "no-such-model-anywhere")
 
 
 # ---- stop ----------------------------------------------------------------------------------------
@@ -259,6 +275,15 @@ def test_interactive_chat(shoal_server, home):
         say("/show info")
         chat.expect_exact("architecture")
         chat.expect_exact(">>> ")
+
+        # /save: the session (system, parameters, messages) as a new model, via /api/create
+        say("/save cli-saved")
+        chat.expect_exact("Created new model 'cli-saved'", timeout=120)
+        chat.expect_exact(">>> ")
+        saved = shoal("show", "cli-saved", "--system", url=shoal_server.url, home=home)
+        assert saved.stdout.strip() == "You are a pirate.", saved.stderr
+        assert "num_predict" in shoal("show", "cli-saved", "--parameters", url=shoal_server.url, home=home).stdout
+        assert shoal("rm", "cli-saved", url=shoal_server.url, home=home).returncode == 0
 
         # Ctrl-C while an answer streams stops it and returns to the prompt
         say("/set quiet")

@@ -167,16 +167,25 @@ class Client:
 
     def _unreachable(self, exc: Exception) -> ServerUnreachable:
         reason = str(exc) or type(exc).__name__
-        if isinstance(exc, httpx.ConnectError):
-            reason = "connection refused" if "refused" in reason.lower() or "errno 111" in reason.lower() else reason
-        return ServerUnreachable(f"could not connect to a shoal server at {self.host.url} ({reason})")
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            if "refused" in reason.lower() or "errno 111" in reason.lower():
+                reason = "connection refused"
+            return ServerUnreachable(f"could not connect to a shoal server at {self.host.url} ({reason})")
+        return ServerUnreachable(f"lost the connection to the shoal server at {self.host.url} ({reason})")
+
+    def probe(self, timeout: float = 2.0) -> str:
+        """'up' when GET / answers, 'down' when nothing listens, 'busy' when something accepts
+        the connection but does not answer in time (a loaded server; not one to replace)."""
+        try:
+            return "up" if self._http.get("/", timeout=timeout).status_code < 500 else "busy"
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            return "down"
+        except httpx.HTTPError:
+            return "busy"
 
     def heartbeat(self, timeout: float = 2.0) -> bool:
         """True when something answers GET / (the server's liveness line)."""
-        try:
-            return self._http.get("/", timeout=timeout).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return self.probe(timeout) == "up"
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         try:
@@ -249,7 +258,7 @@ def autostart_disabled() -> bool:
 def connect(autostart: bool = True) -> Client:
     """A client of the server at SHOAL_HOST; with `autostart`, one is started when none answers."""
     client = Client()
-    if client.heartbeat():
+    if client.probe() != "down":
         return client
     if not autostart or autostart_disabled():
         hint = "start one with `shoal serve`" + (" (SHOAL_NO_AUTOSTART is set, so shoal did not start one)"

@@ -68,7 +68,7 @@ def ensure_model(client: Client, model: str) -> dict[str, Any]:
             raise CliError(f"model '{model}' not found, and this server cannot pull models ({exc.message}); "
                            f"`shoal pull {model}` needs a server with /api/pull, `shoal list` shows the "
                            "models this one has") from None
-        raise CliError(f"model '{model}' not found, and pulling it failed: {exc.message}") from None
+        raise CliError(f"model '{model}' not found, and `shoal pull {model}` failed: {exc.message}") from None
     try:
         return client.show(model)
     except ApiError as exc:

@@ -8,7 +8,6 @@ Ctrl-D or /bye ends the chat.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from shoal.cli.client import ApiError, CliError, Client, shoal_home
@@ -455,7 +454,3 @@ def _go_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _stderr(text: str) -> None:
-    print(text, file=sys.stderr)
