@@ -189,3 +189,15 @@ def test_from_env(tmp_path: Path, monkeypatch) -> None:
     assert ModelStore.from_env().root == tmp_path / "elsewhere"
     monkeypatch.delenv("SHOAL_MODELS")
     assert ModelStore.from_env().root == Path.home() / ".shoal" / "models"
+
+
+def test_copy_over_an_existing_name_prunes_what_it_replaced(store: ModelStore,
+                                                            tiny_llama_gguf: Path) -> None:
+    _create(store, "a", tiny_llama_gguf, "SYSTEM from a\n")
+    _create(store, "b", tiny_llama_gguf, "SYSTEM from b\n")
+    b_system = store.blobs.write_bytes(b"from b").digest
+    store.copy("a", "B")                                   # replaces b (any case)
+    assert [m.name for m in store.list() if m.name.startswith("b")] == ["b:latest"]
+    assert store.resolve("b").system == "from a"
+    assert not store.blobs.has(b_system)
+    assert store.resolve("a").weights.is_file()

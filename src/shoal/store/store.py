@@ -409,7 +409,13 @@ class ModelStore:
             found = self.manifests.read(src)
             if found is None:
                 raise UnknownModelError(src.display, [m.name for m in self.list()])
+            try:
+                replaced = self.manifests.read(dst)
+            except CorruptModelError:
+                replaced = None
             self.manifests.write(dst, found[1])
+            if replaced is not None:
+                self._prune_locked(replaced[0].digests() - found[0].digests())
         return self.get(dst)
 
     def delete(self, name: str | ModelName) -> list[str]:
