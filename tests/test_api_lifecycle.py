@@ -17,6 +17,20 @@ CHATML = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }
 
 
 @pytest.fixture(scope="module")
+def shoal_server(smollm2_path, tmp_path_factory):
+    """A server of its own: these tests fill its store, which other tests' listings must not see."""
+    from live_server import LiveServer
+
+    server = LiveServer(smollm2_path, "--served-model-name", "smollm2:135m,smollm2", "--max-model-len",
+                        "2048", "--kv-cache-bytes", "128MiB",
+                        log_path=tmp_path_factory.mktemp("lifecycle") / "serve.log")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
 def client(shoal_server) -> ollama.Client:
     return ollama.Client(host=shoal_server.url, timeout=300)
 
