@@ -214,6 +214,10 @@ def _running(url: str) -> float:
     return sum(float(m) for m in re.findall(r"^shoal:num_requests_running\{[^}]*\} ([\d.]+)$", text, re.M))
 
 
+def _names(listing: str) -> set[str]:
+    return {line.split()[0] for line in listing.splitlines()[1:] if line.strip()}
+
+
 def test_interactive_chat(shoal_server, home):
     env = {**os.environ, "SHOAL_HOST": shoal_server.url, "SHOAL_HOME": str(home), "SHOAL_NO_AUTOSTART": "1",
            "TERM": "dumb"}
@@ -277,6 +281,7 @@ def test_interactive_chat(shoal_server, home):
         chat.expect_exact(">>> ")
 
         # /save: the session (system, parameters, messages) as a new model, via /api/create
+        stored_before = _names(shoal("list", url=shoal_server.url, home=home).stdout)
         say("/save cli-saved")
         chat.expect_exact("Created new model 'cli-saved'", timeout=120)
         chat.expect_exact(">>> ")
@@ -284,6 +289,10 @@ def test_interactive_chat(shoal_server, home):
         assert saved.stdout.strip() == "You are a pirate.", saved.stderr
         assert "num_predict" in shoal("show", "cli-saved", "--parameters", url=shoal_server.url, home=home).stdout
         assert shoal("rm", "cli-saved", url=shoal_server.url, home=home).returncode == 0
+        # the store pulled the base model (smollm2) to create it: leave the shared server as it was
+        for name in _names(shoal("list", url=shoal_server.url, home=home).stdout) - stored_before:
+            shoal("rm", name, url=shoal_server.url, home=home)
+        assert _names(shoal("list", url=shoal_server.url, home=home).stdout) == stored_before
 
         # Ctrl-C while an answer streams stops it and returns to the prompt
         say("/set quiet")
