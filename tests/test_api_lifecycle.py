@@ -112,7 +112,9 @@ def test_a_go_template_renders_like_the_models_own_chatml(client, pulled) -> Non
 
 
 def test_copy_and_delete_keep_shared_blobs(client, pulled) -> None:
-    client.create(model="parrot", from_=pulled, system="Repeat what you hear.")
+    quoted = 'Repeat what you hear, even """quoted""" text.'
+    client.create(model="parrot", from_=pulled, system=quoted)
+    assert httpx.post(client._client.base_url.join("/api/show"), json={"model": "parrot"}).json()["system"] == quoted
     client.copy("parrot", "parrot-copy")
     names = {m.model for m in client.list().models}
     assert {"parrot:latest", "parrot-copy:latest"} <= names

@@ -132,41 +132,41 @@ async def create(request: Request) -> Response:
         _stream_flag(body), after=forget_loaded)
 
 
-def modelfile_of(body: CreateBody, store) -> tuple[str, Path]:
-    """A Modelfile from either form of /api/create: the text (older clients) or the fields
-    (`from`, `files`, `template`, `system`, `parameters`, `messages`, `license`, `adapters`)."""
+def modelfile_of(body: CreateBody, store) -> tuple[Any, Path]:
+    """The Modelfile of either form of /api/create: the text (older clients), or — built as
+    an object, so no quoting can break — the fields of current clients (`from`, `files`,
+    `adapters`, `template`, `system`, `parameters`, `messages`, `license`)."""
+    from shoal.store.modelfile import Message, Modelfile, check_parameters
+
     base_dir = Path(body.path).expanduser().parent if body.path else Path.cwd()
     if body.modelfile:
         return body.modelfile, base_dir
-    lines: list[str] = []
     if body.from_:
-        lines.append(f"FROM {body.from_}")
+        base = body.from_
     elif body.files:
         if len(body.files) != 1:
             raise ApiError(400, "files: exactly one weights file is supported", param="files")
         digest = next(iter(body.files.values()))
         if not store.blobs.has(digest):
             raise ApiError(400, f"files: blob {digest} has not been uploaded", param="files")
-        lines.append(f"FROM {store.blobs.path(digest)}")
+        base = str(store.blobs.path(digest))
     else:
         raise ApiError(400, "neither 'from' nor 'files' was specified", param="from")
+    adapters = []
     for digest in (body.adapters or {}).values():
         if not store.blobs.has(digest):
             raise ApiError(400, f"adapters: blob {digest} has not been uploaded", param="adapters")
-        lines.append(f"ADAPTER {store.blobs.path(digest)}")
-    for key, value in (body.parameters or {}).items():
-        for item in value if isinstance(value, list) else [value]:
-            lines.append(f"PARAMETER {key} {json.dumps(item) if isinstance(item, str) else item}")
-    if body.template is not None:
-        lines.append(f'TEMPLATE """{body.template}"""')
-    if body.system is not None:
-        lines.append(f'SYSTEM """{body.system}"""')
-    for message in body.messages or []:
-        lines.append(f'MESSAGE {message.get("role", "user")} """{message.get("content", "")}"""')
+        adapters.append(str(store.blobs.path(digest)))
     licenses = body.license if isinstance(body.license, list) else ([body.license] if body.license else [])
-    for text in licenses:
-        lines.append(f'LICENSE """{text}"""')
-    return "\n".join(lines) + "\n", base_dir
+    messages = []
+    for i, message in enumerate(body.messages or []):
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content", ""), str):
+            raise ApiError(400, f"messages[{i}]: needs a string role and content", param="messages")
+        messages.append(Message(message["role"], message.get("content", "")))
+    modelfile = Modelfile(base=base, parameters=check_parameters(body.parameters or {}),
+                          template=body.template, system=body.system, messages=messages,
+                          adapters=adapters, licenses=list(licenses))
+    return modelfile, base_dir
 
 
 @router.post("/copy")
