@@ -200,6 +200,35 @@ def test_gguf_config_and_weights_are_read_as_gemma3(gemma_source) -> None:
     assert q.shape == (1024, 640)
 
 
+def test_gguf_gemma3_metadata_variants(gemma_source) -> None:
+    """The keys newer converters may write, and llama.cpp's defaults where they are absent."""
+    from shoal.errors import CorruptModelError, UnsupportedModelError
+
+    meta = dict(gemma_source.metadata)
+
+    def config(**changes: Any) -> ModelConfig:
+        return ModelConfig.from_gguf_metadata({**meta, **{f"gemma3.{k}": v for k, v in
+                                                          changes.items()}}, "m.gguf")
+
+    pattern = [i % 3 != 2 for i in range(18)]          # True = sliding, per layer
+    cfg = config(**{"attention.sliding_window_pattern": pattern, "rope.freq_base_swa": 20_000.0,
+                    "attention.scale": 0.125, "rope.scaling.type": "linear",
+                    "rope.scaling.factor": 8.0})
+    assert [t == SLIDING_ATTENTION for t in cfg.layer_types] == pattern
+    assert cfg.rope_local_theta == 20_000.0 and cfg.query_pre_attn_scalar == 64.0
+    assert cfg.attention_scale == 0.125 and cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert config(**{"attention.sliding_window_pattern": 4}).layer_types.count(FULL_ATTENTION) == 4
+    # the 27B model (62 layers) scales by hidden / heads, as llama.cpp does
+    assert config(block_count=62).query_pre_attn_scalar == 640 / 4
+    with pytest.raises(UnsupportedModelError, match="soft-capping"):
+        config(attn_logit_softcapping=50.0)
+    with pytest.raises(CorruptModelError, match="sliding_window_pattern has 3 entries"):
+        config(**{"attention.sliding_window_pattern": [True, False, True]})
+    del meta["gemma3.attention.sliding_window"]
+    with pytest.raises(CorruptModelError, match="sliding_window"):
+        config()
+
+
 def test_tokenizer_bos_turn_tokens_and_chat_template(gemma_llm) -> None:
     tok = gemma_llm.tokenizer     # Tokenizer.from_gguf_metadata of the file (no template in it)
     assert tok.encode("Hello world")[0] == 2 == tok.bos_token_id
@@ -550,3 +579,13 @@ def test_tiny_hf_gemma3_directory_matches_transformers(tmp_path: Path) -> None:
         runner = _runner(model, backend, num_blocks=24)
         _check_against_reference(runner, reference, cfg.vocab_size, long_len=45,
                                  chunks=(20, 13, 12), decode_steps=3)
+    # the transformers 4.x spelling of the same config (as google/gemma-3-270m ships it):
+    # rope_theta / rope_local_base_freq / rope_scaling, a pattern instead of layer types,
+    # tie_word_embeddings left to its default
+    old_style = {k: v for k, v in raw.items()
+                 if k not in ("rope_parameters", "layer_types", "tie_word_embeddings")}
+    old_style.update(rope_theta=50_000.0, rope_local_base_freq=1_000.0, sliding_window_pattern=2,
+                     rope_scaling={"rope_type": "linear", "factor": 4.0})
+    (tmp_path / "config.json").write_text(json.dumps(old_style))
+    with open_model(tmp_path) as old_source:
+        assert old_source.config == cfg

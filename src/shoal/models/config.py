@@ -379,7 +379,8 @@ class ModelConfig:
             rms_norm_eps=_float(hf_config.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
             rope_theta=rope_theta,
             max_position_embeddings=context,
-            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            # NOTE: Gemma3TextConfig ties by default, and its config.json may omit the key.
+            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", arch.name == "gemma3")),
             attention_bias=bias,
             rope_scaling=rope_scaling,
             bos_token_id=bos,
