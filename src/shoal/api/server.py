@@ -13,7 +13,7 @@ from shoal.api.settings import ServerSettings
 from shoal.config import EngineConfig
 from shoal.engine.async_engine import AsyncEngine
 from shoal.models.default_model import DEFAULT_MODEL_ALIASES, default_model_path
-from shoal.residency.catalog import ChainCatalog, ModelSpec, StaticCatalog, StoreCatalog
+from shoal.residency.catalog import ChainCatalog, ModelSpec, StaticCatalog, StoreCatalog, path_size
 from shoal.residency.manager import ResidencyManager
 from shoal.residency.served import ServedModel
 from shoal.worker.kv_cache import default_kv_cache_bytes
@@ -54,12 +54,9 @@ def build_served_model(spec: ModelSpec, base: EngineConfig) -> ServedModel:
 
 def estimate_bytes(spec: ModelSpec, base: EngineConfig) -> int:
     """Memory a model will take before it is loaded: its file(s) plus the KV reservation."""
-    path = Path(spec.path)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
-        path.stat().st_size if path.exists() else 0)
     import torch
 
-    return int(size * 1.5) + (base.kv_cache_bytes or default_kv_cache_bytes(torch.device("cpu")))
+    return int(path_size(Path(spec.path)) * 1.5) + (base.kv_cache_bytes or default_kv_cache_bytes(torch.device("cpu")))
 
 
 def make_residency(engine_config: EngineConfig, settings: ServerSettings,

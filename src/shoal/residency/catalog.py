@@ -9,6 +9,14 @@ from typing import Any, Protocol
 from shoal.errors import ShoalError, UnknownModelError
 
 
+def path_size(path: Path) -> int:
+    """Bytes of a model on disk: a file, or every file of a directory (0 if missing)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
 def normalize_name(name: str) -> str:
     """Ollama's rule: a name without a tag means ':latest'; names compare case-insensitively."""
     name = name.strip().lower()

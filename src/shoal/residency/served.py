@@ -10,7 +10,7 @@ from typing import Any
 
 from shoal.engine.async_engine import AsyncEngine
 from shoal.engine.builder import EngineInfo
-from shoal.residency.catalog import ModelSpec
+from shoal.residency.catalog import ModelSpec, path_size
 from shoal.tokenizer.tokenizer import Tokenizer
 
 
@@ -51,10 +51,7 @@ class ServedModel:
 
     @property
     def size_bytes(self) -> int:
-        path = Path(self.info.model_path)
-        if path.is_dir():
-            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        return path.stat().st_size if path.exists() else 0
+        return path_size(Path(self.info.model_path))
 
     @property
     def digest(self) -> str:

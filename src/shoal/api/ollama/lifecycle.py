@@ -84,6 +84,14 @@ async def _progress_response(work: Callable[[Callable[[dict], None]], Any], stre
     return StreamingResponse(lines(), media_type=NDJSON)
 
 
+def _model_name(body: Any) -> str:
+    """The request's model (`model`, or the older `name`); 400 when neither is given."""
+    name = body.model or body.name
+    if not name:
+        raise ApiError(400, "model is required", param="model")
+    return name
+
+
 def _stream_flag(body: Any) -> bool:
     return body.stream is not False
 
@@ -91,9 +99,7 @@ def _stream_flag(body: Any) -> bool:
 @router.post("/pull")
 async def pull(request: Request) -> Response:
     body = await read_body(request, PullBody)
-    name = body.model or body.name
-    if not name:
-        raise ApiError(400, "model is required", param="model")
+    name = _model_name(body)
     store = _store(request)
     return await _progress_response(lambda progress: store.pull(name, progress=progress),
                                     _stream_flag(body))
@@ -102,9 +108,7 @@ async def pull(request: Request) -> Response:
 @router.post("/push")
 async def push(request: Request) -> Response:
     body = await read_body(request, PushBody)
-    name = body.model or body.name
-    if not name:
-        raise ApiError(400, "model is required", param="model")
+    name = _model_name(body)
     store = _store(request)
     if not hasattr(store, "push"):
         raise ApiError(501, "push is not supported by this server yet", type="server_error")
@@ -116,9 +120,7 @@ async def push(request: Request) -> Response:
 @router.post("/create")
 async def create(request: Request) -> Response:
     body = await read_body(request, CreateBody)
-    name = body.model or body.name
-    if not name:
-        raise ApiError(400, "model is required", param="model")
+    name = _model_name(body)
     store = _store(request)
     modelfile, base_dir = modelfile_of(body, store)
     residency = request.app.state.residency
@@ -182,9 +184,7 @@ async def copy(request: Request) -> Response:
 @router.delete("/delete")
 async def delete(request: Request) -> Response:
     body = await read_body(request, DeleteBody)
-    name = body.model or body.name
-    if not name:
-        raise ApiError(400, "model is required", param="model")
+    name = _model_name(body)
     store = _store(request)
     residency = request.app.state.residency
     await residency.unload(name)

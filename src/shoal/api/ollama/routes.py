@@ -153,12 +153,9 @@ async def tags(request: Request) -> dict[str, Any]:
 
 
 def _unloaded_facts(spec) -> tuple[int, str, dict[str, Any]]:
-    from pathlib import Path
+    from shoal.residency.catalog import path_size
 
-    path = Path(spec.path)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
-        path.stat().st_size if path.exists() else 0)
-    return size, spec.digest or "", model_info.spec_details(spec)
+    return path_size(spec.path), spec.digest or "", model_info.spec_details(spec)
 
 
 @router.post("/show")
