@@ -21,6 +21,7 @@ from shoal.api.models import ResidencyManager, ServedModel
 from shoal.api.settings import ServerSettings
 from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.errors import ServerBusyError, ShoalError
+from shoal.guard.context import Principal, current_principal
 from shoal.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -43,6 +44,8 @@ class GenerateRequest:
     dialect: str = "openai"
     arrival_time: float = field(default_factory=time.monotonic)
     keep_alive: float | None = None     # seconds the model stays after this request (None: default)
+    # who asked (set by the auth middleware for the HTTP request that builds this one)
+    principal: Principal = field(default_factory=current_principal.get)
 
 
 @dataclass(slots=True)

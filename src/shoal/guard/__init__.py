@@ -1,0 +1,1 @@
+"""Production guardrails: who is calling (keys, quotas), what is admitted, what is recorded."""
