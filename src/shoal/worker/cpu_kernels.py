@@ -58,10 +58,30 @@ def load_cpu_kernels() -> ModuleType | None:
             # process dies), so a torch lock found while holding it is stale.
             with FileLock(str(build_dir / "shoal-build.lock")):
                 (build_dir / "lock").unlink(missing_ok=True)
-                _module = load(name=name, sources=[str(s) for s in _SOURCES],
+                _module = load(name=name, sources=[str(s) for s in _stable_copies(build_dir)],
                                extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
             log.warning("shoal CPU kernels unavailable, using PyTorch fallbacks: %s", exc)
             _module = None
         return _module
+
+
+def _stable_copies(build_dir: Path) -> list[Path]:
+    """The sources, copied into the build directory so their paths are the same everywhere.
+
+    NOTE: ninja rebuilds when a source's path changes, and the build is cached by content;
+    two checkouts of the same sources (git worktrees, a venv moved) would otherwise
+    rebuild each other's cache back and forth.
+    """
+    copies = []
+    for source in _SOURCES:
+        copy = build_dir / "src" / source.name
+        data = source.read_bytes()
+        if not copy.exists() or copy.read_bytes() != data:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            tmp = copy.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(copy)
+        copies.append(copy)
+    return copies
