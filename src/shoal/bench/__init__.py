@@ -1,0 +1,1 @@
+"""`shoal bench`: load a server with a workload, measure it, and report (text and HTML)."""
