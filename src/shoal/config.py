@@ -60,8 +60,11 @@ class EngineConfig:
     num_threads: int | None = None
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    # LoRA adapters merged into the weights at load, in order (paths; see models/lora.py)
+    adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.adapters = tuple(str(path) for path in self.adapters)
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
             raise InvalidParameterError("kv_cache_dtype",
                                         f"must be 'auto', 'float32' or 'bfloat16', got {self.kv_cache_dtype!r}")
