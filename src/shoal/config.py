@@ -64,7 +64,8 @@ class EngineConfig:
     adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.adapters = tuple(str(path) for path in self.adapters)
+        paths = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else self.adapters
+        self.adapters = tuple(os.fspath(path) for path in paths)
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
             raise InvalidParameterError("kv_cache_dtype",
                                         f"must be 'auto', 'float32' or 'bfloat16', got {self.kv_cache_dtype!r}")

@@ -9,6 +9,8 @@ FROM may be
 * a Hugging Face directory (config.json + safetensors): each model file is stored as a blob
   (a `application/vnd.shoal.image.model.file` layer titled with its file name);
 * `@sha256:<hex>`: a blob already in the store (a GGUF), e.g. uploaded through /api/blobs.
+ADAPTER is a LoRA (a PEFT directory or file, a GGUF LoRA, or `@sha256:<hex>`), read and checked
+against the base model's weights here, and stored as one file (models/lora.py).
 Relative paths are relative to `base_dir` (the Modelfile's folder). Every FROM/ADAPTER problem
 is a ModelfileError pointing at the value in the Modelfile.
 """
