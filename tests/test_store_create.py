@@ -205,7 +205,7 @@ def test_adapters(store: ModelStore, tiny_llama_gguf: Path, tmp_path: Path) -> N
     ("junk", "neither a GGUF nor a safetensors"),
     ("plain.safetensors", "no lora_A/lora_B"),
     ("missing.gguf", "no such file"),
-    ("dir", "must be a file"),
+    ("dir", "not a PEFT adapter directory"),
 ])
 def test_bad_adapters_point_at_the_line(store: ModelStore, tiny_llama_gguf: Path, tmp_path: Path,
                                         adapter: str, fragment: str) -> None:

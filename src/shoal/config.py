@@ -60,8 +60,12 @@ class EngineConfig:
     num_threads: int | None = None
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    # LoRA adapters merged into the weights at load, in order (paths; see models/lora.py)
+    adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        paths = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else self.adapters
+        self.adapters = tuple(os.fspath(path) for path in paths)
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
             raise InvalidParameterError("kv_cache_dtype",
                                         f"must be 'auto', 'float32' or 'bfloat16', got {self.kv_cache_dtype!r}")

@@ -48,7 +48,8 @@ def served_name(model_spec: str | None, explicit: str | None) -> tuple[str, tupl
 
 def build_served_model(spec: ModelSpec, base: EngineConfig) -> ServedModel:
     """Loads one model (blocking; residency calls it on a worker thread)."""
-    engine = AsyncEngine(dataclasses.replace(base, model=str(spec.path)))
+    engine = AsyncEngine(dataclasses.replace(base, model=str(spec.path),
+                                             adapters=tuple(str(p) for p in spec.adapters)))
     return ServedModel(name=spec.name, engine=engine, info=engine.info, aliases=spec.aliases, spec=spec)
 
 

@@ -17,6 +17,7 @@ from shoal.errors import ShoalError
 from shoal.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
 from shoal.models.config import ModelConfig
 from shoal.models.loader import model_class_for, open_model, resolve_model
+from shoal.models.lora import load_adapters, merge_adapters
 from shoal.tokenizer.tokenizer import Tokenizer
 from shoal.worker.kv_cache import allocate_kv_caches, bytes_per_block, default_kv_cache_bytes
 from shoal.worker.model_runner import ModelRunner, kernel_supported
@@ -79,7 +80,12 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         else:
             tokenizer = Tokenizer.from_hf_dir(source.path)
         model_cls = model_class_for(model_config.architecture)
-        model = model_cls(model_config, source.iter_weights(), device=device, dtype=dtype,
+        weights = source.iter_weights()
+        if config.adapters:
+            # NOTE: merged into the float weights before int8 calibration and packing, so
+            # both compute modes and the kernels run the adapted model at the base's speed.
+            weights = merge_adapters(weights, load_adapters(config.adapters, model_config))
+        model = model_cls(model_config, weights, device=device, dtype=dtype,
                           source=str(source.path))
         num_parameters = sum(p.numel() for p in model.parameters())
         stored_types = Counter(source.weight_types.values())
@@ -138,15 +144,16 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     eos = frozenset(tokenizer.eos_token_ids)
     # NOTE: the salt keeps two models' (or two adapters') cached blocks apart even if
     # they ever share a pool.
-    salt = zlib.crc32(f"{path}:{config.compute}".encode())
+    salt = zlib.crc32(f"{path}:{config.compute}:{':'.join(config.adapters)}".encode())
     core = EngineCore(runner, scheduler, Sampler(), tokenizer, max_model_len,
                       model_config.vocab_size, eos, cache_salt=salt)
     info = EngineInfo(str(path), source.format, model_config, str(device), str(dtype).replace("torch.", ""),
                       config.compute, num_blocks, config.block_size, num_blocks * per_block,
                       max_model_len, time.monotonic() - started, num_parameters, quantization,
                       _tensor_bytes(model))
-    log.info("loaded %s (%s) on %s: %d KV blocks, context %d, %.2fs", path, config.compute,
-             device, num_blocks, max_model_len, info.load_seconds)
+    log.info("loaded %s%s (%s) on %s: %d KV blocks, context %d, %.2fs", path,
+             f" + {len(config.adapters)} LoRA adapter(s)" if config.adapters else "",
+             config.compute, device, num_blocks, max_model_len, info.load_seconds)
     return core, info
 
 

@@ -9,6 +9,8 @@ FROM may be
 * a Hugging Face directory (config.json + safetensors): each model file is stored as a blob
   (a `application/vnd.shoal.image.model.file` layer titled with its file name);
 * `@sha256:<hex>`: a blob already in the store (a GGUF), e.g. uploaded through /api/blobs.
+ADAPTER is a LoRA (a PEFT directory or file, a GGUF LoRA, or `@sha256:<hex>`), read and checked
+against the base model's weights here, and stored as one file (models/lora.py).
 Relative paths are relative to `base_dir` (the Modelfile's folder). Every FROM/ADAPTER problem
 is a ModelfileError pointing at the value in the Modelfile.
 """
@@ -29,11 +31,12 @@ from shoal.store.manifests import (ANNOTATION_ADAPTER_CONFIG, ANNOTATION_ADAPTER
                                    MEDIA_MODEL, MEDIA_MODEL_FILE, MEDIA_PARAMS, MEDIA_SYSTEM,
                                    MEDIA_TEMPLATE, Layer, Manifest)
 from shoal.store.modelfile import Modelfile
-from shoal.store.modelinfo import ModelDetails, check_adapter, gguf_details, hf_dir_details, is_gguf
+from shoal.store.modelinfo import ModelDetails, gguf_details, hf_dir_details, is_gguf
 from shoal.store.names import ModelName, parse_name
 from shoal.store.progress import Reporter
 
 if TYPE_CHECKING:
+    from shoal.models.config import ModelConfig
     from shoal.store.store import ModelStore
 
 LAYER_ORDER = (MEDIA_MODEL, MEDIA_MODEL_FILE, MEDIA_ADAPTER, MEDIA_TEMPLATE, MEDIA_SYSTEM,
@@ -67,6 +70,7 @@ class Creator:
         self.base_dir = base_dir
         self.lease = lease
         self.reporter = reporter
+        self._base_config: ModelConfig | None = None
 
     def error(self, message: str, position: tuple[int, int]) -> ModelfileError:
         return ModelfileError(message, *position)
@@ -210,7 +214,7 @@ class Creator:
             replace(MEDIA_MESSAGES, [self.text_layer(MEDIA_MESSAGES, data)])
         for value, position in zip(mf.adapters, mf.adapter_positions or
                                    [mf.base_position] * len(mf.adapters)):
-            layers.append(self.adapter_layer(value, position))
+            layers.append(self.adapter_layer(value, position, layers))
         for text in mf.licenses:
             layers.append(self.text_layer(MEDIA_LICENSE, text.encode()))
         unique: list[Layer] = []
@@ -219,7 +223,13 @@ class Creator:
                 unique.append(layer)
         return unique
 
-    def adapter_layer(self, value: str, position: tuple[int, int]) -> Layer:
+    def adapter_layer(self, value: str, position: tuple[int, int], layers: list[Layer]) -> Layer:
+        """Checks the adapter against the base model in `layers` (its updates fit the base's
+        weights) and stores it as one file: a GGUF as it is, a PEFT adapter as a safetensors
+        file with its adapter_config.json in the header (models.lora.self_contained_peft)."""
+        from shoal.models.lora import load_adapters, locate_adapter, self_contained_peft
+
+        stored: tuple[str, int] | None = None     # an ADAPTER @sha256:... blob
         if value.startswith("@"):
             if not is_digest(value[1:]):
                 raise self.error(f"ADAPTER {value}: not a sha256 digest", position)
@@ -227,30 +237,42 @@ class Creator:
             size = self.store.blobs.claim(digest, self.lease.add_one)
             if size is None:
                 raise self.error(f"ADAPTER {value}: no such blob in the store", position)
-            path = self.store.blobs.path(digest)
-            try:
-                fmt = check_adapter(path)
-            except ModelLoadError as exc:
-                raise self.error(f"ADAPTER {value}: {exc.problem}", position) from None
-            return Layer(MEDIA_ADAPTER, digest, size, {ANNOTATION_ADAPTER_FORMAT: fmt})
-        path = _expand(value, self.base_dir)
-        if not path.exists():
-            raise self.error(f"ADAPTER {value!r}: no such file ({path})", position)
+            stored, path = (digest, size), self.store.blobs.path(digest)
+        else:
+            path = _expand(value, self.base_dir)
+            if not path.exists():
+                raise self.error(f"ADAPTER {value!r}: no such file or directory ({path})", position)
         try:
-            fmt = check_adapter(path)
+            files = locate_adapter(path)
+            load_adapters([path], self.base_config(layers))
         except ModelLoadError as exc:
             raise self.error(f"ADAPTER {value!r}: {exc.problem}", position) from None
-        annotations = {ANNOTATION_TITLE: path.name, ANNOTATION_ADAPTER_FORMAT: fmt}
-        config = path.parent / "adapter_config.json"
-        if fmt == "safetensors" and config.is_file():
-            try:
-                annotations[ANNOTATION_ADAPTER_CONFIG] = json.dumps(
-                    json.loads(config.read_text(encoding="utf-8")), sort_keys=True)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise self.error(f"ADAPTER {value!r}: cannot read {config}: {exc}",
-                                 position) from None
-        info = self.import_file(path)
+        annotations = {ANNOTATION_ADAPTER_FORMAT: files.format}
+        if stored is None:
+            annotations[ANNOTATION_TITLE] = files.weights.name
+        if files.peft_config is not None:
+            annotations[ANNOTATION_ADAPTER_CONFIG] = json.dumps(files.peft_config, sort_keys=True)
+        if files.format == "safetensors" and not files.config_embedded:
+            info = self.store.blobs.write_bytes(self_contained_peft(files),
+                                                on_digest=self.lease.add_one)
+        elif stored is not None:
+            return Layer(MEDIA_ADAPTER, *stored, annotations)
+        else:
+            info = self.import_file(files.weights)
         return Layer(MEDIA_ADAPTER, info.digest, info.size, annotations)
+
+    def base_config(self, layers: list[Layer]) -> ModelConfig:
+        """The config of the model whose weights `layers` name (read once per create)."""
+        from shoal.models.loader import open_model
+
+        if self._base_config is None:
+            model = [layer for layer in layers if layer.media_type == MEDIA_MODEL]
+            files = [layer for layer in layers if layer.media_type == MEDIA_MODEL_FILE]
+            weights = (self.store.blobs.path(model[0].digest) if model
+                       else self.store._materialize(files))
+            with open_model(weights) as source:
+                self._base_config = source.config
+        return self._base_config
 
 
 def manifest_for(store: ModelStore, layers: list[Layer], details: ModelDetails,

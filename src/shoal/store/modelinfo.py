@@ -1,4 +1,4 @@
-"""Cheap facts about model files: format, family, parameter count, quantization; LoRA checks.
+"""Cheap facts about model files: format, family, parameter count, quantization.
 
 Everything here reads headers only (a GGUF's metadata and tensor table, a safetensors file's
 JSON header), never tensor data. The results go into a model's config blob, so listing
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import CorruptModelError, ModelLoadError, UnsupportedModelError
+from shoal.errors import CorruptModelError, ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 # safetensors dtype -> the name Ollama shows as quantization_level
@@ -172,33 +172,3 @@ def model_info(path: Path, max_array: int = 64) -> dict[str, Any]:
         return {}
     return {k: (None if isinstance(v, list) and len(v) > max_array else v)
             for k, v in header.metadata.items()}
-
-
-# -- adapters ------------------------------------------------------------------------------------
-
-_LORA_MARKERS = ("lora_a", "lora_b", "lora_up", "lora_down", "lora.up", "lora.down")
-
-
-def check_adapter(path: Path) -> str:
-    """Checks that `path` is a LoRA adapter file; returns its format ("gguf"/"safetensors")."""
-    if not path.is_file():
-        raise UnsupportedModelError(str(path), "ADAPTER must be a file (a GGUF or safetensors LoRA)")
-    if is_gguf(path):
-        header = read_gguf(path)
-        kind = header.metadata.get("general.type")
-        names = [n.lower() for n in header.tensors]
-        if kind == "adapter" or any(m in n for n in names for m in _LORA_MARKERS):
-            return "gguf"
-        raise UnsupportedModelError(
-            str(path), f"this GGUF is not a LoRA adapter (general.type is {kind!r} and no "
-                       "tensor is named *lora_a/*lora_b)")
-    try:
-        header = read_safetensors_header(path)
-    except CorruptModelError:
-        raise UnsupportedModelError(
-            str(path), "not a LoRA adapter: neither a GGUF nor a safetensors file") from None
-    names = [n.lower() for n in _safetensors_tensors(header)]
-    if not any(m in n for n in names for m in _LORA_MARKERS):
-        raise UnsupportedModelError(
-            str(path), "this safetensors file is not a LoRA adapter (no lora_A/lora_B tensors)")
-    return "safetensors"
