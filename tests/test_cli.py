@@ -30,15 +30,16 @@ def shoal(*args: str, url: str, home: Path, stdin: str | None = None, timeout: f
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit 1, one line on stderr, no traceback."""
+def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str,
+                         progress: tuple[str, ...] = ()) -> None:
+    """Exit 1, one line on stderr (after the `progress` status lines, if any), no traceback."""
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("shoal: ")
+    assert tuple(lines[:-1]) == progress, result.stderr
+    assert lines[-1].startswith("shoal: ")
     assert "Traceback" not in result.stderr
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in lines[-1], lines[-1]
 
 
 @pytest.fixture()
@@ -141,7 +142,8 @@ def test_show_summary_and_flags(shoal_server, home):
 def test_unknown_model_hints_pull(shoal_server, home):
     # The server may or may not have /api/pull yet; either way the answer is one clear line.
     result = shoal("run", "no-such-model", "hi", url=shoal_server.url, home=home)
-    assert_clean_failure(result, "no-such-model", "shoal pull no-such-model")
+    # NOTE: as Ollama's, the pull says "pulling manifest" before the registry says no.
+    assert_clean_failure(result, "no-such-model", "shoal pull no-such-model", progress=("pulling manifest",))
     assert_clean_failure(shoal("show", "no-such-model", url=shoal_server.url, home=home),
                          "model 'no-such-model' not found", "shoal pull no-such-model")
     assert_clean_failure(shoal("stop", "no-such-model", url=shoal_server.url, home=home),
@@ -188,7 +190,8 @@ def test_create_list_show_cp_rm(shoal_server, home, tmp_path, smollm2_path):
     assert_clean_failure(shoal("cp", "no-such-model", "x", url=url, home=home), "no-such-model")
     assert_clean_failure(shoal("create", "cli-x", "-f", str(tmp_path / "missing"), url=url, home=home),
                          "no Modelfile at")
-    assert_clean_failure(shoal("pull", "no-such-model-anywhere", url=url, home=home), "no-such-model-anywhere")
+    assert_clean_failure(shoal("pull", "no-such-model-anywhere", url=url, home=home), "no-such-model-anywhere",
+                         progress=("pulling manifest",))
 
 
 # ---- stop ----------------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ from shoal.store.names import DEFAULT_REGISTRY, ModelName, is_valid_name, parse_
      "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"),
     ("huggingface.co/owner/repo", ("hf.co", "owner", "repo", "latest"), "hf.co/owner/repo:latest"),
     ("https://hf.co/owner/repo:q8_0", ("hf.co", "owner", "repo", "q8_0"), "hf.co/owner/repo:q8_0"),
+    # Docker's rule: a first part with '.' or ':', or `localhost`, is a registry host
+    ("localhost:5000/mymodel:v1", ("localhost:5000", "library", "mymodel", "v1"),
+     "localhost:5000/library/mymodel:v1"),
+    ("localhost/m", ("localhost", "library", "m", "latest"), "localhost/library/m:latest"),
+    ("a.b/name", ("a.b", "library", "name", "latest"), "a.b/library/name:latest"),
     ("  padded  ", (DEFAULT_REGISTRY, "library", "padded", "latest"), "padded:latest"),
     ("_under:_score", (DEFAULT_REGISTRY, "library", "_under", "_score"), "_under:_score"),
 ])
@@ -47,7 +52,7 @@ def test_parse_table(text, parts, display) -> None:
     ("a..b", "'..'"),
     ("x:tag:more", "found ':'"),
     ("x:-tag", "must start with"),
-    ("a.b/name", "may not contain '.'"),
+    ("bad_host:x/name", "not a host name"),
     ("hf.co/repo", "need an owner"),
     ("bad_host!/ns/name", "not a host name"),
     ("host/ns/", "name is empty"),

@@ -321,9 +321,11 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
         return BlobInfo(actual, size)
 
-    def remove(self, digest: str) -> bool:
-        """Deletes the blob and any partial of it; True if the blob existed."""
-        self.partial_path(digest).unlink(missing_ok=True)
+    def remove(self, digest: str, keep_partial: bool = False) -> bool:
+        """Deletes the blob and (unless `keep_partial`) any partial of it; True if the blob
+        existed."""
+        if not keep_partial:
+            self.partial_path(digest).unlink(missing_ok=True)
         try:
             self.path(digest).unlink()
         except FileNotFoundError:

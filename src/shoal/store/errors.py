@@ -35,3 +35,8 @@ class DigestMismatchError(CorruptModelError):
 
 class PullError(ShoalError):
     """A model source could not be reached or did not give what it should (nothing was stored)."""
+
+
+class RegistryError(PullError):
+    """An OCI registry could not be reached, refused a request or sent something wrong, during
+    a pull (nothing was stored) or a push (the registry may hold some blobs, never the tag)."""

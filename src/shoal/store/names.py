@@ -4,7 +4,9 @@ A name is four parts. Missing ones are filled from the defaults (registry
 `registry.shoal.local`, namespace `library`, tag `latest`) and dropped again for display,
 so `smollm2` is stored as `registry.shoal.local/library/smollm2:latest` and shown as
 `smollm2:latest`. Names compare case-insensitively (two names that differ only in case are
-the same model), but keep the case they were written with.
+the same model), but keep the case they were written with. Plain names live under
+`registry.shoal.local` on disk; pulling or pushing one goes to Ollama's registry
+(store/registry.py maps the host).
 
 Each part maps to one directory level of the manifest store, so the character rules below
 also guarantee a part can never be `.`/`..` or contain a path separator.
@@ -128,12 +130,30 @@ def _check_part(original: str, kind: str, value: str, rule: str | None = None) -
         raise InvalidModelNameError(original, f"the {label} {value!r} contains '..'")
 
 
+def _looks_like_host(part: str) -> bool:
+    """Docker's rule for a first name component: a registry host if it has a '.' or a ':'
+    or is `localhost`."""
+    return "." in part or ":" in part or part.lower() == "localhost"
+
+
+def _checked_registry(original: str, registry: str) -> str:
+    if not registry or len(registry) > MAX_PART_LEN or not _REGISTRY_RE.fullmatch(registry):
+        raise InvalidModelNameError(
+            original, f"the registry {registry!r} is not a host name (letters, digits, '.', "
+                      "'-', optionally ':port')")
+    if ".." in registry:
+        raise InvalidModelNameError(original, f"the registry {registry!r} contains '..'")
+    return HF_REGISTRY if registry.lower() in _HF_ALIASES else registry
+
+
 def parse_name(text: str) -> ModelName:
     """`[registry/][namespace/]name[:tag]` -> ModelName, defaults filled in.
 
     `http://` / `https://` prefixes are dropped; `huggingface.co/...` is stored as
-    `hf.co/...`. Dots are allowed in a namespace only when a registry is written too (else
-    `a.b/c` would be ambiguous between registry/name and namespace/name).
+    `hf.co/...`. In a two-part name the first part is a registry host when it has a '.' or
+    a ':' or is `localhost` (Docker's rule: `localhost:5000/mymodel` is
+    `localhost:5000/library/mymodel`), else a namespace. Dots are allowed in a namespace only
+    when a registry is written too.
     """
     if not isinstance(text, str):
         raise InvalidModelNameError(repr(text), "a model name must be a string")
@@ -158,23 +178,15 @@ def parse_name(text: str) -> ModelName:
     if len(segments) == 2:
         registry, namespace = segments
         namespace_rule = "namespace."
-        if not registry or len(registry) > MAX_PART_LEN or not _REGISTRY_RE.fullmatch(registry):
-            raise InvalidModelNameError(
-                original, f"the registry {registry!r} is not a host name (letters, digits, '.', "
-                          "'-', optionally ':port')")
-        if ".." in registry:
-            raise InvalidModelNameError(original, f"the registry {registry!r} contains '..'")
-        if registry.lower() in _HF_ALIASES:
-            registry = HF_REGISTRY
+        registry = _checked_registry(original, registry)
     elif len(segments) == 1:
         namespace = segments[0]
         if namespace.lower() in _HF_ALIASES:
             raise InvalidModelNameError(
                 original, "Hugging Face names need an owner: hf.co/<owner>/<repo>[:quant]")
-        if "." in namespace:
-            raise InvalidModelNameError(
-                original, f"the namespace {namespace!r} may not contain '.' (to name a registry, "
-                          "write registry/namespace/name)")
+        if _looks_like_host(namespace):
+            # NOTE: Docker's rule: `localhost:5000/mymodel` names a registry, not a namespace.
+            registry, namespace = _checked_registry(original, namespace), DEFAULT_NAMESPACE
     _check_part(original, namespace_rule, namespace)
     _check_part(original, "name", base)
     tag = tag if colon else DEFAULT_TAG

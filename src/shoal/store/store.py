@@ -2,6 +2,7 @@
 
     store = ModelStore.from_env()                    # $SHOAL_MODELS or ~/.shoal/models
     store.pull("smollm2", progress=print)            # Ollama-shaped progress events
+    store.push("localhost:5000/team/mario:v1")       # to an OCI registry (store/registry.py)
     store.create("mario", modelfile_text, base_dir=Path("."))
     model = store.resolve("mario")                   # weights path, template, system, params...
     store.list(); store.show("mario"); store.copy("mario", "luigi"); store.delete("mario")
@@ -29,7 +30,7 @@ from typing import Any
 from shoal.errors import CorruptModelError, UnknownModelError
 from shoal.store.blobs import BlobStore
 from shoal.store.create import Creator, manifest_for
-from shoal.store.errors import PullError
+from shoal.store.errors import PullError, RegistryError
 from shoal.store.hf_files import is_safe_title
 from shoal.store.locks import Lease, StoreLocks, leased_digests
 from shoal.store.manifests import (ANNOTATION_ADAPTER_CONFIG, ANNOTATION_ADAPTER_FORMAT,
@@ -39,9 +40,10 @@ from shoal.store.manifests import (ANNOTATION_ADAPTER_CONFIG, ANNOTATION_ADAPTER
 from shoal.store.modelfile import Message, Modelfile, format_parameters, parse_modelfile, \
     render_modelfile
 from shoal.store.modelinfo import ModelDetails, model_info
-from shoal.store.names import ModelName, parse_name
+from shoal.store.names import DEFAULT_REGISTRY, ModelName, parse_name
 from shoal.store.progress import ProgressCallback, Reporter
-from shoal.store.sources.builtin import BuiltinSource, builtin_names
+from shoal.store.registry import RegistryClient
+from shoal.store.sources.builtin import BuiltinSource
 from shoal.store.sources.huggingface import HuggingFaceSource
 
 log = logging.getLogger(__name__)
@@ -137,13 +139,15 @@ class ModelStore:
     (run pull/create in a worker thread from async code)."""
 
     def __init__(self, root: str | Path, *, builtin: BuiltinSource | None = None,
-                 huggingface: HuggingFaceSource | None = None, link_imports: bool = True) -> None:
+                 huggingface: HuggingFaceSource | None = None,
+                 registry: RegistryClient | None = None, link_imports: bool = True) -> None:
         self.root = Path(root).expanduser()
         self.blobs = BlobStore(self.root)
         self.manifests = ManifestStore(self.root)
         self.locks = StoreLocks(self.root)
         self.builtin = builtin if builtin is not None else BuiltinSource()
         self.huggingface = huggingface if huggingface is not None else HuggingFaceSource()
+        self.registry = registry if registry is not None else RegistryClient()
         self.link_imports = link_imports
 
     @classmethod
@@ -185,9 +189,11 @@ class ModelStore:
         return StoredModel(name.display, name, hashlib.sha256(data).hexdigest(), manifest.size, mtime,
                            self._details(manifest))
 
-    def _write_manifest(self, name: ModelName, manifest: Manifest, lease: Lease) -> None:
-        """Writes the manifest once every blob it names is there (under the store lock); the
-        blobs only the replaced manifest (if any) used are pruned, as Ollama does."""
+    def _write_manifest(self, name: ModelName, manifest: Manifest, lease: Lease,
+                        data: bytes | None = None) -> None:
+        """Writes the manifest (`data`: its bytes as a registry sent them) once every blob it
+        names is there (under the store lock); the blobs only the replaced manifest (if any)
+        used are pruned, as Ollama does."""
         with self.locks.store_lock():
             missing = [d for d in sorted(manifest.digests()) if not self.blobs.has(d)]
             if missing:
@@ -197,7 +203,7 @@ class ModelStore:
                 old = self.manifests.read(name)
             except CorruptModelError:
                 old = None
-            self.manifests.write(name, manifest)
+            self.manifests.write(name, manifest if data is None else data)
             if old is not None:
                 lease.release_all()
                 self._prune_locked(old[0].digests() - manifest.digests())
@@ -353,36 +359,63 @@ class ModelStore:
             try:
                 with self.locks.store_lock():
                     lease.release_all()
-                    self._prune_locked(digests)
+                    self._prune_locked(digests, keep_partials=True)
             except Exception as exc:  # noqa: BLE001 - the original error matters more
                 log.warning("could not clean up after a failed operation: %s", exc)
             raise
 
     def can_pull(self, name: str | ModelName) -> bool:
+        """True for names a Modelfile FROM may pull: built-in, hf.co/..., and names that
+        spell out a registry host (a plain unknown name is a typo more often than a wish
+        to reach Ollama's registry)."""
         model = self._name(name)
-        return self.builtin.find(model) is not None or self.huggingface.handles(model)
+        return self.builtin.find(model) is not None or self.huggingface.handles(model) or \
+            model.registry.lower() != DEFAULT_REGISTRY
 
-    def pull(self, name: str | ModelName, progress: ProgressCallback | None = None) -> StoredModel:
-        """Fetches a built-in model or hf.co/<owner>/<repo>[:quant] into the store.
+    def pull(self, name: str | ModelName, progress: ProgressCallback | None = None,
+             insecure: bool = False) -> StoredModel:
+        """Fetches a built-in model, hf.co/<owner>/<repo>[:quant], or any other name from its
+        OCI registry (plain names: Ollama's) into the store; `insecure` allows plain http.
 
         Emits Ollama's /api/pull events through `progress`. Raises UnknownModelError for a
-        name no source has, PullError when a source cannot be reached or misbehaves."""
+        name its source does not have, PullError when a source cannot be reached or
+        misbehaves (RegistryError for registries); the store is then as it was (a partial
+        download stays, for the next pull to resume)."""
         model = self._name(name)
         reporter = Reporter(progress)
-        if self.huggingface.handles(model):
-            source: Any = self.huggingface
-        elif self.builtin.find(model) is not None:
-            source = self.builtin
-        else:
-            raise UnknownModelError(model.display, builtin_names())
         reporter.status("pulling manifest")
         with Lease(self.root) as lease, self._cleanup_on_failure(lease):
-            pulled = source.pull(model, self.blobs, lease, reporter)
-            manifest = manifest_for(self, pulled.layers, pulled.details, lease)
+            data = None
+            if self.huggingface.handles(model) or self.builtin.find(model) is not None:
+                source = self.huggingface if self.huggingface.handles(model) else self.builtin
+                pulled = source.pull(model, self.blobs, lease, reporter)
+                manifest = manifest_for(self, pulled.layers, pulled.details, lease)
+            else:
+                manifest, data = self.registry.pull(model, self.blobs, lease, reporter,
+                                                    insecure=insecure)
             reporter.status("writing manifest")
-            self._write_manifest(model, manifest, lease)
+            self._write_manifest(model, manifest, lease, data)
         reporter.status("success")
         return self.get(model)
+
+    def push(self, name: str | ModelName, progress: ProgressCallback | None = None,
+             insecure: bool = False) -> None:
+        """Uploads a stored model to the registry its name names (plain names: Ollama's);
+        `insecure` allows plain http. Emits Ollama's /api/push events ("retrieving
+        manifest", "pushing <digest>" with byte counts, "pushing manifest", "success")."""
+        model = self._name(name)
+        if model.is_huggingface:
+            raise RegistryError(f"{model.display}: Hugging Face is a source to pull from; "
+                                "pushing to it is not supported")
+        reporter = Reporter(progress)
+        reporter.status("retrieving manifest")
+        with Lease(self.root) as lease:
+            # NOTE: leased under the store lock, so an rm running meanwhile keeps the blobs.
+            with self.locks.store_lock():
+                manifest, data, _ = self._read(model)
+                lease.add(manifest.digests())
+            self.registry.push(model, manifest, data, self.blobs, reporter, insecure=insecure)
+        reporter.status("success")
 
     def create(self, name: str | ModelName, modelfile: str | Modelfile,
                base_dir: str | Path | None = None,
@@ -437,8 +470,9 @@ class ModelStore:
             self._prune_temp_files()
             return removed
 
-    def _prune_locked(self, candidates: set[str] | None) -> list[str]:
-        """Removes the `candidates` (None: every blob) that nothing references or leases.
+    def _prune_locked(self, candidates: set[str] | None, keep_partials: bool = False) -> list[str]:
+        """Removes the `candidates` (None: every blob) that nothing references or leases, and
+        their partial downloads unless `keep_partials` (a failed pull's, for the retry).
         NOTE: rm prunes only what the removed manifest used, so a blob uploaded through
         /api/blobs for a create that has not happened yet survives other models' rm."""
         try:
@@ -449,7 +483,7 @@ class ModelStore:
             return []
         keep = referenced | leased_digests(self.root)
         pool = self.blobs.digests() if candidates is None else sorted(candidates)
-        removed = [d for d in pool if d not in keep and self.blobs.remove(d)]
+        removed = [d for d in pool if d not in keep and self.blobs.remove(d, keep_partials)]
         self._prune_dirs()
         return removed
 

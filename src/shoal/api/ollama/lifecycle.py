@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from shoal.api.errors import ApiError, classify
 from shoal.api.ollama.routes import read_body
 from shoal.api.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
+from shoal.errors import UnknownModelError
 
 router = APIRouter(prefix="/api")
 
@@ -72,7 +73,8 @@ async def _progress_response(work: Callable[[Callable[[dict], None]], Any], stre
         try:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, Exception):
-                    yield _line({"error": classify(item).message})
+                    error = classify(item)
+                    yield _line({"error": error.ollama_message or error.message})
                 else:
                     yield _line(item)
         finally:
@@ -101,8 +103,9 @@ async def pull(request: Request) -> Response:
     body = await read_body(request, PullBody)
     name = _model_name(body)
     store = _store(request)
-    return await _progress_response(lambda progress: store.pull(name, progress=progress),
-                                    _stream_flag(body))
+    return await _progress_response(
+        lambda progress: store.pull(name, progress=progress, insecure=bool(body.insecure)),
+        _stream_flag(body))
 
 
 @router.post("/push")
@@ -110,8 +113,9 @@ async def push(request: Request) -> Response:
     body = await read_body(request, PushBody)
     name = _model_name(body)
     store = _store(request)
-    if not hasattr(store, "push"):
-        raise ApiError(501, "push is not supported by this server yet", type="server_error")
+    if not await asyncio.to_thread(store.exists, name):
+        # NOTE: checked before the stream starts, so an unknown model is a plain 404.
+        raise UnknownModelError(name)
     return await _progress_response(
         lambda progress: store.push(name, progress=progress, insecure=bool(body.insecure)),
         _stream_flag(body))
