@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from shoal.errors import (ContextLengthExceededError, EngineDeadError, InvalidParameterError,
                           ModelLoadError, PayloadTooLargeError, ServerBusyError, ShoalError,
                           UnknownModelError, UnsupportedFeatureError)
+from shoal.store.errors import PullError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> ApiError:
     if isinstance(exc, ModelLoadError):
         return ApiError(500, f"the model could not be loaded: {exc}", type="server_error",
                         code="model_load_failed")
+    if isinstance(exc, PullError):
+        # NOTE: the model's source (a registry, the hub, PyPI) failed, not the request: 502
+        return ApiError(502, str(exc), type="server_error", code="upstream_error")
     if isinstance(exc, ShoalError):
         return ApiError(400, str(exc))
     if log_unexpected:
