@@ -303,3 +303,18 @@ def test_serve_refuses_to_start_without_keys_when_they_are_required(tmp_path: Pa
     assert f"refusing to serve on {host} without API keys" in done.stderr
     assert "shoal keys create NAME" in done.stderr and "SHOAL_AUTH=off" in done.stderr
     assert not (tmp_path / "keys.db").exists()
+
+
+def test_the_command_line_sends_shoal_api_key(keyed) -> None:
+    server, keys = keyed
+    env = {**{k: v for k, v in os.environ.items() if k != "SHOAL_API_KEY"},
+           "SHOAL_HOST": server.url, "SHOAL_NO_AUTOSTART": "1"}
+
+    def shoal_list(extra: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "shoal", "list"], env={**env, **extra},
+                              capture_output=True, text=True, timeout=60)
+
+    denied = shoal_list({})
+    assert denied.returncode == 1 and "missing API key" in denied.stderr
+    listed = shoal_list({"SHOAL_API_KEY": keys["good"]})
+    assert listed.returncode == 0 and MODEL in listed.stdout

@@ -142,6 +142,11 @@ def _serve(args: argparse.Namespace) -> int:
     if (problem := _auth_problem(settings)) is not None:
         print(f"shoal: {problem}", file=sys.stderr)
         return 1
+    from shoal.guard.auth import is_loopback
+
+    if settings.auth == "off" and not is_loopback(settings.host):
+        print(f"shoal: warning: serving {settings.host} without API keys (SHOAL_AUTH=off): anyone "
+              "who can reach this port may use and manage its models", file=sys.stderr)
     if _port_in_use(settings.host, settings.port):
         print(f"shoal: cannot listen on {settings.host}:{settings.port}: the port is in use "
               "(another shoal, or Ollama on its default port?). Choose one with --port or SHOAL_PORT.",
