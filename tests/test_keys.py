@@ -97,6 +97,22 @@ def test_authenticate_accepts_the_key_and_refuses_wrong_revoked_and_expired(tmp_
         auth.close()
 
 
+def test_a_write_held_by_another_process_does_not_fail_authentication(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    with KeyDB(path) as db:
+        key, record = db.create("busy")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")          # e.g. `shoal keys create` mid-transaction
+    auth = Authenticator(path, required=True)
+    try:
+        assert auth.authenticate(f"Bearer {key}").key_id == record.id    # the read does not wait
+        assert auth.db.get(record.id).last_used_at is None               # the last-use write gave up
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        auth.close()
+
+
 def test_expiry_durations_and_dates() -> None:
     now = 1_700_000_000.0
     assert parse_expiry("30d", now) == now + 30 * 86400
@@ -334,7 +350,8 @@ def test_which_paths_need_which_key() -> None:
               ("GET", "/api/version"): Access.OPEN, ("GET", "/livez"): Access.OPEN,
               ("GET", "/metrics"): Access.OPEN, ("OPTIONS", "/v1/models"): Access.OPEN,
               ("POST", "/v1/chat/completions"): Access.CALLER, ("GET", "/api/tags"): Access.CALLER,
-              ("POST", "/api/pull"): Access.MODEL_ADMIN, ("DELETE", "/api/delete"): Access.MODEL_ADMIN,
+              ("POST", "/api/pull"): Access.MODEL_ADMIN, ("POST", "/api/pull/"): Access.MODEL_ADMIN,
+              ("DELETE", "/api/delete"): Access.MODEL_ADMIN,
               ("POST", "/api/blobs/sha256:ab"): Access.MODEL_ADMIN,
               ("GET", "/admin/keys"): Access.KEY_ADMIN}
     for (method, path), access in expect.items():

@@ -55,6 +55,7 @@ def keys_required(mode: str, host: str) -> bool:
 
 
 def required_access(method: str, path: str, protect_metrics: bool) -> Access:
+    path = path.rstrip("/") or "/"      # NOTE: /api/pull/ must not slip past as another path
     if path.startswith("/admin/") or path == "/admin":
         return Access.KEY_ADMIN
     if method == "OPTIONS" or path in OPEN_PATHS or (path == "/metrics" and not protect_metrics):
@@ -101,7 +102,9 @@ class Authenticator:
     def db(self) -> KeyDB:
         """The keys DB, opened on first use (a server without keys never creates the file)."""
         if self._db is None:
-            self._db = KeyDB(self.keys_db_path)
+            # NOTE: lookups run on the event loop; a write another process holds must not
+            # stall it for long (reads never wait in WAL mode; only last-use writes do).
+            self._db = KeyDB(self.keys_db_path, busy_timeout=0.5)
         return self._db
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ SQLite's `user_version`; a file from a newer shoal is refused rather than misrea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -20,6 +21,8 @@ from pathlib import Path
 from shoal.errors import InvalidParameterError, ShoalError
 from shoal.guard.keys import (ACTIVE, KeyLimits, KeyRecord, check_name, check_priority_class,
                               hash_secret, new_key, normalize_models)
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -73,7 +76,8 @@ def keys_db_path(explicit: str | None = None, environ: Mapping[str, str] | None 
 class KeyDB:
     """The keys of one database file. Safe to share between threads (one connection, a lock)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, busy_timeout: float = 10.0) -> None:
+        """busy_timeout: how long a write waits for another process's write to commit."""
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
         try:
@@ -81,7 +85,7 @@ class KeyDB:
             # NOTE: created 0600 before SQLite opens it; SQLite gives -wal/-shm the same mode.
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                         timeout=10.0)
+                                         timeout=busy_timeout)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._migrate()
@@ -114,6 +118,10 @@ class KeyDB:
             self._conn.execute("COMMIT")
 
     def _migrate(self) -> None:
+        # NOTE: the usual case (up to date) takes no write lock, so a server can open the
+        # file while `shoal keys` is writing to it.
+        if self._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
         with self._transaction() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -166,12 +174,16 @@ class KeyDB:
         return replace(found[0], revoked_at=now)
 
     def touch(self, record: KeyRecord, now: float | None = None) -> None:
-        """Records a use of the key, at most once per LAST_USED_RESOLUTION seconds."""
+        """Records a use of the key, at most once per LAST_USED_RESOLUTION seconds; best
+        effort (a busy or read-only file must not fail the request that used the key)."""
         now = time.time() if now is None else now
         if record.last_used_at is not None and now - record.last_used_at < LAST_USED_RESOLUTION:
             return
-        with self._lock:
-            self._conn.execute("UPDATE keys SET last_used_at = ? WHERE id = ?", (now, record.id))
+        try:
+            with self._lock:
+                self._conn.execute("UPDATE keys SET last_used_at = ? WHERE id = ?", (now, record.id))
+        except sqlite3.Error as exc:
+            log.warning("%s: could not record the last use of key %s: %s", self.path, record.id, exc)
 
     # ---- queries --------------------------------------------------------------------------
 
