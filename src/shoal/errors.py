@@ -91,3 +91,45 @@ class PayloadTooLargeError(ShoalError):
 
 class UnsupportedFeatureError(InvalidParameterError):
     """A well-formed request asks for something shoal does not do (yet)."""
+
+
+class AccessDeniedError(ShoalError):
+    """A request refused because of who asks (guard/): `reason` is the rejected-metric label.
+
+    `model` names the model asked for, when known, for the rejected-requests counter.
+    """
+
+    reason = "forbidden"
+
+    def __init__(self, message: str, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class AuthenticationError(AccessDeniedError):
+    """No API key, or one that is wrong, revoked or expired (401)."""
+
+    reason = "unauthorized"
+
+
+class PermissionDeniedError(AccessDeniedError):
+    """A valid key that may not do this: a model outside its list, an admin-only endpoint (403).
+
+    `code` says which ("model_not_allowed", "admin_required").
+    """
+
+    reason = "forbidden"
+
+    def __init__(self, message: str, code: str, model: str | None = None) -> None:
+        super().__init__(message, model)
+        self.code = code
+
+
+class RateLimitedError(AccessDeniedError):
+    """A key over one of its limits (requests or tokens per minute, concurrency); retry later (429)."""
+
+    reason = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int, model: str | None = None) -> None:
+        super().__init__(message, model)
+        self.retry_after = max(1, int(retry_after))

@@ -1,4 +1,4 @@
-"""The FastAPI application: shared endpoints, error rendering per dialect, body limits."""
+"""The FastAPI application: shared endpoints, error rendering per dialect, body limits, API keys."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +18,8 @@ from shoal.api.generation import GenerationService
 from shoal.api.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.api.models import ResidencyManager
 from shoal.api.settings import ServerSettings
-from shoal.errors import ShoalError
+from shoal.errors import AccessDeniedError, ShoalError
+from shoal.guard.auth import Authenticator, AuthMiddleware
 
 
 def dialect_of(path: str) -> str:
@@ -121,6 +122,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
             yield
         finally:
             await residency.shutdown()
+            authenticator.close()
 
     app = FastAPI(title="shoal", version=shoal.__version__, docs_url="/docs", redoc_url=None,
                   lifespan=lifespan)
@@ -129,11 +131,13 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
         metrics.register_model(model.name)
     residency.add_load_listener(lambda model: metrics.register_model(model.name))
     service = GenerationService(residency, metrics, settings)
+    authenticator = Authenticator.from_settings(settings)
     app.state.residency = residency
     app.state.store = store
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
+    app.state.authenticator = authenticator
     app.state.started_at = time.time()
 
     @app.exception_handler(ApiError)
@@ -154,8 +158,13 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
         return error_response(request.url.path, ApiError(exc.status_code, message,
                                                           headers=dict(exc.headers or {})))
 
+    def count_rejection(exc: AccessDeniedError) -> None:
+        metrics.rejected.labels(exc.model or "", exc.reason).inc()
+
     @app.exception_handler(ShoalError)
     async def _shoal_error(request: Request, exc: ShoalError) -> JSONResponse:
+        if isinstance(exc, AccessDeniedError):
+            count_rejection(exc)
         return error_response(request.url.path, classify(exc))
 
     @app.exception_handler(Exception)
@@ -186,8 +195,13 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     from shoal.api.ollama.lifecycle import router as lifecycle_router
     from shoal.api.ollama.routes import router as ollama_router
     from shoal.api.openai.routes import router as openai_router
+    from shoal.guard.admin_api import router as admin_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
     app.include_router(lifecycle_router)
+    app.include_router(admin_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # NOTE: added last, so it runs first: a request without a valid key is refused unread.
+    app.add_middleware(AuthMiddleware, authenticator=authenticator, count=count_rejection,
+                       render=lambda path, exc: error_response(path, classify(exc)))
     return app

@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from shoal.errors import (ContextLengthExceededError, EngineDeadError, InvalidParameterError,
-                          ModelLoadError, PayloadTooLargeError, ServerBusyError, ShoalError,
+from shoal.errors import (AuthenticationError, ContextLengthExceededError, EngineDeadError,
+                          InvalidParameterError, ModelLoadError, PayloadTooLargeError,
+                          PermissionDeniedError, RateLimitedError, ServerBusyError, ShoalError,
                           UnknownModelError, UnsupportedFeatureError)
 from shoal.store.errors import PullError
 
@@ -49,6 +50,16 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> ApiError:
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), type="server_error", code="engine_dead",
                         headers={"Retry-After": "30"})
+    # NOTE: the types name the class as openai-python's exceptions do; the codes are OpenAI's.
+    if isinstance(exc, AuthenticationError):
+        return ApiError(401, str(exc), type="authentication_error", code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, PermissionDeniedError):
+        return ApiError(403, str(exc), type="permission_error", code=exc.code,
+                        param="model" if exc.code == "model_not_allowed" else None)
+    if isinstance(exc, RateLimitedError):
+        return ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, ModelLoadError):
         return ApiError(500, f"the model could not be loaded: {exc}", type="server_error",
                         code="model_load_failed")

@@ -22,6 +22,7 @@ from shoal.api.settings import ServerSettings
 from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.errors import ServerBusyError, ShoalError
 from shoal.guard.context import Principal, current_principal
+from shoal.guard.quotas import KeyQuotas, Lease
 from shoal.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -107,6 +108,7 @@ class GenerationService:
         self.residency = residency
         self.metrics = metrics
         self.settings = settings
+        self.quotas = KeyQuotas()       # per-key limits (guard/quotas.py)
         self._in_flight: dict[str, int] = {}
         self._ids = itertools.count()
 
@@ -154,8 +156,13 @@ class GenerationService:
         tickets: list[_Ticket] = []
         try:
             for req in reqs:
-                self._admit(req.model)
-                tickets.append(_Ticket(self, req))
+                lease = self.quotas.admit(req)      # 403/429 for the caller's key first
+                try:
+                    self._admit(req.model)
+                except BaseException:
+                    lease.cancel()
+                    raise
+                tickets.append(_Ticket(self, req, lease))
         except BaseException:
             for ticket in tickets:
                 ticket.release()
@@ -208,7 +215,7 @@ class GenerationService:
             rejected = last_seen is None    # refused by the engine: it never ran
             raise
         finally:
-            ticket.release()
+            ticket.release(None if rejected else generated)
             if final is not None:
                 self.metrics.observe_finished(name, final, req.arrival_time, generated)
             elif not rejected:
@@ -245,19 +252,25 @@ class GenerationService:
 
 
 class _Ticket:
-    """One admitted request's slot and its hold on the model; released exactly once."""
+    """One admitted request's slot, its key's quota lease and its hold on the model;
+    released exactly once."""
 
-    __slots__ = ("_service", "_req", "_held")
+    __slots__ = ("_service", "_req", "_lease", "_held")
 
-    def __init__(self, service: GenerationService, req: GenerateRequest) -> None:
-        self._service, self._req, self._held = service, req, True
+    def __init__(self, service: GenerationService, req: GenerateRequest, lease: Lease) -> None:
+        self._service, self._req, self._lease, self._held = service, req, lease, True
         # NOTE: the stream holds the model itself, so the caller can let go of its own
         # hold as soon as the stream exists; the model stays until the stream ends.
         service.residency.retain(req.model)
 
-    def release(self) -> None:
+    def release(self, output_tokens: int | None = None) -> None:
+        """output_tokens None: the request never ran (its key is not charged for it)."""
         if self._held:
             self._held = False
+            if output_tokens is None:
+                self._lease.cancel()
+            else:
+                self._lease.finish(output_tokens)
             self._service._release(self._req.model)
             self._service.residency.release(self._req.model, self._req.keep_alive)
 

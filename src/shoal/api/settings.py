@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from shoal.config import parse_bytes
 from shoal.errors import InvalidParameterError
@@ -23,6 +23,10 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_MAX_LOADED_MODELS": ("max_loaded_models", "Most models loaded at once; idle ones unload first to make room (default 3)."),
     "SHOAL_MEMORY_BUDGET": ("memory_budget", "Memory for loaded models (weights + reserved KV cache), e.g. '16GiB' (default: 75% of RAM)."),
     "SHOAL_LOAD_TIMEOUT": ("load_timeout", "How long a request waits for room to load its model before 503 (default 5m)."),
+    "SHOAL_AUTH": ("auth", "API keys: 'auto' (required unless listening on loopback only; default), 'on' or 'off'."),
+    "SHOAL_KEYS_DB": ("keys_db", "The API keys database `shoal keys` manages (default $SHOAL_HOME/keys.db, SHOAL_HOME being ~/.shoal)."),
+    "SHOAL_ADMIN_KEY": ("admin_key", "An admin key kept outside the keys DB (at least 16 characters), e.g. for automation that creates the keys."),
+    "SHOAL_METRICS_AUTH": ("metrics_auth", "1: GET /metrics needs an API key too when keys are required (default 0: open, like /health)."),
 }
 
 
@@ -40,6 +44,10 @@ class ServerSettings:
     max_loaded_models: int = 3
     memory_budget: int | str | None = None
     load_timeout: float | str = 300.0
+    auth: str = "auto"
+    keys_db: str | None = None
+    admin_key: str | None = field(default=None, repr=False)
+    metrics_auth: bool | str = False
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -62,6 +70,20 @@ class ServerSettings:
             raise InvalidParameterError("port", f"must be in 1..65535, got {self.port}")
         if self.max_queue < 0:
             raise InvalidParameterError("max_queue", "must be >= 0")
+        self._check_auth()
+
+    def _check_auth(self) -> None:
+        from shoal.guard.auth import ADMIN_KEY_MIN_LENGTH, AUTH_MODES
+
+        self.auth = self.auth.strip().lower()
+        if self.auth not in AUTH_MODES:
+            raise InvalidParameterError("auth", f"SHOAL_AUTH must be one of {', '.join(AUTH_MODES)}, "
+                                        f"got {self.auth!r}")
+        if self.admin_key is not None and len(self.admin_key) < ADMIN_KEY_MIN_LENGTH:
+            raise InvalidParameterError("admin_key", f"SHOAL_ADMIN_KEY must be at least "
+                                        f"{ADMIN_KEY_MIN_LENGTH} characters")
+        if isinstance(self.metrics_auth, str):
+            self.metrics_auth = self.metrics_auth.strip().lower() in ("1", "true", "yes", "on")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerSettings":

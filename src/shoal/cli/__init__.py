@@ -1,6 +1,7 @@
 """The `shoal` command line.
 
-`serve` runs the server; `chat`, `generate`, `model-path` and `env` work in this process.
+`serve` runs the server; `chat`, `generate`, `model-path`, `env` and `keys` (API keys, on the
+keys DB) work in this process.
 Every other command is an HTTP client of the server at SHOAL_HOST, as Ollama's CLI is of
 OLLAMA_HOST: `run` (one answer, or the interactive chat), `pull`, `push`, `list`/`ls`,
 `ps`, `show`, `rm`, `cp`, `create`, `stop`.
@@ -79,6 +80,7 @@ def _add_client_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shoal.cli.keys import add_keys_command
     from shoal.cli.local import add_local_commands
 
     parser = argparse.ArgumentParser(
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_client_commands(sub)
     add_local_commands(sub)
+    add_keys_command(sub)
     return parser
 
 

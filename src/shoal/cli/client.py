@@ -30,6 +30,7 @@ CLIENT_ENV_VARS: dict[str, str] = {
     "SHOAL_NO_AUTOSTART": "1: client commands never start a background server when none answers at SHOAL_HOST.",
     "SHOAL_AUTOSTART_TIMEOUT": "Seconds to wait for an auto-started server to answer (default 600; the first start may fetch the default model).",
     "SHOAL_NOHISTORY": "1: the interactive chat keeps no input history file.",
+    "SHOAL_API_KEY": "The API key client commands send (Authorization: Bearer), for a server that requires keys.",
 }
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""}
@@ -151,8 +152,11 @@ class Client:
                                             else self.host.connect_host) + f":{self.host.port}"
         self.base_url = base
         # NOTE: no read timeout: a request may wait for its model to load (tens of seconds).
+        headers = {"User-Agent": _user_agent()}
+        if os.environ.get("SHOAL_API_KEY"):
+            headers["Authorization"] = f"Bearer {os.environ['SHOAL_API_KEY']}"
         self._http = httpx.Client(base_url=base, timeout=httpx.Timeout(timeout, connect=5.0),
-                                  headers={"User-Agent": _user_agent()})
+                                  headers=headers)
 
     def close(self) -> None:
         self._http.close()

@@ -109,6 +109,19 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _auth_problem(settings) -> str | None:
+    """Why the server must not start with this key policy (e.g. public and no keys)."""
+    from shoal.errors import ShoalError
+    from shoal.guard.auth import startup_problem
+    from shoal.guard.keydb import keys_db_path
+
+    try:
+        return startup_problem(settings.auth, settings.host, keys_db_path(settings.keys_db),
+                               settings.admin_key)
+    except ShoalError as exc:
+        return str(exc)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from shoal.api.settings import ServerSettings
     from shoal.config import EngineConfig
@@ -117,7 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings.from_env(host=args.host, port=args.port,
                                            served_model_name=args.served_model_name,
-                                           max_queue=args.max_queue)
+                                           max_queue=args.max_queue, auth=args.auth)
         config = EngineConfig.from_env(model=args.model, compute=args.compute, device=args.device,
                                        max_model_len=args.max_model_len,
                                        kv_cache_bytes=args.kv_cache_bytes,
@@ -126,6 +139,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"shoal: {exc}", file=sys.stderr)
         return 2
     # Fail before the model loads, with the likely reason.
+    if (problem := _auth_problem(settings)) is not None:
+        print(f"shoal: {problem}", file=sys.stderr)
+        return 1
+    from shoal.guard.auth import is_loopback
+
+    if settings.auth == "off" and not is_loopback(settings.host):
+        print(f"shoal: warning: serving {settings.host} without API keys (SHOAL_AUTH=off): anyone "
+              "who can reach this port may use and manage its models", file=sys.stderr)
     if _port_in_use(settings.host, settings.port):
         print(f"shoal: cannot listen on {settings.host}:{settings.port}: the port is in use "
               "(another shoal, or Ollama on its default port?). Choose one with --port or SHOAL_PORT.",
@@ -167,6 +188,8 @@ def add_local_commands(sub) -> None:
     serve.add_argument("--max-num-seqs", type=int, default=None, help="largest running batch")
     serve.add_argument("--max-queue", type=int, default=None,
                        help="requests that may wait beyond the running batch before 503s")
+    serve.add_argument("--auth", choices=("auto", "on", "off"), default=None,
+                       help="API keys: auto (required unless on loopback; default), on, off (SHOAL_AUTH)")
     serve.set_defaults(func=_serve)
     env = sub.add_parser("env", help="list the SHOAL_* environment variables")
     env.set_defaults(func=_env)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shoal.guard.keys import KeyLimits
 
 INTERACTIVE = "interactive"
 BATCH = "batch"
@@ -20,13 +24,17 @@ class Principal:
     """The caller of a request, as the authentication step established it.
 
     key_id is None for an anonymous caller (auth off, as on loopback by default); the
-    key itself is never kept here. allowed_models None means every model.
+    key itself is never kept here. allowed_models None means every model (names as
+    residency.catalog.normalize_name gives them). admin: may manage models and keys.
+    limits None: no per-key quotas (anonymous callers, SHOAL_ADMIN_KEY).
     """
 
     key_id: str | None = None
     name: str | None = None
     priority_class: str = INTERACTIVE
     allowed_models: frozenset[str] | None = None
+    admin: bool = False
+    limits: KeyLimits | None = None
 
 
 ANONYMOUS = Principal()

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.errors import ServerBusyError, ShoalError
+from shoal.guard.access import check_model_access
+from shoal.guard.context import current_principal
 from shoal.residency.catalog import Catalog, ModelSpec, normalize_name
 from shoal.residency.served import ServedModel
 
@@ -77,8 +79,11 @@ class ResidencyManager:
 
     # ---- queries ---------------------------------------------------------------------------
     def resolve(self, name: str) -> ModelSpec:
-        """The model a name means, loaded or not; raises UnknownModelError."""
-        return self.catalog.resolve(name)
+        """The model a name means, loaded or not; raises UnknownModelError, or 403 when the
+        caller's API key may not use it (checked here so no route can load it for them)."""
+        spec = self.catalog.resolve(name)
+        check_model_access(current_principal.get(), spec)
+        return spec
 
     def loaded(self) -> list[ServedModel]:
         return [s.model for s in self._slots.values() if s.model is not None]
@@ -104,7 +109,7 @@ class ResidencyManager:
     # ---- acquire / release -----------------------------------------------------------------
     async def acquire(self, name: str, keep_alive: float | None = None) -> ServedModel:
         """The model for one request, loading it first if needed. Pair with release()."""
-        spec = self.catalog.resolve(name)
+        spec = self.resolve(name)
         key = spec.name
         while True:
             slot = self._slots.get(key)

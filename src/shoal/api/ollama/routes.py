@@ -18,6 +18,7 @@ from shoal.api.ollama import info as model_info
 from shoal.api.ollama import serving
 from shoal.api.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
+from shoal.guard.access import visible_models
 
 router = APIRouter(prefix="/api")
 
@@ -139,7 +140,7 @@ async def tags(request: Request) -> dict[str, Any]:
     """Every model this server can serve, loaded or not."""
     residency = request.app.state.residency
     models = []
-    for spec in residency.catalog.specs():
+    for spec in visible_models(residency.catalog.specs()):
         loaded = residency.get_loaded(spec.name)
         if loaded is not None:
             size, digest = await asyncio.to_thread(lambda m=loaded: (m.size_bytes, m.digest))
@@ -184,7 +185,7 @@ async def show(request: Request) -> Response:
 async def ps(request: Request) -> dict[str, Any]:
     models = []
     residency = request.app.state.residency
-    for model in residency.loaded():
+    for model in visible_models(residency.loaded()):
         digest = await asyncio.to_thread(lambda m=model: m.digest)
         total = model.size_in_memory
         on_gpu = str(model.info.device).startswith("cuda")

@@ -12,6 +12,7 @@ from shoal.api.openai import serving
 from shoal.api.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest)
 from shoal.errors import InvalidParameterError
+from shoal.guard.access import visible_models
 
 router = APIRouter()
 
@@ -83,7 +84,7 @@ def _model_card(spec: ModelSpec, loaded: ServedModel | None) -> dict:
 async def list_models(request: Request) -> dict:
     residency = _residency(request)
     return {"object": "list", "data": [_model_card(spec, residency.get_loaded(spec.name))
-                                       for spec in residency.catalog.specs()]}
+                                       for spec in visible_models(residency.catalog.specs())]}
 
 
 @router.get("/v1/models/{model_id:path}")
