@@ -3,7 +3,7 @@
 `serve` runs the server; `chat`, `generate`, `model-path` and `env` work in this process.
 Every other command is an HTTP client of the server at SHOAL_HOST, as Ollama's CLI is of
 OLLAMA_HOST: `run` (one answer, or the interactive chat), `pull`, `push`, `list`/`ls`,
-`ps`, `show`, `rm`, `cp`, `create`, `stop`.
+`ps`, `show`, `rm`, `cp`, `create`, `stop`. `bench` benchmarks servers side by side (shoal.bench).
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def _add_client_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shoal.bench.cli import add_bench_command
     from shoal.cli.local import add_local_commands
 
     parser = argparse.ArgumentParser(
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_client_commands(sub)
     add_local_commands(sub)
+    add_bench_command(sub)
     return parser
 
 
