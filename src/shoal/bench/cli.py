@@ -67,7 +67,8 @@ def add_bench_command(sub) -> None:
     bench.add_argument("--target", action="append", default=[], metavar="SPEC",
                        help="name=..,url=..,dialect=openai|ollama,model=..[,api_key=..][,tokenizer=PATH], "
                             "or a bare URL; repeat for more targets")
-    bench.add_argument("--model", default=None, help="model for targets that name none (default: the server's only model)")
+    bench.add_argument("--model", default=None,
+                       help="model for targets that name none (default: the server's only model)")
     bench.add_argument("--dialect", choices=("openai", "ollama"), default="openai",
                        help="dialect for targets that name none (default openai)")
     bench.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
@@ -142,10 +143,17 @@ def _write_reports(args: argparse.Namespace, results: dict) -> None:
     if args.markdown:
         Path(args.markdown).write_text(markdown(results), encoding="utf-8")
     if args.html:
-        # NOTE: the HTML report lives in its own module (matplotlib, an optional extra).
-        from shoal.bench.report_html import render_html
+        Path(args.html).write_text(_html_renderer()(results), encoding="utf-8")
 
-        Path(args.html).write_text(render_html(results), encoding="utf-8")
+
+def _html_renderer():
+    """The HTML report's renderer; BenchSetupError when this install lacks it."""
+    try:
+        # NOTE: a module of its own, with its plotting dependency in an optional extra.
+        from shoal.bench.report_html import render_html
+    except ImportError as exc:
+        raise BenchSetupError(f"--html: the HTML report is not available ({exc})") from None
+    return render_html
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -162,6 +170,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv = sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"]
     try:
         threshold = parse_fraction(args.regression_threshold)
+        if args.html:
+            _html_renderer()             # fail before the run, not after it
         old = load_results(args.compare) if args.compare else None
         if args.from_json:
             results = load_results(args.from_json)

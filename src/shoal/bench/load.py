@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from shoal.bench.client import BenchRequest, RequestRecord, StreamingClient
 
 SessionSource = Callable[[int], list[BenchRequest]]
+_CONNECTION_RETRY_PAUSE_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,10 @@ async def run_level(client: StreamingClient, plan: LevelPlan, sessions: SessionS
             record = await client.send(request)
             records.append(record)
             on_done(record)
+            if record.status == "connection":
+                # NOTE: a server that is gone fails each request in a millisecond; without a
+                # pause a closed loop would log thousands of identical failures a second.
+                await asyncio.sleep(_CONNECTION_RETRY_PAUSE_S)
 
     if plan.mode == "closed":
         await _closed_loop(plan, sessions, run_session, deadline, lambda: started)

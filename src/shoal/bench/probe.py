@@ -58,7 +58,7 @@ def _names(dialect: str, data: object) -> list[str] | None:
     return names
 
 
-async def _model_list(http: httpx.AsyncClient, spec: TargetSpec, dialect: str) -> tuple[int, list[str] | None]:
+async def _model_list(http: httpx.AsyncClient, dialect: str) -> tuple[int, list[str] | None]:
     response = await http.get(_MODEL_LISTS[dialect])
     try:
         data = response.json()
@@ -79,7 +79,8 @@ async def _serves_model(http: httpx.AsyncClient, spec: TargetSpec, model: str) -
     if spec.dialect == "openai":
         response = await http.get(f"/v1/models/{model}")
     else:
-        response = await http.post("/api/show", json={"model": model})
+        # older Ollama servers read "name", newer ones "model"
+        response = await http.post("/api/show", json={"model": model, "name": model})
     return response.status_code == 200
 
 
@@ -109,12 +110,12 @@ async def probe_target(spec: TargetSpec) -> TargetInfo:
     where = f"target {spec.name!r} ({spec.url})"
     async with httpx.AsyncClient(base_url=spec.url, headers=spec.headers(), timeout=_PROBE_TIMEOUT_S) as http:
         try:
-            status, names = await _model_list(http, spec, spec.dialect)
+            status, names = await _model_list(http, spec.dialect)
             if status in (401, 403):
                 raise BenchSetupError(f"{where}: the server refused the request ({status}); check api_key=")
             if names is None:
                 other = "ollama" if spec.dialect == "openai" else "openai"
-                _, other_names = await _model_list(http, spec, other)
+                _, other_names = await _model_list(http, other)
                 if other_names is not None:
                     raise BenchSetupError(f"{where}: speaks the {other} dialect, not {spec.dialect} "
                                           f"(GET {_MODEL_LISTS[spec.dialect]} -> {status}); use dialect={other}")

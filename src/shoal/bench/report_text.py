@@ -15,6 +15,10 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value * 1000:,.1f}"
 
 
+def _count(value: int | None) -> str:
+    return "–" if value is None else str(value)
+
+
 def _errors(errors: dict) -> str:
     shown = [f"{code}×{n}" for code, n in errors.items() if n]
     return ", ".join(shown) or "0"
@@ -45,10 +49,10 @@ def server_rows(results: dict) -> list[list[str]]:
             continue
         hit_rate = server.get("prefix_cache_hit_rate")
         rows.append([row["target"], f"{row['level']:g}", server["source"],
-                     f"{row['prompt_tokens']} / {server['prompt_tokens'] if server['prompt_tokens'] is not None else '–'}",
-                     f"{row['output_tokens']} / {server['generation_tokens'] if server['generation_tokens'] is not None else '–'}",
+                     f"{row['prompt_tokens']} / {_count(server['prompt_tokens'])}",
+                     f"{row['output_tokens']} / {_count(server['generation_tokens'])}",
                      f"{_ms(row['ttft']['mean'])} / {_ms(server['ttft_mean'])}",
-                     "–" if server["preemptions"] is None else str(server["preemptions"]),
+                     _count(server["preemptions"]),
                      "–" if hit_rate is None else f"{hit_rate:.0%}"])
     return rows
 

@@ -110,10 +110,14 @@ async def run_bench(config: BenchConfig, progress: LiveProgress) -> dict:
         for info in infos:
             targets.append(await _prepare(config, workload, info))
         for target in targets:
+            info = target.info
+            progress.note(f"{info.name}: {info.kind or 'unknown'} server at {info.spec.url}, model {info.model}, "
+                          f"prompt lengths {target.builder.accuracy}")
             if config.ignore_eos and not target.info.ignore_eos_supported:
                 progress.note(f"{target.info.name}: ignore_eos is not supported there; answers may end early")
-            if target.builder.accuracy == "estimate" and workload.token_accurate:
-                progress.note(f"{target.info.name}: no tokenizer (give --tokenizer); prompt lengths are estimates")
+            if not target.builder.exact and workload.token_accurate:
+                progress.note(f"{target.info.name}: prompt lengths are estimates "
+                              "(no usable tokenizer; give --tokenizer)")
         for target in targets:
             for i in range(config.warmup):
                 for request in workload.session(target.builder, f"{config.seed}/warmup/{i}", i)[:1]:

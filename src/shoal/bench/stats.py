@@ -56,7 +56,9 @@ def meets_slo(record: RequestRecord, slo: Slo) -> bool:
 
 def error_counts(records: Sequence[RequestRecord]) -> dict[str, int]:
     counts = Counter(str(r.status) for r in records if not r.ok)
-    return {"timeout": counts.pop("timeout", 0), "connection": counts.pop("connection", 0), **dict(sorted(counts.items()))}
+    # timeouts and connection failures always appear (as 0), status codes when they occurred
+    return {"timeout": counts.pop("timeout", 0), "connection": counts.pop("connection", 0),
+            **dict(sorted(counts.items()))}
 
 
 def level_figures(records: Sequence[RequestRecord], duration_s: float, *, stall_threshold_s: float,

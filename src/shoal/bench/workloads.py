@@ -2,8 +2,9 @@
 
 Prompts are sequences of common English words drawn by a seeded generator: request k of
 level L draws the same words on every target, so targets with the same tokenizer get the
-same text, and no two requests share a prefix (no server gets a free ride from its prefix
-cache) — except in `chat-rag`, whose turns repeat their conversation so far on purpose.
+same text, and no two requests share more than their first word (no server gets a free ride
+from its prefix cache) — except in `chat-rag`, whose turns repeat their conversation so far
+on purpose.
 
 Token-accurate lengths: `PromptBuilder.calibrate` keeps the words that are exactly one
 token for the target's tokenizer and checks that joined words add up (true for byte-level
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +69,9 @@ class PromptBuilder:
     @property
     def accuracy(self) -> str:
         """How the prompt lengths were established, for the results."""
-        return self.counter.source if self.exact else "estimate"
+        if not self.exact:
+            return "estimate"
+        return "exact (the server's /tokenize)" if self.counter.source == "server" else "exact (--tokenizer file)"
 
     async def calibrate(self, sample_lengths: tuple[int, ...] = (64, 1024)) -> None:
         if self.counter.source == "estimate":
