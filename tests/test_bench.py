@@ -193,6 +193,10 @@ def test_validation_wrong_dialect(ollama_only):
     info = asyncio.run(probe_target(parse_target(f"url={ollama_only},dialect=ollama,model=tiny",
                                                  default_model=None, default_dialect="openai")))
     assert (info.model, info.ignore_eos_supported) == ("tiny", False)
+    # no model named: the server's only one (listed under both "name" and "model")
+    info = asyncio.run(probe_target(parse_target(f"url={ollama_only},dialect=ollama", default_model=None,
+                                                 default_dialect="openai")))
+    assert info.model == "tiny:latest"
 
 
 def test_validation_accepts_an_alias_the_list_leaves_out(shoal_server):

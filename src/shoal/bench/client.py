@@ -173,8 +173,8 @@ class StreamingClient:
             record.status, record.error = "connection", f"{type(exc).__name__}: {exc}"[:200]
         except _StreamError as exc:
             record.status, record.error = "stream", str(exc)
-        except ValueError as exc:      # a line that is not JSON
-            record.status, record.error = "stream", f"unreadable event: {exc}"[:200]
+        except (ValueError, TypeError, AttributeError) as exc:    # not JSON, or not the dialect's shape
+            record.status, record.error = "stream", f"unreadable event: {exc!r}"[:200]
         return record
 
     async def _stream(self, request: BenchRequest, record: RequestRecord) -> None:

@@ -51,11 +51,9 @@ def _names(dialect: str, data: object) -> list[str] | None:
     items = data.get("models")
     if not isinstance(items, list):
         return None
-    names: list[str] = []
-    for m in items:
-        if isinstance(m, dict):
-            names += [str(v) for v in (m.get("name"), m.get("model")) if v and str(v) not in names]
-    return names
+    # Ollama lists each model under "name" and "model" (usually equal)
+    names = [str(m.get(key)) for m in items if isinstance(m, dict) for key in ("name", "model") if m.get(key)]
+    return list(dict.fromkeys(names))
 
 
 async def _model_list(http: httpx.AsyncClient, dialect: str) -> tuple[int, list[str] | None]:

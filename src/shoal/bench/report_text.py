@@ -4,8 +4,6 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from shoal.bench.analysis import level_words
-
 
 def _num(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
@@ -117,7 +115,6 @@ def markdown(results: dict) -> str:
     server = server_rows(results)
     if server:
         lines += ["", "## Server-side figures (/metrics deltas)", ""] + _md_table(SERVER_HEADERS, server)
-    unit = level_words(s["levels"][0], s["mode"]) if s["levels"] else ""
-    lines += ["", f"Levels are {'concurrent streams' if s['mode'] == 'closed' else 'arrival rates'} "
-              f"(e.g. {unit}); latencies are client-side, from request start."]
+    levels = "concurrent streams" if s["mode"] == "closed" else "arrival rates (requests/s)"
+    lines += ["", f"Levels are {levels}; latencies are the client's, from sending each request."]
     return "\n".join(lines) + "\n"

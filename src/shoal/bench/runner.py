@@ -18,7 +18,7 @@ from shoal.bench.progress import LiveProgress
 from shoal.bench.results import SCHEMA, host_info, level_value, request_entry, utc_now
 from shoal.bench.server_metrics import MetricsScraper
 from shoal.bench.stats import Slo, level_figures
-from shoal.bench.targets import TargetSpec
+from shoal.bench.targets import BenchSetupError, TargetSpec
 from shoal.bench.tokens import TokenCounter, close_counter, make_counter
 from shoal.bench.workloads import PromptBuilder, Workload, calibration_lengths, make_workload
 
@@ -69,8 +69,12 @@ async def _prepare(config: BenchConfig, workload: Workload, info: TargetInfo) ->
     endpoint = Endpoint(url=spec.url, dialect=spec.dialect, model=info.model, headers=spec.headers(),
                         chat=config.chat_endpoint, temperature=config.temperature, seed=config.seed,
                         send_ignore_eos=config.ignore_eos and info.ignore_eos_supported)
-    await check_generation(info, endpoint, workload.session(builder, f"{config.seed}/check", 0)[0],
-                           config.timeout_s)
+    try:
+        await check_generation(info, endpoint, workload.session(builder, f"{config.seed}/check", 0)[0],
+                               config.timeout_s)
+    except BenchSetupError:
+        await close_counter(counter)
+        raise
     scraper = MetricsScraper(spec.url, spec.headers(), info.metrics) if info.metrics else None
     return _Target(info, counter, builder, StreamingClient(endpoint, config.timeout_s), scraper)
 

@@ -86,7 +86,7 @@ class PromptBuilder:
                 break
         words = await self._single_token_words(self.words) if self.lead else []
         if len(words) < 16:
-            self.special, self.lead = 0, None
+            self.lead = None
             return
         self.words = words
         rng = random.Random("calibration")
