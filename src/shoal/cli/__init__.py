@@ -4,7 +4,7 @@
 keys DB) work in this process.
 Every other command is an HTTP client of the server at SHOAL_HOST, as Ollama's CLI is of
 OLLAMA_HOST: `run` (one answer, or the interactive chat), `pull`, `push`, `list`/`ls`,
-`ps`, `show`, `rm`, `cp`, `create`, `stop`.
+`ps`, `show`, `rm`, `cp`, `create`, `stop`. `bench` benchmarks servers side by side (shoal.bench).
 """
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def _add_client_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shoal.bench.cli import add_bench_command
     from shoal.cli.keys import add_keys_command
     from shoal.cli.local import add_local_commands
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_commands(sub)
     add_local_commands(sub)
     add_keys_command(sub)
+    add_bench_command(sub)
     return parser
 
 
