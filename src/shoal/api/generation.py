@@ -49,6 +49,20 @@ class GenerateRequest:
 
 
 @dataclass(slots=True)
+class GenerationEnd:
+    """How one admitted request ended, for observers (access log, audit, per-key metrics)."""
+
+    request: GenerateRequest
+    final: RequestOutput | None     # the last update ("abort" when the caller left); None: it never ran
+    num_output_tokens: int = 0      # over all samples
+    texts: list[str] | None = None  # each sample's text, when GenerationService.keep_text is set
+
+
+# Called when a request is admitted (in its HTTP request's context); returns its end callback.
+GenerationObserver = Callable[[GenerateRequest], Callable[[GenerationEnd], None]]
+
+
+@dataclass(slots=True)
 class Sample:
     """One finished sample of a non-streamed request."""
 
@@ -109,6 +123,8 @@ class GenerationService:
         self.settings = settings
         self._in_flight: dict[str, int] = {}
         self._ids = itertools.count()
+        self.observers: list[GenerationObserver] = []
+        self.keep_text = False          # gather each sample's text for the observers
 
     def in_flight(self, model: ServedModel) -> int:
         return self._in_flight.get(model.name, 0)
@@ -187,12 +203,15 @@ class GenerationService:
         final: RequestOutput | None = None
         last_seen: RequestOutput | None = None
         rejected = False
+        texts: list[list[str]] | None = [[] for _ in range(req.params.n)] if self.keep_text else None
         try:
             async for batch in model.engine.generate_batches(req.request_id, req.prompt_token_ids,
                                                              req.params, req.priority):
                 for out in batch:
                     last_seen = out
                     generated += len(out.token_ids)
+                    if texts is not None:
+                        texts[out.index].append(out.text)
                     if out.token_ids:
                         if not first_token_seen:
                             first_token_seen = True
@@ -208,12 +227,11 @@ class GenerationService:
             rejected = last_seen is None    # refused by the engine: it never ran
             raise
         finally:
-            ticket.release()
-            if final is not None:
-                self.metrics.observe_finished(name, final, req.arrival_time, generated)
-            elif not rejected:
-                self.metrics.observe_finished(name, _aborted(req, last_seen), req.arrival_time,
-                                              generated)
+            summary = final or (None if rejected else _aborted(req, last_seen))
+            ticket.release(summary, generated,
+                           None if texts is None else ["".join(parts) for parts in texts])
+            if summary is not None:
+                self.metrics.observe_finished(name, summary, req.arrival_time, generated)
 
     async def complete(self, req: GenerateRequest) -> Completion:
         """Runs a request to the end and gathers its samples (for non-streamed responses)."""
@@ -247,19 +265,26 @@ class GenerationService:
 class _Ticket:
     """One admitted request's slot and its hold on the model; released exactly once."""
 
-    __slots__ = ("_service", "_req", "_held")
+    __slots__ = ("_service", "_req", "_held", "_on_end")
 
     def __init__(self, service: GenerationService, req: GenerateRequest) -> None:
         self._service, self._req, self._held = service, req, True
         # NOTE: the stream holds the model itself, so the caller can let go of its own
         # hold as soon as the stream exists; the model stays until the stream ends.
         service.residency.retain(req.model)
+        self._on_end = [observe(req) for observe in service.observers]
 
-    def release(self) -> None:
+    def release(self, final: RequestOutput | None = None, generated: int = 0,
+                texts: list[str] | None = None) -> None:
+        """Frees the slot and tells the observers how the request ended (final None: it
+        never ran, or its stream was never read)."""
         if self._held:
             self._held = False
             self._service._release(self._req.model)
             self._service.residency.release(self._req.model, self._req.keep_alive)
+            end = GenerationEnd(self._req, final, generated, texts)
+            for on_end in self._on_end:
+                on_end(end)
 
 
 def _aborted(req: GenerateRequest, last: RequestOutput | None) -> RequestOutput:
