@@ -204,5 +204,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.include_router(ollama_router)
     app.include_router(lifecycle_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # NOTE: attached last, so its middleware runs first: every response gets its request id
+    # and record, and CORS preflights are answered before anything asks for a key.
     observability.attach(app, recorder, service, residency, settings.origins, refuse=origin_refused)
     return app

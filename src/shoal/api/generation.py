@@ -53,12 +53,12 @@ class GenerationEnd:
     """How one admitted request ended, for observers (access log, audit, per-key metrics)."""
 
     request: GenerateRequest
-    final: RequestOutput | None     # the last update ("abort" when the caller left); None: it never ran
+    final: RequestOutput | None     # the last update ("abort" when the caller left); None: refused
     num_output_tokens: int = 0      # over all samples
     texts: list[str] | None = None  # each sample's text, when GenerationService.keep_text is set
 
 
-# Called when a request is admitted (in its HTTP request's context); returns its end callback.
+# Called when a request's stream starts (in its HTTP request's context); returns its end callback.
 GenerationObserver = Callable[[GenerateRequest], Callable[[GenerationEnd], None]]
 
 
@@ -204,6 +204,9 @@ class GenerationService:
         last_seen: RequestOutput | None = None
         rejected = False
         texts: list[list[str]] | None = [[] for _ in range(req.params.n)] if self.keep_text else None
+        # NOTE: at the first read, so in the HTTP request's context; a stream never read
+        # never started, and never ends, for the observers.
+        on_end = [observe(req) for observe in self.observers]
         try:
             async for batch in model.engine.generate_batches(req.request_id, req.prompt_token_ids,
                                                              req.params, req.priority):
@@ -227,11 +230,17 @@ class GenerationService:
             rejected = last_seen is None    # refused by the engine: it never ran
             raise
         finally:
-            summary = final or (None if rejected else _aborted(req, last_seen))
-            ticket.release(summary, generated,
-                           None if texts is None else ["".join(parts) for parts in texts])
-            if summary is not None:
-                self.metrics.observe_finished(name, summary, req.arrival_time, generated)
+            ticket.release()
+            if final is not None:
+                self.metrics.observe_finished(name, final, req.arrival_time, generated)
+            elif not rejected:
+                self.metrics.observe_finished(name, _aborted(req, last_seen), req.arrival_time,
+                                              generated)
+            if on_end:
+                end = GenerationEnd(req, final or (None if rejected else _aborted(req, last_seen)),
+                                    generated, None if texts is None else ["".join(t) for t in texts])
+                for ended in on_end:
+                    ended(end)
 
     async def complete(self, req: GenerateRequest) -> Completion:
         """Runs a request to the end and gathers its samples (for non-streamed responses)."""
@@ -265,26 +274,19 @@ class GenerationService:
 class _Ticket:
     """One admitted request's slot and its hold on the model; released exactly once."""
 
-    __slots__ = ("_service", "_req", "_held", "_on_end")
+    __slots__ = ("_service", "_req", "_held")
 
     def __init__(self, service: GenerationService, req: GenerateRequest) -> None:
         self._service, self._req, self._held = service, req, True
         # NOTE: the stream holds the model itself, so the caller can let go of its own
         # hold as soon as the stream exists; the model stays until the stream ends.
         service.residency.retain(req.model)
-        self._on_end = [observe(req) for observe in service.observers]
 
-    def release(self, final: RequestOutput | None = None, generated: int = 0,
-                texts: list[str] | None = None) -> None:
-        """Frees the slot and tells the observers how the request ended (final None: it
-        never ran, or its stream was never read)."""
+    def release(self) -> None:
         if self._held:
             self._held = False
             self._service._release(self._req.model)
             self._service.residency.release(self._req.model, self._req.keep_alive)
-            end = GenerationEnd(self._req, final, generated, texts)
-            for on_end in self._on_end:
-                on_end(end)
 
 
 def _aborted(req: GenerateRequest, last: RequestOutput | None) -> RequestOutput:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -86,19 +85,15 @@ class Recorder:
     # ---- the generation side (GenerationService.observers) --------------------------------
 
     def generation_started(self, req: GenerateRequest) -> Callable[[GenerationEnd], None]:
-        """Called when a generation is admitted, in its HTTP request's context; returns the
-        callback for its end (which may come on another thread, from garbage collection)."""
+        """Called when a generation's stream starts, in its HTTP request's context; returns
+        the callback for its end. NOTE: the end may come after the response, from another
+        context: a stream abandoned by a client is closed later by the event loop."""
         record = current_record.get()
         if record is None:
             return _ignore
         record.open_generations += 1
-        loop = asyncio.get_running_loop()
-        loop_thread = threading.get_ident()
 
         def ended(end: GenerationEnd) -> None:
-            if threading.get_ident() != loop_thread:
-                loop.call_soon_threadsafe(ended, end)
-                return
             try:
                 record.add_generation(end, self.with_text)
             except Exception:  # noqa: BLE001 - recording must never break serving
