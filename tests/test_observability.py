@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -175,6 +176,21 @@ def test_audit_lines_for_served_and_refused_requests(observed: LiveServer) -> No
     assert line_for(observed.log_path, "a-tags")
     assert all(e["request_id"] != "a-tags" for e in json_lines(observed.audit_path))
     assert oct(observed.audit_path.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_a_client_that_hangs_up_is_audited_with_what_it_cost(observed: LiveServer) -> None:
+    payload = json.dumps({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 1000,
+                          "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", observed.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: hung-up-1\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        running = 'shoal:num_requests_running{model_name="smollm2:135m"} 1.0'
+        assert wait_for(lambda: running in httpx.get(observed.url + "/metrics").text, timeout=60)
+    # the record waits for the aborted generation, so it has the prompt and what was generated
+    line = wait_for(lambda: next((e for e in json_lines(observed.audit_path)
+                                  if e["request_id"] == "hung-up-1"), None))
+    assert line["status"] == 499 and line["finish_reason"] == "abort"
+    assert line["prompt_tokens"] > 0 and 0 <= line["completion_tokens"] < 1000
 
 
 # ---- metrics -------------------------------------------------------------------------------
