@@ -159,8 +159,8 @@ class RecordingMiddleware:
         body: list[bytes] = []
         body_size = 0
 
-        async def receive_and_keep(  # keeps the head of the body, for a refused request's model
-        ) -> Message:
+        async def receive_and_keep() -> Message:
+            # keeps the head of the body: the model a refused request named is read from it
             nonlocal body_size
             message = await receive()
             if message["type"] == "http.request" and body_size <= _BODY_PEEK_BYTES:
