@@ -20,6 +20,9 @@ from shoal.api.models import ResidencyManager
 from shoal.api.settings import ServerSettings
 from shoal.errors import AccessDeniedError, ShoalError
 from shoal.guard.auth import Authenticator, AuthMiddleware
+from shoal.errors import ShoalError
+from shoal.guard import observability
+from shoal.guard.requestid import request_id_headers
 
 
 def dialect_of(path: str) -> str:
@@ -36,7 +39,15 @@ def error_response(path: str, error: ApiError) -> JSONResponse:
     else:
         body = {"error": {"message": message, "type": error.type, "param": error.param,
                           "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    observability.note_refusal(message)
+    # NOTE: a 500 is rendered outside the request-id middleware; the header is added here.
+    return JSONResponse(body, status_code=error.status, headers={**error.headers, **request_id_headers()})
+
+
+def origin_refused(path: str, origin: str) -> JSONResponse:
+    return error_response(path, ApiError(403, f"requests from origin {origin} are not allowed "
+                                              "(SHOAL_ORIGINS lists more)", type="permission_error",
+                                         code="origin_not_allowed"))
 
 
 def _describe_validation(errors: Iterable[dict]) -> ApiError:
@@ -111,9 +122,12 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(residency: ResidencyManager, settings: ServerSettings, store=None) -> FastAPI:
+def create_app(residency: ResidencyManager, settings: ServerSettings, store=None,
+               recorder: observability.Recorder | None = None) -> FastAPI:
     """The server's app; `residency` decides which models are loaded; `store` (a
-    shoal.store ModelStore, optional) backs pull/create/copy/delete."""
+    shoal.store ModelStore, optional) backs pull/create/copy/delete; `recorder` (default:
+    from the settings) receives every request's record (access log, audit, traces)."""
+    recorder = recorder or observability.Recorder.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -123,6 +137,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
         finally:
             await residency.shutdown()
             authenticator.close()
+            recorder.close()        # after the engines stop: every request has its record
 
     app = FastAPI(title="shoal", version=shoal.__version__, docs_url="/docs", redoc_url=None,
                   lifespan=lifespan)
@@ -201,7 +216,11 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.include_router(lifecycle_router)
     app.include_router(admin_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    # NOTE: added last, so it runs first: a request without a valid key is refused unread.
+    # NOTE: runs before the routes and the body limit: a request without a valid key is
+    # refused unread (only the observability layer, attached below, runs before it).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, count=count_rejection,
                        render=lambda path, exc: error_response(path, classify(exc)))
+    # NOTE: attached last, so its middleware runs first: every response gets its request id
+    # and record, and CORS preflights are answered before anything asks for a key.
+    observability.attach(app, recorder, service, residency, settings.origins, refuse=origin_refused)
     return app

@@ -50,6 +50,20 @@ class GenerateRequest:
 
 
 @dataclass(slots=True)
+class GenerationEnd:
+    """How one admitted request ended, for observers (access log, audit, per-key metrics)."""
+
+    request: GenerateRequest
+    final: RequestOutput | None     # the last update ("abort" when the caller left); None: refused
+    num_output_tokens: int = 0      # over all samples
+    texts: list[str] | None = None  # each sample's text, when GenerationService.keep_text is set
+
+
+# Called when a request's stream starts (in its HTTP request's context); returns its end callback.
+GenerationObserver = Callable[[GenerateRequest], Callable[[GenerationEnd], None]]
+
+
+@dataclass(slots=True)
 class Sample:
     """One finished sample of a non-streamed request."""
 
@@ -111,6 +125,8 @@ class GenerationService:
         self.quotas = KeyQuotas()       # per-key limits (guard/quotas.py)
         self._in_flight: dict[str, int] = {}
         self._ids = itertools.count()
+        self.observers: list[GenerationObserver] = []
+        self.keep_text = False          # gather each sample's text for the observers
 
     def in_flight(self, model: ServedModel) -> int:
         return self._in_flight.get(model.name, 0)
@@ -194,12 +210,18 @@ class GenerationService:
         final: RequestOutput | None = None
         last_seen: RequestOutput | None = None
         rejected = False
+        texts: list[list[str]] | None = [[] for _ in range(req.params.n)] if self.keep_text else None
+        # NOTE: at the first read, so in the HTTP request's context; a stream never read
+        # never started, and never ends, for the observers.
+        on_end = [observe(req) for observe in self.observers]
         try:
             async for batch in model.engine.generate_batches(req.request_id, req.prompt_token_ids,
                                                              req.params, req.priority):
                 for out in batch:
                     last_seen = out
                     generated += len(out.token_ids)
+                    if texts is not None:
+                        texts[out.index].append(out.text)
                     if out.token_ids:
                         if not first_token_seen:
                             first_token_seen = True
@@ -221,6 +243,11 @@ class GenerationService:
             elif not rejected:
                 self.metrics.observe_finished(name, _aborted(req, last_seen), req.arrival_time,
                                               generated)
+            if on_end:
+                end = GenerationEnd(req, final or (None if rejected else _aborted(req, last_seen)),
+                                    generated, None if texts is None else ["".join(t) for t in texts])
+                for ended in on_end:
+                    ended(end)
 
     async def complete(self, req: GenerateRequest) -> Completion:
         """Runs a request to the end and gathers its samples (for non-streamed responses)."""

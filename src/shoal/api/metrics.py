@@ -9,12 +9,16 @@ metrics work at all.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shoal.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from shoal.guard.records import RequestRecord
 
 PREFIX = "shoal:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -111,6 +115,13 @@ class ServerMetrics:
         self.rejected = Counter(PREFIX + "requests_rejected",
                                 "Requests refused before reaching the engine, by reason.",
                                 ["model_name", "reason"], registry=self.registry)
+        # Per caller: keys are created by admins, so the key and class labels stay few.
+        caller = ["model_name", "key", "class"]
+        self.requests = Counter(PREFIX + "requests", "Model requests by caller key, priority "
+                                "class and HTTP status (refused ones included).",
+                                [*caller, "status"], registry=self.registry)
+        self.tokens = Counter(PREFIX + "tokens", "Prompt and generated tokens by caller key and "
+                              "priority class.", [*caller, "kind"], registry=self.registry)
         self.registry.register(_EngineCollector(engines))
         # Sum and count of end-to-end latency per model, for Retry-After estimates.
         self._e2e_sum: dict[str, float] = {}
@@ -146,6 +157,18 @@ class ServerMetrics:
                 self.prefill.labels(model).observe(max(0.0, t.first_token - t.scheduled))
         if t.first_token is not None:
             self.decode.labels(model).observe(max(0.0, end - t.first_token))
+
+    def observe_request(self, record: RequestRecord) -> None:
+        """Counts one finished or refused model request (a request-record sink)."""
+        if not record.is_model_request:
+            return
+        # NOTE: only served model names become labels: a refused request may name anything.
+        labels = (record.model or "", record.key_id or "anonymous", record.priority_class)
+        self.requests.labels(*labels, str(record.status)).inc()
+        if record.prompt_tokens:
+            self.tokens.labels(*labels, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.tokens.labels(*labels, "generation").inc(record.completion_tokens)
 
     def observe_first_token(self, model: str, seconds: float) -> None:
         self.ttft.labels(model).observe(seconds)

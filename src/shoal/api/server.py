@@ -12,6 +12,8 @@ from shoal.api.app import create_app
 from shoal.api.settings import ServerSettings
 from shoal.config import EngineConfig
 from shoal.engine.async_engine import AsyncEngine
+from shoal.guard.logs import configure_logging
+from shoal.guard.observability import Recorder
 from shoal.models.default_model import DEFAULT_MODEL_ALIASES, default_model_path
 from shoal.residency.catalog import ChainCatalog, ModelSpec, StaticCatalog, StoreCatalog, path_size
 from shoal.residency.manager import ResidencyManager
@@ -89,16 +91,18 @@ def make_residency(engine_config: EngineConfig, settings: ServerSettings,
 
 def serve(engine_config: EngineConfig, settings: ServerSettings) -> None:
     """Blocks serving HTTP until interrupted; pinned models load before the port opens."""
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     started = time.monotonic()
+    recorder = Recorder.from_settings(settings)     # a bad audit path or tracing setup fails here
     from shoal.store.store import ModelStore
 
     store = ModelStore.from_env()
     residency = make_residency(engine_config, settings, store)
-    app = create_app(residency, settings, store)
+    app = create_app(residency, settings, store, recorder=recorder)
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+    # NOTE: log_config=None: uvicorn's loggers reach the root handler (one format for all
+    # lines); its access log is off, shoal's own (shoal.access) has the model and tokens.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -27,6 +27,13 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_KEYS_DB": ("keys_db", "The API keys database `shoal keys` manages (default $SHOAL_HOME/keys.db, SHOAL_HOME being ~/.shoal)."),
     "SHOAL_ADMIN_KEY": ("admin_key", "An admin key kept outside the keys DB (at least 16 characters), e.g. for automation that creates the keys."),
     "SHOAL_METRICS_AUTH": ("metrics_auth", "1: GET /metrics needs an API key too when keys are required (default 0: open, like /health)."),
+    "SHOAL_LOG_FORMAT": ("log_format", "Log lines as 'text' (default) or 'json' (one object per line); either way each request gets an access line with its request id."),
+    "SHOAL_AUDIT_LOG": ("audit_log", "File the audit log is appended to: a JSON line per model request, refused ones included (default: no audit log)."),
+    "SHOAL_AUDIT_CONTENT": ("audit_content", "Also write prompt and completion text to the audit log (default 0: token counts only)."),
+    "SHOAL_AUDIT_MAX_BYTES": ("audit_max_bytes", "Size at which the audit log rotates to PATH.1 (default 100MiB; 0 = never)."),
+    "SHOAL_AUDIT_BACKUPS": ("audit_backups", "Rotated audit files kept, PATH.1 .. PATH.N (default 5)."),
+    "SHOAL_OTEL": ("otel", "OpenTelemetry traces of model requests, 1 or 0 (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the 'otel' extra)."),
+    "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
 }
 
 
@@ -48,6 +55,13 @@ class ServerSettings:
     keys_db: str | None = None
     admin_key: str | None = field(default=None, repr=False)
     metrics_auth: bool | str = False
+    log_format: str = "text"
+    audit_log: str | None = None
+    audit_content: bool = False
+    audit_max_bytes: int | str = 100 << 20
+    audit_backups: int = 5
+    otel: bool | None = None            # None: on when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    origins: str | None = None
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -70,6 +84,15 @@ class ServerSettings:
             raise InvalidParameterError("port", f"must be in 1..65535, got {self.port}")
         if self.max_queue < 0:
             raise InvalidParameterError("max_queue", "must be >= 0")
+        self.log_format = self.log_format.strip().lower()
+        if self.log_format not in ("text", "json"):
+            raise InvalidParameterError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")
+        try:
+            self.audit_max_bytes = parse_bytes(self.audit_max_bytes)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("audit_max_bytes", exc.message) from None
+        if self.audit_backups < 0:
+            raise InvalidParameterError("audit_backups", "must be >= 0")
         self._check_auth()
 
     def _check_auth(self) -> None:
@@ -95,7 +118,9 @@ class ServerSettings:
             raw = env.get(var, "")
             if raw == "":
                 continue
-            if types[name] == "int":
+            if "bool" in types[name]:
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif types[name] == "int":
                 try:
                     values[name] = int(raw)
                 except ValueError:
