@@ -19,6 +19,7 @@ from shoal.api.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.api.models import ResidencyManager
 from shoal.api.settings import ServerSettings
 from shoal.errors import ShoalError
+from shoal.guard.lifecycle import ServerLifecycle
 
 
 def dialect_of(path: str) -> str:
@@ -114,12 +115,16 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     """The server's app; `residency` decides which models are loaded; `store` (a
     shoal.store ModelStore, optional) backs pull/create/copy/delete."""
 
+    lifecycle = ServerLifecycle()
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         residency.start()
+        lifecycle.started = True
         try:
             yield
         finally:
+            lifecycle.started = False
             await residency.shutdown()
 
     app = FastAPI(title="shoal", version=shoal.__version__, docs_url="/docs", redoc_url=None,
@@ -128,12 +133,13 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     for model in residency.loaded():
         metrics.register_model(model.name)
     residency.add_load_listener(lambda model: metrics.register_model(model.name))
-    service = GenerationService(residency, metrics, settings)
+    service = GenerationService(residency, metrics, settings, lifecycle)
     app.state.residency = residency
     app.state.store = store
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
+    app.state.lifecycle = lifecycle
     app.state.started_at = time.time()
 
     @app.exception_handler(ApiError)
@@ -186,6 +192,8 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     from shoal.api.ollama.lifecycle import router as lifecycle_router
     from shoal.api.ollama.routes import router as ollama_router
     from shoal.api.openai.routes import router as openai_router
+    from shoal.guard.lifecycle import router as probes_router
+    app.include_router(probes_router)
     app.include_router(openai_router)
     app.include_router(ollama_router)
     app.include_router(lifecycle_router)
