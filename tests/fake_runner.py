@@ -12,6 +12,7 @@ reproduces the same tokens.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Callable, Sequence
 
 from shoal.engine.kv import NULL_BLOCK_ID, KVCacheManager
@@ -95,11 +96,11 @@ class Harness:
     """A scheduler, its KV manager and a fake runner, stepped together with checks."""
 
     def __init__(self, num_blocks: int = 64, block_size: int = 4, vocab_size: int = 1000,
-                 **config: object) -> None:
+                 clock: Callable[[], float] = time.monotonic, **config: object) -> None:
         config.setdefault("max_model_len", 4096)
         self.config = SchedulerConfig(block_size=block_size, **config)  # type: ignore[arg-type]
         self.kv = KVCacheManager(num_blocks, block_size, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, self.kv)
+        self.scheduler = Scheduler(self.config, self.kv, clock)
         self.runner = FakeRunner(num_blocks, block_size, vocab_size)
         self.outputs: list[SchedulerOutput] = []
 

@@ -21,10 +21,11 @@ class LiveServer:
     """Starts `python -m shoal serve` with the given flags; `url` is its base URL."""
 
     def __init__(self, model: Path | str, *extra_args: str, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, entry: tuple[str, ...] = ("-m", "shoal")) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "shoal", "serve", "--model", str(model), "--port", str(self.port),
+        # `entry`: what python runs instead of `-m shoal` (a script wrapping shoal's CLI)
+        args = [sys.executable, *entry, "serve", "--model", str(model), "--port", str(self.port),
                 *extra_args]
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL

@@ -74,11 +74,30 @@ class UnknownModelError(ShoalError):
 
 
 class ServerBusyError(ShoalError):
-    """The server cannot take more requests now; retry after `retry_after` seconds."""
+    """The server cannot take more requests now; retry after `retry_after` seconds.
 
-    def __init__(self, message: str, retry_after: int = 1) -> None:
+    `reason` says which bound refused it (the rejected-requests metric's label)."""
+
+    code = "server_busy"
+
+    def __init__(self, message: str, retry_after: int = 1, reason: str = "queue_full") -> None:
         super().__init__(message)
         self.retry_after = max(1, int(retry_after))
+        self.reason = reason
+
+
+class ServerShuttingDownError(ServerBusyError):
+    """The server is draining before it exits and takes no new requests."""
+
+    code = "server_shutting_down"
+
+    def __init__(self, retry_after: int = 5) -> None:
+        super().__init__("server shutting down: it finishes the requests it has and takes no "
+                         "new ones; retry on another instance", retry_after, "shutting_down")
+
+
+class TokenLimitError(InvalidParameterError):
+    """A prompt or max_tokens over a limit the server's operator set (not the model's)."""
 
 
 class PayloadTooLargeError(ShoalError):

@@ -19,9 +19,9 @@ from shoal.api.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.api.models import ResidencyManager
 from shoal.api.settings import ServerSettings
 from shoal.errors import AccessDeniedError, ShoalError
-from shoal.guard.auth import Authenticator, AuthMiddleware
-from shoal.errors import ShoalError
 from shoal.guard import observability
+from shoal.guard.auth import Authenticator, AuthMiddleware
+from shoal.guard.lifecycle import ServerLifecycle
 from shoal.guard.requestid import request_id_headers
 
 
@@ -129,12 +129,16 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     from the settings) receives every request's record (access log, audit, traces)."""
     recorder = recorder or observability.Recorder.from_settings(settings)
 
+    lifecycle = ServerLifecycle()
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         residency.start()
+        lifecycle.started = True
         try:
             yield
         finally:
+            lifecycle.started = False
             await residency.shutdown()
             authenticator.close()
             recorder.close()        # after the engines stop: every request has its record
@@ -145,7 +149,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     for model in residency.loaded():
         metrics.register_model(model.name)
     residency.add_load_listener(lambda model: metrics.register_model(model.name))
-    service = GenerationService(residency, metrics, settings)
+    service = GenerationService(residency, metrics, settings, lifecycle)
     authenticator = Authenticator.from_settings(settings)
     app.state.residency = residency
     app.state.store = store
@@ -153,6 +157,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.state.metrics = metrics
     app.state.service = service
     app.state.authenticator = authenticator
+    app.state.lifecycle = lifecycle
     app.state.started_at = time.time()
 
     @app.exception_handler(ApiError)
@@ -211,6 +216,8 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     from shoal.api.ollama.routes import router as ollama_router
     from shoal.api.openai.routes import router as openai_router
     from shoal.guard.admin_api import router as admin_router
+    from shoal.guard.lifecycle import router as probes_router
+    app.include_router(probes_router)
     app.include_router(openai_router)
     app.include_router(ollama_router)
     app.include_router(lifecycle_router)

@@ -45,7 +45,7 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> ApiError:
     if isinstance(exc, PayloadTooLargeError):
         return ApiError(413, str(exc), code="request_too_large")
     if isinstance(exc, ServerBusyError):
-        return ApiError(503, str(exc), type="server_error", code="server_busy",
+        return ApiError(503, str(exc), type="server_error", code=exc.code,
                         headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), type="server_error", code="engine_dead",

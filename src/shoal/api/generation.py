@@ -1,27 +1,31 @@
 """The one internal generate path both dialects translate onto.
 
-GenerationService admits a request (a bounded number in flight per model, else 503 +
+GenerationService checks a request against the server's limits, admits it into the
+bounded queue of its model and priority class (guard/admission.py; else 503 +
 Retry-After), streams it from the engine, merges updates a slow reader has not yet
-taken, records metrics, and aborts the request when the caller goes away.
+taken, records metrics, and aborts the request when the caller goes away or when it
+waited longer than SHOAL_QUEUE_TIMEOUT to be scheduled.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from shoal.api.metrics import ServerMetrics
+from shoal.api.metrics import PREFIX, ServerMetrics
 from shoal.api.models import ResidencyManager, ServedModel
 from shoal.api.settings import ServerSettings
 from shoal.engine.outputs import RequestOutput, TokenLogprob
-from shoal.errors import ServerBusyError, ShoalError
-from shoal.guard.context import Principal, current_principal
+from shoal.errors import ServerBusyError, ServerShuttingDownError, ShoalError, TokenLimitError
+from shoal.guard.admission import AdmissionCollector, AdmissionControl, QueueLimits, QueueSlot
+from shoal.guard.context import BATCH, Principal, current_principal
+from shoal.guard.lifecycle import ServerLifecycle
+from shoal.guard.limits import cap_max_tokens, check_prompt_tokens
 from shoal.guard.quotas import KeyQuotas, Lease
 from shoal.sampling_params import SamplingParams
 
@@ -45,6 +49,9 @@ class GenerateRequest:
     dialect: str = "openai"
     arrival_time: float = field(default_factory=time.monotonic)
     keep_alive: float | None = None     # seconds the model stays after this request (None: default)
+    # False: the client set no max_tokens and the dialect filled in the room left (Ollama's
+    # num_predict <= 0), so SHOAL_MAX_TOKENS caps it instead of refusing it
+    max_tokens_given: bool = True
     # who asked (set by the auth middleware for the HTTP request that builds this one)
     principal: Principal = field(default_factory=current_principal.get)
 
@@ -118,79 +125,108 @@ class GenerationService:
     """Admission, streaming and accounting for every generate request of the server."""
 
     def __init__(self, residency: ResidencyManager, metrics: ServerMetrics,
-                 settings: ServerSettings) -> None:
+                 settings: ServerSettings, lifecycle: ServerLifecycle | None = None) -> None:
         self.residency = residency
         self.metrics = metrics
         self.settings = settings
         self.quotas = KeyQuotas()       # per-key limits (guard/quotas.py)
-        self._in_flight: dict[str, int] = {}
-        self._ids = itertools.count()
         self.observers: list[GenerationObserver] = []
         self.keep_text = False          # gather each sample's text for the observers
+        self.lifecycle = lifecycle or ServerLifecycle()
+        self.admission = AdmissionControl(
+            QueueLimits(settings.max_queue, settings.max_queue_batch, settings.max_queued_tokens),
+            metrics.mean_latency)
+        metrics.registry.register(AdmissionCollector(self.admission, PREFIX))
+        self._tickets: set[_Ticket] = set()
+        self._aborting = False          # the drain ran out of time: nothing new may start
 
     def in_flight(self, model: ServedModel) -> int:
-        return self._in_flight.get(model.name, 0)
+        return self.admission.queue(model.name).in_flight
 
-    def capacity(self, model: ServedModel) -> int:
-        """Requests one model accepts at once: a full running batch plus the waiting queue."""
-        return model.engine.core.scheduler.config.max_num_seqs + self.settings.max_queue
+    def num_in_flight(self) -> int:
+        """Requests admitted and not yet ended, over every model (what a drain waits for)."""
+        return self.admission.in_flight()
 
-    def _admit(self, model: ServedModel) -> None:
-        # NOTE: runs on the event loop thread only, so the counter needs no lock.
-        current = self._in_flight.get(model.name, 0)
-        if current >= self.capacity(model):
-            self.metrics.rejected.labels(model.name, "queue_full").inc()
-            raise ServerBusyError(
-                f"server busy: {current} requests are already running or queued for "
-                f"{model.name}; try again later", retry_after=self._retry_after(model, current))
-        self._in_flight[model.name] = current + 1
+    def abort_all(self) -> None:
+        """Aborts every admitted request (the end of a drain); none starts afterwards."""
+        self._aborting = True
+        for ticket in list(self._tickets):
+            ticket.abort()
 
-    def _release(self, model: ServedModel) -> None:
-        self._in_flight[model.name] = max(0, self._in_flight.get(model.name, 1) - 1)
-
-    def _retry_after(self, model: ServedModel, in_flight: int) -> int:
-        """Seconds until a slot is likely free: queued batches ahead x mean request latency."""
-        mean = self.metrics.mean_latency(model.name) or 1.0
-        batches_ahead = max(1, in_flight - self.capacity(model) + self.settings.max_queue) / max(
-            1, model.engine.core.scheduler.config.max_num_seqs)
-        return int(min(60, max(1, math.ceil(mean * batches_ahead))))
-
-    def start(self, req: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+    def start(self, req: GenerateRequest) -> "RequestStream":
         """Validates and admits a request now; returns the iterator of its merged updates.
 
-        Raises typed errors (InvalidParameterError, ContextLengthExceededError -> 400,
-        ServerBusyError -> 503) here, before a streaming response has started. The
-        iterator yields at most one update per sample per read until every sample ends;
-        closing it early aborts the request in the engine.
+        Raises typed errors (InvalidParameterError, ContextLengthExceededError,
+        TokenLimitError -> 400, ServerBusyError -> 503) here, before a streaming response
+        has started. The iterator yields at most one update per sample per read until every
+        sample ends; the first read submits the request to the engine, and closing the
+        iterator early aborts it. A request still waiting to be scheduled after
+        SHOAL_QUEUE_TIMEOUT raises ServerBusyError from the iterator.
         """
         return self.start_all([req])[0]
 
-    def start_all(self, reqs: list[GenerateRequest]) -> list[AsyncIterator[list[RequestOutput]]]:
+    def start_all(self, reqs: list[GenerateRequest]) -> list["RequestStream"]:
         """start() for several prompts of one HTTP request: all are admitted, or none."""
-        for req in reqs:
-            req.model.engine.core.check_request(req.prompt_token_ids, req.params)
-        tickets: list[_Ticket] = []
         try:
+            if self.lifecycle.draining or self._aborting:
+                raise ServerShuttingDownError()
             for req in reqs:
-                lease = self.quotas.admit(req)      # 403/429 for the caller's key first
-                try:
-                    self._admit(req.model)
-                except BaseException:
-                    lease.cancel()
-                    raise
-                tickets.append(_Ticket(self, req, lease))
-        except BaseException:
-            for ticket in tickets:
-                ticket.release()
+                self._apply_limits(req)
+                req.model.engine.core.check_request(req.prompt_token_ids, req.params)
+            tickets: list[_Ticket] = []
+            try:
+                for req in reqs:
+                    lease = self.quotas.admit(req)      # 403/429 for the caller's key first
+                    try:
+                        scheduler = req.model.engine.core.scheduler.config
+                        slot = self.admission.admit(req.model.name, scheduler.max_num_seqs,
+                                                    req.principal.priority_class,
+                                                    len(req.prompt_token_ids))
+                    except BaseException:
+                        lease.cancel()
+                        raise
+                    tickets.append(_Ticket(self, req, slot, lease))
+            except BaseException:
+                for ticket in tickets:
+                    ticket.release()
+                raise
+        except (ServerBusyError, TokenLimitError) as exc:
+            reason = exc.reason if isinstance(exc, ServerBusyError) else "too_many_tokens"
+            self.metrics.rejected.labels(reqs[0].model.name, reason).inc()
             raise
         streams = []
         for req, ticket in zip(reqs, tickets):
-            stream = self._stream(req, ticket)
+            updates = self._stream(req, ticket)
             # NOTE: a generator that is never started never runs its `finally`; if the
             # client leaves before the first read, garbage collection returns the slot.
-            weakref.finalize(stream, ticket.release)
-            streams.append(stream)
+            weakref.finalize(updates, ticket.release)
+            streams.append(RequestStream(updates))
         return streams
+
+    def _apply_limits(self, req: GenerateRequest) -> None:
+        """SHOAL_MAX_PROMPT_TOKENS and SHOAL_MAX_TOKENS (400 over them; an unset max_tokens is capped)."""
+        num_prompt = len(req.prompt_token_ids)
+        check_prompt_tokens(num_prompt, self.settings.max_prompt_tokens)
+        req.params = cap_max_tokens(
+            req.params, self.settings.max_tokens, given=req.max_tokens_given,
+            room=req.model.engine.core.max_model_len - num_prompt,
+            param="options.num_predict" if req.dialect == "ollama" else "max_tokens")
+
+    async def wait_scheduled(self, streams: Sequence["RequestStream"],
+                             receive: Callable[[], Awaitable[dict]]) -> None:
+        """Submits started requests and waits until the engine has scheduled every one.
+
+        A streamed response commits to its status with its first byte, so a route that
+        waits here first can still answer a refusal while queued (queue timeout, shutdown,
+        engine failure) with a plain 503 instead of an error inside a 200 stream. A client
+        that leaves meanwhile aborts them; on any failure every stream is closed.
+        """
+        try:
+            await run_until_disconnect(receive, _all_scheduled(streams))
+        except BaseException:
+            for stream in streams:
+                await stream.aclose()
+            raise
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
         """start() as an async generator: the errors start() raises come at the first read."""
@@ -201,7 +237,8 @@ class GenerationService:
         finally:
             await stream.aclose()
 
-    async def _stream(self, req: GenerateRequest, ticket: "_Ticket") -> AsyncIterator[list[RequestOutput]]:
+    async def _stream(self, req: GenerateRequest, ticket: "_Ticket") -> AsyncIterator[object]:
+        """The engine's updates for one request, led by _SCHEDULED once the engine takes it."""
         model = req.model
         name = model.name
         first_token_seen = False
@@ -214,9 +251,22 @@ class GenerationService:
         # NOTE: at the first read, so in the HTTP request's context; a stream never read
         # never started, and never ends, for the observers.
         on_end = [observe(req) for observe in self.observers]
+        updates = model.engine.generate_batches(
+            req.request_id, req.prompt_token_ids, req.params, req.priority,
+            batch=req.principal.priority_class == BATCH, batch_aging_s=self.settings.batch_aging)
         try:
-            async for batch in model.engine.generate_batches(req.request_id, req.prompt_token_ids,
-                                                             req.params, req.priority):
+            if self._aborting:
+                raise ServerShuttingDownError()
+            while True:
+                try:
+                    batch = await self._next_update(updates, ticket)
+                except StopAsyncIteration:
+                    break
+                if ticket.slot.is_waiting:
+                    if self._aborting and batch and all(o.finish_reason == "abort" for o in batch):
+                        raise ServerShuttingDownError()      # aborted by the drain while queued
+                    ticket.slot.scheduled()
+                    yield _SCHEDULED
                 for out in batch:
                     last_seen = out
                     generated += len(out.token_ids)
@@ -232,11 +282,15 @@ class GenerationService:
                         last_produced[out.index] = out.produced_at
                     if out.finished and out.finish_reason != "abort":
                         final = out
-                yield merge_updates(batch)
-        except ShoalError:
-            rejected = last_seen is None    # refused by the engine: it never ran
+                if batch:
+                    yield merge_updates(batch)
+        except ShoalError as exc:
+            rejected = last_seen is None    # refused (by the engine, the queue timeout): it never ran
+            if isinstance(exc, ServerBusyError):
+                self.metrics.rejected.labels(name, exc.reason).inc()
             raise
         finally:
+            await updates.aclose()
             ticket.release(None if rejected else generated)
             if final is not None:
                 self.metrics.observe_finished(name, final, req.arrival_time, generated)
@@ -248,6 +302,25 @@ class GenerationService:
                                     generated, None if texts is None else ["".join(t) for t in texts])
                 for ended in on_end:
                     ended(end)
+
+    async def _next_update(self, updates: AsyncIterator[list[RequestOutput]],
+                           ticket: "_Ticket") -> list[RequestOutput]:
+        """The next engine batch; while the request waits, within SHOAL_QUEUE_TIMEOUT."""
+        if not ticket.slot.is_waiting or math.isinf(self.settings.queue_timeout):
+            return await updates.__anext__()
+        left = ticket.admitted_at + self.settings.queue_timeout - time.monotonic()
+        try:
+            # NOTE: on timeout the engine's generator is cancelled mid-read, and its
+            # cleanup aborts the request in the engine.
+            async with asyncio.timeout(left):
+                return await updates.__anext__()
+        except TimeoutError:
+            config = ticket.model.engine.core.scheduler.config
+            raise ServerBusyError(
+                f"server busy: the request waited {self.settings.queue_timeout:g}s without being "
+                "scheduled (SHOAL_QUEUE_TIMEOUT); try again later",
+                self.admission.retry_after(ticket.model.name, config.max_num_seqs),
+                "queue_timeout") from None
 
     async def complete(self, req: GenerateRequest) -> Completion:
         """Runs a request to the end and gathers its samples (for non-streamed responses)."""
@@ -278,17 +351,73 @@ class GenerationService:
                           sum(len(s.token_ids) for s in samples), last)
 
 
+# What GenerationService._stream yields once the engine has scheduled the request.
+_SCHEDULED = object()
+
+
+class RequestStream:
+    """One admitted request's updates: lists of merged RequestOutputs until every sample ends."""
+
+    __slots__ = ("_updates",)
+
+    def __init__(self, updates: AsyncIterator[object]) -> None:
+        self._updates = updates
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> list[RequestOutput]:
+        while True:
+            item = await self._updates.__anext__()
+            if item is not _SCHEDULED:
+                return item  # type: ignore[return-value]
+
+    async def wait_scheduled(self) -> None:
+        """Returns once the engine has scheduled the request (call before the first read)."""
+        # NOTE: _stream yields _SCHEDULED before any update, so this read takes only that.
+        try:
+            await self._updates.__anext__()
+        except StopAsyncIteration:
+            return
+
+    async def aclose(self) -> None:
+        await self._updates.aclose()  # type: ignore[attr-defined]
+
+
+async def _all_scheduled(streams: Sequence[RequestStream]) -> None:
+    """Waits for every stream's wait_scheduled(); the first failure cancels the rest."""
+    tasks = [asyncio.ensure_future(stream.wait_scheduled()) for stream in streams]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class _Ticket:
-    """One admitted request's slot, its key's quota lease and its hold on the model;
+    """One admitted request's queue slot, its key's quota lease and its hold on the model;
     released exactly once."""
 
-    __slots__ = ("_service", "_req", "_lease", "_held")
+    __slots__ = ("_service", "_req", "slot", "_lease", "admitted_at", "_held")
 
-    def __init__(self, service: GenerationService, req: GenerateRequest, lease: Lease) -> None:
-        self._service, self._req, self._lease, self._held = service, req, lease, True
+    def __init__(self, service: GenerationService, req: GenerateRequest, slot: QueueSlot,
+                 lease: Lease) -> None:
+        self._service, self._req, self.slot, self._lease, self._held = service, req, slot, lease, True
+        self.admitted_at = time.monotonic()
         # NOTE: the stream holds the model itself, so the caller can let go of its own
         # hold as soon as the stream exists; the model stays until the stream ends.
         service.residency.retain(req.model)
+        service._tickets.add(self)
+
+    @property
+    def model(self) -> ServedModel:
+        return self._req.model
+
+    def abort(self) -> None:
+        self._req.model.engine.abort(self._req.request_id)
 
     def release(self, output_tokens: int | None = None) -> None:
         """output_tokens None: the request never ran (its key is not charged for it)."""
@@ -298,7 +427,8 @@ class _Ticket:
                 self._lease.cancel()
             else:
                 self._lease.finish(output_tokens)
-            self._service._release(self._req.model)
+            self.slot.release()
+            self._service._tickets.discard(self)
             self._service.residency.release(self._req.model, self._req.keep_alive)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
@@ -14,6 +15,7 @@ from shoal.config import EngineConfig
 from shoal.engine.async_engine import AsyncEngine
 from shoal.guard.logs import configure_logging
 from shoal.guard.observability import Recorder
+from shoal.guard.shutdown import DrainingServer
 from shoal.models.default_model import DEFAULT_MODEL_ALIASES, default_model_path
 from shoal.residency.catalog import ChainCatalog, ModelSpec, StaticCatalog, StoreCatalog, path_size
 from shoal.residency.manager import ResidencyManager
@@ -89,9 +91,12 @@ def make_residency(engine_config: EngineConfig, settings: ServerSettings,
     return residency
 
 
-def serve(engine_config: EngineConfig, settings: ServerSettings) -> None:
-    """Blocks serving HTTP until interrupted; pinned models load before the port opens."""
+def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequence[str] = ()) -> None:
+    """Blocks serving HTTP until SIGTERM/SIGINT and a drain; pinned models load before the port
+    opens. `policy` (lines describing the effective settings) is logged first."""
     configure_logging(settings.log_level, settings.log_format)
+    if policy:
+        log.info("\n".join(policy))
     started = time.monotonic()
     recorder = Recorder.from_settings(settings)     # a bad audit path or tracing setup fails here
     from shoal.store.store import ModelStore
@@ -105,7 +110,7 @@ def serve(engine_config: EngineConfig, settings: ServerSettings) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.lifecycle, app.state.service, settings.drain_timeout)
 
     original_startup = server.startup
 

@@ -1,6 +1,7 @@
 """Server settings and their SHOAL_* environment variables (docs/operations.md mirrors both tables)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -16,7 +17,14 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_HOST": ("host", "Address to listen on, 'host' or 'host:port' (default 127.0.0.1)."),
     "SHOAL_PORT": ("port", f"Port to listen on (default {DEFAULT_PORT}, Ollama's)."),
     "SHOAL_SERVED_MODEL_NAME": ("served_model_name", "Name clients use for the model several comma-separated, the first reported (default: 'smollm2:135m' for the default model, else the file or directory name)."),
-    "SHOAL_MAX_QUEUE": ("max_queue", "Requests allowed to wait beyond the running batch before new ones get 503 + Retry-After (default 256)."),
+    "SHOAL_MAX_QUEUE": ("max_queue", "Interactive requests (anonymous ones included) allowed to wait per model beyond the running batch before new ones get 503 + Retry-After (default 256)."),
+    "SHOAL_MAX_QUEUE_BATCH": ("max_queue_batch", "Batch-class requests allowed to wait per model beyond the running batch before new ones get 503 + Retry-After (default 256)."),
+    "SHOAL_MAX_QUEUED_TOKENS": ("max_queued_tokens", "Prompt tokens allowed to wait per model, both classes together, before new requests get 503 + Retry-After; a request that finds a free slot is never refused by it (default 1000000)."),
+    "SHOAL_QUEUE_TIMEOUT": ("queue_timeout", "How long a request may wait to be scheduled before it is dropped with 503 + Retry-After: seconds or '2m'; 0 or negative = no limit (default 60s)."),
+    "SHOAL_BATCH_AGING": ("batch_aging", "After waiting this long a batch request competes as interactive, so it cannot starve: seconds or '1m'; negative = never (default 30s)."),
+    "SHOAL_MAX_PROMPT_TOKENS": ("max_prompt_tokens", "Largest prompt accepted, in tokens; larger gets 400 (default 0: only the context length limits it)."),
+    "SHOAL_MAX_TOKENS": ("max_tokens", "Largest max_tokens / num_predict accepted; larger gets 400, and a request that sets none gets at most this many (default 0: no cap)."),
+    "SHOAL_DRAIN_TIMEOUT": ("drain_timeout", "On SIGTERM or SIGINT, how long running requests may finish before they are aborted and the server exits: seconds or '1m'; negative = wait for all (default 30s)."),
     "SHOAL_MAX_BODY_BYTES": ("max_body_bytes", "Largest request body accepted; larger gets 413 (default 16MiB)."),
     "SHOAL_LOG_LEVEL": ("log_level", "Logging level: debug, info, warning, error (default info)."),
     "SHOAL_KEEP_ALIVE": ("keep_alive", "How long an idle model stays loaded: '5m', '1h', seconds, 0 (unload when idle) or negative (never); a request's keep_alive overrides it (default 5m)."),
@@ -45,6 +53,13 @@ class ServerSettings:
     port: int = DEFAULT_PORT
     served_model_name: str | None = None
     max_queue: int = 256
+    max_queue_batch: int = 256
+    max_queued_tokens: int = 1_000_000
+    queue_timeout: float | str = 60.0
+    batch_aging: float | str = 30.0
+    max_prompt_tokens: int = 0
+    max_tokens: int = 0
+    drain_timeout: float | str = 30.0
     max_body_bytes: int | str = 16 << 20
     log_level: str = "info"
     keep_alive: float | str = 300.0
@@ -75,6 +90,9 @@ class ServerSettings:
         self.max_body_bytes = parse_bytes(self.max_body_bytes)
         self.keep_alive = _seconds("keep_alive", self.keep_alive)
         self.load_timeout = _seconds("load_timeout", self.load_timeout)
+        self.queue_timeout = _seconds("queue_timeout", self.queue_timeout) or math.inf
+        self.batch_aging = _seconds("batch_aging", self.batch_aging)
+        self.drain_timeout = _seconds("drain_timeout", self.drain_timeout)
         if self.memory_budget is None:
             self.memory_budget = int(_total_memory() * 0.75)
         self.memory_budget = parse_bytes(self.memory_budget)
@@ -82,8 +100,10 @@ class ServerSettings:
             raise InvalidParameterError("max_loaded_models", "must be at least 1")
         if not 0 < int(self.port) < 65536:
             raise InvalidParameterError("port", f"must be in 1..65535, got {self.port}")
-        if self.max_queue < 0:
-            raise InvalidParameterError("max_queue", "must be >= 0")
+        for name in ("max_queue", "max_queue_batch", "max_queued_tokens", "max_prompt_tokens",
+                     "max_tokens"):
+            if getattr(self, name) < 0:
+                raise InvalidParameterError(name, "must be >= 0")
         self.log_format = self.log_format.strip().lower()
         if self.log_format not in ("text", "json"):
             raise InvalidParameterError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")

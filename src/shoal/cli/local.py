@@ -87,7 +87,9 @@ def _env(_args: argparse.Namespace) -> int:
     from shoal.api.settings import SERVER_ENV_VARS
     from shoal.cli.client import CLIENT_ENV_VARS
     from shoal.config import ENV_VARS
+    from shoal.guard.policy import CONFIG_ENV_DOC, CONFIG_ENV_VAR
 
+    print(f"{CONFIG_ENV_VAR:34s} {CONFIG_ENV_DOC}")
     for name, (_field, doc) in {**SERVER_ENV_VARS, **ENV_VARS}.items():
         if name == "SHOAL_HOST":
             doc += " Client commands (run, list, ...) connect to it; 'http://host:port' works too."
@@ -123,21 +125,24 @@ def _auth_problem(settings) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from shoal.api.settings import ServerSettings
-    from shoal.config import EngineConfig
     from shoal.errors import ShoalError
+    from shoal.guard.policy import load_serve_config, policy_lines
 
     try:
-        settings = ServerSettings.from_env(host=args.host, port=args.port,
-                                           served_model_name=args.served_model_name,
-                                           max_queue=args.max_queue, auth=args.auth)
-        config = EngineConfig.from_env(model=args.model, compute=args.compute, device=args.device,
-                                       max_model_len=args.max_model_len,
-                                       kv_cache_bytes=args.kv_cache_bytes,
-                                       max_num_seqs=args.max_num_seqs)
+        resolved = load_serve_config(
+            args.config,
+            server_flags=dict(host=args.host, port=args.port, served_model_name=args.served_model_name,
+                              max_queue=args.max_queue, max_queue_batch=args.max_queue_batch,
+                              max_queued_tokens=args.max_queued_tokens,
+                              queue_timeout=args.queue_timeout, drain_timeout=args.drain_timeout,
+                              auth=args.auth),
+            engine_flags=dict(model=args.model, compute=args.compute, device=args.device,
+                              max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes,
+                              max_num_seqs=args.max_num_seqs))
     except ShoalError as exc:
         print(f"shoal: {exc}", file=sys.stderr)
         return 2
+    settings, config = resolved.settings, resolved.engine
     # Fail before the model loads, with the likely reason.
     if (problem := _auth_problem(settings)) is not None:
         print(f"shoal: {problem}", file=sys.stderr)
@@ -155,7 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
     from shoal.api.server import serve
 
     try:
-        serve(config, settings)
+        serve(config, settings, policy_lines(resolved))
     except ShoalError as exc:
         print(f"shoal: {exc}", file=sys.stderr)
         return 1
@@ -186,8 +191,19 @@ def add_local_commands(sub) -> None:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     serve.add_argument("--kv-cache-bytes", default=None, help="KV cache budget, e.g. 2GiB")
     serve.add_argument("--max-num-seqs", type=int, default=None, help="largest running batch")
+    serve.add_argument("--config", default=None,
+                       help="TOML file of [server] and [engine] settings (SHOAL_CONFIG); "
+                            "variables and flags override it")
     serve.add_argument("--max-queue", type=int, default=None,
-                       help="requests that may wait beyond the running batch before 503s")
+                       help="interactive requests that may wait beyond the running batch before 503s")
+    serve.add_argument("--max-queue-batch", type=int, default=None,
+                       help="batch requests that may wait beyond the running batch before 503s")
+    serve.add_argument("--max-queued-tokens", type=int, default=None,
+                       help="prompt tokens that may wait per model before 503s")
+    serve.add_argument("--queue-timeout", default=None,
+                       help="longest wait to be scheduled before 503, e.g. 60s (0: none)")
+    serve.add_argument("--drain-timeout", default=None,
+                       help="on SIGTERM/SIGINT, how long running requests may finish, e.g. 30s")
     serve.add_argument("--auth", choices=("auto", "on", "off"), default=None,
                        help="API keys: auto (required unless on loopback; default), on, off (SHOAL_AUTH)")
     serve.set_defaults(func=_serve)

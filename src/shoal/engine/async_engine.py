@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -27,6 +28,9 @@ from shoal.errors import EngineDeadError, InvalidParameterError
 from shoal.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Put on a stream's queue when the engine first schedules its request.
+_SCHEDULED = object()
 
 
 @dataclass(slots=True)
@@ -67,19 +71,25 @@ class AsyncEngine:
         return self.core.tokenizer
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, *, batch: bool = False,
+                       batch_aging_s: float = math.inf) -> AsyncIterator[RequestOutput]:
         """Yields incremental outputs until all n samples finish. Raises typed errors early."""
-        async for batch in self.generate_batches(request_id, prompt_token_ids, params, priority):
-            for item in batch:
+        async for outputs in self.generate_batches(request_id, prompt_token_ids, params, priority,
+                                                   batch=batch, batch_aging_s=batch_aging_s):
+            for item in outputs:
                 yield item
 
     async def generate_batches(self, request_id: str, prompt_token_ids: list[int],
-                               params: SamplingParams, priority: int = 0
+                               params: SamplingParams, priority: int = 0, *, batch: bool = False,
+                               batch_aging_s: float = math.inf
                                ) -> AsyncIterator[list[RequestOutput]]:
         """Like generate(), but yields everything that arrived since the last read at once.
 
         A consumer that falls behind (a slow HTTP reader) gets one larger batch instead of
         a growing backlog of small ones; the engine itself never waits for a consumer.
+        An empty batch says the request was just scheduled (it left the waiting queue); it
+        comes once at most, and not when outputs arrived with it. `batch` and
+        `batch_aging_s` choose the scheduling class (see Scheduler).
         """
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop died: {self.dead!r}")
@@ -89,24 +99,26 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise InvalidParameterError("request_id", f"{request_id!r} is already running")
             self._streams[request_id] = stream
-        self._post("add", (request_id, list(prompt_token_ids), params, priority))
+        self._post("add", (request_id, list(prompt_token_ids), params, priority, batch, batch_aging_s))
         finished = False
         try:
             while True:
                 items = [await stream.queue.get()]
                 while not stream.queue.empty():
                     items.append(stream.queue.get_nowait())
-                batch = []
+                outputs = []
                 for item in items:
+                    if item is _SCHEDULED:
+                        continue
                     if isinstance(item, BaseException):
                         finished = True
                         raise item
-                    batch.append(item)
+                    outputs.append(item)
                     if item.finished:
                         stream.samples_left -= 1
                 if stream.samples_left <= 0:
                     finished = True
-                yield batch
+                yield outputs
                 if finished:
                     return
         finally:
@@ -135,13 +147,14 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id, ids, params, priority = payload
+                request_id, ids, params, priority, batch, batch_aging_s = payload
                 with self._streams_lock:
                     wanted = request_id in self._streams
                 if not wanted:
                     continue  # the caller went away before the request reached the loop
                 try:
-                    self.core.add_request(request_id, ids, params, priority)
+                    self.core.add_request(request_id, ids, params, priority, batch=batch,
+                                          batch_aging_s=batch_aging_s)
                 except Exception as exc:  # typed errors go back to the caller
                     self._deliver(request_id, [exc])
             elif kind == "abort":
@@ -162,6 +175,7 @@ class AsyncEngine:
             failure.append(exc)
             ready.set()
             return
+        self.core.on_first_scheduled = self._deliver_scheduled
         ready.set()
         self._run_loop()
 
@@ -196,6 +210,17 @@ class AsyncEngine:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_pairs, items)
+
+    def _deliver_scheduled(self, request_ids: list[str]) -> None:
+        """Tells the callers of newly scheduled requests, one wake-up per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._streams_lock:
+            for request_id in request_ids:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, _SCHEDULED))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_pairs, items)
 

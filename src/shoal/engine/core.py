@@ -1,8 +1,10 @@
 """EngineCore: one step = schedule -> run the model -> sample -> update -> report."""
 from __future__ import annotations
 
+import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shoal.engine.outputs import RequestOutput, TokenLogprob
@@ -44,6 +46,9 @@ class EngineCore:
         self._samples: dict[str, _Sample] = {}             # engine request id -> sample
         self._by_user_id: dict[str, list[str]] = {}         # user request id -> engine ids
         self._seed_source = random.Random()
+        # Called from step() with the user request ids the scheduler took for the first time
+        # (AsyncEngine uses it to tell a waiting caller its request left the queue).
+        self.on_first_scheduled: Callable[[list[str]], None] | None = None
         # Cumulative counts for /metrics (read from other threads; ints, so no lock).
         self.num_prompt_tokens_total = 0       # prompt tokens of requests whose prefill finished
         self.num_generation_tokens_total = 0
@@ -70,8 +75,12 @@ class EngineCore:
         return params.max_tokens
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Queues a request (n samples); raises a typed error if it can never run."""
+                    priority: int = 0, arrival_time: float | None = None, *, batch: bool = False,
+                    batch_aging_s: float = math.inf) -> None:
+        """Queues a request (n samples); raises a typed error if it can never run.
+
+        `batch` puts it in the batch class, behind interactive requests until it has waited
+        `batch_aging_s` seconds (see Scheduler)."""
         if request_id in self._by_user_id:
             raise InvalidParameterError("request_id", f"{request_id!r} is already running")
         max_tokens = self.check_request(prompt_token_ids, params)
@@ -84,7 +93,7 @@ class EngineCore:
             request = Request(
                 request_id=engine_id, prompt_token_ids=list(prompt_token_ids),
                 sampling_params=params, eos_token_ids=self.eos_token_ids, max_tokens=max_tokens,
-                priority=priority, arrival_time=arrival,
+                priority=priority, arrival_time=arrival, batch=batch, batch_aging_s=batch_aging_s,
                 group_id=request_id if params.n > 1 else None, group_leader=leader,
                 cache_salt=self.cache_salt)
             leader = leader or request
@@ -110,6 +119,12 @@ class EngineCore:
     # ---- one step ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
+        if scheduler_output.first_scheduled and self.on_first_scheduled is not None:
+            # the leader (sample 0) stands for the user request: siblings follow its prefill
+            self.on_first_scheduled([self._samples[r.request_id].user_request_id
+                                     for r in scheduler_output.first_scheduled
+                                     if r.request_id in self._samples
+                                     and self._samples[r.request_id].index == 0])
         if not scheduler_output.scheduled:
             return []
         logits, sampling = self.runner.execute(scheduler_output.scheduled)

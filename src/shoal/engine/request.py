@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +58,11 @@ class Request:
     max_tokens: int = 16                 # resolved bound (sampling_params.max_tokens or context room)
     priority: int = 0                    # lower value = more important (as vLLM)
     arrival_time: float = field(default_factory=time.monotonic)
+    # Scheduling class: a batch request is taken only after every interactive one, until it
+    # has waited `batch_aging_s` since arrival; from then on it competes as interactive, so
+    # it cannot starve. `priority` orders requests within a class.
+    batch: bool = False
+    batch_aging_s: float = math.inf
     group_id: str | None = None
     group_leader: "Request | None" = None
     cache_salt: int = 0                  # mixed into block hashes (model/adapter identity)
@@ -92,6 +98,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def promoted_at(self) -> float:
+        """When a batch request starts competing as interactive (inf: never)."""
+        return self.arrival_time + self.batch_aging_s
+
+    def class_rank(self, now: float) -> int:
+        """0: competes as interactive now; 1: as batch (the scheduler takes lower ranks first)."""
+        return int(self.batch and now < self.promoted_at)
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

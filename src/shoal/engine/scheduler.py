@@ -4,14 +4,20 @@ Each step hands every request up to `num_tokens - num_computed_tokens` tokens to
 under one token budget; there are no separate prefill and decode phases. A request whose
 computed tokens reach `num_tokens` samples its next token in that step.
 
+Requests are ordered by (class rank, priority, arrival_time): interactive requests (rank 0)
+before batch ones (rank 1), then vLLM's priority (lower value first), then arrival. A batch
+request that has waited `batch_aging_s` since arrival competes as interactive (rank 0), so a
+stream of interactive traffic cannot starve it.
+
 Policy, in order:
 1. Running requests, in admission order. When a request's KV cannot grow, the running
-   request of lowest priority (largest (priority, arrival_time)) is preempted by
-   recompute, possibly the request itself, and the allocation is retried.
-2. Only if nothing was preempted this step: waiting requests in (priority, arrival_time)
-   order. The head blocks the queue (FCFS) when its KV does not fit; the only requests
-   passed over are n>1 siblings whose leader has not computed the prompt yet (they could
-   not run anyway and keep their place).
+   request that ranks last (largest (rank, priority, arrival_time): a batch request
+   first) is preempted by recompute, possibly the request itself, and the allocation
+   is retried.
+2. Only if nothing was preempted this step: waiting requests in that order. The head
+   blocks the queue (FCFS) when its KV does not fit; the only requests passed over are
+   n>1 siblings whose leader has not computed the prompt yet (they could not run anyway
+   and keep their place).
 Without chunked prefill a request's remaining tokens are scheduled in one go or it waits
 for a step with room; the config then requires max_num_batched_tokens >= max_model_len,
 so every prompt fits an otherwise empty step.
@@ -24,9 +30,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from shoal.engine.kv.hashing import update_block_hashes
 from shoal.engine.kv.manager import KVCacheManager
@@ -98,6 +105,7 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     num_batched_tokens: int = 0
     finished_request_ids: list[str] = field(default_factory=list)  # since the last step
+    first_scheduled: list[Request] = field(default_factory=list)   # scheduled for the first time
 
     @property
     def is_empty(self) -> bool:
@@ -107,14 +115,19 @@ class SchedulerOutput:
 class Scheduler:
     """Decides each step which requests compute how many tokens, within KV and token budgets."""
 
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if kv_manager.block_size != config.block_size:
             raise InvalidParameterError(
                 "block_size", f"config says {config.block_size}, KV manager uses {kv_manager.block_size}")
         self.config = config
         self.kv = kv_manager
+        self._clock = clock
         self.running: list[Request] = []
-        self._waiting: list[tuple[int, float, int, Request]] = []   # heap
+        self._waiting: list[tuple[int, int, float, int, Request]] = []   # heap
+        # waiting batch requests still ranked as batch, and the earliest of their promotions
+        self._unpromoted: dict[str, Request] = {}
+        self._next_promotion = math.inf
         self._requests: dict[str, Request] = {}                      # every unfinished request
         self._seq: dict[str, int] = {}                               # insertion order, tie-break
         self._counter = itertools.count()
@@ -182,11 +195,13 @@ class Scheduler:
         """Picks this step's tokens: running requests first, then waiting ones."""
         output = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
-        budget = self._schedule_running(output, self._step_budget())
+        now = self._clock()
+        budget = self._schedule_running(output, self._step_budget(), now)
         # NOTE: no admissions in a step that preempted: the preempted requests' blocks
         # must not be handed to a newcomer in the very step that freed them, and the
         # pool is evidently short.
         if not output.preempted:
+            self._promote_aged(now)
             self._schedule_waiting(output, budget)
         output.num_batched_tokens = sum(s.num_new_tokens for s in output.scheduled)
         return output
@@ -194,7 +209,7 @@ class Scheduler:
     def update_from_output(self, output: SchedulerOutput,
                            sampled_token_ids: dict[str, int]) -> list[Request]:
         """Commits a computed step; returns the requests that received a new token."""
-        now = time.monotonic()
+        now = self._clock()
         received = []
         for entry in output.scheduled:
             request = entry.request
@@ -228,7 +243,7 @@ class Scheduler:
             budget = min(budget, max(cap, 1))
         return budget
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, output: SchedulerOutput, budget: int, now: float) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -239,7 +254,7 @@ class Scheduler:
             # NOTE: while/else: the else branch runs once allocation succeeds, not after
             # `break` (the request preempted itself and left the running list).
             while not self.kv.allocate_slots(request, num_new):
-                victim = self._lowest_priority_running()
+                victim = self._lowest_priority_running(now)
                 victim_index = self.running.index(victim)
                 budget += self._unschedule(output, victim)
                 self._preempt(victim)
@@ -266,7 +281,7 @@ class Scheduler:
             if num_new == 0 or not self.kv.allocate_slots(request, num_new, hit_blocks, num_hit):
                 break
             heapq.heappop(self._waiting)
-            self._admit(request, num_hit)
+            self._admit(request, num_hit, output)
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         for entry in passed_over:
@@ -284,12 +299,14 @@ class Scheduler:
         return ScheduledRequest(request, num_new, self.kv.get_block_ids(request.request_id),
                                 request.num_computed_tokens)
 
-    def _admit(self, request: Request, num_hit: int) -> None:
+    def _admit(self, request: Request, num_hit: int, output: SchedulerOutput) -> None:
         request.num_computed_tokens = num_hit
         if request.timings.scheduled is None:
-            request.timings.scheduled = time.monotonic()
+            request.timings.scheduled = self._clock()
             request.num_cached_tokens = num_hit
+            output.first_scheduled.append(request)
         request.status = RequestStatus.RUNNING
+        self._unpromoted.pop(request.request_id, None)
         self.running.append(request)
 
     def _leader_ready(self, request: Request) -> bool:
@@ -297,8 +314,11 @@ class Scheduler:
         return (leader is None or leader is request or leader.is_finished
                 or leader.num_computed_tokens >= leader.num_prompt_tokens)
 
-    def _lowest_priority_running(self) -> Request:
-        return max(self.running, key=lambda r: (r.priority, r.arrival_time, self._seq[r.request_id]))
+    def _lowest_priority_running(self, now: float) -> Request:
+        # NOTE: the inverse of the waiting order, so a request is never preempted in favour
+        # of one the queue would have put behind it.
+        return max(self.running, key=lambda r: (r.class_rank(now), r.priority, r.arrival_time,
+                                                self._seq[r.request_id]))
 
     def _unschedule(self, output: SchedulerOutput, request: Request) -> int:
         """Drops a request already scheduled this step; returns the tokens it had."""
@@ -319,8 +339,26 @@ class Scheduler:
         self._push_waiting(request)
 
     def _push_waiting(self, request: Request) -> None:
-        key = (request.priority, request.arrival_time, self._seq[request.request_id], request)
-        heapq.heappush(self._waiting, key)
+        entry = self._waiting_entry(request, self._clock())
+        if entry[0]:
+            self._unpromoted[request.request_id] = request
+            self._next_promotion = min(self._next_promotion, request.promoted_at)
+        heapq.heappush(self._waiting, entry)
+
+    def _waiting_entry(self, request: Request, now: float) -> tuple[int, int, float, int, Request]:
+        return (request.class_rank(now), request.priority, request.arrival_time,
+                self._seq[request.request_id], request)
+
+    def _promote_aged(self, now: float) -> None:
+        """Re-ranks the waiting batch requests that have waited long enough as interactive."""
+        if now < self._next_promotion:
+            return
+        due = {r for r in self._unpromoted.values() if not r.class_rank(now)}
+        for request in due:
+            del self._unpromoted[request.request_id]
+        self._waiting = [self._waiting_entry(e[-1], now) if e[-1] in due else e for e in self._waiting]
+        heapq.heapify(self._waiting)
+        self._next_promotion = min((r.promoted_at for r in self._unpromoted.values()), default=math.inf)
 
     # -- finishing -------------------------------------------------------------------------
 
@@ -338,7 +376,8 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
         request.status = status
         request.stop_reason = stop_reason
-        request.timings.finished = time.monotonic()
+        request.timings.finished = self._clock()
+        self._unpromoted.pop(request.request_id, None)
         self.kv.free(request)
         if request in self.running:
             self.running.remove(request)

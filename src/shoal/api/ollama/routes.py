@@ -87,7 +87,7 @@ async def generate(request: Request) -> Response:
         turn = serving.Turn(kind="generate", echo_model=body.model or model.name, model=model,
                             prompt_ids=ids, params=serving.make_params(opts, len(ids)),
                             started=started, loaded=loaded, with_context=not body.raw,
-                            keep_alive=keep_alive)
+                            keep_alive=keep_alive, max_tokens_given=opts.num_predict > 0)
         return await _run(request, turn, body.stream is not False)
     finally:
         residency.release(model)
@@ -116,7 +116,8 @@ async def chat(request: Request) -> Response:
                                            opts, body.truncate is not False)
         turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
                             prompt_ids=ids, params=serving.make_params(opts, len(ids)),
-                            started=started, loaded=loaded, keep_alive=keep_alive)
+                            started=started, loaded=loaded, keep_alive=keep_alive,
+                            max_tokens_given=opts.num_predict > 0)
         return await _run(request, turn, body.stream is not False)
     finally:
         residency.release(model)

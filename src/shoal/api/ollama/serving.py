@@ -377,13 +377,14 @@ class Turn:
     loaded: float = 0.0             # time.monotonic() when the model was ready (load_duration ends)
     with_context: bool = False      # /api/generate without raw: the reply carries `context`
     keep_alive: float | None = None
+    max_tokens_given: bool = True   # num_predict > 0 (else max_tokens is the room left)
     request: GenerateRequest | None = None
 
     def build(self) -> GenerateRequest:
         self.request = GenerateRequest(
             model=self.model, prompt_token_ids=self.prompt_ids, params=self.params,
             request_id=new_request_id(f"ollama-{self.kind}"), dialect="ollama",
-            keep_alive=self.keep_alive)
+            keep_alive=self.keep_alive, max_tokens_given=self.max_tokens_given)
         return self.request
 
 

@@ -40,6 +40,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         residency.release(model)
     created = serving.now()
     if body.stream:
+        await service.wait_scheduled([updates], request.receive)   # refusals stay plain errors
         options = body.stream_options
         return StreamingResponse(
             serving.chat_stream(gen, updates, created, bool(options and options.include_usage),
@@ -63,6 +64,7 @@ async def completions(body: CompletionRequest, request: Request):
     created = serving.now()
     response_id = gens[0].request_id.rsplit("-", 1)[0] if len(gens) > 1 else gens[0].request_id
     if body.stream:
+        await service.wait_scheduled(updates, request.receive)     # refusals stay plain errors
         options = body.stream_options
         return StreamingResponse(
             serving.completion_stream(gens, updates, created, body.echo,
