@@ -319,17 +319,11 @@ def test_the_documented_config_file_loads(tmp_path: Path) -> None:
 
 
 def test_secrets_are_redacted_in_the_printed_policy() -> None:
-    from dataclasses import dataclass
-
     from shoal.api.settings import ServerSettings
     from shoal.config import EngineConfig
     from shoal.guard.policy import ServeConfig, policy_lines
 
-    @dataclass
-    class WithKey(ServerSettings):
-        admin_key: str | None = None
-
-    settings = WithKey(admin_key="sk-very-secret")
+    settings = ServerSettings(admin_key="sk-very-secret-admin-key")
     sources = {"server": {name: "env" for name in settings.__dataclass_fields__},
                "engine": {name: "default" for name in EngineConfig.__dataclass_fields__}}
     text = "\n".join(policy_lines(ServeConfig(settings, EngineConfig(), sources, None)))
