@@ -18,6 +18,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_SERVED_MODEL_NAME": ("served_model_name", "Name clients use for the model several comma-separated, the first reported (default: 'smollm2:135m' for the default model, else the file or directory name)."),
     "SHOAL_MAX_QUEUE": ("max_queue", "Requests allowed to wait beyond the running batch before new ones get 503 + Retry-After (default 256)."),
     "SHOAL_MAX_BODY_BYTES": ("max_body_bytes", "Largest request body accepted; larger gets 413 (default 16MiB)."),
+    "SHOAL_READ_TIMEOUT": ("read_timeout", "How long a client may take to send a request's headers, and then its body, before the connection is closed (408 for a late body; blob uploads excepted; default 60s)."),
     "SHOAL_LOG_LEVEL": ("log_level", "Logging level: debug, info, warning, error (default info)."),
     "SHOAL_KEEP_ALIVE": ("keep_alive", "How long an idle model stays loaded: '5m', '1h', seconds, 0 (unload when idle) or negative (never); a request's keep_alive overrides it (default 5m)."),
     "SHOAL_MAX_LOADED_MODELS": ("max_loaded_models", "Most models loaded at once; idle ones unload first to make room (default 3)."),
@@ -35,6 +36,7 @@ class ServerSettings:
     served_model_name: str | None = None
     max_queue: int = 256
     max_body_bytes: int | str = 16 << 20
+    read_timeout: float | str = 60.0
     log_level: str = "info"
     keep_alive: float | str = 300.0
     max_loaded_models: int = 3
@@ -53,6 +55,9 @@ class ServerSettings:
         self.max_body_bytes = parse_bytes(self.max_body_bytes)
         self.keep_alive = _seconds("keep_alive", self.keep_alive)
         self.load_timeout = _seconds("load_timeout", self.load_timeout)
+        raw_read_timeout, self.read_timeout = self.read_timeout, _seconds("read_timeout", self.read_timeout)
+        if not 0 < self.read_timeout < float("inf"):
+            raise InvalidParameterError("read_timeout", f"must be a positive duration, got {raw_read_timeout!r}")
         if self.memory_budget is None:
             self.memory_budget = int(_total_memory() * 0.75)
         self.memory_budget = parse_bytes(self.memory_budget)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from shoal.api.errors import ApiError, classify
 from shoal.api.ollama.routes import read_body
 from shoal.api.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
+from shoal.store.names import parse_name
 
 router = APIRouter(prefix="/api")
 
@@ -72,7 +73,8 @@ async def _progress_response(work: Callable[[Callable[[dict], None]], Any], stre
         try:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, Exception):
-                    yield _line({"error": classify(item).message})
+                    error = classify(item)
+                    yield _line({"error": error.ollama_message or error.message})
                 else:
                     yield _line(item)
         finally:
@@ -89,6 +91,7 @@ def _model_name(body: Any) -> str:
     name = body.model or body.name
     if not name:
         raise ApiError(400, "model is required", param="model")
+    parse_name(name)     # a bad name is a 400 before any progress is streamed, as in Ollama
     return name
 
 

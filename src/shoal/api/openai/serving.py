@@ -124,8 +124,17 @@ def completion_prompts(model: ServedModel, prompt: Any) -> list[tuple[str, list[
         if isinstance(p, str):
             out.append((p, tokenizer.encode(p)))
         else:
+            check_token_ids(model, p, "prompt")
             out.append((tokenizer.decode(p, skip_special_tokens=False), list(p)))
     return out
+
+
+def check_token_ids(model: ServedModel, ids: Sequence[int], field: str) -> None:
+    """400 naming `field` for an id outside the vocabulary (the tokenizer would overflow)."""
+    vocab = model.info.model_config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidParameterError(field, f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
 
 def completion_requests(model: ServedModel, req: CompletionRequest,
