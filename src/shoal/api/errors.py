@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from shoal.errors import (ContextLengthExceededError, EngineDeadError, InvalidParameterError,
-                          ModelLoadError, PayloadTooLargeError, ServerBusyError, ShoalError,
-                          UnknownModelError, UnsupportedFeatureError)
+from shoal.errors import (ContextLengthExceededError, CorruptModelError, EngineDeadError,
+                          InvalidParameterError, ModelLoadError, ModelNotFoundError,
+                          PayloadTooLargeError, ServerBusyError, ShoalError, UnknownModelError,
+                          UnsupportedFeatureError)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> ApiError:
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), type="server_error", code="engine_dead",
                         headers={"Retry-After": "30"})
+    if isinstance(exc, (CorruptModelError, ModelNotFoundError)):
+        # NOTE: a stored model whose files were removed or damaged on disk: it is not listed
+        # any more and retrying cannot help (so not a 5xx); pulling or creating it again does.
+        return ApiError(404, f"the model's files are missing or damaged: {exc}", param="model",
+                        code="model_not_found")
     if isinstance(exc, ModelLoadError):
         return ApiError(500, f"the model could not be loaded: {exc}", type="server_error",
                         code="model_load_failed")

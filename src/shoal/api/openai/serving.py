@@ -96,6 +96,8 @@ def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float)
         raise UnsupportedFeatureError(field, "is not supported for chat completions")
     if req.top_logprobs is not None and not req.logprobs and req.top_logprobs > 0:
         raise InvalidParameterError("top_logprobs", "requires logprobs to be true")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise InvalidParameterError("top_logprobs", f"must be in 0..{MAX_LOGPROBS}, got {req.top_logprobs}")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, logprobs)
