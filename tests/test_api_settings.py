@@ -32,7 +32,7 @@ def test_defaults_env_and_overrides() -> None:
 
 @pytest.mark.parametrize("env", [{"SHOAL_PORT": "eighty"}, {"SHOAL_PORT": "70000"},
                                  {"SHOAL_MAX_QUEUE": "-1"}, {"SHOAL_HOST": "localhost:http"},
-                                 {"SHOAL_MAX_BODY_BYTES": "lots"}])
+                                 {"SHOAL_MAX_BODY_BYTES": "lots"}, {"SHOAL_READ_TIMEOUT": "0"}])
 def test_bad_values_are_named(env: dict[str, str]) -> None:
     with pytest.raises(InvalidParameterError):
         ServerSettings.from_env(env)

@@ -162,7 +162,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate_for_vocab(self, vocab_size: int) -> None:
-        """Checks the token ids the params mention exist in the model's vocabulary."""
+        """Checks the token ids the params mention exist in the model's vocabulary; a top_k
+        at or above its size keeps every token, so it becomes 0 (no filter)."""
+        if self.top_k >= vocab_size:
+            # NOTE: the sampler packs top_k into int64; 10**30 would kill the engine loop.
+            self.top_k = 0
         for token in self.stop_token_ids:
             if token >= vocab_size:
                 raise InvalidParameterError(

@@ -1,6 +1,7 @@
 """The FastAPI application: shared endpoints, error rendering per dialect, body limits, API keys."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -70,15 +71,17 @@ def _describe_validation(errors: Iterable[dict]) -> ApiError:
 class BodyLimitMiddleware:
     """Refuses bodies over the limit with 413, before any JSON parsing; every body is JSON.
 
-    The body is read here (at most `limit` bytes) and replayed to the app; later receive()
-    calls go to the server, so a disconnect is still seen by the app. Bodies are read as
-    JSON whatever their Content-Type, as Ollama's server does: `curl -d '{...}'` sends
-    form encoding, and Ollama's own docs use exactly that.
+    The body is read here (at most `limit` bytes, within `read_timeout` seconds, else 408
+    and the connection is closed) and replayed to the app; later receive() calls go to the
+    server, so a disconnect is still seen by the app. Bodies are read as JSON whatever their
+    Content-Type, as Ollama's server does: `curl -d '{...}'` sends form encoding, and
+    Ollama's own docs use exactly that.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, read_timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or \
@@ -95,18 +98,28 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await error_response(path, too_large)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            # NOTE: a total deadline, not an idle one: a client trickling one byte a second
+            # (or declaring more bytes than it sends) must not hold the connection for ever.
+            async with asyncio.timeout(self.read_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.limit:
+                        await error_response(path, too_large)(scope, receive, send)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            too_slow = ApiError(408, f"the request body did not arrive within {self.read_timeout:g}s "
+                                     "(SHOAL_READ_TIMEOUT)", code="request_timeout",
+                                headers={"Connection": "close"})
+            await error_response(path, too_slow)(scope, receive, send)
+            return
         body = b"".join(chunks)
         replayed = False
 
@@ -222,7 +235,8 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.include_router(ollama_router)
     app.include_router(lifecycle_router)
     app.include_router(admin_router)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
+                       read_timeout=settings.read_timeout)
     # NOTE: runs before the routes and the body limit: a request without a valid key is
     # refused unread (only the observability layer, attached below, runs before it).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, count=count_rejection,

@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from shoal.errors import (AuthenticationError, ContextLengthExceededError, EngineDeadError,
-                          InvalidParameterError, ModelLoadError, PayloadTooLargeError,
-                          PermissionDeniedError, RateLimitedError, ServerBusyError, ShoalError,
-                          UnknownModelError, UnsupportedFeatureError)
+from shoal.errors import (AuthenticationError, ContextLengthExceededError, CorruptModelError,
+                          EngineDeadError, InvalidParameterError, ModelLoadError,
+                          ModelNotFoundError, PayloadTooLargeError, PermissionDeniedError,
+                          RateLimitedError, ServerBusyError, ShoalError, UnknownModelError,
+                          UnsupportedFeatureError)
 from shoal.store.errors import PullError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> ApiError:
     if isinstance(exc, RateLimitedError):
         return ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, (CorruptModelError, ModelNotFoundError)):
+        # NOTE: a stored model whose files were removed or damaged on disk: it is not listed
+        # any more and retrying cannot help (so not a 5xx); pulling or creating it again does.
+        return ApiError(404, f"the model's files are missing or damaged: {exc}", param="model",
+                        code="model_not_found")
     if isinstance(exc, ModelLoadError):
         return ApiError(500, f"the model could not be loaded: {exc}", type="server_error",
                         code="model_load_failed")

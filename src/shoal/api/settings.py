@@ -26,6 +26,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_MAX_TOKENS": ("max_tokens", "Largest max_tokens / num_predict accepted; larger gets 400, and a request that sets none gets at most this many (default 0: no cap)."),
     "SHOAL_DRAIN_TIMEOUT": ("drain_timeout", "On SIGTERM or SIGINT, how long running requests may finish before they are aborted and the server exits: seconds or '1m'; negative = wait for all (default 30s)."),
     "SHOAL_MAX_BODY_BYTES": ("max_body_bytes", "Largest request body accepted; larger gets 413 (default 16MiB)."),
+    "SHOAL_READ_TIMEOUT": ("read_timeout", "How long a client may take to send a request's headers, and then its body, before the connection is closed (408 for a late body; blob uploads excepted; default 60s)."),
     "SHOAL_LOG_LEVEL": ("log_level", "Logging level: debug, info, warning, error (default info)."),
     "SHOAL_KEEP_ALIVE": ("keep_alive", "How long an idle model stays loaded: '5m', '1h', seconds, 0 (unload when idle) or negative (never); a request's keep_alive overrides it (default 5m)."),
     "SHOAL_MAX_LOADED_MODELS": ("max_loaded_models", "Most models loaded at once; idle ones unload first to make room (default 3)."),
@@ -61,6 +62,7 @@ class ServerSettings:
     max_tokens: int = 0
     drain_timeout: float | str = 30.0
     max_body_bytes: int | str = 16 << 20
+    read_timeout: float | str = 60.0
     log_level: str = "info"
     keep_alive: float | str = 300.0
     max_loaded_models: int = 3
@@ -93,6 +95,9 @@ class ServerSettings:
         self.queue_timeout = _seconds("queue_timeout", self.queue_timeout) or math.inf
         self.batch_aging = _seconds("batch_aging", self.batch_aging)
         self.drain_timeout = _seconds("drain_timeout", self.drain_timeout)
+        raw_read_timeout, self.read_timeout = self.read_timeout, _seconds("read_timeout", self.read_timeout)
+        if not 0 < self.read_timeout < float("inf"):
+            raise InvalidParameterError("read_timeout", f"must be a positive duration, got {raw_read_timeout!r}")
         if self.memory_budget is None:
             self.memory_budget = int(_total_memory() * 0.75)
         self.memory_budget = parse_bytes(self.memory_budget)

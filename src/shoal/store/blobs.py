@@ -167,13 +167,16 @@ class BlobStore:
             return self.size(digest)
 
     def _commit(self, tmp: Path, digest: str, on_digest: OnDigest | None = None) -> Path:
-        """Renames a verified temp file into place (keeping an existing blob: same bytes).
-        Under the store lock, so a concurrent prune sees either the lease or the new blob."""
+        """Renames a verified temp file into place (keeping an existing blob of the same size:
+        same bytes). Under the store lock, so a concurrent prune sees either the lease or the
+        new blob."""
         final = self.path(digest)
         with self._locks.store_lock():
             if on_digest is not None:
                 on_digest(digest)
-            if final.exists():
+            # NOTE: a blob of another size was damaged on disk (truncated by hand, a full disk
+            # elsewhere); the verified bytes replace it, so "pull or create it again" repairs it.
+            if self.size(digest) == tmp.stat().st_size:
                 tmp.unlink(missing_ok=True)
             else:
                 os.replace(tmp, final)

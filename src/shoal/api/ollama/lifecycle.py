@@ -18,6 +18,7 @@ from shoal.api.errors import ApiError, classify
 from shoal.api.ollama.routes import read_body
 from shoal.api.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
 from shoal.errors import UnknownModelError
+from shoal.store.names import parse_name
 
 router = APIRouter(prefix="/api")
 
@@ -91,6 +92,7 @@ def _model_name(body: Any) -> str:
     name = body.model or body.name
     if not name:
         raise ApiError(400, "model is required", param="model")
+    parse_name(name)     # a bad name is a 400 before any progress is streamed, as in Ollama
     return name
 
 

@@ -37,9 +37,12 @@ async def read_body(request: Request, model: type[B]) -> B:
         raise ApiError(400, "missing request body")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # NOTE: besides syntax and UTF-8 errors (both ValueErrors), json.loads raises
+        # ValueError for integers over 4300 digits and RecursionError for deep nesting.
+        problem = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body",),
-                                       "msg": "JSON decode error", "ctx": {"error": str(exc)}}]) from None
+                                       "msg": "JSON decode error", "ctx": {"error": problem}}]) from None
     if data is None:
         raise ApiError(400, "missing request body")
     if not isinstance(data, dict):

@@ -131,10 +131,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
 
 
 def _detokenize(model: ServedModel, body: DetokenizeRequest) -> dict:
-    vocab = model.info.model_config.vocab_size
-    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidParameterError("tokens", f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    serving.check_token_ids(model, body.tokens, "tokens")
     return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 

@@ -96,6 +96,8 @@ def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float)
         raise UnsupportedFeatureError(field, "is not supported for chat completions")
     if req.top_logprobs is not None and not req.logprobs and req.top_logprobs > 0:
         raise InvalidParameterError("top_logprobs", "requires logprobs to be true")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise InvalidParameterError("top_logprobs", f"must be in 0..{MAX_LOGPROBS}, got {req.top_logprobs}")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, logprobs)
@@ -124,8 +126,17 @@ def completion_prompts(model: ServedModel, prompt: Any) -> list[tuple[str, list[
         if isinstance(p, str):
             out.append((p, tokenizer.encode(p)))
         else:
+            check_token_ids(model, p, "prompt")
             out.append((tokenizer.decode(p, skip_special_tokens=False), list(p)))
     return out
+
+
+def check_token_ids(model: ServedModel, ids: Sequence[int], field: str) -> None:
+    """400 naming `field` for an id outside the vocabulary (the tokenizer would overflow)."""
+    vocab = model.info.model_config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidParameterError(field, f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
 
 def completion_requests(model: ServedModel, req: CompletionRequest,
