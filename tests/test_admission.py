@@ -400,6 +400,7 @@ def test_sigterm_drains_running_streams_then_exits_0(draining: LiveServer) -> No
         refused_ollama = httpx.post(draining.url + "/api/generate", timeout=30,
                                     json={"model": MODEL, "prompt": "Hi", "stream": False})
         assert refused_ollama.status_code == 503 and "shutting down" in refused_ollama.json()["error"]
+        assert rejected(draining, "shutting_down") == 2
 
         # the short stream finishes normally within the drain
         rest = list(short_chunks)

@@ -140,9 +140,6 @@ class GenerationService:
         self._tickets: set[_Ticket] = set()
         self._aborting = False          # the drain ran out of time: nothing new may start
 
-    def in_flight(self, model: ServedModel) -> int:
-        return self.admission.queue(model.name).in_flight
-
     def num_in_flight(self) -> int:
         """Requests admitted and not yet ended, over every model (what a drain waits for)."""
         return self.admission.in_flight()
