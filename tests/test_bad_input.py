@@ -49,9 +49,9 @@ def server(smollm2_path, tmp_path_factory):
         live.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def hello_before(server) -> str:
-    """The greedy answer to HELLO before any bad input arrived."""
+    """The greedy answer to HELLO before any bad input arrived (autouse: asked first)."""
     return _hello(server)
 
 
