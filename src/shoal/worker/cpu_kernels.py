@@ -28,6 +28,11 @@ def _build_name() -> str:
     digest = hashlib.sha256()
     for source in _SOURCES:
         digest.update(source.read_bytes())
+    # NOTE: the build compiles against one torch's headers (their path is in build.ninja);
+    # two environments sharing a name would rebuild each other's cache back and forth.
+    import torch
+
+    digest.update(f"{torch.__version__} {Path(torch.__file__).parent}".encode())
     # NOTE: -march=native code is only valid on the CPU that built it.
     digest.update(platform.processor().encode())
     try:
