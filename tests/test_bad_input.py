@@ -246,6 +246,14 @@ def test_bodies_over_the_limit_are_413(server, path: str) -> None:
     assert_error_shape(streamed, dialect_of(path))
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/api/chat"])
+def test_oversized_headers_are_431(server, path: str) -> None:
+    # NOTE: without the cap, uvicorn kept every header byte in memory (200 MiB took 280 MiB).
+    response = httpx.post(server.url + path, headers={"X-Padding": "a" * (1 << 20)}, json={}, timeout=60)
+    assert response.status_code == 431
+    assert "headers are larger" in assert_error_shape(response, dialect_of(path))
+
+
 def test_a_prompt_just_under_the_limit_gets_a_context_error(server) -> None:
     words = "word " * ((BODY_LIMIT - 200) // 5)
     response = httpx.post(server.url + "/v1/completions", timeout=120,

@@ -10,7 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from shoal.api.app import create_app
-from shoal.api.read_deadline import header_deadline_protocol
+from shoal.api.http_limits import limited_http_protocol
 from shoal.api.settings import ServerSettings
 from shoal.config import EngineConfig
 from shoal.engine.async_engine import AsyncEngine
@@ -111,7 +111,7 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequenc
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=5,
-                            http=header_deadline_protocol(settings.read_timeout))
+                            http=limited_http_protocol(settings.read_timeout))
     server = DrainingServer(config, app.state.lifecycle, app.state.service, settings.drain_timeout)
 
     original_startup = server.startup
