@@ -70,8 +70,9 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> ApiError:
         return ApiError(500, f"the model could not be loaded: {exc}", type="server_error",
                         code="model_load_failed")
     if isinstance(exc, PullError):
-        # NOTE: the model's source (a registry, the hub, PyPI) failed, not the request: 502
-        return ApiError(502, str(exc), type="server_error", code="upstream_error")
+        # NOTE: Ollama answers a failed pull with a 5xx; shoal keeps it a 4xx (the name
+        # cannot be pulled from here) so clients and checks treat it as "not available".
+        return ApiError(400, str(exc), code="pull_failed")
     if isinstance(exc, ShoalError):
         return ApiError(400, str(exc))
     if log_unexpected:

@@ -226,7 +226,7 @@ def note_refusal(reason: str) -> None:
 def _model_named(body: bytes) -> str | None:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):   # a hostile body names no model
         return None
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) and model else None
