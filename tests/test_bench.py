@@ -93,12 +93,23 @@ def test_sweep_requests_carry_their_gaps(sweep):
         assert request["ttft"] + sum(request["itls"]) <= request["e2e"] + 1e-6
 
 
+def test_a_server_that_has_seen_the_prompts_is_called_out(sweep):
+    # both targets are one server: the second name gets the first's prompts from the prefix cache
+    by_level = {(r["target"], r["level"]): r["server"]["prefix_cache_hit_rate"] for r in sweep["levels"]}
+    assert by_level[("oai", 1)] == 0 and by_level[("oll", 1)] > 0.5
+    assert sweep["warnings"] and all(w.startswith("oll @ ") for w in sweep["warnings"])
+    assert "has seen these prompts before" in sweep["warnings"][0]
+    from shoal.bench.report_text import markdown
+    assert "## Warnings" in markdown(sweep)
+
+
 SCHEMA_KEYS = {
     "top": {"schema", "started_at", "finished_at", "command", "host", "settings", "targets", "levels", "analysis",
-            "requests"},
+            "warnings", "requests"},
     "host": {"hostname", "cpu", "cores", "python", "shoal"},
     "settings": {"workload", "mode", "arrival", "levels", "duration_s", "requests_per_level", "warmup_requests",
-                 "seed", "temperature", "max_tokens", "ignore_eos", "slo", "stall_threshold_s", "request_timeout_s"},
+                 "seed", "temperature", "max_tokens", "ignore_eos", "slo", "stall_threshold_s", "request_timeout_s",
+                 "settle_s"},
     "target": {"name", "url", "dialect", "model", "ignore_eos_supported", "server_metrics"},
     "level": {"target", "level", "duration_s", "completed", "errors", "request_throughput", "output_throughput",
               "total_token_throughput", "prompt_tokens", "output_tokens", "ttft", "itl", "tpot", "e2e", "stalls",
@@ -261,7 +272,9 @@ def test_compare_flags_regressions(sweep, tmp_path):
     assert main(["bench", "--from-json", str(new), "--compare", str(old)]) == 1
     # within the threshold: no regression, exit 0
     write_json(_scaled(sweep, throughput=0.95, latency=1.08), new)
-    assert main(["bench", "--from-json", str(new), "--compare", str(old), "--regression-threshold", "10%"]) == 0
+    assert main(["bench", "--from-json", str(new), "--compare", str(old), "--regression-threshold", "10%",
+                 "--plots", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "plot-throughput.svg").read_text().lstrip().startswith("<?xml")
     # latency alone can regress
     assert compare_runs(sweep, _scaled(sweep, 1.0, 1.5), 0.10)[0].regressions == ("P99 TTFT", "P99 ITL")
 

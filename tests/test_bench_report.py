@@ -294,6 +294,28 @@ def test_module_rerenders_a_saved_run(tmp_path):
     assert (tmp_path / "report.html").read_text(encoding="utf-8") == render_html(results)
 
 
+def test_plots_are_written_as_standalone_svg_files(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    results = synthetic_results(("shoal", "llamacpp", "vllm"))
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps(results))
+    done = _run_module(str(saved), "-o", str(tmp_path / "report.html"), "--plots", str(tmp_path / "img"))
+    assert done.returncode == 0, done.stderr
+    files = sorted((tmp_path / "img").glob("*.svg"))
+    assert [f.stem for f in files] == sorted(["plot-throughput", "plot-ttft", "plot-itl", "plot-itl-cdf",
+                                              "plot-goodput"])
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    for file in files:
+        root = ET.parse(file).getroot()                 # a well-formed XML document on its own
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        text = " ".join(t for t in root.itertext())
+        assert all(name in text for name in ("shoal", "llamacpp", "vllm")), file.name
+        # the same drawing as the report's inline figure
+        inline = page[page.index(f'<figure id="{file.stem}">'):]
+        assert file.read_text(encoding="utf-8").split("\n", 1)[1] in inline
+
+
 def test_module_explains_bad_input(tmp_path):
     missing = _run_module(str(tmp_path / "nope.json"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr

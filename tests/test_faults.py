@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import pytest
 from shoal.store import ModelStore
 
 MODEL = "smollm2:135m"
+ADMIN_KEY = "faults-lab-admin-key-0123456789"     # SHOAL_ADMIN_KEY of every server in the lab
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 HF_REPO = "test/smol-GGUF"            # served from an offline Hugging Face cache built below
 HF_NAME = f"hf.co/{HF_REPO}:latest"
 
@@ -37,6 +41,9 @@ class Lab:
         self.smollm2 = smollm2
         self.server = None
         self._logs = 0
+        # keys the server acknowledged creating (id -> key), and those it acknowledged revoking
+        self.keys: dict[str, str] = {}
+        self.revoked: set[str] = set()
 
     def copy_of(self, source: Path, name: str) -> Path:
         target = self.root / "files" / name
@@ -51,15 +58,18 @@ class Lab:
         self._logs += 1
         env = {"SHOAL_HOME": str(self.root), "SHOAL_MODELS": str(self.models),
                "HF_HUB_CACHE": str(self.hf_cache), "HF_HUB_OFFLINE": "1",
-               "SHOAL_MAX_LOADED_MODELS": "6"}     # every model stays loaded between checks
+               "SHOAL_MAX_LOADED_MODELS": "6",     # every model stays loaded between checks
+               "SHOAL_ADMIN_KEY": ADMIN_KEY}
         self.server = LiveServer(self.pinned, "--served-model-name", f"{MODEL},smollm2",
                                  "--max-model-len", "256", "--kv-cache-bytes", "64MiB", env=env,
                                  log_path=self.root / f"serve-{self._logs}.log").wait_ready()
         return self.server
 
-    def crash_and_restart(self):
+    def crash_and_restart(self, after_kill: Callable[[], None] | None = None):
         self.server.process.kill()              # SIGKILL: no cleanup of any kind runs
         self.server.process.wait(30)
+        if after_kill is not None:
+            after_kill()
         self.server.stop()
         server = self.start()
         for check in STATE_CHECKS:
@@ -97,8 +107,34 @@ def store_is_intact(lab: Lab) -> None:
             assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name[7:], path
 
 
-# NOTE: one entry per durable file the server writes; the keys DB joins here when keys land.
-STATE_CHECKS: list[Callable[[Lab], None]] = [store_is_intact]
+def keys_are_intact(lab: Lab) -> None:
+    """The keys DB passes SQLite's integrity check; every key the server acknowledged creating
+    still authenticates (revoked ones are refused), and the running server lists them all."""
+    from shoal.errors import AuthenticationError
+    from shoal.guard.auth import Authenticator
+
+    path = lab.root / "keys.db"
+    if not lab.keys:
+        return
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    auth = Authenticator(path, required=True)
+    try:
+        for key_id, key in lab.keys.items():
+            if key_id in lab.revoked:
+                with pytest.raises(AuthenticationError, match="revoked"):
+                    auth.authenticate(f"Bearer {key}")
+            else:
+                assert auth.authenticate(f"Bearer {key}").key_id == key_id
+    finally:
+        auth.close()
+    listed = httpx.get(lab.server.url + "/admin/keys", headers=ADMIN, timeout=60)
+    assert listed.status_code == 200, listed.text
+    assert set(lab.keys) <= {k["id"] for k in listed.json()["keys"]}
+
+
+# NOTE: one entry per durable file the server writes.
+STATE_CHECKS: list[Callable[[Lab], None]] = [store_is_intact, keys_are_intact]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -191,6 +227,50 @@ def test_kill_mid_create_then_restart(lab: Lab) -> None:
     assert_every_model_generates(server)
     create(server, "made", source)
     assert generate(server, "made").status_code == 200
+
+
+class KeyChurn(threading.Thread):
+    """Creates and revokes keys through /admin/keys until stopped (or the server dies),
+    recording in the lab only what the server acknowledged."""
+
+    def __init__(self, lab: Lab) -> None:
+        super().__init__(daemon=True)
+        self.lab, self.url = lab, lab.server.url
+        self.acknowledged = threading.Event()      # set once a create and a revoke succeeded
+
+    def run(self) -> None:
+        with httpx.Client(headers=ADMIN, timeout=30) as client:
+            for n in range(10_000):
+                try:
+                    made = client.post(self.url + "/admin/keys", json={"name": f"churn-{n}", "rpm": 60})
+                    if made.status_code != 201:
+                        return
+                    key = made.json()
+                    self.lab.keys[key["id"]] = key["key"]
+                    if n % 2:
+                        if client.delete(f"{self.url}/admin/keys/{key['id']}").status_code != 200:
+                            return
+                        self.lab.revoked.add(key["id"])
+                        self.acknowledged.set()
+                except httpx.HTTPError:
+                    return                  # the server was killed
+
+
+def test_kill_mid_key_writes_then_restart(lab: Lab) -> None:
+    churn = KeyChurn(lab)
+    churn.start()
+    assert churn.acknowledged.wait(120), "no key was created and revoked"
+    def churn_has_stopped() -> None:
+        churn.join(60)
+        assert not churn.is_alive()
+
+    server = lab.crash_and_restart(after_kill=churn_has_stopped)     # keys_are_intact runs here
+    assert len(lab.keys) >= 2 and lab.revoked
+    # the restarted server still writes: one more key, usable at once
+    made = httpx.post(server.url + "/admin/keys", headers=ADMIN, json={"name": "after"}, timeout=60)
+    assert made.status_code == 201, made.text
+    lab.keys[made.json()["id"]] = made.json()["key"]
+    keys_are_intact(lab)
 
 
 # ---- (b) weights that vanish or shrink ----------------------------------------------------------

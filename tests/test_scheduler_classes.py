@@ -88,6 +88,62 @@ def test_an_old_batch_request_is_not_starved_by_a_stream_of_interactive_ones(agi
     assert batch.output_token_ids == reference_output(batch.prompt_token_ids, 2)
 
 
+def test_aged_batch_requests_get_a_share_not_precedence() -> None:
+    """Sustained overload: a backlog of aged batch requests and one interactive arrival per
+    step, one seat, one step per request. Aged batch requests take every fourth admission;
+    interactive requests wait only behind each other, not behind the whole batch backlog."""
+    from shoal.engine.scheduler import AGED_BATCH_TURN
+
+    clock = Clock(0.0)
+    h = Harness(max_num_seqs=1, clock=clock)
+    for i in range(40):
+        h.add(make_request(f"batch{i}", _prompt(i, 4), max_tokens=1, batch=True, batch_aging_s=5.0,
+                           arrival_time=0.0))
+    arrivals: dict[str, float] = {}
+
+    def arrive(step: int) -> None:
+        if step < 60:
+            request_id = f"chat{step}"
+            arrivals[request_id] = clock.now
+            h.add(make_request(request_id, _prompt(1000 + step, 4), max_tokens=1, arrival_time=clock.now))
+
+    scheduled_at: dict[str, float] = {}
+    for step in range(200):
+        if not h.scheduler.has_unfinished_requests():
+            break
+        arrive(step)
+        h.step()
+        for request in h.outputs[-1].first_scheduled:
+            scheduled_at[request.request_id] = clock.now
+        clock.now += 1.0
+    order = _admission_order(h)
+    assert len(order) == 100
+    # while both kinds wait (after the batch requests aged), every 4th admission is batch
+    window = [rid for rid in order if scheduled_at[rid] >= 5.0][:40]
+    batch_share = sum(rid.startswith("batch") for rid in window) / len(window)
+    assert abs(batch_share - 1 / AGED_BATCH_TURN) < 0.05, window
+    # an interactive request waits for the interactive ones before it and its share of batch
+    waits = [scheduled_at[rid] - arrivals[rid] for rid in order if rid.startswith("chat")]
+    assert max(waits) <= 20, max(waits)        # precedence for aged batch would mean 40+
+
+
+def test_an_interactive_prompt_does_not_wait_for_running_batch_prompts() -> None:
+    clock = Clock()
+    h = Harness(num_blocks=256, max_num_batched_tokens=64, clock=clock)
+    batch = h.add(make_request("batch", _prompt(1, 400), max_tokens=4, batch=True, batch_aging_s=1e6,
+                               arrival_time=clock.now))
+    h.step()                                   # the batch prompt takes the whole first chunk
+    assert batch.num_computed_tokens == 64
+    chat = h.add(make_request("chat", _prompt(2, 8), max_tokens=4, arrival_time=clock.now))
+    h.step()
+    # admitted at once, beside the batch prompt's next (smaller) chunk
+    assert [r.request_id for r in h.outputs[-1].first_scheduled] == ["chat"]
+    assert chat.num_computed_tokens == 8 and batch.num_computed_tokens > 64
+    _run_ticking(h, clock)
+    for request in (batch, chat):
+        assert request.output_token_ids == reference_output(request.prompt_token_ids, 4)
+
+
 def test_a_batch_request_is_preempted_before_an_interactive_one() -> None:
     clock = Clock()
     h = Harness(num_blocks=11, max_num_batched_tokens=64, clock=clock)   # 10 blocks of 4
@@ -111,6 +167,58 @@ def test_an_aged_batch_request_is_no_longer_the_first_victim() -> None:
     _run_ticking(h, clock)
     # it competes as interactive and is older, so the newer interactive request yields
     assert old_batch.num_preemptions == 0 and chat.num_preemptions > 0
+
+
+def test_batch_requests_give_their_seats_to_interactive_ones() -> None:
+    clock = Clock()
+    h = Harness(max_num_seqs=2, clock=clock)
+    older = h.add(make_request("batch_old", _prompt(1, 6), max_tokens=20, batch=True, batch_aging_s=1e6,
+                               arrival_time=clock.now))
+    newer = h.add(make_request("batch_new", _prompt(2, 6), max_tokens=20, batch=True, batch_aging_s=1e6,
+                               arrival_time=clock.now + 1))
+    h.step()
+    clock.now += 1.0
+    chat = h.add(make_request("chat", _prompt(3, 6), max_tokens=4, arrival_time=clock.now))
+    h.step()
+    # the newest batch request yields its seat at once; the interactive one starts this step
+    assert [r.request_id for r in h.outputs[-1].preempted] == ["batch_new"]
+    assert [r.request_id for r in h.outputs[-1].first_scheduled] == ["chat"]
+    assert older.status is RequestStatus.RUNNING
+    _run_ticking(h, clock)
+    assert older.num_preemptions == 0 and newer.num_preemptions == 1 and chat.num_preemptions == 0
+    for request in (older, newer, chat):          # recompute loses nothing
+        assert request.output_token_ids == reference_output(request.prompt_token_ids, request.max_tokens)
+
+
+def test_a_batch_request_gives_up_its_seat_at_most_once() -> None:
+    clock = Clock()
+    h = Harness(max_num_seqs=1, clock=clock)
+    batch = h.add(make_request("batch", _prompt(1, 6), max_tokens=12, batch=True, batch_aging_s=1e6,
+                               arrival_time=clock.now))
+    h.step()
+    h.add(make_request("chat1", _prompt(2, 6), max_tokens=2, arrival_time=clock.now))
+    h.step()
+    assert [r.request_id for r in h.outputs[-1].preempted] == ["batch"]
+    # chat1 ends, the batch request is readmitted; a second interactive arrival must wait now
+    while batch.status is not RequestStatus.RUNNING or batch.num_output_tokens == 0:
+        h.step()
+    chat2 = h.add(make_request("chat2", _prompt(3, 6), max_tokens=2, arrival_time=clock.now))
+    _run_ticking(h, clock)
+    assert batch.num_preemptions == 1 and chat2.num_preemptions == 0
+    assert sum(len(out.preempted) for out in h.outputs) == 1
+    assert _admission_order(h)[-1] == "chat2"
+    assert batch.output_token_ids == reference_output(batch.prompt_token_ids, 12)
+
+
+def test_interactive_requests_never_give_up_their_seats() -> None:
+    clock = Clock()
+    h = Harness(max_num_seqs=1, clock=clock)
+    first = h.add(make_request("chat1", _prompt(1, 6), max_tokens=8, arrival_time=clock.now))
+    h.step()
+    h.add(make_request("chat2", _prompt(2, 6), max_tokens=4, priority=-10, arrival_time=clock.now))
+    _run_ticking(h, clock)
+    assert not any(out.preempted for out in h.outputs) and first.num_preemptions == 0
+    assert _admission_order(h) == ["chat1", "chat2"]
 
 
 def test_mixed_classes_under_memory_pressure_match_solo_runs() -> None:

@@ -21,7 +21,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_MAX_QUEUE_BATCH": ("max_queue_batch", "Batch-class requests allowed to wait per model beyond the running batch before new ones get 503 + Retry-After (default 256)."),
     "SHOAL_MAX_QUEUED_TOKENS": ("max_queued_tokens", "Prompt tokens allowed to wait per model, both classes together, before new requests get 503 + Retry-After; a request that finds a free slot is never refused by it (default 1000000)."),
     "SHOAL_QUEUE_TIMEOUT": ("queue_timeout", "How long a request may wait to be scheduled before it is dropped with 503 + Retry-After: seconds or '2m'; 0 or negative = no limit (default 60s)."),
-    "SHOAL_BATCH_AGING": ("batch_aging", "After waiting this long a batch request competes as interactive, so it cannot starve: seconds or '1m'; negative = never (default 30s)."),
+    "SHOAL_BATCH_AGING": ("batch_aging", "After waiting this long a batch request is owed a share of admissions (one in four while interactive requests wait), so it cannot starve: seconds or '1m'; negative = never (default 30s)."),
     "SHOAL_MAX_PROMPT_TOKENS": ("max_prompt_tokens", "Largest prompt accepted, in tokens; larger gets 400 (default 0: only the context length limits it)."),
     "SHOAL_MAX_TOKENS": ("max_tokens", "Largest max_tokens / num_predict accepted; larger gets 400, and a request that sets none gets at most this many (default 0: no cap)."),
     "SHOAL_DRAIN_TIMEOUT": ("drain_timeout", "On SIGTERM or SIGINT, how long running requests may finish before they are aborted and the server exits: seconds or '1m'; negative = wait for all (default 30s)."),

@@ -95,10 +95,15 @@ def add_bench_command(sub) -> None:
     bench.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                        help="ask for exactly max_tokens tokens where the server supports it (default on)")
     bench.add_argument("--slo", default=None, help="goodput objectives, e.g. ttft=1s,itl=200ms[,e2e=10s]")
+    bench.add_argument("--settle", default="5s",
+                       help="before each level, wait up to this long for the machine's CPUs to go quiet "
+                            "(0: no wait; default 5s)")
     bench.add_argument("--stall-threshold", default="250ms", help="a gap between tokens above this is a stall")
     bench.add_argument("--json", default=None, metavar="PATH", help="write the results (with every request)")
     bench.add_argument("--markdown", default=None, metavar="PATH", help="write a Markdown report")
     bench.add_argument("--html", default=None, metavar="PATH", help="write a self-contained HTML report")
+    bench.add_argument("--plots", default=None, metavar="DIR",
+                       help="write the HTML report's plots as SVG files into DIR (for docs)")
     bench.add_argument("--compare", default=None, metavar="OLD.json",
                        help="show changes against an earlier run; exit 1 on a regression")
     bench.add_argument("--regression-threshold", default="10%", help="worse than this is a regression (default 10%%)")
@@ -128,6 +133,7 @@ def _config(args: argparse.Namespace, argv: list[str]):
         requests=args.requests, warmup=args.warmup, seed=args.seed, temperature=args.temperature,
         max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, chat_endpoint=args.endpoint == "chat",
         slo=parse_slo(args.slo), stall_threshold_s=parse_duration(args.stall_threshold),
+        settle_s=parse_duration(args.settle),
         timeout_s=parse_duration(args.timeout), tokenizer=args.tokenizer,
         command=redact(shlex.join(["shoal", *argv])))
 
@@ -144,6 +150,9 @@ def _write_reports(args: argparse.Namespace, results: dict) -> None:
         Path(args.markdown).write_text(markdown(results), encoding="utf-8")
     if args.html:
         Path(args.html).write_text(_html_renderer()(results), encoding="utf-8")
+    if args.plots:
+        from shoal.bench.report_html import write_plot_files
+        write_plot_files(results, args.plots)
 
 
 def _html_renderer():
@@ -170,7 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv = sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"]
     try:
         threshold = parse_fraction(args.regression_threshold)
-        if args.html:
+        if args.html or args.plots:
             _html_renderer()             # fail before the run, not after it
         old = load_results(args.compare) if args.compare else None
         if args.from_json:

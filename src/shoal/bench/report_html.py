@@ -4,6 +4,7 @@ Everything is inline (CSS, SVG plots from report_plots), so the file opens offli
 mailed or archived as is. Every string taken from the results is HTML-escaped.
 
     python -m shoal.bench.report_html results.json -o report.html   # re-render a saved run
+    python -m shoal.bench.report_html results.json --plots docs/img  # the plots as SVG files
 """
 from __future__ import annotations
 
@@ -181,7 +182,11 @@ class _Page:
             cards.append(f'<div class="verdict" style="border-left-color:{self.colours[name]}">'
                          f'<div class="verdict-target">{_swatch(self.colours[name])}{escape(name)}</div>'
                          f'<p class="summary">{summary}</p><p class="facts">{facts}{peak}</p></div>')
-        return "<section><h2>Verdict</h2>\n" + ("\n".join(cards) or "<p>no targets</p>") + "</section>"
+        warnings = self.results.get("warnings")
+        notes = ("".join(f'<p class="warning">{_text(w)}</p>' for w in warnings)
+                 if isinstance(warnings, list) else "")
+        return ("<section><h2>Verdict</h2>\n" + notes + ("\n".join(cards) or "<p>no targets</p>")
+                + "</section>")
 
     def settings(self) -> str:
         s = self.settings_map
@@ -199,9 +204,12 @@ class _Page:
             "SLOs": escape(slo_text(self.results)) or "none given",
             "stall threshold": f"{_text(s.get('stall_threshold_s'))} s",
             "request timeout": f"{_text(s.get('request_timeout_s'))} s",
+            "settle before each level": (f"up to {_text(s.get('settle_s'))} s for quiet CPUs"
+                                         if s.get("settle_s") is not None else MISSING),
         }
         known = {"workload", "mode", "arrival", "levels", "duration_s", "requests_per_level", "warmup_requests",
-                 "max_tokens", "temperature", "ignore_eos", "seed", "slo", "stall_threshold_s", "request_timeout_s"}
+                 "max_tokens", "temperature", "ignore_eos", "seed", "slo", "stall_threshold_s", "request_timeout_s",
+                 "settle_s"}
         shown.update({escape(str(k)): _text(v) for k, v in s.items() if k not in known})
         host = self.results.get("host")
         if isinstance(host, Mapping):
@@ -333,6 +341,7 @@ h3 { font-size: 15px; margin: 18px 0 6px; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12px; word-break: break-all; }
 .verdict { border-left: 6px solid #999; background: #f6f7f9; padding: 8px 14px; margin: 8px 0; }
 .verdict-target { font-weight: 600; }
+.warning { border-left: 6px solid #d62728; background: #fdf0f0; padding: 8px 14px; margin: 8px 0; }
 .verdict .summary { font-size: 16px; margin: 4px 0; }
 .verdict .facts { color: #555; margin: 0; font-size: 13px; }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
@@ -369,12 +378,29 @@ footer { margin-top: 32px; color: #777; font-size: 12px; }
 """
 
 
+def write_plot_files(results: Mapping[str, Any], directory: str | Path) -> list[Path]:
+    """Each of the report's plots as a standalone SVG file (`<key>.svg`), for docs and slides.
+    Same errors as render_html."""
+    if not isinstance(results, Mapping) or results.get("schema") != SCHEMA:
+        render_html(results)               # raises the schema error
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for plot in build_plots(results):
+        path = directory / f"{plot.key}.svg"
+        # NOTE: the prolog makes the file a valid XML document; inline SVG in the page omits it
+        path.write_text('<?xml version="1.0" encoding="utf-8" standalone="no"?>\n' + plot.svg, encoding="utf-8")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shoal.bench.report_html",
         description="Render a saved `shoal bench` results JSON as one self-contained HTML report.")
     parser.add_argument("results", type=Path, help="the results JSON a `shoal bench` run wrote")
     parser.add_argument("-o", "--output", type=Path, help="the HTML file to write (default: RESULTS with .html)")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="also write each plot as DIR/<plot>.svg")
     args = parser.parse_args(argv)
     try:
         results = json.loads(args.results.read_text(encoding="utf-8"))
@@ -389,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or args.results.with_suffix(".html")
     output.write_text(page, encoding="utf-8")
     print(f"wrote {output}")
+    if args.plots:
+        for path in write_plot_files(results, args.plots):
+            print(f"wrote {path}")
     return 0
 
 

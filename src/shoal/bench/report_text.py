@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -88,6 +89,8 @@ def print_summary(results: dict, console: Console | None = None) -> None:
     for target in results["targets"]:
         if not target["ignore_eos_supported"] and results["settings"]["ignore_eos"]:
             console.print(f"[yellow]{target['name']}: ignore_eos not supported; answers may end early[/yellow]")
+    for warning in results.get("warnings") or ():
+        console.print(f"[yellow]{escape(warning)}[/yellow]")
     for name, summary in verdicts(results):
         console.print(f"[bold]{name}[/bold]: {summary}")
 
@@ -107,6 +110,8 @@ def markdown(results: dict) -> str:
              f"{results['host']['cores']} cores). {_settings_line(results)}.", "",
              f"`{results['command']}`", "", "## Verdicts", ""]
     lines += [f"- **{name}**: {summary}" for name, summary in verdicts(results)]
+    if results.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {warning}" for warning in results["warnings"]]
     lines += ["", "## Targets", ""]
     lines += [f"- **{t['name']}**: {t['url']} ({t['dialect']}, model `{t['model']}`; ignore_eos "
               f"{'honoured' if t['ignore_eos_supported'] else 'not supported'}; server metrics: "

@@ -1,7 +1,8 @@
 """A whole run: validate every target, prepare prompts, warm up, sweep the levels interleaved.
 
 Levels are interleaved across targets (level 1 on A, level 1 on B, level 2 on A, ...) so
-that drift of the machine (thermal, other load) touches every target alike. Each level on
+that drift of the machine (thermal, other load) touches every target alike, and each level
+starts once the machine has gone quiet (settle.py), so no target pays for another's tail. Each level on
 each target is bracketed by /metrics scrapes of that target when it has them.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from shoal.bench.probe import TargetInfo, check_generation, probe_target
 from shoal.bench.progress import LiveProgress
 from shoal.bench.results import SCHEMA, host_info, level_value, request_entry, utc_now
 from shoal.bench.server_metrics import MetricsScraper
+from shoal.bench.settle import settle
 from shoal.bench.stats import Slo, level_figures
 from shoal.bench.targets import BenchSetupError, TargetSpec
 from shoal.bench.tokens import TokenCounter, close_counter, make_counter
@@ -40,6 +42,7 @@ class BenchConfig:
     chat_endpoint: bool = False
     slo: Slo = Slo()
     stall_threshold_s: float = 0.25
+    settle_s: float = 5.0                  # most to wait for a quiet machine before each level
     timeout_s: float = 300.0
     tokenizer: str | None = None
     command: str = "shoal bench"
@@ -101,7 +104,7 @@ def _settings(config: BenchConfig, workload: Workload) -> dict:
             "temperature": config.temperature, "max_tokens": workload.max_tokens,
             "ignore_eos": config.ignore_eos, "endpoint": "chat" if config.chat_endpoint else "completions",
             "slo": config.slo.as_dict(), "stall_threshold_s": config.stall_threshold_s,
-            "request_timeout_s": config.timeout_s}
+            "request_timeout_s": config.timeout_s, "settle_s": config.settle_s}
 
 
 async def run_bench(config: BenchConfig, progress: LiveProgress) -> dict:
@@ -126,7 +129,7 @@ async def run_bench(config: BenchConfig, progress: LiveProgress) -> dict:
             for i in range(config.warmup):
                 for request in workload.session(target.builder, f"{config.seed}/warmup/{i}", i)[:1]:
                     await target.client.send(request)
-        levels, requests = await _sweep(config, workload, targets, progress)
+        levels, requests, warnings = await _sweep(config, workload, targets, progress)
     finally:
         for target in targets:
             await target.aclose()
@@ -136,19 +139,24 @@ async def run_bench(config: BenchConfig, progress: LiveProgress) -> dict:
     return {"schema": SCHEMA, "started_at": started_at, "finished_at": utc_now(), "command": config.command,
             "host": host_info(), "settings": _settings(config, workload),
             "targets": [_target_entry(t, workload) for t in targets],
-            "levels": levels, "analysis": analysis, "requests": requests}
+            "levels": levels, "analysis": analysis, "warnings": warnings, "requests": requests}
 
 
 async def _sweep(config: BenchConfig, workload: Workload, targets: list[_Target],
-                 progress: LiveProgress) -> tuple[list[dict], list[dict]]:
+                 progress: LiveProgress) -> tuple[list[dict], list[dict], list[str]]:
     rows: list[dict] = []
     entries: list[dict] = []
+    warnings: list[str] = []
     sweep_start = time.perf_counter()
     for level_index, level in enumerate(config.levels):
         plan = LevelPlan(mode=config.mode, level=level, requests=config.requests, duration_s=config.duration_s,
                          arrival=config.arrival or "poisson", seed=config.seed)
         for target in targets:
             name = target.info.name
+            settled = await settle(config.settle_s)
+            if not settled.quiet and config.settle_s > 0:
+                progress.note(f"{name} @ {level_words(level, config.mode)}: the machine was still busy "
+                              f"after {settled.waited_s:.1f} s; starting anyway")
             before = await target.scraper.scrape() if target.scraper else None
             total = config.requests
             if total is not None and config.mode == "open":
@@ -169,5 +177,30 @@ async def _sweep(config: BenchConfig, workload: Workload, targets: list[_Target]
                                    slo=config.slo),
                    "server": target.scraper.deltas(before, after) if target.scraper else None}
             rows.append(row)
+            warning = cache_reuse_warning(name, level, config.mode, workload, row)
+            if warning:
+                warnings.append(warning)
+                progress.note(warning)
             entries += [request_entry(name, level, i, r.start - sweep_start, r) for i, r in enumerate(run.records)]
-    return rows, entries
+    return rows, entries, warnings
+
+
+# a cache-free workload whose prompts the server mostly did not compute was answered from a cache
+CACHE_REUSE_LIMIT = 0.2
+
+
+def cache_reuse_warning(name: str, level: float, mode: str, workload: Workload, row: dict) -> str | None:
+    """A sentence when the server says it reused prompts the workload meant to be fresh: the
+    same seed run twice against a running server, or two names for one server."""
+    server = row.get("server") or {}
+    if not workload.cache_free or not row.get("prompt_tokens"):
+        return None
+    reused = server.get("prefix_cache_hit_rate")
+    if server.get("prompt_tokens") is not None and server.get("source") == "llamacpp":
+        # NOTE: llama.cpp counts only the prompt tokens it computed
+        reused = 1 - server["prompt_tokens"] / row["prompt_tokens"]
+    if reused is None or reused <= CACHE_REUSE_LIMIT:
+        return None
+    return (f"{name} @ {level_words(level, mode)}: the server answered {reused:.0%} of the prompt tokens "
+            "from its cache, though no two prompts of this workload share a prefix: it has seen these "
+            "prompts before. Restart it or use another --seed, or its figures flatter it.")

@@ -128,6 +128,7 @@ class Workload:
     max_tokens: int
     token_accurate: bool = True
     requests_per_session: int = 1
+    cache_free: bool = True          # no two requests share a prefix (a cache hit means reused prompts)
 
     def session(self, builder: PromptBuilder, key: str, index: int) -> list[BenchRequest]:
         """Session `index` of a level; `key` seeds its words (the same key on every target)."""
@@ -159,6 +160,7 @@ class ChatRag(Workload):
     name = "chat-rag"
     long_answers = False
     requests_per_session = CHAT_RAG_TURNS
+    cache_free = False
 
     def __init__(self, preset: Preset, max_tokens: int | None) -> None:
         self.preset = preset
@@ -183,6 +185,7 @@ class JsonlPrompts(Workload):
 
     long_answers = False
     token_accurate = False
+    cache_free = False               # the user's prompts may share prefixes, and sessions cycle
 
     def __init__(self, path: str, max_tokens: int | None) -> None:
         self.name = f"jsonl:{path}"

@@ -59,8 +59,9 @@ class Request:
     priority: int = 0                    # lower value = more important (as vLLM)
     arrival_time: float = field(default_factory=time.monotonic)
     # Scheduling class: a batch request is taken only after every interactive one, until it
-    # has waited `batch_aging_s` since arrival; from then on it competes as interactive, so
-    # it cannot starve. `priority` orders requests within a class.
+    # has waited `batch_aging_s` since arrival; from then on it is owed a share of
+    # admissions, and memory preemption treats it as interactive, so it cannot starve.
+    # `priority` orders requests within a class.
     batch: bool = False
     batch_aging_s: float = math.inf
     group_id: str | None = None
@@ -105,7 +106,7 @@ class Request:
         return self.arrival_time + self.batch_aging_s
 
     def class_rank(self, now: float) -> int:
-        """0: competes as interactive now; 1: as batch (the scheduler takes lower ranks first)."""
+        """0: ranks as interactive when choosing whom to preempt for memory; 1: as batch."""
         return int(self.batch and now < self.promoted_at)
 
     def append_output_token(self, token_id: int) -> None:

@@ -4,17 +4,21 @@ Each step hands every request up to `num_tokens - num_computed_tokens` tokens to
 under one token budget; there are no separate prefill and decode phases. A request whose
 computed tokens reach `num_tokens` samples its next token in that step.
 
-Requests are ordered by (class rank, priority, arrival_time): interactive requests (rank 0)
-before batch ones (rank 1), then vLLM's priority (lower value first), then arrival. A batch
-request that has waited `batch_aging_s` since arrival competes as interactive (rank 0), so a
-stream of interactive traffic cannot starve it.
+Requests are ordered by (class, priority, arrival_time): interactive requests before batch
+ones, then vLLM's priority (lower value first), then arrival. A batch request that has
+waited `batch_aging_s` since arrival is owed a share: while interactive requests wait, every
+AGED_BATCH_TURN-th admission goes to the oldest such request, so a stream of interactive
+traffic cannot starve it, and a backlog of batch work cannot hold interactive requests up.
 
 Policy, in order:
+0. Seats: when max_num_seqs requests run and interactive ones wait, running batch requests
+   that were never preempted give up their seats (newest first); and the step keeps enough
+   of its token budget for the prompts of the interactive requests at the queue's head.
 1. Running requests, in admission order. When a request's KV cannot grow, the running
    request that ranks last (largest (rank, priority, arrival_time): a batch request
    first) is preempted by recompute, possibly the request itself, and the allocation
    is retried.
-2. Only if nothing was preempted this step: waiting requests in that order. The head
+2. Only if nothing was preempted for memory this step: waiting requests in that order. The head
    blocks the queue (FCFS) when its KV does not fit; the only requests passed over are
    n>1 siblings whose leader has not computed the prompt yet (they could not run anyway
    and keep their place).
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -43,6 +46,11 @@ from shoal.errors import ContextLengthExceededError, InvalidParameterError, Shoa
 
 class SchedulerStateError(ShoalError):
     """The engine drove the scheduler out of order (a bug, not a user error)."""
+
+
+# While interactive requests wait, every this-many-th admission goes to a batch request that
+# has waited its aging time (SHOAL_BATCH_AGING), so aged batch work always keeps moving.
+AGED_BATCH_TURN = 4
 
 
 @dataclass(slots=True)
@@ -103,6 +111,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    num_seats_yielded: int = 0          # how many of `preempted` gave their seat to an interactive request
     num_batched_tokens: int = 0
     finished_request_ids: list[str] = field(default_factory=list)  # since the last step
     first_scheduled: list[Request] = field(default_factory=list)   # scheduled for the first time
@@ -125,9 +134,8 @@ class Scheduler:
         self._clock = clock
         self.running: list[Request] = []
         self._waiting: list[tuple[int, int, float, int, Request]] = []   # heap
-        # waiting batch requests still ranked as batch, and the earliest of their promotions
-        self._unpromoted: dict[str, Request] = {}
-        self._next_promotion = math.inf
+        # interactive admissions since an aged batch request last got its turn
+        self._interactive_streak = 0
         self._requests: dict[str, Request] = {}                      # every unfinished request
         self._seq: dict[str, int] = {}                               # insertion order, tie-break
         self._counter = itertools.count()
@@ -196,13 +204,15 @@ class Scheduler:
         output = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
         now = self._clock()
-        budget = self._schedule_running(output, self._step_budget(), now)
-        # NOTE: no admissions in a step that preempted: the preempted requests' blocks
-        # must not be handed to a newcomer in the very step that freed them, and the
-        # pool is evidently short.
-        if not output.preempted:
-            self._promote_aged(now)
-            self._schedule_waiting(output, budget)
+        output.num_seats_yielded = self._yield_seats_to_interactive(output, now)
+        budget = self._step_budget()
+        reserved = self._interactive_reserve(budget)
+        budget = self._schedule_running(output, budget - reserved, now) + reserved
+        # NOTE: no admissions in a step that preempted for memory: the pool is evidently
+        # short, and the preempted requests' blocks must not go to a newcomer at once.
+        # Seats yielded to interactive requests are for exactly those admissions.
+        if len(output.preempted) == output.num_seats_yielded:
+            self._schedule_waiting(output, budget, now)
         output.num_batched_tokens = sum(s.num_new_tokens for s in output.scheduled)
         return output
 
@@ -269,23 +279,93 @@ class Scheduler:
                 index += 1
         return budget
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int, now: float) -> None:
         passed_over = []
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self._waiting[0][-1]
+            entry = self._next_waiting(now)
+            request = entry[-1]
             if not self._leader_ready(request):
-                passed_over.append(heapq.heappop(self._waiting))
+                passed_over.append(self._take_waiting(entry))
                 continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = self._tokens_to_schedule(request.num_tokens - num_hit, budget)
             if num_new == 0 or not self.kv.allocate_slots(request, num_new, hit_blocks, num_hit):
                 break
-            heapq.heappop(self._waiting)
+            self._take_waiting(entry)
             self._admit(request, num_hit, output)
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+            self._interactive_streak = 0 if request.batch else self._interactive_streak + 1
         for entry in passed_over:
             heapq.heappush(self._waiting, entry)
+
+    def _next_waiting(self, now: float) -> tuple[int, int, float, int, Request]:
+        """The queue's head, except that an aged batch request takes every AGED_BATCH_TURN-th
+        admission while interactive requests wait.
+
+        NOTE: aging grants a share, not precedence. Under sustained overload every batch
+        request in the queue has aged; were aged ones simply ranked with interactive ones
+        (being older, ahead of them), interactive requests would wait behind the whole batch
+        backlog. With a share, batch work keeps moving at a guaranteed rate and interactive
+        requests wait only behind each other."""
+        head = self._waiting[0]
+        if head[0] == 1 or self._interactive_streak < AGED_BATCH_TURN - 1:
+            return head                  # no interactive request waits, or not the batch's turn
+        aged = [e for e in self._waiting if e[-1].batch and now >= e[-1].promoted_at]
+        return min(aged, key=lambda e: e[:4]) if aged else head
+
+    def _take_waiting(self, entry: tuple[int, int, float, int, Request]) -> tuple[int, int, float, int, Request]:
+        if entry is self._waiting[0]:
+            return heapq.heappop(self._waiting)
+        position = next(i for i, e in enumerate(self._waiting) if e is entry)
+        self._waiting[position] = self._waiting[-1]
+        self._waiting.pop()
+        heapq.heapify(self._waiting)
+        return entry
+
+    def _yield_seats_to_interactive(self, output: SchedulerOutput, now: float) -> int:
+        """With every seat (max_num_seqs) taken, running batch requests give theirs to waiting
+        interactive ones, newest first; returns how many were preempted.
+
+        Without this an interactive request waits for a batch answer to end, which under
+        load means waiting out hundreds of tokens. A victim restarts by recompute (its full
+        blocks stay in the prefix cache, so it loses little), and a request that has been
+        preempted once is never displaced for a seat again, so every batch request, once
+        readmitted, runs to its end: batch throughput pays a bounded price, and aging still
+        decides who gets a seat that falls free."""
+        free = self.config.max_num_seqs - len(self.running)
+        wanted = sum(1 for entry in self._waiting if not entry[-1].batch) - max(free, 0)
+        if wanted <= 0:
+            return 0
+        candidates = [r for r in self.running if r.batch and r.num_preemptions == 0]
+        candidates.sort(key=lambda r: (r.arrival_time, self._seq[r.request_id]), reverse=True)
+        for victim in candidates[:wanted]:
+            self._preempt(victim)
+            output.preempted.append(victim)
+        return min(wanted, len(candidates))
+
+    def _interactive_reserve(self, budget: int) -> int:
+        """Step tokens kept from running requests' prompt chunks for the interactive requests
+        at the head of the queue (as many as there are free seats).
+
+        NOTE: running requests are scheduled first, and under load some are always in the
+        middle of long batch prompts; without a reserve those chunks take the whole step
+        budget (small while others decode) and an interactive request waits for them all.
+        Decoding streams still get their token: the reserve leaves one per decoding stream,
+        and running prompts at least half the budget."""
+        seats = self.config.max_num_seqs - len(self.running)
+        if seats <= 0 or not self._waiting or self._waiting[0][0] != 0:
+            return 0
+        wanted = 0
+        for entry in heapq.nsmallest(seats, self._waiting):
+            if entry[0] != 0:
+                break
+            if self._leader_ready(entry[-1]):
+                wanted += entry[-1].num_tokens - entry[-1].num_computed_tokens
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        # NOTE: at most half the budget: the head may not fit the KV cache this step, and
+        # running prompts must keep moving (they may be what frees it).
+        return max(0, min(wanted, budget - decoding, budget // 2))
 
     def _tokens_to_schedule(self, remaining: int, budget: int) -> int:
         if not self.config.enable_chunked_prefill:
@@ -306,7 +386,6 @@ class Scheduler:
             request.num_cached_tokens = num_hit
             output.first_scheduled.append(request)
         request.status = RequestStatus.RUNNING
-        self._unpromoted.pop(request.request_id, None)
         self.running.append(request)
 
     def _leader_ready(self, request: Request) -> bool:
@@ -339,26 +418,9 @@ class Scheduler:
         self._push_waiting(request)
 
     def _push_waiting(self, request: Request) -> None:
-        entry = self._waiting_entry(request, self._clock())
-        if entry[0]:
-            self._unpromoted[request.request_id] = request
-            self._next_promotion = min(self._next_promotion, request.promoted_at)
-        heapq.heappush(self._waiting, entry)
-
-    def _waiting_entry(self, request: Request, now: float) -> tuple[int, int, float, int, Request]:
-        return (request.class_rank(now), request.priority, request.arrival_time,
-                self._seq[request.request_id], request)
-
-    def _promote_aged(self, now: float) -> None:
-        """Re-ranks the waiting batch requests that have waited long enough as interactive."""
-        if now < self._next_promotion:
-            return
-        due = {r for r in self._unpromoted.values() if not r.class_rank(now)}
-        for request in due:
-            del self._unpromoted[request.request_id]
-        self._waiting = [self._waiting_entry(e[-1], now) if e[-1] in due else e for e in self._waiting]
-        heapq.heapify(self._waiting)
-        self._next_promotion = min((r.promoted_at for r in self._unpromoted.values()), default=math.inf)
+        # the queue's order: interactive before batch; then vLLM's priority; then arrival
+        heapq.heappush(self._waiting, (int(request.batch), request.priority, request.arrival_time,
+                                       self._seq[request.request_id], request))
 
     # -- finishing -------------------------------------------------------------------------
 
@@ -377,7 +439,6 @@ class Scheduler:
         request.status = status
         request.stop_reason = stop_reason
         request.timings.finished = self._clock()
-        self._unpromoted.pop(request.request_id, None)
         self.kv.free(request)
         if request in self.running:
             self.running.remove(request)

@@ -127,7 +127,7 @@ def policy_lines(config: ServeConfig) -> list[str]:
     settings = config.settings
     if settings.batch_aging >= settings.queue_timeout:
         lines.append("  note: batch_aging >= queue_timeout, so a waiting batch request times out "
-                     "before it ages into the interactive class")
+                     "before it ages into its share of admissions")
     return lines
 
 
