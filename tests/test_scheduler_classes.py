@@ -144,6 +144,25 @@ def test_an_interactive_prompt_does_not_wait_for_running_batch_prompts() -> None
         assert request.output_token_ids == reference_output(request.prompt_token_ids, 4)
 
 
+def test_streams_keep_decoding_while_an_earlier_prompt_is_computed() -> None:
+    clock = Clock()
+    h = Harness(num_blocks=256, max_num_batched_tokens=32, clock=clock)
+    long = h.add(make_request("long", _prompt(1, 300), max_tokens=2, arrival_time=clock.now))
+    h.step()
+    chat = h.add(make_request("chat", _prompt(2, 4), max_tokens=6, arrival_time=clock.now))
+    h.step()
+    assert chat.num_computed_tokens == 4 and long.num_computed_tokens < 300
+    # admitted after the long prompt, the stream still gets its token in every step
+    while chat.num_output_tokens < 6:
+        assert long.num_computed_tokens < 300, "the stream waited for the long prompt"
+        before = chat.num_output_tokens
+        h.step()
+        assert chat.num_output_tokens == before + 1
+    _run_ticking(h, clock)
+    for request in (long, chat):
+        assert request.output_token_ids == reference_output(request.prompt_token_ids, request.max_tokens)
+
+
 def test_a_batch_request_is_preempted_before_an_interactive_one() -> None:
     clock = Clock()
     h = Harness(num_blocks=11, max_num_batched_tokens=64, clock=clock)   # 10 blocks of 4

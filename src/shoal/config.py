@@ -23,6 +23,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_CHUNKED_PREFILL": ("enable_chunked_prefill", "Split long prompts across steps (default 1)."),
     "SHOAL_NUM_THREADS": ("num_threads", "Torch CPU threads (default: all cores)."),
     "SHOAL_KV_CACHE_DTYPE": ("kv_cache_dtype", "'auto' (bfloat16 for fast mode on the CPU kernel, else the model dtype), 'float32', 'bfloat16'."),
+    "SHOAL_KV_CACHE_COMMIT": ("kv_cache_commit", "Touch every page of the KV cache at load (CPU), so its memory is taken, or refused, at start rather than under load, and RSS is flat from the first request (default 0: pages are taken as blocks are first used, so an idle server stays small)."),
     "SHOAL_ATTENTION": ("attention_backend", "'auto' (C++ kernel on CPU when it builds), 'kernel', or 'torch'."),
 }
 
@@ -60,6 +61,7 @@ class EngineConfig:
     num_threads: int | None = None
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    kv_cache_commit: bool = False
     # LoRA adapters merged into the weights at load, in order (paths; see models/lora.py)
     adapters: tuple[str, ...] = ()
 

@@ -128,7 +128,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     if not config.enable_chunked_prefill:
         max_batched = max(max_batched, max_model_len)   # a whole prompt must fit one step
     kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device,
-                                   blocked=use_kernels)
+                                   blocked=use_kernels, commit=config.kv_cache_commit)
     runner = ModelRunner(model, kv_caches, config.block_size, device, use_kernels=use_kernels)
     if use_kernels and config.compute == "fast":
         model.enable_fused_int8(runner.kernels)

@@ -14,7 +14,8 @@ Policy, in order:
 0. Seats: when max_num_seqs requests run and interactive ones wait, running batch requests
    that were never preempted give up their seats (newest first); and the step keeps enough
    of its token budget for the prompts of the interactive requests at the queue's head.
-1. Running requests, in admission order. When a request's KV cannot grow, the running
+1. Running requests: decoding ones first, then unfinished prompts (interactive before
+   batch), each group in admission order. When a request's KV cannot grow, the running
    request that ranks last (largest (rank, priority, arrival_time): a batch request
    first) is preempted by recompute, possibly the request itself, and the allocation
    is retried.
@@ -254,29 +255,31 @@ class Scheduler:
         return budget
 
     def _schedule_running(self, output: SchedulerOutput, budget: int, now: float) -> int:
-        index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
+        # NOTE: decoding streams first (a token each), then prompts still being computed,
+        # interactive before batch, each group in admission order. In plain admission order
+        # a long batch prompt would take the step's budget from every stream admitted after
+        # it, an interactive request's unfinished prompt included.
+        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.batch))
+        for request in order:
+            if budget <= 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue                       # preempted earlier in this loop
             num_new = self._tokens_to_schedule(request.num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
-                index += 1
                 continue
             # NOTE: while/else: the else branch runs once allocation succeeds, not after
             # `break` (the request preempted itself and left the running list).
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._lowest_priority_running(now)
-                victim_index = self.running.index(victim)
                 budget += self._unschedule(output, victim)
                 self._preempt(victim)
                 output.preempted.append(victim)
                 if victim is request:
                     break
-                if victim_index < index:
-                    index -= 1
             else:
                 output.scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
-                index += 1
         return budget
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int, now: float) -> None:

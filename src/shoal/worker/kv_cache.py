@@ -8,7 +8,8 @@ import torch
 from shoal.models.config import ModelConfig
 
 # NOTE: CPU default: a fifth of the memory that is free now, capped at 4 GiB. Pages
-# are committed only when a block is first written, so an idle server's RSS stays low.
+# are committed only when a block is first written, so an idle server's RSS stays low
+# (SHOAL_KV_CACHE_COMMIT=1 commits them all at load instead).
 _CPU_FRACTION = 0.2
 _CPU_CAP = 4 << 30
 # CUDA default: most of what is free after the weights are on the device.
@@ -32,9 +33,9 @@ def default_kv_cache_bytes(device: torch.device) -> int:
 
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
-                       dtype: torch.dtype, device: torch.device, blocked: bool = False
-                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair per layer.
+                       dtype: torch.dtype, device: torch.device, blocked: bool = False,
+                       commit: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (K, V) pair per layer; `commit` writes every page now (see SHOAL_KV_CACHE_COMMIT).
 
     flat (PyTorch attention): K and V are [num_blocks * block_size, kv_heads, head_dim].
     blocked (the C++ kernel): K is [num_blocks, kv_heads, head_dim, block_size] and V is
@@ -53,7 +54,10 @@ def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
         # which point at block 0: zero it (garbage may be NaN, and 0 * NaN = NaN).
         k = torch.empty(k_shape, dtype=dtype, device=device)
         v = torch.empty(v_shape, dtype=dtype, device=device)
-        if blocked:
+        if commit:
+            k.zero_()
+            v.zero_()
+        elif blocked:
             k[0].zero_()
             v[0].zero_()
         else:
