@@ -224,8 +224,12 @@ def _names(listing: str) -> set[str]:
 def test_interactive_chat(shoal_server, home):
     env = {**os.environ, "SHOAL_HOST": shoal_server.url, "SHOAL_HOME": str(home), "SHOAL_NO_AUTOSTART": "1",
            "TERM": "dumb"}
+    # NOTE: Ctrl-C must reach the chat as at a terminal. A test run started in the background
+    # of a non-interactive shell inherits SIGINT ignored (POSIX), and Python keeps an
+    # ignored SIGINT ignored; the child gets the default back.
     chat = pexpect.spawn(sys.executable, ["-m", "shoal", "run", "smollm2"], env=env, encoding="utf-8",
-                         timeout=60, dimensions=(40, 200))
+                         timeout=60, dimensions=(40, 200),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = open(home.parent / "chat.log", "w")  # noqa: SIM115 - closed below
     chat.logfile_read = log
     try:

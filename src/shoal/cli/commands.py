@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,8 +86,8 @@ def pull(client: Client, model: str, insecure: bool = False) -> None:
 def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]]) -> tuple[str, dict[str, Any], bool]:
     """Streams one answer to stdout. Returns (text, final event, interrupted).
 
-    Ctrl-C stops the answer: leaving the stream closes the connection, which aborts the
-    request on the server, and the text so far is returned.
+    Ctrl-C (KeyboardInterrupt) stops the answer: leaving the stream closes the connection,
+    which aborts the request on the server, and the text so far is returned.
     """
     from rich.console import Console
 
@@ -100,56 +96,26 @@ def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]]
     err = Console(stderr=True)
     spinner = err.status("", spinner="dots") if animated(err) else None
     interrupted = False
-    with _ctrl_c_as_flag() as stop:
-        try:
-            if spinner:
-                spinner.start()
-            with client.stream("POST", "/api/chat", opts.chat_body(messages)) as events:
-                for event in events:
-                    if stop.is_set():
-                        break
-                    message = event.get("message") or {}
-                    content = message.get("content") or ""
-                    if content and spinner:
-                        spinner.stop()
-                        spinner = None
-                    writer.write(content)
-                    if event.get("done"):
-                        final = event
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            if spinner:
-                spinner.stop()
-            text = writer.finish()
-        interrupted = interrupted or stop.is_set()
-    return text, final, interrupted
-
-
-@contextlib.contextmanager
-def _ctrl_c_as_flag() -> Iterator[threading.Event]:
-    """While streaming, a first Ctrl-C only sets a flag the read loop checks at the next event
-    (tokens arrive every few milliseconds); a second one raises KeyboardInterrupt at once.
-
-    NOTE: a KeyboardInterrupt raised inside the HTTP library can land between a lock's
-    acquisition and its release and leave the connection pool locked, so the closing of the
-    stream hung (seen once in CI); the flag lets the stream close on the normal path.
-    """
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop                          # signal handlers belong to the main thread
-        return
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield stop
+        if spinner:
+            spinner.start()
+        with client.stream("POST", "/api/chat", opts.chat_body(messages)) as events:
+            for event in events:
+                message = event.get("message") or {}
+                content = message.get("content") or ""
+                if content and spinner:
+                    spinner.stop()
+                    spinner = None
+                writer.write(content)
+                if event.get("done"):
+                    final = event
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if spinner:
+            spinner.stop()
+        text = writer.finish()
+    return text, final, interrupted
 
 
 def print_summary(final: dict[str, Any]) -> None:

@@ -334,8 +334,8 @@ class Scheduler:
         load means waiting out hundreds of tokens. A victim restarts by recompute (its full
         blocks stay in the prefix cache, so it loses little), and a request that has been
         preempted once is never displaced for a seat again, so every batch request, once
-        readmitted, runs to its end: batch throughput pays a bounded price, and aging still
-        decides who gets a seat that falls free."""
+        readmitted, runs to its end: batch throughput pays a bounded price, and the waiting
+        order (aged batch requests' share included) decides who gets a seat that falls free."""
         free = self.config.max_num_seqs - len(self.running)
         wanted = sum(1 for entry in self._waiting if not entry[-1].batch) - max(free, 0)
         if wanted <= 0:
