@@ -34,9 +34,7 @@ Row = Mapping[str, Any]
 def render_html(results: Mapping[str, Any]) -> str:
     """The report page for a results dict. Raises ValueError for another schema, ImportError
     (naming the `bench` extra) without matplotlib."""
-    if not isinstance(results, Mapping) or results.get("schema") != SCHEMA:
-        found = results.get("schema") if isinstance(results, Mapping) else type(results).__name__
-        raise ValueError(f"not a shoal bench results file: expected schema {SCHEMA!r}, found {found!r}")
+    _require_schema(results)
     page = _Page(results)
     plots = build_plots(results)
     body = "\n".join([
@@ -378,11 +376,16 @@ footer { margin-top: 32px; color: #777; font-size: 12px; }
 """
 
 
+def _require_schema(results: Any) -> None:
+    if not isinstance(results, Mapping) or results.get("schema") != SCHEMA:
+        found = results.get("schema") if isinstance(results, Mapping) else type(results).__name__
+        raise ValueError(f"not a shoal bench results file: expected schema {SCHEMA!r}, found {found!r}")
+
+
 def write_plot_files(results: Mapping[str, Any], directory: str | Path) -> list[Path]:
     """Each of the report's plots as a standalone SVG file (`<key>.svg`), for docs and slides.
     Same errors as render_html."""
-    if not isinstance(results, Mapping) or results.get("schema") != SCHEMA:
-        render_html(results)               # raises the schema error
+    _require_schema(results)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []

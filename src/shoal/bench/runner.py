@@ -2,8 +2,8 @@
 
 Levels are interleaved across targets (level 1 on A, level 1 on B, level 2 on A, ...) so
 that drift of the machine (thermal, other load) touches every target alike, and each level
-starts once the machine has gone quiet (settle.py), so no target pays for another's tail. Each level on
-each target is bracketed by /metrics scrapes of that target when it has them.
+starts once the machine has gone quiet (settle.py), so no target pays for another's tail.
+Each level on each target is bracketed by /metrics scrapes of that target when it has them.
 """
 from __future__ import annotations
 

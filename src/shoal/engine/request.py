@@ -97,6 +97,11 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def num_tokens_to_compute(self) -> int:
+        """Tokens whose KV is not computed yet: the prompt's rest, or 1 while decoding."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status.finished
 

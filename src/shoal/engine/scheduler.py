@@ -250,7 +250,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         cap = self.config.max_batched_tokens_while_decoding
         if cap and self.config.enable_chunked_prefill and any(
-                r.num_tokens - r.num_computed_tokens == 1 for r in self.running):
+                r.num_tokens_to_compute == 1 for r in self.running):
             budget = min(budget, max(cap, 1))
         return budget
 
@@ -259,13 +259,13 @@ class Scheduler:
         # interactive before batch, each group in admission order. In plain admission order
         # a long batch prompt would take the step's budget from every stream admitted after
         # it, an interactive request's unfinished prompt included.
-        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.batch))
+        order = sorted(self.running, key=lambda r: (r.num_tokens_to_compute > 1, r.batch))
         for request in order:
             if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue                       # preempted earlier in this loop
-            num_new = self._tokens_to_schedule(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._tokens_to_schedule(request.num_tokens_to_compute, budget)
             if num_new == 0:
                 continue
             # NOTE: while/else: the else branch runs once allocation succeeds, not after
@@ -364,8 +364,8 @@ class Scheduler:
             if entry[0] != 0:
                 break
             if self._leader_ready(entry[-1]):
-                wanted += entry[-1].num_tokens - entry[-1].num_computed_tokens
-        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+                wanted += entry[-1].num_tokens_to_compute
+        decoding = sum(1 for r in self.running if r.num_tokens_to_compute == 1)
         # NOTE: at most half the budget: the head may not fit the KV cache this step, and
         # running prompts must keep moving (they may be what frees it).
         return max(0, min(wanted, budget - decoding, budget // 2))
