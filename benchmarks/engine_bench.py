@@ -89,7 +89,7 @@ class ShoalTarget:
     name = "shoal"
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from shoal.config import EngineConfig
+        from shoal.core.config import EngineConfig
         from shoal.engine.async_engine import AsyncEngine
 
         config = EngineConfig.from_env(model=args.model, compute=args.compute,
@@ -105,16 +105,20 @@ class ShoalTarget:
 
     async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
         from shoal import SamplingParams
+        from shoal.engine.events import Update
 
         self.counter += 1
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
         times: list[float] = []
         count = 0
-        async for out in self.engine.generate(f"b{self.counter}", self.tokens(prompt), params):
-            if out.token_ids:
-                times.append(time.perf_counter())
-                count += len(out.token_ids)
+        async for event in self.engine.generate(f"b{self.counter}", self.tokens(prompt), params):
+            if not isinstance(event, Update):
+                continue
+            for out in event.outputs:
+                if out.token_ids:
+                    times.append(time.perf_counter())
+                    count += len(out.token_ids)
         return RequestRecord(times[0] - start, [b - a for a, b in zip(times, times[1:])], count,
                              times[-1] - start)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from shoal import LLM, SamplingParams
-from shoal.worker.model_runner import DirectWork, TokenSequence
+from shoal.engine.model_runner import DirectWork, TokenSequence
 
 TEXT = ("The harbour had been busy since dawn. Fishing boats came in low in the water, and "
         "the gulls followed them, calling over the noise of the market. By noon the prices "

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shoal.models.loader import resolve_model
+from shoal.model.loader import resolve_model
 
 
 def main() -> int:

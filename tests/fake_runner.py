@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from shoal.engine.kv import NULL_BLOCK_ID, KVCacheManager
 from shoal.engine.request import Request
 from shoal.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from shoal.sampling_params import SamplingParams
+from shoal.core.sampling_params import SamplingParams
 
 
 class KVMismatch(AssertionError):
@@ -92,14 +92,27 @@ def reference_output(prompt: Sequence[int], max_tokens: int, vocab_size: int = 1
             return out
 
 
+# The scheduler shape these tests were written for. NOTE: not the engine's defaults (those are
+# EngineConfig's alone; SchedulerConfig has none): a small step budget and no decoding cap
+# keep the tests' token arithmetic simple.
+TEST_SCHEDULER_SHAPE: dict[str, object] = dict(
+    max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=512, enable_chunked_prefill=True,
+    long_prefill_token_threshold=0, max_batched_tokens_while_decoding=0)
+
+
+def scheduler_config(block_size: int = 4, **overrides: object) -> SchedulerConfig:
+    """TEST_SCHEDULER_SHAPE with `overrides`."""
+    settings = {**TEST_SCHEDULER_SHAPE, "block_size": block_size, **overrides}
+    return SchedulerConfig(**settings)  # type: ignore[arg-type]
+
+
 class Harness:
     """A scheduler, its KV manager and a fake runner, stepped together with checks."""
 
     def __init__(self, num_blocks: int = 64, block_size: int = 4, vocab_size: int = 1000,
                  clock: Callable[[], float] = time.monotonic, **config: object) -> None:
-        config.setdefault("max_model_len", 4096)
-        self.config = SchedulerConfig(block_size=block_size, **config)  # type: ignore[arg-type]
-        self.kv = KVCacheManager(num_blocks, block_size, self.config.enable_prefix_caching)
+        self.config = scheduler_config(block_size, **config)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
         self.scheduler = Scheduler(self.config, self.kv, clock)
         self.runner = FakeRunner(num_blocks, block_size, vocab_size)
         self.outputs: list[SchedulerOutput] = []

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from shoal.models.loaders import ModelSource
+from shoal.model.loaders import ModelSource
 
 
 def _no_init_weights() -> Any:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 
-import shoal.api.server
+import shoal.http.server
 from shoal.cli import main
-from shoal.guard.context import Principal, current_principal
+from shoal.access.principal import Principal, current_principal
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 HEADER = b"x-test-priority-class"
@@ -37,7 +37,7 @@ class TestPrincipalMiddleware:
             current_principal.reset(token)
 
 
-_create_app = shoal.api.server.create_app
+_create_app = shoal.http.server.create_app
 
 
 def _create_app_with_test_principal(*args, **kwargs):
@@ -47,5 +47,5 @@ def _create_app_with_test_principal(*args, **kwargs):
 
 
 if __name__ == "__main__":
-    shoal.api.server.create_app = _create_app_with_test_principal
+    shoal.http.server.create_app = _create_app_with_test_principal
     sys.exit(main(sys.argv[1:]))

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shoal.sampling_params import SamplingParams
+from shoal.core.sampling_params import SamplingParams
+from shoal.core.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
-    from shoal.config import EngineConfig
+    from shoal.core.config import EngineConfig
     from shoal.engine.async_engine import AsyncEngine
     from shoal.engine.llm import LLM
 
@@ -23,6 +23,6 @@ def __getattr__(name: str):
         from shoal.engine.async_engine import AsyncEngine
         return AsyncEngine
     if name == "EngineConfig":
-        from shoal.config import EngineConfig
+        from shoal.core.config import EngineConfig
         return EngineConfig
     raise AttributeError(name)

@@ -41,7 +41,7 @@ class Endpoint:
 
 
 @dataclass(slots=True)
-class RequestRecord:
+class TimedRequest:
     """One request's outcome; times are seconds, `start` on the perf_counter clock."""
 
     start: float
@@ -160,8 +160,8 @@ class StreamingClient:
                                        timeout=httpx.Timeout(timeout_s),
                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
 
-    async def send(self, request: BenchRequest) -> RequestRecord:
-        record = RequestRecord(start=time.perf_counter())
+    async def send(self, request: BenchRequest) -> TimedRequest:
+        record = TimedRequest(start=time.perf_counter())
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._stream(request, record)
@@ -177,7 +177,7 @@ class StreamingClient:
             record.status, record.error = "stream", f"unreadable event: {exc!r}"[:200]
         return record
 
-    async def _stream(self, request: BenchRequest, record: RequestRecord) -> None:
+    async def _stream(self, request: BenchRequest, record: TimedRequest) -> None:
         path, body = _path_and_body(self.endpoint, request)
         parser = _Parser(self.endpoint.dialect)
         last_event: float | None = None

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shoal.bench.client import BenchRequest, RequestRecord, StreamingClient
+from shoal.bench.client import BenchRequest, StreamingClient, TimedRequest
 
 SessionSource = Callable[[int], list[BenchRequest]]
 _CONNECTION_RETRY_PAUSE_S = 0.1
@@ -32,16 +32,16 @@ class LevelPlan:
 
 @dataclass(slots=True)
 class LevelRun:
-    records: list[RequestRecord]               # in start order
+    records: list[TimedRequest]                # in start order
     started_at: float                          # perf_counter
     duration_s: float
 
 
 async def run_level(client: StreamingClient, plan: LevelPlan, sessions: SessionSource,
-                    on_done: Callable[[RequestRecord], None]) -> LevelRun:
+                    on_done: Callable[[TimedRequest], None]) -> LevelRun:
     started_at = time.perf_counter()
     deadline = started_at + plan.duration_s if plan.duration_s else None
-    records: list[RequestRecord] = []
+    records: list[TimedRequest] = []
     started = 0
 
     async def run_session(requests: list[BenchRequest], budget_left: Callable[[], bool]) -> None:

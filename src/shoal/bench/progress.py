@@ -6,7 +6,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from shoal.bench.client import RequestRecord
+from shoal.bench.client import TimedRequest
 
 
 class LiveProgress:
@@ -37,7 +37,7 @@ class LiveProgress:
         self._started, self._tokens, self._errors = time.perf_counter(), 0, 0
         self._task = self._progress.add_task(description, total=total, rate="", errors="")
 
-    def request_done(self, record: RequestRecord) -> None:
+    def request_done(self, record: TimedRequest) -> None:
         if record.ok:
             self._tokens += record.output_tokens or 0
         else:

@@ -8,8 +8,8 @@ import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
-import shoal
-from shoal.bench.client import RequestRecord
+from shoal.core.version import __version__
+from shoal.bench.client import TimedRequest
 from shoal.bench.targets import BenchSetupError
 
 SCHEMA = "shoal-bench/1"
@@ -31,7 +31,7 @@ def _cpu_name() -> str:
 
 def host_info() -> dict:
     return {"hostname": socket.gethostname(), "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "shoal": shoal.__version__}
+            "python": platform.python_version(), "shoal": __version__}
 
 
 def level_value(value: float) -> int | float:
@@ -43,7 +43,7 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 
 
-def request_entry(target: str, level: float, index: int, start: float, record: RequestRecord) -> dict:
+def request_entry(target: str, level: float, index: int, start: float, record: TimedRequest) -> dict:
     """One measured request; `start` is seconds since the sweep began."""
     return {"target": target, "level": level_value(level), "index": index, "start": _rounded(start),
             "status": record.status, "error": record.error,

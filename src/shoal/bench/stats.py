@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoal.bench.client import RequestRecord
+from shoal.bench.client import TimedRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,28 +40,28 @@ def distribution(values: Sequence[float], *, spread: bool = False) -> dict:
     return out
 
 
-def tpot(record: RequestRecord) -> float | None:
+def tpot(record: TimedRequest) -> float | None:
     """Time per output token after the first."""
     if record.e2e is None or record.ttft is None or not record.output_tokens or record.output_tokens < 2:
         return None
     return (record.e2e - record.ttft) / (record.output_tokens - 1)
 
 
-def meets_slo(record: RequestRecord, slo: Slo) -> bool:
+def meets_slo(record: TimedRequest, slo: Slo) -> bool:
     if not record.ok:
         return False
     checks = ((slo.ttft_s, record.ttft), (slo.itl_s, tpot(record)), (slo.e2e_s, record.e2e))
     return all(limit is None or (value is not None and value <= limit) for limit, value in checks)
 
 
-def error_counts(records: Sequence[RequestRecord]) -> dict[str, int]:
+def error_counts(records: Sequence[TimedRequest]) -> dict[str, int]:
     counts = Counter(str(r.status) for r in records if not r.ok)
     # timeouts and connection failures always appear (as 0), status codes when they occurred
     return {"timeout": counts.pop("timeout", 0), "connection": counts.pop("connection", 0),
             **dict(sorted(counts.items()))}
 
 
-def level_figures(records: Sequence[RequestRecord], duration_s: float, *, stall_threshold_s: float,
+def level_figures(records: Sequence[TimedRequest], duration_s: float, *, stall_threshold_s: float,
                   slo: Slo) -> dict:
     """Throughput, latency distributions, errors, stalls and goodput of one level."""
     done = [r for r in records if r.ok]

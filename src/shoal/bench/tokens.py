@@ -72,11 +72,11 @@ def _load_encoder(path: Path):
 
         rust = RustTokenizer.from_file(str(path))
         return lambda text: rust.encode(text, add_special_tokens=True).ids
-    from shoal.tokenizer.tokenizer import Tokenizer
+    from shoal.text.tokenizer import Tokenizer
 
     if path.is_dir():
         return Tokenizer.from_hf_dir(path).encode
-    from shoal.models.loader import open_model
+    from shoal.model.loader import open_model
 
     source = open_model(path)
     try:

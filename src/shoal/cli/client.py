@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from shoal.core.version import __version__
+
 DEFAULT_PORT = 11434
 
 # `shoal env` lists these after the server's and the engine's variables.
@@ -44,7 +46,7 @@ class ServerUnreachable(CliError):
     pass
 
 
-class ApiError(CliError):
+class ErrorReply(CliError):
     """The server answered with an error status (Ollama's {"error": "..."} body)."""
 
     def __init__(self, status: int, message: str, path: str = "") -> None:
@@ -197,7 +199,7 @@ class Client:
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
         if response.status_code >= 400:
-            raise ApiError(response.status_code, _error_message(response), path)
+            raise ErrorReply(response.status_code, _error_message(response), path)
         if not response.content:
             return None
         try:
@@ -207,13 +209,13 @@ class Client:
 
     @contextmanager
     def stream(self, method: str, path: str, body: Any = None) -> Iterator[Iterator[dict[str, Any]]]:
-        """NDJSON events; an {"error": ...} line raises ApiError. Leaving the block (a break,
+        """NDJSON events; an {"error": ...} line raises ErrorReply. Leaving the block (a break,
         an exception, Ctrl-C) closes the connection, which tells the server to stop."""
         try:
             with self._http.stream(method, path, json=body) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise ApiError(response.status_code, _error_message(response), path)
+                    raise ErrorReply(response.status_code, _error_message(response), path)
                 yield _events(response, path)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
@@ -240,17 +242,15 @@ def _events(response: httpx.Response, path: str) -> Iterator[dict[str, Any]]:
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
-            raise ApiError(response.status_code, f"the server sent a line that is not JSON: {line[:200]!r}",
-                           path) from None
+            raise ErrorReply(response.status_code, f"the server sent a line that is not JSON: {line[:200]!r}",
+                             path) from None
         if isinstance(event, dict) and event.get("error"):
-            raise ApiError(500, str(event["error"]), path)
+            raise ErrorReply(500, str(event["error"]), path)
         yield event
 
 
 def _user_agent() -> str:
-    import shoal
-
-    return f"shoal-cli/{shoal.__version__} ({sys.platform}) Python/{sys.version.split()[0]}"
+    return f"shoal-cli/{__version__} ({sys.platform}) Python/{sys.version.split()[0]}"
 
 
 # ---- auto-start ---------------------------------------------------------------------------

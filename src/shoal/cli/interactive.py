@@ -10,22 +10,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from shoal.cli.client import ApiError, CliError, Client, shoal_home
-from shoal.cli.commands import (RunOptions, load_model, model_error, print_info, print_summary,
-                                show_field, stream_chat)
+from shoal.cli.chat import (RunOptions, load_model, model_error, parse_parameter, print_summary,
+                            stream_chat)
+from shoal.cli.client import CliError, Client, ErrorReply, shoal_home
+from shoal.cli.model_info import print_info, print_model_list, show_field
 
 PROMPT = ">>> "
 ALT_PROMPT = "... "
 EXIT_HINT = "Use Ctrl + d or /bye to exit."
 
 # Ollama's option names and their types (api.Options / api.Runner).
-INT_PARAMS = {"num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "mirostat", "num_ctx", "num_batch",
-              "num_gpu", "main_gpu", "num_thread", "num_gqa"}
-FLOAT_PARAMS = {"typical_p", "top_p", "min_p", "temperature", "repeat_penalty", "presence_penalty",
-                "frequency_penalty", "mirostat_tau", "mirostat_eta", "tfs_z"}
-BOOL_PARAMS = {"penalize_newline", "numa", "low_vram", "f16_kv", "vocab_only", "use_mmap", "use_mlock",
-               "logits_all"}
-LIST_PARAMS = {"stop"}
 
 HELP = """Available Commands:
   /set            Set session variables
@@ -89,31 +83,6 @@ HELP_PARAMETERS = """Available Parameters:
   /set parameter num_gpu <int>          The number of layers to send to the GPU
   /set parameter stop <string> <string> ...   Set the stop parameters
 """
-
-
-def parse_parameter(name: str, values: list[str]) -> Any:
-    """A `/set parameter` value typed as Ollama's api.FormatParams types it."""
-    if name in LIST_PARAMS:
-        return list(values)
-    value = values[0]
-    if name in INT_PARAMS:
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"invalid int value [{value}]") from None
-    if name in FLOAT_PARAMS:
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"invalid float value [{value}]") from None
-    if name in BOOL_PARAMS:
-        lowered = value.lower()
-        if lowered in ("1", "t", "true"):
-            return True
-        if lowered in ("0", "f", "false"):
-            return False
-        raise ValueError(f"invalid bool value [{value}]")
-    raise ValueError(f"unknown parameter '{name}'")
 
 
 class _Input:
@@ -222,7 +191,7 @@ class Chat:
         messages = [*self.opts.messages, user]
         try:
             answer, final, interrupted = stream_chat(self.client, self.opts, messages)
-        except ApiError as exc:
+        except ErrorReply as exc:
             print(f"\nerror: {model_error(exc, self.opts.model)}", flush=True)
             return
         except CliError as exc:
@@ -263,12 +232,8 @@ class Chat:
             self.save_command(args)
             return None
         if name == "/list":
-            from argparse import Namespace
-
-            from shoal.cli.commands import cmd_list
-
             try:
-                cmd_list(Namespace(prefix=args[1] if len(args) > 1 else None))
+                print_model_list(self.client, args[1] if len(args) > 1 else None)
             except CliError as exc:
                 print(f"error: {exc}")
             return None
@@ -398,7 +363,7 @@ class Chat:
         print(f"Loading model '{model}'")
         try:
             info = self.client.show(model)
-        except ApiError as exc:
+        except ErrorReply as exc:
             if exc.not_found:
                 print(f"Couldn't find model '{model}'")
             else:
@@ -435,7 +400,7 @@ class Chat:
             with self.client.stream("POST", "/api/create", body) as events:
                 for _event in events:
                     pass
-        except ApiError as exc:
+        except ErrorReply as exc:
             if exc.missing_endpoint:
                 print(f"error: this server cannot save models ({exc.message})")
             else:

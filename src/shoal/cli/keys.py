@@ -21,13 +21,14 @@ def _positive(text: str) -> int:
 
 
 def _open_db():
-    from shoal.guard.keydb import KeyDB, keys_db_path
+    from shoal.access.keydb import KeyDB, keys_db_path
 
     return KeyDB(keys_db_path())
 
 
 def _create(args: argparse.Namespace) -> int:
-    from shoal.guard.keys import KeyLimits, parse_expiry
+    from shoal.access.keys import parse_expiry
+    from shoal.access.principal import KeyLimits
 
     limits = KeyLimits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
                        max_concurrent=args.max_concurrent,
@@ -79,7 +80,7 @@ def _revoke(args: argparse.Namespace) -> int:
 def _run(func):
     """Runs a subcommand; shoal's own errors become one line on stderr and exit code 1."""
     def run(args: argparse.Namespace) -> int:
-        from shoal.errors import ShoalError
+        from shoal.core.errors import ShoalError
 
         try:
             return func(args)

@@ -21,10 +21,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _stream(args: argparse.Namespace, chat: bool) -> int:
-    from shoal.config import EngineConfig
+    from shoal.core.config import EngineConfig
     from shoal.engine.builder import build_engine_core
-    from shoal.errors import ShoalError
-    from shoal.sampling_params import SamplingParams
+    from shoal.core.errors import ShoalError
+    from shoal.core.sampling_params import SamplingParams
 
     prompt = " ".join(args.prompt) if args.prompt else ""
     if not prompt and not sys.stdin.isatty():
@@ -72,8 +72,8 @@ def _stream(args: argparse.Namespace, chat: bool) -> int:
 
 
 def _model_path(args: argparse.Namespace) -> int:
-    from shoal.errors import ShoalError
-    from shoal.models.loader import resolve_model
+    from shoal.core.errors import ShoalError
+    from shoal.model.loader import resolve_model
 
     try:
         print(resolve_model(args.model))
@@ -84,10 +84,10 @@ def _model_path(args: argparse.Namespace) -> int:
 
 
 def _env(_args: argparse.Namespace) -> int:
-    from shoal.api.settings import SERVER_ENV_VARS
+    from shoal.serving.settings import SERVER_ENV_VARS
     from shoal.cli.client import CLIENT_ENV_VARS
-    from shoal.config import ENV_VARS
-    from shoal.guard.policy import CONFIG_ENV_DOC, CONFIG_ENV_VAR
+    from shoal.core.config import ENV_VARS
+    from shoal.serving.policy import CONFIG_ENV_DOC, CONFIG_ENV_VAR
 
     print(f"{CONFIG_ENV_VAR:34s} {CONFIG_ENV_DOC}")
     for name, (_field, doc) in {**SERVER_ENV_VARS, **ENV_VARS}.items():
@@ -113,9 +113,9 @@ def _port_in_use(host: str, port: int) -> bool:
 
 def _auth_problem(settings) -> str | None:
     """Why the server must not start with this key policy (e.g. public and no keys)."""
-    from shoal.errors import ShoalError
-    from shoal.guard.auth import startup_problem
-    from shoal.guard.keydb import keys_db_path
+    from shoal.core.errors import ShoalError
+    from shoal.access.auth import startup_problem
+    from shoal.access.keydb import keys_db_path
 
     try:
         return startup_problem(settings.auth, settings.host, keys_db_path(settings.keys_db),
@@ -125,8 +125,8 @@ def _auth_problem(settings) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from shoal.errors import ShoalError
-    from shoal.guard.policy import load_serve_config, policy_lines
+    from shoal.core.errors import ShoalError
+    from shoal.serving.policy import load_serve_config, policy_lines
 
     try:
         resolved = load_serve_config(
@@ -147,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
     if (problem := _auth_problem(settings)) is not None:
         print(f"shoal: {problem}", file=sys.stderr)
         return 1
-    from shoal.guard.auth import is_loopback
+    from shoal.access.auth import is_loopback
 
     if settings.auth == "off" and not is_loopback(settings.host):
         print(f"shoal: warning: serving {settings.host} without API keys (SHOAL_AUTH=off): anyone "
@@ -157,7 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
               "(another shoal, or Ollama on its default port?). Choose one with --port or SHOAL_PORT.",
               file=sys.stderr)
         return 1
-    from shoal.api.server import serve
+    from shoal.http.server import serve
 
     try:
         serve(config, settings, policy_lines(resolved))

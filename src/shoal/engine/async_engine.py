@@ -1,9 +1,10 @@
 """AsyncEngine: the online interface, with the engine loop on a background thread.
 
-`generate()` is an async iterator of RequestOutput for one request; cancelling it
-(e.g. a client that disconnects) aborts the request, and its KV blocks are freed at
-the next step. The loop thread owns the EngineCore; other threads only post
-commands to it, so the core needs no locks.
+`generate()` is an async iterator of one request's events (engine/events.py); cancelling
+it (e.g. a client that disconnects) aborts the request, and its KV blocks are freed at the
+next step. The loop thread owns the EngineCore; other threads only post commands to it,
+so the core needs no locks. What they may read is frozen or a snapshot: `limits` (and
+`validate()` against them), `info`, `stats()`.
 
 NOTE: a thread, not a process: torch kernels release the GIL, so the HTTP event
 loop runs while a step computes, and outputs cross without pickling
@@ -20,23 +21,27 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from shoal.config import EngineConfig
+from shoal.core.config import EngineConfig
 from shoal.engine.builder import EngineInfo, build_engine_core
 from shoal.engine.core import EngineCore
+from shoal.engine.events import EngineEvent, Scheduled, Update
+from shoal.engine.limits import EngineLimits
 from shoal.engine.outputs import RequestOutput
-from shoal.errors import EngineDeadError, InvalidParameterError
-from shoal.sampling_params import SamplingParams
+from shoal.engine.stats import EngineStats
+from shoal.core.errors import EngineDeadError, InvalidParameterError
+from shoal.core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-# Put on a stream's queue when the engine first schedules its request.
-_SCHEDULED = object()
+# What the loop thread puts on a request's queue: its outputs, the news that it was
+# scheduled, or the error that ended it.
+_Item = RequestOutput | Scheduled | BaseException
 
 
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: asyncio.Queue[_Item]
     samples_left: int
 
 
@@ -47,6 +52,7 @@ class AsyncEngine:
         """Builds the engine on its own thread and returns once it is ready (or raises)."""
         self.core: EngineCore
         self.info: EngineInfo
+        self.limits: EngineLimits
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -70,30 +76,34 @@ class AsyncEngine:
     def tokenizer(self):
         return self.core.tokenizer
 
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Checks a request against this engine's limits (EngineLimits.validate), from any
+        thread; returns its resolved max_tokens."""
+        return self.limits.validate(prompt_token_ids, params)
+
+    def stats(self) -> EngineStats:
+        """The engine's state and counters now (read without locks, for metrics)."""
+        core = self.core
+        scheduler = core.scheduler
+        return EngineStats(
+            running=scheduler.num_running, waiting=scheduler.num_waiting,
+            kv_usage=scheduler.kv.usage, prefix_queries=scheduler.kv.prefix_cache_queries,
+            prefix_hits=scheduler.kv.prefix_cache_hits,
+            preemptions=scheduler.num_preemptions_total,
+            prompt_tokens=core.num_prompt_tokens_total,
+            generation_tokens=core.num_generation_tokens_total)
+
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        priority: int = 0, *, batch: bool = False,
-                       batch_aging_s: float = math.inf) -> AsyncIterator[RequestOutput]:
-        """Yields incremental outputs until all n samples finish. Raises typed errors early."""
-        async for outputs in self.generate_batches(request_id, prompt_token_ids, params, priority,
-                                                   batch=batch, batch_aging_s=batch_aging_s):
-            for item in outputs:
-                yield item
+                       batch_aging_s: float = math.inf) -> AsyncIterator[EngineEvent]:
+        """The request's events until all n samples finish (engine/events.py gives the order).
 
-    async def generate_batches(self, request_id: str, prompt_token_ids: list[int],
-                               params: SamplingParams, priority: int = 0, *, batch: bool = False,
-                               batch_aging_s: float = math.inf
-                               ) -> AsyncIterator[list[RequestOutput]]:
-        """Like generate(), but yields everything that arrived since the last read at once.
-
-        A consumer that falls behind (a slow HTTP reader) gets one larger batch instead of
-        a growing backlog of small ones; the engine itself never waits for a consumer.
-        An empty batch says the request was just scheduled (it left the waiting queue); it
-        comes once at most, and not when outputs arrived with it. `batch` and
+        A request the engine refuses (validate()'s errors) raises at the first read, having
+        queued nothing; callers that must refuse earlier call validate() first. `batch` and
         `batch_aging_s` choose the scheduling class (see Scheduler).
         """
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop died: {self.dead!r}")
-        self.core.check_request(prompt_token_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         with self._streams_lock:
             if request_id in self._streams:
@@ -106,19 +116,24 @@ class AsyncEngine:
                 items = [await stream.queue.get()]
                 while not stream.queue.empty():
                     items.append(stream.queue.get_nowait())
-                outputs = []
+                scheduled = False
+                outputs: list[RequestOutput] = []
                 for item in items:
-                    if item is _SCHEDULED:
-                        continue
                     if isinstance(item, BaseException):
                         finished = True
                         raise item
+                    if isinstance(item, Scheduled):
+                        scheduled = True
+                        continue
                     outputs.append(item)
                     if item.finished:
                         stream.samples_left -= 1
                 if stream.samples_left <= 0:
                     finished = True
-                yield outputs
+                if scheduled:
+                    yield Scheduled()
+                if outputs:
+                    yield Update(outputs)
                 if finished:
                     return
         finally:
@@ -175,6 +190,7 @@ class AsyncEngine:
             failure.append(exc)
             ready.set()
             return
+        self.limits = self.core.limits
         self.core.on_first_scheduled = self._deliver_scheduled
         ready.set()
         self._run_loop()
@@ -204,7 +220,7 @@ class AsyncEngine:
         NOTE: every cross-thread wake-up costs the event loop a round of work while the
         next step computes; one per loop per step keeps that interference small.
         """
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, _Item]]] = {}
         with self._streams_lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -215,16 +231,17 @@ class AsyncEngine:
 
     def _deliver_scheduled(self, request_ids: list[str]) -> None:
         """Tells the callers of newly scheduled requests, one wake-up per event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, _Item]]] = {}
+        scheduled = Scheduled()
         with self._streams_lock:
             for request_id in request_ids:
                 stream = self._streams.get(request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, _SCHEDULED))
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, scheduled))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_pairs, items)
 
-    def _deliver(self, request_id: str, items: list[Any]) -> None:
+    def _deliver(self, request_id: str, items: list[_Item]) -> None:
         with self._streams_lock:
             stream = self._streams.get(request_id)
         if stream is None:
@@ -232,11 +249,11 @@ class AsyncEngine:
         stream.loop.call_soon_threadsafe(_put_all, stream.queue, items)
 
 
-def _put_pairs(items: list[tuple[asyncio.Queue, Any]]) -> None:
+def _put_pairs(items: list[tuple[asyncio.Queue, _Item]]) -> None:
     for q, item in items:
         q.put_nowait(item)
 
 
-def _put_all(q: asyncio.Queue, items: list[Any]) -> None:
+def _put_all(q: asyncio.Queue, items: list[_Item]) -> None:
     for item in items:
         q.put_nowait(item)

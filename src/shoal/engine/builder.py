@@ -1,4 +1,5 @@
-"""Builds a ready EngineCore from an EngineConfig: model, tokenizer, KV cache, scheduler."""
+"""Builds a ready EngineCore from an EngineConfig, in named steps: load the model, plan the
+KV cache, build the scheduler."""
 from __future__ import annotations
 
 import logging
@@ -6,22 +7,23 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from shoal.config import EngineConfig
+from shoal.core.config import EngineConfig
 from shoal.engine.core import EngineCore
 from shoal.engine.kv.manager import KVCacheManager
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
-from shoal.errors import ShoalError
-from shoal.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
-from shoal.models.config import ModelConfig
-from shoal.models.loader import model_class_for, open_model, resolve_model
-from shoal.models.lora import load_adapters, merge_adapters
-from shoal.tokenizer.tokenizer import Tokenizer
-from shoal.worker.kv_cache import allocate_kv_caches, bytes_per_block, default_kv_cache_bytes
-from shoal.worker.model_runner import ModelRunner, kernel_supported
-from shoal.worker.sampler import Sampler
+from shoal.core.errors import ShoalError
+from shoal.model.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
+from shoal.model.config import ModelConfig
+from shoal.model.loader import model_class_for, open_model, resolve_model
+from shoal.model.lora import load_adapters, merge_adapters
+from shoal.text.tokenizer import Tokenizer
+from shoal.engine.kv.tensors import allocate_kv_caches, bytes_per_block, default_kv_cache_bytes
+from shoal.engine.model_runner import ModelRunner, kernel_supported
+from shoal.engine.sampling.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,73 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to run (adapters merged, int8-packed in fast mode on the CPU) and its
+    tokenizer."""
+
+    path: Path
+    format: str
+    config: ModelConfig
+    tokenizer: Tokenizer
+    model: torch.nn.Module
+    num_parameters: int
+    quantization: str             # the most common stored weight type
+
+
+@dataclass(slots=True)
+class KVCachePlan:
+    """How much KV cache, in what layout, and the context length it allows."""
+
+    use_kernels: bool             # the C++ attention kernel (blocked cache layout)
+    dtype: torch.dtype
+    num_blocks: int
+    bytes_per_block: int
+    max_model_len: int
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+
 def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
+    """Loads the model, plans and allocates its KV cache, and builds the scheduler around them."""
     started = time.monotonic()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    # NOTE: in this order: the default KV budget is measured from the memory the weights left.
+    loaded = load_model(config, device=device, dtype=dtype)
+    plan = plan_kv_cache(config, loaded.config, device=device, dtype=dtype)
+    kv_caches = allocate_kv_caches(loaded.config, plan.num_blocks, config.block_size, plan.dtype,
+                                   device, blocked=plan.use_kernels, commit=config.kv_cache_commit)
+    runner = ModelRunner(loaded.model, kv_caches, config.block_size, device,
+                         use_kernels=plan.use_kernels)
+    if plan.use_kernels and config.compute == "fast":
+        loaded.model.enable_fused_int8(runner.kernels)
+    core = EngineCore(runner=runner, scheduler=build_scheduler(config, plan), sampler=Sampler(),
+                      tokenizer=loaded.tokenizer, max_model_len=plan.max_model_len,
+                      vocab_size=loaded.config.vocab_size,
+                      eos_token_ids=frozenset(loaded.tokenizer.eos_token_ids),
+                      cache_salt=_cache_salt(loaded.path, config))
+    info = EngineInfo(model_path=str(loaded.path), model_format=loaded.format,
+                      model_config=loaded.config, device=str(device),
+                      dtype=str(dtype).replace("torch.", ""), compute=config.compute,
+                      num_blocks=plan.num_blocks, block_size=config.block_size,
+                      kv_cache_bytes=plan.num_bytes, max_model_len=plan.max_model_len,
+                      load_seconds=time.monotonic() - started,
+                      num_parameters=loaded.num_parameters, quantization=loaded.quantization,
+                      weights_bytes=_tensor_bytes(loaded.model))
+    log.info("loaded %s%s (%s) on %s: %d KV blocks, context %d, %.2fs", loaded.path,
+             f" + {len(config.adapters)} LoRA adapter(s)" if config.adapters else "",
+             config.compute, device, plan.num_blocks, plan.max_model_len, info.load_seconds)
+    return core, info
+
+
+def load_model(config: EngineConfig, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Reads the weights (merging LoRA adapters), builds the architecture and, in fast mode on
+    the CPU, calibrates and packs its int8 weights."""
     path = resolve_model(config.model)
     source = open_model(path)
     try:
@@ -101,10 +164,14 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
             # some models (Gemma 3: KL to exact 0.025 -> 0.017 when calibrated with it).
             calibration = [tokenizer.bos_token_id, *calibration]
         quantize_model_int8(model, calibration)
+    return LoadedModel(path=path, format=source.format, config=model_config, tokenizer=tokenizer,
+                       model=model, num_parameters=num_parameters, quantization=quantization)
 
-    max_model_len = model_config.max_position_embeddings
-    if config.max_model_len:
-        max_model_len = min(max_model_len, config.max_model_len)
+
+def plan_kv_cache(config: EngineConfig, model_config: ModelConfig, *, device: torch.device,
+                  dtype: torch.dtype) -> KVCachePlan:
+    """Chooses the attention backend and the KV dtype, sizes the cache from the budget, and
+    caps the context so that one request can fill it."""
     use_kernels = config.attention_backend != "torch" and kernel_supported(
         device, dtype, config.block_size, model_config.head_dim)
     if config.attention_backend == "kernel" and not use_kernels:
@@ -122,39 +189,25 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     budget = config.kv_cache_bytes or default_kv_cache_bytes(device)
     per_block = bytes_per_block(model_config, config.block_size, kv_dtype)
     num_blocks = max(2, budget // per_block)
+    max_model_len = model_config.max_position_embeddings
+    if config.max_model_len:
+        max_model_len = min(max_model_len, config.max_model_len)
     # One request must be able to fill its whole context; cap the context otherwise.
     max_model_len = min(max_model_len, (num_blocks - 1) * config.block_size)
-    max_batched = config.max_num_batched_tokens
-    if not config.enable_chunked_prefill:
-        max_batched = max(max_batched, max_model_len)   # a whole prompt must fit one step
-    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device,
-                                   blocked=use_kernels, commit=config.kv_cache_commit)
-    runner = ModelRunner(model, kv_caches, config.block_size, device, use_kernels=use_kernels)
-    if use_kernels and config.compute == "fast":
-        model.enable_fused_int8(runner.kernels)
-    scheduler = Scheduler(
-        SchedulerConfig(max_num_seqs=config.max_num_seqs,
-                        max_num_batched_tokens=max_batched,
-                        max_model_len=max_model_len, block_size=config.block_size,
-                        enable_chunked_prefill=config.enable_chunked_prefill,
-                        enable_prefix_caching=config.enable_prefix_caching,
-                        long_prefill_token_threshold=config.long_prefill_token_threshold,
-                        max_batched_tokens_while_decoding=config.max_batched_tokens_while_decoding),
-        KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
-    eos = frozenset(tokenizer.eos_token_ids)
+    return KVCachePlan(use_kernels=use_kernels, dtype=kv_dtype, num_blocks=num_blocks,
+                       bytes_per_block=per_block, max_model_len=max_model_len)
+
+
+def build_scheduler(config: EngineConfig, plan: KVCachePlan) -> Scheduler:
+    """The scheduler and its KV block manager, for the planned cache."""
+    return Scheduler(SchedulerConfig.from_engine_config(config, plan.max_model_len),
+                     KVCacheManager(plan.num_blocks, config.block_size, config.enable_prefix_caching))
+
+
+def _cache_salt(path: Path, config: EngineConfig) -> int:
     # NOTE: the salt keeps two models' (or two adapters') cached blocks apart even if
     # they ever share a pool.
-    salt = zlib.crc32(f"{path}:{config.compute}:{':'.join(config.adapters)}".encode())
-    core = EngineCore(runner, scheduler, Sampler(), tokenizer, max_model_len,
-                      model_config.vocab_size, eos, cache_salt=salt)
-    info = EngineInfo(str(path), source.format, model_config, str(device), str(dtype).replace("torch.", ""),
-                      config.compute, num_blocks, config.block_size, num_blocks * per_block,
-                      max_model_len, time.monotonic() - started, num_parameters, quantization,
-                      _tensor_bytes(model))
-    log.info("loaded %s%s (%s) on %s: %d KV blocks, context %d, %.2fs", path,
-             f" + {len(config.adapters)} LoRA adapter(s)" if config.adapters else "",
-             config.compute, device, num_blocks, max_model_len, info.load_seconds)
-    return core, info
+    return zlib.crc32(f"{path}:{config.compute}:{':'.join(config.adapters)}".encode())
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:

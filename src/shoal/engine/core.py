@@ -7,20 +7,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shoal.engine.limits import EngineLimits
 from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.scheduler import Scheduler
-from shoal.errors import ContextLengthExceededError, InvalidParameterError
-from shoal.sampling_params import SamplingParams
-from shoal.tokenizer.detokenizer import IncrementalDetokenizer
-from shoal.tokenizer.tokenizer import Tokenizer
-from shoal.worker.model_runner import ModelRunner
-from shoal.worker.sampler import Sampler, SamplingRow
+from shoal.core.errors import InvalidParameterError
+from shoal.core.sampling_params import SamplingParams
+from shoal.text.detokenizer import IncrementalDetokenizer
+from shoal.text.tokenizer import Tokenizer
+from shoal.engine.model_runner import ModelRunner
+from shoal.engine.sampling.row import SamplingRow
+from shoal.engine.sampling.sampler import Sampler
 
 
 @dataclass(slots=True)
-class _Sample:
-    """Engine-side bookkeeping of one sample of a user request."""
+class _SampleState:
+    """The engine's bookkeeping of one of a user request's n samples: its sequence, seed and
+    detokenizer."""
 
     request: Request
     user_request_id: str
@@ -43,7 +46,10 @@ class EngineCore:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.cache_salt = cache_salt
-        self._samples: dict[str, _Sample] = {}             # engine request id -> sample
+        self.limits = EngineLimits(
+            max_model_len=max_model_len, max_num_seqs=scheduler.config.max_num_seqs,
+            vocab_size=vocab_size, kv_cache_tokens=scheduler.kv.num_blocks * scheduler.kv.block_size)
+        self._samples: dict[str, _SampleState] = {}        # engine request id -> sample
         self._by_user_id: dict[str, list[str]] = {}         # user request id -> engine ids
         self._seed_source = random.Random()
         # Called from step() with the user request ids the scheduler took for the first time
@@ -54,26 +60,6 @@ class EngineCore:
         self.num_generation_tokens_total = 0
 
     # ---- requests in -------------------------------------------------------------
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Validates a request against the model; returns the resolved max_tokens."""
-        if not prompt_token_ids:
-            raise InvalidParameterError("prompt", "the prompt is empty")
-        bad = next((t for t in prompt_token_ids
-                    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size),
-                   None)
-        if bad is not None:
-            raise InvalidParameterError("prompt", f"token id {bad!r} is outside the vocabulary "
-                                        f"(0..{self.vocab_size - 1})")
-        params.validate_for_vocab(self.vocab_size)
-        num_prompt = len(prompt_token_ids)
-        if params.max_tokens is None:
-            if num_prompt >= self.max_model_len:
-                raise ContextLengthExceededError(num_prompt, 1, self.max_model_len)
-            return self.max_model_len - num_prompt
-        if num_prompt + params.max_tokens > self.max_model_len:
-            raise ContextLengthExceededError(num_prompt, params.max_tokens, self.max_model_len)
-        return params.max_tokens
-
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, arrival_time: float | None = None, *, batch: bool = False,
                     batch_aging_s: float = math.inf) -> None:
@@ -83,7 +69,9 @@ class EngineCore:
         `batch_aging_s` seconds (see Scheduler)."""
         if request_id in self._by_user_id:
             raise InvalidParameterError("request_id", f"{request_id!r} is already running")
-        max_tokens = self.check_request(prompt_token_ids, params)
+        # NOTE: callers validate first to refuse before queueing anything; this check is the
+        # engine thread's own, where every request enters (and it resolves max_tokens).
+        max_tokens = self.limits.validate(prompt_token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         base_seed = params.seed if params.seed is not None else self._seed_source.getrandbits(62)
         leader: Request | None = None
@@ -101,7 +89,7 @@ class EngineCore:
                                            skip_special_tokens=params.skip_special_tokens,
                                            stop=params.stop,
                                            include_stop_str_in_output=params.include_stop_str_in_output)
-            self._samples[engine_id] = _Sample(request, request_id, index, base_seed + index, detok)
+            self._samples[engine_id] = _SampleState(request, request_id, index, base_seed + index, detok)
             ids.append(engine_id)
             self.scheduler.add_request(request)
         self._by_user_id[request_id] = ids
@@ -167,7 +155,7 @@ class EngineCore:
             return self._final_output(sample, text, [token], lps)
         return self._make_output(sample, text, [token], lps)
 
-    def _make_output(self, sample: _Sample, text: str, token_ids: list[int],
+    def _make_output(self, sample: _SampleState, text: str, token_ids: list[int],
                      logprobs: list[TokenLogprob] | None) -> RequestOutput:
         request = sample.request
         return RequestOutput(
@@ -178,7 +166,7 @@ class EngineCore:
             num_output_tokens=request.num_output_tokens, num_preemptions=request.num_preemptions,
             timings=request.timings, produced_at=time.monotonic())
 
-    def _final_output(self, sample: _Sample, text: str, token_ids: list[int],
+    def _final_output(self, sample: _SampleState, text: str, token_ids: list[int],
                       logprobs: list[TokenLogprob] | None) -> RequestOutput:
         output = self._make_output(sample, text, token_ids, logprobs)
         engine_id = sample.request.request_id

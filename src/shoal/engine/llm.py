@@ -5,11 +5,11 @@ import itertools
 from collections.abc import Sequence
 from typing import Any, Union
 
-from shoal.config import EngineConfig
+from shoal.core.config import EngineConfig
 from shoal.engine.builder import build_engine_core
-from shoal.engine.outputs import GenerationResult, RequestOutput, SampleResult
-from shoal.errors import InvalidParameterError
-from shoal.sampling_params import SamplingParams
+from shoal.engine.outputs import CompletionOutput, GenerationResult, RequestOutput
+from shoal.core.errors import InvalidParameterError
+from shoal.core.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int], dict[str, Any]]
 Messages = list[dict[str, Any]]
@@ -94,14 +94,14 @@ class LLM:
         order: list[str] = []
         # Validate everything before queueing anything, so a bad prompt leaves no work behind.
         for (_text, ids), params in zip(encoded, params_list):
-            self.engine.check_request(ids, params)
+            self.engine.limits.validate(ids, params)
         for i, ((text, ids), params) in enumerate(zip(encoded, params_list)):
             request_id = f"offline-{next(self._ids)}"
             self.engine.add_request(request_id, ids, params,
                                     priority=priority[i] if priority else 0)
             results[request_id] = GenerationResult(
                 request_id, text, ids,
-                [SampleResult(index=k, text="", token_ids=[], finish_reason=None,
+                [CompletionOutput(index=k, text="", token_ids=[], finish_reason=None,
                               logprobs=[] if params.logprobs is not None else None)
                  for k in range(params.n)])
             order.append(request_id)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shoal.engine.request import RequestTimings
+from shoal.engine.request import FinishReason, RequestTimings
 
 
 @dataclass(slots=True)
@@ -20,8 +20,7 @@ class RequestOutput:
     """An incremental update for one sample (`index`) of one request.
 
     `text` and `token_ids` hold only what is new since the previous update; the
-    last update of a sample has `finished` set and a `finish_reason`
-    ("stop", "length" or "abort").
+    last update of a sample has `finished` set and a `finish_reason`.
     """
 
     request_id: str
@@ -29,7 +28,7 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
@@ -41,13 +40,13 @@ class RequestOutput:
 
 
 @dataclass(slots=True)
-class SampleResult:
-    """One finished sample of an offline generation."""
+class CompletionOutput:
+    """One of the n samples of an offline generation: its whole text and tokens."""
 
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
 
@@ -59,7 +58,7 @@ class GenerationResult:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[SampleResult]
+    outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
 
     @property

@@ -6,16 +6,27 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from shoal.sampling_params import SamplingParams
+from shoal.core.sampling_params import SamplingParams
+
+
+class FinishReason(enum.StrEnum):
+    """Why a sequence ended, as reported to callers.
+
+    NOTE: a str enum: it equals, formats and json-serializes as its value, so the dialects
+    compare it with and write it as the plain strings of their wire formats."""
+
+    STOP = "stop"          # an EOS or stop token, or a stop string
+    LENGTH = "length"      # max_tokens, or the model's context
+    ABORT = "abort"        # cancelled before it ended
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
-    FINISHED_STOPPED = "stop"
-    FINISHED_LENGTH = "length"
-    FINISHED_ABORTED = "abort"
+    FINISHED_STOPPED = FinishReason.STOP.value
+    FINISHED_LENGTH = FinishReason.LENGTH.value
+    FINISHED_ABORTED = FinishReason.ABORT.value
 
     @property
     def finished(self) -> bool:
@@ -23,8 +34,9 @@ class RequestStatus(enum.Enum):
                         RequestStatus.FINISHED_ABORTED)
 
     @property
-    def finish_reason(self) -> str | None:
-        return self.value if self.finished else None
+    def finish_reason(self) -> FinishReason | None:
+        # NOTE: a finished status's value is its finish reason's (see the members above).
+        return FinishReason(self.value) if self.finished else None
 
 
 @dataclass(slots=True)

@@ -4,11 +4,12 @@ Each step hands every request up to `num_tokens - num_computed_tokens` tokens to
 under one token budget; there are no separate prefill and decode phases. A request whose
 computed tokens reach `num_tokens` samples its next token in that step.
 
-Requests are ordered by (class, priority, arrival_time): interactive requests before batch
-ones, then vLLM's priority (lower value first), then arrival. A batch request that has
-waited `batch_aging_s` since arrival is owed a share: while interactive requests wait, every
-AGED_BATCH_TURN-th admission goes to the oldest such request, so a stream of interactive
-traffic cannot starve it, and a backlog of batch work cannot hold interactive requests up.
+Waiting requests are ordered by (class, priority, arrival_time) in a RequestQueue:
+interactive requests before batch ones, then vLLM's priority (lower value first), then
+arrival. A batch request that has waited `batch_aging_s` since arrival is owed a share:
+while interactive requests wait, every AGED_BATCH_TURN-th admission goes to the oldest such
+request, so a stream of interactive traffic cannot starve it, and a backlog of batch work
+cannot hold interactive requests up.
 
 Policy, in order:
 0. Seats: when max_num_seqs requests run and interactive ones wait, running batch requests
@@ -33,42 +34,53 @@ update_from_output(), before the next schedule().
 """
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from shoal.core.config import EngineConfig
+from shoal.core.errors import ContextLengthExceededError, InvalidParameterError, ShoalError
 from shoal.engine.kv.hashing import update_block_hashes
 from shoal.engine.kv.manager import KVCacheManager
 from shoal.engine.request import Request, RequestStatus
-from shoal.errors import ContextLengthExceededError, InvalidParameterError, ShoalError
+from shoal.engine.request_queue import RequestQueue
 
 
 class SchedulerStateError(ShoalError):
     """The engine drove the scheduler out of order (a bug, not a user error)."""
 
 
-# While interactive requests wait, every this-many-th admission goes to a batch request that
-# has waited its aging time (SHOAL_BATCH_AGING), so aged batch work always keeps moving.
-AGED_BATCH_TURN = 4
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class SchedulerConfig:
-    """Limits of one engine step and of the batch."""
+    """Limits of one engine step and of the batch.
+
+    NOTE: no defaults here: the engine derives these from its EngineConfig
+    (from_engine_config), whose defaults are the only ones."""
 
     max_model_len: int
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    block_size: int = 16
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    long_prefill_token_threshold: int = 0   # 0: no per-request cap on a prefill chunk
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    enable_chunked_prefill: bool
+    long_prefill_token_threshold: int       # 0: no per-request cap on a prefill chunk
     # Step budget while some request is decoding (0: max_num_batched_tokens). A smaller
     # budget then bounds how long running streams wait between tokens when a long prompt
     # arrives, while a lone prompt still gets big, efficient chunks.
-    max_batched_tokens_while_decoding: int = 0
+    max_batched_tokens_while_decoding: int
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's share of an EngineConfig, for the context length the model and
+        its KV cache allow (see builder.plan_kv_cache)."""
+        max_batched = config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            max_batched = max(max_batched, max_model_len)   # a whole prompt must fit one step
+        return cls(max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
+                   max_num_batched_tokens=max_batched, block_size=config.block_size,
+                   enable_chunked_prefill=config.enable_chunked_prefill,
+                   long_prefill_token_threshold=config.long_prefill_token_threshold,
+                   max_batched_tokens_while_decoding=config.max_batched_tokens_while_decoding)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -117,10 +129,6 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)  # since the last step
     first_scheduled: list[Request] = field(default_factory=list)   # scheduled for the first time
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
 
 class Scheduler:
     """Decides each step which requests compute how many tokens, within KV and token budgets."""
@@ -134,9 +142,7 @@ class Scheduler:
         self.kv = kv_manager
         self._clock = clock
         self.running: list[Request] = []
-        self._waiting: list[tuple[int, int, float, int, Request]] = []   # heap
-        # interactive admissions since an aged batch request last got its turn
-        self._interactive_streak = 0
+        self._waiting = RequestQueue()
         self._requests: dict[str, Request] = {}                      # every unfinished request
         self._seq: dict[str, int] = {}                               # insertion order, tie-break
         self._counter = itertools.count()
@@ -155,9 +161,6 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id)
 
     # -- request lifecycle -----------------------------------------------------------------
 
@@ -285,46 +288,23 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: int, now: float) -> None:
         passed_over = []
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            entry = self._next_waiting(now)
-            request = entry[-1]
+            request = self._waiting.peek(now)
             if not self._leader_ready(request):
-                passed_over.append(self._take_waiting(entry))
+                # NOTE: out of the queue until this step's admissions are done, so the next
+                # peek looks past it; it keeps its place (its key) when it comes back.
+                self._waiting.remove(request)
+                passed_over.append(request)
                 continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = self._tokens_to_schedule(request.num_tokens - num_hit, budget)
             if num_new == 0 or not self.kv.allocate_slots(request, num_new, hit_blocks, num_hit):
                 break
-            self._take_waiting(entry)
+            self._waiting.admit(request)
             self._admit(request, num_hit, output)
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
-            self._interactive_streak = 0 if request.batch else self._interactive_streak + 1
-        for entry in passed_over:
-            heapq.heappush(self._waiting, entry)
-
-    def _next_waiting(self, now: float) -> tuple[int, int, float, int, Request]:
-        """The queue's head, except that an aged batch request takes every AGED_BATCH_TURN-th
-        admission while interactive requests wait.
-
-        NOTE: aging grants a share, not precedence. Under sustained overload every batch
-        request in the queue has aged; were aged ones simply ranked with interactive ones
-        (being older, ahead of them), interactive requests would wait behind the whole batch
-        backlog. With a share, batch work keeps moving at a guaranteed rate and interactive
-        requests wait only behind each other."""
-        head = self._waiting[0]
-        if head[0] == 1 or self._interactive_streak < AGED_BATCH_TURN - 1:
-            return head                  # no interactive request waits, or not the batch's turn
-        aged = [e for e in self._waiting if e[-1].batch and now >= e[-1].promoted_at]
-        return min(aged, key=lambda e: e[:4]) if aged else head
-
-    def _take_waiting(self, entry: tuple[int, int, float, int, Request]) -> tuple[int, int, float, int, Request]:
-        if entry is self._waiting[0]:
-            return heapq.heappop(self._waiting)
-        position = next(i for i, e in enumerate(self._waiting) if e is entry)
-        self._waiting[position] = self._waiting[-1]
-        self._waiting.pop()
-        heapq.heapify(self._waiting)
-        return entry
+        for request in passed_over:
+            self._push_waiting(request)
 
     def _yield_seats_to_interactive(self, output: SchedulerOutput, now: float) -> int:
         """With every seat (max_num_seqs) taken, running batch requests give theirs to waiting
@@ -337,7 +317,7 @@ class Scheduler:
         readmitted, runs to its end: batch throughput pays a bounded price, and the waiting
         order (aged batch requests' share included) decides who gets a seat that falls free."""
         free = self.config.max_num_seqs - len(self.running)
-        wanted = sum(1 for entry in self._waiting if not entry[-1].batch) - max(free, 0)
+        wanted = self._waiting.num_interactive() - max(free, 0)
         if wanted <= 0:
             return 0
         candidates = [r for r in self.running if r.batch and r.num_preemptions == 0]
@@ -356,15 +336,10 @@ class Scheduler:
         budget (small while others decode) and an interactive request waits for them all.
         Decoding streams still get their token: the reserve leaves one per decoding stream,
         and running prompts at least half the budget."""
-        seats = self.config.max_num_seqs - len(self.running)
-        if seats <= 0 or not self._waiting or self._waiting[0][0] != 0:
+        heads = self._waiting.first_interactive(self.config.max_num_seqs - len(self.running))
+        if not heads:
             return 0
-        wanted = 0
-        for entry in heapq.nsmallest(seats, self._waiting):
-            if entry[0] != 0:
-                break
-            if self._leader_ready(entry[-1]):
-                wanted += entry[-1].num_tokens_to_compute
+        wanted = sum(r.num_tokens_to_compute for r in heads if self._leader_ready(r))
         decoding = sum(1 for r in self.running if r.num_tokens_to_compute == 1)
         # NOTE: at most half the budget: the head may not fit the KV cache this step, and
         # running prompts must keep moving (they may be what frees it).
@@ -421,9 +396,7 @@ class Scheduler:
         self._push_waiting(request)
 
     def _push_waiting(self, request: Request) -> None:
-        # the queue's order: interactive before batch; then vLLM's priority; then arrival
-        heapq.heappush(self._waiting, (int(request.batch), request.priority, request.arrival_time,
-                                       self._seq[request.request_id], request))
+        self._waiting.push(request, self._seq[request.request_id])
 
     # -- finishing -------------------------------------------------------------------------
 
@@ -446,20 +419,15 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
         else:
-            self._remove_waiting(request)
+            self._waiting.remove(request)
         del self._requests[request.request_id]
         del self._seq[request.request_id]
         self._finished_ids.append(request.request_id)
 
-    def _remove_waiting(self, request: Request) -> None:
-        for position, entry in enumerate(self._waiting):
-            if entry[-1] is request:
-                self._waiting[position] = self._waiting[-1]
-                self._waiting.pop()
-                heapq.heapify(self._waiting)
-                return
-
     def _check_fits(self, request: Request) -> None:
+        # NOTE: requests arrive validated (EngineLimits.validate); this stays as the
+        # scheduler's own guard of the engine thread: a request that can never fit would
+        # otherwise wait at the head of the queue forever, and every request behind it.
         num_prompt = request.num_prompt_tokens
         max_len = self.config.max_model_len
         if num_prompt == 0:

@@ -16,15 +16,16 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shoal.errors import InvalidParameterError, ModelNotFoundError
+from shoal.core.errors import CorruptModelError, InvalidParameterError, ModelNotFoundError
 from shoal.store.errors import DigestMismatchError, PullError
 from shoal.store.locks import StoreLocks
 
@@ -129,6 +130,13 @@ class BlobStore:
             return self.path(digest).read_bytes()
         except FileNotFoundError:
             raise ModelNotFoundError(str(self.path(digest)), "blob is missing") from None
+
+    def read_json(self, digest: str, default: Any = None) -> Any:
+        """A small JSON blob (config, params, messages) parsed, or `default` when it is missing or bad."""
+        try:
+            return json.loads(self.read_bytes(digest).decode("utf-8"))
+        except (CorruptModelError, OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return default
 
     def open_range(self, digest: str, offset: int = 0, chunk: int = CHUNK) -> Iterator[bytes]:
         """The blob's bytes from `offset` on (what a registry server answers a ranged GET with)."""
@@ -334,15 +342,3 @@ class BlobStore:
         except FileNotFoundError:
             return False
         return True
-
-    def clean_temp_files(self) -> int:
-        """Removes `.tmp-*` files left by crashed writers (only call when no writer runs)."""
-        count = 0
-        if self.dir.is_dir():
-            for p in self.dir.glob(".tmp-*"):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-                count += 1
-        return count

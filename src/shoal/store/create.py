@@ -10,7 +10,7 @@ FROM may be
   (a `application/vnd.shoal.image.model.file` layer titled with its file name);
 * `@sha256:<hex>`: a blob already in the store (a GGUF), e.g. uploaded through /api/blobs.
 ADAPTER is a LoRA (a PEFT directory or file, a GGUF LoRA, or `@sha256:<hex>`), read and checked
-against the base model's weights here, and stored as one file (models/lora.py).
+against the base model's weights here, and stored as one file (model/lora.py).
 Relative paths are relative to `base_dir` (the Modelfile's folder). Every FROM/ADAPTER problem
 is a ModelfileError pointing at the value in the Modelfile.
 """
@@ -19,25 +19,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from shoal.errors import ModelLoadError
-from shoal.store.blobs import is_digest, normalize_digest
+from shoal.core.errors import ModelLoadError
+from shoal.store.blobs import BlobStore, is_digest, normalize_digest
 from shoal.store.errors import InvalidModelNameError, ModelfileError
 from shoal.store.hf_files import model_dir_files
 from shoal.store.locks import Lease
 from shoal.store.manifests import (ANNOTATION_ADAPTER_CONFIG, ANNOTATION_ADAPTER_FORMAT,
                                    ANNOTATION_TITLE, CONFIG_MEDIA_TYPE, MEDIA_ADAPTER, MEDIA_LICENSE, MEDIA_MESSAGES,
                                    MEDIA_MODEL, MEDIA_MODEL_FILE, MEDIA_PARAMS, MEDIA_SYSTEM,
-                                   MEDIA_TEMPLATE, Layer, Manifest)
+                                   MEDIA_TEMPLATE, Layer, Manifest, ManifestStore)
 from shoal.store.modelfile import Modelfile
 from shoal.store.modelinfo import ModelDetails, gguf_details, hf_dir_details, is_gguf
 from shoal.store.names import ModelName, parse_name
-from shoal.store.progress import Reporter
+from shoal.store.progress import ProgressCallback, Reporter
 
 if TYPE_CHECKING:
-    from shoal.models.config import ModelConfig
-    from shoal.store.store import ModelStore
+    from shoal.model.config import ModelConfig
 
 LAYER_ORDER = (MEDIA_MODEL, MEDIA_MODEL_FILE, MEDIA_ADAPTER, MEDIA_TEMPLATE, MEDIA_SYSTEM,
                MEDIA_PARAMS, MEDIA_MESSAGES, MEDIA_LICENSE)
@@ -60,10 +59,25 @@ def _expand(value: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else base_dir / path
 
 
+class CreateSource(Protocol):
+    """What a create uses of the store (ModelStore is one): its blobs and manifests, pulling a
+    FROM model that is missing, and a directory view of a Hugging Face model's file layers."""
+
+    blobs: BlobStore
+    manifests: ManifestStore
+    link_imports: bool
+
+    def can_pull(self, name: ModelName) -> bool: ...
+
+    def pull(self, name: ModelName, progress: ProgressCallback | None = None) -> Any: ...
+
+    def model_files_dir(self, layers: list[Layer]) -> Path: ...
+
+
 class Creator:
     """Builds one model's layers; `run` returns (layers, details) with every blob leased."""
 
-    def __init__(self, store: ModelStore, modelfile: Modelfile, base_dir: Path, lease: Lease,
+    def __init__(self, store: CreateSource, modelfile: Modelfile, base_dir: Path, lease: Lease,
                  reporter: Reporter) -> None:
         self.store = store
         self.mf = modelfile
@@ -149,7 +163,7 @@ class Creator:
                                  position)
         manifest = found[0]
         self.keep(manifest.digests())
-        config = self.store._read_json_blob(manifest.config.digest, default={})
+        config = self.store.blobs.read_json(manifest.config.digest, default={})
         return list(manifest.layers), ModelDetails.from_config(config if isinstance(config, dict)
                                                                else {})
 
@@ -163,7 +177,8 @@ class Creator:
 
     def validate_weights(self, path: Path, position: tuple[int, int]) -> None:
         """The loader must open it (architecture, tensors); cheap - headers and mmap only."""
-        from shoal.models.loader import open_model
+        # NOTE: the model loaders import torch (seconds); only creates that read weights pay it.
+        from shoal.model.loader import open_model
 
         try:
             open_model(path).close()
@@ -203,7 +218,7 @@ class Creator:
             params: dict[str, Any] = {}
             for layer in layers:
                 if layer.media_type == MEDIA_PARAMS:
-                    old = self.store._read_json_blob(layer.digest, default={})
+                    old = self.store.blobs.read_json(layer.digest, default={})
                     if isinstance(old, dict):
                         params.update(old)
             params.update(mf.parameters)
@@ -226,8 +241,8 @@ class Creator:
     def adapter_layer(self, value: str, position: tuple[int, int], layers: list[Layer]) -> Layer:
         """Checks the adapter against the base model in `layers` (its updates fit the base's
         weights) and stores it as one file: a GGUF as it is, a PEFT adapter as a safetensors
-        file with its adapter_config.json in the header (models.lora.self_contained_peft)."""
-        from shoal.models.lora import load_adapters, locate_adapter, self_contained_peft
+        file with its adapter_config.json in the header (model.lora.self_contained_peft)."""
+        from shoal.model.lora import load_adapters, locate_adapter, self_contained_peft
 
         stored: tuple[str, int] | None = None     # an ADAPTER @sha256:... blob
         if value.startswith("@"):
@@ -263,22 +278,22 @@ class Creator:
 
     def base_config(self, layers: list[Layer]) -> ModelConfig:
         """The config of the model whose weights `layers` name (read once per create)."""
-        from shoal.models.loader import open_model
+        from shoal.model.loader import open_model
 
         if self._base_config is None:
             model = [layer for layer in layers if layer.media_type == MEDIA_MODEL]
             files = [layer for layer in layers if layer.media_type == MEDIA_MODEL_FILE]
             weights = (self.store.blobs.path(model[0].digest) if model
-                       else self.store._materialize(files))
+                       else self.store.model_files_dir(files))
             with open_model(weights) as source:
                 self._base_config = source.config
         return self._base_config
 
 
-def manifest_for(store: ModelStore, layers: list[Layer], details: ModelDetails,
+def manifest_for(blobs: BlobStore, layers: list[Layer], details: ModelDetails,
                  lease: Lease) -> Manifest:
     """Stores the config blob for `layers` and returns the manifest naming them all."""
     config = details.to_config([layer.digest for layer in layers])
     data = json.dumps(config, sort_keys=True, ensure_ascii=False).encode()
-    info = store.blobs.write_bytes(data, on_digest=lease.add_one)
+    info = blobs.write_bytes(data, on_digest=lease.add_one)
     return Manifest(Layer(CONFIG_MEDIA_TYPE, info.digest, info.size), tuple(layers))

@@ -1,7 +1,7 @@
 """The store's own error types, each a subclass of one of shoal's (so the HTTP layers map them)."""
 from __future__ import annotations
 
-from shoal.errors import CorruptModelError, InvalidParameterError, ShoalError
+from shoal.core.errors import CorruptModelError, InvalidParameterError, ShoalError
 
 
 class InvalidModelNameError(InvalidParameterError):

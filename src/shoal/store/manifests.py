@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import CorruptModelError
+from shoal.core.errors import CorruptModelError
 from shoal.store.blobs import _fsync_dir, is_digest
 from shoal.store.errors import InvalidModelNameError
 from shoal.store.names import ModelName, parse_name

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.core.errors import InvalidParameterError
 from shoal.store.errors import ModelfileError
 
 INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "ADAPTER", "LICENSE")
@@ -98,8 +99,6 @@ OLLAMA_ONLY_PARAMETERS = frozenset({
 def check_parameters(params: dict[str, Any], field_name: str = "parameters") -> dict[str, Any]:
     """Validates an already-typed parameter dict (e.g. from /api/create JSON); returns a copy
     with values converted to their kinds (stop always a list)."""
-    from shoal.errors import InvalidParameterError
-
     out: dict[str, Any] = {}
     for key, value in params.items():
         spec = PARAMETERS.get(key)

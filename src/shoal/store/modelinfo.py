@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import CorruptModelError, ModelLoadError
+from shoal.core.errors import CorruptModelError, ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 # safetensors dtype -> the name Ollama shows as quantization_level
@@ -79,7 +79,7 @@ def is_gguf(path: Path) -> bool:
 
 def read_gguf(path: Path) -> Any:
     """The parsed GGUF header (metadata + tensor table) of `path`."""
-    from shoal.models.loaders.gguf_loader import read_gguf_header
+    from shoal.model.loaders.gguf_loader import read_gguf_header
 
     size = path.stat().st_size
     if size < 24:

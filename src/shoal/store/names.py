@@ -200,3 +200,14 @@ def is_valid_name(text: str) -> bool:
     except InvalidModelNameError:
         return False
     return True
+
+
+def normalize_name(name: str) -> str:
+    """Ollama's rule for comparing names: a name without a tag means ':latest'; case is ignored.
+
+    Unlike parse_name it checks nothing: it also compares names that are no store names (a
+    served model's aliases, `default`, a file's name), as residency and key model lists do.
+    """
+    name = name.strip().lower()
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import httpx
 
-import shoal
-from shoal.errors import CorruptModelError, UnknownModelError
+from shoal.core.version import __version__
+from shoal.core.errors import CorruptModelError, UnknownModelError
 from shoal.store.blobs import CHUNK, BlobStore
 from shoal.store.errors import DigestMismatchError, RegistryError
 from shoal.store.locks import Lease
@@ -219,7 +219,7 @@ class RegistryClient:
     def _client(self) -> httpx.Client:
         return httpx.Client(transport=self.transport, follow_redirects=True,
                             timeout=httpx.Timeout(self.timeout, connect=10.0),
-                            headers={"User-Agent": f"shoal/{shoal.__version__}"})
+                            headers={"User-Agent": f"shoal/{__version__}"})
 
     def _backoff(self, attempt: int) -> None:
         time.sleep(min(0.25 * 2 ** attempt, 4.0))

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import CorruptModelError, UnknownModelError
+from shoal.core.errors import CorruptModelError, UnknownModelError
 from shoal.store.blobs import BlobStore
 from shoal.store.create import Creator, manifest_for
 from shoal.store.errors import PullError, RegistryError
@@ -165,12 +165,6 @@ class ModelStore:
     def _name(name: str | ModelName) -> ModelName:
         return name if isinstance(name, ModelName) else parse_name(name)
 
-    def _read_json_blob(self, digest: str, default: Any = None) -> Any:
-        try:
-            return json.loads(self.blobs.read_bytes(digest).decode("utf-8"))
-        except (CorruptModelError, OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return default
-
     def _read(self, name: ModelName) -> tuple[Manifest, bytes, Path]:
         found = self.manifests.read(name)
         if found is None:
@@ -178,7 +172,7 @@ class ModelStore:
         return found
 
     def _details(self, manifest: Manifest) -> ModelDetails:
-        config = self._read_json_blob(manifest.config.digest, default={})
+        config = self.blobs.read_json(manifest.config.digest, default={})
         return ModelDetails.from_config(config if isinstance(config, dict) else {})
 
     def _stored(self, name: ModelName, manifest: Manifest, data: bytes, path: Path) -> StoredModel:
@@ -242,7 +236,7 @@ class ModelStore:
         if manifest.layers_of(MEDIA_MODEL):
             weights, fmt = self._checked_blob(manifest.layers_of(MEDIA_MODEL)[0]), "gguf"
         elif manifest.layers_of(MEDIA_MODEL_FILE):
-            weights, fmt = self._materialize(manifest.layers_of(MEDIA_MODEL_FILE)), "safetensors"
+            weights, fmt = self.model_files_dir(manifest.layers_of(MEDIA_MODEL_FILE)), "safetensors"
         else:
             raise CorruptModelError(str(path), "the manifest has no model layer")
 
@@ -252,12 +246,12 @@ class ModelStore:
 
         params: dict[str, Any] = {}
         for layer in manifest.layers_of(MEDIA_PARAMS):
-            value = self._read_json_blob(layer.digest, default={})
+            value = self.blobs.read_json(layer.digest, default={})
             if isinstance(value, dict):
                 params.update(value)
         messages: list[dict[str, str]] = []
         for layer in manifest.layers_of(MEDIA_MESSAGES):
-            value = self._read_json_blob(layer.digest, default=[])
+            value = self.blobs.read_json(layer.digest, default=[])
             if isinstance(value, list):
                 messages = [{"role": str(m.get("role", "")), "content": str(m.get("content", ""))}
                             for m in value if isinstance(m, dict)]
@@ -296,7 +290,7 @@ class ModelStore:
         entries = sorted((layer.title or "", layer.digest) for layer in layers)
         return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
-    def _materialize(self, layers: list[Layer]) -> Path:
+    def model_files_dir(self, layers: list[Layer]) -> Path:
         """A directory of symlinks named by the layers' titles, pointing at their blobs."""
         titles = [layer.title or "" for layer in layers]
         for title in titles:
@@ -389,7 +383,7 @@ class ModelStore:
             if self.huggingface.handles(model) or self.builtin.find(model) is not None:
                 source = self.huggingface if self.huggingface.handles(model) else self.builtin
                 pulled = source.pull(model, self.blobs, lease, reporter)
-                manifest = manifest_for(self, pulled.layers, pulled.details, lease)
+                manifest = manifest_for(self.blobs, pulled.layers, pulled.details, lease)
             else:
                 manifest, data = self.registry.pull(model, self.blobs, lease, reporter,
                                                     insecure=insecure)
@@ -429,7 +423,7 @@ class ModelStore:
         base = Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
         with Lease(self.root) as lease, self._cleanup_on_failure(lease):
             layers, details = Creator(self, parsed, base, lease, reporter).run()
-            manifest = manifest_for(self, layers, details, lease)
+            manifest = manifest_for(self.blobs, layers, details, lease)
             reporter.status("writing manifest")
             self._write_manifest(model, manifest, lease)
         reporter.status("success")

@@ -5,7 +5,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from shoal.errors import InvalidParameterError, ShoalError
+from shoal.core.errors import InvalidParameterError, ShoalError
 
 NULL_BLOCK_ID = 0
 

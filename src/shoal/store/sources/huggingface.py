@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import UnknownModelError
+from shoal.core.errors import UnknownModelError
 from shoal.store.blobs import BlobStore
 from shoal.store.errors import PullError
 from shoal.store.hf_files import select_model_files

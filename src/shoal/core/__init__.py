@@ -1,0 +1,1 @@
+"""The ground floor: shoal's errors, the engine configuration and sampling parameters (no torch, no HTTP)."""

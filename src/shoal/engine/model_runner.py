@@ -1,0 +1,133 @@
+"""ModelRunner: turns a scheduler step into tensors, runs the model, returns logits."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from shoal.model.layers.attention import AttentionMetadata, PrefillChunk, prepare_decode_gather
+from shoal.model.kernels.cpu import load_cpu_kernels
+
+
+class ScheduledWork(Protocol):
+    """What the runner needs of one scheduled request (see engine.scheduler)."""
+
+    request: object
+    num_new_tokens: int
+    block_ids: list[int]
+    start_pos: int
+
+
+@dataclass(slots=True)
+class TokenSequence:
+    """Just the token ids of a sequence: what the runner reads of a request."""
+
+    all_token_ids: list[int]
+
+
+@dataclass(slots=True)
+class DirectWork:
+    """A hand-built chunk of work for the runner, without a scheduler (tests, benchmarks).
+
+    The caller owns `block_ids` and must not share them with a live engine's requests.
+    """
+
+    request: TokenSequence
+    num_new_tokens: int
+    block_ids: list[int]
+    start_pos: int
+
+
+def kernel_supported(device: torch.device, dtype: torch.dtype, block_size: int,
+                     head_dim: int) -> bool:
+    """Whether the C++ attention kernel serves this configuration (it then needs a blocked cache)."""
+    return (device.type == "cpu" and dtype == torch.float32 and block_size == 16
+            and head_dim % 16 == 0 and load_cpu_kernels() is not None)
+
+
+class ModelRunner:
+    """Owns the KV cache tensors and executes one flat batch per engine step."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 block_size: int, device: torch.device, use_kernels: bool = True) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        # NOTE: the C++ attention kernel reads float32 KV straight from the blocks; other
+        # devices and dtypes take the gather + SDPA path.
+        self.kernels = load_cpu_kernels() if use_kernels else None
+        if self.kernels is not None and kv_caches and kv_caches[0][0].dim() != 4:
+            raise ValueError("the attention kernel needs a blocked KV cache (kernel_supported)")
+
+    @torch.inference_mode()
+    def execute(self, scheduled: Sequence[ScheduledWork]) -> tuple[torch.Tensor, list[ScheduledWork]]:
+        """Computes the step; returns (logits [R, vocab], the R sampling requests in order)."""
+        # Decodes first, then prefill chunks (the fallback batches the decodes together).
+        ordered = sorted(scheduled, key=lambda w: w.num_new_tokens > 1)
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampling: list[ScheduledWork] = []
+        bs = self.block_size
+        for work in ordered:
+            start, n = work.start_pos, work.num_new_tokens
+            all_ids = work.request.all_token_ids  # type: ignore[attr-defined]
+            token_ids.extend(all_ids[start:start + n])
+            table = work.block_ids
+            positions.extend(range(start, start + n))
+            slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, start + n))
+            if start + n == len(all_ids):
+                sample_rows.append(len(token_ids) - 1)
+                sampling.append(work)
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                                 block_size=bs)
+        if self.kernels is not None:
+            self._kernel_metadata(meta, ordered)
+        else:
+            self._fallback_metadata(meta, ordered)
+        hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=dev),
+                            torch.tensor(positions, dtype=torch.long, device=dev),
+                            self.kv_caches, meta)
+        if not sampling:
+            return hidden.new_empty((0, 0)), []
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
+        return self.model.compute_logits(hidden.index_select(0, rows)), sampling
+
+    def _padded_tables(self, works: Sequence[ScheduledWork]) -> torch.Tensor:
+        bs = self.block_size
+        needed = [(w.start_pos + w.num_new_tokens + bs - 1) // bs for w in works]
+        width = max(needed)
+        rows = [w.block_ids[:n] + [0] * (width - n) for w, n in zip(works, needed)]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _kernel_metadata(self, meta: AttentionMetadata, ordered: Sequence[ScheduledWork]) -> None:
+        starts = [0]
+        for work in ordered:
+            starts.append(starts[-1] + work.num_new_tokens)
+        meta.kernels = self.kernels
+        meta.block_tables = self._padded_tables(ordered)
+        meta.query_start = torch.tensor(starts, dtype=torch.long)
+        meta.first_pos = torch.tensor([w.start_pos for w in ordered], dtype=torch.long)
+
+    def _fallback_metadata(self, meta: AttentionMetadata, ordered: Sequence[ScheduledWork]) -> None:
+        decodes = [w for w in ordered if w.num_new_tokens == 1]
+        if decodes:
+            lengths = torch.tensor([w.start_pos + 1 for w in decodes], dtype=torch.long,
+                                   device=self.device)
+            prepare_decode_gather(meta, self._padded_tables(decodes), lengths)
+        offset = len(decodes)
+        for work in ordered[len(decodes):]:
+            start, n = work.start_pos, work.num_new_tokens
+            context_slots = self._slots_for(work.block_ids, start + n) if start > 0 else None
+            meta.prefills.append(PrefillChunk(offset, n, start + n, context_slots))
+            offset += n
+
+    def _slots_for(self, block_ids: list[int], length: int) -> torch.Tensor:
+        bs = self.block_size
+        blocks = torch.tensor(block_ids[: (length + bs - 1) // bs], dtype=torch.long, device=self.device)
+        return (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:length]

@@ -1,1 +1,0 @@
-"""Production guardrails: who is calling (keys, quotas), what is admitted, what is recorded."""

@@ -1,0 +1,99 @@
+"""The FastAPI application: the shared endpoints, the routers and the middleware, wired to one
+residency, generation service and metrics."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, Response
+
+from shoal.access.auth import Authenticator
+from shoal.core.errors import AccessDeniedError
+from shoal.core.version import __version__
+from shoal.http import observability
+from shoal.http.admin_keys import router as admin_router
+from shoal.http.auth import AuthMiddleware
+from shoal.http.body_limits import BodyLimitMiddleware
+from shoal.http.error_responses import add_error_handlers, origin_refused
+from shoal.http.ollama.model_management import router as model_management_router
+from shoal.http.ollama.routes import router as ollama_router
+from shoal.http.openai.routes import router as openai_router
+from shoal.http.probes import router as probes_router
+from shoal.serving.generate import GenerationService
+from shoal.serving.metrics import CONTENT_TYPE, ServerMetrics
+from shoal.serving.residency import ResidencyManager
+from shoal.serving.server_state import ServerLifecycle
+from shoal.serving.settings import ServerSettings
+
+
+def create_app(residency: ResidencyManager, settings: ServerSettings, store=None,
+               recorder: observability.Recorder | None = None) -> FastAPI:
+    """The server's app; `residency` decides which models are loaded; `store` (a
+    shoal.store ModelStore, optional) backs pull/create/copy/delete; `recorder` (default:
+    from the settings) receives every request's record (access log, audit, traces)."""
+    recorder = recorder or observability.Recorder.from_settings(settings)
+
+    lifecycle = ServerLifecycle()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        residency.start()
+        lifecycle.started = True
+        try:
+            yield
+        finally:
+            lifecycle.started = False
+            await residency.shutdown()
+            authenticator.close()
+            recorder.close()        # after the engines stop: every request has its record
+
+    app = FastAPI(title="shoal", version=__version__, docs_url="/docs", redoc_url=None,
+                  lifespan=lifespan)
+    metrics = ServerMetrics(lambda: [(m.name, m.engine.stats()) for m in residency.loaded()])
+    for model in residency.loaded():
+        metrics.register_model(model.name)
+    residency.add_load_listener(lambda model: metrics.register_model(model.name))
+    service = GenerationService(residency, metrics, settings, lifecycle)
+    authenticator = Authenticator.from_settings(settings)
+    app.state.residency = residency
+    app.state.store = store
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = service
+    app.state.authenticator = authenticator
+    app.state.lifecycle = lifecycle
+    app.state.started_at = time.time()
+
+    def count_rejection(exc: AccessDeniedError) -> None:
+        metrics.rejected.labels(exc.model or "", exc.reason).inc()
+
+    add_error_handlers(app, count_rejection)
+
+    @app.get("/", response_class=PlainTextResponse)
+    @app.head("/", response_class=PlainTextResponse)
+    async def root() -> str:
+        return "shoal is running"
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(probes_router)
+    app.include_router(openai_router)
+    app.include_router(ollama_router)
+    app.include_router(model_management_router)
+    app.include_router(admin_router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
+                       read_timeout=settings.read_timeout)
+    # NOTE: runs before the routes and the body limit: a request without a valid key is
+    # refused unread (only the observability layer, attached below, runs before it).
+    app.add_middleware(AuthMiddleware, authenticator=authenticator, count=count_rejection)
+    # NOTE: attached last, so its middleware runs first: every response gets its request id
+    # and record, and CORS preflights are answered before anything asks for a key.
+    observability.attach(app, recorder, service, residency, settings.origins, refuse=origin_refused)
+    return app

@@ -1,0 +1,104 @@
+"""The server's log lines: text or JSON, each tagged with the request it was written for.
+
+`configure_logging` installs one stderr handler on the root logger (uvicorn's loggers
+propagate to it, so its lines share the format). A filter adds the request id and the
+caller's key id to every record written while a request is served; `AccessLog` writes one
+line per finished request, replacing uvicorn's access log.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from shoal.access.principal import current_principal
+from shoal.http.requestid import current_request_id
+from shoal.serving.records import RequestRecord
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# NOTE: not "shoal.access": that is the access-control package, whose module loggers would
+# become children of this one.
+access_log = logging.getLogger("shoal.http.access")
+# Access-record fields the access line's message already says (text lines skip them).
+_IN_ACCESS_MESSAGE = frozenset({"method", "endpoint", "status", "duration_s"})
+
+
+class RequestContextFilter(logging.Filter):
+    """Sets `request_id` and `key_id` on each record from the request being served (None
+    outside one), unless the record already names them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "request_id" not in record.__dict__:
+            record.request_id = current_request_id.get()
+        if "key_id" not in record.__dict__:
+            record.key_id = current_principal.get().key_id
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, key_id, and the
+    record's `fields` (the access record's figures) at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None),
+            "key_id": getattr(record, "key_id", None),
+        }
+        entry.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The classic line, with the record's `fields` as key=value pairs and the request id."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        pairs = [f"{k}={_text_value(v)}" for k, v in (getattr(record, "fields", None) or {}).items()
+                 if v is not None and k not in _IN_ACCESS_MESSAGE]
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            pairs.append(f"request_id={request_id}")
+        return " ".join([text, *pairs])
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Routes every logger (shoal's, uvicorn's, warnings in JSON mode) to stderr in one format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    if log_format == "json":
+        logging.captureWarnings(True)   # a bare warning line would break one-object-per-line
+
+
+def log_access(record: RequestRecord) -> None:
+    """The access log line of a finished request (a sink of the request recorder)."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    # NOTE: the request's own ids are passed explicitly: this can run after the request's
+    # context is gone (a generation that ends once its client has left).
+    duration = record.duration_seconds() or 0.0
+    access_log.info("%s %s %s %.3fs", record.method, record.path, record.status, duration,
+                    extra={"fields": record.access_fields(), "request_id": record.request_id,
+                           "key_id": record.key_id})
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text

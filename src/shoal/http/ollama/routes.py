@@ -1,0 +1,212 @@
+"""The Ollama dialect's endpoints under /api/ (errors render as Ollama's {"error": "..."})."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from shoal.core.version import __version__
+from shoal.http.errors import HttpError
+from shoal.serving.disconnect import run_until_disconnect
+from shoal.http.ollama import info as model_info
+from shoal.http.ollama import serving
+from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
+                                       far_future, timestamp_at)
+from shoal.access.model_access import visible_models
+from shoal.serving.catalog import ModelSpec, path_size
+
+router = APIRouter(prefix="/api")
+
+NDJSON = "application/x-ndjson"
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+async def read_body(request: Request, model: type[B]) -> B:
+    """The JSON body as `model`, whatever the Content-Type (Ollama's own examples use plain
+    `curl -d`, which sends a form type). Errors take the app's 400 path: malformed JSON and
+    bad fields are named the same way on every endpoint."""
+    raw = await request.body()
+    if not raw.strip():
+        raise HttpError(400, "missing request body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        # NOTE: besides syntax and UTF-8 errors (both ValueErrors), json.loads raises
+        # ValueError for integers over 4300 digits and RecursionError for deep nesting.
+        problem = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",),
+                                       "msg": "JSON decode error", "ctx": {"error": problem}}]) from None
+    if data is None:
+        raise HttpError(400, "missing request body")
+    if not isinstance(data, dict):
+        raise HttpError(400, f"the request body must be a JSON object, got {serving.json_type(data)}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
+                                      for e in exc.errors()]) from None
+
+
+async def _run(request: Request, turn: serving.Turn, stream: bool) -> Response:
+    service = request.app.state.service
+    if not stream:
+        body = await run_until_disconnect(request.receive, serving.complete(service, turn))
+        return JSONResponse(body)
+    updates, first = await serving.start_stream(service, turn, request.receive)
+    return StreamingResponse(serving.stream_lines(turn, updates, first), media_type=NDJSON)
+
+
+@router.post("/generate")
+async def generate(request: Request) -> Response:
+    started = time.monotonic()
+    body = await read_body(request, GenerateBody)
+    residency = request.app.state.residency
+    name = serving.check_model_name(residency, body.model)
+    if body.raw and (body.template or body.system or body.context):
+        raise HttpError(400, "raw mode does not support template, system, or context")
+    keep_alive = serving.check_keep_alive(body)
+    if not body.prompt:
+        return JSONResponse(await _load_call("generate", residency, name, body.model, keep_alive))
+    model = await residency.acquire(name, keep_alive)
+    try:
+        loaded = time.monotonic()
+        serving.check_common(body, model)
+        opts = serving.resolve_options(model, body.options)
+        if body.suffix:
+            raise HttpError(400, f"{model.name} does not support insert", param="suffix",
+                            code="unsupported_parameter")
+        serving.check_generation_features(body)
+        if body.images:
+            raise HttpError(400, f"images are not supported: {model.name} reads text only",
+                            param="images", code="unsupported_parameter")
+        _text, ids = await serving.prepare(serving.generate_prompt, model, body, opts)
+        turn = serving.Turn(kind="generate", echo_model=body.model or model.name, model=model,
+                            prompt_ids=ids, params=serving.make_params(opts, len(ids)),
+                            started=started, loaded=loaded, with_context=not body.raw,
+                            keep_alive=keep_alive, max_tokens_given=opts.num_predict > 0)
+        return await _run(request, turn, body.stream is not False)
+    finally:
+        residency.release(model)
+
+
+@router.post("/chat")
+async def chat(request: Request) -> Response:
+    started = time.monotonic()
+    body = await read_body(request, ChatBody)
+    residency = request.app.state.residency
+    name = serving.check_model_name(residency, body.model)
+    keep_alive = serving.check_keep_alive(body)
+    if not body.messages:
+        return JSONResponse(await _load_call("chat", residency, name, body.model, keep_alive))
+    model = await residency.acquire(name, keep_alive)
+    try:
+        loaded = time.monotonic()
+        serving.check_common(body, model)
+        opts = serving.resolve_options(model, body.options)
+        if body.tools and not model.supports_tools():
+            raise HttpError(400, f"{model.name} does not support tools", param="tools",
+                            code="unsupported_parameter")
+        serving.check_generation_features(body)
+        messages = serving.chat_messages(body, model)
+        _text, ids = await serving.prepare(serving.chat_prompt, model, messages, body.tools or None,
+                                           opts, body.truncate is not False)
+        turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
+                            prompt_ids=ids, params=serving.make_params(opts, len(ids)),
+                            started=started, loaded=loaded, keep_alive=keep_alive,
+                            max_tokens_given=opts.num_predict > 0)
+        return await _run(request, turn, body.stream is not False)
+    finally:
+        residency.release(model)
+
+
+async def _load_call(kind: str, residency, name: str, echo: str | None,
+                     keep_alive: float | None) -> dict[str, Any]:
+    """Ollama's empty request: load the model (or, with keep_alive 0, unload it)."""
+    if keep_alive == 0:
+        await residency.unload(name)
+    else:
+        await residency.preload(name, keep_alive)
+    return serving.load_reply(kind, echo or name, keep_alive == 0)
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+@router.get("/tags")
+@router.head("/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    """Every model this server can serve, loaded or not."""
+    residency = request.app.state.residency
+    models = []
+    for spec in visible_models(residency.catalog.specs()):
+        loaded = residency.get_loaded(spec.name)
+        if loaded is not None:
+            size, digest = await asyncio.to_thread(lambda m=loaded: (m.size_bytes, m.digest))
+            details, modified = model_info.details(loaded), model_info.modified_at(loaded)
+        else:
+            size, digest, details = await asyncio.to_thread(_unloaded_facts, spec)
+            modified = model_info.spec_modified_at(spec)
+        models.append({"name": spec.name, "model": spec.name, "modified_at": modified,
+                       "size": size, "digest": digest, "details": details})
+    return {"models": models}
+
+
+def _unloaded_facts(spec: ModelSpec) -> tuple[int, str, dict[str, Any]]:
+    return path_size(spec.path), spec.digest or "", model_info.spec_details(spec)
+
+
+@router.post("/show")
+async def show(request: Request) -> Response:
+    body = await read_body(request, ShowBody)
+    name = body.model or body.name
+    if not name:
+        raise HttpError(400, "model is required", param="model")
+    residency = request.app.state.residency
+    canonical = serving.check_model_name(residency, name)
+    loaded = residency.get_loaded(canonical)
+    store = getattr(request.app.state, "store", None)
+    if loaded is None and store is not None and residency.resolve(canonical).digest is not None \
+            and await asyncio.to_thread(store.exists, canonical):
+        # A stored model that is not loaded: answered from the store, without loading it.
+        return JSONResponse(await asyncio.to_thread(model_info.show_stored, store, canonical))
+    model = await serving.acquire_model(residency, name)
+    try:
+        # NOTE: JSONResponse skips FastAPI's encoder walk, which is slow over a verbose token list.
+        return JSONResponse(await asyncio.to_thread(model_info.show, model, bool(body.verbose)))
+    finally:
+        residency.release(model)
+
+
+@router.get("/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    models = []
+    residency = request.app.state.residency
+    for model in visible_models(residency.loaded()):
+        digest = await asyncio.to_thread(lambda m=model: m.digest)
+        total = model.size_in_memory
+        on_gpu = str(model.info.device).startswith("cuda")
+        expires = residency.expires_at(model)
+        models.append({
+            "name": model.name,
+            "model": model.name,
+            "size": total,
+            "digest": digest,
+            "details": model_info.details(model),
+            "expires_at": far_future() if expires is None else timestamp_at(expires),
+            "size_vram": total if on_gpu else 0,
+            "context_length": serving.served_context(model),
+        })
+    return {"models": models}
+
+
+@router.get("/version")
+@router.head("/version")
+async def version() -> dict[str, str]:
+    return {"version": OLLAMA_COMPAT_VERSION, "shoal_version": __version__}

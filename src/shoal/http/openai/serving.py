@@ -1,0 +1,386 @@
+"""The OpenAI dialect's translator: wire request -> GenerateRequest -> wire response."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from shoal.http.errors import HttpError, classify
+from shoal.serving.completion import Completion, collect
+from shoal.serving.request import GenerateRequest, new_request_id
+from shoal.serving.residency import ResidencyManager
+from shoal.serving.served import ServedModel
+from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                       SamplingFields)
+from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.core.errors import InvalidParameterError, UnsupportedFeatureError
+from shoal.core.sampling_params import MAX_LOGPROBS, SamplingParams
+from shoal.text.tokenizer import Tokenizer
+
+
+# ---- requests in ---------------------------------------------------------------------
+async def acquire_model(residency: ResidencyManager, name: str | None) -> ServedModel:
+    """The named model, loaded (pair with residency.release); with no name, the first
+    served one (as vLLM does)."""
+    if name is None:
+        loaded = residency.loaded()
+        if loaded:
+            name = loaded[0].name
+        else:
+            specs = residency.catalog.specs()
+            if not specs:
+                raise HttpError(503, "no model is available", type="server_error")
+            name = specs[0].name
+    return await residency.acquire(name)
+
+
+def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages as the template expects them; content parts joined into one string."""
+    out = []
+    for i, message in enumerate(messages):
+        if message.role not in ("system", "developer", "user", "assistant", "tool"):
+            raise InvalidParameterError(f"messages[{i}].role", f"unknown role {message.role!r}")
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise UnsupportedFeatureError(
+                        f"messages[{i}].content[{j}]",
+                        f"content parts of type {part.type!r} are not supported; this model takes text only")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                                 "content": content or ""}
+        if message.name:
+            entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = message.tool_calls
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
+    return out
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """OpenAI's defaults (temperature 1, top_p 1, no penalties) plus vLLM's extras."""
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    return SamplingParams(
+        n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        temperature=given(req.temperature, 1.0), top_p=given(req.top_p, 1.0),
+        top_k=given(req.top_k, 0), min_p=given(req.min_p, 0.0),
+        repetition_penalty=given(req.repetition_penalty, 1.0),
+        presence_penalty=given(req.presence_penalty, 0.0),
+        frequency_penalty=given(req.frequency_penalty, 0.0),
+        logit_bias=req.logit_bias or None, seed=req.seed, stop=req.stop or [],
+        stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+        include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens)
+
+
+def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
+    if req.response_format is not None and req.response_format.type != "text":
+        raise UnsupportedFeatureError("response_format",
+                                      f"{req.response_format.type!r} (structured output) is not supported yet")
+    if req.tools and req.tool_choice not in (None, "auto", "none"):
+        raise UnsupportedFeatureError("tool_choice", "only 'auto' and 'none' are supported; shoal does "
+                                      "not force or parse tool calls yet")
+    if req.continue_final_message or req.echo:
+        field = "continue_final_message" if req.continue_final_message else "echo"
+        raise UnsupportedFeatureError(field, "is not supported for chat completions")
+    if req.top_logprobs is not None and not req.logprobs and req.top_logprobs > 0:
+        raise InvalidParameterError("top_logprobs", "requires logprobs to be true")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise InvalidParameterError("top_logprobs", f"must be in 0..{MAX_LOGPROBS}, got {req.top_logprobs}")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = sampling_params(req, max_tokens, logprobs)
+    tools = req.tools if req.tools and req.tool_choice != "none" else None
+    text, ids = model.render_chat(message_dicts(req.messages), tools=tools,
+                                  add_generation_prompt=req.add_generation_prompt)
+    return GenerateRequest(model=model, prompt_token_ids=ids, params=params,
+                           request_id=req.request_id or new_request_id("chatcmpl"),
+                           priority=req.priority, prompt_text=text, dialect="openai",
+                           arrival_time=arrival)
+
+
+def completion_prompts(model: ServedModel, prompt: Any) -> list[tuple[str, list[int]]]:
+    """OpenAI's four prompt forms -> (text, token ids) per prompt."""
+    tokenizer = model.tokenizer
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise InvalidParameterError("prompt", "must not be empty")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append((p, tokenizer.encode(p)))
+        else:
+            # NOTE: checked before decoding: the tokenizer overflows on an id outside the vocabulary.
+            model.engine.limits.check_token_ids(p, "prompt")
+            out.append((tokenizer.decode(p, skip_special_tokens=False), list(p)))
+    return out
+
+
+def completion_requests(model: ServedModel, req: CompletionRequest,
+                        arrival: float) -> list[GenerateRequest]:
+    if req.suffix:
+        raise UnsupportedFeatureError("suffix", "fill-in-the-middle is not supported")
+    if req.best_of is not None and req.best_of != req.n:
+        raise UnsupportedFeatureError("best_of", "must equal n (shoal returns every sample)")
+    if req.echo and req.logprobs is not None:
+        raise UnsupportedFeatureError("echo", "echo with logprobs (prompt logprobs) is not supported")
+    params = sampling_params(req, req.max_tokens, req.logprobs)
+    base_id = req.request_id or new_request_id("cmpl")
+    prompts = completion_prompts(model, req.prompt)
+    return [GenerateRequest(model=model, prompt_token_ids=ids, params=params,
+                            request_id=base_id if len(prompts) == 1 else f"{base_id}-{i}",
+                            priority=req.priority, prompt_text=text, dialect="openai",
+                            arrival_time=arrival)
+            for i, (text, ids) in enumerate(prompts)]
+
+
+# ---- responses out --------------------------------------------------------------------
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def chat_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob] | None) -> dict | None:
+    if logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob),
+                         "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]}
+
+
+def completion_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob] | None,
+                        offset: int = 0) -> dict | None:
+    if logprobs is None:
+        return None
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for lp in logprobs:
+        text = token_text(tokenizer, lp.token_id)
+        tokens.append(text)
+        token_logprobs.append(_finite(lp.logprob))
+        top = {token_text(tokenizer, t): _finite(v) for t, v in lp.top}
+        top.setdefault(text, _finite(lp.logprob))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _finite(value: float) -> float:
+    # JSON has no -inf; OpenAI clients expect a number.
+    return max(float(value), -9999.0)
+
+
+def stop_reason(req: GenerateRequest, reason: int | str | None) -> int | str | None:
+    """vLLM's convention: the stop string or stop_token_ids entry that ended a sample; None for EOS."""
+    if isinstance(reason, int) and reason not in req.params.stop_token_ids:
+        return None
+    return reason
+
+
+def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict:
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion,
+            "prompt_tokens_details": {"cached_tokens": num_cached}}
+
+
+def chat_response(req: GenerateRequest, done: Completion, created: int) -> dict:
+    tokenizer = req.model.tokenizer
+    choices = [{"index": s.index,
+                "message": {"role": "assistant", "content": s.text, "tool_calls": []},
+                "logprobs": chat_logprobs(tokenizer, s.logprobs),
+                "finish_reason": s.finish_reason, "stop_reason": stop_reason(req, s.stop_reason)}
+               for s in done.samples]
+    return {"id": req.request_id, "object": "chat.completion", "created": created,
+            "model": req.model.name, "choices": choices, "system_fingerprint": None,
+            "usage": usage(done.num_prompt_tokens, done.num_output_tokens, done.num_cached_tokens)}
+
+
+def completion_response(reqs: Sequence[GenerateRequest], dones: Sequence[Completion], created: int,
+                        echo: bool, response_id: str) -> dict:
+    choices = []
+    prompt_tokens = completion_tokens = cached = 0
+    for p, (req, done) in enumerate(zip(reqs, dones)):
+        tokenizer = req.model.tokenizer
+        prefix = req.prompt_text if echo and req.prompt_text else ""
+        for s in done.samples:
+            choices.append({"index": p * req.params.n + s.index, "text": prefix + s.text,
+                            "logprobs": completion_logprobs(tokenizer, s.logprobs, len(prefix)),
+                            "finish_reason": s.finish_reason,
+                            "stop_reason": stop_reason(req, s.stop_reason)})
+        prompt_tokens += done.num_prompt_tokens
+        completion_tokens += done.num_output_tokens
+        cached += done.num_cached_tokens
+    return {"id": response_id, "object": "text_completion", "created": created,
+            "model": reqs[0].model.name, "choices": choices, "system_fingerprint": None,
+            "usage": usage(prompt_tokens, completion_tokens, cached)}
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
+                                                               separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    error = classify(exc)
+    return sse({"error": {"message": error.message, "type": error.type, "param": error.param,
+                          "code": error.status}})
+
+
+async def chat_stream(req: GenerateRequest, updates: AsyncIterator[list[RequestOutput]],
+                      created: int, include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:
+    """SSE chunks: the role first, then content deltas, a finish reason, usage, [DONE]."""
+    tokenizer = req.model.tokenizer
+    base = {"id": req.request_id, "object": "chat.completion.chunk", "created": created,
+            "model": req.model.name}
+    num_prompt = len(req.prompt_token_ids)
+    generated = 0
+    cached = 0
+
+    def chunk(choices: list[dict]) -> str:
+        body = {**base, "choices": choices}
+        if include_usage:
+            body["usage"] = usage(num_prompt, generated, cached) if continuous_usage else None
+        return sse(body)
+
+    try:
+        for index in range(req.params.n):
+            yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])
+        async for batch in updates:
+            for out in batch:
+                generated += len(out.token_ids)
+                cached = max(cached, out.num_cached_tokens)
+                if not out.text and not out.finished and not out.logprobs:
+                    continue
+                yield chunk([{"index": out.index, "delta": {"content": out.text} if out.text else {},
+                              "logprobs": chat_logprobs(tokenizer, out.logprobs),
+                              "finish_reason": out.finish_reason if out.finished else None,
+                              **({"stop_reason": stop_reason(req, out.stop_reason)} if out.finished else {})}])
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage(num_prompt, generated, cached)})
+    except Exception as exc:  # noqa: BLE001 - reported in-stream: the headers are already sent
+        yield sse_error(exc)
+    finally:
+        await _close(updates)
+    yield sse("[DONE]")
+
+
+async def completion_stream(reqs: Sequence[GenerateRequest],
+                            updates: Sequence[AsyncIterator[list[RequestOutput]]], created: int,
+                            echo: bool, include_usage: bool, continuous_usage: bool,
+                            response_id: str) -> AsyncIterator[str]:
+    """SSE chunks for one or several prompts, interleaved as their tokens arrive."""
+    base = {"id": response_id, "object": "text_completion", "created": created,
+            "model": reqs[0].model.name}
+    num_prompt = sum(len(r.prompt_token_ids) for r in reqs)
+    generated = 0
+    echoed: set[int] = set()
+    offsets: dict[int, int] = {}
+
+    def chunk(choices: list[dict]) -> str:
+        body = {**base, "choices": choices}
+        if include_usage:
+            body["usage"] = usage(num_prompt, generated) if continuous_usage else None
+        return sse(body)
+
+    try:
+        async for p, batch in merge_streams(updates):
+            req = reqs[p]
+            tokenizer = req.model.tokenizer
+            for out in batch:
+                generated += len(out.token_ids)
+                index = p * req.params.n + out.index
+                text = out.text
+                if echo and index not in echoed:
+                    echoed.add(index)
+                    text = (req.prompt_text or "") + text
+                if not text and not out.finished and not out.logprobs:
+                    continue
+                offset = offsets.get(index, len(text) - len(out.text))
+                lps = completion_logprobs(tokenizer, out.logprobs, offset)
+                offsets[index] = offset + sum(len(t) for t in (lps or {}).get("tokens", []))
+                yield chunk([{"index": index, "text": text, "logprobs": lps,
+                              "finish_reason": out.finish_reason if out.finished else None,
+                              **({"stop_reason": stop_reason(req, out.stop_reason)} if out.finished else {})}])
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage(num_prompt, generated)})
+    except Exception as exc:  # noqa: BLE001 - reported in-stream: the headers are already sent
+        yield sse_error(exc)
+    finally:
+        for stream in updates:
+            await _close(stream)
+    yield sse("[DONE]")
+
+
+async def merge_streams(streams: Sequence[AsyncIterator[list[RequestOutput]]]
+                        ) -> AsyncIterator[tuple[int, list[RequestOutput]]]:
+    """Interleaves several request streams as their updates arrive; (stream index, batch)."""
+    if len(streams) == 1:
+        async for batch in streams[0]:
+            yield 0, batch
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[list[RequestOutput]]) -> None:
+        try:
+            async for batch in stream:
+                await queue.put((i, batch))
+            await queue.put((i, done))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect_all(reqs: Sequence[GenerateRequest],
+                      streams: Sequence[AsyncIterator[list[RequestOutput]]]) -> list[Completion]:
+    """Gathers several started prompts' requests concurrently (one engine batch)."""
+    tasks = [asyncio.ensure_future(collect(r, s)) for r, s in zip(reqs, streams)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _close(stream: Any) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,53 @@
+"""`shoal serve`: load the pinned models (serving/model_loading.py), then run uvicorn until a drain."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import uvicorn
+
+from shoal.core.config import EngineConfig
+from shoal.http.app import create_app
+from shoal.http.header_limits import limited_http_protocol
+from shoal.http.logs import configure_logging
+from shoal.http.observability import Recorder
+from shoal.http.shutdown import DrainingServer
+from shoal.serving.model_loading import make_residency
+from shoal.serving.settings import ServerSettings
+from shoal.store.store import ModelStore
+
+log = logging.getLogger("shoal.server")
+
+
+def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequence[str] = ()) -> None:
+    """Blocks serving HTTP until SIGTERM/SIGINT and a drain; pinned models load before the port
+    opens. `policy` (lines describing the effective settings) is logged first."""
+    configure_logging(settings.log_level, settings.log_format)
+    if policy:
+        log.info("\n".join(policy))
+    started = time.monotonic()
+    recorder = Recorder.from_settings(settings)     # a bad audit path or tracing setup fails here
+    store = ModelStore.from_env()
+    residency = make_residency(engine_config, settings, store)
+    app = create_app(residency, settings, store, recorder=recorder)
+
+    # NOTE: log_config=None: uvicorn's loggers reach the root handler (one format for all
+    # lines); its access log is off, shoal's own (shoal.http.access) has the model and tokens.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            log_level=settings.log_level.lower(), access_log=False,
+                            timeout_graceful_shutdown=5,
+                            http=limited_http_protocol(settings.read_timeout))
+    server = DrainingServer(config, app.state.lifecycle, app.state.service, settings.drain_timeout)
+
+    original_startup = server.startup
+
+    async def startup(sockets=None) -> None:
+        await original_startup(sockets)
+        if server.started:
+            log.info("shoal is ready on http://%s:%d in %.2fs (loaded: %s)", settings.host,
+                     settings.port, time.monotonic() - started,
+                     ", ".join(m.name for m in residency.loaded()))
+
+    server.startup = startup  # type: ignore[method-assign]
+    server.run()

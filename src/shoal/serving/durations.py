@@ -1,0 +1,58 @@
+"""Durations as Ollama writes them: a number of seconds, or a Go duration string ("5m", "1h30m").
+
+A request's keep_alive (Ollama's dialect) and the server's duration settings (SHOAL_KEEP_ALIVE,
+SHOAL_QUEUE_TIMEOUT, ...) are both read here.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from shoal.core.errors import InvalidParameterError
+
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+             "h": 3600.0}
+_GO_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
+FOREVER = float("inf")
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """keep_alive in seconds (inf = keep loaded forever; None = not given).
+
+    Ollama takes a number of seconds (negative = forever) or a Go duration string
+    ("5m", "1h30m", "300ms", "0"; negative = forever). A plain number in a string
+    ("300", "-1") is taken as seconds too, as OLLAMA_KEEP_ALIVE is.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidParameterError("keep_alive", "must be a duration string or a number of seconds")
+    if isinstance(value, (int, float)):
+        return FOREVER if value < 0 else float(value)
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if seconds != seconds or seconds in (float("inf"), float("-inf")):
+            raise InvalidParameterError("keep_alive", f"{value!r} is not a duration")
+        return FOREVER if seconds < 0 else seconds
+    sign = 1.0
+    body = text
+    if body[:1] in "+-" and body:
+        sign = -1.0 if body[0] == "-" else 1.0
+        body = body[1:]
+    if body == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    for match in _GO_DURATION.finditer(body):
+        number = match.group(1)
+        if match.start() != pos or number in ("", "."):
+            break
+        total += float(number) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(body) or not body:
+        raise InvalidParameterError(
+            "keep_alive", f"{value!r} is not a duration (use e.g. \"5m\", \"1h\", \"30s\", 0 or -1)")
+    return FOREVER if sign < 0 and total > 0 else total

@@ -1,0 +1,172 @@
+"""Server settings and their SHOAL_* environment variables (docs/operations.md mirrors both tables)."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+from shoal.access.auth import ADMIN_KEY_MIN_LENGTH, AUTH_MODES
+from shoal.core.config import parse_bytes
+from shoal.core.errors import InvalidParameterError
+from shoal.serving.durations import parse_keep_alive
+
+# The Ollama port: clients that default to Ollama (the ollama SDK, Open WebUI) find shoal
+# without configuration. `shoal serve --port` or SHOAL_PORT when Ollama itself runs here.
+DEFAULT_PORT = 11434
+
+# name -> (ServerSettings field, description)
+SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
+    "SHOAL_HOST": ("host", "Address to listen on, 'host' or 'host:port' (default 127.0.0.1)."),
+    "SHOAL_PORT": ("port", f"Port to listen on (default {DEFAULT_PORT}, Ollama's)."),
+    "SHOAL_SERVED_MODEL_NAME": ("served_model_name", "Name clients use for the model several comma-separated, the first reported (default: 'smollm2:135m' for the default model, else the file or directory name)."),
+    "SHOAL_MAX_QUEUE": ("max_queue", "Interactive requests (anonymous ones included) allowed to wait per model beyond the running batch before new ones get 503 + Retry-After (default 256)."),
+    "SHOAL_MAX_QUEUE_BATCH": ("max_queue_batch", "Batch-class requests allowed to wait per model beyond the running batch before new ones get 503 + Retry-After (default 256)."),
+    "SHOAL_MAX_QUEUED_TOKENS": ("max_queued_tokens", "Prompt tokens allowed to wait per model, both classes together, before new requests get 503 + Retry-After; a request that finds a free slot is never refused by it (default 1000000)."),
+    "SHOAL_QUEUE_TIMEOUT": ("queue_timeout", "How long a request may wait to be scheduled before it is dropped with 503 + Retry-After: seconds or '2m'; 0 or negative = no limit (default 60s)."),
+    "SHOAL_BATCH_AGING": ("batch_aging", "After waiting this long a batch request is owed a share of admissions (one in four while interactive requests wait), so it cannot starve: seconds or '1m'; negative = never (default 30s)."),
+    "SHOAL_MAX_PROMPT_TOKENS": ("max_prompt_tokens", "Largest prompt accepted, in tokens; larger gets 400 (default 0: only the context length limits it)."),
+    "SHOAL_MAX_TOKENS": ("max_tokens", "Largest max_tokens / num_predict accepted; larger gets 400, and a request that sets none gets at most this many (default 0: no cap)."),
+    "SHOAL_DRAIN_TIMEOUT": ("drain_timeout", "On SIGTERM or SIGINT, how long running requests may finish before they are aborted and the server exits: seconds or '1m'; negative = wait for all (default 30s)."),
+    "SHOAL_MAX_BODY_BYTES": ("max_body_bytes", "Largest request body accepted; larger gets 413 (default 16MiB)."),
+    "SHOAL_READ_TIMEOUT": ("read_timeout", "How long a client may take to send a request's headers, and then its body, before the connection is closed (408 for a late body; blob uploads excepted; default 60s)."),
+    "SHOAL_LOG_LEVEL": ("log_level", "Logging level: debug, info, warning, error (default info)."),
+    "SHOAL_KEEP_ALIVE": ("keep_alive", "How long an idle model stays loaded: '5m', '1h', seconds, 0 (unload when idle) or negative (never); a request's keep_alive overrides it (default 5m)."),
+    "SHOAL_MAX_LOADED_MODELS": ("max_loaded_models", "Most models loaded at once; idle ones unload first to make room (default 3)."),
+    "SHOAL_MEMORY_BUDGET": ("memory_budget", "Memory for loaded models (weights + reserved KV cache), e.g. '16GiB' (default: 75% of RAM)."),
+    "SHOAL_LOAD_TIMEOUT": ("load_timeout", "How long a request waits for room to load its model before 503 (default 5m)."),
+    "SHOAL_AUTH": ("auth", "API keys: 'auto' (required unless listening on loopback only; default), 'on' or 'off'."),
+    "SHOAL_KEYS_DB": ("keys_db", "The API keys database `shoal keys` manages (default $SHOAL_HOME/keys.db, SHOAL_HOME being ~/.shoal)."),
+    "SHOAL_ADMIN_KEY": ("admin_key", "An admin key kept outside the keys DB (at least 16 characters), e.g. for automation that creates the keys."),
+    "SHOAL_METRICS_AUTH": ("metrics_auth", "1: GET /metrics needs an API key too when keys are required (default 0: open, like /health)."),
+    "SHOAL_LOG_FORMAT": ("log_format", "Log lines as 'text' (default) or 'json' (one object per line); either way each request gets an access line with its request id."),
+    "SHOAL_AUDIT_LOG": ("audit_log", "File the audit log is appended to: a JSON line per model request, refused ones included (default: no audit log)."),
+    "SHOAL_AUDIT_CONTENT": ("audit_content", "Also write prompt and completion text to the audit log (default 0: token counts only)."),
+    "SHOAL_AUDIT_MAX_BYTES": ("audit_max_bytes", "Size at which the audit log rotates to PATH.1 (default 100MiB; 0 = never)."),
+    "SHOAL_AUDIT_BACKUPS": ("audit_backups", "Rotated audit files kept, PATH.1 .. PATH.N (default 5)."),
+    "SHOAL_OTEL": ("otel", "OpenTelemetry traces of model requests, 1 or 0 (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the 'otel' extra)."),
+    "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
+}
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """How the HTTP server listens and how much it admits."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    served_model_name: str | None = None
+    max_queue: int = 256
+    max_queue_batch: int = 256
+    max_queued_tokens: int = 1_000_000
+    queue_timeout: float | str = 60.0
+    batch_aging: float | str = 30.0
+    max_prompt_tokens: int = 0
+    max_tokens: int = 0
+    drain_timeout: float | str = 30.0
+    max_body_bytes: int | str = 16 << 20
+    read_timeout: float | str = 60.0
+    log_level: str = "info"
+    keep_alive: float | str = 300.0
+    max_loaded_models: int = 3
+    memory_budget: int | str | None = None
+    load_timeout: float | str = 300.0
+    auth: str = "auto"
+    keys_db: str | None = None
+    admin_key: str | None = field(default=None, repr=False)
+    metrics_auth: bool | str = False
+    log_format: str = "text"
+    audit_log: str | None = None
+    audit_content: bool = False
+    audit_max_bytes: int | str = 100 << 20
+    audit_backups: int = 5
+    otel: bool | None = None            # None: on when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    origins: str | None = None
+
+    def __post_init__(self) -> None:
+        # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
+        host = self.host.removeprefix("http://")
+        if host.count(":") == 1:
+            name, _, port = host.partition(":")
+            if not port.isdigit():
+                raise InvalidParameterError("host", f"bad port in {self.host!r}")
+            host, self.port = name or "127.0.0.1", int(port)
+        self.host = host
+        self.max_body_bytes = parse_bytes(self.max_body_bytes)
+        self.keep_alive = _seconds("keep_alive", self.keep_alive)
+        self.load_timeout = _seconds("load_timeout", self.load_timeout)
+        self.queue_timeout = _seconds("queue_timeout", self.queue_timeout) or math.inf
+        self.batch_aging = _seconds("batch_aging", self.batch_aging)
+        self.drain_timeout = _seconds("drain_timeout", self.drain_timeout)
+        raw_read_timeout, self.read_timeout = self.read_timeout, _seconds("read_timeout", self.read_timeout)
+        if not 0 < self.read_timeout < float("inf"):
+            raise InvalidParameterError("read_timeout", f"must be a positive duration, got {raw_read_timeout!r}")
+        if self.memory_budget is None:
+            self.memory_budget = int(_total_memory() * 0.75)
+        self.memory_budget = parse_bytes(self.memory_budget)
+        if self.max_loaded_models < 1:
+            raise InvalidParameterError("max_loaded_models", "must be at least 1")
+        if not 0 < int(self.port) < 65536:
+            raise InvalidParameterError("port", f"must be in 1..65535, got {self.port}")
+        for name in ("max_queue", "max_queue_batch", "max_queued_tokens", "max_prompt_tokens",
+                     "max_tokens"):
+            if getattr(self, name) < 0:
+                raise InvalidParameterError(name, "must be >= 0")
+        self.log_format = self.log_format.strip().lower()
+        if self.log_format not in ("text", "json"):
+            raise InvalidParameterError("log_format", f"must be 'text' or 'json', got {self.log_format!r}")
+        try:
+            self.audit_max_bytes = parse_bytes(self.audit_max_bytes)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("audit_max_bytes", exc.message) from None
+        if self.audit_backups < 0:
+            raise InvalidParameterError("audit_backups", "must be >= 0")
+        self._check_auth()
+
+    def _check_auth(self) -> None:
+        self.auth = self.auth.strip().lower()
+        if self.auth not in AUTH_MODES:
+            raise InvalidParameterError("auth", f"SHOAL_AUTH must be one of {', '.join(AUTH_MODES)}, "
+                                        f"got {self.auth!r}")
+        if self.admin_key is not None and len(self.admin_key) < ADMIN_KEY_MIN_LENGTH:
+            raise InvalidParameterError("admin_key", f"SHOAL_ADMIN_KEY must be at least "
+                                        f"{ADMIN_KEY_MIN_LENGTH} characters")
+        if isinstance(self.metrics_auth, str):
+            self.metrics_auth = self.metrics_auth.strip().lower() in ("1", "true", "yes", "on")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerSettings":
+        """Defaults, then SHOAL_* variables, then explicit overrides (None = not given)."""
+        env = os.environ if environ is None else environ
+        types = {f.name: str(f.type) for f in fields(cls)}
+        values: dict[str, object] = {}
+        for var, (name, _doc) in SERVER_ENV_VARS.items():
+            raw = env.get(var, "")
+            if raw == "":
+                continue
+            if "bool" in types[name]:
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif types[name] == "int":
+                try:
+                    values[name] = int(raw)
+                except ValueError:
+                    raise InvalidParameterError(name, f"{var}: expected an integer, got {raw!r}") from None
+            else:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _seconds(field: str, value: float | str) -> float:
+    """A duration setting: seconds, or Ollama's forms ('5m', '1h30m', negative = forever)."""
+    try:
+        seconds = parse_keep_alive(value)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(field, exc.message) from None
+    return 300.0 if seconds is None else seconds
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 16 << 30

@@ -1,1 +1,0 @@
-"""Building blocks of the sampler: per-row randomness, logits processing, filters."""

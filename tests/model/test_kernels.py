@@ -1,0 +1,174 @@
+"""The C++ CPU kernels against plain PyTorch on random data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shoal.model.layers.rotary import RotaryEmbedding
+from shoal.model.kernels.cpu import load_cpu_kernels
+
+ops = load_cpu_kernels()
+pytestmark = pytest.mark.skipif(ops is None, reason="C++ kernels could not be built here")
+BS, KV, GROUP, HD = 16, 3, 3, 64
+
+
+def _blocked_cache(num_blocks: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(num_blocks, KV, HD, BS, generator=g),
+            torch.randn(num_blocks, KV, BS, HD, generator=g))
+
+
+def _contiguous_kv(kc: torch.Tensor, vc: torch.Tensor, table: list[int], length: int):
+    k = kc[table].permute(1, 0, 3, 2).reshape(KV, len(table) * BS, HD)[:, :length]
+    v = vc[table].permute(1, 0, 2, 3).reshape(KV, len(table) * BS, HD)[:, :length]
+    return k, v
+
+
+def test_paged_attention_matches_sdpa_for_a_chunk_with_cached_context():
+    kc, vc = _blocked_cache()
+    past, n = 21, 30
+    table = [5, 9, 2, 40]
+    q = torch.randn(n, KV * GROUP, HD)
+    out = ops.paged_attention(q, kc, vc, torch.tensor([table]), torch.tensor([0, n]),
+                              torch.tensor([past]), 0.125)
+    k, v = _contiguous_kv(kc, vc, table, past + n)
+    mask = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                         scale=0.125, enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_paged_attention_result_is_independent_of_batch_and_chunking():
+    kc, vc = _blocked_cache(seed=1)
+    table = [3, 7, 11]
+    q = torch.randn(40, KV * GROUP, HD)
+    whole = ops.paged_attention(q, kc, vc, torch.tensor([table]), torch.tensor([0, 40]),
+                                torch.tensor([0]), 0.125)
+    # The same queries split into chunks of 13 + 27, batched with an unrelated sequence.
+    other_q = torch.randn(5, KV * GROUP, HD)
+    batch_q = torch.cat([other_q, q[:13]])
+    first = ops.paged_attention(batch_q, kc, vc, torch.tensor([[20, 21, 0], table]),
+                                torch.tensor([0, 5, 18]), torch.tensor([17, 0]), 0.125)
+    second = ops.paged_attention(q[13:], kc, vc, torch.tensor([table]), torch.tensor([0, 27]),
+                                 torch.tensor([13]), 0.125)
+    assert torch.equal(torch.cat([first[5:], second]), whole)
+
+
+def test_write_kv_places_rows_in_the_blocked_layout():
+    kc, vc = torch.zeros(8, KV, HD, BS), torch.zeros(8, KV, BS, HD)
+    k, v = torch.randn(3, KV, HD), torch.randn(3, KV, HD)
+    slots = torch.tensor([2 * BS + 5, 7 * BS + 0, 1 * BS + 15])
+    ops.write_kv(k, v, kc, vc, slots)
+    for i, slot in enumerate(slots.tolist()):
+        block, offset = divmod(slot, BS)
+        assert torch.equal(kc[block, :, :, offset], k[i])
+        assert torch.equal(vc[block, :, offset, :], v[i])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+def test_small_int8_matmul_is_bit_identical_to_int_mm(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randint(-127, 128, (rows, 576), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (1000, 576), dtype=torch.int8, generator=g)
+    assert torch.equal(ops.int8_matmul_small(x, w), torch._int_mm(x, w.t()))
+
+
+def _reference_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def test_fused_norm_quantize_silu_and_dequantize_match_pytorch():
+    torch.manual_seed(0)
+    x, residual = torch.randn(5, 576), torch.randn(5, 576)
+    weight = torch.rand(576) + 0.5
+    updated = residual.clone()
+    q, scale = ops.rms_norm_quant(x, updated, weight, 1e-5, True)
+    h = residual + x
+    expected_q, expected_scale = _reference_quant(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * weight)
+    assert torch.allclose(updated, h)
+    assert torch.allclose(scale, expected_scale, rtol=1e-5)
+    assert (q.int() - expected_q.int()).abs().max() <= 1 and (q != expected_q).float().mean() < 0.01
+    gate_up, inv = torch.randn(4, 2 * 96), torch.rand(96) + 0.5
+    q2, scale2 = ops.silu_mul_quant(gate_up, inv)
+    eq2, es2 = _reference_quant(F.silu(gate_up[:, :96]) * gate_up[:, 96:] * inv)
+    assert torch.allclose(scale2, es2, rtol=1e-5) and (q2.int() - eq2.int()).abs().max() <= 1
+    acc = torch.randint(-5000, 5000, (4, 30), dtype=torch.int32)
+    xs, ws, bias = torch.rand(4, 1), torch.rand(30), torch.randn(30)
+    assert torch.allclose(ops.dequant_rows(acc, xs, ws, bias), acc.float() * xs * ws + bias, atol=1e-3)
+
+
+def test_rope_split_matches_the_python_rotary_embedding():
+    rope = RotaryEmbedding(HD, 128, 10000.0, None)
+    heads = KV * GROUP
+    qkv = torch.randn(4, (heads + 2 * KV) * HD)
+    positions = torch.tensor([0, 5, 77, 127])
+    q, k, v = ops.rope_split(qkv, positions, rope.cos, rope.sin, heads, KV, HD)
+    cos, sin = rope.tables(positions)
+    assert torch.allclose(q, rope.apply(qkv[:, : heads * HD].view(4, heads, HD), cos, sin), atol=1e-6)
+    assert torch.allclose(k, rope.apply(qkv[:, heads * HD:(heads + KV) * HD].view(4, KV, HD), cos, sin), atol=1e-6)
+    assert torch.equal(v, qkv[:, (heads + KV) * HD:].reshape(4, KV, HD))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+    dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0),
+    dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.0),
+    dict(temperature=1.3, top_k=0, top_p=1.0, min_p=0.05),
+    dict(temperature=0.5, top_k=3, top_p=0.5, min_p=0.2),
+])
+def test_cpp_row_sampler_draws_what_the_pytorch_sampler_draws(settings):
+    from shoal.engine.sampling.filters import RandomRowParams, sample_random
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(16, 5000, generator=g) * 3
+    rows = 16
+    params = RandomRowParams([settings["temperature"]] * rows, [settings["top_k"]] * rows,
+                             [settings["top_p"]] * rows, [settings["min_p"]] * rows,
+                             torch.randint(0, 1 << 31, (rows,), generator=g).tolist())
+    expected = sample_random(logits, params)
+    got = ops.sample_rows(logits, torch.tensor(params.temperatures), torch.tensor(params.top_ks),
+                          torch.tensor(params.top_ps, dtype=torch.float64),
+                          torch.tensor(params.min_ps), torch.tensor(params.random_bits))
+    assert torch.equal(got, expected)
+
+
+def test_bfloat16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
+    kc = torch.zeros(8, KV, HD, BS, dtype=torch.bfloat16)
+    vc = torch.zeros(8, KV, BS, HD, dtype=torch.bfloat16)
+    n = 20
+    k, v = torch.randn(n, KV, HD), torch.randn(n, KV, HD)
+    table = [3, 5]
+    slots = torch.tensor([table[t // BS] * BS + t % BS for t in range(n)])
+    ops.write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc[3, :, :, 4], k[4].to(torch.bfloat16))   # round to nearest even
+    q = torch.randn(n, KV * GROUP, HD)
+    out = ops.paged_attention(q, kc, vc, torch.tensor([table]), torch.tensor([0, n]),
+                              torch.tensor([0]), 0.125)
+    kr, vr = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kr.transpose(0, 1)[None],
+                                         vr.transpose(0, 1)[None], is_causal=True, scale=0.125,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_a_stale_build_lock_does_not_hang_the_next_start() -> None:
+    """A first-run build killed half-way leaves torch's lock file; the next start must not wait forever."""
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from shoal.model.kernels import cpu as cpu_kernels
+
+    if cpu_kernels.load_cpu_kernels() is None:
+        pytest.skip("no C++ toolchain: the kernels are not built here")
+    lock = Path(_get_build_directory(cpu_kernels._build_name(), verbose=False)) / "lock"
+    lock.touch()
+    code = "from shoal.model.kernels.cpu import load_cpu_kernels; assert load_cpu_kernels() is not None"
+    result = subprocess.run([sys.executable, "-c", code], timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not lock.exists()
