@@ -48,10 +48,15 @@ class EngineLimits:
             if num_prompt + params.max_tokens > self.max_model_len:
                 raise ContextLengthExceededError(num_prompt, params.max_tokens, self.max_model_len)
             max_tokens = params.max_tokens
-        # NOTE: the last sampled token's KV is never computed.
-        kv_tokens = max(num_prompt, num_prompt + max_tokens - 1)
+        kv_tokens = kv_tokens_needed(num_prompt, max_tokens)
         if kv_tokens > self.kv_cache_tokens:
             raise InvalidParameterError(
                 "max_tokens", f"the request may need {kv_tokens} tokens of KV cache but it "
                 f"holds only {self.kv_cache_tokens}")
         return max_tokens
+
+
+def kv_tokens_needed(num_prompt: int, max_tokens: int) -> int:
+    """The most KV cache one sequence may fill: its prompt and its output but the last token,
+    whose KV is never computed."""
+    return max(num_prompt, num_prompt + max_tokens - 1)

@@ -43,6 +43,7 @@ from shoal.core.config import EngineConfig
 from shoal.core.errors import ContextLengthExceededError, InvalidParameterError, ShoalError
 from shoal.engine.kv.hashing import update_block_hashes
 from shoal.engine.kv.manager import KVCacheManager
+from shoal.engine.limits import kv_tokens_needed
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.request_queue import RequestQueue
 
@@ -434,8 +435,7 @@ class Scheduler:
             raise InvalidParameterError("prompt", "must hold at least one token")
         if num_prompt > max_len:
             raise ContextLengthExceededError(num_prompt, request.max_tokens, max_len)
-        # NOTE: the last sampled token's KV is never computed.
-        max_kv_tokens = max(num_prompt, min(num_prompt + request.max_tokens, max_len) - 1)
+        max_kv_tokens = kv_tokens_needed(num_prompt, min(request.max_tokens, max_len - num_prompt))
         if self.kv.blocks_needed(max_kv_tokens) > self.kv.num_blocks:
             raise InvalidParameterError(
                 "max_tokens", f"the request may need {max_kv_tokens} tokens of KV cache but it "
