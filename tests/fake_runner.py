@@ -15,10 +15,10 @@ import hashlib
 import time
 from typing import Callable, Sequence
 
+from shoal.core.sampling_params import SamplingParams
 from shoal.engine.kv import NULL_BLOCK_ID, KVCacheManager
 from shoal.engine.request import Request
 from shoal.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from shoal.core.sampling_params import SamplingParams
 
 
 class KVMismatch(AssertionError):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 
-import shoal.http.server
-from shoal.cli import main
 from shoal.access.principal import Principal, current_principal
+from shoal.cli import main
+import shoal.http.server
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 HEADER = b"x-test-priority-class"

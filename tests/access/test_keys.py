@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from shoal.serving.request import GenerateRequest
-from shoal.serving.settings import ServerSettings
+from shoal.access.auth import (ENV_ADMIN, Access, Authenticator, is_loopback, keys_required,
+                              required_access, startup_problem)
+from shoal.access.keydb import SCHEMA_VERSION, KeyDB, KeyDBError, UnknownKeyError, keys_db_path
+from shoal.access.keys import new_key, parse_expiry, split_key
+from shoal.access.principal import ANONYMOUS, KeyLimits, Principal
 from shoal.cli import main
 from shoal.core.errors import (AuthenticationError, InvalidParameterError, PermissionDeniedError,
                           RateLimitedError)
-from shoal.access.auth import (ENV_ADMIN, Access, Authenticator, is_loopback, keys_required,
-                              required_access, startup_problem)
-from shoal.access.principal import ANONYMOUS, KeyLimits, Principal
-from shoal.access.keydb import SCHEMA_VERSION, KeyDB, KeyDBError, UnknownKeyError, keys_db_path
-from shoal.access.keys import new_key, parse_expiry, split_key
-from shoal.serving.quotas import UNLIMITED, KeyQuotas
 from shoal.core.sampling_params import SamplingParams
+from shoal.serving.quotas import UNLIMITED, KeyQuotas
+from shoal.serving.request import GenerateRequest
+from shoal.serving.settings import ServerSettings
 
 # ---- keys and the DB ------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ import pytest
 
 from shoal import SamplingParams
 from shoal.core.config import EngineConfig
+from shoal.core.errors import ContextLengthExceededError, InvalidParameterError
 from shoal.engine.async_engine import AsyncEngine
 from shoal.engine.events import Scheduled, Update
-from shoal.core.errors import ContextLengthExceededError, InvalidParameterError
 
 
 @pytest.fixture(scope="module")

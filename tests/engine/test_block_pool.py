@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.engine.kv import BlockPool, KVCacheError, hash_block, update_block_hashes
 from shoal.core.errors import InvalidParameterError
 from shoal.core.sampling_params import SamplingParams
+from shoal.engine.kv import BlockPool, KVCacheError, hash_block, update_block_hashes
 from shoal.engine.request import Request
 
 

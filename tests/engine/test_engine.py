@@ -6,12 +6,12 @@ import pytest
 
 from fake_runner import scheduler_config
 from shoal import LLM, SamplingParams
-from shoal.engine.core import EngineCore
-from shoal.engine.kv.manager import KVCacheManager
-from shoal.engine.scheduler import Scheduler
 from shoal.core.errors import (ContextLengthExceededError, CorruptModelError, InvalidParameterError,
                           ModelNotFoundError)
+from shoal.engine.core import EngineCore
+from shoal.engine.kv.manager import KVCacheManager
 from shoal.engine.sampling.sampler import Sampler
+from shoal.engine.scheduler import Scheduler
 
 TOPICS = ["the ocean", "a violin", "volcanoes", "the number seven", "bread", "winter",
           "a lighthouse", "chess", "honey bees", "the moon", "rivers", "a clock", "trains",

@@ -15,8 +15,8 @@ POOL_MIB = 256
 
 PROBE = f"""
 import json, torch
-from shoal.model.config import ModelConfig
 from shoal.engine.kv.tensors import allocate_kv_caches, bytes_per_block
+from shoal.model.config import ModelConfig
 
 def rss():
     for line in open("/proc/self/status"):

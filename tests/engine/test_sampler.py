@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from shoal.core.errors import InvalidParameterError
 from shoal.core.sampling_params import SamplingParams
-from shoal.engine.sampling.row import SamplingRow
-from shoal.engine.sampling.sampler import GREEDY_TEMPERATURE, Sampler
 from shoal.engine.sampling import filters
 from shoal.engine.sampling.processors import apply_penalties
+from shoal.engine.sampling.row import SamplingRow
+from shoal.engine.sampling.sampler import GREEDY_TEMPERATURE, Sampler
 
 EOS = 7
 

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from fake_runner import Harness, make_request, reference_output, scheduler_config
 from shoal.core.config import EngineConfig
-from shoal.engine.request import RequestStatus
-from shoal.engine.scheduler import SchedulerConfig
 from shoal.core.errors import ContextLengthExceededError, InvalidParameterError
 from shoal.core.sampling_params import SamplingParams
+from shoal.engine.request import RequestStatus
+from shoal.engine.scheduler import SchedulerConfig
 
 
 def _prompt(seed: int, length: int) -> list[int]:

@@ -13,9 +13,9 @@ import httpx
 import ollama
 import pytest
 
+from shoal.core.errors import EngineDeadError
 from shoal.http.ollama import templates
 from shoal.http.ollama.serving import Turn, stream_lines, truncate_prompt
-from shoal.core.errors import EngineDeadError
 
 MODEL = "smollm2:135m"
 PROMPT = "Write a long story about a dragon who learns to bake bread."

@@ -24,9 +24,9 @@ import pytest
 from live_server import LiveServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from shoal.serving.settings import ServerSettings
 from shoal.core.errors import InvalidParameterError
 from shoal.http.tracing import RequestTracer, tracer_from_settings
+from shoal.serving.settings import ServerSettings
 
 MODEL = "smollm2:135m"
 SERVER_FLAGS = ("--max-model-len", "2048", "--kv-cache-bytes", "256MiB")

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 
 from shoal import LLM, SamplingParams
 from shoal.core.config import EngineConfig
-from shoal.model.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
-from shoal.model.decoder import CausalLM
-from shoal.model.loader import model_class_for, open_model
-from shoal.model.layers.attention import AttentionMetadata, PrefillChunk, paged_attention
-from shoal.model.kernels.cpu import load_cpu_kernels
 from shoal.engine.kv.tensors import allocate_kv_caches
 from shoal.engine.model_runner import DirectWork, ModelRunner, TokenSequence
+from shoal.model.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
+from shoal.model.decoder import CausalLM
+from shoal.model.kernels.cpu import load_cpu_kernels
+from shoal.model.layers.attention import AttentionMetadata, PrefillChunk, paged_attention
+from shoal.model.loader import model_class_for, open_model
 
 EXACT_ATOL = 2e-3
 SMALL_WINDOW = 48

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shoal.model.layers.rotary import RotaryEmbedding
 from shoal.model.kernels.cpu import load_cpu_kernels
+from shoal.model.layers.rotary import RotaryEmbedding
 
 ops = load_cpu_kernels()
 pytestmark = pytest.mark.skipif(ops is None, reason="C++ kernels could not be built here")

@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 
 from reference import build_reference_model, reference_logits
 from shoal.core.config import EngineConfig
-from shoal.engine.builder import build_engine_core
 from shoal.core.errors import ModelLoadError
+from shoal.engine.builder import build_engine_core
+from shoal.model.full_sequence import forward_single_sequence
 from shoal.model.loader import open_model
 from shoal.model.lora import merge_adapters, read_adapter
 from shoal.store import ModelStore
 from shoal.store.errors import ModelfileError
-from shoal.model.full_sequence import forward_single_sequence
 
 EXACT_ATOL = 2e-3
 TEXT = ("The old lighthouse keeper wrote in his logbook every night: the wind, the ships that "

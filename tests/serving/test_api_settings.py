@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from shoal.serving.model_loading import DEFAULT_MODEL_NAME, served_name
-from shoal.serving.settings import DEFAULT_PORT, SERVER_ENV_VARS, ServerSettings
 from shoal.core.config import ENV_VARS, EngineConfig
 from shoal.core.errors import InvalidParameterError
+from shoal.serving.model_loading import DEFAULT_MODEL_NAME, served_name
+from shoal.serving.settings import DEFAULT_PORT, SERVER_ENV_VARS, ServerSettings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 

@@ -14,8 +14,8 @@ import tiny_models
 from shoal.core.config import EngineConfig
 from shoal.core.errors import ModelLoadError, ServerBusyError, UnknownModelError
 from shoal.serving.catalog import ModelSpec, StaticCatalog
-from shoal.serving.residency import ResidencyManager
 from shoal.serving.model_loading import build_served_model
+from shoal.serving.residency import ResidencyManager
 
 BASE = EngineConfig(kv_cache_bytes=1 << 20, compute="exact", attention_backend="torch")
 

@@ -15,10 +15,10 @@ import ipaddress
 import time
 from pathlib import Path
 
-from shoal.core.errors import AuthenticationError, PermissionDeniedError
-from shoal.access.principal import Principal
 from shoal.access.keydb import KeyDB, keys_db_path
 from shoal.access.keys import EXPIRED, REVOKED, iso_time, secret_matches, split_key
+from shoal.access.principal import Principal
+from shoal.core.errors import AuthenticationError, PermissionDeniedError
 
 AUTH_MODES = ("auto", "on", "off")
 ADMIN_KEY_MIN_LENGTH = 16

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from shoal.core.errors import InvalidParameterError, ShoalError
 from shoal.access.keys import (ACTIVE, KeyRecord, check_name, check_priority_class, hash_secret,
                               new_key, normalize_models)
 from shoal.access.principal import KeyLimits
+from shoal.core.errors import InvalidParameterError, ShoalError
 
 log = logging.getLogger(__name__)
 

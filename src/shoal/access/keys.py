@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from shoal.core.errors import InvalidParameterError
 from shoal.access.principal import INTERACTIVE, PRIORITY_CLASSES, KeyLimits, Principal
+from shoal.core.errors import InvalidParameterError
 from shoal.store.names import normalize_name
 
 KEY_PREFIX = "sk-shoal-"

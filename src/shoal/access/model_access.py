@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
-from shoal.core.errors import PermissionDeniedError
 from shoal.access.principal import Principal, current_principal
+from shoal.core.errors import PermissionDeniedError
 from shoal.store.names import normalize_name
 
 

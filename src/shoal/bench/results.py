@@ -8,9 +8,9 @@ import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shoal.core.version import __version__
 from shoal.bench.client import TimedRequest
 from shoal.bench.targets import BenchSetupError
+from shoal.core.version import __version__
 
 SCHEMA = "shoal-bench/1"
 

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.core.config import EngineConfig
+from shoal.core.errors import EngineDeadError, InvalidParameterError
+from shoal.core.sampling_params import SamplingParams
 from shoal.engine.builder import EngineInfo, build_engine_core
 from shoal.engine.core import EngineCore
 from shoal.engine.events import EngineEvent, Scheduled, Update
 from shoal.engine.limits import EngineLimits
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.stats import EngineStats
-from shoal.core.errors import EngineDeadError, InvalidParameterError
-from shoal.core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,18 @@ from pathlib import Path
 import torch
 
 from shoal.core.config import EngineConfig
+from shoal.core.errors import ShoalError
 from shoal.engine.core import EngineCore
 from shoal.engine.kv.manager import KVCacheManager
-from shoal.engine.scheduler import Scheduler, SchedulerConfig
-from shoal.core.errors import ShoalError
-from shoal.model.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
-from shoal.model.config import ModelConfig
-from shoal.model.loader import model_class_for, open_model, resolve_model
-from shoal.model.lora import load_adapters, merge_adapters
-from shoal.text.tokenizer import Tokenizer
 from shoal.engine.kv.tensors import allocate_kv_caches, bytes_per_block, default_kv_cache_bytes
 from shoal.engine.model_runner import ModelRunner, kernel_supported
 from shoal.engine.sampling.sampler import Sampler
+from shoal.engine.scheduler import Scheduler, SchedulerConfig
+from shoal.model.config import ModelConfig
+from shoal.model.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
+from shoal.model.loader import model_class_for, open_model, resolve_model
+from shoal.model.lora import load_adapters, merge_adapters
+from shoal.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -7,17 +7,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shoal.engine.limits import EngineLimits
-from shoal.engine.outputs import RequestOutput, TokenLogprob
-from shoal.engine.request import Request, RequestStatus
-from shoal.engine.scheduler import Scheduler
 from shoal.core.errors import InvalidParameterError
 from shoal.core.sampling_params import SamplingParams
-from shoal.text.detokenizer import IncrementalDetokenizer
-from shoal.text.tokenizer import Tokenizer
+from shoal.engine.limits import EngineLimits
 from shoal.engine.model_runner import ModelRunner
+from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.engine.request import Request, RequestStatus
 from shoal.engine.sampling.row import SamplingRow
 from shoal.engine.sampling.sampler import Sampler
+from shoal.engine.scheduler import Scheduler
+from shoal.text.detokenizer import IncrementalDetokenizer
+from shoal.text.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)

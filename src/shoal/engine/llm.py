@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from typing import Any, Union
 
 from shoal.core.config import EngineConfig
-from shoal.engine.builder import build_engine_core
-from shoal.engine.outputs import CompletionOutput, GenerationResult, RequestOutput
 from shoal.core.errors import InvalidParameterError
 from shoal.core.sampling_params import SamplingParams
+from shoal.engine.builder import build_engine_core
+from shoal.engine.outputs import CompletionOutput, GenerationResult, RequestOutput
 
 Prompt = Union[str, list[int], dict[str, Any]]
 Messages = list[dict[str, Any]]

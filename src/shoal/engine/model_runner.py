@@ -7,8 +7,8 @@ from typing import Protocol
 
 import torch
 
-from shoal.model.layers.attention import AttentionMetadata, PrefillChunk, prepare_decode_gather
 from shoal.model.kernels.cpu import load_cpu_kernels
+from shoal.model.layers.attention import AttentionMetadata, PrefillChunk, prepare_decode_gather
 
 
 class ScheduledWork(Protocol):

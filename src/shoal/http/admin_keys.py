@@ -13,11 +13,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from shoal.http.errors import HttpError
 from shoal.access.auth import Authenticator
 from shoal.access.keydb import UnknownKeyError
 from shoal.access.keys import parse_expiry
 from shoal.access.principal import KeyLimits
+from shoal.http.errors import HttpError
 
 router = APIRouter(prefix="/admin")
 

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shoal.access.principal import current_principal
 from shoal.core.errors import ShoalError
 from shoal.http.audit import AuditLog
-from shoal.access.principal import current_principal
 from shoal.http.logs import log_access
 from shoal.http.origins import OriginPolicy, allowed_origins
-from shoal.serving.records import RequestRecord, current_record, dialect_of
 from shoal.http.requestid import RequestIdMiddleware, current_request_id
 from shoal.http.tracing import tracer_from_settings
+from shoal.serving.records import RequestRecord, current_record, dialect_of
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

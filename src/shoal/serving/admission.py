@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shoal.core.errors import ServerBusyError
 from shoal.access.principal import BATCH, INTERACTIVE, PRIORITY_CLASSES
+from shoal.core.errors import ServerBusyError
 
 
 @dataclass(frozen=True, slots=True)

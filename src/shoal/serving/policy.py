@@ -24,9 +24,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shoal.serving.settings import SERVER_ENV_VARS, ServerSettings
 from shoal.core.config import ENV_VARS, EngineConfig
 from shoal.core.errors import InvalidParameterError, ShoalError
+from shoal.serving.settings import SERVER_ENV_VARS, ServerSettings
 
 CONFIG_ENV_VAR = "SHOAL_CONFIG"
 CONFIG_ENV_DOC = ("A TOML file with [server] and [engine] tables of settings (their field names); "

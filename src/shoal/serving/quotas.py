@@ -16,9 +16,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from shoal.core.errors import InvalidParameterError, RateLimitedError
 from shoal.access.model_access import check_model_access
 from shoal.access.principal import KeyLimits
+from shoal.core.errors import InvalidParameterError, RateLimitedError
 from shoal.serving.request import GenerateRequest
 
 WINDOW_SECONDS = 60.0

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.core.errors import ServerBusyError, ShoalError
 from shoal.access.model_access import check_model_access
 from shoal.access.principal import current_principal
+from shoal.core.errors import ServerBusyError, ShoalError
 from shoal.serving.catalog import Catalog, ModelSpec
 from shoal.serving.served import ServedModel
 from shoal.store.names import normalize_name

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import httpx
 
-from shoal.core.version import __version__
 from shoal.core.errors import CorruptModelError, UnknownModelError
+from shoal.core.version import __version__
 from shoal.store.blobs import CHUNK, BlobStore
 from shoal.store.errors import DigestMismatchError, RegistryError
 from shoal.store.locks import Lease

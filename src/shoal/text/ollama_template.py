@@ -31,9 +31,9 @@ from typing import Any
 
 from shoal.text.gotemplate import gofmt
 from shoal.text.gotemplate.errors import TemplateError
+from shoal.text.gotemplate.gofmt import Field, GoMap, GoSlice, GoStruct, StructType
 from shoal.text.gotemplate.nodes import ActionNode, BranchNode, CommandNode, FieldNode, ListNode, Node, PipeNode
 from shoal.text.gotemplate.template import GoTemplate, compile_template
-from shoal.text.gotemplate.gofmt import Field, GoMap, GoSlice, GoStruct, StructType
 
 
 # ---- Ollama's template data types ---------------------------------------------------------------

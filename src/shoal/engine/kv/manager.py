@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from shoal.core.errors import InvalidParameterError
 from shoal.engine.kv.block_pool import BlockPool, KVCacheBlock, KVCacheError
 from shoal.engine.kv.hashing import update_block_hashes
-from shoal.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     from shoal.engine.request import Request

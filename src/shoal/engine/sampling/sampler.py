@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 import torch
 
 from shoal.core.errors import InvalidParameterError
-from shoal.model.kernels.cpu import load_cpu_kernels
 from shoal.engine.sampling.filters import RandomRowParams, sample_random
 from shoal.engine.sampling.processors import (
     apply_logit_bias, apply_min_tokens, apply_penalties, min_tokens_masked_ids, needs_penalties)
 from shoal.engine.sampling.rng import random_bits
 from shoal.engine.sampling.row import SamplingRow
+from shoal.model.kernels.cpu import load_cpu_kernels
 
 # NOTE: below this temperature logits / T overflows float32 for ordinary logits; vLLM
 # uses the same cut-off and samples greedily.

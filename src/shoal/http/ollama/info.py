@@ -6,9 +6,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from shoal.http.ollama.protocol import timestamp
 from shoal.serving.catalog import ModelSpec
 from shoal.serving.served import ServedModel
-from shoal.http.ollama.protocol import timestamp
 
 # GGUF metadata per (path, mtime): read once (the token list is large), then served from memory.
 _metadata_cache: dict[tuple[str, int], dict[str, Any]] = {}

@@ -15,10 +15,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from shoal.http.errors import HttpError, classify
-from shoal.http.ollama.routes import NDJSON, read_body
-from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
 from shoal.core.errors import UnknownModelError
+from shoal.http.errors import HttpError, classify
+from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
+from shoal.http.ollama.routes import NDJSON, read_body
 from shoal.store.modelfile import Message, Modelfile, check_parameters
 from shoal.store.names import parse_name
 

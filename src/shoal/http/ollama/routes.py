@@ -11,15 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from shoal.access.model_access import visible_models
 from shoal.core.version import __version__
 from shoal.http.errors import HttpError
-from shoal.serving.disconnect import run_until_disconnect
 from shoal.http.ollama import info as model_info
 from shoal.http.ollama import serving
 from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
-from shoal.access.model_access import visible_models
 from shoal.serving.catalog import ModelSpec, path_size
+from shoal.serving.disconnect import run_until_disconnect
 
 router = APIRouter(prefix="/api")
 

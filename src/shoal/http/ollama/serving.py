@@ -15,19 +15,19 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from shoal.core.errors import InvalidParameterError, UnknownModelError, UnsupportedFeatureError
+from shoal.core.sampling_params import SamplingParams
+from shoal.engine.outputs import RequestOutput
 from shoal.http.errors import HttpError, classify
+from shoal.http.ollama import templates
+from shoal.http.ollama.protocol import (ROLES, ChatBody, GenerateBody, nanoseconds, printable,
+                                       timestamp)
 from shoal.serving.disconnect import run_until_disconnect
+from shoal.serving.durations import parse_keep_alive
 from shoal.serving.generate import GenerationService
 from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
-from shoal.http.ollama import templates
-from shoal.http.ollama.protocol import (ROLES, ChatBody, GenerateBody, nanoseconds, printable,
-                                       timestamp)
-from shoal.serving.durations import parse_keep_alive
-from shoal.engine.outputs import RequestOutput
-from shoal.core.errors import InvalidParameterError, UnknownModelError, UnsupportedFeatureError
-from shoal.core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

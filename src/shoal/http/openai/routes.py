@@ -6,17 +6,17 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from shoal.serving.completion import collect
-from shoal.serving.disconnect import run_until_disconnect
-from shoal.serving.generate import GenerationService
-from shoal.serving.catalog import ModelSpec
-from shoal.serving.residency import ResidencyManager
-from shoal.serving.served import ServedModel
+from shoal.access.model_access import visible_models
+from shoal.core.errors import InvalidParameterError
 from shoal.http.openai import serving
 from shoal.http.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest)
-from shoal.core.errors import InvalidParameterError
-from shoal.access.model_access import visible_models
+from shoal.serving.catalog import ModelSpec
+from shoal.serving.completion import collect
+from shoal.serving.disconnect import run_until_disconnect
+from shoal.serving.generate import GenerationService
+from shoal.serving.residency import ResidencyManager
+from shoal.serving.served import ServedModel
 
 router = APIRouter()
 

@@ -7,16 +7,16 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from shoal.core.errors import InvalidParameterError, UnsupportedFeatureError
+from shoal.core.sampling_params import MAX_LOGPROBS, SamplingParams
+from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.http.errors import HttpError, classify
+from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                       SamplingFields)
 from shoal.serving.completion import Completion, collect
 from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
-from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                       SamplingFields)
-from shoal.engine.outputs import RequestOutput, TokenLogprob
-from shoal.core.errors import InvalidParameterError, UnsupportedFeatureError
-from shoal.core.sampling_params import MAX_LOGPROBS, SamplingParams
 from shoal.text.tokenizer import Tokenizer
 
 
