@@ -29,6 +29,7 @@ from shoal.store import ModelStore, parse_name
 from shoal.store.errors import RegistryError
 from shoal.store.manifests import (CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MEDIA_LICENSE,
                                    MEDIA_MODEL)
+from shoal.store.egress import EgressPolicy, GuardedTransport
 from shoal.store.registry import RegistryClient, base_url, repository
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -98,12 +99,21 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
             process.wait(5)
 
 
+def allowing(*hosts: str, **kwargs) -> RegistryClient:
+    """A registry client that may reach these loopback hosts (the server's SHOAL_REGISTRY_ALLOW)."""
+    return RegistryClient(egress=EgressPolicy.parse(",".join(hosts)), **kwargs)
+
+
 @pytest.fixture(scope="module")
-def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """A `shoal serve` whose store (`server.store_dir`) starts empty."""
+def server(registry: Registry, smollm2_path: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A `shoal serve` whose store (`server.store_dir`) starts empty; it may reach `registry`
+    (and no other loopback port)."""
     folder = tmp_path_factory.mktemp("registry-server")
     live = LiveServer(smollm2_path, "--max-model-len", "1024", "--kv-cache-bytes", "64MiB",
-                      env={"SHOAL_MODELS": str(folder / "store")}, log_path=folder / "serve.log")
+                      env={"SHOAL_MODELS": str(folder / "store"),
+                           "SHOAL_REGISTRY_ALLOW": registry.host},
+                      log_path=folder / "serve.log")
     live.store_dir = folder / "store"
     try:
         yield live.wait_ready()
@@ -165,12 +175,12 @@ class _DropAfter(httpx.SyncByteStream):
         self.inner.close()
 
 
-class WireTap(httpx.HTTPTransport):
-    """Real HTTP; records the Range header of every blob GET, and drops the connection once,
+class WireTap(GuardedTransport):
+    """Real HTTP (to loopback, which it may reach); records the Range header of every blob GET, and drops the connection once,
     `drop_after` bytes into the first GET of `drop_digest`."""
 
     def __init__(self, drop_digest: str | None = None, drop_after: int = 0) -> None:
-        super().__init__()
+        super().__init__(EgressPolicy.parse("127.0.0.1"))
         self.drop_digest, self.drop_after = drop_digest, drop_after
         self.blob_gets: list[tuple[str, str | None]] = []
 
@@ -192,7 +202,7 @@ class WireTap(httpx.HTTPTransport):
 def test_push_then_pull_into_an_empty_store_gives_the_same_model(registry, server, smollm2_path,
                                                                   tmp_path) -> None:
     name = f"{registry.host}/team/pirate:v1"
-    source = ModelStore(tmp_path / "source")
+    source = ModelStore(tmp_path / "source", registry=allowing(registry.host))
     source.create(name, f"FROM {smollm2_path}\nSYSTEM {PIRATE_SYSTEM}\nPARAMETER temperature 0\n"
                         "PARAMETER num_predict 8\n")
     manifest, data, _ = source.manifests.read(parse_name(name))
@@ -215,7 +225,7 @@ def test_push_then_pull_into_an_empty_store_gives_the_same_model(registry, serve
     assert all(e["completed"] == e["total"] for e in events if "completed" in e)
 
     # pulled into the server's store (empty until now): same manifest bytes, same blob bytes
-    target = ModelStore(server.store_dir)
+    target = ModelStore(server.store_dir, registry=allowing(registry.host))
     assert target.list() == []
     events.clear()
     target.pull(name, progress=events.append)
@@ -339,7 +349,7 @@ def test_an_interrupted_download_resumes_with_a_range_request(registry, tmp_path
 
 
 def test_failed_pulls_and_pushes_leave_the_store_untouched(registry, tmp_path) -> None:
-    store = ModelStore(tmp_path / "store")
+    store = ModelStore(tmp_path / "store", registry=allowing("127.0.0.1"))
     upload_model(registry, "fail/good", "v1", [(MEDIA_MODEL, b"GGUF good weights")])
     store.pull(f"{registry.host}/fail/good:v1")
     before = store_files(store)
@@ -446,7 +456,7 @@ def test_a_bearer_token_challenge_is_answered(registry, tmp_path) -> None:
     thread.start()
     try:
         host = f"127.0.0.1:{gate.server_address[1]}"
-        store = ModelStore(tmp_path / "store")
+        store = ModelStore(tmp_path / "store", registry=allowing(host))
         store.pull(f"{host}/locked/model:v1")
         assert gate.RequestHandlerClass.token_requests == [
             {"service": "gate", "scope": "repository:locked/model:pull"}]

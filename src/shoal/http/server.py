@@ -15,6 +15,7 @@ from shoal.http.observability import Recorder
 from shoal.http.shutdown import DrainingServer
 from shoal.serving.model_loading import make_residency
 from shoal.serving.settings import ServerSettings
+from shoal.store.registry import RegistryClient
 from shoal.store.store import ModelStore
 
 log = logging.getLogger("shoal.server")
@@ -28,7 +29,8 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequenc
         log.info("\n".join(policy))
     started = time.monotonic()
     recorder = Recorder.from_settings(settings)     # a bad audit path or tracing setup fails here
-    store = ModelStore.from_env()
+    # NOTE: the egress policy goes down as a parameter: the store never reads server settings.
+    store = ModelStore.from_env(registry=RegistryClient(egress=settings.registry_egress))
     residency = make_residency(engine_config, settings, store)
     app = create_app(residency, settings, store, recorder=recorder)
 

@@ -9,6 +9,7 @@ from shoal.access.auth import ADMIN_KEY_MIN_LENGTH, AUTH_MODES
 from shoal.core.config import parse_bytes
 from shoal.core.errors import InvalidParameterError
 from shoal.serving.durations import parse_keep_alive
+from shoal.store.egress import EgressPolicy
 
 # The Ollama port: clients that default to Ollama (the ollama SDK, Open WebUI) find shoal
 # without configuration. `shoal serve --port` or SHOAL_PORT when Ollama itself runs here.
@@ -45,6 +46,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_AUDIT_BACKUPS": ("audit_backups", "Rotated audit files kept, PATH.1 .. PATH.N (default 5)."),
     "SHOAL_OTEL": ("otel", "OpenTelemetry traces of model requests, 1 or 0 (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the 'otel' extra)."),
     "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
+    "SHOAL_REGISTRY_ALLOW": ("registry_allow", "Registries a pull or push may reach on a private, loopback or CGNAT address: comma-separated host or host:port (IPv6 as [addr]:port), e.g. 127.0.0.1:5000,registry.lan (default: none; link-local and cloud metadata addresses are refused always)."),
 }
 
 
@@ -81,6 +83,7 @@ class ServerSettings:
     audit_backups: int = 5
     otel: bool | None = None            # None: on when OTEL_EXPORTER_OTLP_ENDPOINT is set
     origins: str | None = None
+    registry_allow: str | None = None   # parsed by registry_egress
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -121,6 +124,15 @@ class ServerSettings:
         if self.audit_backups < 0:
             raise InvalidParameterError("audit_backups", "must be >= 0")
         self._check_auth()
+        try:        # a bad SHOAL_REGISTRY_ALLOW fails at start, not at the first pull
+            EgressPolicy.parse(self.registry_allow)
+        except ValueError as exc:
+            raise InvalidParameterError("registry_allow", f"SHOAL_REGISTRY_ALLOW: {exc}") from None
+
+    @property
+    def registry_egress(self) -> EgressPolicy:
+        """Where pulls and pushes may connect (store/egress.py); SHOAL_REGISTRY_ALLOW widens it."""
+        return EgressPolicy.parse(self.registry_allow)
 
     def _check_auth(self) -> None:
         self.auth = self.auth.strip().lower()

@@ -40,3 +40,14 @@ class PullError(ShoalError):
 class RegistryError(PullError):
     """An OCI registry could not be reached, refused a request or sent something wrong, during
     a pull (nothing was stored) or a push (the registry may hold some blobs, never the tag)."""
+
+
+class EgressRefusedError(RegistryError):
+    """The server may not connect to this host for a caller (link-local, cloud metadata, or a
+    private address not in the allow list); no connection was opened."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"refusing to connect to {host}:{port}: it is {reason}")
+        self.host = host
+        self.port = port
+        self.reason = reason

@@ -24,6 +24,14 @@ lower-cased, as OCI requires.
 Auth: anonymous. A 401 with `WWW-Authenticate: Bearer realm=...` is answered with an
 anonymous token from the realm (Docker's token flow) and the request is sent once more.
 Basic auth, logins and Ollama's signed-key auth are not supported.
+
+Where it connects (a caller picks the host, so this is the SSRF boundary): every connection
+goes through store/egress.py's guard (no link-local or metadata address ever; private and
+loopback ones only when the policy lists them). Redirects are followed here, hop by hop: one
+may stay on the registry's host (no https -> http downgrade) or go to another host over
+https only (blob storage on a CDN); the token realm and a push's upload location obey the
+same rule. The bearer token goes to the registry's host only. A registry's error body is
+never repeated to the caller: errors carry the status and the OCI error codes.
 """
 from __future__ import annotations
 
@@ -33,7 +41,8 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from http import HTTPStatus
 from pathlib import Path
 
 import httpx
@@ -41,6 +50,7 @@ import httpx
 from shoal.core.errors import CorruptModelError, UnknownModelError
 from shoal.core.version import __version__
 from shoal.store.blobs import CHUNK, BlobStore
+from shoal.store.egress import EgressPolicy, GuardedTransport
 from shoal.store.errors import DigestMismatchError, RegistryError
 from shoal.store.locks import Lease
 from shoal.store.manifests import MANIFEST_MEDIA_TYPE, MEDIA_MODEL, MEDIA_MODEL_FILE, Layer, Manifest
@@ -52,8 +62,14 @@ OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 _INDEX_MEDIA_TYPES = frozenset({"application/vnd.oci.image.index.v1+json",
                                 "application/vnd.docker.distribution.manifest.list.v2+json"})
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_TOKEN_BYTES = 1 << 20
+MAX_REDIRECTS = 5
 _CHALLENGE_PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*"([^"]*)"')
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-")
+_OCI_CODE_RE = re.compile(r"[A-Z][A-Z0-9_]{0,39}")
+_AUTH_SCHEME_RE = re.compile(r"[a-z][a-z0-9-]{0,19}")
+# a request's headers that describe its body: dropped when a redirect turns it into a GET
+_BODY_HEADERS = frozenset({"content-type", "content-length"})
 
 # the request body: bytes, or a factory of chunks (called again if the request is re-sent)
 Body = bytes | Callable[[], Iterable[bytes]] | None
@@ -80,6 +96,11 @@ def base_url(name: ModelName, insecure: bool = False) -> str:
     return f"{'http' if insecure or is_loopback(host) else 'https'}://{host}"
 
 
+def host_and_port(url: httpx.URL) -> tuple[str, int]:
+    """(host, port) of `url`, the port filled in from the scheme."""
+    return url.host.lower(), url.port or (443 if url.scheme == "https" else 80)
+
+
 def repository(name: ModelName) -> str:
     return f"{name.namespace}/{name.name}".lower()
 
@@ -102,6 +123,7 @@ class _Session:
         self.name = name
         self.host = registry_host(name)
         self.base = base_url(name, insecure)
+        self.origin = host_and_port(httpx.URL(self.base))
         self.repo = repository(name)
         self.token: str | None = None
 
@@ -111,16 +133,12 @@ class _Session:
     @contextmanager
     def send(self, method: str, url: str | httpx.URL, headers: dict[str, str] | None = None,
              body: Body = None) -> Iterator[httpx.Response]:
-        """The response, unread (closed on leaving); after a Bearer challenge, the request is
-        sent once more with a token."""
+        """The response, unread (closed on leaving), redirects followed; after a Bearer
+        challenge from the registry, the request is sent once more with a token."""
         for attempt in range(2):
-            content = body() if callable(body) else body
-            all_headers = dict(headers or {})
-            if self.token:
-                all_headers["Authorization"] = f"Bearer {self.token}"
-            request = self.http.build_request(method, url, headers=all_headers, content=content)
-            response = self.http.send(request, stream=True)
-            if response.status_code == 401 and attempt == 0:
+            response = self._follow(method, httpx.URL(url), headers or {}, body)
+            if response.status_code == 401 and attempt == 0 and \
+                    host_and_port(response.url) == self.origin:
                 # NOTE: also with a token: a push needs a wider scope than the pull-only
                 # token the first HEAD got.
                 response.close()
@@ -132,25 +150,73 @@ class _Session:
                 response.close()
             return
 
+    def _follow(self, method: str, url: httpx.URL, headers: dict[str, str], body: Body,
+                authorize: bool = True) -> httpx.Response:
+        """Sends the request and follows redirects the rule admits (check_location); the
+        token goes only to the registry's own host."""
+        for _ in range(MAX_REDIRECTS + 1):
+            all_headers = dict(headers)
+            if authorize and self.token and host_and_port(url) == self.origin:
+                all_headers["Authorization"] = f"Bearer {self.token}"
+            content = body() if callable(body) else body
+            request = self.http.build_request(method, url, headers=all_headers, content=content)
+            response = self.http.send(request, stream=True)
+            redirect = response.next_request
+            if redirect is None:
+                return response
+            response.close()
+            self.check_location(redirect.url, "a redirect")
+            if redirect.method != method:      # 301/302/303 to a GET: the body stays behind
+                body = None
+                headers = {k: v for k, v in headers.items() if k.lower() not in _BODY_HEADERS}
+            method, url = redirect.method, redirect.url
+        raise RegistryError(f"{self.host} redirected more than {MAX_REDIRECTS} times for "
+                            f"{self.name.display}")
+
+    def check_location(self, url: httpx.URL, what: str) -> None:
+        """A URL the registry sends the client to (redirect, token realm, upload location) may
+        stay on the registry's host (no https -> http downgrade) or go to another host over
+        https; the connection guard then checks its addresses as any other."""
+        if url.scheme not in ("http", "https") or not url.host:
+            problem = "not an http(s) URL"
+        elif host_and_port(url) == self.origin:
+            if not (self.base.startswith("https:") and url.scheme == "http"):
+                return
+            problem = "a downgrade from https to http"
+        elif url.scheme == "https":
+            return
+        else:
+            problem = "another host over plain http"
+        raise RegistryError(f"{self.host} sent {what} for {self.name.display} to {problem}; "
+                            "shoal does not follow it")
+
     def _anonymous_token(self, response: httpx.Response) -> str:
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme != "bearer" or not params.get("realm"):
+            shown = scheme if _AUTH_SCHEME_RE.fullmatch(scheme) else "an unnamed"
             raise RegistryError(
-                f"{self.host} asks for {scheme or 'unnamed'} authentication for "
-                f"{self.name.display}; shoal supports anonymous registries and Docker bearer "
-                "tokens only (no logins)")
+                f"{self.host} asks for {shown} authentication for {self.name.display}; shoal "
+                "supports anonymous registries and Docker bearer tokens only (no logins)")
+        try:
+            realm = httpx.URL(params["realm"])
+        except httpx.InvalidURL:
+            raise RegistryError(f"{self.host} named a token service that is not a URL") from None
+        self.check_location(realm, "its token request")
         query = {key: params[key] for key in ("service", "scope") if params.get(key)}
         try:
-            answer = self.http.get(params["realm"], params=query)
+            with closing(self._follow("GET", realm.copy_merge_params(query), {}, None,
+                                                 authorize=False)) as answer:
+                if answer.status_code != 200:
+                    raise RegistryError(
+                        f"{self.host}'s token service refused an anonymous token for "
+                        f"{self.repo} (HTTP {answer.status_code}); registries that need a login "
+                        "are not supported")
+                data = _read_limited(answer, MAX_TOKEN_BYTES, f"{self.host}'s token")
         except httpx.TransportError as exc:
-            raise RegistryError(f"cannot reach {self.host}'s token service {params['realm']}: "
-                                f"{exc}") from exc
-        if answer.status_code != 200:
-            raise RegistryError(
-                f"{self.host}'s token service refused an anonymous token for {self.repo} (HTTP "
-                f"{answer.status_code}); registries that need a login are not supported")
+            raise RegistryError(f"cannot reach {self.host}'s token service: {exc}") from exc
         try:
-            token = answer.json().get("token") or answer.json().get("access_token")
+            answer_json = json.loads(data)
+            token = answer_json.get("token") or answer_json.get("access_token")
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
@@ -158,12 +224,12 @@ class _Session:
         return token
 
     def check(self, response: httpx.Response, what: str) -> None:
-        """Raises RegistryError for a 4xx/5xx answer, with the registry's own error text."""
+        """Raises RegistryError for a 4xx/5xx answer: the status and the OCI error codes,
+        never the body's text (a registry is any host a caller names)."""
         if response.status_code < 400:
             return
-        detail = _error_text(response)
-        raise RegistryError(f"{self.host} refused {what} for {self.name.display}: HTTP "
-                            f"{response.status_code}{': ' + detail if detail else ''}")
+        raise RegistryError(f"{self.host} refused {what} for {self.name.display}: "
+                            f"{_status_text(response)}")
 
     def unreachable(self, exc: Exception) -> RegistryError:
         message = (f"cannot reach the registry {self.host} ({self.base}) for "
@@ -183,18 +249,20 @@ class _Session:
             raise self.unreachable(exc) from exc
 
 
-def _error_text(response: httpx.Response) -> str:
-    """`CODE: message` from an OCI error body, else the start of the body."""
+def _status_text(response: httpx.Response) -> str:
+    """`HTTP 403 Forbidden (DENIED)`: the status, its standard phrase (not the server's) and
+    the codes of an OCI error body (`errors[].code`, upper-case words); nothing else of it."""
     try:
-        body = response.read()[:4096].decode("utf-8", errors="replace")
-    except httpx.HTTPError:
-        return ""
+        text = f"HTTP {response.status_code} {HTTPStatus(response.status_code).phrase}"
+    except ValueError:
+        text = f"HTTP {response.status_code}"
     try:
-        errors = json.loads(body).get("errors")
-        return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
-                         for e in errors if isinstance(e, dict))
-    except (ValueError, AttributeError, TypeError):
-        return body.strip()[:200]
+        errors = json.loads(_read_limited(response, 4096, "")).get("errors")
+        codes = [e.get("code") for e in errors if isinstance(e, dict)]
+    except (RegistryError, httpx.HTTPError, ValueError, AttributeError, TypeError):
+        codes = []
+    codes = [c for c in codes if isinstance(c, str) and _OCI_CODE_RE.fullmatch(c)][:3]
+    return f"{text} ({', '.join(codes)})" if codes else text
 
 
 def _read_limited(response: httpx.Response, limit: int, what: str) -> bytes:
@@ -210,16 +278,25 @@ class RegistryClient:
     """Pulls and pushes through httpx. `transport` (e.g. a fault-injecting one in tests) and
     `retries` (resumes of a dropped blob transfer within one operation) are adjustable."""
 
-    def __init__(self, *, transport: httpx.BaseTransport | None = None, retries: int = 3,
+    def __init__(self, *, egress: EgressPolicy | None = None,
+                 transport: httpx.BaseTransport | None = None, retries: int = 3,
                  timeout: float = 60.0) -> None:
+        self.egress = egress if egress is not None else EgressPolicy()
         self.transport = transport
         self.retries = retries
         self.timeout = timeout
 
     def _client(self) -> httpx.Client:
-        return httpx.Client(transport=self.transport, follow_redirects=True,
+        # NOTE: follow_redirects=False: _Session follows them itself, checking each hop.
+        transport = self.transport if self.transport is not None else GuardedTransport(self.egress)
+        return httpx.Client(transport=transport, follow_redirects=False,
                             timeout=httpx.Timeout(self.timeout, connect=10.0),
                             headers={"User-Agent": f"shoal/{__version__}"})
+
+    def check_destination(self, name: ModelName, insecure: bool = False) -> None:
+        """Raises EgressRefusedError when the egress policy forbids `name`'s registry (so a
+        server can refuse before it starts streaming); the connection itself checks again."""
+        self.egress.check(*host_and_port(httpx.URL(base_url(name, insecure))))
 
     def _backoff(self, attempt: int) -> None:
         time.sleep(min(0.25 * 2 ** attempt, 4.0))
@@ -356,7 +433,12 @@ class RegistryClient:
         if not location:
             raise RegistryError(f"{session.host} accepted an upload without saying where to send "
                                 "it (no Location header)")
-        target = httpx.URL(session.base).join(location).copy_merge_params({"digest": layer.digest})
+        try:
+            target = httpx.URL(session.base).join(location)
+        except httpx.InvalidURL:
+            raise RegistryError(f"{session.host} sent an upload location that is not a URL") from None
+        session.check_location(target, "a blob upload")
+        target = target.copy_merge_params({"digest": layer.digest})
 
         def chunks() -> Iterator[bytes]:
             sent = 0

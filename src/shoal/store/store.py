@@ -366,6 +366,14 @@ class ModelStore:
         return self.builtin.find(model) is not None or self.huggingface.handles(model) or \
             model.registry.lower() != DEFAULT_REGISTRY
 
+    def check_destination(self, name: str | ModelName, insecure: bool = False) -> None:
+        """Raises EgressRefusedError when pulling or pushing `name` would connect where the
+        registry client's egress policy forbids (the connection checks again); built-in,
+        hf.co and plain names go to fixed hosts and are not checked here."""
+        model = self._name(name)
+        if model.registry.lower() != DEFAULT_REGISTRY and not self.huggingface.handles(model):
+            self.registry.check_destination(model, insecure)
+
     def pull(self, name: str | ModelName, progress: ProgressCallback | None = None,
              insecure: bool = False) -> StoredModel:
         """Fetches a built-in model, hf.co/<owner>/<repo>[:quant], or any other name from its

@@ -106,6 +106,8 @@ async def pull(request: Request) -> Response:
     body = await read_body(request, PullBody)
     name = _model_name(body)
     store = _store(request)
+    # NOTE: a refused registry host is a plain 400 before any progress is streamed.
+    await asyncio.to_thread(store.check_destination, name, bool(body.insecure))
     return await _progress_response(
         lambda progress: store.pull(name, progress=progress, insecure=bool(body.insecure)),
         _stream_flag(body))
@@ -119,6 +121,7 @@ async def push(request: Request) -> Response:
     if not await asyncio.to_thread(store.exists, name):
         # NOTE: checked before the stream starts, so an unknown model is a plain 404.
         raise UnknownModelError(name)
+    await asyncio.to_thread(store.check_destination, name, bool(body.insecure))
     return await _progress_response(
         lambda progress: store.push(name, progress=progress, insecure=bool(body.insecure)),
         _stream_flag(body))
