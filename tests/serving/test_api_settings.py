@@ -53,6 +53,14 @@ def test_bad_values_are_named(env: dict[str, str]) -> None:
         ServerSettings.from_env(env)
 
 
+def test_registry_allow_reaches_the_store_as_a_policy() -> None:
+    settings = ServerSettings.from_env({"SHOAL_REGISTRY_ALLOW": "127.0.0.1:5000, registry.lan"})
+    assert settings.registry_egress.allowed == frozenset({("127.0.0.1", 5000), ("registry.lan", None)})
+    assert ServerSettings.from_env({}).registry_egress.allowed == frozenset()
+    with pytest.raises(InvalidParameterError, match="SHOAL_REGISTRY_ALLOW: bad port"):
+        ServerSettings.from_env({"SHOAL_REGISTRY_ALLOW": "127.0.0.1:http"})
+
+
 def test_served_names(tmp_path: Path) -> None:
     assert served_name(None, None)[0] == DEFAULT_MODEL_NAME
     assert "smollm2" in served_name("default", None)[1]

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -280,6 +281,47 @@ def test_push_and_pull_through_the_api_with_the_ollama_client(registry, server, 
     assert lines[0] == {"status": "pulling manifest"} and "not found" in lines[-1]["error"]
     not_stored = httpx.post(f"{server.url}/api/push", json={"model": "never-created"}, timeout=60)
     assert not_stored.status_code == 404 and "never-created" in not_stored.json()["error"]
+
+
+def test_the_server_refuses_registries_its_allow_list_lacks(registry, server, smollm2_path) -> None:
+    """SHOAL_REGISTRY_ALLOW names `registry` only: another loopback port is refused with a 400
+    in Ollama's shape before any progress, streamed or not, and is never connected to."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0)
+    port = listener.getsockname()[1]
+    try:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            name = f"{host}/team/elsewhere:v1"
+            for stream in (False, True):
+                answer = httpx.post(f"{server.url}/api/pull", json={"model": name, "stream": stream},
+                                    timeout=60)
+                assert answer.status_code == 400, answer.text
+                error = answer.json()["error"]
+                assert error.startswith(f"refusing to connect to {host.split(':')[0]}:{port}") and \
+                    "SHOAL_REGISTRY_ALLOW" in error
+        # a push: the model exists, its registry is refused
+        name = f"127.0.0.1:{port}/team/elsewhere:v1"
+        created = httpx.post(f"{server.url}/api/create", json={"model": name, "from": str(smollm2_path),
+                                                               "stream": False}, timeout=120)
+        assert created.status_code == 200, created.text
+        for stream in (False, True):
+            pushed = httpx.post(f"{server.url}/api/push",
+                                json={"model": name, "stream": stream, "insecure": True}, timeout=60)
+            assert pushed.status_code == 400 and "refusing to connect" in pushed.json()["error"]
+        httpx.request("DELETE", f"{server.url}/api/delete", json={"model": name}, timeout=60)
+        # a create FROM a refused registry
+        made = httpx.post(f"{server.url}/api/create", json={
+            "model": "from-elsewhere", "from": f"127.0.0.1:{port}/team/base:v1", "stream": False},
+            timeout=60)
+        assert made.status_code == 400 and "refusing to connect" in made.json()["error"]
+        with pytest.raises(BlockingIOError):
+            listener.accept()           # no connection ever reached the refused port
+    finally:
+        listener.close()
+    # the allowed registry is reached: it answers that it lacks the tag
+    missing = httpx.post(f"{server.url}/api/pull",
+                         json={"model": f"{registry.host}/team/none:v9", "stream": False}, timeout=60)
+    assert missing.status_code == 404
 
 
 def test_cli_push_and_pull_print_progress(registry, server, smollm2_path, tmp_path) -> None:

@@ -179,11 +179,10 @@ class _Session:
         https; the connection guard then checks its addresses as any other."""
         if url.scheme not in ("http", "https") or not url.host:
             problem = "not an http(s) URL"
-        elif host_and_port(url) == self.origin:
-            if not (self.base.startswith("https:") and url.scheme == "http"):
-                return
+        elif url.scheme == "http" and self.base.startswith("https:") and \
+                url.host.lower() == self.origin[0]:
             problem = "a downgrade from https to http"
-        elif url.scheme == "https":
+        elif url.scheme == "https" or host_and_port(url) == self.origin:
             return
         else:
             problem = "another host over plain http"
