@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ import httpx
 import pytest
 
 from shoal.store import ModelStore
-from shoal.store.egress import EgressPolicy, never_allowed
+from shoal.store.egress import EgressPolicy, GuardedTransport, never_allowed
 from shoal.store.errors import EgressRefusedError, RegistryError
 from shoal.store.manifests import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MEDIA_MODEL
 from shoal.store.registry import RegistryClient
@@ -113,11 +116,13 @@ class FakeRegistry:
     """An HTTP server on 127.0.0.1 answering `routes[(method, path)]` (an Answer or a function
     of the request handler); it counts connections and records requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[tuple[str, str], Answer | Callable[[_Handler], Answer]] = {}
         self.seen: list[tuple[str, str, dict[str, str]]] = []
         self.connections = 0
         self._server = _CountingServer(("127.0.0.1", 0), _Handler)
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.owner = self       # type: ignore[attr-defined]
         self.port = self._server.server_address[1]
         self.host = f"127.0.0.1:{self.port}"
@@ -266,6 +271,45 @@ def test_connections_go_to_the_address_that_was_checked(network: Network, regist
     with pytest.raises(EgressRefusedError, match="metadata"):
         store_at(tmp_path / "second", f"rebind.test:{registry.port}").pull(name, insecure=True)
     assert len(network.connects) == count
+
+
+def test_tls_checks_the_name_while_connecting_to_the_checked_address(network: Network,
+                                                                    tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=tls.test", "-addext", "subjectAltName=DNS:tls.test"],
+                   check=True, capture_output=True)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    names_sent: list[str | None] = []
+    server_tls.sni_callback = lambda _sock, name, _ctx: names_sent.append(name)
+    registry = FakeRegistry(tls=server_tls)
+    try:
+        registry.serve_model("team/model", "v1")
+        network.name("tls.test", "127.0.0.1")
+        network.name("other.test", "127.0.0.1")
+        policy = EgressPolicy.parse("127.0.0.1")
+        trusting = ssl.create_default_context(cafile=str(cert))
+
+        def store(root: str, tls: ssl.SSLContext | None = None) -> ModelStore:
+            return ModelStore(tmp_path / root, registry=RegistryClient(
+                transport=GuardedTransport(policy, tls), retries=0))
+
+        name = f"tls.test:{registry.port}/team/model:v1"
+        store("ok", trusting).pull(name)
+        assert set(names_sent) == {"tls.test"}
+        assert {c[0] for c in network.connects} == {"127.0.0.1"}
+        # the certificate is verified: an unknown CA, or the right CA for another name, fails
+        with pytest.raises(RegistryError, match="cannot reach"):
+            store("untrusted").pull(name)
+        with pytest.raises(RegistryError, match="cannot reach .*Hostname mismatch"):
+            store("other-name", trusting).pull(f"other.test:{registry.port}/team/model:v1")
+        assert names_sent[-1] == "other.test"
+    finally:
+        registry.close()
 
 
 # ---- redirects, the token realm, the upload location ---------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,9 +201,9 @@ class GuardedTransport(httpx.HTTPTransport):
     Proxies from the environment are not used: a proxy would make the connections the
     policy checks."""
 
-    def __init__(self, policy: EgressPolicy) -> None:
+    def __init__(self, policy: EgressPolicy, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__()
         # NOTE: HTTPTransport takes no network backend; its pool is replaced by one that has
         # ours (same defaults otherwise).
-        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(),
+        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context or httpx.create_ssl_context(),
                                              network_backend=GuardedBackend(policy))

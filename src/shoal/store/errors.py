@@ -47,7 +47,8 @@ class EgressRefusedError(RegistryError):
     private address not in the allow list); no connection was opened."""
 
     def __init__(self, host: str, port: int, reason: str) -> None:
-        super().__init__(f"refusing to connect to {host}:{port}: it is {reason}")
+        # NOTE: a redirect's host is the remote's text: shown no longer than a DNS name can be
+        super().__init__(f"refusing to connect to {host[:253]}:{port}: it is {reason}")
         self.host = host
         self.port = port
         self.reason = reason
