@@ -203,8 +203,8 @@ class _Session:
         self.check_location(realm, "its token request")
         query = {key: params[key] for key in ("service", "scope") if params.get(key)}
         try:
-            with closing(self._follow("GET", realm.copy_merge_params(query), {}, None,
-                                                 authorize=False)) as answer:
+            request = realm.copy_merge_params(query)
+            with closing(self._follow("GET", request, {}, None, authorize=False)) as answer:
                 if answer.status_code != 200:
                     raise RegistryError(
                         f"{self.host}'s token service refused an anonymous token for "
@@ -274,8 +274,10 @@ def _read_limited(response: httpx.Response, limit: int, what: str) -> bytes:
 
 
 class RegistryClient:
-    """Pulls and pushes through httpx. `transport` (e.g. a fault-injecting one in tests) and
-    `retries` (resumes of a dropped blob transfer within one operation) are adjustable."""
+    """Pulls and pushes through httpx. `egress` says where it may connect (default: public
+    addresses only); `transport` (e.g. a fault-injecting one in tests) replaces the guarded
+    one, and with it the address check; `retries` (resumes of a dropped blob transfer within
+    one operation) is adjustable."""
 
     def __init__(self, *, egress: EgressPolicy | None = None,
                  transport: httpx.BaseTransport | None = None, retries: int = 3,
