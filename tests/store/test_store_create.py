@@ -417,3 +417,14 @@ def test_create_from_uploaded_directory_files(store: ModelStore, tiny_llama_dir:
     with pytest.raises(ModelfileError, match="has not been uploaded"):
         store.create("x", "FROM ./dir\n", uploads={"./dir": {"config.json": "sha256:" + "1" * 64,
                                                              "model.safetensors": files["model.safetensors"]}})
+
+
+def test_show_modelfile_of_a_directory_model_creates_again(store: ModelStore,
+                                                           tiny_llama_dir: Path) -> None:
+    """`show --modelfile` names the store's own folder of symlinks: that path is the store's
+    blobs, not a directory of strangers' symlinks, so it creates the same model again."""
+    store.create("hf", f"FROM {tiny_llama_dir}\n")
+    shown = store.show("hf").modelfile
+    assert str(store.root / "dirs") in shown
+    store.create("again", shown, paths=LocalPaths(detailed=False))
+    assert store.resolve("again").weights == store.resolve("hf").weights

@@ -41,6 +41,7 @@ from shoal.store.locks import StoreLocks
 CHUNK = 1 << 20
 BLOBS_DIR = "blobs"
 VERIFIED_DIR = "verified"
+DIRS_DIR = "dirs"           # safetensors models as folders of symlinks into blobs/ (store.py)
 PARTIAL_SUFFIX = "-partial"
 TMP_PREFIX = ".tmp-"
 READ_ONLY = 0o444
@@ -64,6 +65,11 @@ def normalize_digest(digest: str) -> str:
             return f"sha256:{match.group(1)}"
     raise InvalidParameterError("digest", f"{digest!r} is not a sha256 digest "
                                           "('sha256:' followed by 64 lower-case hex digits)")
+
+
+def blob_digest(path: Path) -> str | None:
+    """The digest a blob file's name says (None: not a blob's name)."""
+    return "sha256:" + path.name[7:] if _BLOB_NAME_RE.fullmatch(path.name) else None
 
 
 def is_digest(text: str) -> bool:
@@ -420,8 +426,7 @@ class BlobStore:
         """A private folder for files copied in from outside, checked by name (a model
         directory's layout) before they become blobs; removed, with what was not committed,
         when the block ends."""
-        with scratch_dir(self.dir, TMP_PREFIX) as folder:
-            os.chmod(folder, 0o700)
+        with scratch_dir(self.dir, TMP_PREFIX) as folder:      # (mode 0700, as mkdtemp makes it)
             yield Staging(self, folder)
 
     def remove_abandoned_scratch(self) -> list[Path]:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from shoal.core.errors import ModelLoadError, PermissionDeniedError
-from shoal.store.blobs import BlobInfo, BlobStore, StagedFile, Staging, is_digest, normalize_digest
+from shoal.store.blobs import (DIRS_DIR, BlobInfo, BlobStore, StagedFile, Staging, blob_digest,
+                               is_digest, normalize_digest)
 from shoal.store.errors import InvalidModelNameError, ModelfileError
 from shoal.store.hf_files import is_safe_title, select_adapter_files, select_model_files
 from shoal.store.local_files import LocalFileError, open_directory, open_file
@@ -217,6 +218,9 @@ class Creator:
 
     def from_path(self, path: Path, value: str, position: tuple[int, int]
                   ) -> tuple[list[Layer], ModelDetails]:
+        own = self.store_files(path)
+        if own is not None:
+            return self.from_uploads(value, own, position)
         try:
             with self.store.blobs.staging() as stage:
                 if path.is_dir():
@@ -224,6 +228,28 @@ class Creator:
                 return self.from_gguf_file(path, stage)
         except LocalFileError as exc:
             raise self.path_problem("FROM", value, str(exc), position) from None
+
+    def store_files(self, path: Path) -> dict[str, str] | None:
+        """{file name: digest} when `path` is the store's own: a blob, or a model folder that
+        resolve built (symlinks into blobs/), as `show --modelfile` writes them."""
+        blobs_dir = self.store.blobs.dir.resolve()
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        digest = blob_digest(real)
+        if real.parent == blobs_dir and digest is not None:
+            return {real.name: digest}
+        if not (real.is_dir() and real.parent == (self.store.blobs.root / DIRS_DIR).resolve()):
+            return None
+        files = {}
+        for entry in real.iterdir():
+            target = entry.resolve()
+            digest = blob_digest(target)
+            if target.parent != blobs_dir or digest is None:
+                return None
+            files[entry.name] = digest
+        return files
 
     def from_directory(self, path: Path, stage: Staging) -> tuple[list[Layer], ModelDetails]:
         files = open_directory(path, select_model_files)

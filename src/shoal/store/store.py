@@ -28,7 +28,7 @@ from typing import Any
 
 from shoal.core.errors import CorruptModelError, UnknownModelError
 from shoal.core.scratch import hold, remove_abandoned
-from shoal.store.blobs import BlobStore
+from shoal.store.blobs import DIRS_DIR, BlobStore
 from shoal.store.create import Creator, LocalPaths, manifest_for
 from shoal.store.errors import PullError, RegistryError
 from shoal.store.hf_files import is_safe_title
@@ -49,7 +49,6 @@ from shoal.store.sources.huggingface import HuggingFaceSource
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "~/.shoal/models"
-DIRS_DIR = "dirs"
 
 
 @dataclass(slots=True)
