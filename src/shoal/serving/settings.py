@@ -45,6 +45,8 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_AUDIT_BACKUPS": ("audit_backups", "Rotated audit files kept, PATH.1 .. PATH.N (default 5)."),
     "SHOAL_OTEL": ("otel", "OpenTelemetry traces of model requests, 1 or 0 (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the 'otel' extra)."),
     "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
+    "SHOAL_ALLOW_LOCAL_PATHS": ("allow_local_paths", "1: /api/create may read FROM / ADAPTER paths on the server's disk (with keys required, admin keys only); 0: only uploaded blobs, as `shoal create` sends them (default 1)."),
+    "SHOAL_MAX_BLOB_BYTES": ("max_blob_bytes", "Largest blob upload (POST /api/blobs) accepted; larger gets 413 (default 64GiB: above Hugging Face's 50 GB per-file cap, so any single GGUF or safetensors file fits)."),
 }
 
 
@@ -81,6 +83,8 @@ class ServerSettings:
     audit_backups: int = 5
     otel: bool | None = None            # None: on when OTEL_EXPORTER_OTLP_ENDPOINT is set
     origins: str | None = None
+    allow_local_paths: bool | str = True
+    max_blob_bytes: int | str = 64 << 30
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -120,6 +124,12 @@ class ServerSettings:
             raise InvalidParameterError("audit_max_bytes", exc.message) from None
         if self.audit_backups < 0:
             raise InvalidParameterError("audit_backups", "must be >= 0")
+        if isinstance(self.allow_local_paths, str):
+            self.allow_local_paths = self.allow_local_paths.strip().lower() in ("1", "true", "yes", "on")
+        try:
+            self.max_blob_bytes = parse_bytes(self.max_blob_bytes)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("max_blob_bytes", exc.message) from None
         self._check_auth()
 
     def _check_auth(self) -> None:
