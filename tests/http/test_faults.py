@@ -36,7 +36,7 @@ class Lab:
         self.root = root
         self.models = root / "models"
         self.hf_cache = root / "hf"
-        # NOTE: private copies: the store hard-links what it imports, and the tests truncate.
+        # NOTE: private copies: the tests truncate them.
         self.pinned = self.copy_of(smollm2, "pinned.gguf")
         self.smollm2 = smollm2
         self.server = None
@@ -313,12 +313,14 @@ def test_weights_that_vanish_or_shrink(lab: Lab, tiny_llama_gguf: Path) -> None:
     create(server, victim, lab.copy_of(tiny_llama_gguf, "victim.gguf"))   # repairs it
     assert generate(server, victim).status_code == 200
     unload(server, victim)
+    os.chmod(weights, 0o644)                                     # (blobs are read-only)
     os.truncate(weights, weights.stat().st_size // 2)            # shrunk under an unloaded model
     assert_damaged(server, victim)
 
     create(server, victim, lab.copy_of(tiny_llama_gguf, "victim.gguf"))   # the shrunk blob is replaced
     assert lab.store.verify(victim) == []
     assert generate(server, victim).status_code == 200          # loaded again
+    os.chmod(weights, 0o644)
     os.truncate(weights, 1000)                                   # shrunk under a loaded model
     assert_damaged(server, victim)
 

@@ -29,6 +29,7 @@ from shoal.model.full_sequence import forward_single_sequence
 from shoal.model.loader import open_model
 from shoal.model.lora import merge_adapters, read_adapter
 from shoal.store import ModelStore
+from shoal.store.create import GENERIC_PATH_PROBLEM
 from shoal.store.errors import ModelfileError
 
 EXACT_ATOL = 2e-3
@@ -252,10 +253,14 @@ def test_create_with_a_bad_adapter_fails_on_its_line(shoal_server, smollm2_path,
     assert [line for line in lines if line.startswith("shoal: ")] == lines[-1:], result.stderr
     assert "Traceback" not in result.stderr
     assert "line 3, column 9" in lines[-1] and fragment in lines[-1], lines[-1]
+    # NOTE: named by path over HTTP, the server reads the adapter itself; a caller who is not
+    # an admin learns only that the path cannot be used (issue 13), on the same line.
     reply = httpx.post(f"{url}/api/create", timeout=120, json={
         "model": "smol-bad", "modelfile": (tmp_path / "Modelfile").read_text(),
         "path": str(tmp_path / "Modelfile"), "stream": False})
-    assert reply.status_code == 400 and fragment in reply.json()["error"], reply.text
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and "line 3, column 9" in error, reply.text
+    assert GENERIC_PATH_PROBLEM in error and fragment not in error
     assert httpx.get(f"{url}/api/tags", timeout=30).json()["models"] == before
 
 

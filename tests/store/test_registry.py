@@ -390,6 +390,34 @@ def test_an_interrupted_download_resumes_with_a_range_request(registry, tmp_path
     assert other.blobs.verify(digest)
 
 
+def test_a_pull_does_not_trust_a_changed_blob(registry, tmp_path) -> None:
+    """A blob already in the store is skipped only if its bytes are right: one changed on disk
+    (same size, so a size check passes) is fetched again, and the pull repairs it instead of
+    reporting success over tampered weights."""
+    weights = random.Random(13).randbytes(1 << 20)
+    digest = "sha256:" + hashlib.sha256(weights).hexdigest()
+    upload_model(registry, "tamper/model", "v1", [(MEDIA_MODEL, weights)])
+    name = f"{registry.host}/tamper/model:v1"
+    tap = WireTap()
+    store = ModelStore(tmp_path / "store", registry=RegistryClient(transport=tap))
+    store.pull(name)
+    blob = store.blobs.path(digest)
+    assert blob.stat().st_mode & 0o777 == 0o444          # blobs are read-only
+
+    # an unchanged blob is not fetched again
+    store.pull(name)
+    assert [d for d, _ in tap.blob_gets].count(digest) == 1
+
+    os.chmod(blob, 0o644)                                # changed in place by someone
+    with open(blob, "r+b") as f:
+        f.write(b"EVIL")
+    assert store.verify(name) == [digest]
+    store.pull(name)
+    assert [d for d, _ in tap.blob_gets].count(digest) == 2
+    assert store.verify(name) == [] and blob.read_bytes() == weights
+    assert blob.stat().st_mode & 0o777 == 0o444
+
+
 def test_failed_pulls_and_pushes_leave_the_store_untouched(registry, tmp_path) -> None:
     store = ModelStore(tmp_path / "store", registry=allowing("127.0.0.1"))
     upload_model(registry, "fail/good", "v1", [(MEDIA_MODEL, b"GGUF good weights")])

@@ -269,26 +269,121 @@ def test_two_threads_write_the_same_content(tmp_path: Path) -> None:
     assert store.verify(DIGEST) and leftovers(store) == [blob_filename(DIGEST)]
 
 
-def test_import_hardlinks_on_the_same_filesystem_else_copies(tmp_path: Path) -> None:
+def test_imports_are_private_read_only_copies(tmp_path: Path) -> None:
+    """An imported file is copied, never hard-linked: editing the original in place later
+    cannot change the blob other models (and pulls) trust. Blobs are read-only."""
     src = tmp_path / "model.gguf"
     src.write_bytes(DATA)
-    linked_store = BlobStore(tmp_path / "a")
-    info = linked_store.import_file(src)
+    store = BlobStore(tmp_path / "a")
+    info = store.import_file(src)
+    blob = store.path(DIGEST)
     assert info.digest == DIGEST
-    assert linked_store.path(DIGEST).stat().st_ino == src.stat().st_ino
-    copied_store = BlobStore(tmp_path / "b")
-    copied_store.import_file(src, link=False)
-    assert copied_store.path(DIGEST).stat().st_ino != src.stat().st_ino
-    assert copied_store.verify(DIGEST)
-    # symlinks are followed; a known digest is checked
+    assert blob.stat().st_ino != src.stat().st_ino and blob.stat().st_nlink == 1
+    assert blob.stat().st_mode & 0o777 == 0o444
+    with open(src, "r+b") as f:                       # the owner of the file edits it in place
+        f.write(b"EVIL")
+    assert blob.read_bytes() == DATA and store.verify(DIGEST)
+    assert store.write_bytes(b"small").size == 5
+    assert all(p.stat().st_mode & 0o777 == 0o444 for p in store.dir.iterdir())
+    # symlinks are followed (a download cache's); a known digest is checked
     link = tmp_path / "link.gguf"
-    link.symlink_to(src)
+    link.symlink_to(tmp_path / "copy.gguf")
+    (tmp_path / "copy.gguf").write_bytes(DATA)
     assert BlobStore(tmp_path / "c").import_file(link, digest=DIGEST).digest == DIGEST
-    with pytest.raises(DigestMismatchError):
+    with pytest.raises(DigestMismatchError) as info_:
         BlobStore(tmp_path / "d").import_file(src, digest="sha256:" + "1" * 64)
+    assert str(tmp_path) not in str(info_.value)     # digests only, no paths
     assert leftovers(BlobStore(tmp_path / "d")) == []
     with pytest.raises(ModelNotFoundError):
-        linked_store.import_file(tmp_path / "missing.gguf")
+        store.import_file(tmp_path / "missing.gguf")
+    assert store.remove(DIGEST) and not blob.exists()  # read-only blobs still go
+
+
+def test_a_changed_blob_is_not_trusted_and_is_replaced(tmp_path: Path) -> None:
+    """A blob whose bytes changed on disk (same size) is not taken as present by a download:
+    the bytes are fetched again and replace it."""
+    store = BlobStore(tmp_path)
+    store.download(DIGEST, CountingSource(), size=len(DATA))
+    blob = store.path(DIGEST)
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.write(b"EVIL")
+    assert store.claim_verified(DIGEST, None) is None
+    source = CountingSource()
+    store.download(DIGEST, source, size=len(DATA))
+    assert source.sent == len(DATA)                    # fetched again
+    assert blob.read_bytes() == DATA and blob.stat().st_mode & 0o777 == 0o444
+
+
+def test_a_verified_blob_is_hashed_once(tmp_path: Path) -> None:
+    """Stamped when written; an unstamped (older store's) blob is hashed once, then trusted
+    while its file is unchanged; a chmod or write makes the next claim hash it again."""
+    store = BlobStore(tmp_path)
+    store.write_bytes(DATA)
+    hashed: list[int] = []
+    assert store.claim_verified(DIGEST, None, lambda done, total: hashed.append(done)) == len(DATA)
+    assert hashed == []
+    for stamp in store.verified_dir.iterdir():         # as a store written by an older shoal
+        stamp.unlink()
+    assert store.claim_verified(DIGEST, None, lambda done, total: hashed.append(done)) == len(DATA)
+    assert hashed[-1] == len(DATA)
+    hashed.clear()
+    assert store.claim_verified(DIGEST, None, lambda done, total: hashed.append(done)) == len(DATA)
+    assert hashed == []
+    os.chmod(store.path(DIGEST), 0o644)
+    assert store.claim_verified(DIGEST, None, lambda done, total: hashed.append(done)) == len(DATA)
+    assert hashed[-1] == len(DATA)
+
+
+def test_a_hard_linked_blob_becomes_a_private_copy(tmp_path: Path) -> None:
+    """A blob an older shoal hard-linked from a user's file shares its inode: claiming it
+    replaces it with a copy the store alone owns."""
+    store = BlobStore(tmp_path / "store")
+    user_file = tmp_path / "model.gguf"
+    user_file.write_bytes(DATA)
+    store.dir.mkdir(parents=True)
+    os.link(user_file, store.path(DIGEST))
+    assert store.claim_verified(DIGEST, None) == len(DATA)
+    assert store.path(DIGEST).stat().st_ino != user_file.stat().st_ino
+    assert store.path(DIGEST).stat().st_nlink == 1 and user_file.stat().st_nlink == 1
+    user_file.write_bytes(b"X" * len(DATA))
+    assert store.verify(DIGEST) and store.is_verified(DIGEST)
+
+
+_KILLED_UPLOAD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from shoal.store.blobs import BlobStore
+    writer = BlobStore(sys.argv[1]).writer()
+    writer.write(b"x" * 100000)
+    writer.scratch.file.flush()
+    Path(sys.argv[2]).write_text("writing")
+    time.sleep(600)                          # killed here, mid-upload
+""")
+
+
+def test_scratch_files_of_killed_writers_are_removed_live_ones_kept(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    root, marker = tmp_path / "store", tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_UPLOAD, str(root), str(marker)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        store = BlobStore(root)
+        live = store.writer()                           # this process's, in progress
+        monkeypatch.setattr("shoal.core.scratch.GRACE_SECONDS", 0.0)
+        assert store.remove_abandoned_scratch() == []   # the other writer is alive too
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    dead = [p for p in store.dir.iterdir() if p != live.scratch.path]
+    assert len(dead) == 1 and dead[0].name.startswith(".tmp-")
+    assert store.remove_abandoned_scratch() == dead
+    assert leftovers(store) == [live.scratch.path.name]
+    live.write(DATA)
+    assert live.commit(DIGEST).digest == DIGEST and store.verify(DIGEST)
 
 
 def test_remove(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ import torch
 from gguf import GGUFWriter
 from safetensors.torch import save_file
 
-from shoal.core.errors import CorruptModelError, UnknownModelError
+from shoal.core.errors import CorruptModelError, PermissionDeniedError, UnknownModelError
 from shoal.model.loader import open_model
 from shoal.store import ModelStore, parse_modelfile
+from shoal.store.create import GENERIC_PATH_PROBLEM, LocalPaths
 from shoal.store.errors import ModelfileError
 from shoal.store.manifests import MEDIA_MODEL_FILE
 
@@ -263,3 +264,167 @@ def test_resolve_errors(store: ModelStore, tiny_llama_gguf: Path) -> None:
     weights.unlink()
     with pytest.raises(CorruptModelError, match="missing"):
         store.resolve("present")
+
+
+# -- what a create may read from the server's disk (issue 13) ------------------------------------
+
+SECRET = b"SHOAL_ADMIN_KEY=secret-that-must-never-be-stored-0123456789"
+
+
+def model_dir_copy(source: Path, target: Path) -> Path:
+    """A private copy of a model directory (regular files, one link each)."""
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
+def blobs_hold(store: ModelStore, data: bytes) -> bool:
+    return any(data in store.blobs.path(d).read_bytes() for d in store.blobs.digests())
+
+
+def test_a_symlink_in_a_model_directory_never_reaches_the_store(store: ModelStore,
+                                                                tiny_llama_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """FROM <dir> where the dir holds `stolen.json -> secret`: the secret is not stored (not a
+    file a model needs, and a symlink); a symlink under a name the model does need fails the
+    create; the secret is in no blob either way."""
+    secret = tmp_path / "secret.env"
+    secret.write_bytes(SECRET)
+    model = model_dir_copy(tiny_llama_dir, tmp_path / "model")
+    (model / "stolen.json").symlink_to(secret)
+    store.create("innocent", f"FROM {model}\n")
+    assert not blobs_hold(store, SECRET)
+    titles = {layer.title for layer in store.manifests.read(store._name("innocent"))[0].layers}
+    assert "stolen.json" not in titles and "config.json" in titles
+
+    (model / "special_tokens_map.json").symlink_to(secret)
+    with pytest.raises(ModelfileError, match="special_tokens_map.json is a symbolic link"):
+        store.create("thief", f"FROM {model}\n")
+    assert not blobs_hold(store, SECRET) and not store.exists("thief")
+
+
+def test_hard_links_fifos_and_pickles_in_a_model_directory(store: ModelStore,
+                                                           tiny_llama_dir: Path,
+                                                           tmp_path: Path) -> None:
+    secret = tmp_path / "secret.json"
+    secret.write_bytes(SECRET)
+    model = model_dir_copy(tiny_llama_dir, tmp_path / "model")
+    os.link(secret, model / "generation_config.json")        # a hard link to a file elsewhere
+    with pytest.raises(ModelfileError, match="generation_config.json has other hard links"):
+        store.create("x", f"FROM {model}\n")
+    (model / "generation_config.json").unlink()
+    os.mkfifo(model / "added_tokens.json")                   # would block a reader for ever
+    with pytest.raises(ModelfileError, match="added_tokens.json is not a regular file"):
+        store.create("x", f"FROM {model}\n")
+    (model / "added_tokens.json").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"pickle")     # never kept
+    (model / "notes.json").write_bytes(b"{}")                # not a file the model needs
+    store.create("x", f"FROM {model}\n")
+    titles = {layer.title for layer in store.manifests.read(store._name("x"))[0].layers}
+    assert titles == {"config.json", "model.safetensors", "tokenizer.json",
+                      "tokenizer_config.json"}
+    assert not blobs_hold(store, SECRET)
+
+
+def test_an_imported_file_edited_later_leaves_the_model_intact(store: ModelStore,
+                                                               tiny_llama_gguf: Path,
+                                                               tmp_path: Path) -> None:
+    """The create copies the GGUF: its owner editing it in place afterwards changes nothing
+    the store serves (a hard link would have changed the blob under every model using it)."""
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(tiny_llama_gguf.read_bytes())
+    store.create("victim", f"FROM {mine}\n")
+    weights = store.resolve("victim").weights
+    with open(mine, "r+b") as f:
+        f.seek(mine.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    assert store.verify("victim") == []
+    assert weights.read_bytes() == tiny_llama_gguf.read_bytes()
+    assert weights.stat().st_mode & 0o777 == 0o444 and weights.stat().st_nlink == 1
+    store.delete("victim")                                    # read-only blobs still go
+    assert store.blobs.digests() == []
+
+
+def test_path_problems_read_the_same_to_callers_who_are_not_admins(store: ModelStore,
+                                                                   tiny_llama_dir: Path,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """With `detailed=False` a missing file, a file that is not a model, an empty directory, a
+    directory with a symlink and `../..` all fail with one message that names neither the
+    server's directories nor what is wrong; a name-like value is a model name, even when a
+    folder of that name exists."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt.gguf").write_text("hello")
+    (tmp_path / "emptydir").mkdir()
+    linked = model_dir_copy(tiny_llama_dir, tmp_path / "linked")
+    (linked / "vocab.json").symlink_to("/etc/hostname")
+    paths = LocalPaths(detailed=False)
+    messages = {}
+    for value in ("./missing.gguf", "./notes.txt.gguf", "./emptydir", "./linked", "../..",
+                  "/etc/hostname.gguf", "~/x.gguf"):
+        with pytest.raises(ModelfileError) as info:
+            store.create("x", f"FROM {value}\n", base_dir=tmp_path, paths=paths)
+        messages[value] = str(info.value).replace(repr(value), "VALUE")
+        assert str(tmp_path) not in str(info.value)
+    assert len(set(messages.values())) == 1, messages
+    assert GENERIC_PATH_PROBLEM in next(iter(messages.values()))
+    with pytest.raises(ModelfileError, match="no such model in the store"):
+        store.create("x", "FROM emptydir\n", base_dir=tmp_path, paths=paths)
+    assert store.list() == [] and store.blobs.digests() == []
+    # the same caller may still create from a real model path (allowed, just not detailed)
+    model_dir_copy(tiny_llama_dir, tmp_path / "fine")
+    store.create("fine", "FROM ./fine\n", base_dir=tmp_path, paths=paths)
+    assert store.exists("fine")
+
+
+def test_local_paths_refused(store: ModelStore, tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    """With local paths turned off nothing on the server's disk is read (not even probed);
+    stored models and uploaded blobs still work."""
+    paths = LocalPaths(refusal="local paths are off")
+    info = store.blobs.import_file(tiny_llama_gguf)           # as /api/blobs stores an upload
+    for text in (f"FROM {tiny_llama_gguf}\n", "FROM ./x.gguf\n",
+                 f"FROM @{info.digest}\nADAPTER lora\n"):
+        with pytest.raises(PermissionDeniedError, match="local paths are off"):
+            store.create("x", text, base_dir=tmp_path, paths=paths)
+    info = store.blobs.import_file(tiny_llama_gguf)           # (the failed create dropped it)
+    store.create("by-blob", f"FROM @{info.digest}\n", paths=paths)
+    store.create("by-upload", "FROM weights.gguf\n", paths=paths,
+                 uploads={"weights.gguf": {"weights.gguf": info.digest}})
+    store.create("by-name", "FROM by-blob\nSYSTEM hi\n", paths=paths)
+    assert {m.name for m in store.list()} == {"by-blob:latest", "by-upload:latest",
+                                              "by-name:latest"}
+
+
+def test_create_from_uploaded_directory_files(store: ModelStore, tiny_llama_dir: Path,
+                                              tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    """`uploads` (what `shoal create` and Ollama's `files` send): a model directory's files and
+    a PEFT adapter's, as blobs by file name; names a model does not need are ignored."""
+    files = {p.name: store.blobs.write_bytes(p.read_bytes()).digest
+             for p in tiny_llama_dir.iterdir()}
+    files["README.md"] = store.blobs.write_bytes(b"readme").digest
+    peft = write_peft_lora(tmp_path / "peft").parent
+    adapter = {p.name: store.blobs.write_bytes(p.read_bytes()).digest for p in peft.iterdir()}
+    stored = store.create("uploaded", "FROM ./dir\nADAPTER ./peft\n",
+                          paths=LocalPaths(refusal="no local paths"),
+                          uploads={"./dir": files, "./peft": adapter})
+    assert stored.details.format == "safetensors"
+    resolved = store.resolve("uploaded")
+    assert sorted(p.name for p in resolved.weights.iterdir()) == \
+        sorted(n for n in files if n != "README.md")
+    assert resolved.adapters[0].format == "safetensors"
+    assert resolved.adapters[0].config["lora_alpha"] == 8
+    with pytest.raises(ModelfileError, match="has not been uploaded"):
+        store.create("x", "FROM ./dir\n", uploads={"./dir": {"config.json": "sha256:" + "1" * 64,
+                                                             "model.safetensors": files["model.safetensors"]}})
+
+
+def test_show_modelfile_of_a_directory_model_creates_again(store: ModelStore,
+                                                           tiny_llama_dir: Path) -> None:
+    """`show --modelfile` names the store's own folder of symlinks: that path is the store's
+    blobs, not a directory of strangers' symlinks, so it creates the same model again."""
+    store.create("hf", f"FROM {tiny_llama_dir}\n")
+    shown = store.show("hf").modelfile
+    assert str(store.root / "dirs") in shown
+    store.create("again", shown, paths=LocalPaths(detailed=False))
+    assert store.resolve("again").weights == store.resolve("hf").weights

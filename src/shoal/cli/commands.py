@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from shoal.cli.chat import (RunOptions, ensure_model, load_model, model_error, parse_parameter, print_summary, pull,
                             stream_chat)
 from shoal.cli.client import CliError, Client, ErrorReply, connect
+from shoal.cli.create import create_events
 from shoal.cli.display import human_bytes, print_table, wordwrap_default
 from shoal.cli.interactive import Chat
 from shoal.cli.model_info import SHOW_FIELDS, print_info, print_model_list, processor, short_id, show_field, until
@@ -105,13 +105,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise CliError(f"no Modelfile at {path} (name one with -f)") from None
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-    body: dict[str, Any] = {"model": args.model, "modelfile": text, "path": str(path), "stream": True}
-    if args.quantize:
-        body["quantize"] = args.quantize
+    extra = {"quantize": args.quantize} if args.quantize else {}
     with connect(autostart=True) as client:
         try:
-            with client.stream("POST", "/api/create", body) as events:
-                show_progress(events, verb="copying")
+            # NOTE: local files are uploaded, not named by path (shoal.cli.create says why).
+            show_progress(create_events(client, args.model, text, path.parent, extra),
+                          verb="copying")
         except ErrorReply as exc:
             if exc.missing_endpoint:
                 raise CliError(f"this server cannot create models ({exc.message})") from None

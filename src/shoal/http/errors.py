@@ -9,7 +9,7 @@ from shoal.core.errors import (AuthenticationError, ContextLengthExceededError, 
                           ModelNotFoundError, PayloadTooLargeError, PermissionDeniedError,
                           RateLimitedError, ServerBusyError, ShoalError, UnknownModelError,
                           UnsupportedFeatureError)
-from shoal.store.errors import PullError
+from shoal.store.errors import DigestMismatchError, PullError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> HttpError:
     if isinstance(exc, RateLimitedError):
         return HttpError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
                          headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, DigestMismatchError):
+        # NOTE: bytes a caller sent (or a source served) that are not what their digest says;
+        # the message names no file (the scratch file's path is the server's business).
+        return HttpError(400, "digest mismatch", param="digest", code="digest_mismatch")
     if isinstance(exc, (CorruptModelError, ModelNotFoundError)):
         # NOTE: a stored model whose files were removed or damaged on disk: it is not listed
         # any more and retrying cannot help (so not a 5xx); pulling or creating it again does.

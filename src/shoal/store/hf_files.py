@@ -1,21 +1,35 @@
-"""Which files of a Hugging Face model directory the store keeps (and the loader needs)."""
+"""Which files of a Hugging Face model directory the store keeps (and the loader needs).
+
+An allow-list by exact name (and `*.safetensors`): a directory someone else filled may hold any
+`*.json`, and whatever is kept ends up in a blob that a push sends out.
+"""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 # NOTE: weights only as safetensors (pickled .bin/.pth can run code and the loader refuses
-# them); configs, tokenizers and chat templates by name or extension.
-_KEEP_SUFFIXES = (".safetensors", ".json", ".jinja", ".tiktoken")
-_KEEP_NAMES = frozenset({"tokenizer.model", "merges.txt", "vocab.txt"})
+# them).
+_WEIGHTS_SUFFIX = ".safetensors"
+_KEEP_NAMES = frozenset({
+    # the model
+    "config.json", "generation_config.json", "model.safetensors.index.json",
+    # tokenizers and chat templates (text/tokenizer.py, and the files transformers writes)
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.json",
+    "chat_template.jinja",
+    # sentence-transformers models
+    "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
+})
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+# A PEFT adapter directory: what model/lora.py reads of it.
+ADAPTER_FILE_NAMES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 def is_model_file_name(name: str) -> bool:
     """True for a top-level file name the store keeps from a model directory."""
-    if not _SAFE_NAME.fullmatch(name) or ".." in name:
+    if not is_safe_title(name):
         return False
-    return name in _KEEP_NAMES or name.endswith(_KEEP_SUFFIXES)
+    return name in _KEEP_NAMES or name.endswith(_WEIGHTS_SUFFIX)
 
 
 def is_safe_title(name: str) -> bool:
@@ -26,11 +40,10 @@ def is_safe_title(name: str) -> bool:
 def select_model_files(names: list[str]) -> list[str]:
     """The top-level names to keep, sorted; [] unless config.json and a safetensors are there."""
     kept = sorted(n for n in names if "/" not in n and is_model_file_name(n))
-    if "config.json" not in kept or not any(n.endswith(".safetensors") for n in kept):
+    if "config.json" not in kept or not any(n.endswith(_WEIGHTS_SUFFIX) for n in kept):
         return []
     return kept
 
 
-def model_dir_files(directory: Path) -> list[Path]:
-    names = [p.name for p in directory.iterdir() if p.is_file()]
-    return [directory / n for n in select_model_files(names)]
+def select_adapter_files(names: list[str]) -> list[str]:
+    return [n for n in ADAPTER_FILE_NAMES if n in names]

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from shoal.core.errors import CorruptModelError, UnknownModelError
-from shoal.store.blobs import BlobStore
-from shoal.store.create import Creator, manifest_for
+from shoal.core.scratch import hold, remove_abandoned
+from shoal.store.blobs import DIRS_DIR, BlobStore
+from shoal.store.create import Creator, LocalPaths, manifest_for
 from shoal.store.errors import PullError, RegistryError
 from shoal.store.hf_files import is_safe_title
 from shoal.store.locks import Lease, StoreLocks, leased_digests
@@ -49,8 +49,6 @@ from shoal.store.sources.huggingface import HuggingFaceSource
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "~/.shoal/models"
-DIRS_DIR = "dirs"
-_STALE_TEMP_SECONDS = 24 * 3600
 
 
 @dataclass(slots=True)
@@ -140,7 +138,7 @@ class ModelStore:
 
     def __init__(self, root: str | Path, *, builtin: BuiltinSource | None = None,
                  huggingface: HuggingFaceSource | None = None,
-                 registry: RegistryClient | None = None, link_imports: bool = True) -> None:
+                 registry: RegistryClient | None = None) -> None:
         self.root = Path(root).expanduser()
         self.blobs = BlobStore(self.root)
         self.manifests = ManifestStore(self.root)
@@ -148,7 +146,6 @@ class ModelStore:
         self.builtin = builtin if builtin is not None else BuiltinSource()
         self.huggingface = huggingface if huggingface is not None else HuggingFaceSource()
         self.registry = registry if registry is not None else RegistryClient()
-        self.link_imports = link_imports
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> ModelStore:
@@ -306,7 +303,9 @@ class ModelStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
+        held = os.open(tmp, os.O_RDONLY)
         try:
+            hold(held)      # NOTE: so remove_leftovers knows it is being built
             for title, blob in blob_paths.items():
                 os.symlink(os.path.relpath(blob, target), tmp / str(title))
             try:
@@ -317,6 +316,7 @@ class ModelStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+            os.close(held)
         return target
 
     def show(self, name: str | ModelName) -> ModelShow:
@@ -421,16 +421,21 @@ class ModelStore:
 
     def create(self, name: str | ModelName, modelfile: str | Modelfile,
                base_dir: str | Path | None = None,
-               progress: ProgressCallback | None = None) -> StoredModel:
+               progress: ProgressCallback | None = None, *,
+               paths: LocalPaths | None = None,
+               uploads: dict[str, dict[str, str]] | None = None) -> StoredModel:
         """Builds `name` from a Modelfile (text or parsed); relative paths in it are relative
-        to `base_dir` (default: the current directory). Emits Ollama-style /api/create events."""
+        to `base_dir` (default: the current directory). `paths` limits what FROM / ADAPTER
+        paths may read (default: anything a model needs, with detailed errors); `uploads`
+        maps a FROM / ADAPTER value to uploaded blobs (file name -> digest) that stand for it.
+        Emits Ollama-style /api/create events."""
         model = self._name(name)
         reporter = Reporter(progress)
         reporter.status("parsing modelfile")
         parsed = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
         base = Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
         with Lease(self.root) as lease, self._cleanup_on_failure(lease):
-            layers, details = Creator(self, parsed, base, lease, reporter).run()
+            layers, details = Creator(self, parsed, base, lease, reporter, paths, uploads).run()
             manifest = manifest_for(self.blobs, layers, details, lease)
             reporter.status("writing manifest")
             self._write_manifest(model, manifest, lease)
@@ -466,11 +471,24 @@ class ModelStore:
 
     def prune(self) -> list[str]:
         """Removes every blob no manifest references and no operation in progress needs
-        (e.g. at server start, as Ollama does), stale directories and old temp files."""
+        (e.g. at server start, as Ollama does), stale directories, and what killed
+        processes left behind (`remove_leftovers`)."""
         with self.locks.store_lock():
             removed = self._prune_locked(None)
-            self._prune_temp_files()
-            return removed
+        self.remove_leftovers()
+        return removed
+
+    def remove_leftovers(self) -> list[Path]:
+        """Scratch files and folders of writes that a killed process (`kill -9`) never
+        finished: blob uploads and imports, staging folders, half-built model folders, the
+        built-in models' fetches in the download cache. Never those of a live process, in
+        this one or another (see core/scratch.py). Cheap: `shoal serve` runs it at start."""
+        removed = self.blobs.remove_abandoned_scratch()
+        removed += remove_abandoned(self.root / DIRS_DIR, ".tmp-*")
+        # NOTE: where an older shoal streamed uploads (`.upload-*` in the root, unheld).
+        removed += remove_abandoned(self.root, ".upload-*")
+        removed += self.builtin.remove_leftovers()
+        return removed
 
     def _prune_locked(self, candidates: set[str] | None, keep_partials: bool = False) -> list[str]:
         """Removes the `candidates` (None: every blob) that nothing references or leases, and
@@ -507,18 +525,3 @@ class ModelStore:
                 continue
             if entry.name not in wanted:
                 shutil.rmtree(entry, ignore_errors=True)
-
-    def _prune_temp_files(self) -> None:
-        cutoff = time.time() - _STALE_TEMP_SECONDS
-        for folder in (self.blobs.dir, self.root / DIRS_DIR):
-            if not folder.is_dir():
-                continue
-            for entry in folder.glob(".tmp-*"):
-                try:
-                    if entry.lstat().st_mtime < cutoff:
-                        if entry.is_dir():
-                            shutil.rmtree(entry, ignore_errors=True)
-                        else:
-                            entry.unlink(missing_ok=True)
-                except OSError:
-                    continue

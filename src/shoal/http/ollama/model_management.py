@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,23 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from shoal.core.errors import UnknownModelError
+from shoal.access.principal import current_principal
+from shoal.core.errors import InvalidParameterError, UnknownModelError
 from shoal.http.errors import HttpError, classify
 from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
 from shoal.http.ollama.routes import NDJSON, read_body
+from shoal.store.blobs import is_digest, normalize_digest
+from shoal.store.create import LocalPaths
+from shoal.store.errors import DigestMismatchError
 from shoal.store.modelfile import Message, Modelfile, check_parameters
 from shoal.store.names import parse_name
 
 router = APIRouter(prefix="/api")
 
 _DONE = object()
+# the `uploads` keys the object form of /api/create gives Ollama's `files` and `adapters`
+FILES_KEY = "files"
+ADAPTERS_KEY = "adapters"
 
 
 def _store(request: Request):
@@ -132,7 +138,8 @@ async def create(request: Request) -> Response:
     body = await read_body(request, CreateBody)
     name = _model_name(body)
     store = _store(request)
-    modelfile, base_dir = modelfile_of(body, store)
+    modelfile, base_dir, uploads = modelfile_of(body, store)
+    paths = local_paths_policy(request)
     residency = request.app.state.residency
 
     async def forget_loaded() -> None:
@@ -140,33 +147,65 @@ async def create(request: Request) -> Response:
         await residency.unload(name)
 
     return await _progress_response(
-        lambda progress: store.create(name, modelfile, base_dir=base_dir, progress=progress),
+        lambda progress: store.create(name, modelfile, base_dir=base_dir, progress=progress,
+                                      paths=paths, uploads=uploads),
         _stream_flag(body), after=forget_loaded)
 
 
-def modelfile_of(body: CreateBody, store) -> tuple[Any, Path]:
-    """The Modelfile of either form of /api/create: the text (older clients), or — built as
-    an object, so no quoting can break — the fields of current clients (`from`, `files`,
-    `adapters`, `template`, `system`, `parameters`, `messages`, `license`)."""
+def local_paths_policy(request: Request) -> LocalPaths:
+    """FROM / ADAPTER paths on the server's disk: off with SHOAL_ALLOW_LOCAL_PATHS=0; with keys
+    required, for admin keys only (on loopback too). Only admins learn why a path failed: to
+    anyone else every path problem reads the same (which files exist is not theirs to learn)."""
+    settings = request.app.state.settings
+    principal = current_principal.get()
+    refusal = None
+    if not settings.allow_local_paths:
+        refusal = ("this server does not read model files from its own disk "
+                   "(SHOAL_ALLOW_LOCAL_PATHS=0); upload them (POST /api/blobs/<digest>) and name "
+                   "them in 'files', as `shoal create` does")
+    elif getattr(request.app.state.authenticator, "required", False) and not principal.admin:
+        refusal = ("reading model files from the server's disk needs an admin key; upload them "
+                   "(POST /api/blobs/<digest>) and name them in 'files', as `shoal create` does")
+    return LocalPaths(refusal=refusal, detailed=principal.admin)
+
+
+def _uploaded(store, field: str, files: dict[str, str]) -> dict[str, str]:
+    """`files` (file name -> digest) with each digest checked and present; else 400."""
+    checked = {}
+    for file_name, digest in files.items():
+        if not is_digest(digest):
+            raise HttpError(400, f"{field}: {file_name[:200]!r}: not a sha256 digest", param=field)
+        digest = normalize_digest(digest)
+        if not store.blobs.has(digest):
+            raise HttpError(400, f"{field}: blob {digest} has not been uploaded", param=field)
+        checked[file_name] = digest
+    return checked
+
+
+def modelfile_of(body: CreateBody, store) -> tuple[Any, Path, dict[str, dict[str, str]]]:
+    """The Modelfile of either form of /api/create, its folder, and the uploaded files that
+    stand for its FROM / ADAPTER values: the text (older clients; `uploads` maps a value as
+    written to uploaded files, as `shoal create` sends a local model), or, built as an object
+    so no quoting can break, the fields of current clients (`from`, `files`, `adapters`,
+    `template`, `system`, `parameters`, `messages`, `license`)."""
     base_dir = Path(body.path).expanduser().parent if body.path else Path.cwd()
+    uploads = {value: _uploaded(store, "uploads", files)
+               for value, files in (body.uploads or {}).items()}
     if body.modelfile:
-        return body.modelfile, base_dir
+        return body.modelfile, base_dir, uploads
     if body.from_:
         base = body.from_
     elif body.files:
-        if len(body.files) != 1:
-            raise HttpError(400, "files: exactly one weights file is supported", param="files")
-        digest = next(iter(body.files.values()))
-        if not store.blobs.has(digest):
-            raise HttpError(400, f"files: blob {digest} has not been uploaded", param="files")
-        base = str(store.blobs.path(digest))
+        base = FILES_KEY
+        uploads[FILES_KEY] = _uploaded(store, "files", body.files)
     else:
         raise HttpError(400, "neither 'from' nor 'files' was specified", param="from")
     adapters = []
-    for digest in (body.adapters or {}).values():
-        if not store.blobs.has(digest):
-            raise HttpError(400, f"adapters: blob {digest} has not been uploaded", param="adapters")
-        adapters.append(str(store.blobs.path(digest)))
+    if body.adapters:
+        # NOTE: as in Ollama, the files of `adapters` make one adapter (a PEFT directory's
+        # two files, or one GGUF).
+        adapters.append(ADAPTERS_KEY)
+        uploads[ADAPTERS_KEY] = _uploaded(store, "adapters", body.adapters)
     licenses = body.license if isinstance(body.license, list) else ([body.license] if body.license else [])
     messages = []
     for i, message in enumerate(body.messages or []):
@@ -176,7 +215,7 @@ def modelfile_of(body: CreateBody, store) -> tuple[Any, Path]:
     modelfile = Modelfile(base=base, parameters=check_parameters(body.parameters or {}),
                           template=body.template, system=body.system, messages=messages,
                           adapters=adapters, licenses=list(licenses))
-    return modelfile, base_dir
+    return modelfile, base_dir, uploads
 
 
 @router.post("/copy")
@@ -210,19 +249,31 @@ async def blob_exists(digest: str, request: Request) -> Response:
 async def blob_upload(digest: str, request: Request) -> Response:
     """Stores an uploaded file under its digest (the client sends it before /api/create).
 
-    Streamed to a temporary file (a GGUF upload can be gigabytes; the body limit does not
-    apply to this path), then imported with its digest checked.
+    Streamed into a scratch file in the store (a GGUF upload can be gigabytes; the body limit
+    does not apply to this path, SHOAL_MAX_BLOB_BYTES does: 413, checked as the bytes arrive,
+    whatever Content-Length said), hashed as it arrives, kept only if it hashes to `digest`
+    (else 400 "digest mismatch").
     """
     store = _store(request)
+    try:
+        digest = normalize_digest(digest)
+    except InvalidParameterError as exc:
+        raise HttpError(400, exc.message, param="digest") from None
     if store.blobs.has(digest):
         return Response(status_code=200)
-    fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=store.blobs.root)
-    tmp = Path(tmp_name)
-    try:
-        with open(fd, "wb") as out:
-            async for chunk in request.stream():
-                out.write(chunk)
-        await asyncio.to_thread(store.blobs.import_file, tmp, digest=digest, link=False)
-    finally:
-        tmp.unlink(missing_ok=True)
+    limit = request.app.state.settings.max_blob_bytes
+    too_large = HttpError(413, f"the blob is larger than this server's limit of {limit} bytes "
+                               "(SHOAL_MAX_BLOB_BYTES)", code="blob_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    with store.blobs.writer() as writer:
+        async for chunk in request.stream():
+            if writer.size + len(chunk) > limit:
+                raise too_large
+            writer.write(chunk)
+        try:
+            await asyncio.to_thread(writer.commit, digest)
+        except DigestMismatchError:
+            raise HttpError(400, "digest mismatch", param="digest", code="digest_mismatch") from None
     return Response(status_code=201)

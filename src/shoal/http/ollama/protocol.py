@@ -78,6 +78,9 @@ class CreateBody(_Body):
     from_: StrictStr | None = Field(default=None, alias="from")
     files: dict[str, StrictStr] | None = None          # file name -> uploaded blob digest
     adapters: dict[str, StrictStr] | None = None
+    # shoal's: a FROM / ADAPTER value of `modelfile` -> the uploaded files (name -> digest)
+    # that stand for it (`shoal create` uploads a local model and keeps the Modelfile's text)
+    uploads: dict[StrictStr, dict[str, StrictStr]] | None = None
     template: StrictStr | None = None
     license: Union[StrictStr, list[StrictStr], None] = None
     system: StrictStr | None = None

@@ -2,8 +2,8 @@
 `gemma3:270m`.
 
 `shoal.model.builtin.ensure_builtin_model` fetches and caches the GGUF (its sha256 is known
-up front, so it is the blob's digest); this module imports it into the store (a hardlink when
-the cache is on the same filesystem) with a params layer of sensible defaults and a license.
+up front, so it is the blob's digest); this module copies it into the store, with a params
+layer of sensible defaults and a license.
 """
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from shoal.model.builtin import BuiltinModel, ensure_builtin_model, find_builtin
+from shoal.model.builtin import (
+    BuiltinModel,
+    ensure_builtin_model,
+    find_builtin,
+    remove_abandoned_fetches,
+)
 from shoal.store.blobs import BlobStore
 from shoal.store.errors import DigestMismatchError
 from shoal.store.locks import Lease
@@ -51,6 +56,10 @@ class BuiltinSource:
         self.cache_dir = cache_dir
         self.ensure = ensure
 
+    def remove_leftovers(self) -> list[Path]:
+        """What killed fetches left in the download cache (model.builtin)."""
+        return remove_abandoned_fetches(self.cache_dir)
+
     def find(self, name: ModelName) -> BuiltinModel | None:
         """The built-in model `name` means, if any (only names in the default namespace)."""
         if (name.registry.lower(), name.namespace.lower()) != (DEFAULT_REGISTRY, DEFAULT_NAMESPACE):
@@ -70,7 +79,7 @@ class BuiltinSource:
         digest = "sha256:" + model.sha256
         status = f"pulling {short_digest(digest)}"
         report = reporter.bytes(status, digest, model.size)
-        blob_size = blobs.claim(digest, lease.add_one)
+        blob_size = blobs.claim_verified(digest, lease.add_one)
         if blob_size != model.size:
             report(0, model.size)
 

@@ -322,7 +322,7 @@ class HuggingFaceSource:
         status = f"pulling {short_digest(digest)}" if digest else f"pulling {file.name}"
         report = reporter.bytes(status, digest, file.size)
         if digest is not None and file.size is not None and \
-                blobs.claim(digest, lease.add_one) == file.size:
+                blobs.claim_verified(digest, lease.add_one) == file.size:
             report(file.size, file.size)
             return Layer(media_type, digest, file.size, dict(annotations or {})), blobs.path(digest)
         local = self.fetch(repo, file, snapshot, report)
