@@ -27,7 +27,7 @@ from shoal.access.principal import current_principal
 from shoal.core.errors import ServerBusyError, ShoalError
 from shoal.serving.catalog import Catalog, ModelSpec
 from shoal.serving.served import ServedModel
-from shoal.store.names import normalize_name
+from shoal.store.names import check_name_size, normalize_name
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class ResidencyManager:
     # ---- queries ---------------------------------------------------------------------------
     def resolve(self, name: str) -> ModelSpec:
         """The model a name means, loaded or not; raises UnknownModelError, or 403 when the
-        caller's API key may not use it (checked here so no route can load it for them)."""
+        caller's API key may not use it (checked here so no route can load it for them); a
+        name over 255 bytes is a 400 before any lookup."""
+        check_name_size(name)
         spec = self.catalog.resolve(name)
         check_model_access(current_principal.get(), spec)
         return spec

@@ -11,6 +11,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError
 
 # Used when a model carries no template of its own.
@@ -92,7 +93,7 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
         role = "system"  # NOTE: OpenAI's newer name for the system role; templates know only "system".
     if not isinstance(role, str) or role not in ROLES:
         raise InvalidParameterError(
-            "messages", f"{where}.role must be one of {sorted(ROLES)}, got {role!r}")
+            "messages", f"{where}.role must be one of {sorted(ROLES)}, got {clip(repr(role))}")
     out = dict(message)
     out["role"] = role
     tool_calls = message.get("tool_calls")
@@ -140,7 +141,7 @@ def _flatten_content(where: str, content: Any) -> str:
             kind = part.get("type")
             if kind not in _TEXT_PART_TYPES:
                 raise InvalidParameterError(
-                    "messages", f"{where}.content[{j}] has type {kind!r}; this model reads text only")
+                    "messages", f"{where}.content[{j}] has type {clip(repr(kind))}; this model reads text only")
             text = part.get("text")
             if not isinstance(text, str):
                 raise InvalidParameterError("messages", f"{where}.content[{j}].text must be a string")

@@ -15,12 +15,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from shoal.core.echo import clip
 from shoal.core.errors import UnknownModelError
 from shoal.http.errors import HttpError, classify
 from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
 from shoal.http.ollama.routes import NDJSON, read_body
 from shoal.store.modelfile import Message, Modelfile, check_parameters
-from shoal.store.names import parse_name
+from shoal.store.names import check_name_size, parse_name
 
 router = APIRouter(prefix="/api")
 
@@ -155,14 +156,14 @@ def modelfile_of(body: CreateBody, store) -> tuple[Any, Path]:
             raise HttpError(400, "files: exactly one weights file is supported", param="files")
         digest = next(iter(body.files.values()))
         if not store.blobs.has(digest):
-            raise HttpError(400, f"files: blob {digest} has not been uploaded", param="files")
+            raise HttpError(400, f"files: blob {clip(digest)} has not been uploaded", param="files")
         base = str(store.blobs.path(digest))
     else:
         raise HttpError(400, "neither 'from' nor 'files' was specified", param="from")
     adapters = []
     for digest in (body.adapters or {}).values():
         if not store.blobs.has(digest):
-            raise HttpError(400, f"adapters: blob {digest} has not been uploaded", param="adapters")
+            raise HttpError(400, f"adapters: blob {clip(digest)} has not been uploaded", param="adapters")
         adapters.append(str(store.blobs.path(digest)))
     licenses = body.license if isinstance(body.license, list) else ([body.license] if body.license else [])
     messages = []
@@ -181,6 +182,8 @@ async def copy(request: Request) -> Response:
     body = await read_body(request, CopyBody)
     if not body.source or not body.destination:
         raise HttpError(400, "source and destination are required")
+    check_name_size(body.source, "source")
+    check_name_size(body.destination, "destination")
     store = _store(request)
     await asyncio.to_thread(store.copy, body.source, body.destination)
     return Response(status_code=200)
