@@ -195,8 +195,9 @@ async def delete(request: Request) -> Response:
     name = _model_name(body)
     store = _store(request)
     residency = request.app.state.residency
-    await residency.unload(name)
     await asyncio.to_thread(store.delete, name)
+    # NOTE: only once the delete succeeded: a name that is not stored (404) unloads nothing.
+    await residency.unload(name)
     return Response(status_code=200)
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shoal.core.echo import clip
-from shoal.core.errors import InvalidParameterError, UnknownModelError, UnsupportedFeatureError
+from shoal.core.errors import (InvalidParameterError, PermissionDeniedError, UnknownModelError,
+                               UnsupportedFeatureError)
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.outputs import RequestOutput
 from shoal.http.errors import HttpError, classify
@@ -327,9 +328,16 @@ def chat_prompt(model: ServedModel, messages: list[dict[str, Any]],
 
 # ---- request checks -------------------------------------------------------------------------
 
-def check_keep_alive(body: GenerateBody | ChatBody) -> float | None:
-    """The request's keep_alive in seconds (None = unset, inf = forever); 400 on garbage."""
-    return parse_keep_alive(body.keep_alive)
+def check_keep_alive(residency: ResidencyManager, body: GenerateBody | ChatBody,
+                     load_call: bool) -> float | None:
+    """The request's keep_alive in seconds (None = unset, inf = forever) as the caller's key
+    may set it (ResidencyManager.bounded_keep_alive); 400 on garbage. The load call that
+    unloads (keep_alive 0, nothing to generate) is a 403 for a key that may not unload."""
+    requested = parse_keep_alive(body.keep_alive)
+    if load_call and requested == 0 and not residency.may_unload():
+        raise PermissionDeniedError("unloading a model (keep_alive 0) needs an admin key when API keys "
+                                    "are required", code="admin_required", model=body.model)
+    return residency.bounded_keep_alive(requested)
 
 
 def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> None:
