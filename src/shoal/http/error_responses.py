@@ -43,12 +43,24 @@ def origin_refused(path: str, origin: str) -> JSONResponse:
                                           code="origin_not_allowed"))
 
 
+# pydantic names the member of a union that failed (`stop.str`, `stop.list[str]`); the field
+# is what the client wrote.
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool"})
+
+
+def _field_path(loc: Iterable) -> str:
+    return ".".join(str(p) for p in loc if p != "body" and not (
+        isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p)))
+
+
 def describe_validation(errors: Iterable[dict]) -> HttpError:
     """FastAPI's validation errors as one 400 that names the first bad field."""
     errors = list(errors)
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    param = ".".join(loc) or None
+    param = _field_path(first.get("loc", ())) or None
+    # NOTE: a union's members each add an error for the same field: one problem to the client
+    errors = [e for i, e in enumerate(errors)
+              if i == 0 or _field_path(e.get("loc", ())) != _field_path(errors[i - 1].get("loc", ()))]
     if first.get("type") == "json_invalid":
         return HttpError(400, "the request body is not valid JSON: "
                          + str(first.get("ctx", {}).get("error", first.get("msg", ""))))

@@ -109,6 +109,13 @@ def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float)
                            arrival_time=arrival)
 
 
+def prompt_count(prompt: Any) -> int:
+    """How many prompts OpenAI's `prompt` holds (a string or a list of token ids is one)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        return 1
+    return len(prompt)
+
+
 def completion_prompts(model: ServedModel, prompt: Any) -> list[tuple[str, list[int]]]:
     """OpenAI's four prompt forms -> (text, token ids) per prompt."""
     tokenizer = model.tokenizer
