@@ -222,7 +222,7 @@ def test_the_openai_client_is_still_served(server) -> None:
     assert len(reply.choices) == 2 and reply.usage.completion_tokens <= 6
     stream = client.completions.create(model=MODEL, prompt=["Once", "Twice"], max_tokens=2, stream=True,
                                        temperature=1, logprobs=2, stream_options={"include_usage": True})
-    assert [c for c in stream if c.usage][0].usage.completion_tokens <= 4
+    assert next(c for c in stream if c.usage).usage.completion_tokens <= 4
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=MODEL, messages=CHAT["messages"], temperature=2.5)
     assert refused.value.body["param"] == "temperature"
