@@ -37,7 +37,9 @@ MAX_CHARS = 16 << 20
 MAX_SECONDS = 2.0         # wall-clock time of one execution
 _CLOCK_EVERY = 64         # steps between looks at the clock
 # Functions whose result is built from their arguments' text: their arguments' sizes are
-# charged before the call, so that one call cannot make a string far over the budget.
+# checked before the call, so that one call cannot make a string far over the budget. (The
+# escapers and json can still grow what fits a few times, `<` to `\u003c`: a long prompt must
+# stay printable through them; the result is charged after.)
 _BUILDERS = frozenset({"print", "printf", "println", "html", "js", "urlquery", "json"})
 
 
