@@ -20,3 +20,17 @@ def test_keep_alive_refuses_garbage(value) -> None:
     with pytest.raises(InvalidParameterError) as info:
         parse_keep_alive(value)
     assert info.value.field == "keep_alive"
+
+
+@pytest.mark.parametrize("value", [1e18, 1e308, 10**400, "1e18", 1e9 + 1, "99999999999999999999h", "-1e308"])
+def test_keep_alive_past_a_billion_seconds_is_forever(value) -> None:
+    # issue 13: 1e18 s was kept as is, and /api/ps then failed to write the expiry date
+    assert parse_keep_alive(value) == FOREVER
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "NaN", "nan", "inf",
+                                   "Infinity", "-Infinity", "1e400", [5], {"s": 5}])
+def test_keep_alive_must_be_finite(value) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        parse_keep_alive(value)
+    assert info.value.field == "keep_alive"

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shoal.core.errors import (ContextLengthExceededError, ServerBusyError,
+from shoal.access.principal import KeyLimits, Principal, current_principal
+from shoal.core.errors import (ContextLengthExceededError, InvalidParameterError, ServerBusyError,
                                ServerShuttingDownError)
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.events import EngineEvent, Scheduled, Update
@@ -185,18 +186,38 @@ def test_a_request_the_engine_refuses_takes_nothing() -> None:
 
 
 def test_several_prompts_are_admitted_all_or_none() -> None:
-    service, engine, residency, model = setup(max_queue=0)     # one running slot, no queue
+    service, engine, residency, model = setup(max_queue=1)     # one running slot, one queued
+    first = service.start(request(model, "first"))              # takes the running slot
     with pytest.raises(ServerBusyError) as refused:
         service.start_all([request(model, "p0"), request(model, "p1")])
     assert refused.value.reason == "queue_full"
-    assert service.num_in_flight() == 0 and residency.holds == 0
-    assert counter(service, "shoal:requests_rejected_total", reason="queue_full") == 1
-    # the slot the first prompt held is free again
-    stream = service.start(request(model, "alone"))
     assert service.num_in_flight() == 1 and residency.holds == 1
-    del stream
+    assert counter(service, "shoal:requests_rejected_total", reason="queue_full") == 1
+    # the queue place the first prompt held is free again
+    stream = service.start(request(model, "alone"))
+    assert service.num_in_flight() == 2 and residency.holds == 2
+    del stream, first
     gc.collect()
     assert service.num_in_flight() == 0 and residency.holds == 0
+
+
+def test_more_prompts_than_could_ever_be_admitted_are_a_400() -> None:
+    # issue 13: 100,000 prompts got a 503 (retry later) that could never succeed
+    service, engine, residency, model = setup(max_queue=2)     # one running slot, two queued
+    service.start_all([request(model, f"p{i}") for i in range(3)])
+    for count in (4, 100_000):
+        with pytest.raises(InvalidParameterError) as refused:
+            service.start_all([request(model, f"q{i}") for i in range(count)])
+        assert refused.value.field == "prompt"
+        assert f"{count} prompts in one request are more than this server can take at once (3: " \
+               "the model runs 1 at once and SHOAL_MAX_QUEUE lets 2 more wait)" in refused.value.message
+    token = current_principal.set(Principal(key_id="k", name="k", limits=KeyLimits(max_concurrent=2)))
+    try:
+        with pytest.raises(InvalidParameterError, match=r"\(2: the API key allows 2 concurrent requests\)"):
+            service.check_prompt_count(model, 3)
+    finally:
+        current_principal.reset(token)
+    gc.collect()
 
 
 def test_a_stream_never_read_gives_its_ticket_back_when_collected() -> None:

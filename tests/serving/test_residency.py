@@ -5,6 +5,7 @@ Real engines over tiny GGUF models (they load in well under a second).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 
 import tiny_models
 from shoal.core.config import EngineConfig
-from shoal.core.errors import ModelLoadError, ServerBusyError, UnknownModelError
+from shoal.access.principal import Principal, current_principal
+from shoal.core.errors import InvalidParameterError, ModelLoadError, ServerBusyError, UnknownModelError
 from shoal.serving.catalog import ModelSpec, StaticCatalog
 from shoal.serving.model_loading import build_served_model
 from shoal.serving.residency import ResidencyManager
@@ -166,8 +168,53 @@ def test_pinned_models_never_unload_by_themselves(tiny_files) -> None:
         assert res.get_loaded("tiny0") is pinned            # neither keep_alive nor expiry
         with pytest.raises(ServerBusyError):
             await res.acquire("tiny1")                      # nor to make room
-        assert await res.unload("tiny0") is True            # an explicit stop still works
-        assert res.get_loaded("tiny0") is None
+        assert await res.unload("tiny0") is False           # nor on request (issue 13)
+        assert res.get_loaded("tiny0") is pinned
         await res.shutdown()
 
     run(scenario())
+
+
+def test_a_pinned_model_is_not_unloaded_on_request(tiny_files) -> None:
+    # issue 13: {"keep_alive": 0} with any key unloaded the `serve --model` model
+    async def scenario():
+        res, _ = manager(tiny_files)
+        pinned = build_served_model(ModelSpec(name="tiny0:latest", path=tiny_files[0]), BASE)
+        res.adopt(pinned, pinned=True)
+        assert await res.unload("tiny0") is False
+        assert await res.unload("tiny0:latest") is False
+        assert res.get_loaded("tiny0") is pinned
+        other = await res.acquire("tiny1")
+        res.release(other)
+        assert await res.unload("tiny1") is True          # an unpinned idle model still unloads
+        await res.shutdown()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("principal, asked, gets, may_unload", [
+    (Principal(), 0.0, 0.0, True),                                       # keys off: as asked
+    (Principal(key_id="a", name="admin", admin=True), 0.0, 0.0, True),   # an admin key: as asked
+    (Principal(key_id="k", name="user"), 0.0, 300.0, False),             # a key: not below the default
+    (Principal(key_id="k", name="user"), 10.0, 300.0, False),
+    (Principal(key_id="k", name="user"), 3600.0, 3600.0, False),         # ... but longer is fine
+    (Principal(key_id="k", name="user"), math.inf, math.inf, False),
+    (Principal(key_id="k", name="user"), None, None, False),             # unset: the default applies
+])
+def test_a_non_admin_key_cannot_shorten_keep_alive(tiny_files, principal, asked, gets, may_unload) -> None:
+    res, _ = manager(tiny_files, default_keep_alive=300.0)
+    token = current_principal.set(principal)
+    try:
+        assert res.bounded_keep_alive(asked) == gets
+        assert res.may_unload() is may_unload
+    finally:
+        current_principal.reset(token)
+
+
+def test_names_over_255_bytes_are_refused_before_any_lookup(tiny_files) -> None:
+    res, _ = manager(tiny_files)
+    res.catalog.resolve = lambda name: pytest.fail("looked up")   # type: ignore[method-assign]
+    for name in ("x" * 256, "é" * 128, "m" * 15_000_000):
+        with pytest.raises(InvalidParameterError) as info:
+            res.resolve(name)
+        assert info.value.field == "model" and len(str(info.value)) < 200

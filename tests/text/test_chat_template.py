@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
+import tracemalloc
 
 import pytest
 from tokenizers import Tokenizer as RustTokenizer
@@ -10,6 +12,7 @@ from tokenizers import models
 
 from shoal.core.errors import InvalidParameterError
 from shoal.text import DEFAULT_CHAT_TEMPLATE, Tokenizer, render_chat_template
+from shoal.text import jinja_sandbox
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there!"}],
@@ -140,3 +143,68 @@ def test_tool_calls_and_tool_results_pass_through() -> None:
     # The caller's messages are not modified.
     assert messages[1]["content"] is None and messages[3]["role"] == "developer"
     assert isinstance(messages[1]["tool_calls"][0]["function"]["arguments"], str)
+
+
+# ---- the sandbox's budget (issue 13: a model file's template is anyone's code) ----------------
+
+HI = [{"role": "user", "content": "hi"}]
+# The Jinja twin of the issue's Go template: a string doubled sixty times.
+DOUBLING = ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+            "{% endfor %}{{ ns.s }}")
+
+
+@pytest.mark.parametrize("template", [
+    DOUBLING,
+    DOUBLING.replace("ns.s ~ ns.s", "ns.s + ns.s"),
+    "{{ 'x' * 1000000000 }}",
+    "{{ 10 ** 100000000 }}",
+    "{{ 'x'|center(1000000000) }}",
+    "{{ 'x'.ljust(1000000000) }}",
+    "{% set s = 'x' * 100000 %}{{ s.replace('', s) }}",
+    "{% set s = 'x' * 100000 %}{{ s|replace('', s) }}",
+    "{% set s = 'x\n' * 100000 %}{{ s|indent(100000) }}",
+    "{% set s = 'x' * 1000000 %}{{ s.join(['a'] * 100000) }}",
+    "{{ '%1000000000d' % 1 }}",
+    "{{ '%1000000000d'|format(1) }}",
+    "{{ '{:1000000000}'.format(1) }}",
+    "{{ '{0:{1}}'.format(1, 1000000000) }}",
+    "{{ [1]|batch(1000000000, 'x')|list }}",
+    "{{ messages|tojson(indent=1000000000) }}",
+    "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
+])
+def test_a_template_cannot_make_huge_strings(template: str) -> None:
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(InvalidParameterError) as info:
+            render_chat_template(template, HI)
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.field == "messages"
+    assert "too much text" in info.value.message or "too large a number" in info.value.message
+    assert elapsed < 1.5 and peak < 400 << 20, (elapsed, peak >> 20)
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "runs too long"),
+    ("{% macro a() %}{{ a() }}{% endmacro %}{{ a() }}", "nests too deeply"),
+    ("{{ range(10**9)|length }}", "Range too big"),
+    ("{{ 1 / 0 }}", "division by zero"),
+    ("{{ lipsum(1000000) }}", "'lipsum' is undefined"),
+])
+def test_runaway_and_failing_templates_are_invalid_parameters(monkeypatch, template: str, words: str) -> None:
+    monkeypatch.setattr(jinja_sandbox, "MAX_SECONDS", 0.3)
+    started = time.monotonic()
+    with pytest.raises(InvalidParameterError) as info:
+        render_chat_template(template, HI)
+    assert words in info.value.message and time.monotonic() - started < 1.5
+
+
+def test_the_budget_leaves_room_for_long_prompts() -> None:
+    content = "word " * 2_000_000                     # 10 MB, concatenated a few times on its way
+    text = render_chat_template(DEFAULT_CHAT_TEMPLATE, [{"role": "user", "content": content}])
+    assert len(text) == len(content) + 50
+    assert render_chat_template("{{ 'ab' * 3 }}{{ '%5d' % 7 }}{{ '{:>4}'.format('z') }}{{ 'q'|center(5) }}"
+                                "{{ 2 ** 10 }}{{ messages[0].content ~ '!' }}", HI) == "ababab    7   z  q  1024hi!"

@@ -6,6 +6,8 @@ template.Execute; they agree with Go's own text/template (checked outside the su
 from __future__ import annotations
 
 import datetime
+import time
+import tracemalloc
 
 import pytest
 
@@ -581,3 +583,69 @@ def test_huge_widths_deep_nesting_and_recursion_are_refused() -> None:
         compile_template("{{ if 1 }}" * 3000 + "{{ end }}" * 3000)
     with pytest.raises(TemplateError):
         render('{{ define "a" }}{{ template "a" . }}{{ end }}{{ template "a" . }}')
+
+
+# Issue 13: ten copies of a string, nine times over, made a 10^9-character string in 1.3 s.
+DOUBLING = '{{ $s := "x" }}' + 9 * '{{ $s = print $s $s $s $s $s $s $s $s $s $s }}'
+
+
+def _refused_quickly(template: str, data=None, **options) -> TemplateError:
+    """The TemplateError `template` raises, within a second and 200 MB of allocations."""
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TemplateError) as info:
+            render(template, data, **options)
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0, f"took {elapsed:.2f}s"
+    assert peak < 200 << 20, f"allocated {peak >> 20} MB"
+    assert len(str(info.value)) < 400           # the error quotes the template, clipped
+    return info.value
+
+
+@pytest.mark.parametrize("template", [
+    DOUBLING,
+    # the same growth through printf, json and the escapers
+    '{{ $s := "xxxxxxxxxx" }}' + 9 * '{{ $s = printf "%s%s%s%s%s%s%s%s%s%s" $s $s $s $s $s $s $s $s $s $s }}',
+    '{{ $s := "<<<<<<<<<<" }}' + 9 * '{{ $s = html $s $s $s $s $s $s $s $s $s $s }}',
+    '{{ $s := "x" }}' + 30 * '{{ $s = json (print $s $s) }}',
+    # widths: each at most a million, but many of them
+    '{{ printf "' + "%999999d" * 40 + '" ' + " 1" * 40 + " }}",
+    '{{ $w := printf "%999999d" 1 }}{{ range 100 }}{{ $w }}{{ end }}',
+    # many big values kept in variables: their total counts, not just each one
+    '{{ $w := printf "%999999d" 1 }}' + "".join(f"{{{{ $v{i} := print $w }}}}" for i in range(40)),
+    # plain text, repeated
+    "{{ range 1000000 }}" + "x" * 10_000 + "{{ end }}",
+])
+def test_templates_cannot_make_huge_strings(template: str) -> None:
+    error = _refused_quickly(template)
+    assert "too large" in error.detail
+
+
+def test_the_size_budget_counts_characters_made_not_data_read() -> None:
+    prompt = "word " * 1_000_000           # a 5 MB prompt is printed, sliced and measured as usual
+    out = render('{{ .P }}{{ len .P }}{{ slice .P 0 4 }}{{ index .P 0 }}', {"P": prompt})
+    assert out == prompt + "5000000word119"
+    assert render("{{ . }}", "x" * 100, max_chars=100) == "x" * 100
+    with pytest.raises(TemplateError, match="too large"):
+        render("{{ . }}{{ . }}", "x" * 100, max_chars=150)
+    with pytest.raises(TemplateError, match="too large"):
+        render("{{ print . . }}", "x" * 100, max_chars=150)
+
+
+def test_templates_have_a_time_budget(monkeypatch) -> None:
+    monkeypatch.setattr(go_exec, "MAX_SECONDS", 0.2)
+    long = "é" * 1_000_000        # not ASCII: each `len` measures its UTF-8 bytes
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match=r"runs too long \(over 0.2s\)"):
+        render("{{ range 1000000 }}{{ len $.L }}{{ end }}", {"L": long})
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_template_error_quoting_a_huge_value_is_clipped() -> None:
+    with pytest.raises(TemplateError) as info:
+        render("{{ range .S }}{{ end }}", {"S": "y" * 1_000_000})
+    assert len(str(info.value)) < 400

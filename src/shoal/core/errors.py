@@ -6,6 +6,8 @@ never checked with `assert`.
 """
 from __future__ import annotations
 
+from shoal.core.echo import clip
+
 
 class ShoalError(Exception):
     """Base class of every error shoal raises on purpose."""
@@ -64,7 +66,7 @@ class UnknownModelError(ShoalError):
     """A request names a model this server does not serve."""
 
     def __init__(self, name: str, available: list[str] | None = None) -> None:
-        super().__init__(f"model {name!r} not found")
+        super().__init__(f"model '{clip(name)}' not found")
         self.name = name
         self.available = list(available or [])
 

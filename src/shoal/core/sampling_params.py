@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError
 
 # NOTE: OpenAI caps logprobs alternatives at 20; vLLM allows more but the cost grows
@@ -149,11 +150,11 @@ class SamplingParams:
             try:
                 token = int(key)
             except (TypeError, ValueError):
-                raise InvalidParameterError("logit_bias", f"key {key!r} is not a token id") from None
+                raise InvalidParameterError("logit_bias", f"key {clip(repr(key))} is not a token id") from None
             _check_number("logit_bias", value)
             if token < 0 or not -100.0 <= float(value) <= 100.0:
                 raise InvalidParameterError(
-                    "logit_bias", f"token {key!r}: bias must be in [-100, 100] for a token id >= 0")
+                    "logit_bias", f"token {clip(repr(key))}: bias must be in [-100, 100] for a token id >= 0")
             out[token] = float(value)
         return out
 

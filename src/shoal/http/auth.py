@@ -10,7 +10,7 @@ from shoal.access.auth import Authenticator, required_access
 from shoal.access.principal import current_principal
 from shoal.core.errors import AccessDeniedError
 from shoal.http.error_responses import error_response
-from shoal.http.errors import classify
+from shoal.http.errors import HttpError, classify
 
 
 class AuthMiddleware:
@@ -36,8 +36,15 @@ class AuthMiddleware:
         if not self.auth.needs_key(access):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers", ()))
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        given = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
+        if len(given) > 1:
+            # NOTE: which one counts would differ between a proxy and this server (the last
+            # one wins here): the request is refused rather than guessed.
+            error = HttpError(400, f"the request has {len(given)} Authorization headers; send one",
+                              code="invalid_request")
+            await error_response(path, error)(scope, receive, send)
+            return
+        authorization = given[0].decode("latin-1") if given else ""
         try:
             principal = self.auth.admit(access, authorization)
         except AccessDeniedError as exc:

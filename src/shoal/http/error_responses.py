@@ -11,21 +11,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shoal.core.echo import ECHO_LIMIT, clip
 from shoal.core.errors import AccessDeniedError, ShoalError
 from shoal.http import observability
 from shoal.http.errors import HttpError, classify
 from shoal.http.requestid import request_id_headers
 from shoal.serving.records import dialect_of
 
+# An error message quotes at most a few clipped values; longer means an echo clip() missed.
+MAX_MESSAGE_CHARS = 4 * ECHO_LIMIT
+
 
 def error_response(path: str, error: HttpError) -> JSONResponse:
-    # NOTE: messages may echo user text; a lone surrogate in it must not turn a 400 into a 500.
-    message = error.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    # NOTE: messages may echo user text: clipped, and with any lone surrogate escaped, so
+    # that it can neither make the reply huge nor turn a 400 into a 500.
+    message = clip(error.message, MAX_MESSAGE_CHARS)
     if dialect_of(path) == "ollama":
-        ollama = error.ollama_message or message
-        body: dict = {"error": ollama.encode("utf-8", "backslashreplace").decode("utf-8")}
+        body: dict = {"error": clip(error.ollama_message or message, MAX_MESSAGE_CHARS)}
     else:
-        body = {"error": {"message": message, "type": error.type, "param": error.param,
+        param = None if error.param is None else clip(error.param)
+        body = {"error": {"message": message, "type": error.type, "param": param,
                           "code": error.code}}
     observability.note_refusal(message)
     # NOTE: a 500 is rendered outside the request-id middleware; the header is added here.
@@ -38,12 +43,24 @@ def origin_refused(path: str, origin: str) -> JSONResponse:
                                           code="origin_not_allowed"))
 
 
+# pydantic names the member of a union that failed (`stop.str`, `stop.list[str]`); the field
+# is what the client wrote.
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool"})
+
+
+def _field_path(loc: Iterable) -> str:
+    return ".".join(str(p) for p in loc if p != "body" and not (
+        isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p)))
+
+
 def describe_validation(errors: Iterable[dict]) -> HttpError:
     """FastAPI's validation errors as one 400 that names the first bad field."""
     errors = list(errors)
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    param = ".".join(loc) or None
+    param = _field_path(first.get("loc", ())) or None
+    # NOTE: a union's members each add an error for the same field: one problem to the client
+    errors = [e for i, e in enumerate(errors)
+              if i == 0 or _field_path(e.get("loc", ())) != _field_path(errors[i - 1].get("loc", ()))]
     if first.get("type") == "json_invalid":
         return HttpError(400, "the request body is not valid JSON: "
                          + str(first.get("ctx", {}).get("error", first.get("msg", ""))))

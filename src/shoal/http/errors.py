@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from shoal.core.echo import clip
 from shoal.core.errors import (AuthenticationError, ContextLengthExceededError, CorruptModelError,
                           EngineDeadError, InvalidParameterError, ModelLoadError,
                           ModelNotFoundError, PayloadTooLargeError, PermissionDeniedError,
@@ -35,8 +36,8 @@ def classify(exc: BaseException, log_unexpected: bool = True) -> HttpError:
     if isinstance(exc, HttpError):
         return exc
     if isinstance(exc, UnknownModelError):
-        return HttpError(404, f"The model `{exc.name}` does not exist.", param="model",
-                         code="model_not_found", ollama_message=f"model '{exc.name}' not found")
+        return HttpError(404, f"The model `{clip(exc.name)}` does not exist.", param="model",
+                         code="model_not_found", ollama_message=f"model '{clip(exc.name)}' not found")
     if isinstance(exc, ContextLengthExceededError):
         return HttpError(400, exc.message, param=exc.field, code="context_length_exceeded")
     if isinstance(exc, UnsupportedFeatureError):

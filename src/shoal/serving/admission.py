@@ -111,6 +111,13 @@ class AdmissionControl:
         """Requests admitted and not yet ended, over every model."""
         return sum(q.in_flight for q in self._queues.values())
 
+    def most_at_once(self, max_num_seqs: int, priority_class: str) -> tuple[int, str]:
+        """The most requests of this class the model ever holds at once (its running batch
+        plus its class's queue), and the setting that bounds them."""
+        if priority_class == BATCH:
+            return max_num_seqs + self.limits.max_queue_batch, "SHOAL_MAX_QUEUE_BATCH"
+        return max_num_seqs + self.limits.max_queue, "SHOAL_MAX_QUEUE"
+
     def admit(self, model: str, max_num_seqs: int, priority_class: str,
               prompt_tokens: int) -> QueueSlot:
         """A slot for one request, or ServerBusyError naming the bound it would pass."""

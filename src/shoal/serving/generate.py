@@ -15,8 +15,9 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from shoal.access.principal import BATCH
-from shoal.core.errors import ServerBusyError, ServerShuttingDownError, ShoalError, TokenLimitError
+from shoal.access.principal import BATCH, current_principal
+from shoal.core.errors import (InvalidParameterError, ServerBusyError, ServerShuttingDownError, ShoalError,
+                               TokenLimitError)
 from shoal.engine.events import EngineEvent, Scheduled
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.request import FinishReason
@@ -28,6 +29,7 @@ from shoal.serving.metrics import PREFIX, RequestMeter, ServerMetrics
 from shoal.serving.quotas import KeyQuotas
 from shoal.serving.request import GenerateRequest, GenerationEnd, GenerationObserver
 from shoal.serving.residency import ResidencyManager
+from shoal.serving.served import ServedModel
 from shoal.serving.server_state import ServerLifecycle
 from shoal.serving.settings import ServerSettings
 from shoal.serving.stream import RequestStream, all_scheduled
@@ -63,6 +65,23 @@ class GenerationService:
         for ticket in list(self._tickets):
             ticket.abort()
 
+    def check_prompt_count(self, model: ServedModel, count: int) -> None:
+        """400 for more prompts in one request than could ever be admitted together: they are
+        all admitted or none, so the queue's 503 (retry later) would never turn into a yes."""
+        principal = current_principal.get()
+        max_num_seqs = model.engine.limits.max_num_seqs
+        limit, setting = self.admission.most_at_once(max_num_seqs, principal.priority_class)
+        why = f"the model runs {max_num_seqs} at once and {setting} lets {limit - max_num_seqs} more wait"
+        quotas = principal.limits
+        if quotas is not None:      # each prompt is one request to the key's quotas
+            for cap, what in ((quotas.max_concurrent, "concurrent requests"),
+                              (quotas.requests_per_minute, "requests per minute")):
+                if cap is not None and cap < limit:
+                    limit, why = cap, f"the API key allows {cap} {what}"
+        if count > limit:
+            raise InvalidParameterError("prompt", f"{count} prompts in one request are more than this server "
+                                                  f"can take at once ({limit}: {why})")
+
     def start(self, req: GenerateRequest) -> RequestStream:
         """Validates and admits a request now; returns the stream of its merged updates.
 
@@ -80,6 +99,8 @@ class GenerationService:
         try:
             if self.lifecycle.draining or self._aborting:
                 raise ServerShuttingDownError()
+            if len(reqs) > 1:
+                self.check_prompt_count(reqs[0].model, len(reqs))
             for req in reqs:
                 apply_server_limits(req, self.settings.max_prompt_tokens, self.settings.max_tokens)
                 req.model.engine.validate(req.prompt_token_ids, req.params)

@@ -10,7 +10,11 @@ Rules (Ollama's, see docs/operations.md):
 - at most `max_loaded` models, and their sizes (weights + reserved KV) within
   `memory_budget`; to make room, idle models go first, least recently used first; if every
   loaded model is busy, the new load waits up to `load_timeout`, then 503;
-- requests for a model that is loading wait for that one load.
+- requests for a model that is loading wait for that one load;
+- a pinned model (`serve --model`) never unloads, whoever asks: unload() refuses it too;
+- with API keys on, a non-admin key's keep_alive may lengthen its model's stay but not
+  shorten it below SHOAL_KEEP_ALIVE (bounded_keep_alive): other callers share that model,
+  and making it reload for them is an admin's (or, keys off, a local caller's) decision.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from shoal.access.principal import current_principal
 from shoal.core.errors import ServerBusyError, ShoalError
 from shoal.serving.catalog import Catalog, ModelSpec
 from shoal.serving.served import ServedModel
-from shoal.store.names import normalize_name
+from shoal.store.names import check_name_size, normalize_name
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,9 @@ class ResidencyManager:
     # ---- queries ---------------------------------------------------------------------------
     def resolve(self, name: str) -> ModelSpec:
         """The model a name means, loaded or not; raises UnknownModelError, or 403 when the
-        caller's API key may not use it (checked here so no route can load it for them)."""
+        caller's API key may not use it (checked here so no route can load it for them); a
+        name over 255 bytes is a 400 before any lookup."""
+        check_name_size(name)
         spec = self.catalog.resolve(name)
         check_model_access(current_principal.get(), spec)
         return spec
@@ -99,13 +105,27 @@ class ResidencyManager:
     def expires_at(self, model: ServedModel) -> float | None:
         """Wall-clock time the model will unload if it stays idle (None: never)."""
         slot = self._slots.get(model.name)
-        if slot is None or slot.expires_at == NEVER:
+        if slot is None or not math.isfinite(slot.expires_at):
             return None
         return time.time() + (slot.expires_at - time.monotonic())
 
     def active(self, model: ServedModel) -> int:
         slot = self._slots.get(model.name)
         return slot.active if slot else 0
+
+    def bounded_keep_alive(self, requested: float | None) -> float | None:
+        """The keep_alive a request gets from what it asked: as asked for anonymous callers
+        (keys off) and admin keys; at least the server default (SHOAL_KEEP_ALIVE) for any other
+        key, so that one key cannot unload a model that other keys' requests are using."""
+        principal = current_principal.get()
+        if requested is None or principal.key_id is None or principal.admin:
+            return requested
+        return max(requested, self.default_keep_alive)
+
+    def may_unload(self) -> bool:
+        """Whether the caller may unload a model on request (Ollama's keep_alive 0 load call)."""
+        principal = current_principal.get()
+        return principal.key_id is None or principal.admin
 
     # ---- acquire / release -----------------------------------------------------------------
     async def acquire(self, name: str, keep_alive: float | None = None) -> ServedModel:
@@ -163,9 +183,9 @@ class ResidencyManager:
         return model
 
     async def unload(self, name: str) -> bool:
-        """Unloads a model now if it is loaded and idle; True if it was unloaded."""
+        """Unloads a model now if it is loaded, idle and not pinned; True if it was unloaded."""
         slot = self._slots.get(self._key(name))
-        if slot is None or slot.model is None or slot.active:
+        if slot is None or slot.model is None or slot.active or slot.spec.pinned:
             return False
         del self._slots[slot.spec.name]
         model = slot.model

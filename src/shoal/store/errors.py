@@ -1,6 +1,7 @@
 """The store's own error types, each a subclass of one of shoal's (so the HTTP layers map them)."""
 from __future__ import annotations
 
+from shoal.core.echo import clip
 from shoal.core.errors import CorruptModelError, InvalidParameterError, ShoalError
 
 
@@ -8,7 +9,7 @@ class InvalidModelNameError(InvalidParameterError):
     """A model name that does not parse; the message says which part is wrong and why."""
 
     def __init__(self, name: str, problem: str) -> None:
-        super().__init__("model", f"invalid model name {name!r}: {problem}")
+        super().__init__("model", f"invalid model name '{clip(name)}': {problem}")
         self.name = name
         self.problem = problem
 

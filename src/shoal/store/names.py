@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from shoal.core.echo import clip
+from shoal.core.errors import InvalidParameterError
 from shoal.store.errors import InvalidModelNameError
 
 DEFAULT_REGISTRY = "registry.shoal.local"
@@ -24,6 +26,8 @@ DEFAULT_TAG = "latest"
 HF_REGISTRY = "hf.co"
 _HF_ALIASES = frozenset({"hf.co", "huggingface.co"})
 MAX_PART_LEN = 128
+# An OCI reference's limit; checked before a name is parsed, looked up or echoed anywhere.
+MAX_NAME_BYTES = 255
 
 # NOTE: a registry is a host name with an optional port; the port's ':' is why the tag is
 # split off the last '/'-separated segment only.
@@ -110,6 +114,15 @@ class ModelName:
         return f"ModelName({self.full!r})"
 
 
+def check_name_size(name: str, field: str = "model") -> None:
+    """400 (InvalidParameterError on `field`) for a name over MAX_NAME_BYTES in UTF-8, before
+    anything else reads it; the name itself is not echoed."""
+    # NOTE: len() first: a 15 MB name is refused without being encoded.
+    if len(name) > MAX_NAME_BYTES or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidParameterError(field, f"a model name is at most {MAX_NAME_BYTES} bytes long "
+                                           f"(this one has {len(name)} characters)")
+
+
 def _check_part(original: str, kind: str, value: str, rule: str | None = None) -> None:
     label = kind.rstrip(".")
     if not value:
@@ -139,7 +152,7 @@ def _looks_like_host(part: str) -> bool:
 def _checked_registry(original: str, registry: str) -> str:
     if not registry or len(registry) > MAX_PART_LEN or not _REGISTRY_RE.fullmatch(registry):
         raise InvalidModelNameError(
-            original, f"the registry {registry!r} is not a host name (letters, digits, '.', "
+            original, f"the registry '{clip(registry)}' is not a host name (letters, digits, '.', "
                       "'-', optionally ':port')")
     if ".." in registry:
         raise InvalidModelNameError(original, f"the registry {registry!r} contains '..'")
@@ -157,6 +170,7 @@ def parse_name(text: str) -> ModelName:
     """
     if not isinstance(text, str):
         raise InvalidModelNameError(repr(text), "a model name must be a string")
+    check_name_size(text)
     original = text
     text = text.strip()
     for scheme in ("https://", "http://"):

@@ -9,9 +9,11 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError
+from shoal.text import jinja_sandbox
+from shoal.text.jinja_sandbox import BudgetedSandbox, guard_filter
 
 # Used when a model carries no template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -56,22 +58,27 @@ _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 def render_chat_template(template: str | None, messages: Any, *, add_generation_prompt: bool = True,
                          bos_token: str = "", eos_token: str = "",
                          tools: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> str:
-    """Prompt text for `messages`; any fault in them or in the template is InvalidParameterError."""
+    """Prompt text for `messages`; any fault in them or in the template is InvalidParameterError.
+
+    The template runs sandboxed, within jinja_sandbox's size and time budget."""
     normalized = normalize_messages(messages)
     compiled = _compile(template or DEFAULT_CHAT_TEMPLATE)
+    variables = {**kwargs, "messages": normalized, "add_generation_prompt": add_generation_prompt,
+                 "bos_token": bos_token, "eos_token": eos_token, "tools": tools}
     try:
-        return compiled.render(messages=normalized, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, tools=tools, **kwargs)
+        return jinja_sandbox.render(compiled, variables)
     except InvalidParameterError:
         raise
     except jinja2.TemplateError as exc:
-        raise InvalidParameterError("messages", f"the chat template failed: {exc}") from exc
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise InvalidParameterError("messages", f"the chat template failed: {clip(exc)}") from exc
+    except RecursionError:
+        raise InvalidParameterError("messages", "the chat template nests too deeply") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as exc:
         # NOTE: templates do things like `'<s>' + message['content']`; a shape they did not
         # expect surfaces as a plain Python error, which is still the request's fault.
         raise InvalidParameterError(
             "messages", f"the chat template cannot render these messages: "
-                        f"{type(exc).__name__}: {exc}") from exc
+                        f"{type(exc).__name__}: {clip(exc)}") from exc
 
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
@@ -92,7 +99,7 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
         role = "system"  # NOTE: OpenAI's newer name for the system role; templates know only "system".
     if not isinstance(role, str) or role not in ROLES:
         raise InvalidParameterError(
-            "messages", f"{where}.role must be one of {sorted(ROLES)}, got {role!r}")
+            "messages", f"{where}.role must be one of {sorted(ROLES)}, got {clip(repr(role))}")
     out = dict(message)
     out["role"] = role
     tool_calls = message.get("tool_calls")
@@ -140,7 +147,7 @@ def _flatten_content(where: str, content: Any) -> str:
             kind = part.get("type")
             if kind not in _TEXT_PART_TYPES:
                 raise InvalidParameterError(
-                    "messages", f"{where}.content[{j}] has type {kind!r}; this model reads text only")
+                    "messages", f"{where}.content[{j}] has type {clip(repr(kind))}; this model reads text only")
             text = part.get("text")
             if not isinstance(text, str):
                 raise InvalidParameterError("messages", f"{where}.content[{j}].text must be a string")
@@ -168,10 +175,9 @@ def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] |
 
 
 @functools.lru_cache(maxsize=1)
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
+def _environment() -> BudgetedSandbox:
+    env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = guard_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -180,6 +186,9 @@ def _environment() -> ImmutableSandboxedEnvironment:
 @functools.lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
     try:
-        return _environment().from_string(template)
+        # NOTE: within a budget: Jinja folds constant expressions while compiling, and a
+        # filter that would pass the budget must fail there (left to run, within a render's).
+        with jinja_sandbox.budget():
+            return _environment().from_string(template)
     except jinja2.TemplateError as exc:
-        raise InvalidParameterError("messages", f"the model's chat template is invalid: {exc}") from exc
+        raise InvalidParameterError("messages", f"the model's chat template is invalid: {clip(exc)}") from exc

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from shoal.access.principal import current_principal
+from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError, UnknownModelError
 from shoal.http.errors import HttpError, classify
 from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
@@ -23,7 +24,7 @@ from shoal.store.blobs import is_digest, normalize_digest
 from shoal.store.create import LocalPaths
 from shoal.store.errors import DigestMismatchError
 from shoal.store.modelfile import Message, Modelfile, check_parameters
-from shoal.store.names import parse_name
+from shoal.store.names import check_name_size, parse_name
 
 router = APIRouter(prefix="/api")
 
@@ -174,7 +175,7 @@ def _uploaded(store, field: str, files: dict[str, str]) -> dict[str, str]:
     checked = {}
     for file_name, digest in files.items():
         if not is_digest(digest):
-            raise HttpError(400, f"{field}: {file_name[:200]!r}: not a sha256 digest", param=field)
+            raise HttpError(400, f"{field}: {clip(file_name)!r}: not a sha256 digest", param=field)
         digest = normalize_digest(digest)
         if not store.blobs.has(digest):
             raise HttpError(400, f"{field}: blob {digest} has not been uploaded", param=field)
@@ -223,6 +224,8 @@ async def copy(request: Request) -> Response:
     body = await read_body(request, CopyBody)
     if not body.source or not body.destination:
         raise HttpError(400, "source and destination are required")
+    check_name_size(body.source, "source")
+    check_name_size(body.destination, "destination")
     store = _store(request)
     await asyncio.to_thread(store.copy, body.source, body.destination)
     return Response(status_code=200)
@@ -234,8 +237,9 @@ async def delete(request: Request) -> Response:
     name = _model_name(body)
     store = _store(request)
     residency = request.app.state.residency
-    await residency.unload(name)
     await asyncio.to_thread(store.delete, name)
+    # NOTE: only once the delete succeeded: a name that is not stored (404) unloads nothing.
+    await residency.unload(name)
     return Response(status_code=200)
 
 

@@ -108,12 +108,6 @@ class ShowBody(_Body):
 
 # ---- replies -----------------------------------------------------------------------------
 
-def printable(text: str) -> str:
-    """`text` safe to echo in a reply: JSON may carry lone surrogates ("\\ud800") that
-    UTF-8 cannot encode; they are shown escaped instead of failing the whole reply."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def timestamp(at: datetime | None = None) -> str:
     """RFC 3339 in UTC with fractional seconds, as Ollama writes created_at."""
     at = at or datetime.now(timezone.utc)

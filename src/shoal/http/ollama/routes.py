@@ -72,7 +72,7 @@ async def generate(request: Request) -> Response:
     name = serving.check_model_name(residency, body.model)
     if body.raw and (body.template or body.system or body.context):
         raise HttpError(400, "raw mode does not support template, system, or context")
-    keep_alive = serving.check_keep_alive(body)
+    keep_alive = serving.check_keep_alive(residency, body, load_call=not body.prompt)
     if not body.prompt:
         return JSONResponse(await _load_call("generate", residency, name, body.model, keep_alive))
     model = await residency.acquire(name, keep_alive)
@@ -103,7 +103,7 @@ async def chat(request: Request) -> Response:
     body = await read_body(request, ChatBody)
     residency = request.app.state.residency
     name = serving.check_model_name(residency, body.model)
-    keep_alive = serving.check_keep_alive(body)
+    keep_alive = serving.check_keep_alive(residency, body, load_call=not body.messages)
     if not body.messages:
         return JSONResponse(await _load_call("chat", residency, name, body.model, keep_alive))
     model = await residency.acquire(name, keep_alive)

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shoal.core.errors import InvalidParameterError, UnknownModelError, UnsupportedFeatureError
+from shoal.core.echo import clip
+from shoal.core.errors import (InvalidParameterError, PermissionDeniedError, UnknownModelError,
+                               UnsupportedFeatureError)
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.outputs import RequestOutput
 from shoal.http.errors import HttpError, classify
 from shoal.http.ollama import templates
-from shoal.http.ollama.protocol import (ROLES, ChatBody, GenerateBody, nanoseconds, printable,
-                                       timestamp)
+from shoal.http.ollama.protocol import ROLES, ChatBody, GenerateBody, nanoseconds, timestamp
 from shoal.serving.disconnect import run_until_disconnect
 from shoal.serving.durations import parse_keep_alive
 from shoal.serving.generate import GenerationService
@@ -86,7 +87,7 @@ def check_model_name(residency: ResidencyManager, name: str | None) -> str:
     try:
         return residency.resolve(name).name
     except UnknownModelError:
-        raise HttpError(404, f"model '{printable(name)}' not found", param="model",
+        raise HttpError(404, f"model '{clip(name)}' not found", param="model",
                         code="model_not_found") from None
 
 
@@ -138,10 +139,10 @@ def _check_option(name: str, value: Any) -> Any:
         noun = "an integer" if kind == "int" else "a number"
         raise InvalidParameterError(where, f"must be {noun}, got {json_type(value)}")
     if not math.isfinite(value):
-        raise InvalidParameterError(where, f"must be a finite number, got {value!r}")
+        raise InvalidParameterError(where, f"must be a finite number, got {clip(repr(value))}")
     if kind == "int":
         if not float(value).is_integer():
-            raise InvalidParameterError(where, f"must be an integer, got {value!r}")
+            raise InvalidParameterError(where, f"must be an integer, got {clip(repr(value))}")
         return int(value)
     return float(value)
 
@@ -277,7 +278,7 @@ def chat_messages(body: ChatBody, model: ServedModel) -> list[dict[str, Any]]:
     for i, message in enumerate(body.messages or []):
         if message.role not in ROLES:
             raise InvalidParameterError(
-                f"messages[{i}].role", f"must be one of {', '.join(ROLES)}; got {message.role!r}")
+                f"messages[{i}].role", f"must be one of {', '.join(ROLES)}; got '{clip(message.role)}'")
         if message.images:
             raise UnsupportedFeatureError(
                 f"messages[{i}].images", f"messages[{i}].images: images are not supported: "
@@ -327,9 +328,16 @@ def chat_prompt(model: ServedModel, messages: list[dict[str, Any]],
 
 # ---- request checks -------------------------------------------------------------------------
 
-def check_keep_alive(body: GenerateBody | ChatBody) -> float | None:
-    """The request's keep_alive in seconds (None = unset, inf = forever); 400 on garbage."""
-    return parse_keep_alive(body.keep_alive)
+def check_keep_alive(residency: ResidencyManager, body: GenerateBody | ChatBody,
+                     load_call: bool) -> float | None:
+    """The request's keep_alive in seconds (None = unset, inf = forever) as the caller's key
+    may set it (ResidencyManager.bounded_keep_alive); 400 on garbage. The load call that
+    unloads (keep_alive 0, nothing to generate) is a 403 for a key that may not unload."""
+    requested = parse_keep_alive(body.keep_alive)
+    if load_call and requested == 0 and not residency.may_unload():
+        raise PermissionDeniedError("unloading a model (keep_alive 0) needs an admin key when API keys "
+                                    "are required", code="admin_required", model=body.model)
+    return residency.bounded_keep_alive(requested)
 
 
 def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> None:
@@ -337,10 +345,10 @@ def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> None:
     think = body.think
     if isinstance(think, str):
         raise UnsupportedFeatureError(
-            "think", f"think value \"{printable(think)}\" is not supported for this model")
+            "think", f"think value \"{clip(think)}\" is not supported for this model")
     if think:
         raise UnsupportedFeatureError(
-            "think", f"\"{printable(body.model or '')}\" does not support thinking")
+            "think", f"\"{clip(body.model or '')}\" does not support thinking")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise HttpError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
 

@@ -1,7 +1,9 @@
 """The OpenAI dialect's wire models (requests validated by pydantic; responses built as dicts).
 
 Field names, defaults and bounds follow OpenAI's API reference and vLLM's extensions.
-Unknown fields are ignored, as OpenAI's server does.
+Unknown fields are ignored, as OpenAI's server does; known ones are typed strictly, as OpenAI
+types them: `"max_tokens": "5"`, `"stream": "yes"` or `"n": 2.0` are a 400 naming the field,
+not a silent coercion (an integer is a number, though: `"temperature": 1`).
 """
 from __future__ import annotations
 
@@ -9,17 +11,20 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+from shoal.core.sampling_params import MAX_LOGPROBS, MAX_N
 
 
-class TextPart(_Lenient):
+class _Body(BaseModel):
+    """Unknown fields ignored, known ones strictly typed."""
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
+
+
+class TextPart(_Body):
     type: str = "text"
     text: str | None = None
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(_Body):
     role: str
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
@@ -27,26 +32,27 @@ class ChatMessage(_Lenient):
     tool_call_id: str | None = None
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(_Body):
     include_usage: bool = False
     continuous_usage_stats: bool = False       # vLLM: usage on every chunk
 
 
-class ResponseFormat(_Lenient):
+class ResponseFormat(_Body):
     type: str = "text"
 
 
-class SamplingFields(_Lenient):
+class SamplingFields(_Body):
     """Fields both generate endpoints share (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Union[str, list[str], None] = None
     seed: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    # OpenAI's ranges (docs/api.md promises them); NaN fails them too
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     stream: bool = False
@@ -69,7 +75,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     response_format: ResponseFormat | None = None
@@ -89,7 +95,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -98,7 +104,7 @@ class TokenizeRequest(_Lenient):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 

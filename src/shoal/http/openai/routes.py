@@ -61,6 +61,7 @@ async def completions(body: CompletionRequest, request: Request):
     residency = _residency(request)
     model = await serving.acquire_model(residency, body.model)
     try:
+        service.check_prompt_count(model, serving.prompt_count(body.prompt))    # before tokenizing them
         gens = serving.completion_requests(model, body, arrival)
         updates = service.start_all(gens)  # the streams hold the model from here
     finally:

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError, UnsupportedFeatureError
 from shoal.core.sampling_params import MAX_LOGPROBS, SamplingParams
 from shoal.engine.outputs import RequestOutput, TokenLogprob
@@ -41,7 +42,7 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     out = []
     for i, message in enumerate(messages):
         if message.role not in ("system", "developer", "user", "assistant", "tool"):
-            raise InvalidParameterError(f"messages[{i}].role", f"unknown role {message.role!r}")
+            raise InvalidParameterError(f"messages[{i}].role", f"unknown role '{clip(message.role)}'")
         content = message.content
         if isinstance(content, list):
             texts = []
@@ -49,7 +50,7 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
                 if part.type != "text" or part.text is None:
                     raise UnsupportedFeatureError(
                         f"messages[{i}].content[{j}]",
-                        f"content parts of type {part.type!r} are not supported; this model takes text only")
+                        f"content parts of type '{clip(part.type)}' are not supported; this model takes text only")
                 texts.append(part.text)
             content = "\n".join(texts)
         entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
@@ -85,7 +86,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
 def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
     if req.response_format is not None and req.response_format.type != "text":
         raise UnsupportedFeatureError("response_format",
-                                      f"{req.response_format.type!r} (structured output) is not supported yet")
+                                      f"'{clip(req.response_format.type)}' (structured output) is not supported yet")
     if req.tools and req.tool_choice not in (None, "auto", "none"):
         raise UnsupportedFeatureError("tool_choice", "only 'auto' and 'none' are supported; shoal does "
                                       "not force or parse tool calls yet")
@@ -106,6 +107,13 @@ def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float)
                            request_id=req.request_id or new_request_id("chatcmpl"),
                            priority=req.priority, prompt_text=text, dialect="openai",
                            arrival_time=arrival)
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts OpenAI's `prompt` holds (a string or a list of token ids is one)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        return 1
+    return len(prompt)
 
 
 def completion_prompts(model: ServedModel, prompt: Any) -> list[tuple[str, list[int]]]:

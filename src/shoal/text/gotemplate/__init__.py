@@ -33,7 +33,8 @@ complex numbers, custom delimiters, and html/template's contextual escaping. A `
 string that cuts a UTF-8 sequence prints U+FFFD where Go would print the raw bytes.
 
 Every problem, at parse or at execution time, is a TemplateError naming the line and column.
-Execution is bounded (exec.MAX_STEPS) so that a template from a request cannot run for minutes.
+Execution is bounded (exec.MAX_STEPS, MAX_SECONDS and MAX_CHARS: steps, time and characters
+made) so that a template from a request cannot run for minutes or fill the memory.
 
 The modules, each importing only those above it:
 

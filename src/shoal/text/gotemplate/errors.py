@@ -1,6 +1,7 @@
 """TemplateError, the one error of the Go template engine, and where in the source it points."""
 from __future__ import annotations
 
+from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError
 
 
@@ -8,8 +9,9 @@ class TemplateError(InvalidParameterError):
     """A Go template that cannot be parsed or executed; `line`/`column` (1-based) say where."""
 
     def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
-        # NOTE: messages quote template text and data; keep them encodable (lone surrogates).
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        # NOTE: messages quote template text and data (a whole prompt, say): clipped, and
+        # encodable (lone surrogates escaped).
+        message = clip(message)
         self.line = line
         self.column = column
         self.detail = message

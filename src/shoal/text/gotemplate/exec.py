@@ -1,13 +1,16 @@
 """The Go template evaluator (Go's text/template/exec.go): runs a node tree over data.
 
 Lenient by default (nil prints "", a field of nil is nil); strict is Go exactly (nil prints
-"<no value>", a field of a nil read from a map is an error). Execution is bounded (MAX_STEPS,
-and _MAX_DEPTH nested {{ template }} calls) so that a template from a request cannot run for
-minutes or exhaust the stack.
+"<no value>", a field of a nil read from a map is an error). Execution is bounded so that a
+template from a request cannot run for minutes, exhaust the stack or fill the memory: MAX_STEPS
+node visits, MAX_SECONDS, _MAX_DEPTH nested {{ template }} calls, and MAX_CHARS characters made
+in all (the output, and every string a function returns: a 200-byte template that doubles a
+string thirty times is refused before the doubling that passes the budget, not after).
 """
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import fields as dataclass_fields, is_dataclass
 from typing import Any
@@ -27,13 +30,25 @@ _MAX_DEPTH = 1000  # nested {{ template }} calls (Go allows 100000; Python's sta
 # Node visits one execution may make: a guard against templates that would run for minutes
 # ({{ range 1000000000 }}) on a server thread. A 100-message chat takes about 10,000.
 MAX_STEPS = 2_000_000
+# Characters one execution may make: its output plus every string a function call returns. A
+# prompt is at most the request body (SHOAL_MAX_BODY_BYTES, 16 MiB by default) and a context
+# of a million tokens is a few MB of text; this leaves room for both.
+MAX_CHARS = 16 << 20
+MAX_SECONDS = 2.0         # wall-clock time of one execution
+_CLOCK_EVERY = 64         # steps between looks at the clock
+# Functions whose result is built from their arguments' text: their arguments' sizes are
+# checked before the call, so that one call cannot make a string far over the budget. (The
+# escapers and json can still grow what fits a few times, `<` to `\u003c`: a long prompt must
+# stay printable through them; the result is charged after.)
+_BUILDERS = frozenset({"print", "printf", "println", "html", "js", "urlquery", "json"})
 
 
 def execute_tree(source: str, defines: Mapping[str, ListNode], root: ListNode, data: Any, *,
-                 strict: bool = False) -> str:
+                 strict: bool = False, max_chars: int | None = None) -> str:
     """Runs `root` over `data`; `source` is the text the tree was parsed from (for error
-    positions), `defines` the templates `{{ template }}` may call."""
-    state = _State(source, defines, data, strict)
+    positions), `defines` the templates `{{ template }}` may call; `max_chars` the size budget
+    (default MAX_CHARS)."""
+    state = _State(source, defines, data, strict, MAX_CHARS if max_chars is None else max_chars)
     try:
         state.walk(data, root.nodes)
     except RecursionError:
@@ -76,12 +91,37 @@ def _iterate(v: Any, two_vars: bool) -> Iterable[tuple[Any, Any]] | None:
     return None
 
 
+def _size(value: Any, limit: int) -> int:
+    """About how many characters `value` prints as (strings by length, containers by their
+    elements); the count stops once it passes `limit`."""
+    total, stack = 0, [value]
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, GoStruct):
+            stack.extend(v.values.values())
+            total += 2
+        elif isinstance(v, Mapping):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+            total += 2
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+            total += 2 + len(v)
+        else:
+            total += 24          # a number, bool or nil prints short
+    return total
+
+
 class _State:
     """One execution: the variable stack, the output, the node being evaluated (for error
-    positions), the {{ template }} depth and the steps taken."""
-    __slots__ = ("source", "defines", "vars", "out", "node", "depth", "no_value", "strict", "steps")
+    positions), the {{ template }} depth, the steps taken and the characters left to make."""
+    __slots__ = ("source", "defines", "vars", "out", "node", "depth", "no_value", "strict", "steps",
+                 "budget", "max_chars", "deadline", "clock_at")
 
-    def __init__(self, source: str, defines: Mapping[str, ListNode], data: Any, strict: bool) -> None:
+    def __init__(self, source: str, defines: Mapping[str, ListNode], data: Any, strict: bool,
+                 max_chars: int = MAX_CHARS) -> None:
         self.source = source
         self.defines = defines
         self.vars: list[list[Any]] = [["$", data]]
@@ -91,6 +131,23 @@ class _State:
         self.strict = strict
         self.no_value = NO_VALUE if strict else ""
         self.steps = 0
+        self.budget = self.max_chars = max_chars
+        self.deadline = time.monotonic() + MAX_SECONDS
+        self.clock_at = _CLOCK_EVERY
+
+    def charge(self, chars: int, node: Node | None = None) -> None:
+        """Takes `chars` from the size budget; a TemplateError when it runs out."""
+        self.budget -= chars
+        if self.budget < 0:
+            self.error(f"template output too large (over {self.max_chars} characters)", node)
+
+    def check_room(self, values: list[Any], node: Node) -> None:
+        """A TemplateError when printing `values` would pass the size budget."""
+        need = 0
+        for v in values:
+            need += _size(v, self.budget - need)
+            if need > self.budget:
+                self.error(f"template output too large (over {self.max_chars} characters)", node)
 
     def error(self, msg: str, node: Node | None = None, at: Node | None = None) -> None:
         """Raises TemplateError at `node` (default: the node being evaluated), quoting `at`."""
@@ -120,9 +177,14 @@ class _State:
         self.steps += len(nodes) + 1
         if self.steps > MAX_STEPS:
             self.error(f"template runs too long (over {MAX_STEPS} steps)", nodes[0] if nodes else None)
+        if self.steps >= self.clock_at:
+            self.clock_at = self.steps + _CLOCK_EVERY
+            if time.monotonic() > self.deadline:
+                self.error(f"template runs too long (over {MAX_SECONDS:g}s)", nodes[0] if nodes else None)
         for node in nodes:
             kind = type(node)
             if kind is TextNode:
+                self.charge(len(node.text), node)  # type: ignore[attr-defined]
                 out.append(node.text)  # type: ignore[attr-defined]
             elif kind is ActionNode:
                 pipe = node.pipe  # type: ignore[attr-defined]
@@ -211,11 +273,14 @@ class _State:
 
     def print_value(self, node: Node, val: Any) -> None:
         if val is None:
-            self.out.append(self.no_value)
+            text = self.no_value
         elif isinstance(val, str):
-            self.out.append(val)
+            text = val
         else:
-            self.out.append(gofmt.format_v(val))
+            self.check_room([val], node)      # before formatting it; then charged exactly
+            text = gofmt.format_v(val)
+        self.charge(len(text), node)
+        self.out.append(text)
 
     # pipelines and commands
     def eval_pipeline(self, dot: Any, pipe: PipeNode, declare: bool = True) -> Any:
@@ -373,10 +438,22 @@ class _State:
             # Go formats the escapers' operands as it prints values: nil is "<no value>"
             values = [self.no_value if v is None else v for v in values]
         self.node = ident
+        if name in _BUILDERS:
+            # NOTE: checked before the call: `print $s $s $s ...` would otherwise build the
+            # whole string first. Escapers and json may still grow it a few times (quoting).
+            self.check_room(values, ident)
         try:
-            return fn.fn(*values)
+            if name == "printf":
+                # NOTE: widths (up to a million) can make a short format long: sprintf stops
+                # at the budget itself.
+                result = gofmt.sprintf(values[0], values[1:], limit=self.budget)
+            else:
+                result = fn.fn(*values)
         except (GoFuncError, TypeError, ValueError, AttributeError) as exc:
             self.error(f"error calling {name}: {exc}", ident, CommandNode(ident.pos, args))
+        if isinstance(result, str):
+            self.charge(len(result), ident)
+        return result
 
 
 def _node_text(node: Node) -> str:

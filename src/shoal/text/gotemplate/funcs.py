@@ -30,9 +30,15 @@ def _today() -> datetime.date:
     return datetime.date.today()
 
 
+def _utf8(s: str) -> bytes | str:
+    """A string's UTF-8 bytes, as Go indexes strings; an ASCII string is its own bytes
+    (str.isascii is O(1)), so `len`/`index`/`slice` of a long prompt do not copy it each call."""
+    return s if s.isascii() else s.encode("utf-8", "surrogatepass")
+
+
 def _indirect_len(v: Any, what: str) -> int:
     if isinstance(v, str):
-        return len(v.encode("utf-8", "surrogatepass"))
+        return len(_utf8(v))
     if isinstance(v, (list, tuple, Mapping, bytes)):
         return len(v)
     if v is None:
@@ -61,11 +67,11 @@ def _fn_index(item: Any, *indexes: Any) -> Any:
         if item is None:
             raise GoFuncError("index of nil pointer")
         if isinstance(item, str):
-            data = item.encode("utf-8", "surrogatepass")
+            data = _utf8(item)
             i = _index_arg(x, len(data))
             if i >= len(data):
                 raise GoFuncError(f"index out of range: {i}")
-            item = data[i]
+            item = ord(data[i]) if isinstance(data, str) else data[i]
         elif isinstance(item, (list, tuple)):
             i = _index_arg(x, len(item))
             if i >= len(item):
@@ -90,7 +96,7 @@ def _fn_slice(item: Any, *indexes: Any) -> Any:
     if isinstance(item, str):
         if len(indexes) == 3:
             raise GoFuncError("cannot 3-index slice a string")
-        data = item.encode("utf-8", "surrogatepass")
+        data = _utf8(item)
         size = len(data)
     elif isinstance(item, (list, tuple)):
         size = len(item)
@@ -104,7 +110,8 @@ def _fn_slice(item: Any, *indexes: Any) -> Any:
     if len(indexes) == 3 and idx[1] > idx[2]:
         raise GoFuncError(f"invalid slice index: {idx[1]} > {idx[2]}")
     if isinstance(item, str):
-        return data[idx[0]:idx[1]].decode("utf-8", "surrogateescape")
+        part = data[idx[0]:idx[1]]
+        return part if isinstance(part, str) else part.decode("utf-8", "surrogateescape")
     part = item[idx[0]:idx[1]]
     if isinstance(item, GoSlice):
         return GoSlice(part, go_type=item.go_type, stringer=item.stringer, marshal=item.marshal)

@@ -468,11 +468,23 @@ def format_one(verb: str, flags: str, width: int | None, prec: int | None, v: An
 _TOO_LARGE = 1_000_000  # fmt refuses widths and precisions above this
 
 
-def sprintf(fmt: str, args: list[Any]) -> str:
-    """fmt.Sprintf, with Go's in-band errors: %!d(MISSING), %!(EXTRA ...), %!(NOVERB)."""
+def sprintf(fmt: str, args: list[Any], limit: int | None = None) -> str:
+    """fmt.Sprintf, with Go's in-band errors: %!d(MISSING), %!(EXTRA ...), %!(NOVERB).
+    GoFuncError once the result passes `limit` characters (None: no limit)."""
     out: list[str] = []
     i, n, argi = 0, len(fmt), 0
+    size, counted = 0, 0
+
+    def check_size() -> None:
+        nonlocal size, counted
+        size += sum(len(s) for s in out[counted:])
+        counted = len(out)
+        if size > limit:  # type: ignore[operator]
+            raise GoFuncError(f"the result is too large (over {limit} characters)")
+
     while i < n:
+        if limit is not None:
+            check_size()
         j = fmt.find("%", i)
         if j < 0:
             out.append(fmt[i:])
@@ -539,6 +551,8 @@ def sprintf(fmt: str, args: list[Any]) -> str:
     if argi < len(args):
         extra = ", ".join("<nil>" if a is None else f"{go_type_name(a)}={format_v(a)}" for a in args[argi:])
         out.append(f"%!(EXTRA {extra})")
+    if limit is not None:
+        check_size()
     return "".join(out)
 
 

@@ -23,17 +23,18 @@ class GoTemplate:
         self.root = root
         self.defines = defines
 
-    def render(self, data: Any = None, *, strict: bool = False) -> str:
+    def render(self, data: Any = None, *, strict: bool = False, max_chars: int | None = None) -> str:
         """The template run over `data`.
 
         By default nil (None, a missing map key) prints as "" and a field of nil is nil.
         strict=True behaves exactly as Go with missingkey=zero (Ollama's setting): nil prints
-        as "<no value>" and a field of a nil read from a map is an error."""
-        return self.execute(self.root, data, strict=strict)
+        as "<no value>" and a field of a nil read from a map is an error. `max_chars`: the
+        characters the run may make (default exec.MAX_CHARS); more is a TemplateError."""
+        return self.execute(self.root, data, strict=strict, max_chars=max_chars)
 
-    def execute(self, root: ListNode, data: Any, *, strict: bool = False) -> str:
+    def execute(self, root: ListNode, data: Any, *, strict: bool = False, max_chars: int | None = None) -> str:
         """Runs `root` (this template's tree, or one derived from it) over `data`."""
-        return execute_tree(self.source, self.defines, root, data, strict=strict)
+        return execute_tree(self.source, self.defines, root, data, strict=strict, max_chars=max_chars)
 
     def identifiers(self) -> list[str]:
         """Field and variable identifiers in the template and its definitions, in order."""
@@ -82,6 +83,6 @@ def compile_template(source: str) -> GoTemplate:
     return parse(source)
 
 
-def render(source: str, data: Any = None, *, strict: bool = False) -> str:
-    """Runs the Go template `source` over `data` (see GoTemplate.render for `strict`)."""
-    return compile_template(source).render(data, strict=strict)
+def render(source: str, data: Any = None, *, strict: bool = False, max_chars: int | None = None) -> str:
+    """Runs the Go template `source` over `data` (see GoTemplate.render for the options)."""
+    return compile_template(source).render(data, strict=strict, max_chars=max_chars)
