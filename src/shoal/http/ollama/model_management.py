@@ -6,7 +6,6 @@ progress events (dicts shaped like Ollama's NDJSON lines) that are streamed as t
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from shoal.core.errors import UnknownModelError
 from shoal.http.errors import HttpError, classify
+from shoal.http.json_lines import json_line
 from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
 from shoal.http.ollama.routes import NDJSON, read_body
 from shoal.store.modelfile import Message, Modelfile, check_parameters
@@ -36,7 +36,7 @@ def _store(request: Request):
 
 
 def _line(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return json_line(event).encode() + b"\n"
 
 
 async def _progress_response(work: Callable[[Callable[[dict], None]], Any], stream: bool,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -11,6 +10,7 @@ from shoal.core.errors import InvalidParameterError, UnsupportedFeatureError
 from shoal.core.sampling_params import MAX_LOGPROBS, SamplingParams
 from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.http.errors import HttpError, classify
+from shoal.http.json_lines import json_line
 from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                        SamplingFields)
 from shoal.serving.completion import Completion, collect
@@ -234,8 +234,7 @@ def completion_response(reqs: Sequence[GenerateRequest], dones: Sequence[Complet
 
 
 def sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
-                                                               separators=(",", ":"))
+    data = payload if isinstance(payload, str) else json_line(payload)
     return f"data: {data}\n\n"
 
 
