@@ -8,13 +8,14 @@ from collections.abc import Callable, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoal.core.errors import AccessDeniedError, ShoalError
 from shoal.http import observability
 from shoal.http.errors import HttpError, classify
 from shoal.http.requestid import request_id_headers
+from shoal.serving.disconnect import ClientDisconnected
 from shoal.serving.records import dialect_of
 
 
@@ -82,6 +83,12 @@ def add_error_handlers(app: FastAPI, count_rejection: Callable[[AccessDeniedErro
         if isinstance(exc, AccessDeniedError):
             count_rejection(exc)
         return error_response(request.url.path, classify(exc))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_left(request: Request, exc: ClientDisconnected) -> Response:
+        # NOTE: nobody reads this answer; its status is what the access log records.
+        observability.note_refusal(str(exc))
+        return Response(status_code=observability.CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from shoal.http.json_lines import json_line
 from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                        SamplingFields)
 from shoal.serving.completion import Completion, collect
+from shoal.serving.disconnect import cancel_and_wait
 from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
@@ -360,8 +361,8 @@ async def merge_streams(streams: Sequence[AsyncIterator[list[RequestOutput]]]
             else:
                 yield i, item
     finally:
-        for task in tasks:
-            task.cancel()
+        # NOTE: waited for: the caller closes these streams next (disconnect.cancel_and_wait)
+        await cancel_and_wait(*tasks)
 
 
 async def collect_all(reqs: Sequence[GenerateRequest],
@@ -371,8 +372,7 @@ async def collect_all(reqs: Sequence[GenerateRequest],
     try:
         return list(await asyncio.gather(*tasks))
     finally:
-        for task in tasks:
-            task.cancel()
+        await cancel_and_wait(*tasks)
 
 
 async def _close(stream: Any) -> None:
