@@ -193,6 +193,33 @@ def test_a_client_that_hangs_up_is_audited_with_what_it_cost(observed: LiveServe
     assert line["prompt_tokens"] > 0 and 0 <= line["completion_tokens"] < 1000
 
 
+def test_echoed_input_is_cut_and_kept_on_one_line_in_the_access_and_audit_logs(observed: LiveServer) -> None:
+    name = "m" * 60_000 + "\u2028\u2029\x85"     # a name no line reader may split
+    option = "o" * 5_000
+    with httpx.Client(base_url=observed.url, timeout=60) as http:
+        for request_id, path, body in (
+                ("long-oai", "/v1/chat/completions", {**CHAT, "model": name}),
+                ("long-oll", "/api/generate", {"model": name, "prompt": "Hi"})):
+            reply = http.post(path, json=body, headers={"X-Request-Id": request_id})
+            assert 400 <= reply.status_code < 500 and len(reply.content) < 200_000
+        http.post("/api/generate", headers={"X-Request-Id": "long-option"}, json={
+            "model": "smollm2", "prompt": "Hi", "stream": False, "options": {option: 1, "num_predict": 1}})
+    for request_id in ("long-oai", "long-oll"):
+        audit = wait_for(lambda: next((e for e in json_lines(observed.audit_path)
+                                       if e["request_id"] == request_id), None))
+        for entry in (line_for(observed.log_path, request_id), audit):
+            long_values = {k: v for k, v in entry.items() if isinstance(v, str) and len(v) > 300}
+            assert not long_values, {k: len(v) for k, v in long_values.items()}
+            if "requested_model" in entry:
+                assert entry["requested_model"] == "m" * 256 + "...(60003 chars)"
+    warning = line_for(observed.log_path, "long-option", logger="shoal.http.ollama.serving")
+    assert "'ooo" in warning["message"] and len(warning["message"]) < 400
+    # every line of both files is one JSON object (json_lines fails on a line cut in two)
+    for path in (observed.log_path, observed.audit_path):
+        assert all(len(line) < 20_000 for line in path.read_text().splitlines())
+        json_lines(path)
+
+
 # ---- metrics -------------------------------------------------------------------------------
 
 def _samples(url: str) -> dict[tuple[str, tuple], float]:
