@@ -14,6 +14,9 @@ from shoal.serving.durations import parse_keep_alive
 # without configuration. `shoal serve --port` or SHOAL_PORT when Ollama itself runs here.
 DEFAULT_PORT = 11434
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
 # name -> (ServerSettings field, description)
 SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_HOST": ("host", "Address to listen on, 'host' or 'host:port' (default 127.0.0.1)."),
@@ -37,7 +40,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_AUTH": ("auth", "API keys: 'auto' (required unless listening on loopback only; default), 'on' or 'off'."),
     "SHOAL_KEYS_DB": ("keys_db", "The API keys database `shoal keys` manages (default $SHOAL_HOME/keys.db, SHOAL_HOME being ~/.shoal)."),
     "SHOAL_ADMIN_KEY": ("admin_key", "An admin key kept outside the keys DB (at least 16 characters), e.g. for automation that creates the keys."),
-    "SHOAL_METRICS_AUTH": ("metrics_auth", "1: GET /metrics needs an API key too when keys are required (default 0: open, like /health)."),
+    "SHOAL_METRICS_AUTH": ("metrics_auth", "Whether GET /metrics needs an API key when keys are required (it names models and key ids): 'auto' (default) or 1: yes; 0: open, like /health."),
     "SHOAL_LOG_FORMAT": ("log_format", "Log lines as 'text' (default) or 'json' (one object per line); either way each request gets an access line with its request id."),
     "SHOAL_AUDIT_LOG": ("audit_log", "File the audit log is appended to: a JSON line per model request, refused ones included (default: no audit log)."),
     "SHOAL_AUDIT_CONTENT": ("audit_content", "Also write prompt and completion text to the audit log (default 0: token counts only)."),
@@ -73,7 +76,7 @@ class ServerSettings:
     auth: str = "auto"
     keys_db: str | None = None
     admin_key: str | None = field(default=None, repr=False)
-    metrics_auth: bool | str = False
+    metrics_auth: bool | str = "auto"   # "auto", True or False once checked
     log_format: str = "text"
     audit_log: str | None = None
     audit_content: bool = False
@@ -131,7 +134,11 @@ class ServerSettings:
             raise InvalidParameterError("admin_key", f"SHOAL_ADMIN_KEY must be at least "
                                         f"{ADMIN_KEY_MIN_LENGTH} characters")
         if isinstance(self.metrics_auth, str):
-            self.metrics_auth = self.metrics_auth.strip().lower() in ("1", "true", "yes", "on")
+            word = self.metrics_auth.strip().lower()
+            if word not in _TRUE | _FALSE | {"auto"}:
+                raise InvalidParameterError("metrics_auth", f"SHOAL_METRICS_AUTH must be auto, 1 or 0, "
+                                            f"got {self.metrics_auth!r}")
+            self.metrics_auth = "auto" if word == "auto" else word in _TRUE
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerSettings":
@@ -143,8 +150,8 @@ class ServerSettings:
             raw = env.get(var, "")
             if raw == "":
                 continue
-            if "bool" in types[name]:
-                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            if types[name] in ("bool", "bool | None"):
+                values[name] = raw.strip().lower() in _TRUE
             elif types[name] == "int":
                 try:
                     values[name] = int(raw)
