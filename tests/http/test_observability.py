@@ -182,7 +182,7 @@ def test_a_client_that_hangs_up_is_audited_with_what_it_cost(observed: LiveServe
     payload = json.dumps({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 1000,
                           "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", observed.port)) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: hung-up-1\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: hung-up-1\r\n"
                      + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
         running = 'shoal:num_requests_running{model_name="smollm2:135m"} 1.0'
         assert wait_for(lambda: running in httpx.get(observed.url + "/metrics").text, timeout=60)

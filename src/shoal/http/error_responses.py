@@ -39,6 +39,14 @@ def origin_refused(path: str, origin: str) -> JSONResponse:
                                           code="origin_not_allowed"))
 
 
+def host_refused(path: str, host: str) -> JSONResponse:
+    shown = host if len(host) <= 100 else host[:100] + "..."
+    return error_response(path, HttpError(
+        403, f"this server does not answer to the host name {shown!r}: a server on loopback answers "
+             "only to localhost names and IP addresses, against DNS rebinding (SHOAL_ALLOWED_HOSTS "
+             "adds names)", type="permission_error", code="host_not_allowed"))
+
+
 def describe_validation(errors: Iterable[dict]) -> HttpError:
     """FastAPI's validation errors as one 400 that names the first bad field."""
     errors = list(errors)

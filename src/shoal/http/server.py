@@ -9,6 +9,7 @@ import uvicorn
 
 from shoal.core.config import EngineConfig
 from shoal.http.app import create_app
+from shoal.http.connection_limits import capped_http_protocol, fitting_cap, raise_open_file_limit
 from shoal.http.header_limits import limited_http_protocol
 from shoal.http.logs import configure_logging
 from shoal.http.observability import Recorder
@@ -26,6 +27,7 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequenc
     configure_logging(settings.log_level, settings.log_format)
     if policy:
         log.info("\n".join(policy))
+    max_connections = fitting_cap(settings.max_connections, raise_open_file_limit())
     started = time.monotonic()
     recorder = Recorder.from_settings(settings)     # a bad audit path or tracing setup fails here
     store = ModelStore.from_env()
@@ -37,7 +39,8 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequenc
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=5,
-                            http=limited_http_protocol(settings.read_timeout))
+                            http=capped_http_protocol(limited_http_protocol(settings.read_timeout),
+                                                      max_connections))
     server = DrainingServer(config, app.state.lifecycle, app.state.service, settings.drain_timeout)
 
     original_startup = server.startup

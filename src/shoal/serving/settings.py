@@ -48,6 +48,8 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_AUDIT_BACKUPS": ("audit_backups", "Rotated audit files kept, PATH.1 .. PATH.N (default 5)."),
     "SHOAL_OTEL": ("otel", "OpenTelemetry traces of model requests, 1 or 0 (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the 'otel' extra)."),
     "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
+    "SHOAL_ALLOWED_HOSTS": ("allowed_hosts", "Host names the server answers to besides localhost, *.localhost, this machine's name and IP addresses (comma-separated, '*.example.com' wildcards; '*' = any). Checked when listening on loopback (against DNS rebinding), or whenever set."),
+    "SHOAL_MAX_CONNECTIONS": ("max_connections", "Open client connections allowed at once; a request on a connection beyond it gets 503 + Retry-After (default 1024; lowered to fit the process's open-file limit)."),
 }
 
 
@@ -84,6 +86,8 @@ class ServerSettings:
     audit_backups: int = 5
     otel: bool | None = None            # None: on when OTEL_EXPORTER_OTLP_ENDPOINT is set
     origins: str | None = None
+    allowed_hosts: str | None = None
+    max_connections: int = 1024
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -123,6 +127,8 @@ class ServerSettings:
             raise InvalidParameterError("audit_max_bytes", exc.message) from None
         if self.audit_backups < 0:
             raise InvalidParameterError("audit_backups", "must be >= 0")
+        if self.max_connections < 1:
+            raise InvalidParameterError("max_connections", "must be at least 1")
         self._check_auth()
 
     def _check_auth(self) -> None:
