@@ -220,6 +220,29 @@ def test_echoed_input_is_cut_and_kept_on_one_line_in_the_access_and_audit_logs(o
         json_lines(path)
 
 
+def test_the_log_file_rotates_by_size_and_keeps_a_few(smollm2_path: Path, tmp_path: Path) -> None:
+    """SHOAL_LOG_FILE (the auto-started server's ~/.shoal/logs/server.log): rotated, bounded."""
+    log_file = tmp_path / "logs" / "server.log"
+    server = LiveServer(smollm2_path, *SERVER_FLAGS, "--log-file", str(log_file),
+                        log_path=tmp_path / "stdout.log",
+                        env={"SHOAL_LOG_LEVEL": "info", "SHOAL_LOG_MAX_BYTES": "4KiB",
+                             "SHOAL_LOG_BACKUPS": "2"})
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for i in range(80):
+                http.get("/api/tags", headers={"X-Request-Id": f"rotate-{i}"})
+        assert wait_for(lambda: "rotate-79" in log_file.read_text())
+    finally:
+        server.stop()
+    files = sorted(p.name for p in log_file.parent.iterdir())
+    assert files == ["server.log", "server.log.1", "server.log.2"]     # the oldest ones dropped
+    for path in log_file.parent.iterdir():
+        assert path.stat().st_size <= 4096 + 1024, path       # a line may pass the size once
+    # the process's own output follows the log: nothing is left on the stream it was started with
+    assert "shoal.http.access" not in (tmp_path / "stdout.log").read_text(errors="replace")
+
+
 # ---- metrics -------------------------------------------------------------------------------
 
 def _samples(url: str) -> dict[tuple[str, tuple], float]:

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
 from typing import Any
 
 from shoal.access.principal import current_principal
+from shoal.core.errors import InvalidParameterError
 from shoal.http.json_lines import json_line
 from shoal.http.requestid import current_request_id
 from shoal.serving.records import RequestRecord
@@ -96,15 +100,51 @@ class TextFormatter(logging.Formatter):
         return " ".join([text, *pairs])
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Routes every logger (shoal's, uvicorn's, warnings in JSON mode) to stderr in one format."""
-    handler = logging.StreamHandler(sys.stderr)
+class _LogFileHandler(RotatingFileHandler):
+    """A size-rotated log file that also receives the process's own stdout and stderr.
+
+    NOTE: a server started in the background (`shoal run`) writes more than log records:
+    a crash's traceback, a library's warning. With its fds 1 and 2 on the current file they
+    land there and count towards its size; after each rotation they follow to the new file.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self._adopt_std_streams()
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        self._adopt_std_streams()
+
+    def _adopt_std_streams(self) -> None:
+        if self.stream is None:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd in (1, 2):
+            os.dup2(self.stream.fileno(), fd)
+
+
+def configure_logging(level: str, log_format: str, log_file: str | Path | None = None,
+                      max_bytes: int = 0, backups: int = 0) -> None:
+    """Routes every logger (shoal's, uvicorn's, warnings in JSON mode) in one format to stderr,
+    or to `log_file`, rotated at `max_bytes` with `backups` old files kept."""
+    handler: logging.Handler
+    if log_file:
+        path = Path(log_file).expanduser()
+        try:
+            handler = _LogFileHandler(path, max_bytes, backups)
+        except OSError as exc:
+            raise InvalidParameterError("log_file", f"cannot open {path}: {exc.strerror or exc}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestContextFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    if log_format == "json":
+    if log_format == "json" or log_file:
         logging.captureWarnings(True)   # a bare warning line would break one-object-per-line
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Sequence
 
@@ -24,7 +25,10 @@ log = logging.getLogger("shoal.server")
 def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequence[str] = ()) -> None:
     """Blocks serving HTTP until SIGTERM/SIGINT and a drain; pinned models load before the port
     opens. `policy` (lines describing the effective settings) is logged first."""
-    configure_logging(settings.log_level, settings.log_format)
+    if settings.log_file:
+        print(f"shoal: logging to {settings.log_file}", file=sys.stderr, flush=True)
+    configure_logging(settings.log_level, settings.log_format, settings.log_file,
+                      int(settings.log_max_bytes), settings.log_backups)
     if policy:
         log.info("\n".join(policy))
     max_connections = fitting_cap(settings.max_connections, raise_open_file_limit())

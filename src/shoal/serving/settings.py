@@ -50,6 +50,9 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
     "SHOAL_ALLOWED_HOSTS": ("allowed_hosts", "Host names the server answers to besides localhost, *.localhost, this machine's name and IP addresses (comma-separated, '*.example.com' wildcards; '*' = any). Checked when listening on loopback (against DNS rebinding), or whenever set."),
     "SHOAL_MAX_CONNECTIONS": ("max_connections", "Open client connections allowed at once; a request on a connection beyond it gets 503 + Retry-After (default 1024; lowered to fit the process's open-file limit)."),
+    "SHOAL_LOG_FILE": ("log_file", "Write the server's log to this file instead of stderr, rotated by size (`shoal serve --log-file`; the auto-started server logs to $SHOAL_HOME/logs/server.log)."),
+    "SHOAL_LOG_MAX_BYTES": ("log_max_bytes", "Size at which SHOAL_LOG_FILE rotates to FILE.1 (default 10MiB; 0 = never)."),
+    "SHOAL_LOG_BACKUPS": ("log_backups", "Rotated log files kept, FILE.1 .. FILE.N (default 3)."),
 }
 
 
@@ -88,6 +91,9 @@ class ServerSettings:
     origins: str | None = None
     allowed_hosts: str | None = None
     max_connections: int = 1024
+    log_file: str | None = None
+    log_max_bytes: int | str = 10 << 20
+    log_backups: int = 3
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -129,6 +135,12 @@ class ServerSettings:
             raise InvalidParameterError("audit_backups", "must be >= 0")
         if self.max_connections < 1:
             raise InvalidParameterError("max_connections", "must be at least 1")
+        try:
+            self.log_max_bytes = parse_bytes(self.log_max_bytes)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("log_max_bytes", exc.message) from None
+        if self.log_backups < 0:
+            raise InvalidParameterError("log_backups", "must be >= 0")
         self._check_auth()
 
     def _check_auth(self) -> None:
