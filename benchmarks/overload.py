@@ -8,8 +8,10 @@
    a mix of interactive (short prompt, short answer) and batch (long prompt, long answer)
    streaming chat requests, each class with its own API key (sent as Bearer; none: anonymous).
 3. Report: per request its class, status, whether a 429/503 carried Retry-After, time to first
-   token and total time; the server's RSS every few seconds (`--pid`); then a PASS/FAIL line
-   per criterion. The exit status is 0 only if every criterion passes.
+   token and total time (`--records`: a JSON line per request, written as it ends); the
+   server's RSS every few seconds (`--pid`); then a PASS/FAIL line per criterion. The exit
+   status is 0 only if every criterion passes; 2 when the sweep completes no request at all
+   (a wrong --model, say), after the failures by status and an example of each.
 
     python benchmarks/overload.py --url http://127.0.0.1:11434 --pid $(pgrep -f "shoal serve") \\
         --duration 600 --interactive-key sk-i --batch-key sk-b --records /tmp/overload.jsonl
@@ -23,8 +25,10 @@ import random
 import statistics
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
@@ -44,6 +48,7 @@ class Outcome:
     total: float                  # seconds to the end of the answer or the rejection
     complete: bool                # a 200 stream that ended with [DONE]
     tokens: int = 0               # content chunks received
+    error: str | None = None      # what went wrong: the start of the error body, or the exception
 
 
 @dataclass(slots=True)
@@ -65,6 +70,23 @@ class Workload:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an SSE body, split at "\n" only (a trailing "\r" dropped), as SSE defines them.
+
+    NOTE: not httpx's aiter_lines: it splits as str.splitlines() does, also at U+2028, U+2029
+    and U+0085, which a server may send raw inside a JSON string; the line is then cut in two
+    and its JSON does not parse.
+    """
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode("utf-8", "replace")
+    if pending:
+        yield pending.removesuffix(b"\r").decode("utf-8", "replace")
+
+
 async def one_request(client: httpx.AsyncClient, work: Workload, kind: str, i: int) -> Outcome:
     started = time.perf_counter()
     ttft, tokens, complete = None, 0, False
@@ -73,10 +95,10 @@ async def one_request(client: httpx.AsyncClient, work: Workload, kind: str, i: i
             async with client.stream("POST", "/v1/chat/completions", json=work.body(kind, i),
                                      headers=work.headers(kind)) as response:
                 if response.status_code != 200:
-                    await response.aread()
+                    body = (await response.aread()).decode("utf-8", "replace")
                     return Outcome(kind, response.status_code, "retry-after" in response.headers,
-                                   None, time.perf_counter() - started, False)
-                async for line in response.aiter_lines():
+                                   None, time.perf_counter() - started, False, error=body[:300])
+                async for line in sse_lines(response):
                     if line == "data: [DONE]":
                         complete = True
                     elif line.startswith("data: {"):
@@ -87,10 +109,14 @@ async def one_request(client: httpx.AsyncClient, work: Workload, kind: str, i: i
                                 ttft = time.perf_counter() - started
                 return Outcome(kind, 200, False, ttft, time.perf_counter() - started, complete, tokens)
     except TimeoutError:
-        return Outcome(kind, "timeout", False, ttft, time.perf_counter() - started, False, tokens)
+        return Outcome(kind, "timeout", False, ttft, time.perf_counter() - started, False, tokens,
+                       error=f"no answer within {work.answer_bound:g} s")
     except httpx.HTTPError as exc:
         return Outcome(kind, f"error: {type(exc).__name__}", False, ttft,
-                       time.perf_counter() - started, False, tokens)
+                       time.perf_counter() - started, False, tokens, error=str(exc)[:300] or None)
+    except ValueError as exc:       # a data line that is not JSON
+        return Outcome(kind, "error: bad stream", False, ttft, time.perf_counter() - started, False,
+                       tokens, error=str(exc)[:300])
 
 
 def client_for(work: Workload) -> httpx.AsyncClient:
@@ -106,8 +132,26 @@ def pick_kind(rng: random.Random, interactive_share: float) -> str:
 
 # ---- capacity ----------------------------------------------------------------------------------
 
-async def closed_loop(work: Workload, clients: int, seconds: float, share: float) -> float:
-    """Completed requests per second with `clients` closed-loop clients."""
+def succeeded(outcome: Outcome) -> bool:
+    return outcome.status == 200 and outcome.complete
+
+
+def failure_summary(outcomes: list[Outcome]) -> str:
+    """What failed: counts by status, and one example error per status."""
+    failed = [o for o in outcomes if not succeeded(o)]
+    counts = Counter(str(o.status) for o in failed)
+    examples: dict[str, str] = {}
+    for o in failed:
+        if o.error and str(o.status) not in examples:
+            examples[str(o.status)] = o.error
+    lines = [", ".join(f"{status}: {n}" for status, n in counts.most_common())]
+    lines += [f"  e.g. {status}: {error}" for status, error in examples.items()]
+    return "\n".join(lines)
+
+
+async def closed_loop(work: Workload, clients: int, seconds: float, share: float
+                      ) -> tuple[float, list[Outcome]]:
+    """Completed requests per second with `clients` closed-loop clients, and the outcomes."""
     done: list[Outcome] = []
     rng = random.Random(clients)
     deadline = time.perf_counter() + seconds
@@ -122,15 +166,21 @@ async def closed_loop(work: Workload, clients: int, seconds: float, share: float
     async with client_for(work) as client:
         await asyncio.gather(*(loop(client, c) for c in range(clients)))
     elapsed = time.perf_counter() - started
-    return sum(o.status == 200 and o.complete for o in done) / elapsed
+    return sum(succeeded(o) for o in done) / elapsed, done
 
 
 async def measure_capacity(work: Workload, levels: list[int], seconds: float, share: float) -> float:
+    """The best completed-request rate of the sweep; 0 (and what failed, printed) when a level
+    completes no request at all: a wrong model or key fails the same way at every level."""
     best, flat = 0.0, 0
     print(f"capacity sweep ({seconds:g} s per level): clients -> completed requests/s")
     for clients in levels:
-        rate = await closed_loop(work, clients, seconds, share)
+        rate, outcomes = await closed_loop(work, clients, seconds, share)
         print(f"  {clients:4d} -> {rate:7.2f}")
+        if not any(succeeded(o) for o in outcomes):
+            print(f"no request completed with {clients} client(s); {len(outcomes)} failed: "
+                  f"{failure_summary(outcomes)}")
+            return 0.0
         # NOTE: a level finishes only a few long requests, so one level's rate is noisy;
         # saturation is two levels in a row that do not beat the best by 10%.
         flat = flat + 1 if rate < best * 1.1 else 0
@@ -165,19 +215,30 @@ async def sample_rss(pid: int, every: float, stop: asyncio.Event, samples: list[
 
 
 async def overload(work: Workload, rate: float, duration: float, share: float, pid: int | None,
-                   rss_every: float, seed: int) -> tuple[list[Outcome], list[tuple[float, int]]]:
+                   rss_every: float, seed: int, records: TextIO | None = None
+                   ) -> tuple[list[Outcome], list[tuple[float, int]]]:
+    """The open-loop run; each request's outcome is written to `records` (a JSON line, flushed)
+    as it ends, so a run that dies keeps what it measured."""
     rng = random.Random(seed)
     stop = asyncio.Event()
     samples: list[tuple[float, int]] = []
     sampler = asyncio.ensure_future(sample_rss(pid, rss_every, stop, samples)) if pid else None
     tasks: list[asyncio.Task] = []
+
+    async def one(client: httpx.AsyncClient, kind: str, i: int) -> Outcome:
+        outcome = await one_request(client, work, kind, i)
+        if records is not None:
+            records.write(json.dumps(asdict(outcome)) + "\n")
+            records.flush()
+        return outcome
+
     async with client_for(work) as client:
         started = time.perf_counter()
         next_at, i = 0.0, 0
         while next_at < duration:
             await asyncio.sleep(max(0.0, started + next_at - time.perf_counter()))
             i += 1
-            tasks.append(asyncio.ensure_future(one_request(client, work, pick_kind(rng, share), i)))
+            tasks.append(asyncio.ensure_future(one(client, pick_kind(rng, share), i)))
             next_at += rng.expovariate(rate)            # Poisson arrivals: open loop
         outcomes = list(await asyncio.gather(*tasks))
     stop.set()
@@ -215,6 +276,8 @@ def report(outcomes: list[Outcome], samples: list[tuple[float, int]], args: argp
     for kind in (INTERACTIVE, BATCH):
         counts = Counter(str(o.status) for o in outcomes if o.kind == kind)
         print(f"  {kind:12s} " + ", ".join(f"{status}: {n}" for status, n in sorted(counts.items())))
+    if outcomes and not any(succeeded(o) for o in outcomes):
+        print(f"no request completed; what failed: {failure_summary(outcomes)}")
     errors_5xx = [o for o in outcomes if isinstance(o.status, int) and o.status >= 500
                   and not (o.status == 503 and o.retry_after)]
     bad_rejections = [o for o in outcomes if o.status in (429, 503) and not o.retry_after]
@@ -288,7 +351,8 @@ def main() -> None:
                         help="seconds of the run before RSS must be flat (the KV pool's pages are touched)")
     parser.add_argument("--answer-bound", type=float, default=300.0,
                         help="longest acceptable time to an answer or a rejection, seconds")
-    parser.add_argument("--records", type=Path, default=None, help="write one JSON line per request here")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="write one JSON line per request of the overload run here, as each ends")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -298,15 +362,20 @@ def main() -> None:
                     args.answer_bound)
     capacity = args.rate or asyncio.run(measure_capacity(
         work, [int(c) for c in args.sweep.split(",")], args.sweep_seconds, args.interactive_share))
+    if capacity <= 0:
+        print("FAIL: no capacity to overload: no request completed in the capacity sweep "
+              "(check --url, --model and the keys)")
+        raise SystemExit(2)
     rate = capacity * args.multiple
     print(f"\noverload: {rate:.2f} arrivals/s ({args.multiple:g} x {capacity:.2f}) for {args.duration:g} s, "
           f"{args.interactive_share:.0%} interactive")
-    outcomes, samples = asyncio.run(overload(work, rate, args.duration, args.interactive_share, args.pid,
-                                             args.rss_every, args.seed))
-    if args.records:
-        with args.records.open("w") as out:
-            for outcome in outcomes:
-                out.write(json.dumps(asdict(outcome)) + "\n")
+    records = args.records.open("w") if args.records else None
+    try:
+        outcomes, samples = asyncio.run(overload(work, rate, args.duration, args.interactive_share,
+                                                 args.pid, args.rss_every, args.seed, records))
+    finally:
+        if records is not None:
+            records.close()
     passed = report(outcomes, samples, args, server_is_up(work.url, args.pid))
     raise SystemExit(0 if passed else 1)
 

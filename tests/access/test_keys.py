@@ -399,6 +399,30 @@ def test_serving_publicly_without_a_usable_key_is_refused(tmp_path: Path) -> Non
     assert startup_problem("auto", "0.0.0.0", path, None) is None
 
 
+@pytest.mark.parametrize("metrics_auth, host, auth, protected", [
+    (None, "127.0.0.1", "auto", False),     # no keys required: nothing to protect it with
+    (None, "0.0.0.0", "auto", True),        # auto: behind a key whenever keys are required
+    (None, "127.0.0.1", "on", True),
+    ("0", "0.0.0.0", "auto", False),
+    ("1", "0.0.0.0", "auto", True),
+    ("auto", "0.0.0.0", "off", False),
+])
+def test_metrics_need_a_key_whenever_keys_are_required_unless_told(metrics_auth, host, auth,
+                                                                   protected) -> None:
+    env = {"SHOAL_HOST": host, "SHOAL_AUTH": auth}
+    if metrics_auth is not None:
+        env["SHOAL_METRICS_AUTH"] = metrics_auth
+    authenticator = Authenticator.from_settings(ServerSettings.from_env(env))
+    access = required_access("GET", "/metrics", authenticator.protect_metrics)
+    assert authenticator.needs_key(access) is protected
+
+
+def test_a_bad_metrics_auth_value_is_named() -> None:
+    with pytest.raises(InvalidParameterError) as err:
+        ServerSettings.from_env({"SHOAL_METRICS_AUTH": "sometimes"})
+    assert err.value.field == "metrics_auth"
+
+
 def test_auth_settings_are_checked_and_the_admin_key_stays_out_of_repr() -> None:
     settings = ServerSettings.from_env({"SHOAL_AUTH": "ON", "SHOAL_ADMIN_KEY": "s3cret-admin-key-42",
                                         "SHOAL_METRICS_AUTH": "1", "SHOAL_KEYS_DB": "/x/k.db"})

@@ -137,3 +137,33 @@ def test_api_error_kinds():
     assert ErrorReply(501, "this server has no model store").missing_endpoint
     missing_model = ErrorReply(404, "model 'x' not found")
     assert missing_model.not_found and not missing_model.missing_endpoint
+
+
+def test_the_auto_started_server_logs_to_a_rotated_file(tmp_path, monkeypatch):
+    """`shoal run` starts `shoal serve --log-file ~/.shoal/logs/server.log`: the server rotates it."""
+    import subprocess
+
+    from shoal.cli import client as cli_client
+
+    started = {}
+
+    class FakeProcess:
+        pid = 4242
+
+    def fake_popen(args, **kwargs):
+        started["args"] = args
+        return FakeProcess()
+
+    monkeypatch.setenv("SHOAL_HOME", str(tmp_path))
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(cli_client, "_wait_ready", lambda *args: None)
+
+    class FakeClient:
+        host = parse_host("127.0.0.1:1")
+
+        def heartbeat(self, timeout: float = 1.0) -> bool:
+            return False
+
+    cli_client.start_server(FakeClient())
+    args = started["args"]
+    assert args[args.index("--log-file") + 1] == str(tmp_path / "logs" / "server.log")

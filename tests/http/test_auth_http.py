@@ -76,8 +76,19 @@ def _chat_ollama(server, key: str | None):
 
 def test_open_endpoints_answer_without_a_key(keyed) -> None:
     server, _ = keyed
-    for path in ("/", "/health", "/version", "/api/version", "/metrics"):
+    for path in ("/", "/health", "/version", "/api/version"):
         assert httpx.get(server.url + path).status_code == 200, path
+
+
+def test_metrics_need_a_key_when_keys_are_required(keyed) -> None:
+    """/metrics names the key ids of callers: behind a key by default (SHOAL_METRICS_AUTH=auto)."""
+    server, keys = keyed
+    _chat_ollama(server, keys["good"])
+    refused = httpx.get(server.url + "/metrics")
+    assert refused.status_code == 401 and "shoal:" not in refused.text
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    answered = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {keys['good']}"})
+    assert answered.status_code == 200 and 'key="' in answered.text
 
 
 def _raw_chat(server, headers: dict[str, str]) -> httpx.Response:
@@ -262,7 +273,8 @@ def test_model_management_needs_an_admin_key(keyed) -> None:
 def _rejected(server) -> dict[tuple[str, str], float]:
     """shoal:requests_rejected_total by (model_name, reason)."""
     counts = {}
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
+    key = ENV_ADMIN_KEY     # /metrics needs a key on this server (SHOAL_METRICS_AUTH=auto)
+    for line in httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {key}"}).text.splitlines():
         if line.startswith("shoal:requests_rejected_total{"):
             labels, value = line.rsplit(" ", 1)
             model = labels.split('model_name="')[1].split('"')[0]

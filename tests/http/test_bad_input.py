@@ -353,7 +353,7 @@ def _trickle(sock: socket.socket, byte: bytes, stop: threading.Event) -> None:
 
 def test_slow_and_lying_clients_are_cut_off_while_others_are_served(server, hello_before: str) -> None:
     host, port = "127.0.0.1", server.port
-    head = "POST {} HTTP/1.1\r\nHost: x\r\n"
+    head = "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     clients = {  # name -> (bytes sent at once, byte trickled each second or None)
         "silent": (b"", None),
         "slow headers": (head.format("/v1/completions").encode(), b"X"),

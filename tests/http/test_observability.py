@@ -182,7 +182,7 @@ def test_a_client_that_hangs_up_is_audited_with_what_it_cost(observed: LiveServe
     payload = json.dumps({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 1000,
                           "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", observed.port)) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: hung-up-1\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: hung-up-1\r\n"
                      + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
         running = 'shoal:num_requests_running{model_name="smollm2:135m"} 1.0'
         assert wait_for(lambda: running in httpx.get(observed.url + "/metrics").text, timeout=60)
@@ -191,6 +191,56 @@ def test_a_client_that_hangs_up_is_audited_with_what_it_cost(observed: LiveServe
                                   if e["request_id"] == "hung-up-1"), None))
     assert line["status"] == 499 and line["finish_reason"] == "abort"
     assert line["prompt_tokens"] > 0 and 0 <= line["completion_tokens"] < 1000
+
+
+def test_echoed_input_is_cut_and_kept_on_one_line_in_the_access_and_audit_logs(observed: LiveServer) -> None:
+    name = "m" * 60_000 + "\u2028\u2029\x85"     # a name no line reader may split
+    option = "o" * 5_000
+    with httpx.Client(base_url=observed.url, timeout=60) as http:
+        for request_id, path, body in (
+                ("long-oai", "/v1/chat/completions", {**CHAT, "model": name}),
+                ("long-oll", "/api/generate", {"model": name, "prompt": "Hi"})):
+            reply = http.post(path, json=body, headers={"X-Request-Id": request_id})
+            assert 400 <= reply.status_code < 500 and len(reply.content) < 200_000
+        http.post("/api/generate", headers={"X-Request-Id": "long-option"}, json={
+            "model": "smollm2", "prompt": "Hi", "stream": False, "options": {option: 1, "num_predict": 1}})
+    for request_id in ("long-oai", "long-oll"):
+        audit = wait_for(lambda: next((e for e in json_lines(observed.audit_path)
+                                       if e["request_id"] == request_id), None))
+        for entry in (line_for(observed.log_path, request_id), audit):
+            long_values = {k: v for k, v in entry.items() if isinstance(v, str) and len(v) > 300}
+            assert not long_values, {k: len(v) for k, v in long_values.items()}
+            if "requested_model" in entry:
+                assert entry["requested_model"] == "m" * 256 + "...(60003 chars)"
+    warning = line_for(observed.log_path, "long-option", logger="shoal.http.ollama.serving")
+    assert "'ooo" in warning["message"] and len(warning["message"]) < 400
+    # every line of both files is one JSON object (json_lines fails on a line cut in two)
+    for path in (observed.log_path, observed.audit_path):
+        assert all(len(line) < 20_000 for line in path.read_text().splitlines())
+        json_lines(path)
+
+
+def test_the_log_file_rotates_by_size_and_keeps_a_few(smollm2_path: Path, tmp_path: Path) -> None:
+    """SHOAL_LOG_FILE (the auto-started server's ~/.shoal/logs/server.log): rotated, bounded."""
+    log_file = tmp_path / "logs" / "server.log"
+    server = LiveServer(smollm2_path, *SERVER_FLAGS, "--log-file", str(log_file),
+                        log_path=tmp_path / "stdout.log",
+                        env={"SHOAL_LOG_LEVEL": "info", "SHOAL_LOG_MAX_BYTES": "4KiB",
+                             "SHOAL_LOG_BACKUPS": "2"})
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for i in range(80):
+                http.get("/api/tags", headers={"X-Request-Id": f"rotate-{i}"})
+        assert wait_for(lambda: "rotate-79" in log_file.read_text())
+    finally:
+        server.stop()
+    files = sorted(p.name for p in log_file.parent.iterdir())
+    assert files == ["server.log", "server.log.1", "server.log.2"]     # the oldest ones dropped
+    for path in log_file.parent.iterdir():
+        assert path.stat().st_size <= 4096 + 1024, path       # a line may pass the size once
+    # the process's own output follows the log: nothing is left on the stream it was started with
+    assert "shoal.http.access" not in (tmp_path / "stdout.log").read_text(errors="replace")
 
 
 # ---- metrics -------------------------------------------------------------------------------

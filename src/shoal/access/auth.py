@@ -5,7 +5,7 @@ Policy (SHOAL_AUTH): `auto` requires keys unless the server listens on loopback 
 `on` always, `off` never. Whatever the policy, the key-management API (/admin/) needs an
 admin key. With keys required, model management (pull, push, create, copy, delete, blob
 uploads) needs an admin key too, and a few endpoints stay open: liveness and version probes,
-and /metrics unless SHOAL_METRICS_AUTH=1.
+and /metrics only with SHOAL_METRICS_AUTH=0 (it names models and the key ids of callers).
 """
 from __future__ import annotations
 
@@ -92,9 +92,11 @@ class Authenticator:
 
     @classmethod
     def from_settings(cls, settings) -> "Authenticator":
-        return cls(keys_db_path(settings.keys_db),
-                   required=keys_required(settings.auth, settings.host),
-                   admin_key=settings.admin_key, protect_metrics=settings.metrics_auth)
+        required = keys_required(settings.auth, settings.host)
+        # SHOAL_METRICS_AUTH=auto: /metrics needs a key whenever keys are required at all
+        protect_metrics = required if settings.metrics_auth == "auto" else bool(settings.metrics_auth)
+        return cls(keys_db_path(settings.keys_db), required=required,
+                   admin_key=settings.admin_key, protect_metrics=protect_metrics)
 
     @property
     def db(self) -> KeyDB:

@@ -28,7 +28,7 @@ DEFAULT_PORT = 11434
 
 # `shoal env` lists these after the server's and the engine's variables.
 CLIENT_ENV_VARS: dict[str, str] = {
-    "SHOAL_HOME": "Where the command line keeps its files: logs/server.log (the auto-started server's log), history (the chat's input history) (default ~/.shoal).",
+    "SHOAL_HOME": "Where the command line keeps its files: logs/server.log (the auto-started server's log, rotated at SHOAL_LOG_MAX_BYTES into server.log.1 .. .N), history (the chat's input history) (default ~/.shoal).",
     "SHOAL_NO_AUTOSTART": "1: client commands never start a background server when none answers at SHOAL_HOST.",
     "SHOAL_AUTOSTART_TIMEOUT": "Seconds to wait for an auto-started server to answer (default 600; the first start may fetch the default model).",
     "SHOAL_NOHISTORY": "1: the interactive chat keeps no input history file.",
@@ -302,7 +302,8 @@ def connect(autostart: bool = True) -> Client:
 
 def start_server(client: Client) -> None:
     """Starts `python -m shoal serve` on the client's host and port, detached in its own
-    session with its output in SHOAL_HOME/logs/server.log, and waits until GET / answers.
+    session with its log in SHOAL_HOME/logs/server.log (rotated by size, the last few kept:
+    server.log.1, ...), and waits until GET / answers.
 
     A lock file serialises concurrent starts: a second `shoal run` waits for the first one's
     server instead of starting another.
@@ -317,7 +318,10 @@ def start_server(client: Client) -> None:
             if client.heartbeat():
                 return
             listen = host.host if host.host not in ("", "localhost") else "127.0.0.1"
-            args = [sys.executable, "-m", "shoal", "serve", "--host", listen, "--port", str(host.port)]
+            # NOTE: the server writes and rotates the log itself (SHOAL_LOG_MAX_BYTES); the
+            # redirection below only catches what it prints before its logging starts.
+            args = [sys.executable, "-m", "shoal", "serve", "--host", listen, "--port", str(host.port),
+                    "--log-file", str(log_path)]
             with open(log_path, "ab") as log:
                 log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} shoal: starting {' '.join(args)}\n"
                           .encode())

@@ -135,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
                               max_queue=args.max_queue, max_queue_batch=args.max_queue_batch,
                               max_queued_tokens=args.max_queued_tokens,
                               queue_timeout=args.queue_timeout, drain_timeout=args.drain_timeout,
-                              auth=args.auth),
+                              auth=args.auth, log_file=args.log_file),
             engine_flags=dict(model=args.model, compute=args.compute, device=args.device,
                               max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes,
                               max_num_seqs=args.max_num_seqs))
@@ -206,6 +206,8 @@ def add_local_commands(sub) -> None:
                        help="on SIGTERM/SIGINT, how long running requests may finish, e.g. 30s")
     serve.add_argument("--auth", choices=("auto", "on", "off"), default=None,
                        help="API keys: auto (required unless on loopback; default), on, off (SHOAL_AUTH)")
+    serve.add_argument("--log-file", default=None,
+                       help="log to this file instead of stderr, rotated by size (SHOAL_LOG_FILE)")
     serve.set_defaults(func=_serve)
     env = sub.add_parser("env", help="list the SHOAL_* environment variables")
     env.set_defaults(func=_env)

@@ -15,7 +15,8 @@ from shoal.http import observability
 from shoal.http.admin_keys import router as admin_router
 from shoal.http.auth import AuthMiddleware
 from shoal.http.body_limits import BodyLimitMiddleware
-from shoal.http.error_responses import add_error_handlers, origin_refused
+from shoal.http.error_responses import add_error_handlers, host_refused, origin_refused
+from shoal.http.hosts import AllowedHosts, HostPolicy
 from shoal.http.ollama.model_management import router as model_management_router
 from shoal.http.ollama.routes import router as ollama_router
 from shoal.http.openai.routes import router as openai_router
@@ -93,6 +94,9 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     # NOTE: runs before the routes and the body limit: a request without a valid key is
     # refused unread (only the observability layer, attached below, runs before it).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, count=count_rejection)
+    # NOTE: before the key check: a page that rebinds its name to 127.0.0.1 must get nothing.
+    app.add_middleware(HostPolicy, allowed=AllowedHosts.for_server(settings.host, settings.allowed_hosts),
+                       refuse=host_refused)
     # NOTE: attached last, so its middleware runs first: every response gets its request id
     # and record, and CORS preflights are answered before anything asks for a key.
     observability.attach(app, recorder, service, residency, settings.origins, refuse=origin_refused)

@@ -4,11 +4,11 @@ Lines are queued on the event loop and written by a writer thread (the stdlib's
 QueueListener), so a slow disk never stalls serving; the file rotates by size
 (RotatingFileHandler: PATH, PATH.1 … PATH.N). `close()` writes every queued line before
 returning; the app calls it when it shuts down. Prompt and completion text are written only
-when content auditing is on.
+when content auditing is on, and then whole; every other value a caller chose (a model name,
+a refusal's message) is cut to logs.MAX_FIELD_CHARS.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from shoal.core.errors import InvalidParameterError
+from shoal.http.json_lines import json_line
+from shoal.http.logs import clip
 from shoal.serving.records import RequestRecord
 
 
@@ -32,7 +34,7 @@ class _PrivateRotatingFileHandler(RotatingFileHandler):
 
 class _JsonLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(record.msg, ensure_ascii=False)
+        return json_line(record.msg, compact=False)
 
 
 class AuditLog:
@@ -79,6 +81,7 @@ class AuditLog:
                      prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
                      cached_tokens=record.cached_tokens, finish_reason=record.finish_reason,
                      latency_s=round(record.duration_seconds() or 0.0, 6))
+        entry = {name: clip(value) for name, value in entry.items()}
         if self.content:
             entry.update(prompts=record.prompts or [], completions=record.completions or [])
         return entry

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoal.core.echo import ECHO_LIMIT, clip
@@ -16,6 +16,7 @@ from shoal.core.errors import AccessDeniedError, ShoalError
 from shoal.http import observability
 from shoal.http.errors import HttpError, classify
 from shoal.http.requestid import request_id_headers
+from shoal.serving.disconnect import ClientDisconnected
 from shoal.serving.records import dialect_of
 
 # An error message quotes at most a few clipped values; longer means an echo clip() missed.
@@ -51,6 +52,12 @@ _UNION_MEMBERS = frozenset({"str", "int", "float", "bool"})
 def _field_path(loc: Iterable) -> str:
     return ".".join(str(p) for p in loc if p != "body" and not (
         isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p)))
+def host_refused(path: str, host: str) -> JSONResponse:
+    shown = host if len(host) <= 100 else host[:100] + "..."
+    return error_response(path, HttpError(
+        403, f"this server does not answer to the host name {shown!r}: a server on loopback answers "
+             "only to localhost names and IP addresses, against DNS rebinding (SHOAL_ALLOWED_HOSTS "
+             "adds names)", type="permission_error", code="host_not_allowed"))
 
 
 def describe_validation(errors: Iterable[dict]) -> HttpError:
@@ -99,6 +106,12 @@ def add_error_handlers(app: FastAPI, count_rejection: Callable[[AccessDeniedErro
         if isinstance(exc, AccessDeniedError):
             count_rejection(exc)
         return error_response(request.url.path, classify(exc))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_left(request: Request, exc: ClientDisconnected) -> Response:
+        # NOTE: nobody reads this answer; its status is what the access log records.
+        observability.note_refusal(str(exc))
+        return Response(status_code=observability.CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:

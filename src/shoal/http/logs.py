@@ -2,18 +2,28 @@
 
 `configure_logging` installs one stderr handler on the root logger (uvicorn's loggers
 propagate to it, so its lines share the format). A filter adds the request id and the
-caller's key id to every record written while a request is served; `AccessLog` writes one
+caller's key id to every record written while a request is served; `log_access` writes one
 line per finished request, replacing uvicorn's access log.
+
+Anything a caller sent can end up in a line (a model name, a path, a refusal's message that
+quotes them): each such value is cut to MAX_FIELD_CHARS, so a 15 MB model name costs a log
+line of a few hundred bytes, not 15 MB. JSON lines escape U+2028, U+2029 and U+0085, at
+which line-splitting readers would cut them (json_lines.py).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
 from typing import Any
 
 from shoal.access.principal import current_principal
+from shoal.core.errors import InvalidParameterError
+from shoal.http.json_lines import json_line
 from shoal.http.requestid import current_request_id
 from shoal.serving.records import RequestRecord
 
@@ -24,17 +34,32 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 access_log = logging.getLogger("shoal.http.access")
 # Access-record fields the access line's message already says (text lines skip them).
 _IN_ACCESS_MESSAGE = frozenset({"method", "endpoint", "status", "duration_s"})
+# The most characters of one value (a field, a message argument) a log line carries.
+MAX_FIELD_CHARS = 256
+
+
+def clip(value: Any, limit: int = MAX_FIELD_CHARS) -> Any:
+    """A string cut to `limit` characters, saying how long it was; anything else as it is."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}...({len(value)} chars)"
+    return value
 
 
 class RequestContextFilter(logging.Filter):
     """Sets `request_id` and `key_id` on each record from the request being served (None
-    outside one), unless the record already names them."""
+    outside one), unless the record already names them; cuts long string arguments."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "request_id" not in record.__dict__:
             record.request_id = current_request_id.get()
         if "key_id" not in record.__dict__:
             record.key_id = current_principal.get().key_id
+        # NOTE: the arguments, not the format: what a caller sent arrives as an argument
+        # ("ignoring unknown Ollama option %r"), and a message's own text is the code's.
+        if isinstance(record.args, tuple):
+            record.args = tuple(clip(arg) for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: clip(arg) for key, arg in record.args.items()}
         return True
 
 
@@ -56,7 +81,7 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return json_line(entry, compact=False, default=str)
 
 
 class TextFormatter(logging.Formatter):
@@ -75,15 +100,51 @@ class TextFormatter(logging.Formatter):
         return " ".join([text, *pairs])
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Routes every logger (shoal's, uvicorn's, warnings in JSON mode) to stderr in one format."""
-    handler = logging.StreamHandler(sys.stderr)
+class _LogFileHandler(RotatingFileHandler):
+    """A size-rotated log file that also receives the process's own stdout and stderr.
+
+    NOTE: a server started in the background (`shoal run`) writes more than log records:
+    a crash's traceback, a library's warning. With its fds 1 and 2 on the current file they
+    land there and count towards its size; after each rotation they follow to the new file.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self._adopt_std_streams()
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        self._adopt_std_streams()
+
+    def _adopt_std_streams(self) -> None:
+        if self.stream is None:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd in (1, 2):
+            os.dup2(self.stream.fileno(), fd)
+
+
+def configure_logging(level: str, log_format: str, log_file: str | Path | None = None,
+                      max_bytes: int = 0, backups: int = 0) -> None:
+    """Routes every logger (shoal's, uvicorn's, warnings in JSON mode) in one format to stderr,
+    or to `log_file`, rotated at `max_bytes` with `backups` old files kept."""
+    handler: logging.Handler
+    if log_file:
+        path = Path(log_file).expanduser()
+        try:
+            handler = _LogFileHandler(path, max_bytes, backups)
+        except OSError as exc:
+            raise InvalidParameterError("log_file", f"cannot open {path}: {exc.strerror or exc}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestContextFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    if log_format == "json":
+    if log_format == "json" or log_file:
         logging.captureWarnings(True)   # a bare warning line would break one-object-per-line
 
 
@@ -94,8 +155,9 @@ def log_access(record: RequestRecord) -> None:
     # NOTE: the request's own ids are passed explicitly: this can run after the request's
     # context is gone (a generation that ends once its client has left).
     duration = record.duration_seconds() or 0.0
+    fields = {name: clip(value) for name, value in record.access_fields().items()}
     access_log.info("%s %s %s %.3fs", record.method, record.path, record.status, duration,
-                    extra={"fields": record.access_fields(), "request_id": record.request_id,
+                    extra={"fields": fields, "request_id": record.request_id,
                            "key_id": record.key_id})
 
 

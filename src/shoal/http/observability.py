@@ -41,6 +41,8 @@ Sink = Callable[[RequestRecord], None]
 
 # A refused request's body is read for the model it names only up to this size.
 _BODY_PEEK_BYTES = 64 << 10
+# nginx's status for a request whose client hung up before its answer was complete.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class Recorder:
@@ -159,22 +161,28 @@ class RecordingMiddleware:
         self.recorder.open(record)
         body: list[bytes] = []
         body_size = 0
+        answered = client_left = False
 
         async def receive_and_keep() -> Message:
             # keeps the head of the body: the model a refused request named is read from it
-            nonlocal body_size
+            nonlocal body_size, client_left
             message = await receive()
             if message["type"] == "http.request" and body_size <= _BODY_PEEK_BYTES:
                 chunk = message.get("body", b"")
                 body_size += len(chunk)
                 body.append(chunk)
+            elif message["type"] == "http.disconnect" and not answered:
+                client_left = True      # before its answer's last byte: a 499, not a 200
             return message
 
         async def send_and_note(message: Message) -> None:
+            nonlocal answered
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 # NOTE: read here, inside the app: authentication sets it further in.
                 record.principal = current_principal.get()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
             await send(message)
 
         try:
@@ -182,14 +190,16 @@ class RecordingMiddleware:
         except BaseException as exc:
             if record.status is None:
                 if isinstance(exc, asyncio.CancelledError):
-                    record.status, record.reason = 499, "the client disconnected"
+                    record.status, record.reason = CLIENT_CLOSED_REQUEST, "the client disconnected"
                 else:
                     record.status, record.reason = 500, f"internal error ({type(exc).__name__})"
             raise
         finally:
             record.ended = time.monotonic()
-            if record.status is None:       # the app sent nothing: the client left first
-                record.status, record.reason = 499, "the client disconnected"
+            # NOTE: 499, as nginx logs it: the client left (the app sent nothing, or not all of
+            # a stream); the status a streamed answer began with is not how it ended.
+            if record.status is None or (client_left and not answered):
+                record.status, record.reason = CLIENT_CLOSED_REQUEST, "the client disconnected"
             if not record.generated and record.is_model_request and body_size <= _BODY_PEEK_BYTES:
                 record.requested_model = _model_named(b"".join(body))
             self.recorder.http_done(record)

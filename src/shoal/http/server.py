@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Sequence
 
@@ -9,6 +10,7 @@ import uvicorn
 
 from shoal.core.config import EngineConfig
 from shoal.http.app import create_app
+from shoal.http.connection_limits import capped_http_protocol, fitting_cap, raise_open_file_limit
 from shoal.http.header_limits import limited_http_protocol
 from shoal.http.logs import configure_logging
 from shoal.http.observability import Recorder
@@ -24,9 +26,13 @@ log = logging.getLogger("shoal.server")
 def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequence[str] = ()) -> None:
     """Blocks serving HTTP until SIGTERM/SIGINT and a drain; pinned models load before the port
     opens. `policy` (lines describing the effective settings) is logged first."""
-    configure_logging(settings.log_level, settings.log_format)
+    if settings.log_file:
+        print(f"shoal: logging to {settings.log_file}", file=sys.stderr, flush=True)
+    configure_logging(settings.log_level, settings.log_format, settings.log_file,
+                      int(settings.log_max_bytes), settings.log_backups)
     if policy:
         log.info("\n".join(policy))
+    max_connections = fitting_cap(settings.max_connections, raise_open_file_limit())
     started = time.monotonic()
     recorder = Recorder.from_settings(settings)     # a bad audit path or tracing setup fails here
     # NOTE: the egress policy goes down as a parameter: the store never reads server settings.
@@ -43,7 +49,8 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequenc
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=5,
-                            http=limited_http_protocol(settings.read_timeout))
+                            http=capped_http_protocol(limited_http_protocol(settings.read_timeout),
+                                                      max_connections))
     server = DrainingServer(config, app.state.lifecycle, app.state.service, settings.drain_timeout)
 
     original_startup = server.startup

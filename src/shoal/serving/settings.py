@@ -15,6 +15,9 @@ from shoal.store.egress import EgressPolicy
 # without configuration. `shoal serve --port` or SHOAL_PORT when Ollama itself runs here.
 DEFAULT_PORT = 11434
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
 # name -> (ServerSettings field, description)
 SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_HOST": ("host", "Address to listen on, 'host' or 'host:port' (default 127.0.0.1)."),
@@ -38,7 +41,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_AUTH": ("auth", "API keys: 'auto' (required unless listening on loopback only; default), 'on' or 'off'."),
     "SHOAL_KEYS_DB": ("keys_db", "The API keys database `shoal keys` manages (default $SHOAL_HOME/keys.db, SHOAL_HOME being ~/.shoal)."),
     "SHOAL_ADMIN_KEY": ("admin_key", "An admin key kept outside the keys DB (at least 16 characters), e.g. for automation that creates the keys."),
-    "SHOAL_METRICS_AUTH": ("metrics_auth", "1: GET /metrics needs an API key too when keys are required (default 0: open, like /health)."),
+    "SHOAL_METRICS_AUTH": ("metrics_auth", "Whether GET /metrics needs an API key when keys are required (it names models and key ids): 'auto' (default) or 1: yes; 0: open, like /health."),
     "SHOAL_LOG_FORMAT": ("log_format", "Log lines as 'text' (default) or 'json' (one object per line); either way each request gets an access line with its request id."),
     "SHOAL_AUDIT_LOG": ("audit_log", "File the audit log is appended to: a JSON line per model request, refused ones included (default: no audit log)."),
     "SHOAL_AUDIT_CONTENT": ("audit_content", "Also write prompt and completion text to the audit log (default 0: token counts only)."),
@@ -49,6 +52,11 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_REGISTRY_ALLOW": ("registry_allow", "Registries a pull or push may reach on a private, loopback or CGNAT address: comma-separated host or host:port (IPv6 as [addr]:port), e.g. 127.0.0.1:5000,registry.lan (default: none; link-local and cloud metadata addresses are refused always)."),
     "SHOAL_ALLOW_LOCAL_PATHS": ("allow_local_paths", "1: /api/create may read FROM / ADAPTER paths on the server's disk (with keys required, admin keys only); 0: only uploaded blobs, as `shoal create` sends them (default 1)."),
     "SHOAL_MAX_BLOB_BYTES": ("max_blob_bytes", "Largest blob upload (POST /api/blobs) accepted; larger gets 413 (default 64GiB: above Hugging Face's 50 GB per-file cap, so any single GGUF or safetensors file fits)."),
+    "SHOAL_ALLOWED_HOSTS": ("allowed_hosts", "Host names the server answers to besides localhost, *.localhost, this machine's name and IP addresses (comma-separated, '*.example.com' wildcards; '*' = any). Checked when listening on loopback (against DNS rebinding), or whenever set."),
+    "SHOAL_MAX_CONNECTIONS": ("max_connections", "Open client connections allowed at once; a request on a connection beyond it gets 503 + Retry-After (default 1024; lowered to fit the process's open-file limit)."),
+    "SHOAL_LOG_FILE": ("log_file", "Write the server's log to this file instead of stderr, rotated by size (`shoal serve --log-file`; the auto-started server logs to $SHOAL_HOME/logs/server.log)."),
+    "SHOAL_LOG_MAX_BYTES": ("log_max_bytes", "Size at which SHOAL_LOG_FILE rotates to FILE.1 (default 10MiB; 0 = never)."),
+    "SHOAL_LOG_BACKUPS": ("log_backups", "Rotated log files kept, FILE.1 .. FILE.N (default 3)."),
 }
 
 
@@ -77,7 +85,7 @@ class ServerSettings:
     auth: str = "auto"
     keys_db: str | None = None
     admin_key: str | None = field(default=None, repr=False)
-    metrics_auth: bool | str = False
+    metrics_auth: bool | str = "auto"   # "auto", True or False once checked
     log_format: str = "text"
     audit_log: str | None = None
     audit_content: bool = False
@@ -88,6 +96,11 @@ class ServerSettings:
     registry_allow: str | None = None   # parsed by registry_egress
     allow_local_paths: bool | str = True
     max_blob_bytes: int | str = 64 << 30
+    allowed_hosts: str | None = None
+    max_connections: int = 1024
+    log_file: str | None = None
+    log_max_bytes: int | str = 10 << 20
+    log_backups: int = 3
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -133,6 +146,14 @@ class ServerSettings:
             self.max_blob_bytes = parse_bytes(self.max_blob_bytes)
         except InvalidParameterError as exc:
             raise InvalidParameterError("max_blob_bytes", exc.message) from None
+        if self.max_connections < 1:
+            raise InvalidParameterError("max_connections", "must be at least 1")
+        try:
+            self.log_max_bytes = parse_bytes(self.log_max_bytes)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("log_max_bytes", exc.message) from None
+        if self.log_backups < 0:
+            raise InvalidParameterError("log_backups", "must be >= 0")
         self._check_auth()
         try:        # a bad SHOAL_REGISTRY_ALLOW fails at start, not at the first pull
             EgressPolicy.parse(self.registry_allow)
@@ -153,7 +174,11 @@ class ServerSettings:
             raise InvalidParameterError("admin_key", f"SHOAL_ADMIN_KEY must be at least "
                                         f"{ADMIN_KEY_MIN_LENGTH} characters")
         if isinstance(self.metrics_auth, str):
-            self.metrics_auth = self.metrics_auth.strip().lower() in ("1", "true", "yes", "on")
+            word = self.metrics_auth.strip().lower()
+            if word not in _TRUE | _FALSE | {"auto"}:
+                raise InvalidParameterError("metrics_auth", f"SHOAL_METRICS_AUTH must be auto, 1 or 0, "
+                                            f"got {self.metrics_auth!r}")
+            self.metrics_auth = "auto" if word == "auto" else word in _TRUE
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerSettings":
@@ -165,8 +190,8 @@ class ServerSettings:
             raw = env.get(var, "")
             if raw == "":
                 continue
-            if "bool" in types[name]:
-                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            if types[name] in ("bool", "bool | None"):
+                values[name] = raw.strip().lower() in _TRUE
             elif types[name] == "int":
                 try:
                     values[name] = int(raw)

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from shoal.engine.events import EngineEvent, Update
 from shoal.engine.outputs import RequestOutput
+from shoal.serving.disconnect import cancel_and_wait
 
 
 class RequestStream:
@@ -59,9 +60,7 @@ async def all_scheduled(streams: Sequence[RequestStream]) -> None:
         for task in done:
             task.result()
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
 
 
 def merge_updates(updates: list[RequestOutput]) -> list[RequestOutput]:

@@ -6,7 +6,6 @@ progress events (dicts shaped like Ollama's NDJSON lines) that are streamed as t
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from shoal.access.principal import current_principal
 from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError, UnknownModelError
 from shoal.http.errors import HttpError, classify
+from shoal.http.json_lines import json_line
 from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
 from shoal.http.ollama.routes import NDJSON, read_body
 from shoal.store.blobs import is_digest, normalize_digest
@@ -43,7 +43,7 @@ def _store(request: Request):
 
 
 def _line(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return json_line(event).encode() + b"\n"
 
 
 async def _progress_response(work: Callable[[Callable[[dict], None]], Any], stream: bool,

@@ -7,7 +7,6 @@ routes.py only wires them to URLs.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from shoal.core.errors import (InvalidParameterError, PermissionDeniedError, Unk
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.outputs import RequestOutput
 from shoal.http.errors import HttpError, classify
+from shoal.http.json_lines import json_line
 from shoal.http.ollama import templates
 from shoal.http.ollama.protocol import ROLES, ChatBody, GenerateBody, nanoseconds, timestamp
 from shoal.serving.disconnect import run_until_disconnect
@@ -460,7 +460,7 @@ def final_chunk(turn: Turn, last: RequestOutput | None, text: str, output_ids: l
 
 
 def ndjson(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return json_line(obj).encode() + b"\n"
 
 
 _NOTHING = object()

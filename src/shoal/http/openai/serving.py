@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -12,9 +11,11 @@ from shoal.core.errors import InvalidParameterError, UnsupportedFeatureError
 from shoal.core.sampling_params import MAX_LOGPROBS, SamplingParams
 from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.http.errors import HttpError, classify
+from shoal.http.json_lines import json_line
 from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                        SamplingFields)
 from shoal.serving.completion import Completion, collect
+from shoal.serving.disconnect import cancel_and_wait
 from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
@@ -242,8 +243,7 @@ def completion_response(reqs: Sequence[GenerateRequest], dones: Sequence[Complet
 
 
 def sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
-                                                               separators=(",", ":"))
+    data = payload if isinstance(payload, str) else json_line(payload)
     return f"data: {data}\n\n"
 
 
@@ -369,8 +369,8 @@ async def merge_streams(streams: Sequence[AsyncIterator[list[RequestOutput]]]
             else:
                 yield i, item
     finally:
-        for task in tasks:
-            task.cancel()
+        # NOTE: waited for: the caller closes these streams next (disconnect.cancel_and_wait)
+        await cancel_and_wait(*tasks)
 
 
 async def collect_all(reqs: Sequence[GenerateRequest],
@@ -380,8 +380,7 @@ async def collect_all(reqs: Sequence[GenerateRequest],
     try:
         return list(await asyncio.gather(*tasks))
     finally:
-        for task in tasks:
-            task.cancel()
+        await cancel_and_wait(*tasks)
 
 
 async def _close(stream: Any) -> None:
