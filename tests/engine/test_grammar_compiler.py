@@ -12,7 +12,7 @@ from shoal.core.structured_output import StructuredOutput
 from shoal.engine.structured import compiler as compiler_module
 from shoal.engine.structured.compiler import GrammarCompiler
 from shoal.engine.structured.grammar import check_structured_output
-from shoal.engine.structured.masks import MaskFiller, SampleGrammar, apply_masks
+from shoal.engine.structured.masks import MaskFiller, SampleGrammar, apply_masks, unpack_bitmask
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,23 @@ def test_masks_apply_to_their_rows_only():
     assert logits[2].argmax() == 39 and torch.isinf(logits[2, :39]).all()
     assert logits[0].argmax() == 0 and torch.isinf(logits[0, 1:]).all()
     assert (logits[1] == 0).all()                         # the free row is untouched
+
+
+def test_masks_for_an_accelerator_cross_packed_and_unpack_where_the_logits_are(compiler,
+                                                                               smollm2_tokenizer):
+    compiled = compiler.compile_now(StructuredOutput.choice(["alpha", "beta"]))
+    grammars = [SampleGrammar(compiled.new_matcher(), smollm2_tokenizer.eos_token_ids)]
+    host, packed = MaskFiller(smollm2_tokenizer.vocab_size), MaskFiller(
+        smollm2_tokenizer.vocab_size, unpack_on_host=False)
+    try:
+        unpacked = host.wait(host.submit(grammars))
+        words = packed.wait(packed.submit(grammars))
+        assert words.dtype == torch.int32 and unpacked.dtype == torch.bool
+        assert torch.equal(unpack_bitmask(words, smollm2_tokenizer.vocab_size), unpacked)
+        one, two = torch.zeros((1, smollm2_tokenizer.vocab_size)), torch.zeros((1, smollm2_tokenizer.vocab_size))
+        apply_masks(one, [0], unpacked)
+        apply_masks(two, [0], words)
+        assert torch.equal(one, two) and 0 < int(torch.isfinite(one).sum()) < 10
+    finally:
+        host.close()
+        packed.close()

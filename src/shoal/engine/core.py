@@ -62,7 +62,8 @@ class EngineCore:
         # Constrained requests wait there, outside the scheduler, while their grammar compiles.
         self.structured = StructuredOutputManager(tokenizer, vocab_size, eos_token_ids,
                                                   compile_timeout=grammar_compile_timeout,
-                                                  cache_size=grammar_cache_size)
+                                                  cache_size=grammar_cache_size,
+                                                  device=runner.device)
         # Called from step() with a user request id and the error that refused it (a grammar
         # that failed to compile or timed out); None: step() raises it.
         self.on_request_failed: Callable[[str, BaseException], None] | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,7 +55,7 @@ class GrammarCompiler:
         self._pool: ThreadPoolExecutor | None = None
         # Called on the compile thread after each compile ends (AsyncEngine: wake the loop).
         self.on_done: Callable[[], None] | None = None
-        self.compile_seconds: list[float] = []     # each finished compile's, for benchmarks
+        self.compile_seconds: deque[float] = deque(maxlen=10_000)   # each compile's, for benchmarks
 
     def submit(self, structured: StructuredOutput) -> Future[CompiledGrammar]:
         """A future of the compiled constraint: done at once on a cache hit; one compile

@@ -43,10 +43,11 @@ class StructuredOutputManager:
     """Compiles, holds and masks the constrained requests of one engine."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: frozenset[int], *,
-                 compile_timeout: float = 10.0, cache_size: int = 128) -> None:
+                 compile_timeout: float = 10.0, cache_size: int = 128,
+                 device: torch.device | None = None) -> None:
         width = mask_vocab_size(tokenizer, vocab_size)
         self.compiler = GrammarCompiler(tokenizer, width, cache_size=cache_size)
-        self.masks = MaskFiller(width)
+        self.masks = MaskFiller(width, unpack_on_host=device is None or device.type == "cpu")
         self.eos_token_ids = eos_token_ids
         self.compile_timeout = compile_timeout
         self._awaiting: list[AwaitingGrammar] = []

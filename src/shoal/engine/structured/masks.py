@@ -46,8 +46,11 @@ class SampleGrammar:
 class MaskFiller:
     """Fills one step's masks on its own thread; the engine thread applies them."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, *, unpack_on_host: bool = True) -> None:
         self.vocab_size = vocab_size
+        # NOTE: for an accelerator the packed words cross (1 bit a token, not 8) and unpack
+        # there (unpack_bitmask); a CPU engine gets them unpacked by this thread.
+        self.unpack_on_host = unpack_on_host
         self._words = bitmask_words(vocab_size)
         self._bitmask = torch.empty((0, self._words), dtype=torch.int32)
         self._pool: ThreadPoolExecutor | None = None
@@ -58,7 +61,8 @@ class MaskFiller:
 
     def submit(self, grammars: list[SampleGrammar]) -> Future[torch.Tensor]:
         """Starts filling the masks of `grammars` (in order); the future holds a bool tensor
-        [len(grammars), vocab_size], True where a token is NOT allowed.
+        [len(grammars), vocab_size], True where a token is NOT allowed (or, unpack_on_host
+        False, the packed int32 bitmask, which apply_masks unpacks where the logits are).
 
         The matchers must not change until the future is done (the engine thread waits for
         it before it samples and advances them)."""
@@ -85,6 +89,8 @@ class MaskFiller:
             # NOTE: a stopped or failed matcher fills an EOS-only mask, so the sample ends.
             fill_bitmask(grammar.matcher, bitmask, row)
             self.fill_seconds.append(time.perf_counter() - started)
+        if not self.unpack_on_host:
+            return bitmask.clone()
         # Bit t of word t // 32 says whether token t is allowed. Unpacked with numpy rather
         # than torch: torch would start an OpenMP team on this thread against the forward pass.
         words = bitmask.numpy().astype("<i4", copy=False)
@@ -92,11 +98,21 @@ class MaskFiller:
         return torch.from_numpy(bits[:, :self.vocab_size]).view(torch.bool)
 
 
+def unpack_bitmask(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed int32 words [R, W] -> bool [R, vocab_size], True where a token is NOT allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return (bits == 0).flatten(1)[:, :vocab_size]
+
+
 @torch.inference_mode()    # the runner's logits are inference tensors
 def apply_masks(logits: torch.Tensor, rows: list[int], disallowed: torch.Tensor) -> None:
-    """Sets the disallowed tokens' logits to -inf, in place, in the given rows of logits."""
+    """Sets the disallowed tokens' logits to -inf, in place, in the given rows of logits.
+    `disallowed` is MaskFiller's result: bool, or the packed int32 words."""
     if not rows:
         return
+    if disallowed.dtype == torch.int32:
+        disallowed = unpack_bitmask(disallowed.to(logits.device, non_blocking=True), logits.shape[1])
     # NOTE: masks may be wider than the logits (a tokenizer with ids the model lacks).
     disallowed = disallowed[:, :logits.shape[1]].to(logits.device)
     if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
