@@ -25,6 +25,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_KV_CACHE_DTYPE": ("kv_cache_dtype", "'auto' (bfloat16 for fast mode on the CPU kernel, else the model dtype), 'float32', 'bfloat16'."),
     "SHOAL_KV_CACHE_COMMIT": ("kv_cache_commit", "Touch every page of the KV cache at load (CPU), so its memory is taken, or refused, at start rather than under load, and RSS is flat from the first request (default 0: pages are taken as blocks are first used, so an idle server stays small)."),
     "SHOAL_ATTENTION": ("attention_backend", "'auto' (C++ kernel on CPU when it builds), 'kernel', or 'torch'."),
+    "SHOAL_GRAMMAR_COMPILE_TIMEOUT": ("grammar_compile_timeout", "Seconds a structured-output constraint (JSON schema, regex, grammar) may take to compile before its request is refused (default 10)."),
+    "SHOAL_GRAMMAR_CACHE_SIZE": ("grammar_cache_size", "Compiled constraints kept for reuse, least recently used dropped first (default 128)."),
 }
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20,
@@ -67,6 +69,8 @@ class EngineConfig:
     kv_cache_commit: bool = False
     # LoRA adapters merged into the weights at load, in order (paths; see model/lora.py)
     adapters: tuple[str, ...] = ()
+    grammar_compile_timeout: float = 10.0
+    grammar_cache_size: int = 128
 
     def __post_init__(self) -> None:
         paths = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else self.adapters
@@ -81,9 +85,12 @@ class EngineConfig:
             raise InvalidParameterError("compute", f"must be 'fast' or 'exact', got {self.compute!r}")
         if self.kv_cache_bytes is not None:
             self.kv_cache_bytes = parse_bytes(self.kv_cache_bytes)
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "grammar_cache_size"):
             if int(getattr(self, name)) < 1:
                 raise InvalidParameterError(name, "must be at least 1")
+        if not self.grammar_compile_timeout > 0:
+            raise InvalidParameterError("grammar_compile_timeout",
+                                        f"must be > 0 seconds, got {self.grammar_compile_timeout!r}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "EngineConfig":
@@ -108,4 +115,9 @@ def _convert(name: str, type_name: str, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise InvalidParameterError(name, f"expected an integer, got {raw!r}") from None
+    if "float" in type_name:
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidParameterError(name, f"expected a number, got {raw!r}") from None
     return raw

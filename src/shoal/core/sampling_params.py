@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError
+from shoal.core.structured_output import StructuredOutput
 
 # NOTE: OpenAI caps logprobs alternatives at 20; vLLM allows more but the cost grows
 # with each, so shoal keeps OpenAI's bound.
@@ -36,6 +37,8 @@ class SamplingParams:
     the k most likely alternatives.
     repetition_window limits repetition/presence/frequency penalties to the last N
     tokens (Ollama's repeat_last_n); None looks at all of them.
+    structured constrains the output to a JSON schema, regex, choice or grammar; EOS is
+    then allowed only where the constraint is complete.
     """
 
     n: int = 1
@@ -57,6 +60,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         for name in ("n", "min_tokens", "top_k"):
@@ -117,6 +121,9 @@ class SamplingParams:
         self.stop_token_ids = self._normalise_token_ids("stop_token_ids", self.stop_token_ids)
         if self.logit_bias:
             self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidParameterError(
+                "structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
 
     @staticmethod
     def _normalise_stop(stop: object) -> list[str]:

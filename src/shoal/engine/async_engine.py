@@ -30,6 +30,7 @@ from shoal.engine.events import EngineEvent, Scheduled, Update
 from shoal.engine.limits import EngineLimits
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.stats import EngineStats
+from shoal.engine.structured.grammar import check_structured_output
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,19 @@ class AsyncEngine:
         return self.core.tokenizer
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Checks a request against this engine's limits (EngineLimits.validate), from any
+        """Checks a request against this engine's limits (EngineLimits.validate) and that its
+        constraint compiles (InvalidParameterError naming the constraint's field), from any
         thread; returns its resolved max_tokens."""
-        return self.limits.validate(prompt_token_ids, params)
+        max_tokens = self.limits.validate(prompt_token_ids, params)
+        check_structured_output(params.structured)
+        return max_tokens
 
     def stats(self) -> EngineStats:
         """The engine's state and counters now (read without locks, for metrics)."""
         core = self.core
         scheduler = core.scheduler
         return EngineStats(
-            running=scheduler.num_running, waiting=scheduler.num_waiting,
+            running=scheduler.num_running, waiting=core.num_waiting,
             kv_usage=scheduler.kv.usage, prefix_queries=scheduler.kv.prefix_cache_queries,
             prefix_hits=scheduler.kv.prefix_cache_hits,
             preemptions=scheduler.num_preemptions_total,
@@ -149,6 +153,8 @@ class AsyncEngine:
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout)
+        if hasattr(self, "core"):
+            self.core.close()
 
     # ---- the loop thread -----------------------------------------------------------
     def _post(self, kind: str, payload: Any) -> None:
@@ -192,6 +198,8 @@ class AsyncEngine:
             return
         self.limits = self.core.limits
         self.core.on_first_scheduled = self._deliver_scheduled
+        self.core.on_request_failed = lambda request_id, exc: self._deliver(request_id, [exc])
+        self.core.structured.compiler.on_done = self._wakeup.set
         ready.set()
         self._run_loop()
 
@@ -199,8 +207,10 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self._drain_commands()
-                if not self.core.has_unfinished_requests():
-                    self._wakeup.wait(0.5)
+                if not self.core.has_work_ready():
+                    # NOTE: also while every request waits for its grammar: a finished compile
+                    # sets the wake-up event; the short wait notices compile timeouts.
+                    self._wakeup.wait(0.5 if not self.core.has_unfinished_requests() else 0.1)
                     self._wakeup.clear()
                     continue
                 outputs = self.core.step()

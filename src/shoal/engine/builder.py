@@ -116,7 +116,9 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
                       tokenizer=loaded.tokenizer, max_model_len=plan.max_model_len,
                       vocab_size=loaded.config.vocab_size,
                       eos_token_ids=frozenset(loaded.tokenizer.eos_token_ids),
-                      cache_salt=_cache_salt(loaded.path, config))
+                      cache_salt=_cache_salt(loaded.path, config),
+                      grammar_compile_timeout=config.grammar_compile_timeout,
+                      grammar_cache_size=config.grammar_cache_size)
     info = EngineInfo(model_path=str(loaded.path), model_format=loaded.format,
                       model_config=loaded.config, device=str(device),
                       dtype=str(dtype).replace("torch.", ""), compute=config.compute,

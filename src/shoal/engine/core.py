@@ -1,6 +1,7 @@
 """EngineCore: one step = schedule -> run the model -> sample -> update -> report."""
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -15,9 +16,13 @@ from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.sampling.row import SamplingRow
 from shoal.engine.sampling.sampler import Sampler
-from shoal.engine.scheduler import Scheduler
+from shoal.engine.scheduler import Scheduler, SchedulerOutput
+from shoal.engine.structured.manager import StructuredOutputManager
+from shoal.engine.structured.masks import SampleGrammar
 from shoal.text.detokenizer import IncrementalDetokenizer
 from shoal.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -30,6 +35,7 @@ class _SampleState:
     index: int
     seed: int
     detokenizer: IncrementalDetokenizer
+    grammar: SampleGrammar | None = None     # the sample's own matcher, when constrained
 
 
 class EngineCore:
@@ -37,7 +43,8 @@ class EngineCore:
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler,
                  tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
-                 eos_token_ids: frozenset[int], cache_salt: int = 0) -> None:
+                 eos_token_ids: frozenset[int], cache_salt: int = 0,
+                 grammar_compile_timeout: float = 10.0, grammar_cache_size: int = 128) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
@@ -52,6 +59,14 @@ class EngineCore:
         self._samples: dict[str, _SampleState] = {}        # engine request id -> sample
         self._by_user_id: dict[str, list[str]] = {}         # user request id -> engine ids
         self._seed_source = random.Random()
+        # Constrained requests wait there, outside the scheduler, while their grammar compiles.
+        self.structured = StructuredOutputManager(tokenizer, vocab_size, eos_token_ids,
+                                                  compile_timeout=grammar_compile_timeout,
+                                                  cache_size=grammar_cache_size,
+                                                  device=runner.device)
+        # Called from step() with a user request id and the error that refused it (a grammar
+        # that failed to compile or timed out); None: step() raises it.
+        self.on_request_failed: Callable[[str, BaseException], None] | None = None
         # Called from step() with the user request ids the scheduler took for the first time
         # (AsyncEngine uses it to tell a waiting caller its request left the queue).
         self.on_first_scheduled: Callable[[list[str]], None] | None = None
@@ -76,6 +91,7 @@ class EngineCore:
         base_seed = params.seed if params.seed is not None else self._seed_source.getrandbits(62)
         leader: Request | None = None
         ids: list[str] = []
+        requests: list[Request] = []
         for index in range(params.n):
             engine_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(
@@ -91,21 +107,41 @@ class EngineCore:
                                            include_stop_str_in_output=params.include_stop_str_in_output)
             self._samples[engine_id] = _SampleState(request, request_id, index, base_seed + index, detok)
             ids.append(engine_id)
-            self.scheduler.add_request(request)
+            requests.append(request)
+        if params.structured is None:
+            for request in requests:
+                self.scheduler.add_request(request)
+        else:
+            self.structured.hold(request_id, requests, params.structured)
         self._by_user_id[request_id] = ids
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:
         """Aborts every sample of a user request; returns their final outputs."""
         ids = self._by_user_id.get(request_id, [])
-        aborted = self.scheduler.abort_requests(ids)
+        aborted = self.scheduler.abort_requests(ids) + self.structured.abort(request_id)
         return [self._final_output(self._samples[r.request_id], "", [], None) for r in aborted
                 if r.request_id in self._samples]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self.structured.has_held()
+
+    def has_work_ready(self) -> bool:
+        """Whether step() has something to do now: False while every unfinished request
+        waits for its grammar to compile (StructuredOutputManager.wait waits for one)."""
+        return self.scheduler.has_unfinished_requests() or self.structured.has_settled()
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting to run: in the scheduler's queue or for their grammar."""
+        return self.scheduler.num_waiting + self.structured.num_held
+
+    def close(self) -> None:
+        """Stops the grammar threads (the engine is not used afterwards)."""
+        self.structured.close()
 
     # ---- one step ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._start_compiled()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.first_scheduled and self.on_first_scheduled is not None:
             # the leader (sample 0) stands for the user request: siblings follow its prefill
@@ -115,7 +151,11 @@ class EngineCore:
                                      and self._samples[r.request_id].index == 0])
         if not scheduler_output.scheduled:
             return []
+        # NOTE: masks fill on their thread while the model computes the logits they mask.
+        mask_job = self.structured.start_masks(self._constrained(scheduler_output))
         logits, sampling = self.runner.execute(scheduler_output.scheduled)
+        if mask_job is not None:
+            self.structured.apply_masks(mask_job, logits, [w.request.request_id for w in sampling])
         sampled: dict[str, int] = {}
         logprobs: dict[str, TokenLogprob] = {}
         if sampling:
@@ -129,13 +169,60 @@ class EngineCore:
                                         seed=sample.seed, eos_token_ids=request.eos_token_ids))
             result = self.sampler(logits, rows)
             for work, token, lp in zip(sampling, result.token_ids, result.logprobs):
-                sampled[work.request.request_id] = token
+                sampled[work.request.request_id] = self._advance_grammar(work.request.request_id, token)
                 if lp is not None:
                     logprobs[work.request.request_id] = TokenLogprob(lp.token_id, lp.logprob,
                                                                      list(lp.top))
         updated = self.scheduler.update_from_output(scheduler_output, sampled)
+        for request in updated:
+            sample = self._samples.get(request.request_id)
+            if sample is not None and sample.grammar is not None and sample.grammar.ended \
+                    and not request.is_finished:
+                # NOTE: the grammar allows nothing after its EOS, whatever ignore_eos says.
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED,
+                                              request.output_token_ids[-1])
         return [self._output_for(r, logprobs.get(r.request_id)) for r in updated
                 if r.request_id in self._samples]
+
+    # ---- constrained decoding ------------------------------------------------------
+    def _start_compiled(self) -> None:
+        """Hands requests whose grammar is ready to the scheduler, each sample with its own
+        matcher; refuses those whose grammar failed or timed out."""
+        if not self.structured.has_held():
+            return
+        ready, failed = self.structured.take_settled()
+        for request, grammar in ready:
+            self._samples[request.request_id].grammar = grammar
+            self.scheduler.add_request(request)
+        for user_request_id, error in failed:
+            for engine_id in self._by_user_id.pop(user_request_id, []):
+                self._samples.pop(engine_id, None)
+            if self.on_request_failed is None:
+                raise error
+            self.on_request_failed(user_request_id, error)
+
+    def _constrained(self, output: SchedulerOutput) -> list[tuple[str, SampleGrammar]]:
+        """The constrained requests that sample this step, with their matchers."""
+        pairs = []
+        for entry in output.scheduled:
+            sample = self._samples.get(entry.request.request_id)
+            if entry.samples and sample is not None and sample.grammar is not None:
+                pairs.append((entry.request.request_id, sample.grammar))
+        return pairs
+
+    def _advance_grammar(self, request_id: str, token: int) -> int:
+        """Feeds a sampled token to the sample's matcher; returns the token to append.
+
+        A masked row only yields an allowed token, unless min_tokens banned the only ones
+        (EOS where the grammar is complete): then the sample ends with EOS instead."""
+        grammar = self._samples[request_id].grammar
+        if grammar is None or grammar.accept(token):
+            return token
+        log.warning("request %s: token %d outside its grammar (%s); ending it", request_id, token,
+                    grammar.error() or "no allowed token")
+        if self.tokenizer.eos_token_id in self.eos_token_ids:
+            return self.tokenizer.eos_token_id
+        return min(self.eos_token_ids, default=token)
 
     def _output_for(self, request: Request, logprob: TokenLogprob | None) -> RequestOutput:
         sample = self._samples[request.request_id]

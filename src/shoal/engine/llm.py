@@ -10,6 +10,7 @@ from shoal.core.errors import InvalidParameterError
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.builder import build_engine_core
 from shoal.engine.outputs import CompletionOutput, GenerationResult, RequestOutput
+from shoal.engine.structured.grammar import check_structured_output
 
 Prompt = Union[str, list[int], dict[str, Any]]
 Messages = list[dict[str, Any]]
@@ -95,6 +96,7 @@ class LLM:
         # Validate everything before queueing anything, so a bad prompt leaves no work behind.
         for (_text, ids), params in zip(encoded, params_list):
             self.engine.limits.validate(ids, params)
+            check_structured_output(params.structured)
         for i, ((text, ids), params) in enumerate(zip(encoded, params_list)):
             request_id = f"offline-{next(self._ids)}"
             self.engine.add_request(request_id, ids, params,
@@ -105,9 +107,18 @@ class LLM:
                               logprobs=[] if params.logprobs is not None else None)
                  for k in range(params.n)])
             order.append(request_id)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                self._accumulate(results[out.request_id], out)
+        try:
+            while self.engine.has_unfinished_requests():
+                if not self.engine.has_work_ready():
+                    self.engine.structured.wait(0.1)
+                    continue
+                for out in self.engine.step():
+                    self._accumulate(results[out.request_id], out)
+        except BaseException:
+            # NOTE: e.g. a grammar that timed out: the batch's other requests go with it.
+            for request_id in order:
+                self.engine.abort_request(request_id)
+            raise
         return [results[r] for r in order]
 
     @staticmethod
