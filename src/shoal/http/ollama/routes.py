@@ -18,6 +18,7 @@ from shoal.http.ollama import info as model_info
 from shoal.http.ollama import serving
 from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
+from shoal.http.openapi_bodies import json_body
 from shoal.serving.catalog import ModelSpec, path_size
 from shoal.serving.disconnect import run_until_disconnect
 
@@ -64,7 +65,7 @@ async def _run(request: Request, turn: serving.Turn, stream: bool) -> Response:
     return StreamingResponse(serving.stream_lines(turn, updates, first), media_type=NDJSON)
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=json_body(GenerateBody))
 async def generate(request: Request) -> Response:
     started = time.monotonic()
     body = await read_body(request, GenerateBody)
@@ -97,7 +98,7 @@ async def generate(request: Request) -> Response:
         residency.release(model)
 
 
-@router.post("/chat")
+@router.post("/chat", openapi_extra=json_body(ChatBody))
 async def chat(request: Request) -> Response:
     started = time.monotonic()
     body = await read_body(request, ChatBody)
@@ -162,7 +163,7 @@ def _unloaded_facts(spec: ModelSpec) -> tuple[int, str, dict[str, Any]]:
     return path_size(spec.path), spec.digest or "", model_info.spec_details(spec)
 
 
-@router.post("/show")
+@router.post("/show", openapi_extra=json_body(ShowBody))
 async def show(request: Request) -> Response:
     body = await read_body(request, ShowBody)
     name = body.model or body.name
