@@ -141,3 +141,19 @@ def test_lifecycle_errors(client, shoal_server) -> None:
     with pytest.raises(ollama.ResponseError) as info:
         client.show("never-created")
     assert info.value.status_code == 404
+
+
+def test_an_upload_can_be_the_first_write_to_a_new_store(tiny_llama_gguf, tmp_path) -> None:
+    # found by tests/http/test_fuzz.py: the upload's temporary file went into a store root that
+    # did not exist yet (a fresh install's ~/.shoal/models), a 500 for `ollama create` of a file
+    from live_server import LiveServer
+
+    server = LiveServer(tiny_llama_gguf, "--served-model-name", "tiny", "--max-model-len", "64",
+                        env={"SHOAL_MODELS": str(tmp_path / "new-store")}, log_path=tmp_path / "serve.log")
+    try:
+        client = ollama.Client(host=server.wait_ready().url, timeout=120)
+        digest = client.create_blob(tiny_llama_gguf)
+        assert client.create(model="uploaded", files={tiny_llama_gguf.name: digest}).status == "success"
+        assert client.generate(model="uploaded", prompt="Hi", options={"num_predict": 2}).done
+    finally:
+        server.stop()

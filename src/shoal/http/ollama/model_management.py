@@ -214,6 +214,8 @@ async def blob_upload(digest: str, request: Request) -> Response:
     store = _store(request)
     if store.blobs.has(digest):
         return Response(status_code=200)
+    # NOTE: an upload can be a new store's first write (before any pull or create made its root)
+    store.blobs.root.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=store.blobs.root)
     tmp = Path(tmp_name)
     try:
