@@ -200,11 +200,22 @@ async def ps(request: Request) -> dict[str, Any]:
             "size": total,
             "digest": digest,
             "details": model_info.details(model),
-            "expires_at": far_future() if expires is None else timestamp_at(expires),
+            "expires_at": _expires_at(expires),
             "size_vram": total if on_gpu else 0,
             "context_length": serving.served_context(model),
         })
     return {"models": models}
+
+
+_GO_MAX_DURATION_S = (2**63 - 1) / 1e9
+
+
+def _expires_at(expires: float | None) -> str:
+    # NOTE: a keep_alive longer than Go's largest duration (~292 years) is "forever" in effect,
+    # and one past the year 9999 has no date at all: both show as Ollama's far future.
+    if expires is None or not abs(expires - time.time()) < _GO_MAX_DURATION_S:
+        return far_future()
+    return timestamp_at(expires)
 
 
 @router.get("/version")
