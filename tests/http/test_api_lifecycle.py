@@ -141,3 +141,42 @@ def test_lifecycle_errors(client, shoal_server) -> None:
     with pytest.raises(ollama.ResponseError) as info:
         client.show("never-created")
     assert info.value.status_code == 404
+
+
+@pytest.fixture(scope="module")
+def new_store_server(tiny_llama_gguf, tmp_path_factory):
+    """A server of the tiny model whose store root does not exist yet (a fresh install's)."""
+    from live_server import LiveServer
+
+    root = tmp_path_factory.mktemp("new_store")
+    server = LiveServer(tiny_llama_gguf, "--served-model-name", "tiny", "--max-model-len", "64",
+                        env={"SHOAL_MODELS": str(root / "models")}, log_path=root / "serve.log")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def _create_from_upload(server, gguf, name: str) -> ollama.Client:
+    client = ollama.Client(host=server.url, timeout=120)
+    digest = client.create_blob(gguf)
+    assert client.create(model=name, files={gguf.name: digest}).status == "success"
+    return client
+
+
+def test_an_upload_can_be_the_first_write_to_a_new_store(new_store_server, tiny_llama_gguf) -> None:
+    # found by tests/http/test_fuzz.py: the upload's temporary file went into a store root that
+    # did not exist yet (a fresh install's ~/.shoal/models), a 500 for `ollama create` of a file
+    client = _create_from_upload(new_store_server, tiny_llama_gguf, "uploaded")
+    assert client.generate(model="uploaded", prompt="Hi", options={"num_predict": 2}).done
+
+
+def test_ps_shows_a_keep_alive_past_year_9999_as_forever(new_store_server, tiny_llama_gguf) -> None:
+    # found by tests/http/test_fuzz.py: keep_alive 1e12 s ends in the year ~33700, which no date
+    # can hold; /api/ps answered 500 to everyone until the model unloaded
+    client = _create_from_upload(new_store_server, tiny_llama_gguf, "long-lived")
+    client.generate(model="long-lived", prompt="Hi", keep_alive=1e12, options={"num_predict": 1})
+    reply = httpx.get(new_store_server.url + "/api/ps", timeout=30)
+    assert reply.status_code == 200, reply.text
+    expires = {m["name"]: m["expires_at"] for m in reply.json()["models"]}["long-lived:latest"]
+    assert int(expires[:4]) >= 2300, expires        # the far future Ollama shows for "forever"

@@ -252,6 +252,19 @@ def test_the_admin_api_needs_an_admin_key(keyed) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "key_not_found"
 
 
+def test_key_limits_too_large_to_store_are_400(keyed) -> None:
+    # found by tests/http/test_fuzz.py: an rpm over 2**63 was a 500 (OverflowError at the INSERT)
+    server, keys = keyed
+    for field in ("rpm", "tpm", "max_concurrent", "max_prompt_tokens", "max_tokens"):
+        reply = httpx.post(server.url + "/admin/keys", json={"name": f"huge-{field}", field: 2**63},
+                           headers={"Authorization": f"Bearer {keys['admin']}"}, timeout=30)
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["param"] == field
+    largest = httpx.post(server.url + "/admin/keys", json={"name": "largest-rpm", "rpm": 2**63 - 1},
+                         headers={"Authorization": f"Bearer {keys['admin']}"}, timeout=30)
+    assert largest.status_code == 201 and largest.json()["rpm"] == 2**63 - 1, largest.text
+
+
 def test_model_management_needs_an_admin_key(keyed) -> None:
     server, keys = keyed
     for key, status in ((None, 401), (keys["good"], 403)):

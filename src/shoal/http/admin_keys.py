@@ -22,14 +22,19 @@ from shoal.http.errors import HttpError
 router = APIRouter(prefix="/admin")
 
 
+# NOTE: the keys DB stores limits as SQLite INTEGERs (64-bit); a larger one must be a 400,
+# not an OverflowError at the INSERT.
+_MAX_LIMIT = 2**63 - 1
+
+
 class NewKeyBody(BaseModel):
     name: str
     models: list[str] | None = None
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
-    max_prompt_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1, le=_MAX_LIMIT)
+    tpm: int | None = Field(None, ge=1, le=_MAX_LIMIT)
+    max_concurrent: int | None = Field(None, ge=1, le=_MAX_LIMIT)
+    max_prompt_tokens: int | None = Field(None, ge=1, le=_MAX_LIMIT)
+    max_tokens: int | None = Field(None, ge=1, le=_MAX_LIMIT)
     priority_class: Literal["interactive", "batch"] = "interactive"
     expires: str | None = None        # '30d', '12h', or an ISO date/time
     admin: bool = False

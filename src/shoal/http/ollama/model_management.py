@@ -20,6 +20,7 @@ from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
 from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
 from shoal.http.ollama.routes import NDJSON, read_body
+from shoal.http.openapi_bodies import binary_body, json_body
 from shoal.store.blobs import is_digest, normalize_digest
 from shoal.store.create import LocalPaths
 from shoal.store.errors import DigestMismatchError
@@ -108,7 +109,7 @@ def _stream_flag(body: Any) -> bool:
     return body.stream is not False
 
 
-@router.post("/pull")
+@router.post("/pull", openapi_extra=json_body(PullBody))
 async def pull(request: Request) -> Response:
     body = await read_body(request, PullBody)
     name = _model_name(body)
@@ -120,7 +121,7 @@ async def pull(request: Request) -> Response:
         _stream_flag(body))
 
 
-@router.post("/push")
+@router.post("/push", openapi_extra=json_body(PushBody))
 async def push(request: Request) -> Response:
     body = await read_body(request, PushBody)
     name = _model_name(body)
@@ -134,7 +135,7 @@ async def push(request: Request) -> Response:
         _stream_flag(body))
 
 
-@router.post("/create")
+@router.post("/create", openapi_extra=json_body(CreateBody))
 async def create(request: Request) -> Response:
     body = await read_body(request, CreateBody)
     name = _model_name(body)
@@ -219,7 +220,7 @@ def modelfile_of(body: CreateBody, store) -> tuple[Any, Path, dict[str, dict[str
     return modelfile, base_dir, uploads
 
 
-@router.post("/copy")
+@router.post("/copy", openapi_extra=json_body(CopyBody))
 async def copy(request: Request) -> Response:
     body = await read_body(request, CopyBody)
     if not body.source or not body.destination:
@@ -231,7 +232,7 @@ async def copy(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.delete("/delete")
+@router.delete("/delete", openapi_extra=json_body(DeleteBody))
 async def delete(request: Request) -> Response:
     body = await read_body(request, DeleteBody)
     name = _model_name(body)
@@ -249,7 +250,7 @@ async def blob_exists(digest: str, request: Request) -> Response:
     return Response(status_code=200 if store.blobs.has(digest) else 404)
 
 
-@router.post("/blobs/{digest}")
+@router.post("/blobs/{digest}", openapi_extra=binary_body())
 async def blob_upload(digest: str, request: Request) -> Response:
     """Stores an uploaded file under its digest (the client sends it before /api/create).
 

@@ -18,6 +18,7 @@ from shoal.http.ollama import info as model_info
 from shoal.http.ollama import serving
 from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
+from shoal.http.openapi_bodies import json_body
 from shoal.serving.catalog import ModelSpec, path_size
 from shoal.serving.disconnect import run_until_disconnect
 
@@ -64,7 +65,7 @@ async def _run(request: Request, turn: serving.Turn, stream: bool) -> Response:
     return StreamingResponse(serving.stream_lines(turn, updates, first), media_type=NDJSON)
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=json_body(GenerateBody))
 async def generate(request: Request) -> Response:
     started = time.monotonic()
     body = await read_body(request, GenerateBody)
@@ -97,7 +98,7 @@ async def generate(request: Request) -> Response:
         residency.release(model)
 
 
-@router.post("/chat")
+@router.post("/chat", openapi_extra=json_body(ChatBody))
 async def chat(request: Request) -> Response:
     started = time.monotonic()
     body = await read_body(request, ChatBody)
@@ -162,7 +163,7 @@ def _unloaded_facts(spec: ModelSpec) -> tuple[int, str, dict[str, Any]]:
     return path_size(spec.path), spec.digest or "", model_info.spec_details(spec)
 
 
-@router.post("/show")
+@router.post("/show", openapi_extra=json_body(ShowBody))
 async def show(request: Request) -> Response:
     body = await read_body(request, ShowBody)
     name = body.model or body.name
@@ -199,11 +200,22 @@ async def ps(request: Request) -> dict[str, Any]:
             "size": total,
             "digest": digest,
             "details": model_info.details(model),
-            "expires_at": far_future() if expires is None else timestamp_at(expires),
+            "expires_at": _expires_at(expires),
             "size_vram": total if on_gpu else 0,
             "context_length": serving.served_context(model),
         })
     return {"models": models}
+
+
+_GO_MAX_DURATION_S = (2**63 - 1) / 1e9
+
+
+def _expires_at(expires: float | None) -> str:
+    # NOTE: a keep_alive longer than Go's largest duration (~292 years) is "forever" in effect,
+    # and one past the year 9999 has no date at all: both show as Ollama's far future.
+    if expires is None or not abs(expires - time.time()) < _GO_MAX_DURATION_S:
+        return far_future()
+    return timestamp_at(expires)
 
 
 @router.get("/version")
