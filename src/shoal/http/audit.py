@@ -5,7 +5,7 @@ QueueListener), so a slow disk never stalls serving; the file rotates by size
 (RotatingFileHandler: PATH, PATH.1 … PATH.N). `close()` writes every queued line before
 returning; the app calls it when it shuts down. Prompt and completion text are written only
 when content auditing is on, and then whole; every other value a caller chose (a model name,
-a refusal's message) is cut to logs.MAX_FIELD_CHARS.
+a refusal's message) is cut as core/echo.py cuts every echo.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ caller's key id to every record written while a request is served; `log_access` 
 line per finished request, replacing uvicorn's access log.
 
 Anything a caller sent can end up in a line (a model name, a path, a refusal's message that
-quotes them): each such value is cut to MAX_FIELD_CHARS, so a 15 MB model name costs a log
+quotes them): each such value is cut by core/echo.py clip(), so a 15 MB model name costs a log
 line of a few hundred bytes, not 15 MB. JSON lines escape U+2028, U+2029 and U+0085, at
 which line-splitting readers would cut them (json_lines.py).
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.access.principal import current_principal
+from shoal.core.echo import clip as clip_text
 from shoal.core.errors import InvalidParameterError
 from shoal.http.json_lines import json_line
 from shoal.http.requestid import current_request_id
@@ -34,15 +35,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 access_log = logging.getLogger("shoal.http.access")
 # Access-record fields the access line's message already says (text lines skip them).
 _IN_ACCESS_MESSAGE = frozenset({"method", "endpoint", "status", "duration_s"})
-# The most characters of one value (a field, a message argument) a log line carries.
-MAX_FIELD_CHARS = 256
-
-
-def clip(value: Any, limit: int = MAX_FIELD_CHARS) -> Any:
-    """A string cut to `limit` characters, saying how long it was; anything else as it is."""
-    if isinstance(value, str) and len(value) > limit:
-        return f"{value[:limit]}...({len(value)} chars)"
-    return value
+def clip(value: Any) -> Any:
+    """A string cut as every echo of client input is (core/echo.py); anything else as it is."""
+    return clip_text(value) if isinstance(value, str) else value
 
 
 class RequestContextFilter(logging.Filter):
