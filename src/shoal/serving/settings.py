@@ -48,7 +48,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_AUDIT_BACKUPS": ("audit_backups", "Rotated audit files kept, PATH.1 .. PATH.N (default 5)."),
     "SHOAL_OTEL": ("otel", "OpenTelemetry traces of model requests, 1 or 0 (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the 'otel' extra)."),
     "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
-    "SHOAL_ALLOWED_HOSTS": ("allowed_hosts", "Host names the server answers to besides localhost, *.localhost, this machine's name and IP addresses (comma-separated, '*.example.com' wildcards; '*' = any). Checked when listening on loopback (against DNS rebinding), or whenever set."),
+    "SHOAL_ALLOWED_HOSTS": ("allowed_hosts", "Host names the server answers to besides localhost, *.localhost, *.internal, *.local, this machine's name and IP addresses (comma-separated, '*.example.com' wildcards; '*' = any). Checked when listening on loopback (against DNS rebinding), or whenever set."),
     "SHOAL_MAX_CONNECTIONS": ("max_connections", "Open client connections allowed at once; a request on a connection beyond it gets 503 + Retry-After (default 1024; lowered to fit the process's open-file limit)."),
     "SHOAL_LOG_FILE": ("log_file", "Write the server's log to this file instead of stderr, rotated by size (`shoal serve --log-file`; the auto-started server logs to $SHOAL_HOME/logs/server.log)."),
     "SHOAL_LOG_MAX_BYTES": ("log_max_bytes", "Size at which SHOAL_LOG_FILE rotates to FILE.1 (default 10MiB; 0 = never)."),
