@@ -36,7 +36,8 @@ def _get(server: LiveServer, path: str, host: str) -> httpx.Response:
 # ---- DNS rebinding ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "localhost.evil.example",
-                                  "127.0.0.1.nip.io", "corp.example", "myhost.lan.evil.example"])
+                                  "127.0.0.1.nip.io", "corp.example", "myhost.lan.evil.example",
+                                  "internal.evil.example"])
 def test_a_page_that_rebinds_its_name_to_loopback_gets_403(server: LiveServer, host: str) -> None:
     host = host.format(port=server.port)
     ollama_reply = _get(server, "/api/tags", host)
@@ -53,7 +54,7 @@ def test_a_page_that_rebinds_its_name_to_loopback_gets_403(server: LiveServer, h
 
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST.", "[::1]:{port}",
                                   "app.localhost", "192.168.1.20", "myhost.lan", "a.b.corp.example",
-                                  socket.gethostname()])
+                                  "host.docker.internal:{port}", "printer.local", socket.gethostname()])
 def test_local_names_ip_addresses_and_listed_names_are_served(server: LiveServer, host: str) -> None:
     reply = _get(server, "/api/tags", host.format(port=server.port))
     assert reply.status_code == 200 and "models" in reply.json()

@@ -205,8 +205,8 @@ def test_echoed_input_is_cut_and_kept_on_one_line_in_the_access_and_audit_logs(o
         http.post("/api/generate", headers={"X-Request-Id": "long-option"}, json={
             "model": "smollm2", "prompt": "Hi", "stream": False, "options": {option: 1, "num_predict": 1}})
     for request_id in ("long-oai", "long-oll"):
-        audit = wait_for(lambda: next((e for e in json_lines(observed.audit_path)
-                                       if e["request_id"] == request_id), None))
+        audit = wait_for(lambda rid=request_id: next((e for e in json_lines(observed.audit_path)
+                                                      if e["request_id"] == rid), None))
         for entry in (line_for(observed.log_path, request_id), audit):
             long_values = {k: v for k, v in entry.items() if isinstance(v, str) and len(v) > 300}
             assert not long_values, {k: len(v) for k, v in long_values.items()}

@@ -5,7 +5,9 @@ rebinding); its scripts then reach a server on loopback as the page's own origin
 does not stop, and read the answers (the models, and on a keyless loopback server, all of the
 API). The browser still names the page's domain in the Host header, so a server on loopback
 answers only to names that mean this machine: localhost and *.localhost, the machine's host
-name, the address it listens on, any IP address (a rebinding needs a domain name), and the
+name, the address it listens on, any IP address (a rebinding needs a domain name), names under
+the private-use .internal and .local (mDNS) domains, which nobody can register on the internet
+(Docker Desktop's host.docker.internal reaches the host's loopback), as Ollama allows, and the
 names SHOAL_ALLOWED_HOSTS adds ('*.example.com' wildcards allowed). Any other Host gets 403.
 
 As Ollama does, the check applies only when the server listens on loopback alone: a server on
@@ -60,7 +62,7 @@ class AllowedHosts:
         except OSError:
             pass
         names.update(e for e in entries if not e.startswith("*."))
-        suffixes = (".localhost", *(e[1:] for e in entries if e.startswith("*.")))
+        suffixes = (".localhost", ".internal", ".local", *(e[1:] for e in entries if e.startswith("*.")))
         return cls(names, suffixes)
 
     def allows(self, host: str) -> bool:
