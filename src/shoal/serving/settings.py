@@ -49,14 +49,10 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_AUDIT_BACKUPS": ("audit_backups", "Rotated audit files kept, PATH.1 .. PATH.N (default 5)."),
     "SHOAL_OTEL": ("otel", "OpenTelemetry traces of model requests, 1 or 0 (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set; needs the 'otel' extra)."),
     "SHOAL_ORIGINS": ("origins", "Browser origins allowed besides localhost's (comma-separated, '*' wildcards, as OLLAMA_ORIGINS)."),
-<<<<<<< HEAD
     "SHOAL_REGISTRY_ALLOW": ("registry_allow", "Registries a pull or push may reach on a private, loopback or CGNAT address: comma-separated host or host:port (IPv6 as [addr]:port), e.g. 127.0.0.1:5000,registry.lan (default: none; link-local and cloud metadata addresses are refused always)."),
     "SHOAL_ALLOW_LOCAL_PATHS": ("allow_local_paths", "1: /api/create may read FROM / ADAPTER paths on the server's disk (with keys required, admin keys only); 0: only uploaded blobs, as `shoal create` sends them (default 1)."),
     "SHOAL_MAX_BLOB_BYTES": ("max_blob_bytes", "Largest blob upload (POST /api/blobs) accepted; larger gets 413 (default 64GiB: above Hugging Face's 50 GB per-file cap, so any single GGUF or safetensors file fits)."),
-    "SHOAL_ALLOWED_HOSTS": ("allowed_hosts", "Host names the server answers to besides localhost, *.localhost, this machine's name and IP addresses (comma-separated, '*.example.com' wildcards; '*' = any). Checked when listening on loopback (against DNS rebinding), or whenever set."),
-=======
     "SHOAL_ALLOWED_HOSTS": ("allowed_hosts", "Host names the server answers to besides localhost, *.localhost, *.internal, *.local, this machine's name and IP addresses (comma-separated, '*.example.com' wildcards; '*' = any). Checked when listening on loopback (against DNS rebinding), or whenever set."),
->>>>>>> sec-http
     "SHOAL_MAX_CONNECTIONS": ("max_connections", "Open client connections allowed at once; a request on a connection beyond it gets 503 + Retry-After (default 1024; lowered to fit the process's open-file limit)."),
     "SHOAL_LOG_FILE": ("log_file", "Write the server's log to this file instead of stderr, rotated by size (`shoal serve --log-file`; the auto-started server logs to $SHOAL_HOME/logs/server.log)."),
     "SHOAL_LOG_MAX_BYTES": ("log_max_bytes", "Size at which SHOAL_LOG_FILE rotates to FILE.1 (default 10MiB; 0 = never)."),
