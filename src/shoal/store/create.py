@@ -179,6 +179,14 @@ class Creator:
         report = self.reporter.bytes(f"copying file {shown_name}", None, total)
         return stage.copy_in(file, name, report, total)
 
+    def copy_all_in(self, stage: Staging, files: dict[str, Any]) -> dict[str, StagedFile]:
+        """Copies open files (name -> file) into the staging folder, closing every one of them."""
+        try:
+            return {name: self.copy_in(stage, file, name, name) for name, file in files.items()}
+        finally:
+            for file in files.values():
+                file.close()
+
     # -- the base ----------------------------------------------------------------------------------
     def run(self) -> tuple[list[Layer], ModelDetails]:
         layers, details = self.base_layers()
@@ -257,12 +265,7 @@ class Creator:
             raise LocalFileError("not a model directory (it needs config.json and "
                                  "*.safetensors files)")
         staged = {}
-        try:
-            for name, file in files.items():
-                staged[name] = self.copy_in(stage, file, name, name)
-        finally:
-            for file in files.values():
-                file.close()
+        staged.update(self.copy_all_in(stage, files))
         self.local_check(_open_weights, stage.dir)
         details = self.local_check(hf_dir_details, stage.dir)
         layers = []
@@ -463,12 +466,7 @@ class Creator:
             target = stage.dir / name
             files = {} if gguf else open_directory(
                 path.parent, lambda names: [n for n in ("adapter_config.json",) if n in names])
-        try:
-            for name, file in files.items():
-                staged[name] = self.copy_in(stage, file, name, name)
-        finally:
-            for file in files.values():
-                file.close()
+        staged.update(self.copy_all_in(stage, files))
         return target, staged
 
     def base_config(self, layers: list[Layer]) -> ModelConfig:

@@ -29,6 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 from shoal.core.errors import InvalidParameterError
+from shoal.text.printed_size import printed_size
 
 # Characters one render may make. A prompt is at most a request body (SHOAL_MAX_BODY_BYTES,
 # 16 MiB by default), and templates concatenate each message a few times on its way out.
@@ -102,23 +103,7 @@ def render(template: jinja2.Template, variables: Mapping[str, Any], *,
 
 # ---- sizes ------------------------------------------------------------------------------
 
-def _size(value: Any, limit: int) -> int:
-    """About how many characters `value` prints as; counting stops past `limit`."""
-    total, stack = 0, [value]
-    while stack and total <= limit:
-        v = stack.pop()
-        if isinstance(v, (str, bytes)):
-            total += len(v)
-        elif isinstance(v, Mapping):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-            total += 2
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-            total += 2 + len(v)
-        else:
-            total += 24
-    return total
+_size = printed_size
 
 
 def _format_size(fmt: str, values: list[Any], percent: bool, limit: int) -> int:

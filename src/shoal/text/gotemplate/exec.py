@@ -23,6 +23,7 @@ from shoal.text.gotemplate.nodes import (ActionNode, BranchNode, BreakNode, Chai
                                          ContinueNode, DotNode, FieldNode, IdentifierNode, ListNode,
                                          LiteralNode, NilNode, Node, PipeNode, TemplateNode, TextNode,
                                          VariableNode)
+from shoal.text.printed_size import printed_size
 
 NO_VALUE = "<no value>"  # what Go prints for nil (a missing key of a map[string]any included)
 _CUT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes of a UTF-8 sequence `slice` cut (surrogateescape)
@@ -92,26 +93,8 @@ def _iterate(v: Any, two_vars: bool) -> Iterable[tuple[Any, Any]] | None:
 
 
 def _size(value: Any, limit: int) -> int:
-    """About how many characters `value` prints as (strings by length, containers by their
-    elements); the count stops once it passes `limit`."""
-    total, stack = 0, [value]
-    while stack and total <= limit:
-        v = stack.pop()
-        if isinstance(v, str):
-            total += len(v)
-        elif isinstance(v, GoStruct):
-            stack.extend(v.values.values())
-            total += 2
-        elif isinstance(v, Mapping):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-            total += 2
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-            total += 2 + len(v)
-        else:
-            total += 24          # a number, bool or nil prints short
-    return total
+    """About how many characters `value` prints as; a struct counts by its fields."""
+    return printed_size(value, limit, lambda v: v.values.values() if isinstance(v, GoStruct) else None)
 
 
 class _State:
