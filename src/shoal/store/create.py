@@ -454,7 +454,7 @@ class Creator:
         the adapter_config.json beside a safetensors file). Returns what to read, and the copies."""
         staged: dict[str, StagedFile] = {}
         if path.is_dir():
-            files = open_directory(path, select_adapter_files)
+            files = open_directory(path, _select_peft_files)
             target = stage.dir
         else:
             with open_file(path) as file:
@@ -498,3 +498,14 @@ def manifest_for(blobs: BlobStore, layers: list[Layer], details: ModelDetails,
     data = json.dumps(config, sort_keys=True, ensure_ascii=False).encode()
     info = blobs.write_bytes(data, on_digest=lease.add_one)
     return Manifest(Layer(CONFIG_MEDIA_TYPE, info.digest, info.size), tuple(layers))
+
+
+def _select_peft_files(names: list[str]) -> list[str]:
+    """A PEFT directory's files; one that has only the pickled weights is named as such (they
+    are never read: unpickling runs code)."""
+    kept = select_adapter_files(names)
+    if "adapter_model.safetensors" not in kept and "adapter_model.bin" in names:
+        raise LocalFileError("not a PEFT adapter directory: it has no adapter_model.safetensors "
+                             "(adapter_model.bin is pickled and not read: save the adapter with "
+                             "safetensors)")
+    return kept
