@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cli.client import CliError, Client
+from shoal.store.blobs import file_chunks
 from shoal.store.create import expand_path, looks_like_path
 from shoal.store.errors import ModelfileError
 from shoal.store.hf_files import ADAPTER_FILE_NAMES, is_safe_title, select_model_files
@@ -124,12 +125,7 @@ def upload(client: Client, path: Path) -> Iterator[dict[str, Any]]:
     failure: list[BaseException] = []
 
     def chunks() -> Iterator[bytes]:
-        done = 0
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(_CHUNK), b""):
-                yield chunk
-                done += len(chunk)
-                sent.put(done)
+        return file_chunks(path, sent.put)
 
     def send() -> None:
         try:

@@ -80,6 +80,19 @@ def blob_filename(digest: str) -> str:
     return "sha256-" + normalize_digest(digest)[7:]
 
 
+def file_chunks(path: str | Path, sent: Callable[[int], Any] | None = None,
+                chunk: int = CHUNK) -> Iterator[bytes]:
+    """A file's bytes in chunks, for a request body; `sent` hears the running byte count after
+    each chunk is taken (an upload's progress)."""
+    done = 0
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(chunk), b""):
+            yield piece
+            done += len(piece)
+            if sent is not None:
+                sent(done)
+
+
 def _fsync_dir(path: Path) -> None:
     # NOTE: makes the rename itself durable; not every platform can open a directory.
     try:

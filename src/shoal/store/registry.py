@@ -49,7 +49,7 @@ import httpx
 
 from shoal.core.errors import CorruptModelError, UnknownModelError
 from shoal.core.version import __version__
-from shoal.store.blobs import CHUNK, BlobStore
+from shoal.store.blobs import BlobStore, file_chunks
 from shoal.store.egress import EgressPolicy, GuardedTransport
 from shoal.store.errors import DigestMismatchError, RegistryError
 from shoal.store.locks import Lease
@@ -442,12 +442,7 @@ class RegistryClient:
         target = target.copy_merge_params({"digest": layer.digest})
 
         def chunks() -> Iterator[bytes]:
-            sent = 0
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK), b""):
-                    yield chunk
-                    sent += len(chunk)
-                    report(sent, layer.size)
+            return file_chunks(path, lambda sent: report(sent, layer.size))
 
         # NOTE: an explicit Content-Length makes httpx send the stream unchunked, which every
         # registry accepts (some refuse chunked transfer-encoding on blob uploads).
