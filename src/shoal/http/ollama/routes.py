@@ -84,13 +84,13 @@ async def generate(request: Request) -> Response:
         if body.suffix:
             raise HttpError(400, f"{model.name} does not support insert", param="suffix",
                             code="unsupported_parameter")
-        serving.check_generation_features(body)
+        structured = serving.check_generation_features(body)
         if body.images:
             raise HttpError(400, f"images are not supported: {model.name} reads text only",
                             param="images", code="unsupported_parameter")
         _text, ids = await serving.prepare(serving.generate_prompt, model, body, opts)
         turn = serving.Turn(kind="generate", echo_model=body.model or model.name, model=model,
-                            prompt_ids=ids, params=serving.make_params(opts, len(ids)),
+                            prompt_ids=ids, params=serving.make_params(opts, len(ids), structured),
                             started=started, loaded=loaded, with_context=not body.raw,
                             keep_alive=keep_alive, max_tokens_given=opts.num_predict > 0)
         return await _run(request, turn, body.stream is not False)
@@ -115,12 +115,12 @@ async def chat(request: Request) -> Response:
         if body.tools and not model.supports_tools():
             raise HttpError(400, f"{model.name} does not support tools", param="tools",
                             code="unsupported_parameter")
-        serving.check_generation_features(body)
+        structured = serving.check_generation_features(body)
         messages = serving.chat_messages(body, model)
         _text, ids = await serving.prepare(serving.chat_prompt, model, messages, body.tools or None,
                                            opts, body.truncate is not False)
         turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
-                            prompt_ids=ids, params=serving.make_params(opts, len(ids)),
+                            prompt_ids=ids, params=serving.make_params(opts, len(ids), structured),
                             started=started, loaded=loaded, keep_alive=keep_alive,
                             max_tokens_given=opts.num_predict > 0)
         return await _run(request, turn, body.stream is not False)

@@ -18,6 +18,7 @@ from shoal.core.echo import clip
 from shoal.core.errors import (InvalidParameterError, PermissionDeniedError, UnknownModelError,
                                UnsupportedFeatureError)
 from shoal.core.sampling_params import SamplingParams
+from shoal.core.structured_output import StructuredOutput
 from shoal.engine.outputs import RequestOutput
 from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
@@ -353,18 +354,23 @@ def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> None:
         raise HttpError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
 
 
-def check_generation_features(body: GenerateBody | ChatBody) -> None:
-    """400s for what shoal cannot do yet (checked once a real generation is asked for)."""
-    fmt = body.format
-    if fmt is not None and fmt != "":
-        if fmt == "json":
-            raise UnsupportedFeatureError("format", "format \"json\" (JSON mode) is not supported yet")
-        if isinstance(fmt, dict):
-            raise UnsupportedFeatureError(
-                "format", "format with a JSON schema (structured outputs) is not supported yet")
-        raise InvalidParameterError("format", "must be \"json\" or a JSON schema object")
+def check_generation_features(body: GenerateBody | ChatBody) -> StructuredOutput | None:
+    """400s for what shoal cannot do yet (checked once a real generation is asked for);
+    returns the constraint `format` asks for."""
     if body.logprobs:
         raise UnsupportedFeatureError("logprobs", "logprobs are not supported yet")
+    return format_constraint(body.format)
+
+
+def format_constraint(fmt: Any) -> StructuredOutput | None:
+    """Ollama's `format`: "json" is any JSON object, an object is a JSON schema, "" or null none."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return StructuredOutput.json_object(field="format")
+    if isinstance(fmt, dict):
+        return StructuredOutput.json_schema(fmt, field="format")
+    raise InvalidParameterError("format", "must be \"json\" or a JSON schema object")
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -393,11 +399,12 @@ class Turn:
         return self.request
 
 
-def make_params(opts: Options, num_prompt: int) -> SamplingParams:
+def make_params(opts: Options, num_prompt: int,
+                structured: StructuredOutput | None = None) -> SamplingParams:
     """The options' sampling parameters with max_tokens = min(num_predict, room left)."""
     room = opts.context - num_prompt
     max_tokens = room if opts.num_predict <= 0 else min(opts.num_predict, room)
-    return replace(opts.params, max_tokens=max(1, max_tokens))
+    return replace(opts.params, max_tokens=max(1, max_tokens), structured=structured)
 
 
 def load_reply(kind: str, echo_model: str, unload: bool) -> dict[str, Any]:

@@ -37,8 +37,17 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False       # vLLM: usage on every chunk
 
 
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    # NOTE: aliased: `schema` is a BaseModel attribute; shapes are checked by StructuredOutput
+    schema_: Any = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Body):
     type: str = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(_Body):
@@ -57,7 +66,15 @@ class SamplingFields(_Body):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # vLLM extras
+    response_format: ResponseFormat | None = None
+    # vLLM extras; the structured-output ones are typed loosely here, as their shape is
+    # checked where they become a StructuredOutput (http/openai/structured.py), naming the field
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: str | None = None
+    structured_outputs: dict[str, Any] | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -78,7 +95,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
-    response_format: ResponseFormat | None = None
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

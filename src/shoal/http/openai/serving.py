@@ -14,6 +14,7 @@ from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
 from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                        SamplingFields)
+from shoal.http.openai.structured import structured_output
 from shoal.serving.completion import Completion, collect
 from shoal.serving.disconnect import cancel_and_wait
 from shoal.serving.request import GenerateRequest, new_request_id
@@ -81,13 +82,10 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         logit_bias=req.logit_bias or None, seed=req.seed, stop=req.stop or [],
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens)
+        skip_special_tokens=req.skip_special_tokens, structured=structured_output(req))
 
 
 def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
-    if req.response_format is not None and req.response_format.type != "text":
-        raise UnsupportedFeatureError("response_format",
-                                      f"'{clip(req.response_format.type)}' (structured output) is not supported yet")
     if req.tools and req.tool_choice not in (None, "auto", "none"):
         raise UnsupportedFeatureError("tool_choice", "only 'auto' and 'none' are supported; shoal does "
                                       "not force or parse tool calls yet")
