@@ -256,8 +256,8 @@ def test_oversized_body_is_413(shoal_server) -> None:
 def test_unsupported_features_are_400(shoal_server) -> None:
     base = {"model": MODEL, "messages": HELLO}
     fmt = _error(_post(shoal_server, "/v1/chat/completions",
-                       json={**base, "response_format": {"type": "json_object"}}), 400)
-    assert fmt["param"] == "response_format"
+                       json={**base, "response_format": {"type": "yaml"}}), 400)
+    assert fmt["param"] == "response_format.type"
     suffix = _error(_post(shoal_server, "/v1/completions",
                           json={"model": MODEL, "prompt": "a", "suffix": "b"}), 400)
     assert suffix["param"] == "suffix"
