@@ -48,6 +48,17 @@ def test_response_format_json_schema_validates(client: OpenAI) -> None:
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
 
 
+def test_sampled_samples_all_validate(client: OpenAI) -> None:
+    # n > 1, sampled: each sample has its own grammar state
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=64, n=3, temperature=1.0, seed=7,
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": SCHEMA}})
+    assert len(r.choices) == 3
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+
 def test_parse_with_a_pydantic_model(client: OpenAI) -> None:
     r = client.beta.chat.completions.parse(model=MODEL, messages=ASK, response_format=Cat, **FAST)
     cat = r.choices[0].message.parsed
