@@ -6,6 +6,9 @@ Policy (SHOAL_AUTH): `auto` requires keys unless the server listens on loopback 
 admin key. With keys required, model management (pull, push, create, copy, delete, blob
 uploads) needs an admin key too, and a few endpoints stay open: liveness and version probes,
 and /metrics only with SHOAL_METRICS_AUTH=0 (it names models and the key ids of callers).
+The dashboard page (/dashboard) is always open, since it holds no data and a browser cannot
+send a key when it navigates to it; its data (/dashboard/feed, /dashboard/snapshot) needs an
+admin key whenever keys are required.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ ADMIN_KEY_MIN_LENGTH = 16
 # The caller of SHOAL_ADMIN_KEY: an admin without quotas, named after its setting.
 ENV_ADMIN = Principal(key_id="env-admin", name="SHOAL_ADMIN_KEY", admin=True)
 
-OPEN_PATHS = frozenset({"/", "/health", "/version", "/api/version", "/livez", "/readyz"})
+OPEN_PATHS = frozenset({"/", "/health", "/version", "/api/version", "/livez", "/readyz", "/dashboard"})
+DASHBOARD_DATA_PATHS = frozenset({"/dashboard/feed", "/dashboard/snapshot"})
 MODEL_ADMIN_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
 
 
@@ -34,6 +38,7 @@ class Access(enum.Enum):
     OPEN = "open"                  # no key, ever
     CALLER = "caller"              # any valid key (when keys are required)
     MODEL_ADMIN = "model_admin"    # an admin key (when keys are required)
+    ADMIN_VIEW = "admin_view"      # an admin key (when keys are required): the dashboard's data
     KEY_ADMIN = "key_admin"        # an admin key, always
 
 
@@ -58,6 +63,8 @@ def required_access(method: str, path: str, protect_metrics: bool) -> Access:
         return Access.KEY_ADMIN
     if method == "OPTIONS" or path in OPEN_PATHS or (path == "/metrics" and not protect_metrics):
         return Access.OPEN      # NOTE: CORS preflights never carry credentials
+    if path in DASHBOARD_DATA_PATHS:
+        return Access.ADMIN_VIEW
     if path in MODEL_ADMIN_PATHS or path.startswith("/api/blobs/"):
         return Access.MODEL_ADMIN
     return Access.CALLER
@@ -121,7 +128,8 @@ class Authenticator:
         access level needs an admin key and this key is not one."""
         principal = self.authenticate(authorization)
         if access is not Access.CALLER and not principal.admin:
-            what = "managing keys" if access is Access.KEY_ADMIN else "managing models"
+            what = {Access.KEY_ADMIN: "managing keys", Access.ADMIN_VIEW: "the dashboard's live data"
+                    }.get(access, "managing models")
             raise PermissionDeniedError(f"{what} needs an admin key; the API key "
                                         f"'{principal.name}' is not one", code="admin_required")
         return principal

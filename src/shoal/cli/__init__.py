@@ -4,7 +4,7 @@
 keys DB) work in this process.
 Every other command is an HTTP client of the server at SHOAL_HOST, as Ollama's CLI is of
 OLLAMA_HOST: `run` (one answer, or the interactive chat), `pull`, `push`, `list`/`ls`,
-`ps`, `show`, `rm`, `cp`, `create`, `stop`. `bench` benchmarks servers side by side (shoal.bench).
+`ps`, `show`, `rm`, `cp`, `create`, `stop`, `top` (the live dashboard in the terminal). `bench` benchmarks servers side by side (shoal.bench).
 """
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from shoal.bench.cli import add_bench_command
     from shoal.cli.keys import add_keys_command
     from shoal.cli.local import add_local_commands
+    from shoal.cli.top import add_top_command
 
     parser = argparse.ArgumentParser(
         prog="shoal", description="Self-hosted LLM serving.",
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_commands(sub)
     add_local_commands(sub)
     add_keys_command(sub)
+    add_top_command(sub)
     add_bench_command(sub)
     return parser
 

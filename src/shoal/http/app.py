@@ -2,6 +2,7 @@
 residency, generation service and metrics."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -15,6 +16,7 @@ from shoal.http import observability
 from shoal.http.admin_keys import router as admin_router
 from shoal.http.auth import AuthMiddleware
 from shoal.http.body_limits import BodyLimitMiddleware
+from shoal.http.dashboard import router as dashboard_router
 from shoal.http.error_responses import add_error_handlers, host_refused, origin_refused
 from shoal.http.hosts import AllowedHosts, HostPolicy
 from shoal.http.ollama.model_management import router as model_management_router
@@ -22,6 +24,7 @@ from shoal.http.ollama.routes import router as ollama_router
 from shoal.http.openai.routes import router as openai_router
 from shoal.http.probes import router as probes_router
 from shoal.serving.generate import GenerationService
+from shoal.serving.live import LiveStats
 from shoal.serving.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.server_state import ServerLifecycle
@@ -41,9 +44,11 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     async def lifespan(_app: FastAPI):
         residency.start()
         lifecycle.started = True
+        ticker = asyncio.create_task(live.run(), name="shoal-live-dashboard")
         try:
             yield
         finally:
+            ticker.cancel()
             lifecycle.started = False
             await residency.shutdown()
             authenticator.close()
@@ -57,6 +62,9 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     residency.add_load_listener(lambda model: metrics.register_model(model.name))
     service = GenerationService(residency, metrics, settings, lifecycle)
     authenticator = Authenticator.from_settings(settings)
+    # the live dashboard's rolling view (GET /dashboard, `shoal top`), fed by every request record
+    live = LiveStats(service, keys_required=authenticator.required)
+    recorder.sinks.append(live.observe_record)
     app.state.residency = residency
     app.state.store = store
     app.state.settings = settings
@@ -64,6 +72,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.state.service = service
     app.state.authenticator = authenticator
     app.state.lifecycle = lifecycle
+    app.state.live = live
     app.state.started_at = time.time()
 
     def count_rejection(exc: AccessDeniedError) -> None:
@@ -89,6 +98,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.include_router(ollama_router)
     app.include_router(model_management_router)
     app.include_router(admin_router)
+    app.include_router(dashboard_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
                        read_timeout=settings.read_timeout)
     # NOTE: runs before the routes and the body limit: a request without a valid key is

@@ -37,6 +37,7 @@ class ModelQueue:
     """One model's admitted requests: how many run, and what waits in each class."""
 
     running: int = 0
+    running_by_class: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PRIORITY_CLASSES, 0))
     waiting: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PRIORITY_CLASSES, 0))
     waiting_tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PRIORITY_CLASSES, 0))
 
@@ -77,6 +78,7 @@ class QueueSlot:
         if self._state == "waiting":
             self._leave_queue()
             self._queue.running += 1
+            self._queue.running_by_class[self._class] += 1
             self._state = "running"
 
     def release(self) -> None:
@@ -85,6 +87,7 @@ class QueueSlot:
             self._leave_queue()
         elif self._state == "running":
             self._queue.running -= 1
+            self._queue.running_by_class[self._class] -= 1
         self._state = "released"
 
     def _leave_queue(self) -> None:

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from shoal.access.principal import BATCH, current_principal
+from shoal.access.principal import BATCH, Principal, current_principal
 from shoal.core.errors import (InvalidParameterError, ServerBusyError, ServerShuttingDownError, ShoalError,
                                TokenLimitError)
 from shoal.engine.events import EngineEvent, Scheduled
@@ -58,6 +58,11 @@ class GenerationService:
     def num_in_flight(self) -> int:
         """Requests admitted and not yet ended, over every model (what a drain waits for)."""
         return self.admission.in_flight()
+
+    def admitted_principals(self) -> list[Principal]:
+        """The caller of each request admitted and not yet ended (the dashboard's per-key
+        concurrency)."""
+        return [ticket.request.principal for ticket in self._tickets]
 
     def abort_all(self) -> None:
         """Aborts every admitted request (the end of a drain); none starts afterwards."""

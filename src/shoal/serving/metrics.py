@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.stats import EngineStats
+from shoal.serving.latency_window import RecentLatencies
 from shoal.serving.records import RequestRecord
 
 # Each loaded model's name and its engine's stats now (read at scrape time).
@@ -108,6 +109,8 @@ class ServerMetrics:
         self.tokens = Counter(PREFIX + "tokens", "Prompt and generated tokens by caller key and "
                               "priority class.", [*caller, "kind"], registry=self.registry)
         self.registry.register(_EngineCollector(engines))
+        # The last minute's TTFT and ITL, for the live dashboard (serving/live.py).
+        self.recent = RecentLatencies()
         # Sum and count of end-to-end latency per model, for Retry-After estimates.
         self._e2e_sum: dict[str, float] = {}
         self._e2e_count: dict[str, int] = {}
@@ -122,6 +125,7 @@ class ServerMetrics:
 
     def observe_token_gap(self, model: str, seconds: float) -> None:
         self.itl.labels(model).observe(seconds)
+        self.recent.itl.add(seconds)
 
     def observe_finished(self, model: str, final: RequestOutput, arrival: float,
                          generated_tokens: int) -> None:
@@ -157,6 +161,7 @@ class ServerMetrics:
 
     def observe_first_token(self, model: str, seconds: float) -> None:
         self.ttft.labels(model).observe(seconds)
+        self.recent.ttft.add(seconds)
 
     def mean_latency(self, model: str) -> float | None:
         count = self._e2e_count.get(model, 0)
