@@ -353,7 +353,8 @@ def test_which_paths_need_which_key() -> None:
               ("POST", "/api/pull"): Access.MODEL_ADMIN, ("POST", "/api/pull/"): Access.MODEL_ADMIN,
               ("DELETE", "/api/delete"): Access.MODEL_ADMIN,
               ("POST", "/api/blobs/sha256:ab"): Access.MODEL_ADMIN,
-              ("GET", "/admin/keys"): Access.KEY_ADMIN}
+              ("GET", "/admin/keys"): Access.KEY_ADMIN, ("GET", "/dashboard"): Access.OPEN,
+              ("GET", "/dashboard/feed"): Access.ADMIN_VIEW, ("GET", "/dashboard/snapshot"): Access.ADMIN_VIEW}
     for (method, path), access in expect.items():
         assert required_access(method, path, protect_metrics=False) is access, path
     assert required_access("GET", "/metrics", protect_metrics=True) is Access.CALLER
@@ -366,12 +367,13 @@ def test_which_callers_are_admitted_to_which_access(tmp_path: Path) -> None:
         admin, _ = db.create("admin", admin=True)
     required, optional = Authenticator(path, required=True), Authenticator(path, required=False)
     try:
-        assert [required.needs_key(a) for a in Access] == [False, True, True, True]
-        assert [optional.needs_key(a) for a in Access] == [False, False, False, True]
+        assert [required.needs_key(a) for a in Access] == [False, True, True, True, True]
+        assert [optional.needs_key(a) for a in Access] == [False, False, False, False, True]
         assert required.admit(Access.CALLER, f"Bearer {user}").name == "user"
-        for access in (Access.CALLER, Access.MODEL_ADMIN, Access.KEY_ADMIN):
+        for access in (Access.CALLER, Access.MODEL_ADMIN, Access.ADMIN_VIEW, Access.KEY_ADMIN):
             assert required.admit(access, f"Bearer {admin}").admin
-        for access, words in ((Access.MODEL_ADMIN, "managing models"), (Access.KEY_ADMIN, "managing keys")):
+        for access, words in ((Access.MODEL_ADMIN, "managing models"), (Access.KEY_ADMIN, "managing keys"),
+                              (Access.ADMIN_VIEW, "the dashboard's live data")):
             with pytest.raises(PermissionDeniedError, match=words) as info:
                 required.admit(access, f"Bearer {user}")
             assert info.value.code == "admin_required"
