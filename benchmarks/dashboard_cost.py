@@ -8,6 +8,13 @@ drifts of a shared machine fall on both sides. Output tokens per phase come from
 server's own counter (shoal:generation_tokens on /metrics), read at the start and end of
 each phase after a settle period.
 
+On a shared, busy machine tok/s phases swing more than the effect being measured, so the
+run also reads the server's CPU time from /proc (Linux, when it started the server or is
+given --pid): the event-loop thread (HTTP, SSE, the dashboard's tick and feeds) against the
+whole process. The difference in event-loop CPU between the two kinds of phase, as a share
+of the process's CPU, is what the feeds took from everything else, independent of how many
+other processes competed for the cores.
+
     python benchmarks/dashboard_cost.py                       # starts smollm2:135m itself
     python benchmarks/dashboard_cost.py --url http://127.0.0.1:11434 --model smollm2:135m
 """
@@ -82,12 +89,31 @@ async def feed(url: str, headers: dict[str, str], frames: list[int]) -> None:
                 frames[0] += 1
 
 
+def cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """(event-loop thread, whole process) CPU seconds of the server, from /proc; zeros without it."""
+    if pid is None:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    main = total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:         # a thread that just ended
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick     # utime + stime
+        total += seconds
+        if int(tid) == pid:
+            main += seconds
+    return main, total
+
+
 async def generation_tokens(client: httpx.AsyncClient) -> float:
     text = (await client.get("/metrics")).text
     return sum(float(m) for m in re.findall(r"^shoal:generation_tokens_total\{[^}]*\} ([0-9.e+]+)$", text, re.MULTILINE))
 
 
-async def run(args: argparse.Namespace, url: str) -> None:
+async def run(args: argparse.Namespace, url: str, pid: int | None) -> None:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.streams + 8)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits, headers=headers) as client:
@@ -96,21 +122,25 @@ async def run(args: argparse.Namespace, url: str) -> None:
                  for i in range(args.streams)]
         await asyncio.sleep(args.warmup)
         results: dict[int, list[float]] = {0: [], args.feeds: []}
+        cpu: dict[int, list[tuple[float, float]]] = {0: [], args.feeds: []}   # per phase, per second
         frames = [0]
         for round_ in range(args.rounds):
             for open_feeds in (0, args.feeds) if round_ % 2 == 0 else (args.feeds, 0):
                 feeds = [asyncio.create_task(feed(url, headers, frames)) for _ in range(open_feeds)]
                 await asyncio.sleep(args.settle)
                 frames[0] = 0
-                t0, n0 = time.monotonic(), await generation_tokens(client)
+                t0, n0, c0 = time.monotonic(), await generation_tokens(client), cpu_seconds(pid)
                 await asyncio.sleep(args.seconds)
-                t1, n1 = time.monotonic(), await generation_tokens(client)
+                t1, n1, c1 = time.monotonic(), await generation_tokens(client), cpu_seconds(pid)
+                cpu[open_feeds].append(((c1[0] - c0[0]) / (t1 - t0), (c1[1] - c0[1]) / (t1 - t0)))
                 for task in feeds:
                     task.cancel()
                 await asyncio.gather(*feeds, return_exceptions=True)
                 rate = (n1 - n0) / (t1 - t0)
                 results[open_feeds].append(rate)
-                print(f"round {round_ + 1}: {open_feeds} dashboards open: {rate:7.1f} output tok/s"
+                loop_cpu, all_cpu = cpu[open_feeds][-1]
+                print(f"round {round_ + 1}: {open_feeds} dashboards open: {rate:7.1f} output tok/s; server CPU "
+                      f"{all_cpu:.2f} s/s, event loop {loop_cpu:.3f} s/s"
                       + (f" ({frames[0]} feed frames read)" if open_feeds else ""), flush=True)
         stop.set()
         for task in loops:
@@ -120,6 +150,13 @@ async def run(args: argparse.Namespace, url: str) -> None:
     print(f"\nmedian output tok/s at {args.streams} streams: 0 dashboards {base:.1f}, "
           f"{args.feeds} dashboards {loaded:.1f}: {100 * (loaded / base - 1):+.2f}%")
     print(f"per-phase spread (0 dashboards): {min(results[0]):.1f} .. {max(results[0]):.1f}")
+    if pid is not None:
+        loop0 = statistics.mean(c[0] for c in cpu[0])
+        loop5 = statistics.mean(c[0] for c in cpu[args.feeds])
+        total = statistics.mean(c[1] for c in cpu[0] + cpu[args.feeds])
+        print(f"event-loop CPU: {loop0:.4f} s/s with 0 dashboards, {loop5:.4f} s/s with {args.feeds}: the feeds "
+              f"took {1000 * (loop5 - loop0):+.1f} ms of CPU a second, {100 * (loop5 - loop0) / total:+.2f}% of the "
+              f"server's {total:.2f} CPU s/s")
     print("command: python benchmarks/dashboard_cost.py " + " ".join(sys.argv[1:]))
 
 
@@ -136,13 +173,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured length of a phase")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after opening/closing feeds")
     parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--pid", type=int, help="the server's process id, for CPU figures (with --url)")
     args = parser.parse_args()
     process = None
     url = args.url
     if url is None:
         process, url = start_server(args.model_file, args.model)
     try:
-        asyncio.run(run(args, url))
+        asyncio.run(run(args, url, process.pid if process is not None else args.pid))
     finally:
         if process is not None:
             process.terminate()

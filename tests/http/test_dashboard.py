@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -48,7 +49,7 @@ class Load:
         while not self.stop.is_set():
             _chat(url, f"Say something about the number {i}.", 24, headers)
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         for t in self.threads:
             t.start()
         return self
