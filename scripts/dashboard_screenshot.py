@@ -105,8 +105,12 @@ def main() -> int:
     finally:
         stop.set()
         if process is not None:
-            process.terminate()
-            process.wait(15)
+            process.terminate()         # drains: running answers may take a while on a busy machine
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
     return 0
 
 
