@@ -65,12 +65,19 @@ OPTION_TYPES: dict[str, str] = {
 }
 
 # Known options that do not change what shoal generates (hardware/runner knobs, and
-# samplers current Ollama engines no longer apply either).
+# samplers current Ollama engines no longer apply either: mirostat, tfs_z, penalize_newline
+# are gone from Ollama's Options). typical_p is still honoured by Ollama's llama.cpp runner,
+# so a request asking for it (anything but 1) is refused instead (REFUSED_OPTIONS).
 IGNORED_OPTIONS = frozenset({
-    "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline",
+    "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline",
     "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only",
     "use_mmap", "use_mlock", "num_thread", "embedding_only",
 })
+
+# Options that change the output and that shoal does not implement: their no-op value, and why.
+REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "typical_p": (1.0, "typical_p (typical sampling) is not supported; use top_p, top_k or min_p"),
+}
 
 # SamplingParams field -> the Ollama option it came from (for error messages).
 _PARAM_TO_OPTION = {
@@ -181,6 +188,10 @@ def resolve_options(model: ServedModel, requested: Mapping[str, Any] | None) -> 
     if requested is not None and not isinstance(requested, Mapping):
         raise InvalidParameterError("options", "must be an object")
     values = merge_options(OLLAMA_DEFAULTS, model.default_options, requested)
+    asked = merge_options(requested)
+    for name, (no_op, why) in REFUSED_OPTIONS.items():
+        if name in asked and asked[name] != no_op:
+            raise UnsupportedFeatureError(f"options.{name}", why)
     limit = served_context(model)
     num_ctx = values.get("num_ctx")
     if num_ctx is not None and num_ctx < 2:
