@@ -65,8 +65,9 @@ def check_fields(req: SamplingFields, endpoint: str) -> None:
             continue
         if name in REFUSED and value not in _NO_OP.get(name, ()):
             raise UnsupportedFeatureError(name, REFUSED[name])
-    if req.prompt_logprobs is not None:
-        raise UnsupportedFeatureError("prompt_logprobs", "is not supported yet")
+    if req.prompt_logprobs is not None and req.stream:
+        # NOTE: as vLLM: the prompt's log-probs come with a whole response only
+        raise UnsupportedFeatureError("prompt_logprobs", "is not available when stream is true")
     modalities = getattr(req, "modalities", None)
     if modalities is not None and modalities not in _NO_OP["modalities"]:
         raise UnsupportedFeatureError(

@@ -9,7 +9,7 @@ from typing import Any
 from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError, UnsupportedFeatureError
 from shoal.core.sampling_params import MAX_LOGPROBS, SamplingParams
-from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.engine.outputs import PromptLogprob, RequestOutput, TokenLogprob
 from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
 from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
@@ -88,7 +88,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         logit_bias=req.logit_bias or None, seed=req.seed, stop=req.stop or [],
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens, structured=structured_output(req))
+        skip_special_tokens=req.skip_special_tokens, structured=structured_output(req),
+        prompt_logprobs=req.prompt_logprobs)
 
 
 def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
@@ -278,9 +279,31 @@ def chat_response(req: GenerateRequest, done: Completion, created: int) -> dict:
                 "logprobs": chat_logprobs(tokenizer, s.logprobs),
                 "finish_reason": s.finish_reason, "stop_reason": stop_reason(req, s.stop_reason)}
                for s in done.samples]
-    return {"id": req.request_id, "object": "chat.completion", "created": created,
+    body = {"id": req.request_id, "object": "chat.completion", "created": created,
             "model": req.model.name, "choices": choices, "system_fingerprint": None,
             "usage": usage(done.num_prompt_tokens, done.num_output_tokens, done.num_cached_tokens)}
+    if req.params.prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs_json(tokenizer, done.prompt_logprobs)
+    return body
+
+
+def prompt_logprobs_json(tokenizer: Tokenizer, entries: Sequence[PromptLogprob | None] | None
+                         ) -> list[dict | None] | None:
+    """vLLM's shape: None for the first prompt token, then per token {token id: {"logprob",
+    "rank", "decoded_token"}} holding the actual token and the top alternatives."""
+    if entries is None:
+        return None
+    out: list[dict | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        tokens = {str(t): {"logprob": _finite(v), "rank": rank, "decoded_token": token_text(tokenizer, t)}
+                  for rank, (t, v) in enumerate(entry.top, start=1)}
+        tokens[str(entry.token_id)] = {"logprob": _finite(entry.logprob), "rank": entry.rank,
+                                       "decoded_token": token_text(tokenizer, entry.token_id)}
+        out.append(tokens)
+    return out
 
 
 def completion_response(reqs: Sequence[GenerateRequest], dones: Sequence[Completion], created: int,
@@ -291,10 +314,13 @@ def completion_response(reqs: Sequence[GenerateRequest], dones: Sequence[Complet
         tokenizer = req.model.tokenizer
         prefix = req.prompt_text if echo and req.prompt_text else ""
         for s in done.samples:
-            choices.append({"index": p * req.params.n + s.index, "text": prefix + s.text,
-                            "logprobs": completion_logprobs(tokenizer, s.logprobs, len(prefix)),
-                            "finish_reason": s.finish_reason,
-                            "stop_reason": stop_reason(req, s.stop_reason)})
+            choice = {"index": p * req.params.n + s.index, "text": prefix + s.text,
+                      "logprobs": completion_logprobs(tokenizer, s.logprobs, len(prefix)),
+                      "finish_reason": s.finish_reason,
+                      "stop_reason": stop_reason(req, s.stop_reason)}
+            if req.params.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(tokenizer, done.prompt_logprobs)
+            choices.append(choice)
         prompt_tokens += done.num_prompt_tokens
         completion_tokens += done.num_output_tokens
         cached += done.num_cached_tokens
