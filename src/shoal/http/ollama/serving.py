@@ -542,7 +542,7 @@ async def stream_lines(turn: Turn, updates: AsyncIterator[list[RequestOutput]],
     last: RequestOutput | None = None
     finish_reason: str | None = None
     parser = turn.thinking.parser() if turn.thinking is not None else None
-    tokenizer = turn.model.tokenizer
+    tokenizer = turn.model.tokenizer if turn.top_logprobs is not None else None
     try:
         batch = first
         while batch is not _NOTHING:
