@@ -131,13 +131,27 @@ def test_enable_thinking_false_closes_the_thinking_in_the_prompt(qwen) -> None:
     r = _post(qwen, "/v1/chat/completions", body).json()
     assert r["usage"]["prompt_tokens"] == len(_prompt_ids(qwen, "qwen3ish", ASK, **off))
     assert r["choices"][0]["message"]["reasoning_content"] is None
-    # structured output applies to the answer when thinking is off ...
+    # structured output applies to the answer when thinking is off
     r = _post(qwen, "/v1/chat/completions", {**body, "response_format": {"type": "json_object"}})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith("{")
-    # ... and is refused, naming the field, while the model may think
-    r = _post(qwen, "/v1/chat/completions", {**body, "chat_template_kwargs": {},
-                                             "response_format": {"type": "json_object"}})
-    assert "thinking" in _openai_error(r, "response_format")
+
+
+def test_structured_output_binds_the_answer_after_the_thinking(r1, qwen) -> None:
+    # the R1 prompt opened the thinking: free thinking, </think>, then one of the choices
+    body = {"model": "r1ish", "messages": ASK, **SAMPLED, "max_tokens": 40, "guided_choice": ["yes", "no"]}
+    r = _post(r1, "/v1/chat/completions", body).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["message"]["content"] in ("yes", "no")
+    assert r["message"]["reasoning_content"]
+    # Qwen3 opens the thinking itself: the grammar makes it start with <think>
+    body = {"model": "qwen3ish", "messages": ASK, **SAMPLED, "max_tokens": 40,
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "a", "schema": {"type": "string", "enum": ["yes", "no"]}}}}
+    r = _post(qwen, "/v1/chat/completions", body).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["message"]["content"] in ('"yes"', '"no"')
+    # /v1/completions has no thinking: the constraint binds the whole text there
+    raw = _post(qwen, "/v1/completions", {"model": "qwen3ish", "prompt": _prompt_ids(qwen, "qwen3ish", ASK),
+                                          **{k: v for k, v in body.items() if k != "messages"}}).json()
+    assert raw["choices"][0]["text"] in ('"yes"', '"no"')
 
 
 def test_a_thinking_model_starting_its_own_think_tag(qwen) -> None:
@@ -226,10 +240,7 @@ def test_ollama_think_false(qwen, r1) -> None:
         _prompt_ids(qwen, "qwen3ish", ASK, chat_template_kwargs={"enable_thinking": False})) - len(
         _prompt_ids(qwen, "qwen3ish", ASK))
     assert off.prompt_eval_count > on.prompt_eval_count and off.message.thinking is None
-    # format with thinking on is refused, naming format; with think false it is enforced
-    with pytest.raises(ollama.ResponseError) as err:
-        client.chat(model="qwen3ish", messages=ASK, format="json", options=OPTIONS)
-    assert err.value.status_code == 400 and "format" in err.value.error
+    # format binds the answer, not the thinking: with think false the whole answer is JSON ...
     assert client.chat(model="qwen3ish", messages=ASK, format="json", think=False,
                        options=OPTIONS).message.content.startswith("{")
     # R1 cannot switch thinking off: the model still thinks, the reply leaves it out
@@ -237,6 +248,17 @@ def test_ollama_think_false(qwen, r1) -> None:
     full = r1_client.chat(model="r1ish", messages=ASK, think=True, options=OPTIONS)
     hidden = r1_client.chat(model="r1ish", messages=ASK, think=False, options=OPTIONS)
     assert hidden.message.thinking is None and hidden.message.content == full.message.content
+
+
+def test_ollama_format_leaves_the_thinking_free(r1) -> None:
+    # the thinking runs unconstrained (only ending the sequence is barred): with the same seed
+    # it is what the model thinks without a format
+    client = ollama.Client(host=r1.url, timeout=60)
+    free = client.chat(model="r1ish", messages=ASK, think=True, options=OPTIONS)
+    bound = client.chat(model="r1ish", messages=ASK, think=True, options=OPTIONS,
+                        format={"type": "string", "enum": ["yes", "no"]})
+    assert "</think>" not in free.message.thinking and free.message.content == ""
+    assert bound.message.thinking == free.message.thinking
 
 
 def test_ollama_history_thinking_is_rendered(qwen) -> None:

@@ -94,7 +94,7 @@ async def generate(request: Request) -> Response:
         text, ids = await serving.prepare(serving.generate_prompt, model, body, opts, think)
         # NOTE: a raw prompt is the caller's own: its output is passed through unparsed
         thinking = None if body.raw else thinking_for(model, text, show=think is not False)
-        serving.check_format_with_thinking(structured, thinking, model)
+        structured = serving.format_after_thinking(structured, thinking)
         top = _top_logprobs(body)
         turn = serving.Turn(kind="generate", echo_model=body.model or model.name, model=model,
                             prompt_ids=ids, params=serving.make_params(opts, len(ids), structured, top),
@@ -129,7 +129,7 @@ async def chat(request: Request) -> Response:
         text, ids = await serving.prepare(serving.chat_prompt, model, messages, body.tools or None,
                                           opts, body.truncate is not False, think)
         thinking = thinking_for(model, text, show=think is not False)
-        serving.check_format_with_thinking(structured, thinking, model)
+        structured = serving.format_after_thinking(structured, thinking)
         top = _top_logprobs(body)
         turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
                             prompt_ids=ids, params=serving.make_params(opts, len(ids), structured, top),

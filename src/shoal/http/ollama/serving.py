@@ -370,13 +370,10 @@ def check_generation_features(body: GenerateBody | ChatBody) -> StructuredOutput
     return format_constraint(body.format)
 
 
-def check_format_with_thinking(structured: StructuredOutput | None, thinking: Thinking | None,
-                               model: ServedModel) -> None:
-    """A constraint would bind the thinking too and break it: refused, never broken output."""
-    if structured is not None and thinking is not None and thinking.active:
-        raise UnsupportedFeatureError(
-            "format", f"format together with thinking is not supported on {model.name}; "
-                      f"send \"think\": false")
+def format_after_thinking(structured: StructuredOutput | None,
+                          thinking: Thinking | None) -> StructuredOutput | None:
+    """`format` binds the answer after a reasoning model's thinking, not the thinking."""
+    return structured if thinking is None else thinking.constrain(structured)
 
 
 def format_constraint(fmt: Any) -> StructuredOutput | None:

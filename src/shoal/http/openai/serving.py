@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -112,13 +113,8 @@ def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float)
                                   add_generation_prompt=req.add_generation_prompt,
                                   template_kwargs=template_variables(model, req))
     thinking = thinking_for(model, text, show=req.include_reasoning)
-    if thinking is not None and thinking.active and params.structured is not None:
-        # NOTE: the constraint would bind the thinking too and break it; refused rather than
-        # producing output that validates neither way.
-        raise UnsupportedFeatureError(
-            params.structured.field, f"structured output together with thinking is not supported "
-            f"on {model.name}; turn thinking off (chat_template_kwargs "
-            f"{{\"enable_thinking\": false}}) where the template allows it")
+    if thinking is not None and params.structured is not None:
+        params = replace(params, structured=thinking.constrain(params.structured))
     return GenerateRequest(model=model, prompt_token_ids=truncate_prompt(ids, req.truncate_prompt_tokens),
                            params=params, request_id=req.request_id or new_request_id("chatcmpl"),
                            priority=req.priority, prompt_text=text, dialect="openai",
