@@ -203,7 +203,8 @@ class EngineCore:
             sample = self._samples.get(part.work.request.request_id)
             if sample is None or sample.prompt_logprobs is None:
                 continue
-            sample.prompt_logprobs.add(part.first, part.logits, sample.request.prompt_token_ids)
+            for first, logits in part.logits():
+                sample.prompt_logprobs.add(first, logits, sample.request.prompt_token_ids)
             if sample.prompt_logprobs.complete:
                 # a recompute after preemption may use the prefix cache again
                 sample.request.skip_prefix_cache = False

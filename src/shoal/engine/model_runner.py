@@ -1,7 +1,7 @@
 """ModelRunner: turns a scheduler step into tensors, runs the model, returns logits."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,12 +42,19 @@ class DirectWork:
 
 @dataclass(slots=True)
 class PromptLogits:
-    """Logits of a run of one request's prompt positions: row i is position first + i and
-    predicts prompt token first + i + 1."""
+    """A run of one request's prompt positions: row i is position first + i and predicts
+    prompt token first + i + 1. Holds the hidden states; `logits` makes them in slices."""
 
     work: ScheduledWork
     first: int
-    logits: torch.Tensor
+    hidden: torch.Tensor
+    compute_logits: Callable[[torch.Tensor], torch.Tensor]
+
+    def logits(self, rows_per_slice: int = 128) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first position, logits of up to rows_per_slice positions from there), in order."""
+        with torch.inference_mode():
+            for start in range(0, self.hidden.shape[0], rows_per_slice):
+                yield self.first + start, self.compute_logits(self.hidden[start:start + rows_per_slice])
 
 
 def kernel_supported(device: torch.device, dtype: torch.dtype, block_size: int,
@@ -120,11 +127,14 @@ class ModelRunner:
                             self.kv_caches, meta)
         prompt_logits: list[PromptLogits] = []
         if prompt_rows:
+            # NOTE: hidden states, not logits: a 1024-token chunk's logits over a 49k vocabulary
+            # are 200 MB; PromptLogits.logits makes them a slice at a time.
             rows = torch.tensor(prompt_rows, dtype=torch.long, device=dev)
-            all_logits = self.model.compute_logits(hidden.index_select(0, rows))
+            prompt_hidden = hidden.index_select(0, rows)
             offset = 0
             for work, first, count in prompt_works:
-                prompt_logits.append(PromptLogits(work, first, all_logits[offset:offset + count]))
+                prompt_logits.append(PromptLogits(work, first, prompt_hidden[offset:offset + count],
+                                                  self.model.compute_logits))
                 offset += count
         if not sampling:
             return hidden.new_empty((0, 0)), [], prompt_logits
