@@ -325,3 +325,73 @@ def patch_tensor_type(path: str | Path, tensor_name: str, new_type_id: int) -> N
     type_pos = start + 4 + 8 * n_dims
     data[type_pos:type_pos + 4] = new_type_id.to_bytes(4, "little")
     Path(path).write_bytes(bytes(data))
+
+
+# ---- reasoning models ------------------------------------------------------------------------
+
+THINK_TOKENS = ("<think>", "</think>")
+# Qwen3's template, cut down to what reasoning needs: earlier thinking is rendered only for
+# assistant turns after the last user message (from reasoning_content, else split out of the
+# content), and enable_thinking=false writes an empty closed block into the generation prompt.
+QWEN3_LIKE_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'assistant' -%}"
+    "{%- set content = message.content -%}{%- set reasoning = '' -%}"
+    "{%- if message.reasoning_content is string -%}{%- set reasoning = message.reasoning_content -%}"
+    "{%- elif '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+    "{%- if loop.index0 > ns.last_user and reasoning -%}"
+    "{{ '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- else -%}{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}{%- endif -%}"
+)
+# DeepSeek-R1-distill style: the generation prompt opens the thinking, so the output starts
+# inside it; earlier turns keep only what follows </think>; reasoning_effort is read.
+R1_LIKE_TEMPLATE = (
+    "{%- if reasoning_effort is defined -%}{{ '<|im_start|>system\\neffort: ' + reasoning_effort"
+    " + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set content = message.content -%}"
+    "{%- if message.role == 'assistant' and '</think>' in content -%}"
+    "{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
+    "{{ '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n<think>\\n' }}{%- endif -%}"
+)
+
+
+def write_reasoning_model(directory: str | Path, template: str = QWEN3_LIKE_TEMPLATE,
+                          seed: int = 0) -> Path:
+    """A tiny llama HF model whose vocabulary adds <think> and </think> as added, non-special
+    tokens (as Qwen3's and the R1 distills' do) and whose chat template is `template`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = hf_config("llama", vocab_size=VOCAB_SIZE + len(THINK_TOKENS))
+    weights = random_weights(config, seed)
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokens, merges, _ = tiny_vocab()
+    vocab = {tok: idx for idx, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID],
+        "pad_token": SPECIAL_TOKENS[EOS_ID], "add_bos_token": False,
+        "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast",
+    }, indent=1))
+    return directory

@@ -39,6 +39,9 @@ class SamplingParams:
     tokens (Ollama's repeat_last_n); None looks at all of them.
     structured constrains the output to a JSON schema, regex, choice or grammar; EOS is
     then allowed only where the constraint is complete.
+    prompt_logprobs None returns none; k >= 0 returns each prompt token's log-probability
+    and rank with the k most likely alternatives (vLLM's); the prompt is then computed, not
+    taken from the prefix cache.
     """
 
     n: int = 1
@@ -61,6 +64,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     structured: StructuredOutput | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n", "min_tokens", "top_k"):
@@ -117,6 +121,12 @@ class SamplingParams:
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise InvalidParameterError(
                     "logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_number("prompt_logprobs", self.prompt_logprobs, integer=True)
+            self.prompt_logprobs = int(self.prompt_logprobs)
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise InvalidParameterError(
+                    "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         self.stop = self._normalise_stop(self.stop)
         self.stop_token_ids = self._normalise_token_ids("stop_token_ids", self.stop_token_ids)
         if self.logit_bias:

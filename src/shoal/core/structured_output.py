@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from shoal.core.errors import InvalidParameterError
 
@@ -25,6 +25,15 @@ class StructuredOutputKind(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ThinkingTokens:
+    """The tokens around a reasoning model's thinking (StructuredOutput.after_thinking)."""
+
+    open_id: int | None
+    close_id: int
+    banned_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StructuredOutput:
     """What the output must match. Build it with the class methods, which normalise the spec
     to text, so equal constraints are equal keys of the engine's grammar cache.
@@ -32,11 +41,15 @@ class StructuredOutput:
     `field` names the request parameter the constraint came from (e.g. "response_format");
     the engine's errors about it (InvalidParameterError) carry that name, so a dialect can
     answer 400 naming its own field. It is not part of the constraint's identity.
+
+    `thinking` (set by after_thinking) lets a reasoning model think freely first: the
+    constraint binds only what follows the thinking's closing token.
     """
 
     kind: StructuredOutputKind
     spec: str
     field: str = field(default="structured_output", compare=False)
+    thinking: ThinkingTokens | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -95,6 +108,13 @@ class StructuredOutput:
         if not isinstance(text, str):
             raise InvalidParameterError(field, f"a grammar must be a string, got {type(text).__name__}")
         return cls(StructuredOutputKind.GRAMMAR, text, field)
+
+    def after_thinking(self, open_id: int | None, close_id: int,
+                       banned_ids: tuple[int, ...] = ()) -> StructuredOutput:
+        """This constraint applied after the model's thinking: `open_id` the token the output
+        must start with (None: the prompt already opened the thinking), `close_id` the token
+        that ends it, `banned_ids` tokens the thinking may not contain (end of sequence)."""
+        return replace(self, thinking=ThinkingTokens(open_id, close_id, tuple(sorted(banned_ids))))
 
     @property
     def choices(self) -> list[str]:

@@ -13,6 +13,7 @@ from shoal.core.sampling_params import SamplingParams
 from shoal.engine.limits import EngineLimits
 from shoal.engine.model_runner import ModelRunner
 from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.engine.prompt_logprobs import PromptLogprobs
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.sampling.row import SamplingRow
 from shoal.engine.sampling.sampler import Sampler
@@ -36,6 +37,7 @@ class _SampleState:
     seed: int
     detokenizer: IncrementalDetokenizer
     grammar: SampleGrammar | None = None     # the sample's own matcher, when constrained
+    prompt_logprobs: PromptLogprobs | None = None   # sample 0 of a prompt_logprobs request
 
 
 class EngineCore:
@@ -101,11 +103,18 @@ class EngineCore:
                 group_id=request_id if params.n > 1 else None, group_leader=leader,
                 cache_salt=self.cache_salt)
             leader = leader or request
+            prompt_lps = None
+            if params.prompt_logprobs is not None and index == 0:
+                # NOTE: the prompt's logits exist only where it is computed, so this sample
+                # skips the prefix cache until every prompt position has been seen.
+                prompt_lps = PromptLogprobs(len(prompt_token_ids), params.prompt_logprobs)
+                request.skip_prefix_cache = not prompt_lps.complete
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                            skip_special_tokens=params.skip_special_tokens,
                                            stop=params.stop,
                                            include_stop_str_in_output=params.include_stop_str_in_output)
-            self._samples[engine_id] = _SampleState(request, request_id, index, base_seed + index, detok)
+            self._samples[engine_id] = _SampleState(request, request_id, index, base_seed + index, detok,
+                                                    prompt_logprobs=prompt_lps)
             ids.append(engine_id)
             requests.append(request)
         if params.structured is None:
@@ -153,7 +162,12 @@ class EngineCore:
             return []
         # NOTE: masks fill on their thread while the model computes the logits they mask.
         mask_job = self.structured.start_masks(self._constrained(scheduler_output))
-        logits, sampling = self.runner.execute(scheduler_output.scheduled)
+        if any(w.request.skip_prefix_cache for w in scheduler_output.scheduled):
+            logits, sampling, prompt_logits = self.runner.execute_with_prompt_logits(
+                scheduler_output.scheduled)
+            self._take_prompt_logits(prompt_logits)
+        else:
+            logits, sampling = self.runner.execute(scheduler_output.scheduled)
         if mask_job is not None:
             self.structured.apply_masks(mask_job, logits, [w.request.request_id for w in sampling])
         sampled: dict[str, int] = {}
@@ -183,6 +197,17 @@ class EngineCore:
                                               request.output_token_ids[-1])
         return [self._output_for(r, logprobs.get(r.request_id)) for r in updated
                 if r.request_id in self._samples]
+
+    def _take_prompt_logits(self, prompt_logits: list) -> None:
+        for part in prompt_logits:
+            sample = self._samples.get(part.work.request.request_id)
+            if sample is None or sample.prompt_logprobs is None:
+                continue
+            for first, logits in part.logits():
+                sample.prompt_logprobs.add(first, logits, sample.request.prompt_token_ids)
+            if sample.prompt_logprobs.complete:
+                # a recompute after preemption may use the prefix cache again
+                sample.request.skip_prefix_cache = False
 
     # ---- constrained decoding ------------------------------------------------------
     def _start_compiled(self) -> None:
@@ -245,13 +270,17 @@ class EngineCore:
     def _make_output(self, sample: _SampleState, text: str, token_ids: list[int],
                      logprobs: list[TokenLogprob] | None) -> RequestOutput:
         request = sample.request
+        prompt_logprobs = None
+        if sample.prompt_logprobs is not None and sample.prompt_logprobs.complete:
+            prompt_logprobs = sample.prompt_logprobs.entries     # once, on the first update
+            sample.prompt_logprobs = None
         return RequestOutput(
             request_id=sample.user_request_id, index=sample.index, text=text, token_ids=token_ids,
             finished=request.is_finished, finish_reason=request.status.finish_reason,
             stop_reason=request.stop_reason, logprobs=logprobs,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens,
             num_output_tokens=request.num_output_tokens, num_preemptions=request.num_preemptions,
-            timings=request.timings, produced_at=time.monotonic())
+            timings=request.timings, produced_at=time.monotonic(), prompt_logprobs=prompt_logprobs)
 
     def _final_output(self, sample: _SampleState, text: str, token_ids: list[int],
                       logprobs: list[TokenLogprob] | None) -> RequestOutput:

@@ -1,7 +1,7 @@
 """ModelRunner: turns a scheduler step into tensors, runs the model, returns logits."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +40,23 @@ class DirectWork:
     start_pos: int
 
 
+@dataclass(slots=True)
+class PromptLogits:
+    """A run of one request's prompt positions: row i is position first + i and predicts
+    prompt token first + i + 1. Holds the hidden states; `logits` makes them in slices."""
+
+    work: ScheduledWork
+    first: int
+    hidden: torch.Tensor
+    compute_logits: Callable[[torch.Tensor], torch.Tensor]
+
+    def logits(self, rows_per_slice: int = 128) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first position, logits of up to rows_per_slice positions from there), in order."""
+        with torch.inference_mode():
+            for start in range(0, self.hidden.shape[0], rows_per_slice):
+                yield self.first + start, self.compute_logits(self.hidden[start:start + rows_per_slice])
+
+
 def kernel_supported(device: torch.device, dtype: torch.dtype, block_size: int,
                      head_dim: int) -> bool:
     """Whether the C++ attention kernel serves this configuration (it then needs a blocked cache)."""
@@ -62,9 +79,16 @@ class ModelRunner:
         if self.kernels is not None and kv_caches and kv_caches[0][0].dim() != 4:
             raise ValueError("the attention kernel needs a blocked KV cache (kernel_supported)")
 
-    @torch.inference_mode()
     def execute(self, scheduled: Sequence[ScheduledWork]) -> tuple[torch.Tensor, list[ScheduledWork]]:
         """Computes the step; returns (logits [R, vocab], the R sampling requests in order)."""
+        logits, sampling, _prompt = self.execute_with_prompt_logits(scheduled)
+        return logits, sampling
+
+    @torch.inference_mode()
+    def execute_with_prompt_logits(self, scheduled: Sequence[ScheduledWork]
+                                   ) -> tuple[torch.Tensor, list[ScheduledWork], list[PromptLogits]]:
+        """execute(), plus the logits of the prompt positions of requests that want them
+        (`skip_prefix_cache` set: prompt_logprobs): each row p predicts prompt token p + 1."""
         # Decodes first, then prefill chunks (the fallback batches the decodes together).
         ordered = sorted(scheduled, key=lambda w: w.num_new_tokens > 1)
         token_ids: list[int] = []
@@ -72,10 +96,18 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sampling: list[ScheduledWork] = []
+        prompt_rows: list[int] = []
+        prompt_works: list[tuple[ScheduledWork, int, int]] = []     # (work, first position, rows)
         bs = self.block_size
         for work in ordered:
             start, n = work.start_pos, work.num_new_tokens
             all_ids = work.request.all_token_ids  # type: ignore[attr-defined]
+            if getattr(work.request, "skip_prefix_cache", False):
+                # positions whose next token is still a prompt token
+                last = min(start + n, len(work.request.prompt_token_ids) - 1)  # type: ignore[attr-defined]
+                if last > start:
+                    prompt_works.append((work, start, last - start))
+                    prompt_rows.extend(range(len(token_ids), len(token_ids) + last - start))
             token_ids.extend(all_ids[start:start + n])
             table = work.block_ids
             positions.extend(range(start, start + n))
@@ -93,10 +125,21 @@ class ModelRunner:
         hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev),
                             self.kv_caches, meta)
+        prompt_logits: list[PromptLogits] = []
+        if prompt_rows:
+            # NOTE: hidden states, not logits: a 1024-token chunk's logits over a 49k vocabulary
+            # are 200 MB; PromptLogits.logits makes them a slice at a time.
+            rows = torch.tensor(prompt_rows, dtype=torch.long, device=dev)
+            prompt_hidden = hidden.index_select(0, rows)
+            offset = 0
+            for work, first, count in prompt_works:
+                prompt_logits.append(PromptLogits(work, first, prompt_hidden[offset:offset + count],
+                                                  self.model.compute_logits))
+                offset += count
         if not sampling:
-            return hidden.new_empty((0, 0)), []
+            return hidden.new_empty((0, 0)), [], prompt_logits
         rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-        return self.model.compute_logits(hidden.index_select(0, rows)), sampling
+        return self.model.compute_logits(hidden.index_select(0, rows)), sampling, prompt_logits
 
     def _padded_tables(self, works: Sequence[ScheduledWork]) -> torch.Tensor:
         bs = self.block_size

@@ -16,6 +16,17 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class PromptLogprob:
+    """One prompt token's log-probability, its rank among all tokens (1 = most likely), and
+    the most likely alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """An incremental update for one sample (`index`) of one request.
 
@@ -37,6 +48,8 @@ class RequestOutput:
     num_preemptions: int = 0
     timings: RequestTimings | None = None
     produced_at: float = 0.0            # time.monotonic() when the engine made this update
+    # prompt_logprobs: on sample 0's first update only; None for the first prompt token
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass(slots=True)

@@ -79,6 +79,9 @@ class Request:
     group_id: str | None = None
     group_leader: "Request | None" = None
     cache_salt: int = 0                  # mixed into block hashes (model/adapter identity)
+    # True while the request needs the logits of its prompt positions (prompt_logprobs):
+    # its prompt is then computed, never taken from the prefix cache
+    skip_prefix_cache: bool = False
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.engine.outputs import PromptLogprob, RequestOutput, TokenLogprob
 from shoal.serving.request import GenerateRequest
 
 
@@ -29,6 +29,7 @@ class Completion:
     num_cached_tokens: int
     num_output_tokens: int
     last: RequestOutput | None          # the final update of the last sample to finish
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 async def collect(req: GenerateRequest, stream: AsyncIterator[list[RequestOutput]]) -> Completion:
@@ -37,6 +38,7 @@ async def collect(req: GenerateRequest, stream: AsyncIterator[list[RequestOutput
                for i in range(req.params.n)]
     num_cached = 0
     last: RequestOutput | None = None
+    prompt_logprobs = None
     try:
         async for batch in stream:
             for out in batch:
@@ -49,7 +51,9 @@ async def collect(req: GenerateRequest, stream: AsyncIterator[list[RequestOutput
                     sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
                     last = out
                 num_cached = max(num_cached, out.num_cached_tokens)
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs = out.prompt_logprobs
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
     return Completion(samples, len(req.prompt_token_ids), num_cached,
-                      sum(len(s.token_ids) for s in samples), last)
+                      sum(len(s.token_ids) for s in samples), last, prompt_logprobs)

@@ -15,6 +15,7 @@ from shoal.access.principal import Principal, current_principal
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.outputs import RequestOutput
 from shoal.serving.served import ServedModel
+from shoal.serving.thinking import Thinking
 
 
 def new_request_id(prefix: str) -> str:
@@ -39,6 +40,9 @@ class GenerateRequest:
     max_tokens_given: bool = True
     # who asked (set by the auth middleware for the HTTP request that builds this one)
     principal: Principal = field(default_factory=current_principal.get)
+    # a reasoning model's turn (serving/thinking.py): its output is split into thinking and
+    # content; None for other models and raw prompts
+    thinking: Thinking | None = None
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ from typing import Any
 from shoal.engine.async_engine import AsyncEngine
 from shoal.engine.builder import EngineInfo
 from shoal.serving.catalog import ModelSpec, path_size
+from shoal.text.reasoning import ReasoningFormat, detect_reasoning
 from shoal.text.tokenizer import Tokenizer
 
 
@@ -87,21 +88,41 @@ class ServedModel:
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]],
                     tools: Sequence[Mapping[str, Any]] | None = None,
-                    add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-        """The chat as prompt text (the model's template) and its token ids."""
+                    add_generation_prompt: bool = True, *, think: bool | str | None = None,
+                    template_kwargs: Mapping[str, Any] | None = None) -> tuple[str, list[int]]:
+        """The chat as prompt text (the model's template) and its token ids.
+
+        `think` is Ollama's (None: not set): a Go template reads it as .Think, a Jinja one as
+        its thinking switch (Qwen3's enable_thinking); `template_kwargs` are extra Jinja
+        variables (OpenAI's chat_template_kwargs, reasoning_effort)."""
         if self.spec is not None and self.spec.template:
             # A Modelfile TEMPLATE (Go): rendered as Ollama renders it, which places the
             # Modelfile SYSTEM itself; the tokenizer adds BOS as the model asks.
             from shoal.text.ollama_template import render_chat
 
             text = render_chat(self.spec.template, [*self.spec.messages, *messages], tools,
-                               system=self.spec.system)
+                               system=self.spec.system, think=think)
             return text, self.tokenizer.encode(text, add_special_tokens=True)
         conversation = self.conversation(messages)
+        variables = dict(template_kwargs or {})
+        reasoning = self.reasoning
+        if think is not None and reasoning is not None and reasoning.switch:
+            variables.setdefault(reasoning.switch, bool(think))
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                  tools=tools or None)
+                                                  tools=tools or None, **variables)
         # NOTE: the template writes BOS itself when the model wants one.
         return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    @property
+    def chat_template_text(self) -> str:
+        """The template chats are rendered with: a Modelfile TEMPLATE, else the model's own."""
+        return (self.spec.template if self.spec is not None and self.spec.template
+                else self.tokenizer.chat_template) or ""
+
+    @property
+    def reasoning(self) -> ReasoningFormat | None:
+        """How the model writes its thinking; None for a model that does not reason."""
+        return detect_reasoning(self.chat_template_text, self.tokenizer.token_to_id)
 
     def supports_tools(self) -> bool:
         template = (self.spec.template if self.spec is not None and self.spec.template

@@ -78,7 +78,8 @@ def merge_updates(updates: list[RequestOutput]) -> list[RequestOutput]:
                 logprobs=list(out.logprobs) if out.logprobs is not None else None,
                 num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
                 num_output_tokens=out.num_output_tokens, num_preemptions=out.num_preemptions,
-                timings=out.timings, produced_at=out.produced_at)
+                timings=out.timings, produced_at=out.produced_at,
+                prompt_logprobs=out.prompt_logprobs)
             continue
         prev.text += out.text
         prev.token_ids.extend(out.token_ids)
@@ -88,4 +89,6 @@ def merge_updates(updates: list[RequestOutput]) -> list[RequestOutput]:
         prev.num_cached_tokens = out.num_cached_tokens
         prev.num_output_tokens, prev.num_preemptions = out.num_output_tokens, out.num_preemptions
         prev.timings, prev.produced_at = out.timings, out.produced_at
+        if out.prompt_logprobs is not None:
+            prev.prompt_logprobs = out.prompt_logprobs
     return list(merged.values())

@@ -62,7 +62,7 @@ class KVCacheManager:
         Never covers the last token: the model must compute at least one position to
         produce the logits of the next token.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.skip_prefix_cache:
             return [], 0
         update_block_hashes(request, self.block_size)
         size = self.block_size

@@ -6,11 +6,13 @@ why"; benchmarks/grammar_backends.py).
 """
 from __future__ import annotations
 
+import json
+
 import llguidance
 import torch
 
 from shoal.core.errors import InvalidParameterError
-from shoal.core.structured_output import StructuredOutput, StructuredOutputKind
+from shoal.core.structured_output import StructuredOutput, StructuredOutputKind, ThinkingTokens
 from shoal.text.tokenizer import Tokenizer
 
 # NOTE: JSON is written on one line with single spaces (`{"a": 1, "b": [2, 3]}`), as
@@ -21,6 +23,29 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 def grammar_text(structured: StructuredOutput) -> str:
     """The llguidance grammar for a constraint; InvalidParameterError if it cannot be built."""
+    text = _body_grammar_text(structured)
+    return text if structured.thinking is None else _after_thinking(text, structured.thinking)
+
+
+def _after_thinking(body: str, thinking: ThinkingTokens) -> str:
+    """A grammar of free thinking (any tokens but the closing one and the banned ones), the
+    closing token, a little whitespace (bounded: a model must not pad forever), then `body`
+    (as llguidance's sub-grammar @answer)."""
+    try:
+        top = json.loads(body)
+    except ValueError:
+        top = {"grammars": [{"lark_grammar": body}]}     # grammar_from gives Lark text for some kinds
+    answer, *rest = top["grammars"]
+    answer = {**answer, "name": "answer"}
+    banned = ",".join(str(t) for t in (*thinking.banned_ids, thinking.close_id))
+    opening = f"<[{thinking.open_id}]> " if thinking.open_id is not None else ""
+    lark = (f"start: {opening}thought* <[{thinking.close_id}]> GAP @answer\n"
+            f"thought: <[^{banned}]>\n"
+            "GAP: /[ \\t\\r\\n]{0,4}/")
+    return json.dumps({**top, "grammars": [{"name": "thinking", "lark_grammar": lark}, answer, *rest]})
+
+
+def _body_grammar_text(structured: StructuredOutput) -> str:
     kind, spec = structured.kind, structured.spec
     try:
         if kind is StructuredOutputKind.JSON_SCHEMA:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.http.ollama.protocol import timestamp
+from shoal.serving.capabilities import model_capabilities
 from shoal.serving.catalog import ModelSpec
 from shoal.serving.served import ServedModel
 
@@ -83,10 +84,7 @@ def spec_modified_at(spec: ModelSpec) -> str:
 
 
 def capabilities(model: ServedModel) -> list[str]:
-    caps = ["completion"]
-    if model.supports_tools():
-        caps.append("tools")
-    return caps
+    return model_capabilities(model.chat_template_text, model.tokenizer.token_to_id)
 
 
 def _gguf_metadata(model: ServedModel) -> dict[str, Any] | None:
@@ -199,8 +197,10 @@ def show_stored(store, name: str) -> dict[str, Any]:
     """/api/show for a stored model that is not loaded (the store knows it all)."""
     shown = store.show(name).to_json()
     template = shown.get("template") or ""
+    meta = metadata_of(Path(store.resolve(name).weights)) or {}
     if not template:
-        meta = metadata_of(Path(store.resolve(name).weights)) or {}
         template = str(meta.get("tokenizer.chat_template", ""))
-    shown["capabilities"] = ["completion"] + (["tools"] if "tools" in template.lower() else [])
+    tokens = meta.get("tokenizer.ggml.tokens") or ()
+    vocab = set(t for t in tokens if t in ("<think>", "</think>"))
+    shown["capabilities"] = model_capabilities(template, lambda t: 0 if t in vocab else None)
     return shown

@@ -16,11 +16,13 @@ from shoal.core.version import __version__
 from shoal.http.errors import HttpError
 from shoal.http.ollama import info as model_info
 from shoal.http.ollama import serving
+from shoal.http.ollama.thinking import resolve_think
 from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
 from shoal.http.openapi_bodies import json_body
 from shoal.serving.catalog import ModelSpec, path_size
 from shoal.serving.disconnect import run_until_disconnect
+from shoal.serving.thinking import thinking_for
 
 router = APIRouter(prefix="/api")
 
@@ -88,11 +90,17 @@ async def generate(request: Request) -> Response:
         if body.images:
             raise HttpError(400, f"images are not supported: {model.name} reads text only",
                             param="images", code="unsupported_parameter")
-        _text, ids = await serving.prepare(serving.generate_prompt, model, body, opts)
+        think = resolve_think(body.think, model, body.model)
+        text, ids = await serving.prepare(serving.generate_prompt, model, body, opts, think)
+        # NOTE: a raw prompt is the caller's own: its output is passed through unparsed
+        thinking = None if body.raw else thinking_for(model, text, show=think is not False)
+        structured = serving.format_after_thinking(structured, thinking)
+        top = _top_logprobs(body)
         turn = serving.Turn(kind="generate", echo_model=body.model or model.name, model=model,
-                            prompt_ids=ids, params=serving.make_params(opts, len(ids), structured),
+                            prompt_ids=ids, params=serving.make_params(opts, len(ids), structured, top),
                             started=started, loaded=loaded, with_context=not body.raw,
-                            keep_alive=keep_alive, max_tokens_given=opts.num_predict > 0)
+                            keep_alive=keep_alive, max_tokens_given=opts.num_predict > 0,
+                            thinking=thinking, top_logprobs=top)
         return await _run(request, turn, body.stream is not False)
     finally:
         residency.release(model)
@@ -116,16 +124,25 @@ async def chat(request: Request) -> Response:
             raise HttpError(400, f"{model.name} does not support tools", param="tools",
                             code="unsupported_parameter")
         structured = serving.check_generation_features(body)
+        think = resolve_think(body.think, model, body.model)
         messages = serving.chat_messages(body, model)
-        _text, ids = await serving.prepare(serving.chat_prompt, model, messages, body.tools or None,
-                                           opts, body.truncate is not False)
+        text, ids = await serving.prepare(serving.chat_prompt, model, messages, body.tools or None,
+                                          opts, body.truncate is not False, think)
+        thinking = thinking_for(model, text, show=think is not False)
+        structured = serving.format_after_thinking(structured, thinking)
+        top = _top_logprobs(body)
         turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
-                            prompt_ids=ids, params=serving.make_params(opts, len(ids), structured),
+                            prompt_ids=ids, params=serving.make_params(opts, len(ids), structured, top),
                             started=started, loaded=loaded, keep_alive=keep_alive,
-                            max_tokens_given=opts.num_predict > 0)
+                            max_tokens_given=opts.num_predict > 0, thinking=thinking, top_logprobs=top)
         return await _run(request, turn, body.stream is not False)
     finally:
         residency.release(model)
+
+
+def _top_logprobs(body: GenerateBody | ChatBody) -> int | None:
+    """Alternatives per token when `logprobs` is asked for (None: no log-probs)."""
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 async def _load_call(kind: str, residency, name: str, echo: str | None,

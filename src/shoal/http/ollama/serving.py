@@ -23,6 +23,7 @@ from shoal.engine.outputs import RequestOutput
 from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
 from shoal.http.ollama import templates
+from shoal.http.ollama.thinking import logprob_entries
 from shoal.http.ollama.protocol import ROLES, ChatBody, GenerateBody, nanoseconds, timestamp
 from shoal.serving.disconnect import run_until_disconnect
 from shoal.serving.durations import parse_keep_alive
@@ -30,6 +31,7 @@ from shoal.serving.generate import GenerationService
 from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
+from shoal.serving.thinking import Thinking
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,19 @@ OPTION_TYPES: dict[str, str] = {
 }
 
 # Known options that do not change what shoal generates (hardware/runner knobs, and
-# samplers current Ollama engines no longer apply either).
+# samplers current Ollama engines no longer apply either: mirostat, tfs_z, penalize_newline
+# are gone from Ollama's Options). typical_p is still honoured by Ollama's llama.cpp runner,
+# so a request asking for it (anything but 1) is refused instead (REFUSED_OPTIONS).
 IGNORED_OPTIONS = frozenset({
-    "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline",
+    "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline",
     "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only",
     "use_mmap", "use_mlock", "num_thread", "embedding_only",
 })
+
+# Options that change the output and that shoal does not implement: their no-op value, and why.
+REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "typical_p": (1.0, "typical_p (typical sampling) is not supported; use top_p, top_k or min_p"),
+}
 
 # SamplingParams field -> the Ollama option it came from (for error messages).
 _PARAM_TO_OPTION = {
@@ -179,6 +188,10 @@ def resolve_options(model: ServedModel, requested: Mapping[str, Any] | None) -> 
     if requested is not None and not isinstance(requested, Mapping):
         raise InvalidParameterError("options", "must be an object")
     values = merge_options(OLLAMA_DEFAULTS, model.default_options, requested)
+    asked = merge_options(requested)
+    for name, (no_op, why) in REFUSED_OPTIONS.items():
+        if name in asked and asked[name] != no_op:
+            raise UnsupportedFeatureError(f"options.{name}", why)
     limit = served_context(model)
     num_ctx = values.get("num_ctx")
     if num_ctx is not None and num_ctx < 2:
@@ -251,7 +264,8 @@ def fit_prompt(ids: list[int], opts: Options, truncate: bool) -> list[int]:
     return fitted
 
 
-def generate_prompt(model: ServedModel, body: GenerateBody, opts: Options) -> tuple[str, list[int]]:
+def generate_prompt(model: ServedModel, body: GenerateBody, opts: Options,
+                    think: bool | None = None) -> tuple[str, list[int]]:
     """/api/generate's prompt: the chat template, a request `template`, or the raw text."""
     prompt = body.prompt or ""
     tokenizer = model.tokenizer
@@ -265,7 +279,7 @@ def generate_prompt(model: ServedModel, body: GenerateBody, opts: Options) -> tu
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else [])
         messages.append({"role": "user", "content": prompt})
-        text, ids = model.render_chat(messages)
+        text, ids = model.render_chat(messages, think=think)
     if body.context:
         # NOTE: checked here, naming the field: truncation may cut these ids from the prompt.
         model.engine.limits.check_token_ids(body.context, "context")
@@ -285,6 +299,9 @@ def chat_messages(body: ChatBody, model: ServedModel) -> list[dict[str, Any]]:
                 f"messages[{i}].images", f"messages[{i}].images: images are not supported: "
                                          f"{model.name} reads text only")
         entry: dict[str, Any] = {"role": message.role, "content": message.content or ""}
+        if message.thinking:
+            # NOTE: Go templates read .Thinking; Jinja ones (Qwen3) reasoning_content
+            entry["thinking"] = entry["reasoning_content"] = message.thinking
         if message.tool_calls:
             entry["tool_calls"] = message.tool_calls
         if message.tool_name:
@@ -310,16 +327,16 @@ def _tool_block_start(messages: Sequence[Mapping[str, Any]], index: int) -> int:
 
 def chat_prompt(model: ServedModel, messages: list[dict[str, Any]],
                 tools: list[dict[str, Any]] | None, opts: Options,
-                truncate: bool) -> tuple[str, list[int]]:
+                truncate: bool, think: bool | None = None) -> tuple[str, list[int]]:
     """/api/chat's prompt. Too long for the context, the oldest messages are dropped first
     (system messages and the last message always stay), as Ollama does; a last message
     that alone is too long is then cut by tokens (truncate_prompt)."""
-    text, ids = model.render_chat(messages, tools)
+    text, ids = model.render_chat(messages, tools, think=think)
     if truncate and len(ids) >= opts.context:
         for i in range(1, len(messages)):
             start = _tool_block_start(messages, i)
             kept = [m for m in messages[:start] if m["role"] == "system"] + messages[start:]
-            text, ids = model.render_chat(kept, tools)
+            text, ids = model.render_chat(kept, tools, think=think)
             if len(ids) < opts.context:
                 log.info("dropped %d old chat messages to fit the context of %d tokens",
                          len(messages) - len(kept), opts.context)
@@ -342,24 +359,21 @@ def check_keep_alive(residency: ResidencyManager, body: GenerateBody | ChatBody,
 
 
 def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> None:
-    """Checks shared by generate and chat."""
-    think = body.think
-    if isinstance(think, str):
-        raise UnsupportedFeatureError(
-            "think", f"think value \"{clip(think)}\" is not supported for this model")
-    if think:
-        raise UnsupportedFeatureError(
-            "think", f"\"{clip(body.model or '')}\" does not support thinking")
+    """Checks shared by generate and chat (think: thinking.resolve_think)."""
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise HttpError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
 
 
 def check_generation_features(body: GenerateBody | ChatBody) -> StructuredOutput | None:
-    """400s for what shoal cannot do yet (checked once a real generation is asked for);
+    """400s for what shoal cannot do (checked once a real generation is asked for);
     returns the constraint `format` asks for."""
-    if body.logprobs:
-        raise UnsupportedFeatureError("logprobs", "logprobs are not supported yet")
     return format_constraint(body.format)
+
+
+def format_after_thinking(structured: StructuredOutput | None,
+                          thinking: Thinking | None) -> StructuredOutput | None:
+    """`format` binds the answer after a reasoning model's thinking, not the thinking."""
+    return structured if thinking is None else thinking.constrain(structured)
 
 
 def format_constraint(fmt: Any) -> StructuredOutput | None:
@@ -390,21 +404,34 @@ class Turn:
     keep_alive: float | None = None
     max_tokens_given: bool = True   # num_predict > 0 (else max_tokens is the room left)
     request: GenerateRequest | None = None
+    thinking: Thinking | None = None    # a reasoning model's turn: output split into thinking
+    top_logprobs: int | None = None     # logprobs asked for: the alternatives per token
 
     def build(self) -> GenerateRequest:
         self.request = GenerateRequest(
             model=self.model, prompt_token_ids=self.prompt_ids, params=self.params,
             request_id=new_request_id(f"ollama-{self.kind}"), dialect="ollama",
-            keep_alive=self.keep_alive, max_tokens_given=self.max_tokens_given)
+            keep_alive=self.keep_alive, max_tokens_given=self.max_tokens_given,
+            thinking=self.thinking)
         return self.request
+
+    def split(self, text: str, parser: Any) -> tuple[str, str]:
+        """(thinking shown, content) of a piece of output."""
+        if parser is None:
+            return "", text
+        thinking, content = parser.feed(text)
+        return (thinking if self.thinking is not None and self.thinking.show else ""), content
 
 
 def make_params(opts: Options, num_prompt: int,
-                structured: StructuredOutput | None = None) -> SamplingParams:
-    """The options' sampling parameters with max_tokens = min(num_predict, room left)."""
+                structured: StructuredOutput | None = None,
+                top_logprobs: int | None = None) -> SamplingParams:
+    """The options' sampling parameters with max_tokens = min(num_predict, room left);
+    `top_logprobs` not None asks for log-probs with that many alternatives."""
     room = opts.context - num_prompt
     max_tokens = room if opts.num_predict <= 0 else min(opts.num_predict, room)
-    return replace(opts.params, max_tokens=max(1, max_tokens), structured=structured)
+    return replace(opts.params, max_tokens=max(1, max_tokens), structured=structured,
+                   logprobs=top_logprobs)
 
 
 def load_reply(kind: str, echo_model: str, unload: bool) -> dict[str, Any]:
@@ -419,13 +446,24 @@ def load_reply(kind: str, echo_model: str, unload: bool) -> dict[str, Any]:
     return body
 
 
-def content_chunk(turn: Turn, text: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": turn.echo_model, "created_at": timestamp()}
+def _answer(turn: Turn, body: dict[str, Any], text: str, thinking: str) -> None:
     if turn.kind == "chat":
         body["message"] = {"role": "assistant", "content": text}
+        if thinking:
+            body["message"]["thinking"] = thinking
     else:
         body["response"] = text
+        if thinking:
+            body["thinking"] = thinking
+
+
+def content_chunk(turn: Turn, text: str, thinking: str = "",
+                  logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": turn.echo_model, "created_at": timestamp()}
+    _answer(turn, body, text, thinking)
     body["done"] = False
+    if logprobs is not None:
+        body["logprobs"] = logprobs
     return body
 
 
@@ -437,13 +475,13 @@ def _answer_ids(turn: Turn, output_ids: list[int], finish_reason: str | None) ->
 
 
 def final_chunk(turn: Turn, last: RequestOutput | None, text: str, output_ids: list[int],
-                finish_reason: str | None) -> dict[str, Any]:
+                finish_reason: str | None, thinking: str = "",
+                logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The done=true object: the reason, `context` (generate), counts and nanosecond timings."""
     body: dict[str, Any] = {"model": turn.echo_model, "created_at": timestamp()}
-    if turn.kind == "chat":
-        body["message"] = {"role": "assistant", "content": text}
-    else:
-        body["response"] = text
+    _answer(turn, body, text, thinking)
+    if logprobs is not None:
+        body["logprobs"] = logprobs
     body["done"] = True
     body["done_reason"] = finish_reason or "stop"
     if turn.with_context:
@@ -500,13 +538,22 @@ async def stream_lines(turn: Turn, updates: AsyncIterator[list[RequestOutput]],
     output_ids: list[int] = []
     last: RequestOutput | None = None
     finish_reason: str | None = None
+    parser = turn.thinking.parser() if turn.thinking is not None else None
+    tokenizer = turn.model.tokenizer if turn.top_logprobs is not None else None
     try:
         batch = first
         while batch is not _NOTHING:
             for out in batch:
                 output_ids.extend(out.token_ids)
-                if out.text:
-                    yield ndjson(content_chunk(turn, out.text))
+                thinking, text = turn.split(out.text, parser)
+                if out.finished and parser is not None:
+                    more_thinking, more_text = parser.finish()
+                    thinking += more_thinking if turn.thinking.show else ""
+                    text += more_text
+                logprobs = (logprob_entries(tokenizer, out.logprobs, turn.top_logprobs)
+                            if turn.top_logprobs is not None else None)
+                if text or thinking or logprobs:
+                    yield ndjson(content_chunk(turn, text, thinking, logprobs))
                 if out.finished:
                     last, finish_reason = out, out.finish_reason
             if last is not None:
@@ -531,7 +578,17 @@ async def complete(service: GenerationService, turn: Turn) -> dict[str, Any]:
     sample = completion.samples[0]
     if sample.finish_reason == "abort":
         raise HttpError(500, "the request was aborted before it finished", type="server_error")
-    return final_chunk(turn, completion.last, sample.text, sample.token_ids, sample.finish_reason)
+    thinking, text = "", sample.text
+    if turn.thinking is not None:
+        parser = turn.thinking.parser()
+        parser.feed(sample.text)
+        parser.finish()
+        thinking = parser.reasoning if turn.thinking.show else ""
+        text = parser.content
+    logprobs = (logprob_entries(turn.model.tokenizer, sample.logprobs, turn.top_logprobs)
+                if turn.top_logprobs is not None else None)
+    return final_chunk(turn, completion.last, text, sample.token_ids, sample.finish_reason,
+                       thinking, logprobs)
 
 
 async def prepare(func: Any, *args: Any) -> Any:

@@ -30,6 +30,9 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # an earlier assistant turn's thinking (vLLM's names), for templates that render it
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class StreamOptions(_Body):
@@ -51,7 +54,11 @@ class ResponseFormat(_Body):
 
 
 class SamplingFields(_Body):
-    """Fields both generate endpoints share (OpenAI's, then vLLM's extras)."""
+    """Fields both generate endpoints share (OpenAI's, then vLLM's extras).
+
+    Undeclared fields are kept (model_extra) so that request_fields.py can refuse the ones
+    that would change the output instead of dropping them."""
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
@@ -85,6 +92,10 @@ class SamplingFields(_Body):
     skip_special_tokens: bool = True
     priority: int = 0
     request_id: str | None = None
+    # vLLM: log-probs of the prompt's tokens (k alternatives), keep only the last k prompt tokens
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    add_special_tokens: bool | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -100,6 +111,10 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     echo: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # reasoning models (vLLM's fields)
+    reasoning_effort: str | None = None
+    include_reasoning: bool = True
+    modalities: list[str] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -118,6 +133,7 @@ class TokenizeRequest(_Body):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Body):

@@ -117,7 +117,8 @@ def _tokenize(model: ServedModel, body: TokenizeRequest) -> dict:
     if body.messages is not None:
         # exactly the tokens a chat request would send (the model's template, SYSTEM, MESSAGEs)
         _text, ids = model.render_chat(serving.message_dicts(body.messages),
-                                       add_generation_prompt=body.add_generation_prompt)
+                                       add_generation_prompt=body.add_generation_prompt,
+                                       template_kwargs=body.chat_template_kwargs)
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         ids = model.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)

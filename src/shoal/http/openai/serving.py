@@ -3,23 +3,26 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from shoal.core.echo import clip
 from shoal.core.errors import InvalidParameterError, UnsupportedFeatureError
 from shoal.core.sampling_params import MAX_LOGPROBS, SamplingParams
-from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.engine.outputs import PromptLogprob, RequestOutput, TokenLogprob
 from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
 from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                        SamplingFields)
+from shoal.http.openai.request_fields import check_fields
 from shoal.http.openai.structured import structured_output
 from shoal.serving.completion import Completion, collect
 from shoal.serving.disconnect import cancel_and_wait
 from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
+from shoal.serving.thinking import thinking_for
 from shoal.text.tokenizer import Tokenizer
 
 
@@ -63,6 +66,10 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             entry["tool_calls"] = message.tool_calls
         if message.tool_call_id:
             entry["tool_call_id"] = message.tool_call_id
+        thinking = message.reasoning_content or message.reasoning
+        if thinking and message.role == "assistant":
+            # NOTE: Qwen3's template reads reasoning_content; Go templates .Thinking
+            entry["reasoning_content"] = entry["thinking"] = thinking
         out.append(entry)
     return out
 
@@ -82,7 +89,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         logit_bias=req.logit_bias or None, seed=req.seed, stop=req.stop or [],
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens, structured=structured_output(req))
+        skip_special_tokens=req.skip_special_tokens, structured=structured_output(req),
+        prompt_logprobs=req.prompt_logprobs)
 
 
 def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
@@ -96,16 +104,52 @@ def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float)
         raise InvalidParameterError("top_logprobs", "requires logprobs to be true")
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
         raise InvalidParameterError("top_logprobs", f"must be in 0..{MAX_LOGPROBS}, got {req.top_logprobs}")
+    check_fields(req, "chat")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, logprobs)
     tools = req.tools if req.tools and req.tool_choice != "none" else None
     text, ids = model.render_chat(message_dicts(req.messages), tools=tools,
-                                  add_generation_prompt=req.add_generation_prompt)
-    return GenerateRequest(model=model, prompt_token_ids=ids, params=params,
-                           request_id=req.request_id or new_request_id("chatcmpl"),
+                                  add_generation_prompt=req.add_generation_prompt,
+                                  template_kwargs=template_variables(model, req))
+    thinking = thinking_for(model, text, show=req.include_reasoning)
+    if thinking is not None and params.structured is not None:
+        params = replace(params, structured=thinking.constrain(params.structured))
+    return GenerateRequest(model=model, prompt_token_ids=truncate_prompt(ids, req.truncate_prompt_tokens),
+                           params=params, request_id=req.request_id or new_request_id("chatcmpl"),
                            priority=req.priority, prompt_text=text, dialect="openai",
-                           arrival_time=arrival)
+                           arrival_time=arrival, thinking=thinking)
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+
+
+def template_variables(model: ServedModel, req: ChatCompletionRequest) -> dict[str, Any]:
+    """Extra chat-template variables: vLLM's chat_template_kwargs, and reasoning_effort
+    where the template reads it (400 naming it anywhere else: never silently ignored)."""
+    variables = dict(req.chat_template_kwargs or {})
+    effort = req.reasoning_effort
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise InvalidParameterError("reasoning_effort",
+                                        f"must be one of {', '.join(REASONING_EFFORTS)}, got '{clip(effort)}'")
+        reasoning = model.reasoning
+        if reasoning is None:
+            raise UnsupportedFeatureError("reasoning_effort", f"{model.name} is not a reasoning model")
+        if not reasoning.takes_effort:
+            raise UnsupportedFeatureError(
+                "reasoning_effort", f"{model.name}'s chat template has no reasoning-effort setting")
+        variables["reasoning_effort"] = effort
+    return variables
+
+
+def truncate_prompt(ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: only the last `keep` prompt tokens (-1 or None: all)."""
+    if keep is None or keep < 0 or keep >= len(ids):
+        return ids
+    if keep == 0:
+        raise InvalidParameterError("truncate_prompt_tokens", "must be at least 1 (or -1 for no limit)")
+    return ids[len(ids) - keep:]
 
 
 def prompt_count(prompt: Any) -> int:
@@ -115,7 +159,8 @@ def prompt_count(prompt: Any) -> int:
     return len(prompt)
 
 
-def completion_prompts(model: ServedModel, prompt: Any) -> list[tuple[str, list[int]]]:
+def completion_prompts(model: ServedModel, prompt: Any,
+                       add_special_tokens: bool = True) -> list[tuple[str, list[int]]]:
     """OpenAI's four prompt forms -> (text, token ids) per prompt."""
     tokenizer = model.tokenizer
     if isinstance(prompt, str):
@@ -129,7 +174,7 @@ def completion_prompts(model: ServedModel, prompt: Any) -> list[tuple[str, list[
     out = []
     for p in prompts:
         if isinstance(p, str):
-            out.append((p, tokenizer.encode(p)))
+            out.append((p, tokenizer.encode(p, add_special_tokens=add_special_tokens)))
         else:
             # NOTE: checked before decoding: the tokenizer overflows on an id outside the vocabulary.
             model.engine.limits.check_token_ids(p, "prompt")
@@ -145,10 +190,12 @@ def completion_requests(model: ServedModel, req: CompletionRequest,
         raise UnsupportedFeatureError("best_of", "must equal n (shoal returns every sample)")
     if req.echo and req.logprobs is not None:
         raise UnsupportedFeatureError("echo", "echo with logprobs (prompt logprobs) is not supported")
+    check_fields(req, "completion")
     params = sampling_params(req, req.max_tokens, req.logprobs)
     base_id = req.request_id or new_request_id("cmpl")
-    prompts = completion_prompts(model, req.prompt)
-    return [GenerateRequest(model=model, prompt_token_ids=ids, params=params,
+    prompts = completion_prompts(model, req.prompt, req.add_special_tokens is not False)
+    return [GenerateRequest(model=model, prompt_token_ids=truncate_prompt(ids, req.truncate_prompt_tokens),
+                            params=params,
                             request_id=base_id if len(prompts) == 1 else f"{base_id}-{i}",
                             priority=req.priority, prompt_text=text, dialect="openai",
                             arrival_time=arrival)
@@ -208,16 +255,51 @@ def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": num_cached}}
 
 
+def assistant_message(req: GenerateRequest, text: str) -> dict:
+    """The reply's message: a reasoning model's thinking split out into vLLM's fields."""
+    thinking = req.thinking
+    if thinking is None:
+        return {"role": "assistant", "content": text, "tool_calls": []}
+    parser = thinking.parser()
+    parser.feed(text)
+    parser.finish()
+    reasoning = (parser.reasoning or None) if thinking.show else None
+    return {"role": "assistant", "content": parser.content, "reasoning_content": reasoning,
+            "reasoning": reasoning, "tool_calls": []}
+
+
 def chat_response(req: GenerateRequest, done: Completion, created: int) -> dict:
     tokenizer = req.model.tokenizer
     choices = [{"index": s.index,
-                "message": {"role": "assistant", "content": s.text, "tool_calls": []},
+                "message": assistant_message(req, s.text),
                 "logprobs": chat_logprobs(tokenizer, s.logprobs),
                 "finish_reason": s.finish_reason, "stop_reason": stop_reason(req, s.stop_reason)}
                for s in done.samples]
-    return {"id": req.request_id, "object": "chat.completion", "created": created,
+    body = {"id": req.request_id, "object": "chat.completion", "created": created,
             "model": req.model.name, "choices": choices, "system_fingerprint": None,
             "usage": usage(done.num_prompt_tokens, done.num_output_tokens, done.num_cached_tokens)}
+    if req.params.prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs_json(tokenizer, done.prompt_logprobs)
+    return body
+
+
+def prompt_logprobs_json(tokenizer: Tokenizer, entries: Sequence[PromptLogprob | None] | None
+                         ) -> list[dict | None] | None:
+    """vLLM's shape: None for the first prompt token, then per token {token id: {"logprob",
+    "rank", "decoded_token"}} holding the actual token and the top alternatives."""
+    if entries is None:
+        return None
+    out: list[dict | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        tokens = {str(t): {"logprob": _finite(v), "rank": rank, "decoded_token": token_text(tokenizer, t)}
+                  for rank, (t, v) in enumerate(entry.top, start=1)}
+        tokens[str(entry.token_id)] = {"logprob": _finite(entry.logprob), "rank": entry.rank,
+                                       "decoded_token": token_text(tokenizer, entry.token_id)}
+        out.append(tokens)
+    return out
 
 
 def completion_response(reqs: Sequence[GenerateRequest], dones: Sequence[Completion], created: int,
@@ -228,10 +310,13 @@ def completion_response(reqs: Sequence[GenerateRequest], dones: Sequence[Complet
         tokenizer = req.model.tokenizer
         prefix = req.prompt_text if echo and req.prompt_text else ""
         for s in done.samples:
-            choices.append({"index": p * req.params.n + s.index, "text": prefix + s.text,
-                            "logprobs": completion_logprobs(tokenizer, s.logprobs, len(prefix)),
-                            "finish_reason": s.finish_reason,
-                            "stop_reason": stop_reason(req, s.stop_reason)})
+            choice = {"index": p * req.params.n + s.index, "text": prefix + s.text,
+                      "logprobs": completion_logprobs(tokenizer, s.logprobs, len(prefix)),
+                      "finish_reason": s.finish_reason,
+                      "stop_reason": stop_reason(req, s.stop_reason)}
+            if req.params.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(tokenizer, done.prompt_logprobs)
+            choices.append(choice)
         prompt_tokens += done.num_prompt_tokens
         completion_tokens += done.num_output_tokens
         cached += done.num_cached_tokens
@@ -267,6 +352,25 @@ async def chat_stream(req: GenerateRequest, updates: AsyncIterator[list[RequestO
             body["usage"] = usage(num_prompt, generated, cached) if continuous_usage else None
         return sse(body)
 
+    parsers = ({i: req.thinking.parser() for i in range(req.params.n)}
+               if req.thinking is not None else {})
+    show_thinking = req.thinking is not None and req.thinking.show
+
+    def delta(out: RequestOutput) -> dict:
+        parser = parsers.get(out.index)
+        if parser is None:
+            return {"content": out.text} if out.text else {}
+        reasoning, content = parser.feed(out.text)
+        if out.finished:
+            more_reasoning, more_content = parser.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        body: dict = {}
+        if reasoning and show_thinking:
+            body["reasoning_content"] = body["reasoning"] = reasoning
+        if content:
+            body["content"] = content
+        return body
+
     try:
         for index in range(req.params.n):
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -277,7 +381,10 @@ async def chat_stream(req: GenerateRequest, updates: AsyncIterator[list[RequestO
                 cached = max(cached, out.num_cached_tokens)
                 if not out.text and not out.finished and not out.logprobs:
                     continue
-                yield chunk([{"index": out.index, "delta": {"content": out.text} if out.text else {},
+                body = delta(out)
+                if not body and not out.finished and not out.logprobs:
+                    continue
+                yield chunk([{"index": out.index, "delta": body,
                               "logprobs": chat_logprobs(tokenizer, out.logprobs),
                               "finish_reason": out.finish_reason if out.finished else None,
                               **({"stop_reason": stop_reason(req, out.stop_reason)} if out.finished else {})}])
