@@ -40,6 +40,15 @@ class DirectWork:
     start_pos: int
 
 
+@dataclass(slots=True)
+class StepResult:
+    """One step's results: logits of the sampling rows, and finished embeddings."""
+
+    logits: torch.Tensor                       # [R, vocab]
+    sampling: list[ScheduledWork]              # the R sampling requests, in row order
+    embeddings: dict[str, torch.Tensor]        # request id -> last prompt row's hidden state
+
+
 def kernel_supported(device: torch.device, dtype: torch.dtype, block_size: int,
                      head_dim: int) -> bool:
     """Whether the C++ attention kernel serves this configuration (it then needs a blocked cache)."""
@@ -62,9 +71,16 @@ class ModelRunner:
         if self.kernels is not None and kv_caches and kv_caches[0][0].dim() != 4:
             raise ValueError("the attention kernel needs a blocked KV cache (kernel_supported)")
 
-    @torch.inference_mode()
     def execute(self, scheduled: Sequence[ScheduledWork]) -> tuple[torch.Tensor, list[ScheduledWork]]:
         """Computes the step; returns (logits [R, vocab], the R sampling requests in order)."""
+        result = self.execute_step(scheduled)
+        return result.logits, result.sampling
+
+    @torch.inference_mode()
+    def execute_step(self, scheduled: Sequence[ScheduledWork]) -> StepResult:
+        """Computes the step: the sampling rows' logits, and the final hidden state of each
+        embedding request whose prompt ends in this step (its last token: the pooling
+        llama.cpp and Ollama use for decoder models)."""
         # Decodes first, then prefill chunks (the fallback batches the decodes together).
         ordered = sorted(scheduled, key=lambda w: w.num_new_tokens > 1)
         token_ids: list[int] = []
@@ -72,6 +88,8 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sampling: list[ScheduledWork] = []
+        embed_rows: list[int] = []
+        embedding: list[ScheduledWork] = []
         bs = self.block_size
         for work in ordered:
             start, n = work.start_pos, work.num_new_tokens
@@ -81,8 +99,12 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, start + n))
             if start + n == len(all_ids):
-                sample_rows.append(len(token_ids) - 1)
-                sampling.append(work)
+                if getattr(work.request, "embed", False):
+                    embed_rows.append(len(token_ids) - 1)
+                    embedding.append(work)
+                else:
+                    sample_rows.append(len(token_ids) - 1)
+                    sampling.append(work)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  block_size=bs)
@@ -93,10 +115,17 @@ class ModelRunner:
         hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev),
                             self.kv_caches, meta)
+        embeddings = {}
+        if embedding:
+            rows = torch.tensor(embed_rows, dtype=torch.long, device=dev)
+            vectors = hidden.index_select(0, rows).float().cpu()
+            embeddings = {w.request.request_id: vectors[i]  # type: ignore[attr-defined]
+                          for i, w in enumerate(embedding)}
         if not sampling:
-            return hidden.new_empty((0, 0)), []
+            return StepResult(hidden.new_empty((0, 0)), [], embeddings)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-        return self.model.compute_logits(hidden.index_select(0, rows)), sampling
+        return StepResult(self.model.compute_logits(hidden.index_select(0, rows)), sampling,
+                          embeddings)
 
     def _padded_tables(self, works: Sequence[ScheduledWork]) -> torch.Tensor:
         bs = self.block_size

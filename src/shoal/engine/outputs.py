@@ -37,6 +37,7 @@ class RequestOutput:
     num_preemptions: int = 0
     timings: RequestTimings | None = None
     produced_at: float = 0.0            # time.monotonic() when the engine made this update
+    embedding: list[float] | None = None    # an embedding request's pooled vector
 
 
 @dataclass(slots=True)

@@ -79,6 +79,7 @@ class Request:
     group_id: str | None = None
     group_leader: "Request | None" = None
     cache_salt: int = 0                  # mixed into block hashes (model/adapter identity)
+    embed: bool = False                  # prefill only: the prompt's pooled hidden state is the output
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

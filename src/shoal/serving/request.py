@@ -39,6 +39,9 @@ class GenerateRequest:
     max_tokens_given: bool = True
     # who asked (set by the auth middleware for the HTTP request that builds this one)
     principal: Principal = field(default_factory=current_principal.get)
+    # an embedding request: one token list per input (prompt_token_ids is then their
+    # concatenation, what quotas, queues, logs and metrics count)
+    embed_inputs: list[list[int]] | None = None
 
 
 @dataclass(slots=True)

@@ -30,6 +30,10 @@ class Tokenizer:
                  eos_token_id: int | None, add_bos_token: bool | None = None,
                  chat_template: str | Mapping[str, str] | None = None,
                  extra_eos_token_ids: Iterable[int] = (), vocab_size: int | None = None) -> None:
+        # NOTE: tokenizer.json may configure padding and truncation (sentence-transformers
+        # directories pad to 128): they would pad every encode; lengths are the engine's job.
+        backend.no_padding()
+        backend.no_truncation()
         self._backend = backend
         self._bos_id = bos_token_id
         self._eos_id = eos_token_id
