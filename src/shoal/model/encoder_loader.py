@@ -95,9 +95,14 @@ def load_encoder(path: str | Path, compute: str = "exact",
     model = model.to(device).eval()
     num_parameters = sum(p.numel() for p in model.parameters())
     if compute == "fast" and torch.device(device).type == "cpu":
+        # NOTE: whole inputs as the model sees them ([CLS] ... [SEP], whatever its specials
+        # are), and the shortest ones too: their special-token rows carry the largest values.
         text = tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=False)
-        window = max(8, config.max_seq_length - 2)
-        model.quantize_int8([tokenizer.encode("", add_special_tokens=True)[:1] + text[i:i + window]
-                             for i in range(0, len(text), window)])
+        empty = tokenizer.encode("")
+        head = tokenizer.special_affixes()[0]
+        window = max(8, config.max_seq_length - len(empty))
+        model.quantize_int8([empty[:head] + text[i:i + window] + empty[head:]
+                             for i in range(0, len(text), window)]
+                            + [empty, tokenizer.encode("a")])
     return LoadedEncoder(path=path, format=fmt, config=config, tokenizer=tokenizer, model=model,
                          num_parameters=num_parameters, quantization=quantization)

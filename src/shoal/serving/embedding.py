@@ -31,17 +31,6 @@ class EmbeddingResult:
     finished: float
 
 
-def special_affixes(tokenizer: Tokenizer) -> tuple[int, int]:
-    """How many special tokens encoding adds before and after a text ([CLS] … [SEP]: 1, 1;
-    BOS …: 1, 0), so truncation can keep them."""
-    full = tokenizer.encode("a")
-    bare = tokenizer.encode("a", add_special_tokens=False)
-    for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return start, len(full) - start - len(bare)
-    return 0, 0
-
-
 def tokenize_inputs(model: ServedModel, items: Sequence[str | list[int]], *, truncate: bool,
                     keep_last: int | None = None, context: int | None = None,
                     field: str = "input") -> list[list[int]]:
@@ -53,7 +42,7 @@ def tokenize_inputs(model: ServedModel, items: Sequence[str | list[int]], *, tru
     limit = model.max_model_len if context is None else min(context, model.max_model_len)
     tokenizer = model.tokenizer
     out: list[list[int]] = []
-    affixes: tuple[int, int] | None = None
+    tail: int | None = None
     for i, item in enumerate(items):
         if isinstance(item, str):
             ids = tokenizer.encode(item)
@@ -73,8 +62,7 @@ def tokenize_inputs(model: ServedModel, items: Sequence[str | list[int]], *, tru
                            f"{limit} (and truncate is false)")
             if isinstance(item, str):
                 # the leading specials survive a cut from the end; the trailing ones are put back
-                affixes = affixes or special_affixes(tokenizer)
-                tail = affixes[1]
+                tail = tokenizer.special_affixes()[1] if tail is None else tail
                 ids = ids[:limit - tail] + ids[len(ids) - tail:] if tail else ids[:limit]
             else:
                 ids = ids[:limit]

@@ -45,10 +45,10 @@ def wordpiece_from_gguf(metadata: dict[str, Any], source: str) -> RustTokenizer:
     sep = _special(metadata, tokens, ("seperator_token_id", "separator_token_id", "eos_token_id"),
                    source)
     tokenizer = RustTokenizer(WordPiece(vocab, unk_token=pieces[unk], max_input_chars_per_word=100))
-    # NOTE: the file does not say whether the model is cased; a vocabulary without upper-case
-    # word pieces was trained lower-cased (as BERT's uncased checkpoints and MiniLM).
-    lowercase = not any(p.strip("#").isupper() and p.isalpha() for p in pieces
-                        if not p.startswith("["))
+    # NOTE: the file does not say whether the model is cased; a vocabulary without ASCII
+    # capitals was trained lower-cased (BERT's uncased checkpoints, MiniLM: their only
+    # "upper-case" pieces are symbols such as ℝ).
+    lowercase = not any(any("A" <= c <= "Z" for c in p) for p in pieces if not p.startswith("["))
     tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                       strip_accents=None, lowercase=lowercase)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

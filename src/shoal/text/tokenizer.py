@@ -155,6 +155,16 @@ class Tokenizer:
                 del ids[0]
         return ids
 
+    def special_affixes(self) -> tuple[int, int]:
+        """How many special tokens encode() adds before and after a text ([CLS] ... [SEP]:
+        (1, 1); BOS ...: (1, 0)), so a cut input can keep them."""
+        full = self.encode("a")
+        bare = self.encode("a", add_special_tokens=False)
+        for start in range(len(full) - len(bare) + 1):
+            if full[start:start + len(bare)] == bare:
+                return start, len(full) - start - len(bare)
+        return 0, 0
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; bytes that do not form whole characters come out as U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

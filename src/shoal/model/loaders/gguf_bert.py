@@ -71,13 +71,16 @@ def open_bert_gguf(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, torc
         index[target] = info
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for target, info in index.items():
+            # NOTE: copied out of the map (a small encoder), so no view keeps the file open
+            raw = torch.from_numpy(np.frombuffer(mm, np.uint8, info.nbytes, info.offset).copy())
+            yield target, dequantize(raw, info.ggml_type, info.shape, tensor_name=info.name,
+                                     source=source).clone()
+        del raw
         try:
-            for target, info in index.items():
-                raw = torch.from_numpy(np.frombuffer(mm, np.uint8, info.nbytes, info.offset))
-                yield target, dequantize(raw, info.ggml_type, info.shape, tensor_name=info.name,
-                                         source=source).clone()
-        finally:
             mm.close()
+        except BufferError:
+            pass        # a view is still referenced; the map closes when it is collected
 
     types = Counter(info.type_name for info in index.values())
     return header.metadata, weights(), types.most_common(1)[0][0] if types else "F32"
