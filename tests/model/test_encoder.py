@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from embedding_texts import RETRIEVAL, sentences
+
 from shoal.model.encoder_loader import is_encoder_model, load_encoder
 
 sentence_transformers = pytest.importorskip("sentence_transformers")

@@ -20,7 +20,6 @@ from shoal.core.sampling_params import SamplingParams
 from shoal.serving.generate import GenerationService
 from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.served import ServedModel
-from shoal.text.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)

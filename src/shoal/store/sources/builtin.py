@@ -22,10 +22,16 @@ from shoal.model.builtin import (
 )
 from shoal.store.blobs import BlobStore
 from shoal.store.errors import DigestMismatchError
-from shoal.store.locks import Lease
 from shoal.store.hf_files import is_model_file_name
-from shoal.store.manifests import (ANNOTATION_TITLE, MEDIA_LICENSE, MEDIA_MODEL, MEDIA_MODEL_FILE,
-                                   MEDIA_PARAMS, Layer)
+from shoal.store.locks import Lease
+from shoal.store.manifests import (
+    ANNOTATION_TITLE,
+    MEDIA_LICENSE,
+    MEDIA_MODEL,
+    MEDIA_MODEL_FILE,
+    MEDIA_PARAMS,
+    Layer,
+)
 from shoal.store.modelinfo import gguf_details, hf_dir_details
 from shoal.store.names import DEFAULT_NAMESPACE, DEFAULT_REGISTRY, ModelName
 from shoal.store.progress import Reporter, short_digest
