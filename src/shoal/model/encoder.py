@@ -2,8 +2,10 @@
 
 The batch is flat: every linear layer, LayerNorm and GELU runs over the concatenated tokens
 of all inputs [T, hidden], so no padding is ever multiplied. Only attention sees the inputs
-apart: their rows are gathered into a padded [B, L] view (one bidirectional SDPA with a key
-mask) and scattered back. Pooling (mean, CLS, last, max) and the final L2 normalisation are
+apart: inputs of the same length are gathered into one [n, L] block (one bidirectional SDPA
+each, no mask, no padding) and scattered back. So an input's arithmetic is the same alone or
+in any batch: a padded view changed sums by ~1e-6, which fast mode's int8 rounding turned
+into 3e-3 differences between an input alone and batched. Pooling (mean, CLS, last, max) and the final L2 normalisation are
 the model's own (EncoderConfig). No KV cache: an encoder reads each input once.
 
 Compute modes as the decoder's: `exact` keeps float32 weights; `fast` converts every linear
@@ -19,7 +21,8 @@ from torch import nn
 
 from shoal.core.errors import CorruptModelError
 from shoal.model.encoder_config import EncoderConfig
-from shoal.model.layers.linear import ExactLinear, make_linear
+from shoal.model.kernels.cpu import load_cpu_kernels
+from shoal.model.layers.linear import ExactLinear, Int8Linear, int8_matmul, make_linear
 from shoal.model.layers.quantize import convert_linears_int8
 
 # HF names inside "encoder.layer.N." and the ones of the embeddings
@@ -68,21 +71,34 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = _layer_norm(w["output.LayerNorm.weight"], w["output.LayerNorm.bias"],
                                     config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: PackedBatch, ops=None) -> torch.Tensor:
         hidden = x.shape[1]
-        qkv = self.qkv(x)                                              # [T, 3H]
-        padded = batch.pad(qkv)                                        # [B, L, 3H]
-        b, length = padded.shape[:2]
-        heads = padded.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(heads[0], heads[1], heads[2],
-                                              attn_mask=batch.key_mask)  # [B, h, L, d]
-        attn = batch.unpad(attn.transpose(1, 2).reshape(b, length, hidden))
-        x = self.attn_norm(x + self.out(attn))
-        return self.mlp_norm(x + self.down(F.gelu(self.up(x))))
+        qkv = _apply(self.qkv, x, ops)                                 # [T, 3H]
+        attn = torch.empty_like(x)
+        for rows in batch.same_length:                                 # [n, L] flat row ids
+            n, length = rows.shape
+            heads = qkv[rows].view(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(heads[0], heads[1], heads[2])  # [n, h, L, d]
+            attn[rows.flatten()] = out.transpose(1, 2).reshape(n * length, hidden)
+        x = self.attn_norm(x + _apply(self.out, attn, ops))
+        return self.mlp_norm(x + _apply(self.down, F.gelu(_apply(self.up, x, ops)), ops))
+
+
+def _apply(linear: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
+    """The linear layer; an int8 one through the C++ quantize and dequantize ops when the
+    kernels are there (one pass each instead of ~8 elementwise torch ops, which cost more
+    than the int8 matmul itself at MiniLM's width). The same arithmetic per row."""
+    if ops is None or not isinstance(linear, Int8Linear):
+        return linear(x)
+    smooth = linear.inv_smooth if linear.inv_smooth is not None else linear.ones
+    xq, xs = ops.quant_rows(x, smooth)
+    return ops.dequant_rows(int8_matmul(xq, linear.qweight, ops), xs, linear.scale,
+                            linear.bias if linear.bias is not None else linear.ones[:0])
 
 
 class PackedBatch:
-    """Where each input's tokens sit in the flat batch, and the padded view attention uses."""
+    """Where each input's tokens sit in the flat batch: the inputs grouped by length for
+    attention, and a padded view for max pooling."""
 
     def __init__(self, lengths: Sequence[int], device: torch.device) -> None:
         self.lengths = list(lengths)
@@ -96,15 +112,17 @@ class PackedBatch:
         self.gather_index = torch.where(valid, self.starts[:, None] + cols[None, :],
                                         torch.full_like(valid, self.total, dtype=torch.long))
         self.valid = valid
-        self.key_mask = valid[:, None, None, :]                        # [B, 1, 1, L]
         self.positions = torch.cat([torch.arange(n, device=device) for n in self.lengths])
+        by_length: dict[int, list[int]] = {}
+        for start, n in zip(self.starts.tolist(), self.lengths):
+            by_length.setdefault(n, []).append(start)
+        self.same_length = [torch.tensor(starts, device=device)[:, None]
+                            + torch.arange(n, device=device)[None, :]
+                            for n, starts in by_length.items()]
 
     def pad(self, flat: torch.Tensor) -> torch.Tensor:
         extended = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
         return extended[self.gather_index]
-
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        return padded[self.valid]
 
 
 class SentenceEncoder(nn.Module):
@@ -140,6 +158,7 @@ class SentenceEncoder(nn.Module):
             prefix = f"encoder.layer.{i}."
             layers.append(EncoderLayer(config, {n: tensors.pop(prefix + n) for n in _LAYER_TENSORS}))
         self.layers = nn.ModuleList(layers)
+        self.kernels = None     # the C++ int8 ops, once fast mode converted the linears
         if self.word.shape != (config.vocab_size, config.hidden_size):
             raise CorruptModelError(source, f"word embeddings of shape {tuple(self.word.shape)}, "
                                             f"expected {(config.vocab_size, config.hidden_size)}")
@@ -162,7 +181,7 @@ class SentenceEncoder(nn.Module):
         ids = torch.tensor([t for seq in inputs for t in seq], dtype=torch.long, device=device)
         x = self.embed_norm(F.embedding(ids, self.word) + self.position[batch.positions] + self.type0)
         for layer in self.layers:
-            x = layer(x, batch)
+            x = layer(x, batch, self.kernels)
         return x
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -208,3 +227,7 @@ class SentenceEncoder(nn.Module):
         for layer in self.layers:
             ranges.pop(layer.down, None)
         convert_linears_int8(self, ranges)
+        self.kernels = load_cpu_kernels() if self.device.type == "cpu" else None
+        for linear in self.modules():
+            if isinstance(linear, Int8Linear):
+                linear.ones = torch.ones(linear.qweight.shape[1])

@@ -23,7 +23,11 @@ from shoal.model.encoder_config import (
     is_encoder_config,
 )
 from shoal.model.layers.quantize import CALIBRATION_TEXT
-from shoal.model.loaders.gguf_bert import gguf_architecture, open_bert_gguf
+from shoal.model.loaders.gguf_bert import (
+    gguf_architecture,
+    gguf_metadata,
+    open_bert_gguf,
+)
 from shoal.model.loaders.gguf_loader import GGUF_MAGIC
 from shoal.text.tokenizer import Tokenizer
 
@@ -70,6 +74,17 @@ def _safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, handle.get_tensor(name)
         except SafetensorError as exc:
             raise CorruptModelError(str(file), f"cannot read safetensors: {exc}") from None
+
+
+def check_encoder(path: str | Path) -> EncoderConfig:
+    """The encoder's config, read and checked without loading weights (the store's create)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        config = encoder_config_from_hf(path)
+        if not any(path.glob("*.safetensors")):
+            raise CorruptModelError(str(path), "no *.safetensors weights in the directory")
+        return config
+    return encoder_config_from_gguf(gguf_metadata(path), str(path))
 
 
 def load_encoder(path: str | Path, compute: str = "exact",

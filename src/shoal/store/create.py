@@ -505,8 +505,12 @@ def open_module_files(path: Path, modules_json: Any) -> dict[str, Any]:
 def _open_weights(path: Path) -> None:
     """The loader must open it (architecture, tensors); cheap - headers and mmap only."""
     # NOTE: the model loaders import torch (seconds); only creates that read weights pay it.
+    from shoal.model.encoder_loader import check_encoder, is_encoder_model
     from shoal.model.loader import open_model
 
+    if is_encoder_model(path):
+        check_encoder(path)
+        return
     open_model(path).close()
 
 

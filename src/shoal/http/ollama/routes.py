@@ -79,6 +79,7 @@ async def generate(request: Request) -> Response:
     model = await residency.acquire(name, keep_alive)
     try:
         loaded = time.monotonic()
+        serving.check_generates(model, "generate")
         serving.check_common(body, model)
         opts = serving.resolve_options(model, body.options)
         if body.suffix:
@@ -110,6 +111,7 @@ async def chat(request: Request) -> Response:
     model = await residency.acquire(name, keep_alive)
     try:
         loaded = time.monotonic()
+        serving.check_generates(model, "chat")
         serving.check_common(body, model)
         opts = serving.resolve_options(model, body.options)
         if body.tools and not model.supports_tools():

@@ -58,6 +58,12 @@ def gguf_architecture(path: Path) -> str | None:
     return arch if isinstance(arch, str) else None
 
 
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    mm, header = _read_header(path)
+    mm.close()
+    return header.metadata
+
+
 def open_bert_gguf(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]], str]:
     """(metadata, the weights in HF naming, the most common stored type)."""
     mm, header = _read_header(path)
