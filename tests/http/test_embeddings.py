@@ -218,3 +218,27 @@ def test_shoal_run_prints_the_vector(server, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     vector = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(vector) == 384 and abs(sum(x * x for x in vector) - 1) < 1e-3
+
+
+def test_langchain_openai_and_ollama_embeddings(server, expected: torch.Tensor) -> None:
+    from langchain_ollama import OllamaEmbeddings
+    from langchain_openai import OpenAIEmbeddings
+
+    # NOTE: by default OpenAIEmbeddings sends tiktoken ids (OpenAI's vocabulary, not the
+    # model's; taken as the model's ids, as test_openai_token_id_inputs shows, and tiktoken's
+    # tables need a download); a local model needs its texts: check_embedding_ctx_length=False
+    lc_openai = OpenAIEmbeddings(model=MINILM, base_url=server.url + "/v1", api_key="unused",
+                                 check_embedding_ctx_length=False, max_retries=0)
+    _close(lc_openai.embed_documents(TEXTS), expected)
+    _close([lc_openai.embed_query(TEXTS[0])], expected[:1])
+    lc_ollama = OllamaEmbeddings(model=MINILM, base_url=server.url)
+    _close(lc_ollama.embed_documents(TEXTS), expected)
+    _close([lc_ollama.embed_query(TEXTS[1])], expected[1:2])
+
+
+def test_llm_embed_with_llm_ollama(server, tmp_path: Path, expected: torch.Tensor) -> None:
+    env = {**os.environ, "OLLAMA_HOST": server.url, "LLM_USER_PATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "llm", "embed", "-m", f"ollama/{MINILM}",
+                           "-c", TEXTS[2]], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _close([json.loads(done.stdout)], expected[2:3])
