@@ -189,8 +189,8 @@ class EngineCore:
             return []
         # NOTE: masks fill on their thread while the model computes the logits they mask.
         mask_job = self.structured.start_masks(self._constrained(scheduler_output))
-        result = self.runner.execute_step(scheduler_output.scheduled)
-        logits, sampling = result.logits, result.sampling
+        computed = self.runner.execute_step(scheduler_output.scheduled)
+        logits, sampling = computed.logits, computed.sampling
         if mask_job is not None:
             self.structured.apply_masks(mask_job, logits, [w.request.request_id for w in sampling])
         sampled: dict[str, int] = {}
@@ -218,7 +218,7 @@ class EngineCore:
                 # NOTE: the grammar allows nothing after its EOS, whatever ignore_eos says.
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED,
                                               request.output_token_ids[-1])
-        return [self._embedding_output(r, result.embeddings.get(r.request_id)) if r.embed
+        return [self._embedding_output(r, computed.embeddings.get(r.request_id)) if r.embed
                 else self._output_for(r, logprobs.get(r.request_id)) for r in updated
                 if r.request_id in self._samples]
 
