@@ -74,3 +74,36 @@ def test_encoder_core_answers_many_requests_in_one_pass(minilm_dir: Path) -> Non
     torch.testing.assert_close(torch.tensor(got.embedding), solo, atol=2e-6, rtol=0)
     assert core.stats().waiting == 0 and core.stats().prompt_tokens == sum(
         o.num_prompt_tokens for o in outputs)
+
+
+def test_turns_are_first_come_first_served() -> None:
+    """engine/turns.py: a thread that releases its turn cannot take the next one while
+    another waits, and the holder sees that someone waits."""
+    import threading
+    import time
+
+    from shoal.engine.turns import Turns
+
+    turns = Turns()
+    order: list[str] = []
+    seen_waiting: list[bool] = []
+    started = threading.Event()
+
+    def other() -> None:
+        started.set()
+        with turns:
+            order.append("other")
+
+    with turns:
+        thread = threading.Thread(target=other)
+        thread.start()
+        started.wait()
+        time.sleep(0.2)
+        seen_waiting.append(turns.others_waiting)
+        order.append("first")
+    with turns:                      # queued behind the waiting thread
+        order.append("second")
+        seen_waiting.append(turns.others_waiting)
+    thread.join()
+    assert order == ["first", "other", "second"]
+    assert seen_waiting == [True, False]

@@ -32,6 +32,7 @@ from shoal.engine.limits import EngineLimits
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.stats import EngineStats
 from shoal.engine.structured.grammar import check_structured_output
+from shoal.engine.turns import ENGINE_TURNS
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class AsyncEngine:
                 try:
                     self.core.add_embedding_request(request_id, inputs, priority, batch=batch,
                                                     batch_aging_s=batch_aging_s)
-                except Exception as exc:  # typed errors go back to the caller
+                except Exception as exc:  # noqa: BLE001 - typed errors go back to the caller
                     self._deliver(request_id, [exc])
             elif kind == "abort":
                 # Final "abort" outputs reach a caller still listening (an explicit abort);
@@ -217,6 +218,7 @@ class AsyncEngine:
             ready.set()
             return
         self.limits = self.core.limits
+        self._decoder = isinstance(self.core, EngineCore)
         self.core.on_first_scheduled = self._deliver_scheduled
         self.core.on_request_failed = lambda request_id, exc: self._deliver(request_id, [exc])
         if isinstance(self.core, EngineCore):
@@ -234,7 +236,12 @@ class AsyncEngine:
                     self._wakeup.wait(0.5 if not self.core.has_unfinished_requests() else 0.1)
                     self._wakeup.clear()
                     continue
-                outputs = self.core.step()
+                if ENGINE_TURNS.engaged and self._decoder:
+                    # NOTE: an encoder's core takes its own turns (short passes while we wait)
+                    with ENGINE_TURNS:
+                        outputs = self.core.step()
+                else:
+                    outputs = self.core.step()
                 if outputs:
                     self._deliver_step(outputs)
         except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish

@@ -154,7 +154,8 @@ def build_encoder_core(config: EngineConfig, path: Path, device: torch.device,
     # short enough not to hold back the inputs that arrive meanwhile.
     core = EncoderCore(loaded.model, loaded.tokenizer, max_model_len=max_model_len,
                        max_num_seqs=max(config.max_num_seqs, 256),
-                       max_batch_tokens=config.max_num_batched_tokens)
+                       max_batch_tokens=config.max_num_batched_tokens,
+                       short_pass_tokens=config.max_batched_tokens_while_decoding or 128)
     info = EngineInfo(model_path=str(path), model_format=loaded.format,
                       model_config=loaded.config, device=str(device), dtype="float32",
                       compute=config.compute, num_blocks=0, block_size=config.block_size,

@@ -15,9 +15,9 @@ from shoal.engine.model_runner import ModelRunner
 from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.sampling.row import SamplingRow
-from shoal.engine.stats import EngineStats
 from shoal.engine.sampling.sampler import Sampler
 from shoal.engine.scheduler import Scheduler, SchedulerOutput
+from shoal.engine.stats import EngineStats
 from shoal.engine.structured.manager import StructuredOutputManager
 from shoal.engine.structured.masks import SampleGrammar
 from shoal.text.detokenizer import IncrementalDetokenizer

@@ -21,6 +21,7 @@ from shoal.engine.limits import EngineLimits
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.request import FinishReason, RequestTimings
 from shoal.engine.stats import EngineStats
+from shoal.engine.turns import ENGINE_TURNS
 from shoal.model.encoder import SentenceEncoder
 from shoal.text.tokenizer import Tokenizer
 
@@ -38,11 +39,12 @@ class EncoderCore:
     """Batches waiting embedding inputs into encoder forward passes."""
 
     def __init__(self, model: SentenceEncoder, tokenizer: Tokenizer, max_model_len: int,
-                 max_num_seqs: int, max_batch_tokens: int) -> None:
+                 max_num_seqs: int, max_batch_tokens: int, short_pass_tokens: int = 128) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_batch_tokens = max(max_batch_tokens, max_model_len)
+        self.short_pass_tokens = short_pass_tokens
         # NOTE: no KV cache: an input may be as long as the context, however many wait.
         self.limits = EngineLimits(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                    vocab_size=model.config.vocab_size,
@@ -55,6 +57,9 @@ class EncoderCore:
         self.on_request_failed: Callable[[str, BaseException], None] | None = None
         self.num_prompt_tokens_total = 0
         self.num_running = 0
+        # while loaded, the process's engines take turns (engine/turns.py)
+        ENGINE_TURNS.encoders += 1
+        self._closed = False
 
     # ---- requests in -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -99,7 +104,9 @@ class EncoderCore:
         return len(self._waiting)
 
     def close(self) -> None:
-        pass
+        if not self._closed:
+            self._closed = True
+            ENGINE_TURNS.encoders -= 1
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self.num_running, waiting=len(self._waiting), kv_usage=0.0,
@@ -107,20 +114,27 @@ class EncoderCore:
                            prompt_tokens=self.num_prompt_tokens_total, generation_tokens=0)
 
     # ---- one step ----------------------------------------------------------------
-    def _take_batch(self) -> list[_Input]:
+    def _take_batch(self, budget: int) -> list[_Input]:
         """The waiting inputs in rank order while they fit the token and sequence budgets."""
         batch: list[_Input] = []
         tokens = 0
         while self._waiting and len(batch) < self.limits.max_num_seqs:
             n = len(self._waiting[0].token_ids)
-            if batch and tokens + n > self.max_batch_tokens:
+            if batch and tokens + n > budget:
                 break
             batch.append(heapq.heappop(self._waiting))
             tokens += n
         return batch
 
     def step(self) -> list[RequestOutput]:
-        batch = self._take_batch()
+        with ENGINE_TURNS as turns:
+            # NOTE: another engine waiting for its turn (a decoder with streams) gets it after
+            # a short pass, as the decoder's own step budget does while streams decode.
+            budget = self.short_pass_tokens if turns.others_waiting else self.max_batch_tokens
+            return self._step(budget)
+
+    def _step(self, budget: int) -> list[RequestOutput]:
+        batch = self._take_batch(budget)
         if not batch:
             return []
         now = time.monotonic()

@@ -1,0 +1,50 @@
+"""Compute turns shared by the engines of one process, while an encoder model is loaded.
+
+Each engine steps on its own thread, and each step asks torch for every core. A decoder
+stepping while an encoder runs a pass beside it gets half the cores: its streams' gaps
+between tokens double. Taking turns (first come, first served) keeps every step at full
+speed; while a decoder waits for its turn, the encoder keeps its passes short (EncoderCore),
+so a stream's gap grows by one short pass, not by the encoder's whole batch.
+
+Only engaged while an encoder is loaded: decoder engines alone keep running side by side as
+before.
+"""
+from __future__ import annotations
+
+import threading
+
+
+class Turns:
+    """A FIFO lock with a count of who is waiting (tickets, so no thread can take two turns
+    in a row while another waits)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self.encoders = 0            # loaded encoder engines; 0: turns are not taken
+
+    @property
+    def engaged(self) -> bool:
+        return self.encoders > 0
+
+    @property
+    def others_waiting(self) -> bool:
+        """Whether another thread waits for a turn (read by the thread holding one)."""
+        return self._next_ticket - self._serving > 1
+
+    def __enter__(self) -> Turns:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._serving != ticket:
+                self._cond.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+ENGINE_TURNS = Turns()
