@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=2000)
     parser.add_argument("--port", type=int, default=18611)
     parser.add_argument("--mixed", action="store_true", help="also the chat + embedding flood run")
+    parser.add_argument("--only-mixed", action="store_true", help="only the mixed-load run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -213,6 +214,13 @@ def main() -> None:
         return
     print(f"# {args.sentences} sentences, {args.threads} threads; "
           f"python {' '.join(sys.argv)}")
+    if not args.only_mixed:
+        throughput(args)
+    if args.mixed or args.only_mixed:
+        mixed_load(args)
+
+
+def throughput(args: argparse.Namespace) -> None:
     rows = {"sentence-transformers encode(batch 32)": in_child(args, "st"),
             "shoal offline, exact": in_child(args, "shoal:exact"),
             "shoal offline, fast": in_child(args, "shoal:fast")}
@@ -239,24 +247,27 @@ def main() -> None:
         offline = rows[f"shoal offline, {compute}"]["sentences_per_s"]
         http = rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}"]["sentences_per_s"]
         print(f"HTTP / offline ({compute}): {http / offline:.2f}")
-    if args.mixed:
-        from shoal.store.store import ModelStore
 
-        with tempfile.TemporaryDirectory() as store:
-            ModelStore(store).pull("all-minilm")
-            server = start_server("smollm2", args.port, args.threads, "fast", store)
-            try:
-                url = f"http://127.0.0.1:{args.port}"
-                asyncio.run(chat_itls(url, 2, 4))                      # warm-up
-                asyncio.run(http_flood(url, "all-minilm", sentences[:32]))
-                alone, loaded, rate = asyncio.run(mixed(url, sentences))
-            finally:
-                server.terminate()
-                server.wait(30)
-        print(f"mixed: 8 chat streams ITL P99 {p99(alone):.1f} ms alone, {p99(loaded):.1f} ms "
-              f"with the embedding flood ({rate:.0f} sentences/s meanwhile): "
-              f"{p99(loaded) / p99(alone):.2f}x; median {statistics.median(alone) * 1000:.1f} -> "
-              f"{statistics.median(loaded) * 1000:.1f} ms")
+
+def mixed_load(args: argparse.Namespace) -> None:
+    from shoal.store.store import ModelStore
+
+    sentences = make_sentences(args.sentences)
+    with tempfile.TemporaryDirectory() as store:
+        ModelStore(store).pull("all-minilm")
+        server = start_server("smollm2", args.port, args.threads, "fast", store)
+        try:
+            url = f"http://127.0.0.1:{args.port}"
+            asyncio.run(chat_itls(url, 2, 4))                      # warm-up
+            asyncio.run(http_flood(url, "all-minilm", sentences[:32]))
+            alone, loaded, rate = asyncio.run(mixed(url, sentences))
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"mixed: 8 chat streams ITL P99 {p99(alone):.1f} ms alone, {p99(loaded):.1f} ms "
+          f"with the embedding flood ({rate:.0f} sentences/s meanwhile): "
+          f"{p99(loaded) / p99(alone):.2f}x; median {statistics.median(alone) * 1000:.1f} -> "
+          f"{statistics.median(loaded) * 1000:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -239,7 +240,9 @@ class AsyncEngine:
                 if ENGINE_TURNS.engaged and self._decoder:
                     # NOTE: an encoder's core takes its own turns (short passes while we wait)
                     with ENGINE_TURNS:
+                        started = time.perf_counter()
                         outputs = self.core.step()
+                        ENGINE_TURNS.last_decoder_seconds = time.perf_counter() - started
                 else:
                     outputs = self.core.step()
                 if outputs:

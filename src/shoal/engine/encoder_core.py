@@ -60,6 +60,7 @@ class EncoderCore:
         # while loaded, the process's engines take turns (engine/turns.py)
         ENGINE_TURNS.encoders += 1
         self._closed = False
+        self._seconds_per_token = 0.0      # measured, for passes sized to a decoder's step
 
     # ---- requests in -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -128,15 +129,25 @@ class EncoderCore:
 
     def step(self) -> list[RequestOutput]:
         with ENGINE_TURNS as turns:
-            # NOTE: another engine waiting for its turn (a decoder with streams) gets it after
-            # a short pass, as the decoder's own step budget does while streams decode.
-            budget = self.short_pass_tokens if turns.others_waiting else self.max_batch_tokens
-            return self._step(budget)
+            budget = self.max_batch_tokens
+            if turns.others_waiting:
+                # NOTE: a decoder with streams waits for its turn: this pass takes at most
+                # half its latest step (at the encoder's measured speed), so a stream's gap
+                # between tokens grows by at most half while embeddings flood in.
+                room = 0.5 * turns.last_decoder_seconds / max(self._seconds_per_token, 1e-9)
+                budget = max(1, min(self.short_pass_tokens, int(room)))
+            started = time.perf_counter()
+            outputs, tokens = self._step(budget)
+            if tokens:
+                measured = (time.perf_counter() - started) / tokens
+                self._seconds_per_token = (measured if self._seconds_per_token == 0
+                                           else 0.8 * self._seconds_per_token + 0.2 * measured)
+            return outputs
 
-    def _step(self, budget: int) -> list[RequestOutput]:
+    def _step(self, budget: int) -> tuple[list[RequestOutput], int]:
         batch = self._take_batch(budget)
         if not batch:
-            return []
+            return [], 0
         now = time.monotonic()
         first = []
         for item in batch:
@@ -168,4 +179,4 @@ class EncoderCore:
                 request_id=item.request_id, index=item.index, text="", token_ids=[], finished=True,
                 finish_reason=FinishReason.STOP, num_prompt_tokens=len(item.token_ids),
                 timings=item.timings, produced_at=done, embedding=vector.tolist()))
-        return outputs
+        return outputs, sum(len(item.token_ids) for item in batch)

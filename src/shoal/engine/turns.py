@@ -3,8 +3,8 @@
 Each engine steps on its own thread, and each step asks torch for every core. A decoder
 stepping while an encoder runs a pass beside it gets half the cores: its streams' gaps
 between tokens double. Taking turns (first come, first served) keeps every step at full
-speed; while a decoder waits for its turn, the encoder keeps its passes short (EncoderCore),
-so a stream's gap grows by one short pass, not by the encoder's whole batch.
+speed; while a decoder waits for its turn, the encoder sizes its pass to half the decoder's
+latest step (EncoderCore), so a stream's gap grows by at most half, not by a whole batch.
 
 Only engaged while an encoder is loaded: decoder engines alone keep running side by side as
 before.
@@ -12,6 +12,7 @@ before.
 from __future__ import annotations
 
 import threading
+from typing import Self
 
 
 class Turns:
@@ -23,6 +24,7 @@ class Turns:
         self._next_ticket = 0
         self._serving = 0
         self.encoders = 0            # loaded encoder engines; 0: turns are not taken
+        self.last_decoder_seconds = 0.0   # how long the latest decoder step took
 
     @property
     def engaged(self) -> bool:
@@ -33,7 +35,7 @@ class Turns:
         """Whether another thread waits for a turn (read by the thread holding one)."""
         return self._next_ticket - self._serving > 1
 
-    def __enter__(self) -> Turns:
+    def __enter__(self) -> Self:
         with self._cond:
             ticket = self._next_ticket
             self._next_ticket += 1
