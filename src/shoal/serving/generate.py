@@ -200,10 +200,13 @@ class GenerationService:
         # NOTE: at the first read, so in the HTTP request's context; a stream never read
         # never started, and never ends, for the observers.
         on_end = [observe(req) for observe in self.observers]
+        # NOTE: embed_inputs only for embedding requests: generation keeps the engine's
+        # original call (test engines implement just that)
+        extra = {} if req.embed_inputs is None else {"embed_inputs": req.embed_inputs}
         events = req.model.engine.generate(
             req.request_id, req.prompt_token_ids, req.params, req.priority,
             batch=req.principal.priority_class == BATCH, batch_aging_s=self.settings.batch_aging,
-            embed_inputs=req.embed_inputs)
+            **extra)
         try:
             if self._aborting:
                 raise ServerShuttingDownError()
