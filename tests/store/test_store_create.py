@@ -428,3 +428,21 @@ def test_show_modelfile_of_a_directory_model_creates_again(store: ModelStore,
     assert str(store.root / "dirs") in shown
     store.create("again", shown, paths=LocalPaths(detailed=False))
     assert store.resolve("again").weights == store.resolve("hf").weights
+
+
+def test_create_from_a_sentence_transformers_directory(store: ModelStore, minilm_dir: Path) -> None:
+    """FROM a sentence-transformers directory keeps its Pooling module's config (flat, as the
+    store has no folders) and modules.json, so the stored model pools as the original."""
+    from shoal.model.encoder_config import encoder_config_from_hf
+    from shoal.model.encoder_loader import is_encoder_model
+
+    stored = store.create("minilm", f"FROM {minilm_dir}\n")
+    assert stored.details.family == "bert" and stored.details.format == "safetensors"
+    weights = Path(store.resolve("minilm").weights)
+    assert (weights / "1_Pooling.config.json").is_file() and (weights / "modules.json").is_file()
+    assert is_encoder_model(weights)
+    config = encoder_config_from_hf(weights)
+    assert (config.pooling, config.normalize, config.max_seq_length) == ("mean", True, 256)
+    # the store's own folder as FROM again (what `show --modelfile` writes)
+    again = store.create("minilm-again", f"FROM {weights}\n")
+    assert again.details.family == "bert"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with connect(autostart=True) as client:
         info = ensure_model(client, opts.model)
         opts.parent_model = str((info.get("details") or {}).get("parent_model") or "")
+        if "embedding" in (info.get("capabilities") or []):
+            return print_embedding(client, opts, prompt)
         if interactive:
             load_model(client, opts)
             for message in info.get("messages") or []:
@@ -217,4 +220,22 @@ def print_version() -> int:
             print(f"Warning: client version is {__version__}")
     else:
         print(f"Warning: could not connect to a running shoal server\nWarning: client version is {__version__}")
+    return 0
+
+
+def print_embedding(client: Client, opts: RunOptions, prompt: str) -> int:
+    """An embedding model has nothing to chat: as `ollama run`, it embeds the text and prints
+    the vector as one JSON array."""
+    if not prompt.strip():
+        raise CliError(f"{opts.model} is an embedding model: it needs input text "
+                       f"(shoal run {opts.model} \"some text\")")
+    body: dict = {"model": opts.model, "input": prompt}
+    if opts.keep_alive is not None:
+        body["keep_alive"] = opts.keep_alive
+    try:
+        reply = client.request("POST", "/api/embed", body)
+    except ErrorReply as exc:
+        raise model_error(exc, opts.model) from None
+    for vector in reply.get("embeddings") or []:
+        print(json.dumps(vector, separators=(",", ":")))
     return 0

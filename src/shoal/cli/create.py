@@ -21,7 +21,8 @@ from shoal.cli.client import CliError, Client
 from shoal.store.blobs import file_chunks
 from shoal.store.create import expand_path, looks_like_path
 from shoal.store.errors import ModelfileError
-from shoal.store.hf_files import ADAPTER_FILE_NAMES, is_safe_title, select_model_files
+from shoal.store.hf_files import (ADAPTER_FILE_NAMES, is_safe_title, module_folders,
+                                  select_model_files)
 from shoal.store.modelfile import Modelfile, parse_modelfile
 
 _CHUNK = 1 << 20
@@ -78,7 +79,13 @@ def local_files(modelfile: Modelfile, base_dir: Path) -> dict[str, dict[str, Pat
 def model_files(path: Path) -> dict[str, Path]:
     if path.is_dir():
         names = [p.name for p in path.iterdir() if p.is_file()]
-        return {name: path / name for name in select_model_files(names)}
+        files = {name: path / name for name in select_model_files(names)}
+        if files and "modules.json" in files:
+            # sentence-transformers: each module's config.json, sent under the store's flat name
+            for folder in module_folders(files["modules.json"].read_bytes()):
+                if (path / folder / "config.json").is_file():
+                    files[f"{folder}.config.json"] = path / folder / "config.json"
+        return files
     return {path.name if is_safe_title(path.name) else "model.gguf": path}
 
 

@@ -17,6 +17,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +27,13 @@ from shoal.core.errors import EngineDeadError, InvalidParameterError
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.builder import EngineInfo, build_engine_core
 from shoal.engine.core import EngineCore
+from shoal.engine.encoder_core import EncoderCore
 from shoal.engine.events import EngineEvent, Scheduled, Update
 from shoal.engine.limits import EngineLimits
 from shoal.engine.outputs import RequestOutput
 from shoal.engine.stats import EngineStats
 from shoal.engine.structured.grammar import check_structured_output
+from shoal.engine.turns import ENGINE_TURNS
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         """Builds the engine on its own thread and returns once it is ready (or raises)."""
-        self.core: EngineCore
+        self.core: EngineCore | EncoderCore
         self.info: EngineInfo
         self.limits: EngineLimits
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -81,39 +84,47 @@ class AsyncEngine:
         """Checks a request against this engine's limits (EngineLimits.validate) and that its
         constraint compiles (InvalidParameterError naming the constraint's field), from any
         thread; returns its resolved max_tokens."""
+        if self.info.embedding_only:
+            raise InvalidParameterError("model", "this model only computes embeddings: it "
+                                                 "cannot generate text")
         max_tokens = self.limits.validate(prompt_token_ids, params)
         check_structured_output(params.structured)
         return max_tokens
 
+    def validate_embedding(self, inputs: list[list[int]]) -> None:
+        """Checks each input of an embedding request against this engine, from any thread."""
+        for ids in inputs:
+            self.limits.validate_embedding(ids)
+
     def stats(self) -> EngineStats:
         """The engine's state and counters now (read without locks, for metrics)."""
-        core = self.core
-        scheduler = core.scheduler
-        return EngineStats(
-            running=scheduler.num_running, waiting=core.num_waiting,
-            kv_usage=scheduler.kv.usage, prefix_queries=scheduler.kv.prefix_cache_queries,
-            prefix_hits=scheduler.kv.prefix_cache_hits,
-            preemptions=scheduler.num_preemptions_total,
-            prompt_tokens=core.num_prompt_tokens_total,
-            generation_tokens=core.num_generation_tokens_total)
+        return self.core.stats()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        priority: int = 0, *, batch: bool = False,
-                       batch_aging_s: float = math.inf) -> AsyncIterator[EngineEvent]:
+                       batch_aging_s: float = math.inf,
+                       embed_inputs: list[list[int]] | None = None) -> AsyncIterator[EngineEvent]:
         """The request's events until all n samples finish (engine/events.py gives the order).
 
         A request the engine refuses (validate()'s errors) raises at the first read, having
         queued nothing; callers that must refuse earlier call validate() first. `batch` and
-        `batch_aging_s` choose the scheduling class (see Scheduler).
+        `batch_aging_s` choose the scheduling class (see Scheduler). With `embed_inputs` the
+        request computes one embedding per input instead (output i has index i and its
+        `embedding`; `prompt_token_ids` and `params` are then only for the caller's books).
         """
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop died: {self.dead!r}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
+                         params.n if embed_inputs is None else len(embed_inputs))
         with self._streams_lock:
             if request_id in self._streams:
                 raise InvalidParameterError("request_id", f"{request_id!r} is already running")
             self._streams[request_id] = stream
-        self._post("add", (request_id, list(prompt_token_ids), params, priority, batch, batch_aging_s))
+        if embed_inputs is None:
+            self._post("add", (request_id, list(prompt_token_ids), params, priority, batch,
+                               batch_aging_s))
+        else:
+            self._post("embed", (request_id, embed_inputs, priority, batch, batch_aging_s))
         finished = False
         try:
             while True:
@@ -178,6 +189,17 @@ class AsyncEngine:
                                           batch_aging_s=batch_aging_s)
                 except Exception as exc:  # typed errors go back to the caller
                     self._deliver(request_id, [exc])
+            elif kind == "embed":
+                request_id, inputs, priority, batch, batch_aging_s = payload
+                with self._streams_lock:
+                    wanted = request_id in self._streams
+                if not wanted:
+                    continue
+                try:
+                    self.core.add_embedding_request(request_id, inputs, priority, batch=batch,
+                                                    batch_aging_s=batch_aging_s)
+                except Exception as exc:  # noqa: BLE001 - typed errors go back to the caller
+                    self._deliver(request_id, [exc])
             elif kind == "abort":
                 # Final "abort" outputs reach a caller still listening (an explicit abort);
                 # a cancelled caller has already gone and _deliver drops them.
@@ -197,9 +219,11 @@ class AsyncEngine:
             ready.set()
             return
         self.limits = self.core.limits
+        self._decoder = isinstance(self.core, EngineCore)
         self.core.on_first_scheduled = self._deliver_scheduled
         self.core.on_request_failed = lambda request_id, exc: self._deliver(request_id, [exc])
-        self.core.structured.compiler.on_done = self._wakeup.set
+        if isinstance(self.core, EngineCore):
+            self.core.structured.compiler.on_done = self._wakeup.set
         ready.set()
         self._run_loop()
 
@@ -213,7 +237,14 @@ class AsyncEngine:
                     self._wakeup.wait(0.5 if not self.core.has_unfinished_requests() else 0.1)
                     self._wakeup.clear()
                     continue
-                outputs = self.core.step()
+                if ENGINE_TURNS.engaged and self._decoder:
+                    # NOTE: an encoder's core takes its own turns (short passes while we wait)
+                    with ENGINE_TURNS:
+                        started = time.perf_counter()
+                        outputs = self.core.step()
+                        ENGINE_TURNS.last_decoder_seconds = time.perf_counter() - started
+                else:
+                    outputs = self.core.step()
                 if outputs:
                     self._deliver_step(outputs)
         except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish

@@ -14,12 +14,14 @@ import torch
 from shoal.core.config import EngineConfig
 from shoal.core.errors import ShoalError
 from shoal.engine.core import EngineCore
+from shoal.engine.encoder_core import EncoderCore
 from shoal.engine.kv.manager import KVCacheManager
 from shoal.engine.kv.tensors import allocate_kv_caches, bytes_per_block, default_kv_cache_bytes
 from shoal.engine.model_runner import ModelRunner, kernel_supported
 from shoal.engine.sampling.sampler import Sampler
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
 from shoal.model.config import ModelConfig
+from shoal.model.encoder_loader import is_encoder_model, load_encoder
 from shoal.model.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
 from shoal.model.loader import model_class_for, open_model, resolve_model
 from shoal.model.lora import load_adapters, merge_adapters
@@ -48,6 +50,7 @@ class EngineInfo:
     num_parameters: int = 0
     quantization: str = ""        # the most common stored weight type, e.g. "Q4_1" or "BF16"
     weights_bytes: int = 0        # parameters and buffers as held in memory (after quantization)
+    embedding_only: bool = False  # an encoder: it answers embedding requests, never generates
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,13 +99,17 @@ class KVCachePlan:
         return self.num_blocks * self.bytes_per_block
 
 
-def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
-    """Loads the model, plans and allocates its KV cache, and builds the scheduler around them."""
+def build_engine_core(config: EngineConfig) -> tuple[EngineCore | EncoderCore, EngineInfo]:
+    """Loads the model, plans and allocates its KV cache, and builds the scheduler around them
+    (an encoder model gets an EncoderCore: no KV cache, no scheduler)."""
     started = time.monotonic()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    path = resolve_model(config.model)
+    if is_encoder_model(path):
+        return build_encoder_core(config, path, device, started)
     # NOTE: in this order: the default KV budget is measured from the memory the weights left.
     loaded = load_model(config, device=device, dtype=dtype)
     plan = plan_kv_cache(config, loaded.config, device=device, dtype=dtype)
@@ -130,6 +137,36 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     log.info("loaded %s%s (%s) on %s: %d KV blocks, context %d, %.2fs", loaded.path,
              f" + {len(config.adapters)} LoRA adapter(s)" if config.adapters else "",
              config.compute, device, plan.num_blocks, plan.max_model_len, info.load_seconds)
+    return core, info
+
+
+def build_encoder_core(config: EngineConfig, path: Path, device: torch.device,
+                       started: float) -> tuple[EncoderCore, EngineInfo]:
+    """An encoder (embedding-only) model and the core that batches its inputs."""
+    if config.adapters:
+        raise ShoalError("LoRA adapters are not supported on encoder models")
+    loaded = load_encoder(path, config.compute, device)
+    max_model_len = loaded.config.max_seq_length
+    if config.max_model_len:
+        max_model_len = min(max_model_len, config.max_model_len)
+    # NOTE: the decoder's step budget sizes the encoder's passes too: at 1024 tokens a pass
+    # of MiniLM takes ~0.1 s on two cores, long enough to amortise per-call overhead and
+    # short enough not to hold back the inputs that arrive meanwhile.
+    core = EncoderCore(loaded.model, loaded.tokenizer, max_model_len=max_model_len,
+                       max_num_seqs=max(config.max_num_seqs, 256),
+                       max_batch_tokens=config.max_num_batched_tokens,
+                       short_pass_tokens=config.max_batched_tokens_while_decoding or 128)
+    info = EngineInfo(model_path=str(path), model_format=loaded.format,
+                      model_config=loaded.config, device=str(device), dtype="float32",
+                      compute=config.compute, num_blocks=0, block_size=config.block_size,
+                      kv_cache_bytes=0, max_model_len=max_model_len,
+                      load_seconds=time.monotonic() - started,
+                      num_parameters=loaded.num_parameters, quantization=loaded.quantization,
+                      weights_bytes=_tensor_bytes(loaded.model), embedding_only=True)
+    log.info("loaded encoder %s (%s, %s pooling%s) on %s, context %d, %.2fs", path,
+             config.compute, loaded.config.pooling,
+             ", normalized" if loaded.config.normalize else "", device, max_model_len,
+             info.load_seconds)
     return core, info
 
 

@@ -18,6 +18,7 @@ from shoal.engine.request import Request, RequestStatus
 from shoal.engine.sampling.row import SamplingRow
 from shoal.engine.sampling.sampler import Sampler
 from shoal.engine.scheduler import Scheduler, SchedulerOutput
+from shoal.engine.stats import EngineStats
 from shoal.engine.structured.manager import StructuredOutputManager
 from shoal.engine.structured.masks import SampleGrammar
 from shoal.text.detokenizer import IncrementalDetokenizer
@@ -124,6 +125,41 @@ class EngineCore:
             self.structured.hold(request_id, requests, params.structured)
         self._by_user_id[request_id] = ids
 
+    def add_embedding_request(self, request_id: str, inputs: list[list[int]], priority: int = 0,
+                              arrival_time: float | None = None, *, batch: bool = False,
+                              batch_aging_s: float = math.inf) -> None:
+        """Queues one prefill-only request per input (index i = inputs[i]); each ends with
+        its last token's final hidden state when its prompt is computed."""
+        if request_id in self._by_user_id:
+            raise InvalidParameterError("request_id", f"{request_id!r} is already running")
+        for ids in inputs:
+            self.limits.validate_embedding(ids)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        params = SamplingParams(max_tokens=1)
+        engine_ids = []
+        for index, ids in enumerate(inputs):
+            engine_id = f"{request_id}#e{index}"
+            request = Request(request_id=engine_id, prompt_token_ids=list(ids),
+                              sampling_params=params, max_tokens=1, priority=priority,
+                              arrival_time=arrival, batch=batch, batch_aging_s=batch_aging_s,
+                              cache_salt=self.cache_salt, embed=True)
+            # NOTE: a detokenizer is never fed; the sample state keeps the bookkeeping shared.
+            self._samples[engine_id] = _SampleState(request, request_id, index, 0, None)  # type: ignore[arg-type]
+            engine_ids.append(engine_id)
+            self.scheduler.add_request(request)
+        self._by_user_id[request_id] = engine_ids
+
+    def stats(self) -> EngineStats:
+        """The engine's state and counters now (read without locks, for metrics)."""
+        scheduler = self.scheduler
+        return EngineStats(
+            running=scheduler.num_running, waiting=self.num_waiting,
+            kv_usage=scheduler.kv.usage, prefix_queries=scheduler.kv.prefix_cache_queries,
+            prefix_hits=scheduler.kv.prefix_cache_hits,
+            preemptions=scheduler.num_preemptions_total,
+            prompt_tokens=self.num_prompt_tokens_total,
+            generation_tokens=self.num_generation_tokens_total)
+
     def abort_request(self, request_id: str) -> list[RequestOutput]:
         """Aborts every sample of a user request; returns their final outputs."""
         ids = self._by_user_id.get(request_id, [])
@@ -162,12 +198,10 @@ class EngineCore:
             return []
         # NOTE: masks fill on their thread while the model computes the logits they mask.
         mask_job = self.structured.start_masks(self._constrained(scheduler_output))
-        if any(w.request.skip_prefix_cache for w in scheduler_output.scheduled):
-            logits, sampling, prompt_logits = self.runner.execute_with_prompt_logits(
-                scheduler_output.scheduled)
-            self._take_prompt_logits(prompt_logits)
-        else:
-            logits, sampling = self.runner.execute(scheduler_output.scheduled)
+        computed = self.runner.execute_step(scheduler_output.scheduled)
+        logits, sampling = computed.logits, computed.sampling
+        if computed.prompt_logits:
+            self._take_prompt_logits(computed.prompt_logits)
         if mask_job is not None:
             self.structured.apply_masks(mask_job, logits, [w.request.request_id for w in sampling])
         sampled: dict[str, int] = {}
@@ -195,7 +229,8 @@ class EngineCore:
                 # NOTE: the grammar allows nothing after its EOS, whatever ignore_eos says.
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED,
                                               request.output_token_ids[-1])
-        return [self._output_for(r, logprobs.get(r.request_id)) for r in updated
+        return [self._embedding_output(r, computed.embeddings.get(r.request_id)) if r.embed
+                else self._output_for(r, logprobs.get(r.request_id)) for r in updated
                 if r.request_id in self._samples]
 
     def _take_prompt_logits(self, prompt_logits: list) -> None:
@@ -266,6 +301,12 @@ class EngineCore:
                 text += sample.detokenizer.flush().text_delta
             return self._final_output(sample, text, [token], lps)
         return self._make_output(sample, text, [token], lps)
+
+    def _embedding_output(self, request: Request, vector) -> RequestOutput:
+        self.num_prompt_tokens_total += request.num_prompt_tokens
+        output = self._final_output(self._samples[request.request_id], "", [], None)
+        output.embedding = None if vector is None else vector.tolist()
+        return output
 
     def _make_output(self, sample: _SampleState, text: str, token_ids: list[int],
                      logprobs: list[TokenLogprob] | None) -> RequestOutput:

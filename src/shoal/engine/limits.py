@@ -31,6 +31,18 @@ class EngineLimits:
             raise InvalidParameterError(field, f"token id {bad!r} is outside the vocabulary "
                                         f"(0..{self.vocab_size - 1})")
 
+    def validate_embedding(self, token_ids: Sequence[int]) -> None:
+        """Checks one input of an embedding request (nothing is generated after it)."""
+        if not token_ids:
+            raise InvalidParameterError("input", "an input is empty")
+        self.check_token_ids(token_ids, "input")
+        if len(token_ids) > self.max_model_len:
+            raise InvalidParameterError("input", f"an input of {len(token_ids)} tokens is longer "
+                                                 f"than this model's context of {self.max_model_len}")
+        if len(token_ids) > self.kv_cache_tokens:
+            raise InvalidParameterError("input", f"an input of {len(token_ids)} tokens needs more "
+                                                 f"KV cache than the {self.kv_cache_tokens} it holds")
+
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
         """Checks a request against the engine; returns its max_tokens resolved (unset: the
         room the context has left). Raises InvalidParameterError or ContextLengthExceededError

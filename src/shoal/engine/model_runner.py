@@ -57,6 +57,16 @@ class PromptLogits:
                 yield self.first + start, self.compute_logits(self.hidden[start:start + rows_per_slice])
 
 
+@dataclass(slots=True)
+class StepResult:
+    """One step's results: logits of the sampling rows, and finished embeddings."""
+
+    logits: torch.Tensor                       # [R, vocab]
+    sampling: list[ScheduledWork]              # the R sampling requests, in row order
+    embeddings: dict[str, torch.Tensor]        # request id -> last prompt row's hidden state
+    prompt_logits: list[PromptLogits]          # prompt positions of requests wanting prompt_logprobs
+
+
 def kernel_supported(device: torch.device, dtype: torch.dtype, block_size: int,
                      head_dim: int) -> bool:
     """Whether the C++ attention kernel serves this configuration (it then needs a blocked cache)."""
@@ -81,14 +91,16 @@ class ModelRunner:
 
     def execute(self, scheduled: Sequence[ScheduledWork]) -> tuple[torch.Tensor, list[ScheduledWork]]:
         """Computes the step; returns (logits [R, vocab], the R sampling requests in order)."""
-        logits, sampling, _prompt = self.execute_with_prompt_logits(scheduled)
-        return logits, sampling
+        result = self.execute_step(scheduled)
+        return result.logits, result.sampling
 
     @torch.inference_mode()
-    def execute_with_prompt_logits(self, scheduled: Sequence[ScheduledWork]
-                                   ) -> tuple[torch.Tensor, list[ScheduledWork], list[PromptLogits]]:
-        """execute(), plus the logits of the prompt positions of requests that want them
-        (`skip_prefix_cache` set: prompt_logprobs): each row p predicts prompt token p + 1."""
+    def execute_step(self, scheduled: Sequence[ScheduledWork]) -> StepResult:
+        """Computes the step: the sampling rows' logits; the final hidden state of each
+        embedding request whose prompt ends in this step (its last token: the pooling
+        llama.cpp and Ollama use for decoder models); and the prompt positions of requests
+        that want their logits (`skip_prefix_cache` set: prompt_logprobs), each row p
+        predicting prompt token p + 1."""
         # Decodes first, then prefill chunks (the fallback batches the decodes together).
         ordered = sorted(scheduled, key=lambda w: w.num_new_tokens > 1)
         token_ids: list[int] = []
@@ -98,6 +110,8 @@ class ModelRunner:
         sampling: list[ScheduledWork] = []
         prompt_rows: list[int] = []
         prompt_works: list[tuple[ScheduledWork, int, int]] = []     # (work, first position, rows)
+        embed_rows: list[int] = []
+        embedding: list[ScheduledWork] = []
         bs = self.block_size
         for work in ordered:
             start, n = work.start_pos, work.num_new_tokens
@@ -113,8 +127,12 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, start + n))
             if start + n == len(all_ids):
-                sample_rows.append(len(token_ids) - 1)
-                sampling.append(work)
+                if getattr(work.request, "embed", False):
+                    embed_rows.append(len(token_ids) - 1)
+                    embedding.append(work)
+                else:
+                    sample_rows.append(len(token_ids) - 1)
+                    sampling.append(work)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  block_size=bs)
@@ -136,10 +154,17 @@ class ModelRunner:
                 prompt_logits.append(PromptLogits(work, first, prompt_hidden[offset:offset + count],
                                                   self.model.compute_logits))
                 offset += count
+        embeddings = {}
+        if embedding:
+            rows = torch.tensor(embed_rows, dtype=torch.long, device=dev)
+            vectors = hidden.index_select(0, rows).float().cpu()
+            embeddings = {w.request.request_id: vectors[i]  # type: ignore[attr-defined]
+                          for i, w in enumerate(embedding)}
         if not sampling:
-            return hidden.new_empty((0, 0)), [], prompt_logits
+            return StepResult(hidden.new_empty((0, 0)), [], embeddings, prompt_logits)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-        return self.model.compute_logits(hidden.index_select(0, rows)), sampling, prompt_logits
+        return StepResult(self.model.compute_logits(hidden.index_select(0, rows)), sampling,
+                          embeddings, prompt_logits)
 
     def _padded_tables(self, works: Sequence[ScheduledWork]) -> torch.Tensor:
         bs = self.block_size

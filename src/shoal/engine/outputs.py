@@ -50,6 +50,7 @@ class RequestOutput:
     produced_at: float = 0.0            # time.monotonic() when the engine made this update
     # prompt_logprobs: on sample 0's first update only; None for the first prompt token
     prompt_logprobs: list[PromptLogprob | None] | None = None
+    embedding: list[float] | None = None    # an embedding request's pooled vector
 
 
 @dataclass(slots=True)

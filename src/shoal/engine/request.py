@@ -82,6 +82,7 @@ class Request:
     # True while the request needs the logits of its prompt positions (prompt_logprobs):
     # its prompt is then computed, never taken from the prefix cache
     skip_prefix_cache: bool = False
+    embed: bool = False                  # prefill only: the prompt's pooled hidden state is the output
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

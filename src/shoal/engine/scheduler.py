@@ -116,7 +116,8 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """True when this step computes the last known token, so a new one is sampled."""
-        return self.start_pos + self.num_new_tokens == self.num_tokens_at_schedule
+        return (self.start_pos + self.num_new_tokens == self.num_tokens_at_schedule
+                and not self.request.embed)
 
 
 @dataclass(slots=True)
@@ -236,6 +237,12 @@ class Scheduler:
             request.num_computed_tokens += entry.num_new_tokens
             if request.timings.prefill_done is None and request.num_computed_tokens >= request.num_prompt_tokens:
                 request.timings.prefill_done = now
+            if request.embed and request.num_computed_tokens >= request.num_prompt_tokens:
+                # NOTE: an embedding is read off the prompt's last row: nothing is sampled,
+                # and its blocks go back (to the prefix cache) at once.
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                received.append(request)
+                continue
             if not entry.samples:
                 continue
             token = sampled_token_ids[request.request_id]

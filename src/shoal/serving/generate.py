@@ -24,7 +24,7 @@ from shoal.engine.request import FinishReason
 from shoal.serving.admission import AdmissionCollector, AdmissionControl, QueueLimits
 from shoal.serving.completion import Completion, collect
 from shoal.serving.disconnect import run_until_disconnect
-from shoal.serving.limits import apply_server_limits
+from shoal.serving.limits import apply_server_limits, check_prompt_tokens
 from shoal.serving.metrics import PREFIX, RequestMeter, ServerMetrics
 from shoal.serving.quotas import KeyQuotas
 from shoal.serving.request import GenerateRequest, GenerationEnd, GenerationObserver
@@ -132,6 +132,34 @@ class GenerationService:
             streams.append(RequestStream(events))
         return streams
 
+    def start_embedding(self, req: GenerateRequest) -> RequestStream:
+        """start() for an embedding request (req.embed_inputs): the inputs are checked against
+        the server's and the engine's limits (400 naming the field), then the request is
+        admitted as one request, through the same quotas, queues and residency as any."""
+        inputs = req.embed_inputs
+        assert inputs is not None
+        try:
+            if self.lifecycle.draining or self._aborting:
+                raise ServerShuttingDownError()
+            limit = self.settings.max_embedding_inputs
+            if len(inputs) > limit:
+                raise InvalidParameterError("input", f"{len(inputs)} inputs are more than this "
+                                            f"server takes in one request ({limit}, "
+                                            "SHOAL_MAX_EMBEDDING_INPUTS)")
+            for ids in inputs:
+                check_prompt_tokens(len(ids), self.settings.max_prompt_tokens)
+            req.model.engine.validate_embedding(inputs)
+            ticket = AdmissionTicket.admit(req, self.quotas, self.admission, self.residency,
+                                           self._tickets.discard)
+            self._tickets.add(ticket)
+        except (ServerBusyError, TokenLimitError) as exc:
+            reason = exc.reason if isinstance(exc, ServerBusyError) else "too_many_tokens"
+            self.metrics.rejected.labels(req.model.name, reason).inc()
+            raise
+        events = self._events(req, ticket)
+        weakref.finalize(events, ticket.release)
+        return RequestStream(events)
+
     async def wait_scheduled(self, streams: Sequence[RequestStream],
                              receive: Callable[[], Awaitable[dict]]) -> None:
         """Submits started requests and waits until the engine has scheduled every one.
@@ -172,13 +200,18 @@ class GenerationService:
         final: RequestOutput | None = None
         last_seen: RequestOutput | None = None
         rejected = False
-        texts: list[list[str]] | None = [[] for _ in range(req.params.n)] if self.keep_text else None
+        count = req.params.n if req.embed_inputs is None else len(req.embed_inputs)
+        texts: list[list[str]] | None = [[] for _ in range(count)] if self.keep_text else None
         # NOTE: at the first read, so in the HTTP request's context; a stream never read
         # never started, and never ends, for the observers.
         on_end = [observe(req) for observe in self.observers]
+        # NOTE: embed_inputs only for embedding requests: generation keeps the engine's
+        # original call (test engines implement just that)
+        extra = {} if req.embed_inputs is None else {"embed_inputs": req.embed_inputs}
         events = req.model.engine.generate(
             req.request_id, req.prompt_token_ids, req.params, req.priority,
-            batch=req.principal.priority_class == BATCH, batch_aging_s=self.settings.batch_aging)
+            batch=req.principal.priority_class == BATCH, batch_aging_s=self.settings.batch_aging,
+            **extra)
         try:
             if self._aborting:
                 raise ServerShuttingDownError()

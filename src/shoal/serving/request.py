@@ -43,6 +43,9 @@ class GenerateRequest:
     # a reasoning model's turn (serving/thinking.py): its output is split into thinking and
     # content; None for other models and raw prompts
     thinking: Thinking | None = None
+    # an embedding request: one token list per input (prompt_token_ids is then their
+    # concatenation, what quotas, queues, logs and metrics count)
+    embed_inputs: list[list[int]] | None = None
 
 
 @dataclass(slots=True)

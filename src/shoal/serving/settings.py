@@ -57,6 +57,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_LOG_FILE": ("log_file", "Write the server's log to this file instead of stderr, rotated by size (`shoal serve --log-file`; the auto-started server logs to $SHOAL_HOME/logs/server.log)."),
     "SHOAL_LOG_MAX_BYTES": ("log_max_bytes", "Size at which SHOAL_LOG_FILE rotates to FILE.1 (default 10MiB; 0 = never)."),
     "SHOAL_LOG_BACKUPS": ("log_backups", "Rotated log files kept, FILE.1 .. FILE.N (default 3)."),
+    "SHOAL_MAX_EMBEDDING_INPUTS": ("max_embedding_inputs", "Most inputs one embedding request may carry (/v1/embeddings, /api/embed); more gets 400 naming the limit (default 2048, OpenAI's)."),
 }
 
 
@@ -101,6 +102,7 @@ class ServerSettings:
     log_file: str | None = None
     log_max_bytes: int | str = 10 << 20
     log_backups: int = 3
+    max_embedding_inputs: int = 2048
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -154,6 +156,8 @@ class ServerSettings:
             raise InvalidParameterError("log_max_bytes", exc.message) from None
         if self.log_backups < 0:
             raise InvalidParameterError("log_backups", "must be >= 0")
+        if self.max_embedding_inputs < 1:
+            raise InvalidParameterError("max_embedding_inputs", "must be at least 1")
         self._check_auth()
         try:        # a bad SHOAL_REGISTRY_ALLOW fails at start, not at the first pull
             EgressPolicy.parse(self.registry_allow)

@@ -36,7 +36,8 @@ from shoal.core.errors import ModelLoadError, PermissionDeniedError
 from shoal.store.blobs import (DIRS_DIR, BlobInfo, BlobStore, StagedFile, Staging, blob_digest,
                                is_digest, normalize_digest)
 from shoal.store.errors import InvalidModelNameError, ModelfileError
-from shoal.store.hf_files import is_safe_title, select_adapter_files, select_model_files
+from shoal.store.hf_files import (is_safe_title, module_folders, select_adapter_files,
+                                  select_model_files)
 from shoal.store.local_files import LocalFileError, open_directory, open_file
 from shoal.store.locks import Lease
 from shoal.store.manifests import (ANNOTATION_ADAPTER_CONFIG, ANNOTATION_ADAPTER_FORMAT,
@@ -264,6 +265,8 @@ class Creator:
         if not files:
             raise LocalFileError("not a model directory (it needs config.json and "
                                  "*.safetensors files)")
+        if "modules.json" in files:
+            files.update(open_module_files(path, files["modules.json"]))
         staged = {}
         staged.update(self.copy_all_in(stage, files))
         self.local_check(_open_weights, stage.dir)
@@ -483,11 +486,31 @@ class Creator:
         return self._base_config
 
 
+def open_module_files(path: Path, modules_json: Any) -> dict[str, Any]:
+    """The config.json of each sentence-transformers module folder (its Pooling), opened as
+    strictly as the directory's own files, under the flat name the store keeps."""
+    folders = module_folders(modules_json.read())
+    modules_json.seek(0)
+    opened: dict[str, Any] = {}
+    for folder in folders:
+        if not (path / folder).is_dir():
+            continue        # e.g. Normalize keeps no files
+        inner = open_directory(path / folder,
+                               lambda names: ["config.json"] if "config.json" in names else [])
+        if "config.json" in inner:
+            opened[f"{folder}.config.json"] = inner["config.json"]
+    return opened
+
+
 def _open_weights(path: Path) -> None:
     """The loader must open it (architecture, tensors); cheap - headers and mmap only."""
     # NOTE: the model loaders import torch (seconds); only creates that read weights pay it.
+    from shoal.model.encoder_loader import check_encoder, is_encoder_model
     from shoal.model.loader import open_model
 
+    if is_encoder_model(path):
+        check_encoder(path)
+        return
     open_model(path).close()
 
 

@@ -29,12 +29,37 @@ def is_model_file_name(name: str) -> bool:
     """True for a top-level file name the store keeps from a model directory."""
     if not is_safe_title(name):
         return False
-    return name in _KEEP_NAMES or name.endswith(_WEIGHTS_SUFFIX)
+    return name in _KEEP_NAMES or name.endswith(_WEIGHTS_SUFFIX) or is_module_file_name(name)
 
 
 def is_safe_title(name: str) -> bool:
     """A layer title usable as a file name in a materialised directory (no paths, no dots)."""
     return bool(_SAFE_NAME.fullmatch(name)) and ".." not in name
+
+
+# A sentence-transformers module's config ("1_Pooling/config.json"), kept flat as
+# "1_Pooling.config.json": the store's layers have no folders.
+_MODULE_FILE = re.compile(r"[0-9]+_[A-Za-z]+\.config\.json")
+
+
+def is_module_file_name(name: str) -> bool:
+    return bool(_MODULE_FILE.fullmatch(name))
+
+
+def module_folders(modules_json: bytes) -> list[str]:
+    """The module folders a modules.json names whose config.json the store keeps ([] for
+    anything unexpected: the loader then says what is missing)."""
+    import json
+    try:
+        modules = json.loads(modules_json)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    folders = []
+    for module in modules if isinstance(modules, list) else []:
+        path = module.get("path") if isinstance(module, dict) else None
+        if isinstance(path, str) and is_module_file_name(f"{path}.config.json"):
+            folders.append(path)
+    return folders
 
 
 def select_model_files(names: list[str]) -> list[str]:

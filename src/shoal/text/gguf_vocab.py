@@ -9,6 +9,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as RustTokenizer
 
 from shoal.core.errors import CorruptModelError, UnsupportedModelError
+from shoal.text.gguf_wordpiece import wordpiece_from_gguf
 
 SPIECE_SPACE = "\u2581"  # '▁', SentencePiece's spelling of a space
 
@@ -84,6 +85,8 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any], source: str = "<gguf>
         tokenizer = _byte_level_bpe(metadata, tokens, source)
     elif model == "llama":
         tokenizer = _sentencepiece_bpe(metadata, tokens, source)
+    elif model == "bert":
+        return wordpiece_from_gguf(metadata, source)
     else:
         raise UnsupportedModelError(
             source, f"tokenizer model {model!r} is not supported (supported: 'gpt2', 'llama')")

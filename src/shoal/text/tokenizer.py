@@ -30,6 +30,10 @@ class Tokenizer:
                  eos_token_id: int | None, add_bos_token: bool | None = None,
                  chat_template: str | Mapping[str, str] | None = None,
                  extra_eos_token_ids: Iterable[int] = (), vocab_size: int | None = None) -> None:
+        # NOTE: tokenizer.json may configure padding and truncation (sentence-transformers
+        # directories pad to 128): they would pad every encode; lengths are the engine's job.
+        backend.no_padding()
+        backend.no_truncation()
         self._backend = backend
         self._bos_id = bos_token_id
         self._eos_id = eos_token_id
@@ -150,6 +154,16 @@ class Tokenizer:
             elif ids[:1] == [self._bos_id]:
                 del ids[0]
         return ids
+
+    def special_affixes(self) -> tuple[int, int]:
+        """How many special tokens encode() adds before and after a text ([CLS] ... [SEP]:
+        (1, 1); BOS ...: (1, 0)), so a cut input can keep them."""
+        full = self.encode("a")
+        bare = self.encode("a", add_special_tokens=False)
+        for start in range(len(full) - len(bare) + 1):
+            if full[start:start + len(bare)] == bare:
+                return start, len(full) - start - len(bare)
+        return 0, 0
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; bytes that do not form whole characters come out as U+FFFD."""

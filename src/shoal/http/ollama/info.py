@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.http.ollama.protocol import timestamp
+from shoal.model.encoder_loader import is_encoder_model
 from shoal.serving.capabilities import model_capabilities
 from shoal.serving.catalog import ModelSpec
 from shoal.serving.served import ServedModel
@@ -84,7 +85,8 @@ def spec_modified_at(spec: ModelSpec) -> str:
 
 
 def capabilities(model: ServedModel) -> list[str]:
-    return model_capabilities(model.chat_template_text, model.tokenizer.token_to_id)
+    return model_capabilities(model.chat_template_text, model.tokenizer.token_to_id,
+                              embedding_only=model.info.embedding_only)
 
 
 def _gguf_metadata(model: ServedModel) -> dict[str, Any] | None:
@@ -105,12 +107,16 @@ def metadata_of(path: Path) -> dict[str, Any] | None:
         cached = _metadata_cache.get(key)
         if cached is None:
             from shoal.model.loader import open_model
+            from shoal.model.loaders.gguf_bert import gguf_metadata
 
-            source = open_model(path)
-            try:
-                cached = dict(source.metadata)
-            finally:
-                source.close()
+            if is_encoder_model(path):
+                cached = dict(gguf_metadata(path))
+            else:
+                source = open_model(path)
+                try:
+                    cached = dict(source.metadata)
+                finally:
+                    source.close()
             _metadata_cache[key] = cached
         return cached
 
@@ -119,6 +125,18 @@ def _synthesized_info(model: ServedModel) -> dict[str, Any]:
     """GGUF-style keys for a model loaded from a Hugging Face directory."""
     cfg = model.info.model_config
     arch = cfg.architecture
+    if model.info.embedding_only:       # an encoder (model/encoder_config.py), as llama.cpp's bert keys
+        return {
+            "general.architecture": arch,
+            f"{arch}.context_length": cfg.max_seq_length,
+            f"{arch}.embedding_length": cfg.hidden_size,
+            f"{arch}.feed_forward_length": cfg.intermediate_size,
+            f"{arch}.block_count": cfg.num_layers,
+            f"{arch}.attention.head_count": cfg.num_heads,
+            f"{arch}.attention.layer_norm_epsilon": cfg.layer_norm_eps,
+            f"{arch}.pooling_type": {"mean": 1, "cls": 2, "last": 3}.get(cfg.pooling, 0),
+            f"{arch}.vocab_size": cfg.vocab_size,
+        }
     return {
         "general.architecture": arch,
         f"{arch}.context_length": cfg.max_position_embeddings,
@@ -202,5 +220,6 @@ def show_stored(store, name: str) -> dict[str, Any]:
         template = str(meta.get("tokenizer.chat_template", ""))
     tokens = meta.get("tokenizer.ggml.tokens") or ()
     vocab = set(t for t in tokens if t in ("<think>", "</think>"))
-    shown["capabilities"] = model_capabilities(template, lambda t: 0 if t in vocab else None)
+    shown["capabilities"] = model_capabilities(template, lambda t: 0 if t in vocab else None,
+                                               embedding_only=is_encoder_model(store.resolve(name).weights))
     return shown

@@ -81,6 +81,7 @@ async def generate(request: Request) -> Response:
     model = await residency.acquire(name, keep_alive)
     try:
         loaded = time.monotonic()
+        serving.check_generates(model, "generate")
         serving.check_common(body, model)
         opts = serving.resolve_options(model, body.options)
         if body.suffix:
@@ -118,6 +119,7 @@ async def chat(request: Request) -> Response:
     model = await residency.acquire(name, keep_alive)
     try:
         loaded = time.monotonic()
+        serving.check_generates(model, "chat")
         serving.check_common(body, model)
         opts = serving.resolve_options(model, body.options)
         if body.tools and not model.supports_tools():

@@ -358,6 +358,12 @@ def check_keep_alive(residency: ResidencyManager, body: GenerateBody | ChatBody,
     return residency.bounded_keep_alive(requested)
 
 
+def check_generates(model: ServedModel, kind: str) -> None:
+    """An embedding-only model answers chat and generate with Ollama's 400."""
+    if model.info.embedding_only:
+        raise InvalidParameterError("model", f'"{model.name}" does not support {kind}')
+
+
 def check_common(body: GenerateBody | ChatBody, model: ServedModel) -> None:
     """Checks shared by generate and chat (think: thinking.resolve_think)."""
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:

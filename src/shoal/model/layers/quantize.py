@@ -88,6 +88,13 @@ def quantize_model_int8(model: nn.Module, calibration_ids: list[int]) -> None:
     """Replaces every ExactLinear of the model with a calibrated Int8Linear, in place."""
     # A model with a short context sees only what fits in it.
     ranges = calibrate_input_ranges(model, calibration_ids[: model.config.max_position_embeddings])
+    convert_linears_int8(model, ranges)
+    if getattr(model, "tied", False):
+        model.embed_weight = None  # the int8 head serves embedding lookups from now on
+
+
+def convert_linears_int8(model: nn.Module, ranges: dict[nn.Module, torch.Tensor]) -> None:
+    """Replaces each ExactLinear with a recorded input range by a smoothed Int8Linear."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, ExactLinear) and child in ranges:
@@ -95,5 +102,3 @@ def quantize_model_int8(model: nn.Module, calibration_ids: list[int]) -> None:
                 setattr(parent, name, Int8Linear(child.weight.detach(),
                                                  None if child.bias is None else child.bias.detach(),
                                                  smooth))
-    if getattr(model, "tied", False):
-        model.embed_weight = None  # the int8 head serves embedding lookups from now on

@@ -13,15 +13,26 @@ from pathlib import Path
 
 from shoal.model.builtin import (
     BuiltinModel,
+    archive_files,
     ensure_builtin_model,
+    extract_archive_file,
+    file_sha256,
     find_builtin,
     remove_abandoned_fetches,
 )
 from shoal.store.blobs import BlobStore
 from shoal.store.errors import DigestMismatchError
+from shoal.store.hf_files import is_model_file_name
 from shoal.store.locks import Lease
-from shoal.store.manifests import MEDIA_LICENSE, MEDIA_MODEL, MEDIA_PARAMS, Layer
-from shoal.store.modelinfo import gguf_details
+from shoal.store.manifests import (
+    ANNOTATION_TITLE,
+    MEDIA_LICENSE,
+    MEDIA_MODEL,
+    MEDIA_MODEL_FILE,
+    MEDIA_PARAMS,
+    Layer,
+)
+from shoal.store.modelinfo import gguf_details, hf_dir_details
 from shoal.store.names import DEFAULT_NAMESPACE, DEFAULT_REGISTRY, ModelName
 from shoal.store.progress import Reporter, short_digest
 from shoal.store.sources import PulledModel
@@ -43,6 +54,11 @@ BUILTIN_LICENSES: dict[str, str] = {
     "gemma3:270m": (
         "Gemma is provided under and subject to the Gemma Terms of Use found at "
         "ai.google.dev/gemma/terms\n"),
+    "all-minilm:22m": (
+        "all-MiniLM-L6-v2 (sentence-transformers) is released under the Apache License, "
+        "Version 2.0.\nYou may obtain a copy of the License at "
+        "http://www.apache.org/licenses/LICENSE-2.0\n"
+        "Model card: https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2\n"),
 }
 
 Ensure = Callable[..., Path]
@@ -76,6 +92,8 @@ class BuiltinSource:
         model = self.find(name)
         if model is None:
             raise ValueError(f"{name.display} is not a built-in model")
+        if model.archive:
+            return self.pull_directory(model, blobs, lease, reporter)
         digest = "sha256:" + model.sha256
         status = f"pulling {short_digest(digest)}"
         report = reporter.bytes(status, digest, model.size)
@@ -111,3 +129,39 @@ class BuiltinSource:
             info = blobs.write_bytes(license_text.encode(), on_digest=lease.add_one)
             layers.append(Layer(MEDIA_LICENSE, info.digest, info.size))
         return PulledModel(layers, gguf_details(blobs.path(digest)))
+
+    def pull_directory(self, model: BuiltinModel, blobs: BlobStore, lease: Lease,
+                       reporter: Reporter) -> PulledModel:
+        """A model directory shipped as a hash-checked zip: each of its files becomes a model
+        file layer titled with its store name, as `FROM <directory>` stores one."""
+        archive_digest = "sha256:" + model.sha256
+        report = reporter.bytes(f"pulling {short_digest(archive_digest)}", archive_digest,
+                                model.size)
+        report(0, model.size)
+
+        def stage(_what: str, done: int, total: int) -> None:
+            report(model.size * done // max(total, 1) if done < total else model.size - 1,
+                   model.size)
+
+        path = self.ensure(model.name, self.cache_dir, progress=stage)
+        report(model.size, model.size)
+        reporter.status("verifying sha256 digest")
+        if file_sha256(Path(path)) != model.sha256:
+            Path(path).unlink(missing_ok=True)
+            raise DigestMismatchError(archive_digest, "the cached archive changed; pull again")
+        reporter.status("unpacking model files")
+        layers = []
+        with blobs.staging() as stage_dir:
+            for title, info in archive_files(Path(path)).items():
+                if not is_model_file_name(title):
+                    continue        # only what the store keeps of any model directory
+                staged = extract_archive_file(Path(path), info, stage_dir.dir / title)
+                blob = blobs.import_file(staged, on_digest=lease.add_one)
+                layers.append(Layer(MEDIA_MODEL_FILE, blob.digest, blob.size,
+                                    {ANNOTATION_TITLE: title}))
+            details = hf_dir_details(stage_dir.dir)
+        license_text = BUILTIN_LICENSES.get(model.name)
+        if license_text:
+            info = blobs.write_bytes(license_text.encode(), on_digest=lease.add_one)
+            layers.append(Layer(MEDIA_LICENSE, info.digest, info.size))
+        return PulledModel(layers, details)

@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Embedding throughput: shoal against sentence-transformers on all-MiniLM-L6-v2, one run.
+
+(a) offline: N short sentences embedded in batches: sentence-transformers `encode`
+    (batch 32, its default) against shoal's SentenceEncoder fed as EncoderCore feeds it
+    (batches up to 1024 tokens), in both compute modes;
+(b) over HTTP: a `shoal serve` of the same directory, 16 concurrent clients each sending
+    1-8 inputs per /v1/embeddings request until the N sentences are done.
+Each measurement runs in its own process (same thread count) so its peak RSS is its own.
+(c) with --mixed: 8 chat streams on SmolLM2 alone, then with an embedding flood (16 clients
+    on all-minilm in the same server): the chat's inter-token latency P99 both ways.
+
+    python benchmarks/embed_bench.py --model-dir DIR --threads 2 [--sentences 2000] [--mixed]
+
+DIR is a sentence-transformers directory (tests' minilm_dir fixture unpacks the built-in
+all-minilm archive; `python -c "from shoal.model.builtin import ensure_builtin_model as e;
+print(e('all-minilm'))"` prints the cached zip).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUBJECTS = ["The cat", "A new study", "My brother", "The government", "This recipe", "Our team",
+            "The old bridge", "A small startup", "The weather", "Every student"]
+VERBS = ["explains", "changes", "improves", "ignores", "questions", "celebrates", "reveals",
+         "delays", "supports", "describes"]
+OBJECTS = ["the results of the experiment", "a simple way to cook rice", "the new tax rules",
+           "how birds find their way home", "the history of the city", "an unexpected problem",
+           "the final match of the season", "the price of electricity", "a quiet walk in the park",
+           "the future of public transport"]
+
+
+def make_sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+            f"{rng.choice(['.', '!', ' today.', ' again.', ', they say.'])}" for _ in range(n)]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_st(model_dir: str, sentences: list[str]) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_dir, device="cpu")
+    model.encode(sentences[:64], batch_size=32)
+    started = time.perf_counter()
+    model.encode(sentences, batch_size=32)
+    seconds = time.perf_counter() - started
+    return {"sentences_per_s": len(sentences) / seconds, "seconds": seconds}
+
+
+def run_shoal_offline(model_dir: str, sentences: list[str], compute: str) -> dict:
+    from shoal.model.encoder_loader import load_encoder
+
+    encoder = load_encoder(model_dir, compute)
+    budget = 1024
+
+    def embed_all() -> None:
+        batch: list[list[int]] = []
+        tokens = 0
+        for text in sentences:
+            ids = encoder.tokenizer.encode(text)
+            if batch and tokens + len(ids) > budget:
+                encoder.model(batch)
+                batch, tokens = [], 0
+            batch.append(ids)
+            tokens += len(ids)
+        if batch:
+            encoder.model(batch)
+
+    encoder.model([encoder.tokenizer.encode(t) for t in sentences[:64]])
+    started = time.perf_counter()
+    embed_all()
+    seconds = time.perf_counter() - started
+    return {"sentences_per_s": len(sentences) / seconds, "seconds": seconds}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sentences = make_sentences(args.sentences)
+    if args.child == "st":
+        result = run_st(args.model_dir, sentences)
+    else:
+        result = run_shoal_offline(args.model_dir, sentences, args.child.split(":")[1])
+    result["peak_rss_mib"] = peak_rss_mib()
+    print(json.dumps(result))
+
+
+def in_child(args: argparse.Namespace, what: str) -> dict:
+    cmd = [sys.executable, __file__, "--model-dir", args.model_dir, "--threads", str(args.threads),
+           "--sentences", str(args.sentences), "--child", what]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def start_server(model: str, port: int, threads: int, compute: str, store: str) -> subprocess.Popen:
+    env = {**os.environ, "SHOAL_NUM_THREADS": str(threads), "SHOAL_COMPUTE": compute,
+           "SHOAL_MODELS": store, "SHOAL_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--model", model, "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import httpx
+
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def server_peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def http_flood(url: str, model: str | None, sentences: list[str], clients: int = 16,
+                     stop: asyncio.Event | None = None) -> float:
+    """Sentences/s of `clients` closed-loop clients sending 1-8 inputs each; with `stop`,
+    they go on (cycling the sentences) until it is set."""
+    import httpx
+
+    queue = list(reversed(sentences))
+    rng = random.Random(1)
+    done = [0]
+
+    async def client() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            while True:
+                if stop is None and not queue:
+                    return
+                if stop is not None and stop.is_set():
+                    return
+                if not queue:
+                    queue.extend(reversed(sentences))
+                batch = [queue.pop() for _ in range(min(rng.randint(1, 8), len(queue)))]
+                reply = await http.post("/v1/embeddings", json={"model": model, "input": batch})
+                reply.raise_for_status()
+                done[0] += len(reply.json()["data"])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done[0] / (time.perf_counter() - started)
+
+
+async def chat_itls(url: str, streams: int, max_tokens: int) -> list[float]:
+    import httpx
+
+    gaps: list[float] = []
+
+    async def one(i: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            body = {"model": "smollm2", "prompt": f"Story {i}: once upon a time",
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+            last = None
+            async with http.stream("POST", "/v1/completions", json=body) as reply:
+                async for line in reply.aiter_lines():
+                    if line.startswith("data: {"):
+                        now = time.perf_counter()
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
+
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    return gaps
+
+
+async def mixed(url: str, sentences: list[str]) -> tuple[list[float], list[float], float]:
+    alone = await chat_itls(url, 8, 64)
+    stop = asyncio.Event()
+    flood = asyncio.create_task(http_flood(url, "all-minilm", sentences, 16, stop))
+    await asyncio.sleep(2.0)
+    loaded = await chat_itls(url, 8, 64)
+    stop.set()
+    rate = await flood
+    return alone, loaded, rate
+
+
+def p99(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(0.99 * (len(values) - 1)))] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sentences", type=int, default=2000)
+    parser.add_argument("--port", type=int, default=18611)
+    parser.add_argument("--mixed", action="store_true", help="also the chat + embedding flood run")
+    parser.add_argument("--only-mixed", action="store_true", help="only the mixed-load run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    print(f"# {args.sentences} sentences, {args.threads} threads; "
+          f"python {' '.join(sys.argv)}")
+    if not args.only_mixed:
+        throughput(args)
+    if args.mixed or args.only_mixed:
+        mixed_load(args)
+
+
+def throughput(args: argparse.Namespace) -> None:
+    rows = {"sentence-transformers encode(batch 32)": in_child(args, "st"),
+            "shoal offline, exact": in_child(args, "shoal:exact"),
+            "shoal offline, fast": in_child(args, "shoal:fast")}
+    sentences = make_sentences(args.sentences)
+    with tempfile.TemporaryDirectory() as store:
+        for compute in ("exact", "fast"):
+            server = start_server(args.model_dir, args.port, args.threads, compute, store)
+            try:
+                url = f"http://127.0.0.1:{args.port}"
+                asyncio.run(http_flood(url, None, sentences[:64]))       # warm-up
+                rate = asyncio.run(http_flood(url, None, sentences))
+                rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}"] = {
+                    "sentences_per_s": rate, "peak_rss_mib": server_peak_rss_mib(server.pid)}
+            finally:
+                server.terminate()
+                server.wait(30)
+    base = rows["sentence-transformers encode(batch 32)"]["sentences_per_s"]
+    print("| run | sentences/s | vs sentence-transformers | peak RSS MiB |")
+    print("|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['sentences_per_s']:.0f} | {row['sentences_per_s'] / base:.2f}x | "
+              f"{row['peak_rss_mib']:.0f} |")
+    for compute in ("exact", "fast"):
+        offline = rows[f"shoal offline, {compute}"]["sentences_per_s"]
+        http = rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}"]["sentences_per_s"]
+        print(f"HTTP / offline ({compute}): {http / offline:.2f}")
+
+
+def mixed_load(args: argparse.Namespace) -> None:
+    from shoal.store.store import ModelStore
+
+    sentences = make_sentences(args.sentences)
+    with tempfile.TemporaryDirectory() as store:
+        ModelStore(store).pull("all-minilm")
+        server = start_server("smollm2", args.port, args.threads, "fast", store)
+        try:
+            url = f"http://127.0.0.1:{args.port}"
+            asyncio.run(chat_itls(url, 2, 4))                      # warm-up
+            asyncio.run(http_flood(url, "all-minilm", sentences[:32]))
+            alone, loaded, rate = asyncio.run(mixed(url, sentences))
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"mixed: 8 chat streams ITL P99 {p99(alone):.1f} ms alone, {p99(loaded):.1f} ms "
+          f"with the embedding flood ({rate:.0f} sentences/s meanwhile): "
+          f"{p99(loaded) / p99(alone):.2f}x; median {statistics.median(alone) * 1000:.1f} -> "
+          f"{statistics.median(loaded) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
