@@ -13,6 +13,7 @@ from typing import Any
 from shoal.cli.client import CliError, Client, ErrorReply
 from shoal.cli.display import AnswerWriter, animated, timing_summary
 from shoal.cli.progress import show_progress
+from shoal.cli.waiting import Waiting, server_activity
 
 INT_PARAMS = {"num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "mirostat", "num_ctx", "num_batch",
               "num_gpu", "main_gpu", "num_thread", "num_gqa"}
@@ -132,14 +133,21 @@ def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]]
     final: dict[str, Any] = {}
     err = Console(stderr=True)
     spinner = err.status("", spinner="dots") if animated(err) else None
+    # NOTE: a model that must load first (download, kernels, weights) is said, not silent.
+    waiting: Waiting | None = Waiting(None, lambda: server_activity(client.host.url),
+                                      sink=spinner.update if spinner else None)
     interrupted = False
     try:
         if spinner:
             spinner.start()
+        waiting.__enter__()
         with client.stream("POST", "/api/chat", opts.chat_body(messages)) as events:
             for event in events:
                 message = event.get("message") or {}
                 content = message.get("content") or ""
+                if content and waiting:
+                    waiting.__exit__()
+                    waiting = None
                 if content and spinner:
                     spinner.stop()
                     spinner = None
@@ -149,6 +157,8 @@ def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]]
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if waiting:
+            waiting.__exit__()
         if spinner:
             spinner.stop()
         text = writer.finish()

@@ -343,21 +343,18 @@ def _server_env() -> dict[str, str]:
 
 
 def _wait_ready(client: Client, process: subprocess.Popen, log_path: Path) -> None:
-    from rich.console import Console
-
-    from shoal.cli.display import animated
+    from shoal.cli.waiting import Waiting, server_activity
 
     try:
         timeout = float(os.environ.get("SHOAL_AUTOSTART_TIMEOUT", "") or 600)
     except ValueError:
         timeout = 600.0
-    console = Console(stderr=True)
     deadline = time.monotonic() + timeout
-    message = f"starting a shoal server on {client.host.url} (log: {log_path})"
-    live = animated(console)
-    if not live:
-        print(f"shoal: {message}", file=sys.stderr, flush=True)
-    with console.status(message) if live else _nullcontext():
+    print(f"shoal: starting a shoal server on {client.host.url} (log: {log_path})", file=sys.stderr,
+          flush=True)
+    # NOTE: until its port opens the server is importing; then /readyz says what it does
+    # (downloading the model, building the CPU kernels, loading).
+    with Waiting("starting the server", lambda: server_activity(client.host.url)):
         while time.monotonic() < deadline:
             code = process.poll()
             if client.heartbeat(timeout=1.0):
@@ -380,11 +377,6 @@ def _last_log_line(log_path: Path) -> str:
         if line.startswith("shoal:") or "Error" in line:
             return f" ({line.strip()[:300]})"
     return ""
-
-
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
 
 
 def _lock(handle) -> None:

@@ -19,6 +19,7 @@ from shoal.http.ollama import serving
 from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
 from shoal.http.openapi_bodies import json_body
+from shoal.serving.activity import server_activity
 from shoal.serving.catalog import ModelSpec, path_size
 from shoal.serving.disconnect import run_until_disconnect
 
@@ -204,7 +205,13 @@ async def ps(request: Request) -> dict[str, Any]:
             "size_vram": total if on_gpu else 0,
             "context_length": serving.served_context(model),
         })
-    return {"models": models}
+    # shoal's addition (Ollama clients ignore unknown keys): what the server is doing, e.g.
+    # "loading smollm2:135m: downloading (4 s); building the CPU kernels (x86-64-v3, 2 s)".
+    reply: dict[str, Any] = {"models": models, "status": request.app.state.lifecycle.state}
+    activity = server_activity(residency)
+    if activity:
+        reply["activity"] = activity
+    return reply
 
 
 _GO_MAX_DURATION_S = (2**63 - 1) / 1e9
