@@ -320,15 +320,16 @@ def start_server(client: Client) -> None:
             listen = host.host if host.host not in ("", "localhost") else "127.0.0.1"
             # NOTE: the server writes and rotates the log itself (SHOAL_LOG_MAX_BYTES); the
             # redirection below only catches what it prints before its logging starts.
+            pid_path = shoal_home() / f"server-{host.port}.pid"
             args = [sys.executable, "-m", "shoal", "serve", "--host", listen, "--port", str(host.port),
-                    "--log-file", str(log_path)]
+                    "--log-file", str(log_path), "--pid-file", str(pid_path)]
             with open(log_path, "ab") as log:
                 log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} shoal: starting {' '.join(args)}\n"
                           .encode())
                 log.flush()
                 process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True, close_fds=True, env=_server_env())
-            (shoal_home() / f"server-{host.port}.pid").write_text(f"{process.pid}\n")
+            pid_path.write_text(f"{process.pid}\n")   # the server writes it too, and removes it
             _wait_ready(client, process, log_path)
         finally:
             _unlock(lock)

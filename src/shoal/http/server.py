@@ -20,6 +20,7 @@ from shoal.http.shutdown import DrainingServer
 from shoal.model.kernels.cpu import start_build
 from shoal.serving.activity import server_activity
 from shoal.serving.model_loading import load_pinned_model, make_residency
+from shoal.serving.policy import policy_summary
 from shoal.serving.settings import ServerSettings
 from shoal.store.registry import RegistryClient
 from shoal.store.store import ModelStore
@@ -31,11 +32,13 @@ log = logging.getLogger("shoal.server")
 PROGRESS_INTERVAL = 1.5
 
 
-def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequence[str] = ()) -> None:
+def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequence[str] = (),
+          verbose: bool = False) -> None:
     """Blocks serving HTTP until SIGTERM/SIGINT and a drain. The port opens first; the pinned
     model downloads and loads meanwhile (GET / and /readyz answer 503 and say what the server
     is doing, requests for the model wait), and a load that fails stops the server with its
-    error. `policy` (lines describing the effective settings) is logged first."""
+    error. `policy` (lines describing the effective settings) is logged first: in one line
+    (the settings not at their defaults) unless `verbose`, all of them at debug level."""
     if settings.log_file:
         print(f"shoal: logging to {settings.log_file}", file=sys.stderr, flush=True)
     configure_logging(settings.log_level, settings.log_format, settings.log_file,
@@ -43,7 +46,11 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequenc
     if engine_config.device in (None, "auto", "cpu"):
         start_build()   # the CPU kernels compile (seconds) while the model downloads and loads
     if policy:
-        log.info("\n".join(policy))
+        if verbose:
+            log.info("\n".join(policy))
+        else:
+            log.info("%s", policy_summary(policy))
+            log.debug("\n".join(policy))
     max_connections = fitting_cap(settings.max_connections, raise_open_file_limit())
     started = time.monotonic()
     recorder = Recorder.from_settings(settings)     # a bad audit path or tracing setup fails here
