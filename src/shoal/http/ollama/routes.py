@@ -172,11 +172,11 @@ async def show(request: Request) -> Response:
         raise HttpError(400, "model is required", param="model")
     residency = request.app.state.residency
     canonical = serving.check_model_name(residency, name)
-    loaded = residency.get_loaded(canonical)
     store = getattr(request.app.state, "store", None)
-    if loaded is None and store is not None and residency.resolve(canonical).digest is not None \
+    if store is not None and residency.resolve(canonical).digest is not None \
             and await asyncio.to_thread(store.exists, canonical):
-        # A stored model that is not loaded: answered from the store, without loading it.
+        # A stored model, loaded or not: the store knows what its Modelfile set (SYSTEM,
+        # TEMPLATE, PARAMETERs, messages, FROM), which is what the model uses; no load needed.
         return JSONResponse(await asyncio.to_thread(model_info.show_stored, store, canonical))
     model = await serving.acquire_model(residency, name)
     try:
