@@ -32,9 +32,11 @@ def shoal(*args: str, url: str, home: Path, stdin: str | None = None, timeout: f
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str,
                          progress: tuple[str, ...] = ()) -> None:
-    """Exit 1, one line on stderr (after the `progress` status lines, if any), no traceback."""
+    """Exit 1, one line on stderr (after the `progress` status lines, if any), no traceback.
+    The lines a second saying what the command waits on (`shoal: ... [3 s]`) are left out."""
     assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not re.match(r"^shoal: .* \[\d+ s\]$", line)]
     assert tuple(lines[:-1]) == progress, result.stderr
     assert lines[-1].startswith("shoal: ")
     assert "Traceback" not in result.stderr

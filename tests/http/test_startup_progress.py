@@ -57,6 +57,10 @@ def test_a_loading_server_answers_and_says_what_it_is_doing(smollm2_path, tmp_pa
         server.stop()
     text = log.read_text(errors="replace")
     assert "shoal is listening on" in text and "shoal is ready on" in text
+    # the effective settings in one line: those changed (flags here), not ~50 defaults
+    policy = [line for line in text.splitlines() if "effective policy" in line]
+    assert len(policy) == 1 and "engine.max_model_len = 512 (flag)" in policy[0], policy
+    assert "(default)" not in text and "at their defaults" in policy[0]
     # The log's progress lines while loading: the building kernels are said, lines come often.
     stamps = [line for line in text.splitlines() if "loading smollm2:135m:" in line]
     assert stamps, text[-3000:]

@@ -77,6 +77,18 @@ def test_small_int8_matmul_is_bit_identical_to_int_mm(rows):
     assert torch.equal(ops.int8_matmul_small(x, w), torch._int_mm(x, w.t()))
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_fused_small_linear_is_bit_identical_to_its_two_steps(rows, with_bias):
+    g = torch.Generator().manual_seed(7 + rows)
+    x = torch.randint(-127, 128, (rows, 576), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (1000, 576), dtype=torch.int8, generator=g)
+    xs, ws = torch.rand(rows, 1, generator=g), torch.rand(1000, generator=g)
+    bias = torch.randn(1000, generator=g) if with_bias else torch.empty(0)
+    two_steps = ops.dequant_rows(ops.int8_matmul_small(x, w), xs, ws, bias)
+    assert torch.equal(ops.int8_linear_small(x, xs, w, ws, bias), two_steps)
+
+
 def _reference_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
     return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale

@@ -230,8 +230,10 @@ def show_stored(store, name: str) -> dict[str, Any]:
     shown = store.show(name).to_json()
     template = shown.get("template") or ""
     if not template:
+        # no Modelfile TEMPLATE: the model's own chat template, as show() of a loaded model says
         meta = metadata_of(Path(store.resolve(name).weights)) or {}
         template = str(meta.get("tokenizer.chat_template", ""))
+        shown["template"] = template
     meta = metadata_of(Path(store.resolve(name).weights))
     base = is_base_model(meta, shown.get("template") or None)
     shown["capabilities"] = ["completion"] + ([] if base else ["chat"]) + \

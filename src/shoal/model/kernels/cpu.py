@@ -100,6 +100,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shoal" / "kernels"
 
 
+# NOTE: no fused multiply-add contraction in the elementwise ops: their results are then the
+# same on every ISA level (v2 has no FMA, v3 does) and equal to the separate-step forms they
+# are checked against (int8_linear_small vs dequant_rows). Attention keeps FMAs: its scores
+# are compute-bound and it is compared with a tolerance.
+_SOURCE_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",), "sampling.cpp": ("-ffp-contract=off",)}
+
+
 def _common_flags() -> tuple[str, ...]:
     return ("-O3", "-fopenmp", "-fPIC", "-fvisibility=hidden", "-std=c++17",
             "-I" + sysconfig.get_paths()["include"])
@@ -110,7 +117,8 @@ def _library_path(cxx: str, isa: Isa) -> Path:
     for name in (*_SOURCES, *_HEADERS):
         digest.update((_CSRC / name).read_bytes())
     # NOTE: the Python module is built against this interpreter's headers and ABI.
-    digest.update(" ".join((_compiler_id(cxx), sys.version, *_common_flags(), *isa.flags)).encode())
+    digest.update(" ".join((_compiler_id(cxx), sys.version, *_common_flags(), *isa.flags,
+                            repr(sorted(_SOURCE_FLAGS.items())))).encode())
     return cache_root() / f"shoal_cpu_{isa.name}_{digest.hexdigest()[:12]}.so"
 
 
@@ -137,7 +145,8 @@ def build_library(isa: Isa | None = None) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
             flags = [*_common_flags(), *isa.flags]
             objects = [Path(tmp) / (name + ".o") for name in _SOURCES]
-            compiles = [subprocess.Popen([cxx, *flags, "-c", str(_CSRC / name), "-o", str(obj)],
+            compiles = [subprocess.Popen([cxx, *flags, *_SOURCE_FLAGS.get(name, ()), "-c",
+                                          str(_CSRC / name), "-o", str(obj)],
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                         for name, obj in zip(_SOURCES, objects)]
             errors = [p.communicate()[0].decode(errors="replace") for p in compiles]
@@ -182,7 +191,8 @@ class CpuKernels:
         loader.exec_module(module)
         for name in ("write_kv", "paged_attention", "rms_norm_quant", "quant_rows",
                      "silu_mul_quant", "gelu_tanh_mul_quant", "dequant_rows", "rope_split",
-                     "qk_norm_rope_split", "int8_matmul_small", "rms_norm_add_norm_quant",
+                     "qk_norm_rope_split", "int8_matmul_small", "int8_linear_small",
+                     "rms_norm_add_norm_quant",
                      "top_k_rows", "draw_rows"):
             setattr(self, "_" + name, getattr(module, name))
 
@@ -303,6 +313,23 @@ class CpuKernels:
         _need(w.shape[1] == K, "int8_matmul_small: inner sizes differ")
         out = torch.empty(M, N, dtype=torch.int32)
         self._int8_matmul_small(x.data_ptr(), w.data_ptr(), M, K, N, out.data_ptr())
+        return out
+
+    def int8_linear_small(self, x, x_scale, w, w_scale, bias) -> torch.Tensor:
+        """dequant_rows(int8_matmul_small(x, w), x_scale, w_scale, bias) in one call, bit for bit."""
+        _need(x.dtype == torch.int8 and w.dtype == torch.int8 and w.is_contiguous(),
+              "int8_linear_small: int8 inputs, contiguous weights")
+        x = x.contiguous()
+        x_scale, w_scale = _f32(x_scale, "x_scale"), _f32(w_scale, "w_scale")
+        M, K = x.shape
+        N = w.shape[0]
+        _need(w.shape[1] == K and x_scale.numel() == M and w_scale.numel() == N,
+              "int8_linear_small: shapes differ")
+        has_bias = bias is not None and bias.numel() == N
+        bias = _f32(bias, "bias") if has_bias else None
+        out = torch.empty(M, N)
+        self._int8_linear_small(x.data_ptr(), x_scale.data_ptr(), w.data_ptr(), w_scale.data_ptr(),
+                                bias.data_ptr() if has_bias else 0, M, K, N, out.data_ptr())
         return out
 
     def rms_norm_add_norm_quant(self, x, residual, x_weight, weight, eps: float):

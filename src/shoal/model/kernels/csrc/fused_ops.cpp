@@ -152,6 +152,25 @@ SHOAL_API void shoal_int8_matmul_small(const int8_t* xp, const int8_t* wp, int64
   });
 }
 
+// The two above in one pass for decoding: x int8 [M, K] with row scales x_scale [M] times
+// w int8 [N, K] with scales w_scale [N] (+ bias [N] when not null) -> float [M, N]. The same
+// integers and the same float expression as int8_matmul_small then dequant_rows, so the
+// results are bit-identical; one call and one output instead of two.
+SHOAL_API void shoal_int8_linear_small(const int8_t* xp, const float* xs, const int8_t* wp,
+                                       const float* ws, const float* bp, int64_t M, int64_t K,
+                                       int64_t N, float* op) {
+  parallel_for(N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = wp + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        float v = static_cast<float>(dot_i8(xp + m * K, row, K)) * xs[m] * ws[n];
+        if (bp != nullptr) v += bp[n];
+        op[m * N + n] = v;
+      }
+    }
+  });
+}
+
 // ----- Gemma 3 -------------------------------------------------------------------------
 // Gemma normalises each sublayer's output before adding it to the residual stream, and the
 // stream again before the next sublayer; its norm weights arrive here as (1 + w).

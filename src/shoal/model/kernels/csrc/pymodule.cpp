@@ -27,6 +27,8 @@ void shoal_qk_norm_rope_split(const float*, int64_t, int64_t, const int64_t*, co
                               const float*, const float*, const float*, float, int64_t, int64_t,
                               int64_t, float*, float*, float*);
 void shoal_int8_matmul_small(const int8_t*, const int8_t*, int64_t, int64_t, int64_t, int32_t*);
+void shoal_int8_linear_small(const int8_t*, const float*, const int8_t*, const float*,
+                             const float*, int64_t, int64_t, int64_t, float*);
 void shoal_rms_norm_add_norm_quant(const float*, float*, const float*, const float*, int64_t,
                                    int64_t, float, int8_t*, float*);
 void shoal_top_k_rows(float*, int64_t, int64_t, const int64_t*);
@@ -101,6 +103,9 @@ SHOAL_WRAP(qk_norm_rope_split, 15,
                                     x.p<float>(13), x.p<float>(14)))
 SHOAL_WRAP(int8_matmul_small, 6, shoal_int8_matmul_small(x.p<int8_t>(0), x.p<int8_t>(1), x.i[2],
                                                          x.i[3], x.i[4], x.p<int32_t>(5)))
+SHOAL_WRAP(int8_linear_small, 9,
+           shoal_int8_linear_small(x.p<int8_t>(0), x.p<float>(1), x.p<int8_t>(2), x.p<float>(3),
+                                   x.p<float>(4), x.i[5], x.i[6], x.i[7], x.p<float>(8)))
 SHOAL_WRAP(rms_norm_add_norm_quant, 9,
            shoal_rms_norm_add_norm_quant(x.p<float>(0), x.p<float>(1), x.p<float>(2),
                                          x.p<float>(3), x.i[4], x.i[5], float(x.f[6]),
@@ -115,7 +120,8 @@ PyMethodDef methods[] = {
     SHOAL_METHOD(write_kv), SHOAL_METHOD(paged_attention), SHOAL_METHOD(rms_norm_quant),
     SHOAL_METHOD(quant_rows), SHOAL_METHOD(silu_mul_quant), SHOAL_METHOD(gelu_tanh_mul_quant),
     SHOAL_METHOD(dequant_rows), SHOAL_METHOD(rope_split), SHOAL_METHOD(qk_norm_rope_split),
-    SHOAL_METHOD(int8_matmul_small), SHOAL_METHOD(rms_norm_add_norm_quant),
+    SHOAL_METHOD(int8_matmul_small), SHOAL_METHOD(int8_linear_small),
+    SHOAL_METHOD(rms_norm_add_norm_quant),
     SHOAL_METHOD(top_k_rows), SHOAL_METHOD(draw_rows), {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
