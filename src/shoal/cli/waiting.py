@@ -73,14 +73,22 @@ class Waiting:
             self._stop.wait(INTERVAL / 2)
 
     def _print_forever(self) -> None:
-        while not self._stop.wait(INTERVAL):
+        # NOTE: one waiting often follows another (the server start, then the model's
+        # details, then the answer); the cadence carries over, so a handover is no gap.
+        last = _last_line[0] if self.started - _last_line[0] < INTERVAL else self.started
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
             what = self._latest or self.default
-            if what is None:
+            if now - last < INTERVAL or what is None:
                 continue
             try:
-                self.sink(f"shoal: {what} [{time.monotonic() - self.started:.0f} s]")
+                self.sink(f"shoal: {what} [{now - self.started:.0f} s]")
             except (OSError, ValueError):   # stderr closed: nobody to tell
                 return
+            last = _last_line[0] = now
+
+
+_last_line = [0.0]   # when any Waiting last said something (monotonic)
 
 
 def _print_line(line: str) -> None:
