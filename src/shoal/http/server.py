@@ -49,7 +49,9 @@ def serve(engine_config: EngineConfig, settings: ServerSettings, policy: Sequenc
         if verbose:
             log.info("\n".join(policy))
         else:
-            log.info("%s", policy_summary(policy))
+            # NOTE: the message, not an argument: arguments are clipped at 256 characters
+            # (they may echo clients); the operator's own settings are not.
+            log.info(policy_summary(policy))
             log.debug("\n".join(policy))
     max_connections = fitting_cap(settings.max_connections, raise_open_file_limit())
     started = time.monotonic()

@@ -235,7 +235,8 @@ class ResidencyManager:
             model = await asyncio.to_thread(prepare_and_build)
             model.load_seconds = time.monotonic() - started
         except BaseException as exc:
-            del self._slots[spec.name]
+            # NOTE: a load cancelled by a shutdown may find its slot already gone
+            self._slots.pop(spec.name, None)
             if not slot.loading.done():
                 slot.loading.set_exception(exc if isinstance(exc, Exception) else ShoalError(repr(exc)))
                 slot.loading.exception()   # retrieved: no "never retrieved" warning
