@@ -62,12 +62,12 @@ def gemma3_path() -> Path:
     explicit = os.environ.get("SHOAL_TEST_GEMMA")
     if explicit:
         return Path(explicit)
-    model = BUILTIN_MODELS["gemma3:270m"]
+    model = BUILTIN_MODELS["gemma3:270m-pt"]
     for candidate in (builtin_path(model), Path("/tmp/models") / model.filename):
         if candidate.is_file() and candidate.stat().st_size == model.size:
             return candidate
     try:
-        return ensure_builtin_model("gemma3:270m")
+        return ensure_builtin_model("gemma3:270m-pt")
     except Exception as exc:  # noqa: BLE001 - any failure to fetch means "skip", not "fail"
         pytest.skip(f"gemma3 model unavailable: {exc}")
 

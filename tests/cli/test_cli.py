@@ -32,9 +32,11 @@ def shoal(*args: str, url: str, home: Path, stdin: str | None = None, timeout: f
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str,
                          progress: tuple[str, ...] = ()) -> None:
-    """Exit 1, one line on stderr (after the `progress` status lines, if any), no traceback."""
+    """Exit 1, one line on stderr (after the `progress` status lines, if any), no traceback.
+    The lines a second saying what the command waits on (`shoal: ... [3 s]`) are left out."""
     assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not re.match(r"^shoal: .* \[\d+ s\]$", line)]
     assert tuple(lines[:-1]) == progress, result.stderr
     assert lines[-1].startswith("shoal: ")
     assert "Traceback" not in result.stderr
@@ -393,10 +395,28 @@ def test_run_autostarts_a_server_and_reuses_it(smollm2_path, home):
         # detached: the server is in its own session, not the CLI's
         assert os.getsid(pid) == pid
 
+        # issue 17: a line at least every 2 s while the server starts and loads (their
+        # counters say when), each saying what it waits on
+        waits = [line for line in first.stderr.splitlines() if re.match(r"shoal: .* \[\d+ s\]$", line)]
+        assert waits, first.stderr
+        counters = [0] + [int(re.search(r"\[(\d+) s\]$", line)[1]) for line in waits]
+        assert max(b - a for a, b in zip(counters, counters[1:])) <= 2, first.stderr
+        assert any("loading smollm2:135m" in line for line in waits), first.stderr
+
         second = shoal("run", "smollm2", "hello", *SHORT, url=url, home=home, env=env, timeout=200)
         assert second.returncode == 0, second.stderr
         assert "starting" not in second.stderr
         assert _listening_pid(port) == pid
+
+        # issue 17: `shoal server status|stop` for the server `shoal run` started
+        status = shoal("server", "status", url=url, home=home, env=env)
+        assert status.returncode == 0 and f"pid {pid}" in status.stdout and "ready" in status.stdout
+        stop = shoal("server", "stop", url=url, home=home, env=env, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert _listening_pid(port) is None
+        assert not (home / f"server-{port}.pid").exists()   # the server removed it on exit
+        assert shoal("server", "status", url=url, home=home, env=env).returncode == 1
+        pid = None
     finally:
         pid = pid or _listening_pid(port)
         if pid is None and (home / f"server-{port}.pid").exists():

@@ -3,6 +3,7 @@ block, /set parameter typing, word wrapping and progress lines (no server)."""
 from __future__ import annotations
 
 import io
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -130,6 +131,43 @@ def test_progress_lines_off_a_terminal(capsys):
     assert last == {"status": "success"}
     assert capsys.readouterr().err.splitlines() == [
         "pulling manifest", "pulling abababababab: 100% 100 bytes", "verifying sha256 digest", "success"]
+
+
+def test_a_pull_that_goes_quiet_still_says_where_it_stands(capsys):
+    """A built-in pull sends no byte counts while pip downloads (seconds); off a terminal a
+    line a second still says where it stands (issue 17)."""
+    digest = "sha256:" + "cd" * 32
+
+    def events():
+        yield {"status": "pulling manifest"}
+        yield {"status": "pulling cdcd", "digest": digest, "total": 100, "completed": 0}
+        time.sleep(2.6)        # the server is downloading from PyPI: nothing arrives
+        yield {"status": "pulling cdcd", "digest": digest, "total": 100, "completed": 100}
+        yield {"status": "success"}
+
+    show_progress(events())
+    lines = capsys.readouterr().err.splitlines()
+    waits = [line for line in lines if line.startswith("shoal: pulling cdcdcdcdcdcd: 0% of 100 bytes [")]
+    assert len(waits) >= 2, lines
+    assert lines[-1] == "success"
+
+
+def test_the_held_back_word_is_dropped_after_ctrl_c():
+    """Ctrl-C mid-answer: nothing more prints, and the answer kept is what was shown."""
+    out = io.StringIO()
+    writer = AnswerWriter(out, wrap=True, width=40)
+    writer.write("Hello there, gene")
+    assert writer.finish(interrupted=True) == "Hello there, " == out.getvalue()
+
+
+def test_serve_help_explains_every_flag():
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "shoal", "serve", "--help"], capture_output=True,
+                           text=True, timeout=120, check=True).stdout
+    assert "fast: int8 kernels (default); exact: float weights" in " ".join(shown.split())
+    assert "--pid-file" in shown and "--verbose" in shown
 
 
 def test_api_error_kinds():

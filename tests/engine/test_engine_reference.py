@@ -130,9 +130,12 @@ def test_fused_fast_path_matches_the_unfused_int8_layers(smollm2_path):
     # when float operations are ordered differently, which moves logits by quantization
     # noise (fast vs exact differs by ~2-3 at the max). A wrong fused op differs by far more.
     # The runners-up can sit within that noise of each other (0.07 apart on an AVX-512/AMX
-    # machine), so their order may differ; which tokens they are may not.
+    # machine; 0.11 with the kernels built without FMA contraction, whose RoPE differs from
+    # the contracted build's in the last bit), so their order, and which of them makes the
+    # third place, may differ; each one's top 3 is within the other's top 5.
     assert int(fused[0].argmax()) == int(unfused.argmax())
-    assert set(fused[0].topk(3).indices.tolist()) == set(unfused.topk(3).indices.tolist())
+    assert set(fused[0].topk(3).indices.tolist()) <= set(unfused.topk(5).indices.tolist())
+    assert set(unfused.topk(3).indices.tolist()) <= set(fused[0].topk(5).indices.tolist())
     assert diff.mean() < 0.3 and diff.max() < 2.0
 
 

@@ -276,7 +276,7 @@ def test_list_show_ps_and_version(client, shoal_server) -> None:
     assert entry.details.quantization_level == "Q4_1" and entry.details.parameter_size == "135M"
 
     shown = client.show("smollm2")
-    assert shown.capabilities == ["completion", "tools"]     # tools: the built-in tool prompt
+    assert shown.capabilities == ["completion", "chat", "tools"]   # tools: the built-in tool prompt
     assert shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == 8192
     assert shown.modelinfo["llama.attention.head_count_kv"] == 3

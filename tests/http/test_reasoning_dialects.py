@@ -280,6 +280,6 @@ def test_ollama_think_true_on_a_model_without_reasoning(shoal_server) -> None:
 
 
 def test_show_capabilities(qwen, r1, shoal_server) -> None:
-    assert ollama.Client(host=qwen.url).show("qwen3ish").capabilities == ["completion", "tools", "thinking"]
-    assert ollama.Client(host=r1.url).show("r1ish").capabilities == ["completion", "tools", "thinking"]
-    assert ollama.Client(host=shoal_server.url).show("smollm2").capabilities == ["completion", "tools"]
+    assert ollama.Client(host=qwen.url).show("qwen3ish").capabilities == ["completion", "chat", "tools", "thinking"]
+    assert ollama.Client(host=r1.url).show("r1ish").capabilities == ["completion", "chat", "tools", "thinking"]
+    assert ollama.Client(host=shoal_server.url).show("smollm2").capabilities == ["completion", "chat", "tools"]

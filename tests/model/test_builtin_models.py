@@ -14,7 +14,8 @@ from shoal.model.builtin import BuiltinModel, WheelPart, ensure_builtin_model, f
 def test_names_and_aliases() -> None:
     assert find_builtin("smollm2").name == "smollm2:135m"
     assert find_builtin("SmolLM2:135M").name == "smollm2:135m"
-    assert find_builtin("gemma3:270m").filename.endswith(".gguf")
+    assert find_builtin("gemma3:270m-pt").filename.endswith(".gguf")
+    assert find_builtin("gemma3:270m") is None   # Ollama's instruct model: not built in (issue 17)
     assert find_builtin("llama3:70b") is None
     with pytest.raises(ModelNotFoundError):
         ensure_builtin_model("llama3:70b")
@@ -68,6 +69,6 @@ def test_a_wrong_hash_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
 
 
 def test_real_gemma_file_matches_its_hash(gemma3_path: Path) -> None:
-    model = builtin.BUILTIN_MODELS["gemma3:270m"]
+    model = builtin.BUILTIN_MODELS["gemma3:270m-pt"]
     assert gemma3_path.stat().st_size == model.size
     assert builtin.file_sha256(gemma3_path) == model.sha256

@@ -1,4 +1,4 @@
-"""Gemma 3 (gemma3:270m, Q4_K_M GGUF) in shoal's engine.
+"""Gemma 3 (gemma3:270m-pt, Q4_K_M GGUF) in shoal's engine.
 
 The reference is transformers' Gemma3ForCausalLM holding the same dequantized weights
 (float32, eager attention). Exact mode must match its logits within 2e-3, as the Llama
@@ -311,7 +311,7 @@ def test_greedy_answers_are_identical_alone_and_in_a_mixed_batch(gemma_llm) -> N
 
 
 def test_chat_stops_at_end_of_turn_with_a_sensible_answer(gemma_llm) -> None:
-    """gemma3:270m is Google's *pretrained* (base) checkpoint: it knows the turn format only
+    """gemma3:270m-pt is Google's *pretrained* (base) checkpoint: it knows the turn format only
     from context and puts <end_of_turn> ~10 logits below its top choice where a turn ends
     (transformers computes the same logits). A +12 logit bias on <end_of_turn> lets it end
     the turn there, which shows the stop path; the answer itself is the model's."""

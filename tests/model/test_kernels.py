@@ -1,6 +1,7 @@
 """The C++ CPU kernels against plain PyTorch on random data."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,18 @@ def test_small_int8_matmul_is_bit_identical_to_int_mm(rows):
     x = torch.randint(-127, 128, (rows, 576), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (1000, 576), dtype=torch.int8, generator=g)
     assert torch.equal(ops.int8_matmul_small(x, w), torch._int_mm(x, w.t()))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_fused_small_linear_is_bit_identical_to_its_two_steps(rows, with_bias):
+    g = torch.Generator().manual_seed(7 + rows)
+    x = torch.randint(-127, 128, (rows, 576), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (1000, 576), dtype=torch.int8, generator=g)
+    xs, ws = torch.rand(rows, 1, generator=g), torch.rand(1000, generator=g)
+    bias = torch.randn(1000, generator=g) if with_bias else torch.empty(0)
+    two_steps = ops.dequant_rows(ops.int8_matmul_small(x, w), xs, ws, bias)
+    assert torch.equal(ops.int8_linear_small(x, xs, w, ws, bias), two_steps)
 
 
 def _reference_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,20 +168,56 @@ def test_bfloat16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_a_stale_build_lock_does_not_hang_the_next_start() -> None:
-    """A first-run build killed half-way leaves torch's lock file; the next start must not wait forever."""
+def test_a_killed_build_leaves_nothing_the_next_start_trusts(tmp_path) -> None:
+    """A first-run build killed half-way (Ctrl-C) leaves a lock file and a half-built
+    directory; the next start must neither wait for the lock nor load the half-built library."""
     import subprocess
     import sys
-
-    from torch.utils.cpp_extension import _get_build_directory
 
     from shoal.model.kernels import cpu as cpu_kernels
 
     if cpu_kernels.load_cpu_kernels() is None:
         pytest.skip("no C++ toolchain: the kernels are not built here")
-    lock = Path(_get_build_directory(cpu_kernels._build_name(), verbose=False)) / "lock"
-    lock.touch()
-    code = "from shoal.model.kernels.cpu import load_cpu_kernels; assert load_cpu_kernels() is not None"
-    result = subprocess.run([sys.executable, "-c", code], timeout=300, capture_output=True, text=True)
+    cache = tmp_path / "kernels"
+    target = cpu_kernels.cache_root()   # this process's cache; the child gets an empty one
+    env = {**os.environ, "SHOAL_KERNEL_CACHE": str(cache)}
+    code = ("from shoal.model.kernels import cpu; import sys; "
+            "print(cpu._library_path(cpu._compiler(), cpu.select_isa()))")
+    lib = Path(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip())
+    cache.mkdir()
+    lib.with_suffix(".lock").touch()
+    (cache / ".build-killed").mkdir()
+    (cache / ".build-killed" / "lib.so").write_bytes(b"half a library")
+    code = ("from shoal.model.kernels.cpu import load_cpu_kernels, kernel_status; "
+            "assert load_cpu_kernels() is not None, kernel_status()")
+    result = subprocess.run([sys.executable, "-c", code], env=env, timeout=300,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert not lock.exists()
+    assert lib.exists() and target != cache
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi1", "bmi2",
+      "movbe", "f16c", "avx512_vnni"}, ("x86-64-v4-vnni", "-march=x86-64-v4")),
+    ({"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "sse4_2", "ssse3", "popcnt"},
+     ("x86-64-v3", "-march=x86-64-v3")),
+    ({"sse4_2", "ssse3", "popcnt"}, ("x86-64-v2", "-march=x86-64-v2")),
+    (set(), ("x86-64", "-march=x86-64")),
+])
+def test_the_instruction_set_follows_the_cpu_that_runs_and_never_native(flags, expected) -> None:
+    from shoal.model.kernels.cpu import select_isa
+
+    isa = select_isa(flags, "x86_64")
+    assert (isa.name, isa.flags[0]) == expected
+    assert not any("native" in flag for flag in isa.flags)
+    # An AVX2 machine sharing a cache with an AVX-512 one gets a library of its own.
+    assert select_isa(set(), "aarch64").flags == ()
+
+
+def test_the_variant_this_cpu_got_runs_here() -> None:
+    from shoal.model.kernels.cpu import kernel_status, select_isa
+
+    assert kernel_status().state == "ready"
+    assert kernel_status().isa == select_isa().name
+    assert ops.path.name.startswith(f"shoal_cpu_{select_isa().name}_")

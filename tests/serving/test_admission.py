@@ -160,7 +160,7 @@ def tight(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("tight")
     config = home / "shoal.toml"
     config.write_text(TIGHT_CONFIG)
-    server = LiveServer(smollm2_path, "--config", str(config), "--max-queue", "1",
+    server = LiveServer(smollm2_path, "--config", str(config), "--max-queue", "1", "--verbose",
                         "--served-model-name", MODEL, "--max-model-len", "2048",
                         "--kv-cache-bytes", "160MiB",
                         env={"SHOAL_MAX_QUEUE": "9", "SHOAL_MAX_QUEUE_BATCH": "1",

@@ -167,11 +167,11 @@ def test_a_killed_builtin_fetch_leaves_nothing_after_prune(tmp_path: Path, monke
 def test_builtin_gemma3_layers(tmp_path: Path, gemma3_path: Path) -> None:
     source = BuiltinSource(ensure=lambda name, cache_dir, progress=None: gemma3_path)
     store = ModelStore(tmp_path / "models", builtin=source)
-    store.pull("gemma3:270m")
-    manifest = store.manifests.read(store._name("gemma3:270m"))[0]
+    store.pull("gemma3:270m-pt")
+    manifest = store.manifests.read(store._name("gemma3:270m-pt"))[0]
     assert [layer.media_type for layer in manifest.layers] == [MEDIA_MODEL, MEDIA_PARAMS,
                                                               MEDIA_LICENSE]
-    resolved = store.resolve("gemma3:270m")
+    resolved = store.resolve("gemma3:270m-pt")
     assert resolved.params["stop"] == ["<end_of_turn>"] and resolved.params["top_k"] == 64
     assert "Gemma Terms of Use" in resolved.licenses[0]
     assert resolved.details.family == "gemma3"

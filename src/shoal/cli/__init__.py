@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from shoal.bench.cli import add_bench_command
     from shoal.cli.keys import add_keys_command
     from shoal.cli.local import add_local_commands
+    from shoal.cli.server_control import add_server_command
     from shoal.cli.top import add_top_command
 
     parser = argparse.ArgumentParser(
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_client_commands(sub)
     add_local_commands(sub)
+    add_server_command(sub)
     add_keys_command(sub)
     add_top_command(sub)
     add_bench_command(sub)

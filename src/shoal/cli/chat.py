@@ -13,6 +13,7 @@ from typing import Any
 from shoal.cli.client import CliError, Client, ErrorReply
 from shoal.cli.display import AnswerWriter, animated, timing_summary
 from shoal.cli.progress import show_progress
+from shoal.cli.waiting import Waiting, server_activity
 
 INT_PARAMS = {"num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "mirostat", "num_ctx", "num_batch",
               "num_gpu", "main_gpu", "num_thread", "num_gqa"}
@@ -94,7 +95,8 @@ def model_error(exc: ErrorReply, model: str, action: str = "") -> CliError:
 def ensure_model(client: Client, model: str) -> dict[str, Any]:
     """/api/show; on 404 pull the model (as `ollama run` does), then show it again."""
     try:
-        return client.show(model)
+        with Waiting(f"reading {model}'s details", lambda: server_activity(client.host.url)):
+            return client.show(model)
     except ErrorReply as exc:
         if not exc.not_found:
             raise model_error(exc, model) from None
@@ -120,8 +122,13 @@ def pull(client: Client, model: str, insecure: bool = False) -> None:
         show_progress(events, verb="pulling")
 
 
-def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]]) -> tuple[str, dict[str, Any], bool]:
+def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]],
+                say_waiting: bool = True) -> tuple[str, dict[str, Any], bool]:
     """Streams one answer to stdout. Returns (text, final event, interrupted).
+
+    While the first words are awaited, a line a second says so on stderr (`say_waiting`;
+    the interactive chat passes False: its spinner or its prompt says it), with what the
+    server is doing when it is doing more than answering (loading the model).
 
     Ctrl-C (KeyboardInterrupt) stops the answer: leaving the stream closes the connection,
     which aborts the request on the server, and the text so far is returned.
@@ -132,14 +139,22 @@ def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]]
     final: dict[str, Any] = {}
     err = Console(stderr=True)
     spinner = err.status("", spinner="dots") if animated(err) else None
+    # NOTE: a model that must load first (download, kernels, weights) is said, not silent.
+    waiting: Waiting | None = Waiting("waiting for the first words of the answer" if say_waiting else None,
+                                      lambda: server_activity(client.host.url),
+                                      sink=spinner.update if spinner else None)
     interrupted = False
     try:
         if spinner:
             spinner.start()
+        waiting.__enter__()
         with client.stream("POST", "/api/chat", opts.chat_body(messages)) as events:
             for event in events:
                 message = event.get("message") or {}
                 content = message.get("content") or ""
+                if content and waiting:
+                    waiting.__exit__()
+                    waiting = None
                 if content and spinner:
                     spinner.stop()
                     spinner = None
@@ -149,9 +164,11 @@ def stream_chat(client: Client, opts: RunOptions, messages: list[dict[str, Any]]
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if waiting:
+            waiting.__exit__()
         if spinner:
             spinner.stop()
-        text = writer.finish()
+        text = writer.finish(interrupted)
     return text, final, interrupted
 
 

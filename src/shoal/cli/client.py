@@ -320,15 +320,16 @@ def start_server(client: Client) -> None:
             listen = host.host if host.host not in ("", "localhost") else "127.0.0.1"
             # NOTE: the server writes and rotates the log itself (SHOAL_LOG_MAX_BYTES); the
             # redirection below only catches what it prints before its logging starts.
+            pid_path = shoal_home() / f"server-{host.port}.pid"
             args = [sys.executable, "-m", "shoal", "serve", "--host", listen, "--port", str(host.port),
-                    "--log-file", str(log_path)]
+                    "--log-file", str(log_path), "--pid-file", str(pid_path)]
             with open(log_path, "ab") as log:
                 log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} shoal: starting {' '.join(args)}\n"
                           .encode())
                 log.flush()
                 process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True, close_fds=True, env=_server_env())
-            (shoal_home() / f"server-{host.port}.pid").write_text(f"{process.pid}\n")
+            pid_path.write_text(f"{process.pid}\n")   # the server writes it too, and removes it
             _wait_ready(client, process, log_path)
         finally:
             _unlock(lock)
@@ -343,21 +344,18 @@ def _server_env() -> dict[str, str]:
 
 
 def _wait_ready(client: Client, process: subprocess.Popen, log_path: Path) -> None:
-    from rich.console import Console
-
-    from shoal.cli.display import animated
+    from shoal.cli.waiting import Waiting, server_activity
 
     try:
         timeout = float(os.environ.get("SHOAL_AUTOSTART_TIMEOUT", "") or 600)
     except ValueError:
         timeout = 600.0
-    console = Console(stderr=True)
     deadline = time.monotonic() + timeout
-    message = f"starting a shoal server on {client.host.url} (log: {log_path})"
-    live = animated(console)
-    if not live:
-        print(f"shoal: {message}", file=sys.stderr, flush=True)
-    with console.status(message) if live else _nullcontext():
+    print(f"shoal: starting a shoal server on {client.host.url} (log: {log_path})", file=sys.stderr,
+          flush=True)
+    # NOTE: until its port opens the server is importing; then /readyz says what it does
+    # (downloading the model, building the CPU kernels, loading).
+    with Waiting("starting the server", lambda: server_activity(client.host.url)):
         while time.monotonic() < deadline:
             code = process.poll()
             if client.heartbeat(timeout=1.0):
@@ -380,11 +378,6 @@ def _last_log_line(log_path: Path) -> str:
         if line.startswith("shoal:") or "Error" in line:
             return f" ({line.strip()[:300]})"
     return ""
-
-
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
 
 
 def _lock(handle) -> None:

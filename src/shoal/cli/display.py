@@ -248,12 +248,17 @@ class AnswerWriter:
         self.column += len(self.word)
         self.word = ""
 
-    def finish(self) -> str:
-        """Writes what is held back; returns the whole answer."""
+    def finish(self, interrupted: bool = False) -> str:
+        """Writes what is held back; returns the answer as written. After Ctrl-C
+        (`interrupted`) the held-back word is dropped instead: nothing prints after the ^C."""
+        text = "".join(self.text)
+        if interrupted and self.word:
+            text = text[: len(text) - len(self.word)]
+            self.word = ""
         if self.width:
             self._flush_word()
         self.out.flush()
-        return "".join(self.text)
+        return text
 
 
 def _isatty(stream: Any) -> bool:

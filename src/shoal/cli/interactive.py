@@ -190,7 +190,7 @@ class Chat:
         user = {"role": "user", "content": text}
         messages = [*self.opts.messages, user]
         try:
-            answer, final, interrupted = stream_chat(self.client, self.opts, messages)
+            answer, final, interrupted = stream_chat(self.client, self.opts, messages, say_waiting=False)
         except ErrorReply as exc:
             print(f"\nerror: {model_error(exc, self.opts.model)}", flush=True)
             return
@@ -326,6 +326,12 @@ class Chat:
             print(f"error: couldn't get model: {exc}")
             return
         if what == "info":
+            # what this chat uses: the model's parameters with /set parameter's on top
+            if self.opts.options:
+                info = {**info, "parameters": _merged_parameters(str(info.get("parameters") or ""),
+                                                                 self.opts.options)}
+            if self.opts.system:
+                info = {**info, "system": self.opts.system}
             print_info(info)
         elif what == "license":
             print(show_field(info, "license") or "No license was specified for this model.")
@@ -410,6 +416,17 @@ class Chat:
             print(f"error: {exc}")
             return
         print(f"Created new model '{args[1]}'")
+
+
+def _merged_parameters(model_params: str, options: dict[str, Any]) -> str:
+    """The model's `parameters` text (`name value` lines) with the session's options instead
+    of the model's for the names both set (a list, like stop, gives one line per value)."""
+    rows = [line for line in model_params.splitlines()
+            if line.split(None, 1) and line.split(None, 1)[0] not in options]
+    for name, value in options.items():
+        for item in value if isinstance(value, list) else [value]:
+            rows.append(f"{name:<30} {_go_value(item)}")
+    return "\n".join(rows)
 
 
 def _go_value(value: Any) -> str:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -159,12 +161,27 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     from shoal.http.server import serve
 
+    pid_file = Path(args.pid_file) if args.pid_file else None
+    if pid_file:
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
     try:
-        serve(config, settings, policy_lines(resolved))
+        serve(config, settings, policy_lines(resolved), verbose=args.verbose)
     except ShoalError as exc:
         print(f"shoal: {exc}", file=sys.stderr)
         return 1
+    finally:
+        # NOTE: only our own pid: a newer server on the same port may have replaced the file.
+        if pid_file and _reads_pid(pid_file) == os.getpid():
+            pid_file.unlink(missing_ok=True)
     return 0
+
+
+def _reads_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def add_local_commands(sub) -> None:
@@ -186,8 +203,11 @@ def add_local_commands(sub) -> None:
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; SHOAL_HOST)")
     serve.add_argument("--port", "-p", type=int, default=None, help="port (default 11434; SHOAL_PORT)")
     serve.add_argument("--served-model-name", default=None, help="the name clients use for the model (several: comma-separated, first reported)")
-    serve.add_argument("--compute", choices=("fast", "exact"), default=None)
+    serve.add_argument("--compute", choices=("fast", "exact"), default=None,
+                       help="fast: int8 kernels (default); exact: float weights (SHOAL_COMPUTE)")
     serve.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    serve.add_argument("--verbose", action="store_true",
+                       help="log every effective setting at start, not just those changed")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     serve.add_argument("--kv-cache-bytes", default=None, help="KV cache budget, e.g. 2GiB")
     serve.add_argument("--max-num-seqs", type=int, default=None, help="largest running batch")
@@ -206,6 +226,9 @@ def add_local_commands(sub) -> None:
                        help="on SIGTERM/SIGINT, how long running requests may finish, e.g. 30s")
     serve.add_argument("--auth", choices=("auto", "on", "off"), default=None,
                        help="API keys: auto (required unless on loopback; default), on, off (SHOAL_AUTH)")
+    serve.add_argument("--pid-file", default=None,
+                       help="write the server's pid here, removed when it exits (`shoal run` passes "
+                            "$SHOAL_HOME/server-PORT.pid; `shoal server stop` reads it)")
     serve.add_argument("--log-file", default=None,
                        help="log to this file instead of stderr, rotated by size (SHOAL_LOG_FILE)")
     serve.set_defaults(func=_serve)

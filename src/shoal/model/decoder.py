@@ -27,7 +27,7 @@ from torch import nn
 from shoal.core.errors import CorruptModelError
 from shoal.model.config import ModelConfig
 from shoal.model.layers.attention import AttentionMetadata, paged_attention
-from shoal.model.layers.linear import Int8Linear, int8_matmul, make_linear
+from shoal.model.layers.linear import Int8Linear, int8_linear_fused, make_linear
 from shoal.model.layers.norm import RMSNorm
 from shoal.model.layers.rotary import RotaryEmbedding
 
@@ -101,8 +101,8 @@ class Attention(nn.Module):
                       kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                       ops) -> torch.Tensor:
         """The same from the int8 stream (xq, row scales xs), with the fused C++ ops."""
-        qkv = ops.dequant_rows(int8_matmul(xq, self.qkv_proj.qweight, ops), xs,
-                               self.qkv_proj.scale, self.qkv_bias)
+        qkv = int8_linear_fused(xq, xs, self.qkv_proj.qweight, self.qkv_proj.scale,
+                                self.qkv_bias, ops)
         if self.q_norm is None:
             q, k, v = ops.rope_split(qkv, positions, rope.cos, rope.sin, self.num_heads,
                                      self.num_kv_heads, self.head_dim)
@@ -113,8 +113,7 @@ class Attention(nn.Module):
                                              self.head_dim)
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, window)
         xq, xs = ops.quant_rows(attn, self.o_inv_smooth)
-        return ops.dequant_rows(int8_matmul(xq, self.o_proj.qweight, ops), xs,
-                                self.o_proj.scale, self.empty)
+        return int8_linear_fused(xq, xs, self.o_proj.qweight, self.o_proj.scale, self.empty, ops)
 
 
 class MLP(nn.Module):
@@ -140,11 +139,11 @@ class MLP(nn.Module):
                               * gate_up[:, self.intermediate:])
 
     def forward_fused(self, xq: torch.Tensor, xs: torch.Tensor, ops) -> torch.Tensor:
-        gate_up = ops.dequant_rows(int8_matmul(xq, self.gate_up_proj.qweight, ops), xs,
-                                   self.gate_up_proj.scale, self.empty)
+        gate_up = int8_linear_fused(xq, xs, self.gate_up_proj.qweight, self.gate_up_proj.scale,
+                                    self.empty, ops)
         xq, xs = self.activation_mul_quant(gate_up, self.down_inv_smooth)
-        return ops.dequant_rows(int8_matmul(xq, self.down_proj.qweight, ops), xs,
-                                self.down_proj.scale, self.empty)
+        return int8_linear_fused(xq, xs, self.down_proj.qweight, self.down_proj.scale,
+                                 self.empty, ops)
 
 
 class DecoderLayer(nn.Module):

@@ -35,6 +35,7 @@ class ModelSpec:
     digest: str | None = None         # of the manifest (store) or None
     modified_at: float | None = None
     pinned: bool = False              # loaded at start and never unloaded (`serve --model`)
+    parent_model: str = ""            # what a Modelfile's FROM named (store models)
 
     def matches(self, name: str) -> bool:
         wanted = {name.strip().lower(), normalize_name(name)}
@@ -82,12 +83,15 @@ class ChainCatalog:
         raise UnknownModelError(name, [s.name for s in self.specs()])
 
     def specs(self) -> list[ModelSpec]:
-        seen: set[str] = set()
-        out = []
+        """The models a name can reach: a later catalog's model whose name an earlier one
+        answers to (the store's `smollm2:latest`, pulled for a Modelfile's `FROM smollm2`, behind
+        the served `smollm2:135m` that answers to `smollm2`) is shadowed, so not listed."""
+        out: list[ModelSpec] = []
         for catalog in self.catalogs:
+            earlier = list(out)
             for spec in catalog.specs():
-                if normalize_name(spec.name) not in seen:
-                    seen.add(normalize_name(spec.name))
+                if not any(e.matches(spec.name) for e in earlier) and \
+                        not any(normalize_name(o.name) == normalize_name(spec.name) for o in out):
                     out.append(spec)
         return out
 
@@ -107,7 +111,7 @@ class StoreCatalog:
             name=resolved.name, path=Path(resolved.weights), options=dict(resolved.params),
             template=resolved.template, system=resolved.system, messages=list(resolved.messages),
             adapters=list(resolved.adapter_paths), license=list(resolved.licenses),
-            digest=resolved.digest,
+            digest=resolved.digest, parent_model=resolved.details.parent_model,
             modified_at=resolved.modified_at.timestamp() if resolved.modified_at else None)
 
     def specs(self) -> list[ModelSpec]:

@@ -61,14 +61,50 @@ def estimate_bytes(spec: ModelSpec, base: EngineConfig) -> int:
 
 
 def make_residency(engine_config: EngineConfig, settings: ServerSettings,
-                   store=None) -> ResidencyManager:
+                   store=None, load_now: bool = True) -> ResidencyManager:
     """The catalog (the --model, then the model store) and its residency.
 
-    The --model (or the default model when none is given) is loaded now and pinned.
+    The --model (or the default model when none is given) is pinned: loaded now, or with
+    `load_now=False` left to `load_pinned_model` once the event loop runs (the server then
+    answers, and says what it is doing, while the model downloads and loads).
     """
     started = time.monotonic()
     name, aliases = served_name(engine_config.model, settings.served_model_name)
+    if not load_now:
+        spec = ModelSpec(name=name, path=planned_model_path(engine_config.model), aliases=aliases,
+                         pinned=True)
+        residency = _residency(engine_config, settings, store, spec)
+        residency.pinned_spec = spec
+        return residency
     spec = ModelSpec(name=name, path=resolve_model(engine_config.model), aliases=aliases, pinned=True)
+    residency = _residency(engine_config, settings, store, spec)
+    model = build_served_model(spec, engine_config)
+    residency.adopt(model, pinned=True)
+    log.info("model %s loaded in %.2fs (context %d tokens, %d KV blocks)", name,
+             time.monotonic() - started, model.info.max_model_len, model.info.num_blocks)
+    return residency
+
+
+async def load_pinned_model(residency: ResidencyManager, engine_config: EngineConfig) -> None:
+    """Downloads (the default model, once) and loads the pinned model of `make_residency(...,
+    load_now=False)`; requests for it wait meanwhile."""
+    spec = residency.pinned_spec
+    started = time.monotonic()
+    await residency.load_pinned(spec, lambda: resolve_model(engine_config.model))
+    model = residency.get_loaded(spec.name)
+    log.info("model %s loaded in %.2fs (context %d tokens, %d KV blocks)", spec.name,
+             time.monotonic() - started, model.info.max_model_len, model.info.num_blocks)
+
+
+def planned_model_path(model_spec: str | None) -> Path:
+    """Where the model of `--model` is or will be, without downloading it."""
+    if model_spec is None or model_spec.strip().lower() in DEFAULT_MODEL_ALIASES:
+        return default_model_path()
+    return Path(model_spec).expanduser()
+
+
+def _residency(engine_config: EngineConfig, settings: ServerSettings, store,
+               spec: ModelSpec) -> ResidencyManager:
     catalogs = [StaticCatalog([spec])]
     if store is not None:
         catalogs.append(StoreCatalog(store))
@@ -78,8 +114,4 @@ def make_residency(engine_config: EngineConfig, settings: ServerSettings,
         max_loaded=settings.max_loaded_models, memory_budget=settings.memory_budget,
         default_keep_alive=settings.keep_alive, load_timeout=settings.load_timeout,
         estimate=lambda s: estimate_bytes(s, engine_config))
-    model = build_served_model(spec, engine_config)
-    residency.adopt(model, pinned=True)
-    log.info("model %s loaded in %.2fs (context %d tokens, %d KV blocks)", name,
-             time.monotonic() - started, model.info.max_model_len, model.info.num_blocks)
     return residency

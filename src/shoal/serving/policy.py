@@ -131,6 +131,15 @@ def policy_lines(config: ServeConfig) -> list[str]:
     return lines
 
 
+def policy_summary(lines: list[str] | tuple[str, ...]) -> str:
+    """policy_lines() in one log line: the header, the settings not at their defaults, notes."""
+    header, *settings = lines
+    changed = [line.strip() for line in settings if not line.endswith("(default)")]
+    defaults = len(settings) - len(changed)
+    return (f"{header.rstrip(':')}: {'; '.join(changed) or 'all defaults'}"
+            f" (+{defaults} at their defaults: `shoal serve --verbose` or SHOAL_LOG_LEVEL=debug lists them)")
+
+
 def _show(value: Any) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "unlimited"

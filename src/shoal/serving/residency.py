@@ -43,6 +43,8 @@ class _Slot:
     spec: ModelSpec
     model: ServedModel | None = None
     loading: asyncio.Future | None = None
+    phase: str = ""                   # while loading: what the load is doing (for /api/ps)
+    phase_since: float = field(default_factory=time.monotonic)
     active: int = 0
     keep_alive: float = 300.0
     idle_since: float = field(default_factory=time.monotonic)
@@ -77,6 +79,7 @@ class ResidencyManager:
         self._reaper: asyncio.Task | None = None
         self.loads_total = 0
         self.unloads_total = 0
+        self.pinned_spec: ModelSpec | None = None   # the --model, when it loads after the start
 
     def add_load_listener(self, listener: Callable[[ServedModel], None]) -> None:
         """`listener(model)` runs on the event loop after each load (metrics register here)."""
@@ -97,6 +100,12 @@ class ResidencyManager:
 
     def __iter__(self):
         return iter(self.loaded())
+
+    def loading(self) -> list[tuple[str, str, float, bool]]:
+        """The loads in progress: (name, phase, seconds in that phase, pinned)."""
+        now = time.monotonic()
+        return [(s.spec.name, s.phase, now - s.phase_since, s.spec.pinned)
+                for s in self._slots.values() if s.loading is not None]
 
     def get_loaded(self, name: str) -> ServedModel | None:
         slot = self._slots.get(self._key(name))
@@ -176,6 +185,12 @@ class ResidencyManager:
         self._slots[spec.name] = _Slot(spec=spec, model=model, keep_alive=self.default_keep_alive)
         self.loads_total += 1
 
+    async def load_pinned(self, spec: ModelSpec, prepare: Callable[[], None] | None = None) -> None:
+        """Loads a pinned model while the server already answers (`serve --model`): requests
+        for it wait for this load. `prepare` (a download) runs first, on the worker thread."""
+        spec.pinned = True
+        await self._load(spec, None, prepare)
+
     async def preload(self, name: str, keep_alive: float | None = None) -> ServedModel:
         """Loads a model without a request (Ollama's empty-prompt call); it idles from now."""
         model = await self.acquire(name, keep_alive)
@@ -197,17 +212,31 @@ class ResidencyManager:
         return True
 
     # ---- loading and room ------------------------------------------------------------------
-    async def _load(self, spec: ModelSpec, keep_alive: float | None) -> None:
+    async def _load(self, spec: ModelSpec, keep_alive: float | None,
+                    prepare: Callable[[], None] | None = None) -> None:
         slot = _Slot(spec=spec, keep_alive=self.default_keep_alive if keep_alive is None else keep_alive)
         slot.loading = asyncio.get_running_loop().create_future()
         self._slots[spec.name] = slot
+
+        def set_phase(phase: str) -> None:
+            slot.phase, slot.phase_since = phase, time.monotonic()
+
+        def prepare_and_build() -> ServedModel:
+            if prepare is not None:
+                set_phase("downloading")
+                prepare()
+            set_phase("loading")
+            return self._build(spec)
+
         try:
+            set_phase("waiting for room")
             await self._make_room(spec)
             started = time.monotonic()
-            model = await asyncio.to_thread(self._build, spec)
+            model = await asyncio.to_thread(prepare_and_build)
             model.load_seconds = time.monotonic() - started
         except BaseException as exc:
-            del self._slots[spec.name]
+            # NOTE: a load cancelled by a shutdown may find its slot already gone
+            self._slots.pop(spec.name, None)
             if not slot.loading.done():
                 slot.loading.set_exception(exc if isinstance(exc, Exception) else ShoalError(repr(exc)))
                 slot.loading.exception()   # retrieved: no "never retrieved" warning

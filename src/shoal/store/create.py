@@ -341,8 +341,9 @@ class Creator:
         manifest = found[0]
         self.keep(manifest.digests())
         config = self.store.blobs.read_json(manifest.config.digest, default={})
-        return list(manifest.layers), ModelDetails.from_config(config if isinstance(config, dict)
-                                                               else {})
+        details = ModelDetails.from_config(config if isinstance(config, dict) else {})
+        details.parent_model = name.display   # what `show` reports as details.parent_model
+        return list(manifest.layers), details
 
     def keep(self, digests: set[str]) -> None:
         """Leases blobs this model reuses; a missing one is an error now, not a broken model."""

@@ -34,10 +34,11 @@ class ModelDetails:
     parameter_size: str = ""          # "134.52M"
     quantization_level: str = ""      # "Q4_1", "BF16", ...
     parameter_count: int = 0
+    parent_model: str = ""            # the model a Modelfile's FROM named (Ollama's field)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": self.format, "family": self.family, "families": list(self.families),
-                "parameter_size": self.parameter_size,
+        return {"parent_model": self.parent_model, "format": self.format, "family": self.family,
+                "families": list(self.families), "parameter_size": self.parameter_size,
                 "quantization_level": self.quantization_level}
 
     def to_config(self, layer_digests: list[str]) -> dict[str, Any]:
@@ -45,6 +46,7 @@ class ModelDetails:
         return {"model_format": self.format, "model_family": self.family,
                 "model_families": list(self.families), "model_type": self.parameter_size,
                 "file_type": self.quantization_level, "parameter_count": self.parameter_count,
+                **({"parent_model": self.parent_model} if self.parent_model else {}),
                 "rootfs": {"type": "layers", "diff_ids": list(layer_digests)}}
 
     @classmethod
@@ -58,7 +60,8 @@ class ModelDetails:
                    families=[f for f in families if isinstance(f, str)]
                    if isinstance(families, list) else [],
                    parameter_size=text("model_type"), quantization_level=text("file_type"),
-                   parameter_count=count if isinstance(count, int) else 0)
+                   parameter_count=count if isinstance(count, int) else 0,
+                   parent_model=text("parent_model"))
 
 
 def human_parameter_count(n: int) -> str:

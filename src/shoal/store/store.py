@@ -28,6 +28,7 @@ from typing import Any
 
 from shoal.core.errors import CorruptModelError, UnknownModelError
 from shoal.core.scratch import hold, remove_abandoned
+from shoal.model.builtin import not_builtin_hint
 from shoal.store.blobs import DIRS_DIR, BlobStore
 from shoal.store.create import Creator, LocalPaths, manifest_for
 from shoal.store.errors import PullError, RegistryError
@@ -393,8 +394,14 @@ class ModelStore:
                 pulled = source.pull(model, self.blobs, lease, reporter)
                 manifest = manifest_for(self.blobs, pulled.layers, pulled.details, lease)
             else:
-                manifest, data = self.registry.pull(model, self.blobs, lease, reporter,
-                                                    insecure=insecure)
+                try:
+                    manifest, data = self.registry.pull(model, self.blobs, lease, reporter,
+                                                        insecure=insecure)
+                except (UnknownModelError, PullError) as exc:
+                    hint = not_builtin_hint(model.display)
+                    if hint:   # e.g. gemma3:270m: say which built-in model is meant
+                        exc.args = (f"{exc.args[0] if exc.args else exc}; {hint}",)
+                    raise
             reporter.status("writing manifest")
             self._write_manifest(model, manifest, lease, data)
         reporter.status("success")

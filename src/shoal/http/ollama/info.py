@@ -11,10 +11,12 @@ from shoal.model.encoder_loader import is_encoder_model
 from shoal.serving.capabilities import model_capabilities
 from shoal.serving.catalog import ModelSpec
 from shoal.serving.served import ServedModel
+from shoal.store.modelinfo import gguf_details
 
 # GGUF metadata per (path, mtime): read once (the token list is large), then served from memory.
 _metadata_cache: dict[tuple[str, int], dict[str, Any]] = {}
 _metadata_lock = threading.Lock()
+_quantization_cache: dict[tuple[str, int], str] = {}
 
 # Ollama leaves these out of model_info (the name is in the reply; the template has its own field).
 _HIDDEN_KEYS = ("general.name", "tokenizer.chat_template")
@@ -26,7 +28,11 @@ def _weights_path(model: ServedModel) -> Path:
 
 
 def modified_at(model: ServedModel) -> str:
-    """When the weights last changed (Ollama reports when the model was pulled or created)."""
+    """When the model was pulled or created (its manifest; Ollama's meaning), else when its
+    weights last changed. NOTE: not the weights' time for a stored model: a model created
+    from another shares its blob, and would look as old as the model it came from."""
+    if model.spec is not None and model.spec.modified_at is not None:
+        return timestamp(datetime.fromtimestamp(model.spec.modified_at, timezone.utc))
     try:
         mtime = _weights_path(model).stat().st_mtime
     except OSError:
@@ -40,14 +46,37 @@ def model_format(model: ServedModel) -> str:
 
 
 def details(model: ServedModel) -> dict[str, Any]:
+    # NOTE: a GGUF's own file type (Q4_K_M), as Ollama reports it, not the most common type
+    # of the weights loaded (F32: a Q4_K_M file also holds many small float tensors).
+    quantization = model.info.quantization
+    if model.info.model_format == "gguf":
+        quantization = file_quantization(Path(model.info.model_path)) or quantization
     return {
-        "parent_model": "",
+        "parent_model": model.spec.parent_model if model.spec is not None else "",
         "format": model_format(model),
         "family": model.family,
         "families": [model.family],
         "parameter_size": model.parameter_size,
-        "quantization_level": model.info.quantization,
+        "quantization_level": quantization,
     }
+
+
+def file_quantization(path: Path) -> str:
+    """A GGUF's quantization as its header says (general.file_type, else its weights' bytes)."""
+    try:
+        key = (str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return ""
+    with _metadata_lock:
+        cached = _quantization_cache.get(key)
+    if cached is None:
+        try:
+            cached = gguf_details(path).quantization_level
+        except Exception:  # noqa: BLE001 - an unreadable header only loses this detail
+            cached = ""
+        with _metadata_lock:
+            _quantization_cache[key] = cached
+    return cached
 
 
 def spec_details(spec: ModelSpec) -> dict[str, Any]:
@@ -55,17 +84,9 @@ def spec_details(spec: ModelSpec) -> dict[str, Any]:
     path = Path(spec.path)
     meta = metadata_of(path) or {}
     family = str(meta.get("general.architecture", ""))
-    file_type = meta.get("general.file_type")
-    quantization = ""
-    if file_type is not None:
-        try:
-            import gguf
-
-            quantization = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
-        except (ValueError, ImportError):
-            quantization = str(file_type)
+    quantization = "" if path.is_dir() else file_quantization(path)
     return {
-        "parent_model": "",
+        "parent_model": spec.parent_model,
         "format": "safetensors" if path.is_dir() else "gguf",
         "family": family,
         "families": [family] if family else None,
@@ -85,8 +106,16 @@ def spec_modified_at(spec: ModelSpec) -> str:
 
 
 def capabilities(model: ServedModel) -> list[str]:
-    return model_capabilities(model.chat_template_text, model.tokenizer.token_to_id,
-                              embedding_only=model.info.embedding_only)
+    return model_capabilities(
+        model.chat_template_text, model.tokenizer.token_to_id, embedding_only=model.info.embedding_only,
+        base_model=is_base_model(_gguf_metadata(model), model.spec.template if model.spec else None))
+
+
+def is_base_model(metadata: dict[str, Any] | None, template: str | None) -> bool:
+    """A base (pretrained) model continues text: its GGUF has no chat template and no
+    Modelfile TEMPLATE gives it one (Gemma 3 270M pt). shoal would still format a chat for
+    it (a family fallback), but the model was never taught to answer one."""
+    return metadata is not None and not metadata.get("tokenizer.chat_template") and not template
 
 
 def _gguf_metadata(model: ServedModel) -> dict[str, Any] | None:
@@ -217,9 +246,13 @@ def show_stored(store, name: str) -> dict[str, Any]:
     template = shown.get("template") or ""
     meta = metadata_of(Path(store.resolve(name).weights)) or {}
     if not template:
+        # no Modelfile TEMPLATE: the model's own chat template, as show() of a loaded model says
         template = str(meta.get("tokenizer.chat_template", ""))
+        shown["template"] = template
     tokens = meta.get("tokenizer.ggml.tokens") or ()
     vocab = set(t for t in tokens if t in ("<think>", "</think>"))
-    shown["capabilities"] = model_capabilities(template, lambda t: 0 if t in vocab else None,
-                                               embedding_only=is_encoder_model(store.resolve(name).weights))
+    weights = store.resolve(name).weights
+    shown["capabilities"] = model_capabilities(
+        template, lambda t: 0 if t in vocab else None, embedding_only=is_encoder_model(weights),
+        base_model=is_base_model(metadata_of(Path(weights)), shown.get("template") or None))
     return shown

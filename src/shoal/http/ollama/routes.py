@@ -20,6 +20,7 @@ from shoal.http.ollama.thinking import resolve_think
 from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
 from shoal.http.openapi_bodies import json_body
+from shoal.serving.activity import server_activity
 from shoal.serving.catalog import ModelSpec, path_size
 from shoal.serving.disconnect import run_until_disconnect
 from shoal.serving.thinking import thinking_for
@@ -190,11 +191,11 @@ async def show(request: Request) -> Response:
         raise HttpError(400, "model is required", param="model")
     residency = request.app.state.residency
     canonical = serving.check_model_name(residency, name)
-    loaded = residency.get_loaded(canonical)
     store = getattr(request.app.state, "store", None)
-    if loaded is None and store is not None and residency.resolve(canonical).digest is not None \
+    if store is not None and residency.resolve(canonical).digest is not None \
             and await asyncio.to_thread(store.exists, canonical):
-        # A stored model that is not loaded: answered from the store, without loading it.
+        # A stored model, loaded or not: the store knows what its Modelfile set (SYSTEM,
+        # TEMPLATE, PARAMETERs, messages, FROM), which is what the model uses; no load needed.
         return JSONResponse(await asyncio.to_thread(model_info.show_stored, store, canonical))
     model = await serving.acquire_model(residency, name)
     try:
@@ -223,7 +224,13 @@ async def ps(request: Request) -> dict[str, Any]:
             "size_vram": total if on_gpu else 0,
             "context_length": serving.served_context(model),
         })
-    return {"models": models}
+    # shoal's addition (Ollama clients ignore unknown keys): what the server is doing, e.g.
+    # "loading smollm2:135m: downloading (4 s); building the CPU kernels (x86-64-v3, 2 s)".
+    reply: dict[str, Any] = {"models": models, "status": request.app.state.lifecycle.state}
+    activity = server_activity(residency)
+    if activity:
+        reply["activity"] = activity
+    return reply
 
 
 _GO_MAX_DURATION_S = (2**63 - 1) / 1e9

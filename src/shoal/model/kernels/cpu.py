@@ -1,92 +1,432 @@
-"""Builds (once, cached) and loads shoal's C++ CPU kernels; None when unavailable.
+"""Builds (once, cached, in seconds) and loads shoal's C++ CPU kernels; None when unavailable.
 
-The kernels are compiled on first use with the machine's C++ compiler through
-torch.utils.cpp_extension and cached under ~/.cache/torch_extensions (or
-TORCH_EXTENSIONS_DIR). Where no compiler is present, or SHOAL_CPU_KERNELS=0,
-shoal falls back to pure PyTorch paths with identical semantics.
+The kernels (csrc/) are plain C++ with C entry points and a small CPython module
+(pymodule.cpp) that takes data pointers and sizes, all without torch's headers: the machine's
+compiler builds them in a few seconds (the torch extension they replaced took 2-5 minutes),
+into ~/.cache/shoal/kernels (or SHOAL_KERNEL_CACHE). `CpuKernels` allocates the outputs and
+keeps the tensor-level interface the model uses.
+
+The instruction set is picked at run time from this CPU's flags (`select_isa`), and each
+variant is built and cached under its own name with flags naming that instruction set, never
+-march=native: a cache shared by machines with different CPUs (a home directory on NFS, a
+container image) can then never hand a machine code it cannot run (SIGILL).
+
+Where no compiler is present, or SHOAL_CPU_KERNELS=0, shoal uses pure PyTorch paths with
+the same semantics. `start_build` begins the build on a thread so that a server can
+download and load its model meanwhile; `kernel_status` says where it stands.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+
+import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("bindings.cpp", "paged_attention.cpp", "fused_ops.cpp", "sampling.cpp")]
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_tried = False
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "pymodule.cpp")
+_HEADERS = ("common.h",)
 
 
-def _build_name() -> str:
-    digest = hashlib.sha256()
-    for source in _SOURCES:
-        digest.update(source.read_bytes())
-    # NOTE: the build compiles against one torch's headers (their path is in build.ninja);
-    # two environments sharing a name would rebuild each other's cache back and forth.
-    import torch
+@dataclass(frozen=True)
+class Isa:
+    """One build variant: a name and the compiler flags that target exactly that ISA."""
 
-    digest.update(f"{torch.__version__} {Path(torch.__file__).parent}".encode())
-    # NOTE: -march=native code is only valid on the CPU that built it.
-    digest.update(platform.processor().encode())
+    name: str
+    flags: tuple[str, ...]
+
+
+# x86-64 micro-architecture levels (psABI), best first, with the /proc/cpuinfo flags each needs.
+_X86_LEVELS = (
+    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma",
+                   "bmi2", "movbe"}),
+    ("x86-64-v3", {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"}),
+    ("x86-64-v2", {"sse4_2", "ssse3", "popcnt"}),
+)
+
+
+def select_isa(cpu_flags: set[str] | None = None, machine: str | None = None) -> Isa:
+    """The best variant this CPU runs (its flags from /proc/cpuinfo unless given)."""
+    machine = machine or platform.machine()
+    if machine not in ("x86_64", "AMD64"):
+        return Isa("generic", ())   # the compiler's default target for this architecture
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    for level, needed in _X86_LEVELS:
+        if needed <= flags:
+            extra = ("-mavx512vnni",) if level == "x86-64-v4" and "avx512_vnni" in flags else ()
+            name = level + ("-vnni" if extra else "")
+            return Isa(name, (f"-march={level}", *extra))
+    return Isa("x86-64", ("-march=x86-64",))
+
+
+def _cpu_flags() -> set[str]:
     try:
-        digest.update(Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0])
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return f"shoal_cpu_ops_{digest.hexdigest()[:12]}"
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
-def load_cpu_kernels() -> ModuleType | None:
-    """The compiled module, or None if kernels are disabled or cannot be built."""
-    global _module, _tried
-    with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        if os.environ.get("SHOAL_CPU_KERNELS", "1") in ("0", "false", "no", "off"):
-            return None
-        try:
-            from filelock import FileLock
-            from torch.utils.cpp_extension import _get_build_directory, load
-
-            name = _build_name()
-            build_dir = Path(_get_build_directory(name, verbose=False))
-            # NOTE: torch guards a build with a plain "lock" file and waits forever for it;
-            # a build killed half-way (Ctrl-C on a first run) leaves it behind and every
-            # later start would hang. shoal builds under its own OS lock (released when a
-            # process dies), so a torch lock found while holding it is stale.
-            with FileLock(str(build_dir / "shoal-build.lock")):
-                (build_dir / "lock").unlink(missing_ok=True)
-                _module = load(name=name, sources=[str(s) for s in _stable_copies(build_dir)],
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                               extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
-            log.warning("shoal CPU kernels unavailable, using PyTorch fallbacks: %s", exc)
-            _module = None
-        return _module
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _stable_copies(build_dir: Path) -> list[Path]:
-    """The sources, copied into the build directory so their paths are the same everywhere.
+def _compiler_id(cxx: str) -> str:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.splitlines()[0] if out.stdout else cxx
 
-    NOTE: ninja rebuilds when a source's path changes, and the build is cached by content;
-    two checkouts of the same sources (git worktrees, a venv moved) would otherwise
-    rebuild each other's cache back and forth.
+
+def cache_root() -> Path:
+    env = os.environ.get("SHOAL_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shoal" / "kernels"
+
+
+# NOTE: no fused multiply-add contraction in the elementwise ops: their results are then the
+# same on every ISA level (v2 has no FMA, v3 does) and equal to the separate-step forms they
+# are checked against (int8_linear_small vs dequant_rows). Attention keeps FMAs: its scores
+# are compute-bound and it is compared with a tolerance.
+_SOURCE_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",), "sampling.cpp": ("-ffp-contract=off",)}
+
+
+def _common_flags() -> tuple[str, ...]:
+    return ("-O3", "-fopenmp", "-fPIC", "-fvisibility=hidden", "-std=c++17",
+            "-I" + sysconfig.get_paths()["include"])
+
+
+def _library_path(cxx: str, isa: Isa) -> Path:
+    digest = hashlib.sha256()
+    for name in (*_SOURCES, *_HEADERS):
+        digest.update((_CSRC / name).read_bytes())
+    # NOTE: the Python module is built against this interpreter's headers and ABI.
+    digest.update(" ".join((_compiler_id(cxx), sys.version, *_common_flags(), *isa.flags,
+                            repr(sorted(_SOURCE_FLAGS.items())))).encode())
+    return cache_root() / f"shoal_cpu_{isa.name}_{digest.hexdigest()[:12]}.so"
+
+
+def build_library(isa: Isa | None = None) -> Path:
+    """Compiles the kernels for `isa` (this CPU's by default) unless cached; their path.
+
+    Sources compile in parallel into a temporary directory and the library is renamed into
+    place, so a build killed half-way leaves nothing that a later start would trust.
     """
-    copies = []
-    for source in _SOURCES:
-        copy = build_dir / "src" / source.name
-        data = source.read_bytes()
-        if not copy.exists() or copy.read_bytes() != data:
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            tmp = copy.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(copy)
-        copies.append(copy)
-    return copies
+    isa = isa or select_isa()
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    target = _library_path(cxx, isa)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    # NOTE: the OS lock is released when its holder dies, so a killed build never blocks.
+    with FileLock(str(target.with_suffix(".lock"))):
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+            flags = [*_common_flags(), *isa.flags]
+            objects = [Path(tmp) / (name + ".o") for name in _SOURCES]
+            compiles = [subprocess.Popen([cxx, *flags, *_SOURCE_FLAGS.get(name, ()), "-c",
+                                          str(_CSRC / name), "-o", str(obj)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                        for name, obj in zip(_SOURCES, objects)]
+            errors = [p.communicate()[0].decode(errors="replace") for p in compiles]
+            if any(p.returncode for p in compiles):
+                raise RuntimeError("kernel compile failed: " + "".join(errors)[-2000:])
+            lib = Path(tmp) / "lib.so"
+            linked = subprocess.run([cxx, "-shared", "-fopenmp", *map(str, objects), "-o", str(lib)],
+                                    capture_output=True, text=True)
+            if linked.returncode:
+                raise RuntimeError("kernel link failed: " + linked.stderr[-2000:])
+            lib.replace(target)
+    return target
+
+
+# ----- the tensor-level interface ------------------------------------------------------
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
+    _need(t.dtype == torch.float32 and t.device.type == "cpu", f"{what}: float32 CPU tensor expected")
+    return t.contiguous()
+
+
+def _long(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64).contiguous()
+
+
+class CpuKernels:
+    """The compiled kernels behind the tensor interface the model calls (CPU tensors).
+
+    Every argument is made contiguous and type-checked here: the C side trusts its pointers.
+    Tensors modified in place (the residual, the KV cache) must already be contiguous.
+    """
+
+    def __init__(self, path: Path, isa: Isa) -> None:
+        self.path, self.isa = path, isa
+        loader = importlib.machinery.ExtensionFileLoader("_shoal_cpu", str(path))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_shoal_cpu", loader))
+        loader.exec_module(module)
+        for name in ("write_kv", "paged_attention", "rms_norm_quant", "quant_rows",
+                     "silu_mul_quant", "gelu_tanh_mul_quant", "dequant_rows", "rope_split",
+                     "qk_norm_rope_split", "int8_matmul_small", "int8_linear_small",
+                     "rms_norm_add_norm_quant",
+                     "top_k_rows", "draw_rows"):
+            setattr(self, "_" + name, getattr(module, name))
+
+    # --- attention
+    @staticmethod
+    def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+        _need(k_cache.dtype in (torch.float32, torch.bfloat16) and v_cache.dtype == k_cache.dtype,
+              "paged attention: float32 or bfloat16 KV cache")
+        _need(k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache must be contiguous")
+        _need(k_cache.dim() == 4 and v_cache.dim() == 4, "KV cache must be blocked (4-D)")
+        return k_cache.dtype == torch.bfloat16
+
+    def write_kv(self, k, v, k_cache, v_cache, slots) -> None:
+        bf16 = self._check_cache(k_cache, v_cache)
+        k, v, slots = _f32(k, "write_kv"), _f32(v, "write_kv"), _long(slots)
+        T, KV, hd = k.shape
+        _need(v.shape == k.shape and slots.numel() == T, "write_kv: shapes differ")
+        self._write_kv(k.data_ptr(), v.data_ptr(), T, KV, hd, k_cache.data_ptr(),
+                       v_cache.data_ptr(), int(bf16), k_cache.shape[3], slots.data_ptr())
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, query_start, first_pos,
+                        scale: float, window: int = 0) -> torch.Tensor:
+        bf16 = self._check_cache(k_cache, v_cache)
+        q = _f32(q, "paged attention: queries")
+        block_tables, query_start, first_pos = _long(block_tables), _long(query_start), _long(first_pos)
+        _, H, hd = q.shape
+        _need(k_cache.shape[3] == 16, "paged attention kernel: block size 16 only")
+        _need(hd % 16 == 0, "paged attention kernel: head_dim must be a multiple of 16")
+        _need(window >= 0, "paged attention kernel: window must be >= 0")
+        out = torch.empty_like(q)
+        self._paged_attention(q.data_ptr(), H, hd, k_cache.data_ptr(), v_cache.data_ptr(), int(bf16),
+                              k_cache.shape[1], block_tables.data_ptr(), block_tables.shape[1],
+                              query_start.data_ptr(), first_pos.data_ptr(), first_pos.shape[0],
+                              float(scale), int(window), out.data_ptr())
+        return out
+
+    # --- fused ops of fast mode
+    def _quant_out(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, 1)
+
+    def rms_norm_quant(self, x, residual, weight, eps: float, add_residual: bool):
+        x, weight = _f32(x, "rms_norm_quant"), _f32(weight, "rms_norm_quant")
+        _need(residual.is_contiguous() and residual.dtype == torch.float32, "residual: contiguous f32")
+        T, K = x.shape
+        q, s = self._quant_out(T, K)
+        self._rms_norm_quant(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), T, K, float(eps),
+                             int(add_residual), q.data_ptr(), s.data_ptr())
+        return q, s
+
+    def quant_rows(self, x, inv_smooth):
+        x, inv_smooth = _f32(x, "quant_rows"), _f32(inv_smooth, "quant_rows")
+        T, K = x.shape
+        q, s = self._quant_out(T, K)
+        self._quant_rows(x.data_ptr(), inv_smooth.data_ptr(), T, K, q.data_ptr(), s.data_ptr())
+        return q, s
+
+    def _act_mul_quant(self, fn, gate_up, inv_smooth):
+        gate_up, inv_smooth = _f32(gate_up, "gate_up"), _f32(inv_smooth, "inv_smooth")
+        T, I2 = gate_up.shape
+        q, s = self._quant_out(T, I2 // 2)
+        fn(gate_up.data_ptr(), inv_smooth.data_ptr(), T, I2 // 2, q.data_ptr(), s.data_ptr())
+        return q, s
+
+    def silu_mul_quant(self, gate_up, inv_smooth):
+        return self._act_mul_quant(self._silu_mul_quant, gate_up, inv_smooth)
+
+    def gelu_tanh_mul_quant(self, gate_up, inv_smooth):
+        return self._act_mul_quant(self._gelu_tanh_mul_quant, gate_up, inv_smooth)
+
+    def dequant_rows(self, acc, x_scale, w_scale, bias) -> torch.Tensor:
+        _need(acc.dtype == torch.int32, "dequant_rows: int32 accumulators")
+        acc = acc.contiguous()
+        x_scale, w_scale = _f32(x_scale, "x_scale"), _f32(w_scale, "w_scale")
+        T, N = acc.shape
+        has_bias = bias is not None and bias.numel() == N
+        bias = _f32(bias, "bias") if has_bias else None
+        out = torch.empty(T, N)
+        self._dequant_rows(acc.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(),
+                           bias.data_ptr() if has_bias else 0, T, N, out.data_ptr())
+        return out
+
+    def _qkv_out(self, T: int, H: int, KV: int, hd: int):
+        return torch.empty(T, H, hd), torch.empty(T, KV, hd), torch.empty(T, KV, hd)
+
+    def rope_split(self, qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim):
+        qkv, cos, sin = _f32(qkv, "qkv"), _f32(cos, "cos"), _f32(sin, "sin")
+        positions = _long(positions)
+        T, W = qkv.shape
+        _need(W == (num_heads + 2 * num_kv_heads) * head_dim, "rope_split: qkv width")
+        q, k, v = self._qkv_out(T, num_heads, num_kv_heads, head_dim)
+        self._rope_split(qkv.data_ptr(), T, W, positions.data_ptr(), cos.data_ptr(),
+                         sin.data_ptr(), num_heads, num_kv_heads, head_dim, q.data_ptr(),
+                         k.data_ptr(), v.data_ptr())
+        return q, k, v
+
+    def qk_norm_rope_split(self, qkv, positions, cos, sin, q_weight, k_weight, eps, num_heads,
+                           num_kv_heads, head_dim):
+        qkv, cos, sin = _f32(qkv, "qkv"), _f32(cos, "cos"), _f32(sin, "sin")
+        q_weight, k_weight = _f32(q_weight, "q_weight"), _f32(k_weight, "k_weight")
+        _need(q_weight.numel() == head_dim and k_weight.numel() == head_dim,
+              "q/k norm weights must be contiguous [head_dim]")
+        positions = _long(positions)
+        T, W = qkv.shape
+        _need(W == (num_heads + 2 * num_kv_heads) * head_dim, "qk_norm_rope_split: qkv width")
+        q, k, v = self._qkv_out(T, num_heads, num_kv_heads, head_dim)
+        self._qk_norm_rope_split(qkv.data_ptr(), T, W, positions.data_ptr(), cos.data_ptr(),
+                                 sin.data_ptr(), q_weight.data_ptr(), k_weight.data_ptr(), float(eps),
+                                 num_heads, num_kv_heads, head_dim, q.data_ptr(), k.data_ptr(),
+                                 v.data_ptr())
+        return q, k, v
+
+    def int8_matmul_small(self, x, w) -> torch.Tensor:
+        _need(x.dtype == torch.int8 and w.dtype == torch.int8, "int8_matmul_small: int8 inputs")
+        _need(w.is_contiguous(), "weights must be contiguous [N, K]")
+        x = x.contiguous()
+        M, K = x.shape
+        N = w.shape[0]
+        _need(w.shape[1] == K, "int8_matmul_small: inner sizes differ")
+        out = torch.empty(M, N, dtype=torch.int32)
+        self._int8_matmul_small(x.data_ptr(), w.data_ptr(), M, K, N, out.data_ptr())
+        return out
+
+    def int8_linear_small(self, x, x_scale, w, w_scale, bias) -> torch.Tensor:
+        """dequant_rows(int8_matmul_small(x, w), x_scale, w_scale, bias) in one call, bit for bit."""
+        _need(x.dtype == torch.int8 and w.dtype == torch.int8 and w.is_contiguous(),
+              "int8_linear_small: int8 inputs, contiguous weights")
+        x = x.contiguous()
+        x_scale, w_scale = _f32(x_scale, "x_scale"), _f32(w_scale, "w_scale")
+        M, K = x.shape
+        N = w.shape[0]
+        _need(w.shape[1] == K and x_scale.numel() == M and w_scale.numel() == N,
+              "int8_linear_small: shapes differ")
+        has_bias = bias is not None and bias.numel() == N
+        bias = _f32(bias, "bias") if has_bias else None
+        out = torch.empty(M, N)
+        self._int8_linear_small(x.data_ptr(), x_scale.data_ptr(), w.data_ptr(), w_scale.data_ptr(),
+                                bias.data_ptr() if has_bias else 0, M, K, N, out.data_ptr())
+        return out
+
+    def rms_norm_add_norm_quant(self, x, residual, x_weight, weight, eps: float):
+        x = _f32(x, "rms_norm_add_norm_quant")
+        x_weight, weight = _f32(x_weight, "x_weight"), _f32(weight, "weight")
+        _need(residual.is_contiguous() and residual.dtype == torch.float32, "residual: contiguous f32")
+        T, K = x.shape
+        q, s = self._quant_out(T, K)
+        self._rms_norm_add_norm_quant(x.data_ptr(), residual.data_ptr(), x_weight.data_ptr(),
+                                      weight.data_ptr(), T, K, float(eps), q.data_ptr(), s.data_ptr())
+        return q, s
+
+    # --- sampling
+    def sample_rows(self, logits, temperatures, top_ks, top_ps, min_ps, random_bits) -> torch.Tensor:
+        """temperature / top_k / top_p / min_p sampling of logit rows with per-row random bits.
+
+        NOTE: temperature scaling and softmax are ATen's own, so probabilities are
+        bit-identical to the PyTorch twin (engine/sampling/filters.py).
+        """
+        scaled = (logits.to(torch.float32) / temperatures.to(torch.float32).unsqueeze(1)).contiguous()
+        R, V = scaled.shape
+        top_ks = _long(top_ks)
+        self._top_k_rows(scaled.data_ptr(), R, V, top_ks.data_ptr())
+        probs = torch.softmax(scaled, 1).contiguous()
+        top_ps = top_ps.to(torch.float64).contiguous()
+        min_ps, bits = min_ps.to(torch.float32).contiguous(), _long(random_bits)
+        out = torch.empty(R, dtype=torch.int64)
+        self._draw_rows(probs.data_ptr(), R, V, top_ps.data_ptr(), min_ps.data_ptr(),
+                        bits.data_ptr(), out.data_ptr())
+        return out
+
+
+# ----- the one build per process ------------------------------------------------------
+
+@dataclass
+class KernelStatus:
+    """Where this process's kernels stand: disabled, idle, building, ready or failed."""
+
+    state: str
+    isa: str | None = None
+    seconds: float | None = None   # building: so far; ready/failed: what the build took
+    error: str | None = None
+
+
+_lock = threading.Lock()
+_done = threading.Event()
+_module: CpuKernels | None = None
+_status = KernelStatus("idle")
+_started_at: float | None = None
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("SHOAL_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _build() -> None:
+    global _module, _status
+    isa = select_isa()
+    try:
+        path = _library_path(_compiler() or "c++", isa)
+        cached = path.exists()
+        _module = CpuKernels(build_library(isa), isa)
+        _status = KernelStatus("ready", isa.name, time.monotonic() - (_started_at or 0))
+        log.info("%s the CPU kernels (%s) in %.1fs", "loaded" if cached else "built", isa.name,
+                 _status.seconds)
+    except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
+        log.warning("shoal CPU kernels unavailable, using PyTorch fallbacks: %s", exc)
+        _status = KernelStatus("failed", isa.name, time.monotonic() - (_started_at or 0), str(exc))
+    finally:
+        _done.set()
+
+
+def start_build() -> None:
+    """Begins building (or loading the cached) kernels on a thread; returns at once."""
+    global _status, _started_at
+    with _lock:
+        if _started_at is not None or _done.is_set():
+            return
+        if not kernels_enabled():
+            _status = KernelStatus("disabled")
+            _done.set()
+            return
+        _started_at = time.monotonic()
+        _status = KernelStatus("building", select_isa().name)
+        threading.Thread(target=_build, name="shoal-kernel-build", daemon=True).start()
+
+
+def kernel_status() -> KernelStatus:
+    """A snapshot; `seconds` of a running build counts up."""
+    status = _status
+    if status.state == "building" and _started_at is not None:
+        return KernelStatus("building", status.isa, time.monotonic() - _started_at)
+    return status
+
+
+def load_cpu_kernels() -> CpuKernels | None:
+    """The kernels (waiting for their build if one runs), or None if disabled or unbuildable."""
+    start_build()
+    _done.wait()
+    return _module

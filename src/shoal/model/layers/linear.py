@@ -30,6 +30,15 @@ def int8_matmul(xq: torch.Tensor, qweight: torch.Tensor, kernels=None) -> torch.
     return torch._int_mm(xq, qweight.t())
 
 
+def int8_linear_fused(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor,
+                      scale: torch.Tensor, bias: torch.Tensor, kernels) -> torch.Tensor:
+    """Fast mode's fused path: int8 rows (row scales xs) through an int8 weight, dequantized
+    (+ bias); one kernel call at decoding batch sizes, the same bits either way."""
+    if xq.shape[0] <= SMALL_BATCH_ROWS:
+        return kernels.int8_linear_small(xq, xs, qweight, scale, bias)
+    return kernels.dequant_rows(torch._int_mm(xq, qweight.t()), xs, scale, bias)
+
+
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization: returns (int8 [N, K], float32 scale [N])."""
     scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0

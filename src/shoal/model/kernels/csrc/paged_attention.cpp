@@ -21,8 +21,7 @@
 // lo = max(0, pos - w + 1) .. pos, otherwise lo = 0. A query walks exactly the blocks that
 // hold its keys; keys of its first block below lo get probability 0, and adding 0 * v to
 // the sum changes nothing, so the arithmetic stays a function of (pos, w) alone.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -44,10 +43,11 @@ constexpr int BS = 16;   // keys per block = lanes of v16
 
 inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
 
-// bfloat16 KV (fast mode): 16 values widened to float by a 16-bit shift, exactly.
+// bfloat16 KV (fast mode, stored as raw uint16_t bits): 16 values widened to float by a
+// 16-bit shift, exactly.
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
-inline v16 load16(const at::BFloat16* p) {
+inline v16 load16(const uint16_t* p) {
   u16x16 h;
   __builtin_memcpy(&h, p, sizeof(h));
   const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
@@ -191,16 +191,14 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
   }
 }
 
-void check_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
-  TORCH_CHECK((k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16) &&
-              v_cache.dtype() == k_cache.dtype(), "paged attention: float32 or bfloat16 KV cache");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "KV cache must be blocked (4-D)");
-}
-
 }  // namespace
 
 namespace {
+
+// NOTE: float -> bfloat16 rounds to nearest even, as torch's .to(torch.bfloat16).
+template <typename KT> inline KT convert(float x);
+template <> inline float convert<float>(float x) { return x; }
+template <> inline uint16_t convert<uint16_t>(float x) { return shoal::to_bf16(x); }
 
 template <typename KT>
 void write_rows(const float* kp, const float* vp, const int64_t* sp, KT* kc, KT* vc, int64_t T,
@@ -212,9 +210,8 @@ void write_rows(const float* kp, const float* vp, const int64_t* sp, KT* kc, KT*
       const float* vsrc = vp + (t * KV + h) * hd;
       KT* kdst = kc + ((block * KV + h) * hd) * bs + offset;
       KT* vdst = vc + ((block * KV + h) * bs + offset) * hd;
-      // NOTE: float -> bfloat16 rounds to nearest even (c10::BFloat16's constructor).
-      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = static_cast<KT>(ksrc[d]);
-      for (int64_t d = 0; d < hd; ++d) vdst[d] = static_cast<KT>(vsrc[d]);
+      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = convert<KT>(ksrc[d]);
+      for (int64_t d = 0; d < hd; ++d) vdst[d] = convert<KT>(vsrc[d]);
     }
   }
 }
@@ -222,58 +219,32 @@ void write_rows(const float* kp, const float* vp, const int64_t* sp, KT* kc, KT*
 }  // namespace
 
 // Writes each token's K and V into its slot (slot = block * BS + offset), converting to
-// the cache's element type. k, v: [T, KV, hd] f32; k_cache [N, KV, hd, BS];
-// v_cache [N, KV, BS, hd]; slots [T] i64.
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-              torch::Tensor slots) {
-  check_cache(k_cache, v_cache);
-  k = k.contiguous();
-  v = v.contiguous();
-  slots = slots.contiguous();
-  const int64_t T = k.size(0), KV = k.size(1), hd = k.size(2);
-  const int64_t bs = k_cache.size(3);
-  if (k_cache.dtype() == torch::kBFloat16) {
-    write_rows(k.data_ptr<float>(), v.data_ptr<float>(), slots.data_ptr<int64_t>(),
-               k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), T, KV, hd, bs);
+// the cache's element type. k, v: [T, KV, hd] f32; k_cache [N, KV, hd, bs];
+// v_cache [N, KV, bs, hd] (float32, or bfloat16 when bf16); slots [T].
+SHOAL_API void shoal_write_kv(const float* k, const float* v, int64_t T, int64_t KV, int64_t hd,
+                              void* k_cache, void* v_cache, int32_t bf16, int64_t bs,
+                              const int64_t* slots) {
+  if (bf16) {
+    write_rows(k, v, slots, static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache), T,
+               KV, hd, bs);
   } else {
-    write_rows(k.data_ptr<float>(), v.data_ptr<float>(), slots.data_ptr<int64_t>(),
-               k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), T, KV, hd, bs);
+    write_rows(k, v, slots, static_cast<float*>(k_cache), static_cast<float*>(v_cache), T, KV,
+               hd, bs);
   }
 }
 
 // q: [T, H, hd] f32 (flat tokens of all sequences, each sequence's queries consecutive);
-// block_tables: [N, B] i64 (one row per sequence); query_start: [N + 1] i64 (sequence n
-// owns tokens query_start[n] .. query_start[n+1]); first_pos: [N] i64 (absolute position
-// of each sequence's first query). Query i of sequence n at position p = first_pos[n] + i
+// block_tables: [N, max_blocks] (one row per sequence); query_start: [N + 1] (sequence n
+// owns tokens query_start[n] .. query_start[n+1]); first_pos: [N] (absolute position of
+// each sequence's first query). Query i of sequence n at position p = first_pos[n] + i
 // sees keys 0 .. p, or p - window + 1 .. p when window > 0 (sliding-window layers).
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor block_tables, torch::Tensor query_start,
-                              torch::Tensor first_pos, double scale, int64_t window) {
-  check_cache(k_cache, v_cache);
-  TORCH_CHECK(q.dtype() == torch::kFloat32, "paged attention: float32 queries only");
-  q = q.contiguous();
-  block_tables = block_tables.contiguous();
-  query_start = query_start.contiguous();
-  first_pos = first_pos.contiguous();
-  const int64_t H = q.size(1), hd = q.size(2);
-  const int64_t KV = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(3) == BS, "paged attention kernel: block size 16 only");
-  TORCH_CHECK(hd % 16 == 0, "paged attention kernel: head_dim must be a multiple of 16");
-  TORCH_CHECK(window >= 0, "paged attention kernel: window must be >= 0");
+// The caller checked the shapes (block size 16, hd % 16 == 0, window >= 0). out: [T, H, hd].
+SHOAL_API void shoal_paged_attention(const float* qp, int64_t H, int64_t hd, const void* kp,
+                                     const void* vp, int32_t bf16, int64_t KV,
+                                     const int64_t* bt, int64_t max_blocks, const int64_t* qs,
+                                     const int64_t* fp, int64_t num_seqs, float scale,
+                                     int64_t window, float* op) {
   const int64_t group = H / KV;
-  const int64_t num_seqs = first_pos.size(0);
-  const int64_t max_blocks = block_tables.size(1);
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const bool bf16 = k_cache.dtype() == torch::kBFloat16;
-  const void* kp = k_cache.data_ptr();
-  const void* vp = v_cache.data_ptr();
-  const int64_t* bt = block_tables.data_ptr<int64_t>();
-  const int64_t* qs = query_start.data_ptr<int64_t>();
-  const int64_t* fp = first_pos.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-
   std::vector<Task> tasks;
   for (int64_t n = 0; n < num_seqs; ++n) {
     for (int64_t b = qs[n]; b < qs[n + 1]; b += kTile) {
@@ -283,8 +254,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   // NOTE: a tile's cost grows with its position in a long prompt, so contiguous halves
   // would leave one thread idle; threads take every nthreads-th task instead.
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
-  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), ntasks));
+  shoal::parallel_for(nthreads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc;
     for (int64_t worker = begin; worker < end; ++worker)
@@ -293,14 +264,12 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       const int64_t pos0 = fp[task.seq] + (task.q_begin - qs[task.seq]);
       const int64_t* table = bt + task.seq * max_blocks;
       if (bf16) {
-        attend_tile(task, qp, static_cast<const at::BFloat16*>(kp),
-                    static_cast<const at::BFloat16*>(vp), table, pos0, H, KV, hd, group, fscale,
-                    window, op, scores, acc);
+        attend_tile(task, qp, static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp),
+                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc);
       } else {
         attend_tile(task, qp, static_cast<const float*>(kp), static_cast<const float*>(vp),
-                    table, pos0, H, KV, hd, group, fscale, window, op, scores, acc);
+                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc);
       }
     }
   });
-  return out;
 }

@@ -1,12 +1,11 @@
 // Random sampling of logit rows on the CPU: temperature, top_k, top_p, min_p, then an
 // inverse-CDF draw with each row's own random bits. Same semantics as
-// shoal/worker/sampling/filters.py (its PyTorch twin, used on other devices), in one pass
+// shoal/engine/sampling/filters.py (its PyTorch twin, used on other devices), in one pass
 // per row instead of a dozen full-vocabulary tensor ops.
 //
 // Probabilities become integers in units of 2^-31, so every cumulative sum and cut is
 // exact; a row's result depends only on its own logits, settings and random bits.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -86,31 +85,23 @@ int64_t draw_row(const float* probs, int64_t V, double top_p, float min_p, int64
 
 }  // namespace
 
-// logits: [R, V] f32; the per-row settings are [R] tensors. Returns int64 [R].
-// NOTE: temperature scaling and softmax use ATen's own kernels, so probabilities are
-// bit-identical to the PyTorch twin (boundary cases of min_p/top_p included).
-torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor temperatures, torch::Tensor top_ks,
-                          torch::Tensor top_ps, torch::Tensor min_ps, torch::Tensor random_bits) {
-  const int64_t R = logits.size(0), V = logits.size(1);
-  auto scaled = (logits.to(torch::kFloat32) / temperatures.unsqueeze(1)).contiguous();
-  const int64_t* ks = top_ks.data_ptr<int64_t>();
-  float* sp = scaled.data_ptr<float>();
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+// Two steps around the softmax, which stays ATen's (kernels/cpu.py runs it between them),
+// so probabilities are bit-identical to the PyTorch twin, boundary cases of min_p/top_p
+// included. scaled: [R, V] f32 logits already divided by the temperature, masked in place.
+SHOAL_API void shoal_top_k_rows(float* sp, int64_t R, int64_t V, const int64_t* ks) {
+  shoal::parallel_for(R, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> copy;
     for (int64_t r = begin; r < end; ++r) apply_top_k(sp + r * V, V, ks[r], copy);
   });
-  auto probs = torch::softmax(scaled, 1).contiguous();
-  auto out = torch::empty({R}, logits.options().dtype(torch::kInt64));
-  const float* pp = probs.data_ptr<float>();
-  const double* ps = top_ps.data_ptr<double>();
-  const float* mins = min_ps.data_ptr<float>();
-  const int64_t* bits = random_bits.data_ptr<int64_t>();
-  int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+}
+
+// probs: [R, V] f32 (softmax of the masked rows). Writes the drawn token of each row.
+SHOAL_API void shoal_draw_rows(const float* pp, int64_t R, int64_t V, const double* ps,
+                               const float* mins, const int64_t* bits, int64_t* op) {
+  shoal::parallel_for(R, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> q, sorted;
     for (int64_t r = begin; r < end; ++r) {
       op[r] = draw_row(pp + r * V, V, ps[r], mins[r], bits[r], q, sorted);
     }
   });
-  return out;
 }

@@ -1,0 +1,47 @@
+// What every kernel source shares: the C ABI, OpenMP work splitting and bfloat16.
+//
+// The kernels are plain C++ with C entry points (no torch headers: they compile in a few
+// seconds instead of minutes). Python allocates every tensor and passes data pointers
+// (kernels/cpu.py). The instruction set is chosen by the build flags of the variant that
+// kernels/cpu.py picked for this CPU at run time, never by the machine that built it.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#define SHOAL_API extern "C" __attribute__((visibility("default")))
+
+namespace shoal {
+
+// f(begin, end) over [0, n) in contiguous chunks of at least `grain` items, one per
+// thread, like at::parallel_for (torch's OpenMP runtime is the one loaded: same threads).
+template <typename F>
+inline void parallel_for(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  const int64_t max_threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const int64_t chunks = std::min<int64_t>(max_threads, (n + grain - 1) / std::max<int64_t>(grain, 1));
+  if (chunks <= 1) { f(0, n); return; }
+#pragma omp parallel num_threads(static_cast<int>(chunks))
+  {
+    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t step = (n + nt - 1) / nt;
+    const int64_t begin = tid * step, end = std::min<int64_t>(n, begin + step);
+    if (begin < end) f(begin, end);
+  }
+}
+
+inline int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+
+// float -> bfloat16, rounding to nearest even (NaN stays a quiet NaN), as c10::BFloat16.
+inline uint16_t to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if (f != f) return 0x7FC0;
+  const uint32_t rounding = ((bits >> 16) & 1u) + 0x7FFFu;
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+}  // namespace shoal

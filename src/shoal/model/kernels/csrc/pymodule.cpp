@@ -1,0 +1,132 @@
+// The kernels' Python entry points: a plain CPython extension (no torch headers), taking
+// data pointers and sizes as ints and floats with METH_FASTCALL. A call costs well under a
+// microsecond: ctypes' argument conversion cost 4-5 us, which over the ~400 kernel calls of
+// a decode step would have been most of what fusing the ops saved. The GIL is released
+// while a kernel runs.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cstdint>
+
+extern "C" {
+void shoal_write_kv(const float*, const float*, int64_t, int64_t, int64_t, void*, void*, int32_t,
+                    int64_t, const int64_t*);
+void shoal_paged_attention(const float*, int64_t, int64_t, const void*, const void*, int32_t,
+                           int64_t, const int64_t*, int64_t, const int64_t*, const int64_t*,
+                           int64_t, float, int64_t, float*);
+void shoal_rms_norm_quant(const float*, float*, const float*, int64_t, int64_t, float, int32_t,
+                          int8_t*, float*);
+void shoal_quant_rows(const float*, const float*, int64_t, int64_t, int8_t*, float*);
+void shoal_silu_mul_quant(const float*, const float*, int64_t, int64_t, int8_t*, float*);
+void shoal_gelu_tanh_mul_quant(const float*, const float*, int64_t, int64_t, int8_t*, float*);
+void shoal_dequant_rows(const int32_t*, const float*, const float*, const float*, int64_t,
+                        int64_t, float*);
+void shoal_rope_split(const float*, int64_t, int64_t, const int64_t*, const float*, const float*,
+                      int64_t, int64_t, int64_t, float*, float*, float*);
+void shoal_qk_norm_rope_split(const float*, int64_t, int64_t, const int64_t*, const float*,
+                              const float*, const float*, const float*, float, int64_t, int64_t,
+                              int64_t, float*, float*, float*);
+void shoal_int8_matmul_small(const int8_t*, const int8_t*, int64_t, int64_t, int64_t, int32_t*);
+void shoal_int8_linear_small(const int8_t*, const float*, const int8_t*, const float*,
+                             const float*, int64_t, int64_t, int64_t, float*);
+void shoal_rms_norm_add_norm_quant(const float*, float*, const float*, const float*, int64_t,
+                                   int64_t, float, int8_t*, float*);
+void shoal_top_k_rows(float*, int64_t, int64_t, const int64_t*);
+void shoal_draw_rows(const float*, int64_t, int64_t, const double*, const float*,
+                     const int64_t*, int64_t*);
+}
+
+namespace {
+
+constexpr int kMaxArgs = 16;
+
+// The call's arguments: ints (pointers, sizes, flags) and floats, converted once.
+struct Args {
+  int64_t i[kMaxArgs];
+  double f[kMaxArgs];
+  bool ok = true;
+  Args(PyObject* const* a, Py_ssize_t n, Py_ssize_t expected) {
+    if (n != expected) {
+      PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", expected, n);
+      ok = false;
+      return;
+    }
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      if (PyFloat_Check(a[k])) {
+        f[k] = PyFloat_AS_DOUBLE(a[k]);
+      } else {
+        i[k] = PyLong_AsLongLong(a[k]);   // None -> error below; a null pointer is 0
+        if (i[k] == -1 && PyErr_Occurred()) { ok = false; return; }
+        f[k] = static_cast<double>(i[k]);   // an int where a float is expected
+      }
+    }
+  }
+  template <typename T> T* p(int k) const { return reinterpret_cast<T*>(static_cast<intptr_t>(i[k])); }
+};
+
+#define SHOAL_WRAP(name, nargs, call)                                                   \
+  PyObject* py_##name(PyObject*, PyObject* const* a, Py_ssize_t n) {                    \
+    Args x(a, n, nargs);                                                                \
+    if (!x.ok) return nullptr;                                                          \
+    Py_BEGIN_ALLOW_THREADS call; Py_END_ALLOW_THREADS                                   \
+    Py_RETURN_NONE;                                                                     \
+  }
+
+SHOAL_WRAP(write_kv, 10, shoal_write_kv(x.p<float>(0), x.p<float>(1), x.i[2], x.i[3], x.i[4],
+                                        x.p<void>(5), x.p<void>(6), int32_t(x.i[7]), x.i[8],
+                                        x.p<int64_t>(9)))
+SHOAL_WRAP(paged_attention, 15,
+           shoal_paged_attention(x.p<float>(0), x.i[1], x.i[2], x.p<void>(3), x.p<void>(4),
+                                 int32_t(x.i[5]), x.i[6], x.p<int64_t>(7), x.i[8],
+                                 x.p<int64_t>(9), x.p<int64_t>(10), x.i[11], float(x.f[12]),
+                                 x.i[13], x.p<float>(14)))
+SHOAL_WRAP(rms_norm_quant, 9,
+           shoal_rms_norm_quant(x.p<float>(0), x.p<float>(1), x.p<float>(2), x.i[3], x.i[4],
+                                float(x.f[5]), int32_t(x.i[6]), x.p<int8_t>(7), x.p<float>(8)))
+SHOAL_WRAP(quant_rows, 6, shoal_quant_rows(x.p<float>(0), x.p<float>(1), x.i[2], x.i[3],
+                                           x.p<int8_t>(4), x.p<float>(5)))
+SHOAL_WRAP(silu_mul_quant, 6, shoal_silu_mul_quant(x.p<float>(0), x.p<float>(1), x.i[2], x.i[3],
+                                                   x.p<int8_t>(4), x.p<float>(5)))
+SHOAL_WRAP(gelu_tanh_mul_quant, 6,
+           shoal_gelu_tanh_mul_quant(x.p<float>(0), x.p<float>(1), x.i[2], x.i[3],
+                                     x.p<int8_t>(4), x.p<float>(5)))
+SHOAL_WRAP(dequant_rows, 7, shoal_dequant_rows(x.p<int32_t>(0), x.p<float>(1), x.p<float>(2),
+                                               x.p<float>(3), x.i[4], x.i[5], x.p<float>(6)))
+SHOAL_WRAP(rope_split, 12,
+           shoal_rope_split(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3), x.p<float>(4),
+                            x.p<float>(5), x.i[6], x.i[7], x.i[8], x.p<float>(9), x.p<float>(10),
+                            x.p<float>(11)))
+SHOAL_WRAP(qk_norm_rope_split, 15,
+           shoal_qk_norm_rope_split(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3),
+                                    x.p<float>(4), x.p<float>(5), x.p<float>(6), x.p<float>(7),
+                                    float(x.f[8]), x.i[9], x.i[10], x.i[11], x.p<float>(12),
+                                    x.p<float>(13), x.p<float>(14)))
+SHOAL_WRAP(int8_matmul_small, 6, shoal_int8_matmul_small(x.p<int8_t>(0), x.p<int8_t>(1), x.i[2],
+                                                         x.i[3], x.i[4], x.p<int32_t>(5)))
+SHOAL_WRAP(int8_linear_small, 9,
+           shoal_int8_linear_small(x.p<int8_t>(0), x.p<float>(1), x.p<int8_t>(2), x.p<float>(3),
+                                   x.p<float>(4), x.i[5], x.i[6], x.i[7], x.p<float>(8)))
+SHOAL_WRAP(rms_norm_add_norm_quant, 9,
+           shoal_rms_norm_add_norm_quant(x.p<float>(0), x.p<float>(1), x.p<float>(2),
+                                         x.p<float>(3), x.i[4], x.i[5], float(x.f[6]),
+                                         x.p<int8_t>(7), x.p<float>(8)))
+SHOAL_WRAP(top_k_rows, 4, shoal_top_k_rows(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3)))
+SHOAL_WRAP(draw_rows, 7, shoal_draw_rows(x.p<float>(0), x.i[1], x.i[2], x.p<double>(3),
+                                         x.p<float>(4), x.p<int64_t>(5), x.p<int64_t>(6)))
+
+#define SHOAL_METHOD(name) {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_##name)), METH_FASTCALL, nullptr}
+
+PyMethodDef methods[] = {
+    SHOAL_METHOD(write_kv), SHOAL_METHOD(paged_attention), SHOAL_METHOD(rms_norm_quant),
+    SHOAL_METHOD(quant_rows), SHOAL_METHOD(silu_mul_quant), SHOAL_METHOD(gelu_tanh_mul_quant),
+    SHOAL_METHOD(dequant_rows), SHOAL_METHOD(rope_split), SHOAL_METHOD(qk_norm_rope_split),
+    SHOAL_METHOD(int8_matmul_small), SHOAL_METHOD(int8_linear_small),
+    SHOAL_METHOD(rms_norm_add_norm_quant),
+    SHOAL_METHOD(top_k_rows), SHOAL_METHOD(draw_rows), {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
+                      nullptr, nullptr, nullptr, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__shoal_cpu() { return PyModule_Create(&module); }
