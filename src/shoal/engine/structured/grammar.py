@@ -6,11 +6,14 @@ why"; benchmarks/grammar_backends.py).
 """
 from __future__ import annotations
 
+import json
+
 import llguidance
 import torch
 
 from shoal.core.errors import InvalidParameterError
 from shoal.core.structured_output import StructuredOutput, StructuredOutputKind
+from shoal.engine.structured.closed_objects import close_objects
 from shoal.text.tokenizer import Tokenizer
 
 # NOTE: JSON is written on one line with single spaces (`{"a": 1, "b": [2, 3]}`), as
@@ -24,7 +27,8 @@ def grammar_text(structured: StructuredOutput) -> str:
     kind, spec = structured.kind, structured.spec
     try:
         if kind is StructuredOutputKind.JSON_SCHEMA:
-            return llguidance.LLMatcher.grammar_from_json_schema(spec, overrides=JSON_OPTIONS)
+            closed = json.dumps(close_objects(json.loads(spec)), ensure_ascii=False)
+            return llguidance.LLMatcher.grammar_from_json_schema(closed, overrides=JSON_OPTIONS)
         if kind is StructuredOutputKind.JSON_OBJECT:
             return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}',
                                                                  overrides=JSON_OPTIONS)
