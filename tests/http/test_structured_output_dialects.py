@@ -107,6 +107,13 @@ def test_completions_endpoint_is_constrained(client: OpenAI) -> None:
     jsonschema.validate(json.loads(r.choices[0].text), SCHEMA)
 
 
+def test_json_object_with_a_schema_enforces_the_schema(shoal_server) -> None:
+    # Together's and Fireworks' spelling (instructor sends it for them): the schema is not dropped
+    reply = _chat(shoal_server, response_format={"type": "json_object", "schema": SCHEMA})
+    assert reply.status_code == 200, reply.text
+    jsonschema.validate(json.loads(reply.json()["choices"][0]["message"]["content"]), SCHEMA)
+
+
 def test_streamed_schema_concatenates_to_valid_json(client: OpenAI) -> None:
     stream = client.chat.completions.create(
         model=MODEL, messages=ASK, stream=True, **FAST,
@@ -130,6 +137,9 @@ def test_streamed_schema_concatenates_to_valid_json(client: OpenAI) -> None:
     ({"response_format": {"type": "json_object"}, "guided_json": {}}, "guided_json"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice"),
     ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
+    ({"response_format": {"type": "json_object", "schema": {"type": "nonsense"}}}, "response_format.schema"),
+    ({"response_format": {"type": "json_schema", "schema": SCHEMA, "json_schema": {"name": "x", "schema": {}}}},
+     "response_format.schema"),
 ])
 def test_bad_constraints_are_400_naming_the_field(shoal_server, body, param) -> None:
     for stream in (False, True):

@@ -17,7 +17,8 @@ from shoal.serving.request import GenerationEnd
 
 # The endpoints that run a model: their requests are audited and counted per key whatever
 # their outcome. Other requests count there only when refused by the guardrails (below).
-MODEL_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/generate", "/api/chat"})
+MODEL_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/generate",
+                             "/api/chat"})
 # Refusals of who is asking or how much they ask: audited on every endpoint.
 ACCESS_REFUSALS = frozenset({401, 403, 429})
 

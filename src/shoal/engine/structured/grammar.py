@@ -13,6 +13,7 @@ import torch
 
 from shoal.core.errors import InvalidParameterError
 from shoal.core.structured_output import StructuredOutput, StructuredOutputKind, ThinkingTokens
+from shoal.engine.structured.closed_objects import close_objects
 from shoal.text.tokenizer import Tokenizer
 
 # NOTE: JSON is written on one line with single spaces (`{"a": 1, "b": [2, 3]}`), as
@@ -49,7 +50,8 @@ def _body_grammar_text(structured: StructuredOutput) -> str:
     kind, spec = structured.kind, structured.spec
     try:
         if kind is StructuredOutputKind.JSON_SCHEMA:
-            return llguidance.LLMatcher.grammar_from_json_schema(spec, overrides=JSON_OPTIONS)
+            closed = json.dumps(close_objects(json.loads(spec)), ensure_ascii=False)
+            return llguidance.LLMatcher.grammar_from_json_schema(closed, overrides=JSON_OPTIONS)
         if kind is StructuredOutputKind.JSON_OBJECT:
             return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}',
                                                                  overrides=JSON_OPTIONS)

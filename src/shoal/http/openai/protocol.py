@@ -51,6 +51,8 @@ class JsonSchemaFormat(_Body):
 class ResponseFormat(_Body):
     type: str = "text"
     json_schema: JsonSchemaFormat | None = None
+    # Together's and Fireworks' spelling: {"type": "json_object", "schema": {...}}
+    schema_: Any = Field(default=None, alias="schema")
 
 
 class SamplingFields(_Body):

@@ -8,9 +8,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from shoal.access.model_access import visible_models
 from shoal.core.errors import InvalidParameterError
-from shoal.http.openai import serving
+from shoal.http.openai import responses, serving
 from shoal.http.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest)
+from shoal.http.openai.responses_protocol import ResponsesRequest
 from shoal.serving.catalog import ModelSpec
 from shoal.serving.completion import collect
 from shoal.serving.disconnect import run_until_disconnect
@@ -139,3 +140,32 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
 def _detokenize(model: ServedModel, body: DetokenizeRequest) -> dict:
     model.engine.limits.check_token_ids(body.tokens, "tokens")
     return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+@router.post("/v1/responses")
+async def responses_create(body: ResponsesRequest, request: Request):
+    """OpenAI's Responses API, statelessly, as the chat completion it amounts to."""
+    arrival = time.monotonic()
+    service = _service(request)
+    residency = _residency(request)
+    try:
+        chat = responses.chat_request(body)
+    except InvalidParameterError as exc:
+        raise responses.renamed(exc) from None
+    model = await serving.acquire_model(residency, chat.model)
+    try:
+        try:
+            gen = serving.chat_request(model, chat, arrival)
+            updates = service.start(gen)      # the stream holds the model from here
+        except InvalidParameterError as exc:
+            raise responses.renamed(exc) from None
+    finally:
+        residency.release(model)
+    shell = responses.ResponseShell(body, model.name, serving.now())
+    if body.stream:
+        await service.wait_scheduled([updates], request.receive)   # refusals stay plain errors
+        chat_sse = serving.chat_stream(gen, updates, shell.created, True, False)
+        return StreamingResponse(responses.response_stream(shell, chat_sse),
+                                 media_type="text/event-stream", headers=_SSE_HEADERS)
+    done = await run_until_disconnect(request.receive, collect(gen, updates))
+    return JSONResponse(responses.response_body(shell, serving.chat_response(gen, done, shell.created)))

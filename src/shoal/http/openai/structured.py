@@ -53,11 +53,16 @@ def _response_format(fmt: Any) -> list[StructuredOutput]:
     if fmt.type == "text":
         return []
     if fmt.type == "json_object":
+        if fmt.schema_ is not None:     # a schema given beside json_object is enforced, not dropped
+            return [StructuredOutput.json_schema(fmt.schema_, field="response_format.schema")]
         return [StructuredOutput.json_object(field="response_format")]
     if fmt.type == "json_schema":
         if fmt.json_schema is None:
             raise InvalidParameterError("response_format.json_schema",
                                         "is required when type is 'json_schema'")
+        if fmt.schema_ is not None:
+            raise InvalidParameterError("response_format.schema", "give the schema in "
+                                        "response_format.json_schema.schema when type is 'json_schema'")
         schema = fmt.json_schema.schema_
         return [StructuredOutput.json_schema({} if schema is None else schema,
                                              field="response_format.json_schema.schema")]
