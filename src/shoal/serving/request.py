@@ -15,6 +15,7 @@ from shoal.access.principal import Principal, current_principal
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.outputs import RequestOutput
 from shoal.serving.served import ServedModel
+from shoal.text.tools.plan import ToolPlan
 
 
 def new_request_id(prefix: str) -> str:
@@ -39,6 +40,8 @@ class GenerateRequest:
     max_tokens_given: bool = True
     # who asked (set by the auth middleware for the HTTP request that builds this one)
     principal: Principal = field(default_factory=current_principal.get)
+    # the request's tools (text/tools/plan.py): how its answer is parsed into calls; None: no tools
+    tools: ToolPlan | None = None
 
 
 @dataclass(slots=True)

@@ -103,7 +103,14 @@ class ServedModel:
         # NOTE: the template writes BOS itself when the model wants one.
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
+    @property
+    def tool_template(self) -> str | None:
+        """The template that renders a chat with tools (its call format is read from it)."""
+        if self.spec is not None and self.spec.template:
+            return self.spec.template
+        return self.tokenizer.tool_use_template or self.tokenizer.chat_template
+
     def supports_tools(self) -> bool:
-        template = (self.spec.template if self.spec is not None and self.spec.template
-                    else self.tokenizer.chat_template) or ""
-        return "tools" in template.lower()
+        """Every model takes tools: in its template's own call format, or through shoal's
+        built-in tool prompt (text/tools/prompt.py) when the template renders none."""
+        return True

@@ -24,12 +24,15 @@ from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
 from shoal.http.ollama import templates
 from shoal.http.ollama.protocol import ROLES, ChatBody, GenerateBody, nanoseconds, timestamp
+from shoal.http.tools import ollama_call
 from shoal.serving.disconnect import run_until_disconnect
 from shoal.serving.durations import parse_keep_alive
 from shoal.serving.generate import GenerationService
 from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
+from shoal.text.tools.parsing import ToolCall
+from shoal.text.tools.plan import ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -389,13 +392,14 @@ class Turn:
     with_context: bool = False      # /api/generate without raw: the reply carries `context`
     keep_alive: float | None = None
     max_tokens_given: bool = True   # num_predict > 0 (else max_tokens is the room left)
+    tools: ToolPlan | None = None   # /api/chat with tools: calls parsed out of the answer
     request: GenerateRequest | None = None
 
     def build(self) -> GenerateRequest:
         self.request = GenerateRequest(
             model=self.model, prompt_token_ids=self.prompt_ids, params=self.params,
             request_id=new_request_id(f"ollama-{self.kind}"), dialect="ollama",
-            keep_alive=self.keep_alive, max_tokens_given=self.max_tokens_given)
+            keep_alive=self.keep_alive, max_tokens_given=self.max_tokens_given, tools=self.tools)
         return self.request
 
 
@@ -500,12 +504,19 @@ async def stream_lines(turn: Turn, updates: AsyncIterator[list[RequestOutput]],
     output_ids: list[int] = []
     last: RequestOutput | None = None
     finish_reason: str | None = None
+    parser = turn.tools.stream() if turn.tools is not None else None
     try:
         batch = first
         while batch is not _NOTHING:
             for out in batch:
                 output_ids.extend(out.token_ids)
-                if out.text:
+                if parser is not None:
+                    pieces = parser.feed(out.text) if out.text else []
+                    if out.finished:
+                        pieces += parser.finish()
+                    for piece in pieces:
+                        yield ndjson(tool_piece_chunk(turn, piece, parser.calls))
+                elif out.text:
                     yield ndjson(content_chunk(turn, out.text))
                 if out.finished:
                     last, finish_reason = out, out.finish_reason
@@ -531,7 +542,23 @@ async def complete(service: GenerationService, turn: Turn) -> dict[str, Any]:
     sample = completion.samples[0]
     if sample.finish_reason == "abort":
         raise HttpError(500, "the request was aborted before it finished", type="server_error")
-    return final_chunk(turn, completion.last, sample.text, sample.token_ids, sample.finish_reason)
+    body = final_chunk(turn, completion.last, sample.text, sample.token_ids, sample.finish_reason)
+    if turn.tools is not None:
+        parsed = turn.tools.parse(sample.text)
+        body["message"]["content"] = parsed.content or ""
+        if parsed.calls:
+            body["message"]["tool_calls"] = [ollama_call(c, i) for i, c in enumerate(parsed.calls)]
+    return body
+
+
+def tool_piece_chunk(turn: Turn, piece: str | ToolCall, calls: list[ToolCall]) -> dict[str, Any]:
+    """A streamed line of an answer with tools: its text, or one whole call (as Ollama streams
+    a call: once complete, in a line of its own with empty content)."""
+    if isinstance(piece, str):
+        return content_chunk(turn, piece)
+    body = content_chunk(turn, "")
+    body["message"]["tool_calls"] = [ollama_call(piece, calls.index(piece))]
+    return body
 
 
 async def prepare(func: Any, *args: Any) -> Any:

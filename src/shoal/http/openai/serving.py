@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ from shoal.http.json_lines import json_line
 from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                        SamplingFields)
 from shoal.http.openai.structured import structured_output
+from shoal.http.tools import no_other_constraint, openai_call, tool_plan
+from shoal.text.tools.parsing import ToolCall, ToolCallStream
 from shoal.serving.completion import Completion, collect
 from shoal.serving.disconnect import cancel_and_wait
 from shoal.serving.request import GenerateRequest, new_request_id
@@ -86,9 +89,10 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
 
 
 def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
-    if req.tools and req.tool_choice not in (None, "auto", "none"):
-        raise UnsupportedFeatureError("tool_choice", "only 'auto' and 'none' are supported; shoal does "
-                                      "not force or parse tool calls yet")
+    for legacy in ("functions", "function_call"):
+        if getattr(req, legacy) is not None:
+            raise UnsupportedFeatureError(
+                legacy, f"the legacy '{legacy}' field is not supported; send 'tools' and 'tool_choice'")
     if req.continue_final_message or req.echo:
         field = "continue_final_message" if req.continue_final_message else "echo"
         raise UnsupportedFeatureError(field, "is not supported for chat completions")
@@ -99,13 +103,17 @@ def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, logprobs)
-    tools = req.tools if req.tools and req.tool_choice != "none" else None
-    text, ids = model.render_chat(message_dicts(req.messages), tools=tools,
+    plan = tool_plan(model, req.tools, req.tool_choice, req.parallel_tool_calls)
+    if plan.active:
+        no_other_constraint(plan, params.structured)
+        params = replace(params, structured=plan.structured,
+                         skip_special_tokens=params.skip_special_tokens and not plan.keep_special_tokens)
+    text, ids = model.render_chat(plan.messages(message_dicts(req.messages)), tools=plan.render_tools,
                                   add_generation_prompt=req.add_generation_prompt)
     return GenerateRequest(model=model, prompt_token_ids=ids, params=params,
                            request_id=req.request_id or new_request_id("chatcmpl"),
                            priority=req.priority, prompt_text=text, dialect="openai",
-                           arrival_time=arrival)
+                           arrival_time=arrival, tools=plan if plan.active else None)
 
 
 def prompt_count(prompt: Any) -> int:
@@ -208,13 +216,29 @@ def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": num_cached}}
 
 
+def chat_message(req: GenerateRequest, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """The assistant message of one sample (its tool calls parsed out) and its finish reason."""
+    if req.tools is None:
+        return {"role": "assistant", "content": text, "tool_calls": []}, finish_reason
+    parsed = req.tools.parse(text)
+    message = {"role": "assistant", "content": parsed.content,
+               "tool_calls": [openai_call(c) for c in parsed.calls]}
+    return message, finished_with_calls(finish_reason, bool(parsed.calls))
+
+
+def finished_with_calls(finish_reason: str | None, called: bool) -> str | None:
+    """OpenAI's "tool_calls" for an answer that ended by itself after calling."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
+
+
 def chat_response(req: GenerateRequest, done: Completion, created: int) -> dict:
     tokenizer = req.model.tokenizer
-    choices = [{"index": s.index,
-                "message": {"role": "assistant", "content": s.text, "tool_calls": []},
-                "logprobs": chat_logprobs(tokenizer, s.logprobs),
-                "finish_reason": s.finish_reason, "stop_reason": stop_reason(req, s.stop_reason)}
-               for s in done.samples]
+    choices = []
+    for s in done.samples:
+        message, finish_reason = chat_message(req, s.text, s.finish_reason)
+        choices.append({"index": s.index, "message": message,
+                        "logprobs": chat_logprobs(tokenizer, s.logprobs),
+                        "finish_reason": finish_reason, "stop_reason": stop_reason(req, s.stop_reason)})
     return {"id": req.request_id, "object": "chat.completion", "created": created,
             "model": req.model.name, "choices": choices, "system_fingerprint": None,
             "usage": usage(done.num_prompt_tokens, done.num_output_tokens, done.num_cached_tokens)}
@@ -271,10 +295,15 @@ async def chat_stream(req: GenerateRequest, updates: AsyncIterator[list[RequestO
         for index in range(req.params.n):
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
+        parsers = {i: req.tools.stream() for i in range(req.params.n)} if req.tools is not None else None
         async for batch in updates:
             for out in batch:
                 generated += len(out.token_ids)
                 cached = max(cached, out.num_cached_tokens)
+                if parsers is not None:
+                    for body in tool_stream_chunks(parsers[out.index], out, tokenizer, req):
+                        yield chunk([body])
+                    continue
                 if not out.text and not out.finished and not out.logprobs:
                     continue
                 yield chunk([{"index": out.index, "delta": {"content": out.text} if out.text else {},
@@ -288,6 +317,35 @@ async def chat_stream(req: GenerateRequest, updates: AsyncIterator[list[RequestO
     finally:
         await _close(updates)
     yield sse("[DONE]")
+
+
+def tool_stream_chunks(parser: ToolCallStream, out: RequestOutput, tokenizer: Tokenizer,
+                       req: GenerateRequest) -> list[dict]:
+    """One update of a sample whose tool calls are parsed: content deltas for its text, and
+    for each call as it completes, OpenAI's two deltas (index, id, type, name and empty
+    arguments; then the arguments), then the finish reason."""
+    pieces = parser.feed(out.text) if out.text else []
+    if out.finished:
+        pieces += parser.finish()
+    bodies = []
+    for piece in pieces:
+        if isinstance(piece, ToolCall):
+            k = parser.calls.index(piece)       # the call's place among the sample's calls
+            bodies.append({"tool_calls": [{"index": k, "id": piece.id, "type": "function",
+                                           "function": {"name": piece.name, "arguments": ""}}]})
+            bodies.append({"tool_calls": [{"index": k, "function": {"arguments": piece.arguments_json}}]})
+        else:
+            bodies.append({"content": piece})
+    chunks = [{"index": out.index, "delta": delta, "logprobs": None, "finish_reason": None}
+              for delta in bodies]
+    if out.finished or out.logprobs:
+        last = {"index": out.index, "delta": {}, "logprobs": chat_logprobs(tokenizer, out.logprobs),
+                "finish_reason": None}
+        if out.finished:
+            last["finish_reason"] = finished_with_calls(out.finish_reason, bool(parser.calls))
+            last["stop_reason"] = stop_reason(req, out.stop_reason)
+        chunks.append(last)
+    return chunks
 
 
 async def completion_stream(reqs: Sequence[GenerateRequest],
