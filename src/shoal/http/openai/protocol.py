@@ -122,6 +122,7 @@ class TokenizeRequest(_Body):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: Any = None                          # vLLM's: the chat as a request with these tools renders it
 
 
 class DetokenizeRequest(_Body):

@@ -38,8 +38,8 @@ def _lark_regex(text: str) -> str:
 
 def tool_call_grammar(fmt: ToolFormat, tools: Sequence[FunctionTool], choice: ToolChoice,
                       parallel: bool, special: Mapping[str, int]) -> str:
-    """`special`: the format's markers that are special tokens of the vocabulary -> their ids
-    (a special token is matched as that token, never as text)."""
+    """`special`: the format's markers that are tokens of their own in the vocabulary -> their
+    ids (matched as that token, never as text)."""
     chosen = [t for t in tools if choice.mode != "function" or t.name == choice.name]
 
     def lit(marker: str) -> str:

@@ -206,13 +206,14 @@ class ToolCallStream:
         return text
 
     def _emit_text(self, out: list[Piece], text: str) -> None:
-        if not text:
-            return
-        if not text.strip():
+        # NOTE: trailing whitespace waits for what follows: before a call it is dropped, so
+        # the text does not depend on where the stream's chunks happen to split.
+        body = text.rstrip()
+        if not body:
             self._pending_space += text
             return
-        out.append(self._pending_space + text)
-        self._pending_space = ""
+        out.append(self._pending_space + body)
+        self._pending_space = text[len(body):]
 
     def _emit_call(self, out: list[Piece], call: ToolCall) -> None:
         self._pending_space = ""

@@ -60,12 +60,16 @@ class ToolPlan:
         return parse_tool_calls(text, self.format, self.strip)
 
 
-def special_markers(fmt: ToolFormat, tokenizer: Tokenizer) -> dict[str, int]:
-    """The format's markers that are special tokens of this vocabulary -> their ids."""
+def token_markers(fmt: ToolFormat, tokenizer: Tokenizer) -> dict[str, int]:
+    """The format's markers that are added tokens of this vocabulary -> their ids.
+
+    NOTE: llguidance treats every added token (special or not, e.g. Qwen's <tool_call>) as a
+    token of its own that no text matches, so the grammar names these by id."""
+    added = tokenizer.backend.get_added_tokens_decoder()
     out = {}
     for marker in fmt.markers:
         token_id = tokenizer.token_to_id(marker)
-        if token_id is not None and token_id in tokenizer.all_special_ids:
+        if token_id is not None and token_id in added:
             out[marker] = token_id
     return out
 
@@ -81,11 +85,13 @@ def plan_tools(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
     # NOTE: a named function is called once (OpenAI's forced call); small models asked for
     # "one or more" tend to repeat the same call until max_tokens.
     parallel = parallel_tool_calls is not False and choice.mode != "function"
-    special = special_markers(fmt, tokenizer)
+    tokens = token_markers(fmt, tokenizer)
+    # special tokens are dropped from the text unless kept: the parser must see the markers
+    special = any(i in tokenizer.all_special_ids for i in tokens.values())
     structured = None
     if choice.mode != "none":
         structured = StructuredOutput.grammar(
-            tool_call_grammar(fmt, checked, choice, parallel, special), field=tools_field)
+            tool_call_grammar(fmt, checked, choice, parallel, tokens), field=tools_field)
     strip: tuple[str, ...] = ()
     if special:
         eos = {tokenizer.id_to_token(i) for i in tokenizer.eos_token_ids}
