@@ -58,5 +58,7 @@ MODELS = {
 
 def write_tool_model(directory: Path, fmt: str) -> Path:
     template, tokens = MODELS[fmt]
-    tiny_models.write_hf_model(directory, "llama", extra_tokens=tokens, chat_template=template)
+    # NOTE: a longer context than tiny_models gives: byte-level tokens make tool prompts long
+    tiny_models.write_hf_model(directory, "llama", extra_tokens=tokens, chat_template=template,
+                               config_overrides={"max_position_embeddings": 1024})
     return directory

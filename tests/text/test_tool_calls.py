@@ -44,6 +44,11 @@ CASES = [
                          '"unit": "c"}}, {"name": "get_time", "arguments": {}}]</s>',
      "Sure.", [("get_weather", {"city": "Rome", "unit": "c"}), ("get_time", {})]),
     (MISTRAL, ("</s>",), "Just text.</s>", "Just text.", []),
+    (MISTRAL, ("</s>",), "[TOOL_CALLS] not json</s>", "[TOOL_CALLS] not json", []),
+    (MISTRAL, (), '[TOOL_CALLS][{"name": "now", "arguments": {"": [[[[', '[TOOL_CALLS][{"name": "now", "arguments": {"": [[[[', []),
+    (MISTRAL, (), '[TOOL_CALLS][{"city": 1}] and on', '[TOOL_CALLS][{"city": 1}] and on', []),
+    (LLAMA3_JSON, (), '{"name": "get_time", "parameters": {', '{"name": "get_time", "parameters": {', []),
+    (HERMES, (), '<tool_call>\n{"name": "get_time", "arguments": {', '<tool_call>\n{"name": "get_time", "arguments": {', []),
 ]
 
 

@@ -105,11 +105,16 @@ class ToolCallStream:
 
     # ---- states ---------------------------------------------------------------------------
     def _run(self, out: list[Piece], final: bool) -> None:
+        seen = set()
         while True:
             before = (self._state, len(self._buf))
+            # NOTE: a safety net: a state seen twice in one run is a cycle, never progress
+            if before in seen:
+                return
+            seen.add(before)
             if self._state == "start":
                 self._start(final)
-            elif self._state == "text":
+            elif self._state in ("text", "plain"):
                 self._text(out, final)
             elif self.fmt.end:
                 self._closed_call(out, final)
@@ -183,21 +188,27 @@ class ToolCallStream:
             value, end = _DECODER.raw_decode(text)
         except ValueError:
             if final:
-                self._state = "text"
-                self._buf = (self.fmt.start if self.fmt is MISTRAL else "") + self._buf
+                self._give_back_as_text(out)
             return
         values = value if isinstance(value, list) and self.fmt is MISTRAL else [value]
         calls = [as_call(v, self.fmt) for v in values]
         if not calls or any(c is None for c in calls):
             # NOTE: JSON, but not calls: it is the answer's text, as the model wrote it.
-            self._state = "text"
-            self._buf = (self.fmt.start if self.fmt is MISTRAL else "") + self._buf
+            self._give_back_as_text(out)
             return
         for call in calls:
             self._emit_call(out, call)    # type: ignore[arg-type]
         self._buf = text[end:]
         if self.fmt is MISTRAL:
             self._state = "text"
+
+    def _give_back_as_text(self, out: list[Piece]) -> None:
+        """What followed the marker was no call: all of it (the marker too) is text.
+
+        NOTE: emitted, not put back in the buffer: the text state would find the marker again."""
+        marker = self.fmt.start if self.fmt is MISTRAL else ""
+        self._emit_text(out, marker + self._without_strip(self._buf))
+        self._buf, self._state = "", "plain" if self.fmt is LLAMA3_JSON else "text"
 
     # ---- output ---------------------------------------------------------------------------
     def _without_strip(self, text: str) -> str:
