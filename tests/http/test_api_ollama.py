@@ -276,7 +276,7 @@ def test_list_show_ps_and_version(client, shoal_server) -> None:
     assert entry.details.quantization_level == "Q4_1" and entry.details.parameter_size == "135M"
 
     shown = client.show("smollm2")
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]     # every model: the built-in tool prompt
     assert shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == 8192
     assert shown.modelinfo["llama.attention.head_count_kv"] == 3
@@ -335,8 +335,7 @@ def test_unknown_model_is_a_404(client, call: str) -> None:
     ("/api/generate", {"model": MODEL, "prompt": "hi", "context": [10 ** 9]}, 400, "context"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                   "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "does not support tools"),
+                   "tools": [{"type": "retrieval"}]}, 400, "tools[0].type"),
     ("/api/show", {}, 400, "model is required"),
     ("/api/generate", [1, 2], 400, "JSON object"),
     # JSON can carry a lone surrogate, which UTF-8 cannot: echoed escaped, not a 500.

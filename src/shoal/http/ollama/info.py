@@ -202,5 +202,6 @@ def show_stored(store, name: str) -> dict[str, Any]:
     if not template:
         meta = metadata_of(Path(store.resolve(name).weights)) or {}
         template = str(meta.get("tokenizer.chat_template", ""))
-    shown["capabilities"] = ["completion"] + (["tools"] if "tools" in template.lower() else [])
+    # every model takes tools: its template's own format, or the built-in tool prompt
+    shown["capabilities"] = ["completion", "tools"]
     return shown
