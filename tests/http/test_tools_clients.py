@@ -20,14 +20,14 @@ from pydantic import BaseModel, Field
 
 MODEL = "smollm2:135m"
 PARAMS = {"type": "object",
-          "properties": {"city": {"type": "string", "maxLength": 20},
+          "properties": {"city": {"type": "string", "maxLength": 12},
                          "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
           "required": ["city", "unit"], "additionalProperties": False}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                             "parameters": PARAMS}}
 CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time in a timezone",
                                           "parameters": {"type": "object", "properties": {
-                                              "timezone": {"type": "string", "maxLength": 20}},
+                                              "timezone": {"type": "string", "maxLength": 12}},
                                               "required": ["timezone"]}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -59,7 +59,7 @@ def test_auto_renders_the_tools_and_answers_or_calls(client: OpenAI) -> None:
 def test_required_and_named_calls_validate_on_every_sample(client: OpenAI, choice) -> None:
     # n = 3 sampled samples, each under its own grammar state: several seeds in one request
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, CLOCK], tool_choice=choice,
-                                       parallel_tool_calls=False, max_tokens=40, temperature=1.0, seed=1, n=3)
+                                       parallel_tool_calls=False, max_tokens=64, temperature=1.0, seed=1, n=3)
     assert len(r.choices) == 3
     for choice0 in r.choices:
         assert choice0.finish_reason == "tool_calls" and len(choice0.message.tool_calls) == 1

@@ -205,3 +205,16 @@ def test_builtin_plan_puts_the_prompt_in_the_system_message(hermes_tokenizer) ->
     assert messages[0]["role"] == "system"
     assert json.dumps(WEATHER["function"]) in messages[0]["content"]
     assert "at most one" in messages[0]["content"]
+
+
+def test_detect_format_on_ollamas_own_templates() -> None:
+    # the Qwen 2.5, Llama 3.1 and Mistral Modelfile TEMPLATEs the Go template tests render
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("go_templates", Path(__file__).parent / "test_go_template.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert detect_format(module.QWEN) is HERMES
+    assert detect_format(module.LLAMA3) is LLAMA3_JSON
+    assert detect_format(module.MISTRAL) is MISTRAL
