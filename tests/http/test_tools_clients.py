@@ -153,6 +153,6 @@ def test_langchain_chat_ollama_bind_tools_and_tool_loop(shoal_server) -> None:
 
 def test_instructor_tools_mode(client: OpenAI) -> None:
     patched = instructor.from_openai(client, mode=instructor.Mode.TOOLS)
-    weather = patched.chat.completions.create(model=MODEL, response_model=Weather, max_retries=0, max_tokens=48,
+    weather = patched.chat.completions.create(model=MODEL, response_model=Weather, max_retries=0, max_tokens=96,
                                               temperature=0, messages=[{"role": "user", "content": "Paris, 21 C."}])
     assert isinstance(weather, Weather) and -50 <= weather.celsius <= 60
