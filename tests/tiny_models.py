@@ -132,8 +132,9 @@ def random_weights(config: Mapping[str, Any], seed: int = 0) -> dict[str, torch.
     return w
 
 
-def _write_hf_tokenizer(directory: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def _write_hf_tokenizer(directory: Path, extra_tokens: Sequence[tuple[str, bool]] = (),
+                       chat_template: str = CHATML_TEMPLATE) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     tokens, merges, _ = tiny_vocab()
     vocab = {tok: idx for idx, tok in enumerate(tokens)}
@@ -141,17 +142,21 @@ def _write_hf_tokenizer(directory: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    # (text, special) pairs after the base vocabulary: ids VOCAB_SIZE, VOCAB_SIZE + 1, ...
+    tokenizer.add_tokens([AddedToken(text, special=special, normalized=False)
+                          for text, special in extra_tokens])
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID],
         "pad_token": SPECIAL_TOKENS[EOS_ID], "add_bos_token": False,
-        "chat_template": CHATML_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": chat_template, "tokenizer_class": "PreTrainedTokenizerFast",
     }, indent=1))
 
 
 def write_hf_model(directory: str | Path, arch: str = "llama", *, tied: bool = True,
                    shards: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0,
                    with_tokenizer: bool = True, config_overrides: Mapping[str, Any] | None = None,
+                   extra_tokens: Sequence[tuple[str, bool]] = (), chat_template: str = CHATML_TEMPLATE,
                    ) -> dict[str, torch.Tensor]:
     """Writes config.json + safetensors (sharded when shards > 1) into `directory`.
 
@@ -160,9 +165,10 @@ def write_hf_model(directory: str | Path, arch: str = "llama", *, tied: bool = T
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # NOTE: weights follow the plain config, so overrides can make config.json inconsistent.
+    vocab = {"vocab_size": VOCAB_SIZE + len(extra_tokens)}
     weights = {n: t.to(dtype).contiguous()
-               for n, t in random_weights(hf_config(arch, tied=tied), seed).items()}
-    config = hf_config(arch, tied=tied, **dict(config_overrides or {}))
+               for n, t in random_weights(hf_config(arch, tied=tied, **vocab), seed).items()}
+    config = hf_config(arch, tied=tied, **{**vocab, **dict(config_overrides or {})})
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     names = list(weights)
@@ -180,7 +186,7 @@ def write_hf_model(directory: str | Path, arch: str = "llama", *, tied: bool = T
         (directory / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     if with_tokenizer:
-        _write_hf_tokenizer(directory)
+        _write_hf_tokenizer(directory, extra_tokens, chat_template)
     return {n: t.to(torch.float32) for n, t in weights.items()}
 
 

@@ -335,8 +335,7 @@ def test_unknown_model_is_a_404(client, call: str) -> None:
     ("/api/generate", {"model": MODEL, "prompt": "hi", "context": [10 ** 9]}, 400, "context"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                   "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "does not support tools"),
+                   "tools": [{"type": "retrieval"}]}, 400, "tools[0].type"),
     ("/api/show", {}, 400, "model is required"),
     ("/api/generate", [1, 2], 400, "JSON object"),
     # JSON can carry a lone surrogate, which UTF-8 cannot: echoed escaped, not a 500.

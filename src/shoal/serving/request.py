@@ -16,6 +16,7 @@ from shoal.core.sampling_params import SamplingParams
 from shoal.engine.outputs import RequestOutput
 from shoal.serving.served import ServedModel
 from shoal.serving.thinking import Thinking
+from shoal.text.tools.plan import ToolPlan
 
 
 def new_request_id(prefix: str) -> str:
@@ -46,6 +47,8 @@ class GenerateRequest:
     # an embedding request: one token list per input (prompt_token_ids is then their
     # concatenation, what quotas, queues, logs and metrics count)
     embed_inputs: list[list[int]] | None = None
+    # the request's tools (text/tools/plan.py): how its answer is parsed into calls; None: no tools
+    tools: ToolPlan | None = None
 
 
 @dataclass(slots=True)

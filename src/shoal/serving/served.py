@@ -124,7 +124,14 @@ class ServedModel:
         """How the model writes its thinking; None for a model that does not reason."""
         return detect_reasoning(self.chat_template_text, self.tokenizer.token_to_id)
 
+    @property
+    def tool_template(self) -> str | None:
+        """The template that renders a chat with tools (its call format is read from it)."""
+        if self.spec is not None and self.spec.template:
+            return self.spec.template
+        return self.tokenizer.tool_use_template or self.tokenizer.chat_template
+
     def supports_tools(self) -> bool:
-        template = (self.spec.template if self.spec is not None and self.spec.template
-                    else self.tokenizer.chat_template) or ""
-        return "tools" in template.lower()
+        """Every model takes tools: in its template's own call format, or through shoal's
+        built-in tool prompt (text/tools/prompt.py) when the template renders none."""
+        return True

@@ -219,6 +219,11 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._templates.get("default") or next(iter(self._templates.values()), None)
 
+    @property
+    def tool_use_template(self) -> str | None:
+        """The model's separate template for chats with tools, if it ships one."""
+        return self._templates.get("tool_use")
+
     # ----- chat --------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],

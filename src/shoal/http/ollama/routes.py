@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -20,6 +21,7 @@ from shoal.http.ollama.thinking import resolve_think
 from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
 from shoal.http.openapi_bodies import json_body
+from shoal.http.tools import no_other_constraint, tool_plan
 from shoal.serving.activity import server_activity
 from shoal.serving.catalog import ModelSpec, path_size
 from shoal.serving.disconnect import run_until_disconnect
@@ -123,21 +125,25 @@ async def chat(request: Request) -> Response:
         serving.check_generates(model, "chat")
         serving.check_common(body, model)
         opts = serving.resolve_options(model, body.options)
-        if body.tools and not model.supports_tools():
-            raise HttpError(400, f"{model.name} does not support tools", param="tools",
-                            code="unsupported_parameter")
         structured = serving.check_generation_features(body)
         think = resolve_think(body.think, model, body.model)
-        messages = serving.chat_messages(body, model)
-        text, ids = await serving.prepare(serving.chat_prompt, model, messages, body.tools or None,
+        plan = tool_plan(model, body.tools, None, None)
+        no_other_constraint(plan, structured)
+        messages = plan.messages(serving.chat_messages(body, model))
+        text, ids = await serving.prepare(serving.chat_prompt, model, messages, plan.render_tools,
                                           opts, body.truncate is not False, think)
         thinking = thinking_for(model, text, show=think is not False)
-        structured = serving.format_after_thinking(structured, thinking)
+        # the constraint (a format, or the tool-call grammar) binds the answer after the thinking
+        structured = serving.format_after_thinking(plan.structured if plan.active else structured, thinking)
         top = _top_logprobs(body)
+        params = serving.make_params(opts, len(ids), structured, top)
+        if plan.keep_special_tokens:
+            params = replace(params, skip_special_tokens=False)
         turn = serving.Turn(kind="chat", echo_model=body.model or model.name, model=model,
-                            prompt_ids=ids, params=serving.make_params(opts, len(ids), structured, top),
+                            prompt_ids=ids, params=params,
                             started=started, loaded=loaded, keep_alive=keep_alive,
-                            max_tokens_given=opts.num_predict > 0, thinking=thinking, top_logprobs=top)
+                            max_tokens_given=opts.num_predict > 0, thinking=thinking, top_logprobs=top,
+                            tools=plan if plan.active else None)
         return await _run(request, turn, body.stream is not False)
     finally:
         residency.release(model)

@@ -25,6 +25,7 @@ from shoal.http.json_lines import json_line
 from shoal.http.ollama import templates
 from shoal.http.ollama.thinking import logprob_entries
 from shoal.http.ollama.protocol import ROLES, ChatBody, GenerateBody, nanoseconds, timestamp
+from shoal.http.tools import ollama_call
 from shoal.serving.disconnect import run_until_disconnect
 from shoal.serving.durations import parse_keep_alive
 from shoal.serving.generate import GenerationService
@@ -32,6 +33,8 @@ from shoal.serving.request import GenerateRequest, new_request_id
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
 from shoal.serving.thinking import Thinking
+from shoal.text.tools.parsing import ToolCall
+from shoal.text.tools.plan import ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +412,7 @@ class Turn:
     with_context: bool = False      # /api/generate without raw: the reply carries `context`
     keep_alive: float | None = None
     max_tokens_given: bool = True   # num_predict > 0 (else max_tokens is the room left)
+    tools: ToolPlan | None = None   # /api/chat with tools: calls parsed out of the answer
     request: GenerateRequest | None = None
     thinking: Thinking | None = None    # a reasoning model's turn: output split into thinking
     top_logprobs: int | None = None     # logprobs asked for: the alternatives per token
@@ -418,7 +422,7 @@ class Turn:
             model=self.model, prompt_token_ids=self.prompt_ids, params=self.params,
             request_id=new_request_id(f"ollama-{self.kind}"), dialect="ollama",
             keep_alive=self.keep_alive, max_tokens_given=self.max_tokens_given,
-            thinking=self.thinking)
+            thinking=self.thinking, tools=self.tools)
         return self.request
 
     def split(self, text: str, parser: Any) -> tuple[str, str]:
@@ -546,6 +550,7 @@ async def stream_lines(turn: Turn, updates: AsyncIterator[list[RequestOutput]],
     finish_reason: str | None = None
     parser = turn.thinking.parser() if turn.thinking is not None else None
     tokenizer = turn.model.tokenizer if turn.top_logprobs is not None else None
+    tool_parser = turn.tools.stream() if turn.tools is not None else None
     try:
         batch = first
         while batch is not _NOTHING:
@@ -558,7 +563,16 @@ async def stream_lines(turn: Turn, updates: AsyncIterator[list[RequestOutput]],
                     text += more_text
                 logprobs = (logprob_entries(tokenizer, out.logprobs, turn.top_logprobs)
                             if turn.top_logprobs is not None else None)
-                if text or thinking or logprobs:
+                if tool_parser is not None:
+                    # the answer's text (the thinking taken out) through the tool-call parser
+                    if thinking or logprobs:
+                        yield ndjson(content_chunk(turn, "", thinking, logprobs))
+                    pieces = tool_parser.feed(text) if text else []
+                    if out.finished:
+                        pieces += tool_parser.finish()
+                    for piece in pieces:
+                        yield ndjson(tool_piece_chunk(turn, piece, tool_parser.calls))
+                elif text or thinking or logprobs:
                     yield ndjson(content_chunk(turn, text, thinking, logprobs))
                 if out.finished:
                     last, finish_reason = out, out.finish_reason
@@ -593,8 +607,24 @@ async def complete(service: GenerationService, turn: Turn) -> dict[str, Any]:
         text = parser.content
     logprobs = (logprob_entries(turn.model.tokenizer, sample.logprobs, turn.top_logprobs)
                 if turn.top_logprobs is not None else None)
-    return final_chunk(turn, completion.last, text, sample.token_ids, sample.finish_reason,
+    body = final_chunk(turn, completion.last, text, sample.token_ids, sample.finish_reason,
                        thinking, logprobs)
+    if turn.tools is not None:
+        parsed = turn.tools.parse(text)
+        body["message"]["content"] = parsed.content or ""
+        if parsed.calls:
+            body["message"]["tool_calls"] = [ollama_call(c, i) for i, c in enumerate(parsed.calls)]
+    return body
+
+
+def tool_piece_chunk(turn: Turn, piece: str | ToolCall, calls: list[ToolCall]) -> dict[str, Any]:
+    """A streamed line of an answer with tools: its text, or one whole call (as Ollama streams
+    a call: once complete, in a line of its own with empty content)."""
+    if isinstance(piece, str):
+        return content_chunk(turn, piece)
+    body = content_chunk(turn, "")
+    body["message"]["tool_calls"] = [ollama_call(piece, calls.index(piece))]
+    return body
 
 
 async def prepare(func: Any, *args: Any) -> Any:

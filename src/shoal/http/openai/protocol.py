@@ -106,8 +106,12 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tools: Any = None                          # checked in text/tools/spec.py, naming the field
+    tool_choice: Any = None                    # checked in text/tools/spec.py, naming the field
+    parallel_tool_calls: bool | None = None
+    # the legacy spelling of tools: refused by name (serving.py), never ignored
+    functions: Any = None
+    function_call: Any = None
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -136,6 +140,7 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
     return_token_strs: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: Any = None                          # vLLM's: the chat as a request with these tools renders it
 
 
 class DetokenizeRequest(_Body):

@@ -12,6 +12,7 @@ from shoal.http.openai import responses, serving
 from shoal.http.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest)
 from shoal.http.openai.responses_protocol import ResponsesRequest
+from shoal.http.tools import tool_plan
 from shoal.serving.catalog import ModelSpec
 from shoal.serving.completion import collect
 from shoal.serving.disconnect import run_until_disconnect
@@ -117,7 +118,9 @@ def _tokenize(model: ServedModel, body: TokenizeRequest) -> dict:
         raise InvalidParameterError("prompt", "give exactly one of 'prompt' or 'messages'")
     if body.messages is not None:
         # exactly the tokens a chat request would send (the model's template, SYSTEM, MESSAGEs)
-        _text, ids = model.render_chat(serving.message_dicts(body.messages),
+        plan = tool_plan(model, body.tools, None, None)
+        _text, ids = model.render_chat(plan.messages(serving.message_dicts(body.messages)),
+                                       tools=plan.render_tools,
                                        add_generation_prompt=body.add_generation_prompt,
                                        template_kwargs=body.chat_template_kwargs)
     else:

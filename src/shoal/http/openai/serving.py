@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from shoal.core.echo import clip
@@ -17,6 +17,7 @@ from shoal.http.openai.protocol import (ChatCompletionRequest, ChatMessage, Comp
                                        SamplingFields)
 from shoal.http.openai.request_fields import check_fields
 from shoal.http.openai.structured import structured_output
+from shoal.http.tools import no_other_constraint, openai_call, tool_plan
 from shoal.serving.completion import Completion, collect
 from shoal.serving.disconnect import cancel_and_wait
 from shoal.serving.request import GenerateRequest, new_request_id
@@ -24,6 +25,7 @@ from shoal.serving.residency import ResidencyManager
 from shoal.serving.served import ServedModel
 from shoal.serving.thinking import thinking_for
 from shoal.text.tokenizer import Tokenizer
+from shoal.text.tools.parsing import ToolCall, ToolCallStream
 
 
 # ---- requests in ---------------------------------------------------------------------
@@ -94,9 +96,10 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
 
 
 def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float) -> GenerateRequest:
-    if req.tools and req.tool_choice not in (None, "auto", "none"):
-        raise UnsupportedFeatureError("tool_choice", "only 'auto' and 'none' are supported; shoal does "
-                                      "not force or parse tool calls yet")
+    for legacy in ("functions", "function_call"):
+        if getattr(req, legacy) is not None:
+            raise UnsupportedFeatureError(
+                legacy, f"the legacy '{legacy}' field is not supported; send 'tools' and 'tool_choice'")
     if req.continue_final_message or req.echo:
         field = "continue_final_message" if req.continue_final_message else "echo"
         raise UnsupportedFeatureError(field, "is not supported for chat completions")
@@ -108,17 +111,22 @@ def chat_request(model: ServedModel, req: ChatCompletionRequest, arrival: float)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, logprobs)
-    tools = req.tools if req.tools and req.tool_choice != "none" else None
-    text, ids = model.render_chat(message_dicts(req.messages), tools=tools,
+    plan = tool_plan(model, req.tools, req.tool_choice, req.parallel_tool_calls)
+    if plan.active:
+        no_other_constraint(plan, params.structured)
+        params = replace(params, structured=plan.structured,
+                         skip_special_tokens=params.skip_special_tokens and not plan.keep_special_tokens)
+    text, ids = model.render_chat(plan.messages(message_dicts(req.messages)), tools=plan.render_tools,
                                   add_generation_prompt=req.add_generation_prompt,
                                   template_kwargs=template_variables(model, req))
     thinking = thinking_for(model, text, show=req.include_reasoning)
     if thinking is not None and params.structured is not None:
+        # the constraint (a schema, or the tool-call grammar) binds the answer after the thinking
         params = replace(params, structured=thinking.constrain(params.structured))
     return GenerateRequest(model=model, prompt_token_ids=truncate_prompt(ids, req.truncate_prompt_tokens),
                            params=params, request_id=req.request_id or new_request_id("chatcmpl"),
                            priority=req.priority, prompt_text=text, dialect="openai",
-                           arrival_time=arrival, thinking=thinking)
+                           arrival_time=arrival, thinking=thinking, tools=plan if plan.active else None)
 
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
@@ -255,26 +263,38 @@ def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": num_cached}}
 
 
-def assistant_message(req: GenerateRequest, text: str) -> dict:
-    """The reply's message: a reasoning model's thinking split out into vLLM's fields."""
+def chat_message(req: GenerateRequest, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """The assistant message of one sample and its finish reason: a reasoning model's thinking
+    split out into vLLM's fields, then the tool calls parsed out of the answer."""
+    message: dict = {"role": "assistant", "content": text, "tool_calls": []}
     thinking = req.thinking
-    if thinking is None:
-        return {"role": "assistant", "content": text, "tool_calls": []}
-    parser = thinking.parser()
-    parser.feed(text)
-    parser.finish()
-    reasoning = (parser.reasoning or None) if thinking.show else None
-    return {"role": "assistant", "content": parser.content, "reasoning_content": reasoning,
-            "reasoning": reasoning, "tool_calls": []}
+    if thinking is not None:
+        parser = thinking.parser()
+        parser.feed(text)
+        parser.finish()
+        reasoning = (parser.reasoning or None) if thinking.show else None
+        text = parser.content
+        message.update(content=text, reasoning_content=reasoning, reasoning=reasoning)
+    if req.tools is None:
+        return message, finish_reason
+    parsed = req.tools.parse(text)
+    message.update(content=parsed.content, tool_calls=[openai_call(c) for c in parsed.calls])
+    return message, finished_with_calls(finish_reason, bool(parsed.calls))
+
+
+def finished_with_calls(finish_reason: str | None, called: bool) -> str | None:
+    """OpenAI's "tool_calls" for an answer that ended by itself after calling."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
 
 
 def chat_response(req: GenerateRequest, done: Completion, created: int) -> dict:
     tokenizer = req.model.tokenizer
-    choices = [{"index": s.index,
-                "message": assistant_message(req, s.text),
-                "logprobs": chat_logprobs(tokenizer, s.logprobs),
-                "finish_reason": s.finish_reason, "stop_reason": stop_reason(req, s.stop_reason)}
-               for s in done.samples]
+    choices = []
+    for s in done.samples:
+        message, finish_reason = chat_message(req, s.text, s.finish_reason)
+        choices.append({"index": s.index, "message": message,
+                        "logprobs": chat_logprobs(tokenizer, s.logprobs),
+                        "finish_reason": finish_reason, "stop_reason": stop_reason(req, s.stop_reason)})
     body = {"id": req.request_id, "object": "chat.completion", "created": created,
             "model": req.model.name, "choices": choices, "system_fingerprint": None,
             "usage": usage(done.num_prompt_tokens, done.num_output_tokens, done.num_cached_tokens)}
@@ -352,36 +372,43 @@ async def chat_stream(req: GenerateRequest, updates: AsyncIterator[list[RequestO
             body["usage"] = usage(num_prompt, generated, cached) if continuous_usage else None
         return sse(body)
 
-    parsers = ({i: req.thinking.parser() for i in range(req.params.n)}
-               if req.thinking is not None else {})
+    thinking_parsers = ({i: req.thinking.parser() for i in range(req.params.n)}
+                        if req.thinking is not None else {})
     show_thinking = req.thinking is not None and req.thinking.show
 
-    def delta(out: RequestOutput) -> dict:
-        parser = parsers.get(out.index)
+    def split(out: RequestOutput) -> tuple[str, str]:
+        """(thinking to show, answer text) of one update."""
+        parser = thinking_parsers.get(out.index)
         if parser is None:
-            return {"content": out.text} if out.text else {}
+            return "", out.text
         reasoning, content = parser.feed(out.text)
         if out.finished:
             more_reasoning, more_content = parser.finish()
             reasoning, content = reasoning + more_reasoning, content + more_content
-        body: dict = {}
-        if reasoning and show_thinking:
-            body["reasoning_content"] = body["reasoning"] = reasoning
-        if content:
-            body["content"] = content
-        return body
+        return (reasoning if show_thinking else ""), content
+
+    def reasoning_delta(reasoning: str) -> dict:
+        return {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}
 
     try:
         for index in range(req.params.n):
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
+        tool_parsers = {i: req.tools.stream() for i in range(req.params.n)} if req.tools is not None else None
         async for batch in updates:
             for out in batch:
                 generated += len(out.token_ids)
                 cached = max(cached, out.num_cached_tokens)
-                if not out.text and not out.finished and not out.logprobs:
+                reasoning, text = split(out)
+                if tool_parsers is not None:
+                    # the thinking first, then the answer's text through the tool-call parser
+                    if reasoning:
+                        yield chunk([{"index": out.index, "delta": reasoning_delta(reasoning),
+                                      "logprobs": None, "finish_reason": None}])
+                    for body in tool_stream_chunks(tool_parsers[out.index], out, text, tokenizer, req):
+                        yield chunk([body])
                     continue
-                body = delta(out)
+                body = {**reasoning_delta(reasoning), **({"content": text} if text else {})}
                 if not body and not out.finished and not out.logprobs:
                     continue
                 yield chunk([{"index": out.index, "delta": body,
@@ -395,6 +422,36 @@ async def chat_stream(req: GenerateRequest, updates: AsyncIterator[list[RequestO
     finally:
         await _close(updates)
     yield sse("[DONE]")
+
+
+def tool_stream_chunks(parser: ToolCallStream, out: RequestOutput, text: str, tokenizer: Tokenizer,
+                       req: GenerateRequest) -> list[dict]:
+    """One update of a sample whose tool calls are parsed (`text`: its answer text, the
+    thinking taken out): content deltas for its text, and
+    for each call as it completes, OpenAI's two deltas (index, id, type, name and empty
+    arguments; then the arguments), then the finish reason."""
+    pieces = parser.feed(text) if text else []
+    if out.finished:
+        pieces += parser.finish()
+    bodies = []
+    for piece in pieces:
+        if isinstance(piece, ToolCall):
+            k = parser.calls.index(piece)       # the call's place among the sample's calls
+            bodies.append({"tool_calls": [{"index": k, "id": piece.id, "type": "function",
+                                           "function": {"name": piece.name, "arguments": ""}}]})
+            bodies.append({"tool_calls": [{"index": k, "function": {"arguments": piece.arguments_json}}]})
+        else:
+            bodies.append({"content": piece})
+    chunks = [{"index": out.index, "delta": delta, "logprobs": None, "finish_reason": None}
+              for delta in bodies]
+    if out.finished or out.logprobs:
+        last = {"index": out.index, "delta": {}, "logprobs": chat_logprobs(tokenizer, out.logprobs),
+                "finish_reason": None}
+        if out.finished:
+            last["finish_reason"] = finished_with_calls(out.finish_reason, bool(parser.calls))
+            last["stop_reason"] = stop_reason(req, out.stop_reason)
+        chunks.append(last)
+    return chunks
 
 
 async def completion_stream(reqs: Sequence[GenerateRequest],
