@@ -151,8 +151,6 @@ def test_langchain_chat_ollama_bind_tools_and_tool_loop(shoal_server) -> None:
     assert answer.content or answer.tool_calls
 
 
-@pytest.mark.xfail(reason="open: instructor's TOOLS call ends with finish_reason length at 96 tokens; "
-                          "not yet diagnosed (the other forced-call clients pass)", strict=False)
 def test_instructor_tools_mode(client: OpenAI) -> None:
     patched = instructor.from_openai(client, mode=instructor.Mode.TOOLS)
     weather = patched.chat.completions.create(model=MODEL, response_model=Weather, max_retries=0, max_tokens=96,

@@ -11,9 +11,9 @@ import json
 import llguidance
 import torch
 
+from shoal.core.closed_objects import close_objects
 from shoal.core.errors import InvalidParameterError
 from shoal.core.structured_output import StructuredOutput, StructuredOutputKind, ThinkingTokens
-from shoal.engine.structured.closed_objects import close_objects
 from shoal.text.tokenizer import Tokenizer
 
 # NOTE: JSON is written on one line with single spaces (`{"a": 1, "b": [2, 3]}`), as

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shoal.core.closed_objects import close_objects
 from shoal.text.tools.formats import LLAMA3_JSON, MISTRAL, ToolFormat
 from shoal.text.tools.spec import FunctionTool, ToolChoice
 
@@ -22,7 +23,9 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 
 def call_schema(tool: FunctionTool, args_key: str) -> dict[str, Any]:
     """The JSON of one call to `tool`: {"name": <its name>, args_key: <its parameters>}."""
-    params = dict(tool.parameters)
+    # objects closed as for response_format (core/closed_objects.py): pydantic's schemas leave
+    # extra keys unsaid, and a model would go on inventing arguments until max_tokens
+    params = close_objects(dict(tool.parameters))
     # NOTE: $defs move to the root: "#/$defs/X" refs (pydantic writes them) resolve from there.
     hoisted = {key: params.pop(key) for key in ("$defs", "definitions") if key in params}
     params.pop("$schema", None)

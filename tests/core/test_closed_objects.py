@@ -5,7 +5,7 @@ import copy
 
 import jsonschema
 
-from shoal.engine.structured.closed_objects import close_objects
+from shoal.core.closed_objects import close_objects
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
