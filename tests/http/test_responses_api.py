@@ -69,24 +69,32 @@ def test_cut_short_is_incomplete(client: OpenAI) -> None:
 
 
 def test_streamed_event_sequence(client: OpenAI) -> None:
-    kinds, deltas, final = [], [], None
-    # NOTE: room to finish: the SDK's stream helper wants response.completed, not .incomplete
-    with client.responses.stream(model=MODEL, input="Name two animals.", max_output_tokens=96,
-                                 temperature=0) as stream:
-        for event in stream:
-            kinds.append(event.type)
-            if event.type == "response.output_text.delta":
-                deltas.append(event.delta)
-        final = stream.get_final_response()
+    kinds, deltas = [], []
+    stream = client.responses.create(model=MODEL, input="Name two animals.", max_output_tokens=48,
+                                     temperature=0, stream=True)
+    for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        last = event
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
     assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done",
                             "response.output_item.done"]
     assert kinds[-1] in ("response.completed", "response.incomplete")
+    final = last.response
     assert deltas and "".join(deltas) == final.output_text
     # the streamed answer is the whole answer
-    whole = client.responses.create(model=MODEL, input="Name two animals.", max_output_tokens=96, temperature=0)
-    assert whole.output_text == final.output_text
+    whole = client.responses.create(model=MODEL, input="Name two animals.", max_output_tokens=48, temperature=0)
+    assert whole.output_text == final.output_text and whole.status == final.status
+
+
+def test_stream_helper_gets_the_final_response(client: OpenAI) -> None:
+    # the SDK's helper wants response.completed: an answer that ends by itself
+    with client.responses.stream(model=MODEL, input="Say yes.", max_output_tokens=200, temperature=0) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text == text
 
 
 def test_raw_stream_numbers_every_event(shoal_server) -> None:
