@@ -1,0 +1,158 @@
+"""Engine replicas on a real local Ray cluster (tiny models): KV-aware routing, the prefix
+index following the replicas' store/evict events, abort across the hop, and the real HTTP
+front with --replicas 2 in both dialects. One cluster for the module keeps it bounded."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from live_server import LiveServer
+
+from shoal.core.config import EngineConfig
+from shoal.core.sampling_params import SamplingParams
+from shoal.engine.events import Update
+from shoal.engine.kv.hashing import prompt_block_hashes
+from shoal.serving.replicas.cluster import ReplicaOptions, start_actors
+from shoal.serving.replicas.replica_engine import ReplicaEngine
+from shoal.serving.replicas.routing import Router
+
+BLOCK = 16
+KV_BLOCKS = 32      # small enough that a handful of distinct prompts evicts the first
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # NOTE: 4 logical CPUs on a 2-core box: Ray's CPUs are only bookkeeping here; the test's
+    # 2 replicas and the HTTP front's 2 take half a CPU each.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop for the module, as the server has one (the poller lives on it)."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def replicas(cluster, tiny_llama_dir: Path):
+    config = EngineConfig(model=str(tiny_llama_dir), kv_cache_bytes=KV_BLOCKS * 8192, block_size=BLOCK,
+                          num_threads=1, max_model_len=256)
+    actors = start_actors(config, ReplicaOptions(replicas=2, cpus=0.5))
+    engine = ReplicaEngine(actors, Router("cache_aware"), poll_interval=0.2)
+    yield engine
+    engine.shutdown()
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return [10 + (seed * 37 + i * 11) % 250 for i in range(length)]
+
+
+async def _run(engine: ReplicaEngine, request_id: str, ids: list[int], max_tokens: int = 2) -> list[int]:
+    tokens: list[int] = []
+    async for event in engine.generate(request_id, ids, SamplingParams(max_tokens=max_tokens, temperature=0)):
+        if isinstance(event, Update):
+            for out in event.outputs:
+                tokens.extend(out.token_ids)
+    await engine.refresh()
+    return tokens
+
+
+def _route(engine: ReplicaEngine, request_id: str):
+    return next(r for r in engine.routes if r.request_id == request_id)
+
+
+def test_routing_sends_a_shared_prefix_to_the_replica_that_holds_it(replicas: ReplicaEngine, loop) -> None:
+    async def main() -> None:
+        homes = {}
+        for p in range(2):          # two distinct 4-block system prompts land on the two replicas
+            await _run(replicas, f"first-{p}", _prompt(p, 4 * BLOCK) + [7, 8, 9])
+            homes[p] = _route(replicas, f"first-{p}").replica
+        assert set(homes.values()) == {"r0", "r1"}, homes
+        for p in (1, 0, 1, 0):      # the same prefix with other questions: to its home, 4 blocks matched
+            rid = f"again-{p}-{time.monotonic_ns()}"
+            await _run(replicas, rid, _prompt(p, 4 * BLOCK) + [20 + p, 21, 22, 23])
+            route = _route(replicas, rid)
+            assert (route.replica, route.matched_blocks, route.reason) == (homes[p], 4, "prefix")
+        # and the replica really reused it: its prefix-cache hits went up
+        assert replicas.stats().prefix_hits >= 4 * 4 * BLOCK
+
+    loop.run_until_complete(main())
+
+
+def test_the_index_follows_stores_and_evictions(replicas: ReplicaEngine, loop) -> None:
+    async def main() -> None:
+        first = _prompt(100, 6 * BLOCK)
+        await _run(replicas, "evict-0", first + [1])
+        home = next(r for r in replicas.replicas if r.state.name == _route(replicas, "evict-0").replica)
+        hashes = prompt_block_hashes(first, BLOCK, replicas.cache_salt)
+        assert set(hashes) <= home.state.cached
+        # distinct prompts until the home replica has evicted the first prompt (the pool is small)
+        for i in range(1, 40):
+            await _run(replicas, f"evict-{i}", _prompt(100 + i, 10 * BLOCK) + [1])
+            if not set(hashes) & ray.get(home.actor.cached_hashes.remote()):
+                break
+        for replica in replicas.replicas:
+            real = ray.get(replica.actor.cached_hashes.remote())
+            assert replica.state.cached == real      # the index is exactly what each replica holds
+        assert not set(hashes) & home.state.cached  # ... and it saw the evictions
+
+    loop.run_until_complete(main())
+
+
+def test_a_disconnect_aborts_the_request_on_its_replica(replicas: ReplicaEngine, loop) -> None:
+    async def main() -> None:
+        stream = replicas.generate("leaver", _prompt(7, 20), SamplingParams(max_tokens=200, temperature=0,
+                                                                          ignore_eos=True))
+        async for event in stream:
+            if isinstance(event, Update):
+                break
+        await stream.aclose()               # what a client that goes away causes
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            await replicas.refresh()
+            if replicas.stats().running == 0:
+                break
+            await asyncio.sleep(0.1)
+        stats = replicas.stats()
+        assert stats.running == 0 and stats.waiting == 0
+        # far fewer than the 200 tokens asked for were generated by the replicas
+        assert stats.generation_tokens < 200 + 200
+
+    loop.run_until_complete(main())
+
+
+def test_the_http_front_with_two_replicas_serves_both_dialects(cluster, tiny_llama_dir: Path,
+                                                               tmp_path: Path) -> None:
+    server = LiveServer(tiny_llama_dir, "--replicas", "2", "--ray-address", cluster, "--replica-cpus", "0.5",
+                        "--served-model-name", "tiny", log_path=tmp_path / "serve.log")
+    try:
+        server.wait_ready(timeout=240)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            chat = http.post("/v1/chat/completions", json={
+                "model": "tiny", "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "the cat"}]}).json()
+            assert chat["usage"]["completion_tokens"] >= 1, chat
+            assert chat["choices"][0]["message"]["role"] == "assistant"
+            with http.stream("POST", "/api/generate", json={"model": "tiny", "prompt": "the cat", "stream": True,
+                                                            "options": {"num_predict": 4, "temperature": 0}}) as r:
+                lines = [line for line in r.iter_lines() if line]
+            assert r.status_code == 200 and '"done":true' in lines[-1].replace(" ", ""), lines
+            bad = http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": -1,
+                                                          "messages": [{"role": "user", "content": "x"}]})
+            assert bad.status_code == 400 and "error" in bad.json()
+            metrics = http.get("/metrics").text
+            assert "shoal" in metrics
+    finally:
+        server.stop()
