@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -156,3 +157,28 @@ def test_the_http_front_with_two_replicas_serves_both_dialects(cluster, tiny_lla
             assert "shoal" in metrics
     finally:
         server.stop()
+
+
+def test_a_killed_replica_fails_no_waiting_request_and_comes_back(replicas: ReplicaEngine, loop) -> None:
+    async def main() -> None:
+        victim = replicas.replicas[0]
+        before = victim.state.incarnation
+        os.kill(await victim.actor.pid.remote(), signal.SIGKILL)
+        # requests sent at once, before the front can have noticed: none may fail
+        results = await asyncio.gather(*(_run(replicas, f"after-kill-{i}", _prompt(300 + i, 40), max_tokens=4)
+                                         for i in range(6)), return_exceptions=True)
+        assert all(isinstance(r, list) and r for r in results), results
+        # Ray restarts the actor; the poller notices (a new incarnation: its index starts empty)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            await replicas.refresh()
+            if victim.state.up and victim.state.incarnation != before:
+                break
+            await asyncio.sleep(0.5)
+        assert victim.state.up and victim.state.incarnation != before
+        # ... and the router uses it again
+        for i in range(3):
+            await _run(replicas, f"back-{i}", _prompt(400 + i, 20))
+        assert "r0" in {_route(replicas, f"back-{i}").replica for i in range(3)}
+
+    loop.run_until_complete(main())

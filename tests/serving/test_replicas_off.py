@@ -23,7 +23,8 @@ print("ray imported", any(name == "ray" or name.startswith("ray.") for name in s
 
 
 def test_the_default_server_never_imports_ray(tiny_llama_dir: Path) -> None:
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_llama_dir)], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_llama_dir)], check=False,
+                          capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "engine AsyncEngine" in done.stdout

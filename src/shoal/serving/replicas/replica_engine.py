@@ -119,8 +119,7 @@ class ReplicaEngine:
                 raise EngineDeadError("no engine replica is up" + (" (tried again after one died)" if tried else ""))
             replica = self._replica(decision)
             state = replica.state
-            state.in_flight += 1
-            state.routed += 1
+            state.begin(hashes)
             self.decisions[decision.reason] = self.decisions.get(decision.reason, 0) + 1
             self.routes.append(Route(request_id, state.name, decision.matched_blocks, len(hashes), decision.reason))
             streamed = False
@@ -157,7 +156,7 @@ class ReplicaEngine:
                 finished = True
                 return
             finally:
-                state.in_flight -= 1
+                state.end(hashes)
                 if finished:
                     self._refresh_soon(replica)
                 else:       # the caller went away: abort on the replica, across the hop
@@ -189,8 +188,12 @@ class ReplicaEngine:
         await asyncio.gather(*(self._poll(r) for r in self.replicas))
 
     def _refresh_soon(self, replica: Replica) -> None:
-        if not self._closed:
-            asyncio.ensure_future(self._poll(replica))
+        if self._closed:
+            return
+        try:
+            asyncio.get_running_loop().create_task(self._poll(replica))
+        except RuntimeError:        # a stream closed outside the loop (garbage collection)
+            pass
 
     async def _poll(self, replica: Replica) -> None:
         if replica.poll_lock is None:

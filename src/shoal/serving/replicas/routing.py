@@ -8,6 +8,7 @@ blocks each replica could reuse.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ class ReplicaState:
     up: bool = True
     routed: int = 0                                 # requests ever routed to it
     incarnation: str | None = None                  # the actor's life (a restart starts afresh)
+    # NOTE: the prompt blocks of its requests in flight count as held: a burst of requests
+    # sharing a new prefix then sticks to one replica before its first store event arrives.
+    pending: Counter[int] = field(default_factory=Counter)
 
     def apply(self, incarnation: str, events: Iterable[tuple[bool, int]]) -> None:
         """Applies a batch of (stored?, hash) events, in the order the replica made them."""
@@ -38,11 +42,22 @@ class ReplicaState:
             else:
                 self.cached.discard(block_hash)
 
+    def begin(self, hashes: Sequence[int]) -> None:
+        """A request with these prompt blocks was routed here."""
+        self.in_flight += 1
+        self.routed += 1
+        self.pending.update(hashes)
+
+    def end(self, hashes: Sequence[int]) -> None:
+        self.in_flight -= 1
+        self.pending.subtract(hashes)
+        self.pending += Counter()       # drops the zero counts
+
     def matched_blocks(self, hashes: Sequence[int]) -> int:
         """Leading prompt blocks this replica holds (a chain: a gap ends the match)."""
         count = 0
         for block_hash in hashes:
-            if block_hash not in self.cached:
+            if block_hash not in self.cached and block_hash not in self.pending:
                 break
             count += 1
         return count
