@@ -15,6 +15,11 @@ all replicas), P50/P90 time to first token, total wall time, and requests per re
         [--policies cache_aware,round_robin]
 
 The issue's layout: --replicas 2 --threads 1, and for comparison --replicas 1 --threads 2.
+
+    python benchmarks/replicas_bench.py --hop [--threads 1] [--max-tokens 64] [--runs 5]
+
+measures the hop instead: one stream at a time, single-stream TTFT and decode tok/s of the
+in-process AsyncEngine against one replica on Ray (`--replicas 1 --ray`), same model, threads.
 """
 from __future__ import annotations
 
@@ -73,6 +78,48 @@ async def run_policy(engine: ReplicaEngine, requests: list[list[int]], args) -> 
             "wall": wall, "per_replica": dict(sorted(per_replica.items()))}
 
 
+async def single_streams(engine, args, vocab: int) -> tuple[float, float]:
+    """(median TTFT, median decode tok/s) of --runs single streams, after one warm-up."""
+    rng = random.Random(99)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    ttfts, rates = [], []
+    for run in range(args.runs + 1):
+        ids = [rng.randrange(100, vocab - 100) for _ in range(100)]
+        started = time.perf_counter()
+        first = last = None
+        tokens = 0
+        async for event in engine.generate(f"hop-{run}", ids, params):
+            if isinstance(event, Update):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                tokens += sum(len(o.token_ids) for o in event.outputs)
+        if run:         # the first is a warm-up
+            ttfts.append(first - started)
+            rates.append((tokens - 1) / (last - first))
+    return statistics.median(ttfts), statistics.median(rates)
+
+
+def hop(args, config: EngineConfig) -> None:
+    from shoal.engine.async_engine import AsyncEngine
+
+    local = AsyncEngine(config)
+    try:
+        vocab = local.info.model_config.vocab_size
+        in_process = asyncio.run(single_streams(local, args, vocab))
+    finally:
+        local.shutdown()
+    engine = ReplicaEngine(start_actors(config, ReplicaOptions(replicas=1, cpus=args.threads)), Router())
+    try:
+        on_ray = asyncio.run(single_streams(engine, args, vocab))
+    finally:
+        engine.shutdown()
+    print(f"{'engine':12s} {'P50 TTFT':>9s} {'decode tok/s':>13s}")
+    for name, (ttft, rate) in (("in-process", in_process), ("ray x1", on_ray)):
+        print(f"{name:12s} {ttft * 1000:7.0f}ms {rate:13.1f}")
+    print(f"ray/in-process tok/s: {on_ray[1] / in_process[1]:.0%}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(default_model_path()))
@@ -85,6 +132,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--kv-cache-bytes", default="512MiB")
     parser.add_argument("--policies", default="cache_aware,round_robin")
+    parser.add_argument("--hop", action="store_true", help="measure the Ray hop (single streams) instead")
+    parser.add_argument("--runs", type=int, default=5, help="--hop: single streams per engine")
     args = parser.parse_args()
 
     ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas * args.threads), include_dashboard=False,
@@ -92,6 +141,11 @@ def main() -> int:
     config = EngineConfig(model=args.model, num_threads=args.threads, kv_cache_bytes=args.kv_cache_bytes,
                           max_model_len=args.prefix_tokens + 8 + args.max_tokens + 16)
     print(f"$ python {' '.join(sys.argv)}")
+    if args.hop:
+        print(f"load average before: {os.getloadavg()[0]:.1f}")
+        hop(args, config)
+        ray.shutdown()
+        return 0
     print(f"{args.replicas} replica(s) x {args.threads} thread(s); {args.prompts} prompts x {args.prefix_tokens} "
           f"tokens, {args.users} users each, {args.max_tokens} tokens out, {args.concurrency} in flight; "
           f"load average before: {os.getloadavg()[0]:.1f}")

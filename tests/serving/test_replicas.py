@@ -47,13 +47,14 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def replicas(cluster, tiny_llama_dir: Path):
+def replicas(cluster, tiny_llama_dir: Path, loop):
     config = EngineConfig(model=str(tiny_llama_dir), kv_cache_bytes=KV_BLOCKS * 8192, block_size=BLOCK,
                           num_threads=1, max_model_len=256)
     actors = start_actors(config, ReplicaOptions(replicas=2, cpus=0.5))
     engine = ReplicaEngine(actors, Router("cache_aware"), poll_interval=0.2)
     yield engine
     engine.shutdown()
+    loop.run_until_complete(asyncio.sleep(0.05))    # lets the poller's cancellation land
 
 
 def _prompt(seed: int, length: int) -> list[int]:
@@ -154,7 +155,14 @@ def test_the_http_front_with_two_replicas_serves_both_dialects(cluster, tiny_lla
                                                           "messages": [{"role": "user", "content": "x"}]})
             assert bad.status_code == 400 and "error" in bad.json()
             metrics = http.get("/metrics").text
-            assert "shoal" in metrics
+            for replica in ("r0", "r1"):
+                assert f'shoal:replica_up{{model_name="tiny",replica="{replica}"}} 1.0' in metrics, metrics
+            routed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                         if line.startswith("shoal:replica_routed_requests_total{"))
+            assert routed == 2      # the two generations (the 400 was refused before routing)
+            listed = http.get("/v1/replicas").json()["data"]
+            assert [(r["model"], r["replica"], r["up"]) for r in listed] == [("tiny", "r0", True), ("tiny", "r1", True)]
+            assert all(r["node"] and r["pid"] for r in listed)
     finally:
         server.stop()
 

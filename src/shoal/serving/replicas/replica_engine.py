@@ -105,6 +105,20 @@ class ReplicaEngine:
         total = EngineStats(*(sum(getattr(s, f) for s in seen) for f in EngineStats.__dataclass_fields__))
         return replace(total, kv_usage=total.kv_usage / len(seen))
 
+    def describe_replicas(self) -> list[dict[str, Any]]:
+        """Each replica as the front sees it now (GET /v1/replicas, /metrics)."""
+        rows = []
+        for r in self.replicas:
+            stats = r.stats
+            rows.append({"replica": r.state.name, "node": r.node, "pid": r.pid, "up": r.state.up,
+                         "incarnation": r.state.incarnation, "in_flight": r.state.in_flight,
+                         "routed": r.state.routed, "cached_blocks": len(r.state.cached),
+                         "running": stats.running if stats else 0, "waiting": stats.waiting if stats else 0,
+                         "kv_usage": stats.kv_usage if stats else 0.0,
+                         "prefix_cache_queries": stats.prefix_queries if stats else 0,
+                         "prefix_cache_hits": stats.prefix_hits if stats else 0})
+        return rows
+
     # ---- requests --------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        priority: int = 0, *, batch: bool = False,
