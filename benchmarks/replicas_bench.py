@@ -155,6 +155,9 @@ def main() -> int:
         engine = ReplicaEngine(actors, Router(policy))
         try:
             requests = workload(args, engine.info.model_config.vocab_size)
+            if policy == args.policies.split(",")[0]:
+                print(f"(KV cache per replica: {engine.info.num_blocks * engine.info.block_size} tokens; "
+                      f"the prefixes: {args.prompts * args.prefix_tokens} tokens)")
             result = asyncio.run(run_policy(engine, requests, args))
         finally:
             engine.shutdown()
