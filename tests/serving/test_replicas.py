@@ -17,6 +17,7 @@ ray = pytest.importorskip("ray")
 from live_server import LiveServer
 
 from shoal.core.config import EngineConfig
+from shoal.core.errors import EngineDeadError
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.events import Update
 from shoal.engine.kv.hashing import prompt_block_hashes
@@ -188,5 +189,22 @@ def test_a_killed_replica_fails_no_waiting_request_and_comes_back(replicas: Repl
         for i in range(3):
             await _run(replicas, f"back-{i}", _prompt(400 + i, 20))
         assert "r0" in {_route(replicas, f"back-{i}").replica for i in range(3)}
+
+    loop.run_until_complete(main())
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_engine_error(replicas: ReplicaEngine, loop) -> None:
+    async def main() -> None:
+        stream = replicas.generate("doomed", _prompt(500, 20), SamplingParams(max_tokens=200, temperature=0,
+                                                                             ignore_eos=True))
+        async for event in stream:
+            if isinstance(event, Update):
+                break       # it has streamed: it cannot be retried elsewhere
+        home = next(r for r in replicas.replicas if r.state.name == _route(replicas, "doomed").replica)
+        os.kill(await home.actor.pid.remote(), signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="died while streaming"):
+            async for _event in stream:
+                pass
+        assert [r.request_id for r in replicas.routes].count("doomed") == 1
 
     loop.run_until_complete(main())
