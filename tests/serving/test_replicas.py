@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -136,13 +138,30 @@ def test_a_disconnect_aborts_the_request_on_its_replica(replicas: ReplicaEngine,
     loop.run_until_complete(main())
 
 
+def _keys(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "shoal", "keys", "create", *args], env=env, check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def test_the_http_front_with_two_replicas_serves_both_dialects(cluster, tiny_llama_dir: Path,
                                                                tmp_path: Path) -> None:
+    env = {**os.environ, "SHOAL_HOME": str(tmp_path)}
+    env.pop("SHOAL_KEYS_DB", None)
+    admin, limited = _keys(env, "root", "--admin"), _keys(env, "two-a-minute", "--rpm", "2")
+    # NOTE: round robin, so that the key's two requests surely land on different replicas
+    # (cache_aware is tested above; it would send both to the replica holding their template's
+    # first block).
     server = LiveServer(tiny_llama_dir, "--replicas", "2", "--ray-address", cluster, "--replica-cpus", "0.5",
-                        "--served-model-name", "tiny", log_path=tmp_path / "serve.log")
+                        "--routing", "round_robin", "--served-model-name", "tiny", env={"SHOAL_HOME": str(tmp_path), "SHOAL_AUTH": "on"},
+                        log_path=tmp_path / "serve.log")
     try:
         server.wait_ready(timeout=240)
-        with httpx.Client(base_url=server.url, timeout=60) as http:
+        with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {admin}"}) as http:
+            def routed() -> dict[str, int]:
+                return {r["replica"]: r["routed"] for r in http.get("/v1/replicas").json()["data"]}
+
             chat = http.post("/v1/chat/completions", json={
                 "model": "tiny", "max_tokens": 4, "temperature": 0,
                 "messages": [{"role": "user", "content": "the cat"}]}).json()
@@ -155,15 +174,28 @@ def test_the_http_front_with_two_replicas_serves_both_dialects(cluster, tiny_lla
             bad = http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": -1,
                                                           "messages": [{"role": "user", "content": "x"}]})
             assert bad.status_code == 400 and "error" in bad.json()
+            # a key's quota is the front's, not a replica's: its two requests a minute land on
+            # both replicas, and the third is refused though each replica saw only one
+            before = routed()
+            for prompt in ("a", "b"):
+                ok = http.post("/api/generate", headers={"Authorization": f"Bearer {limited}"}, json={
+                    "model": "tiny", "prompt": prompt, "stream": False, "options": {"num_predict": 2}})
+                assert ok.status_code == 200, ok.text
+            after = routed()
+            assert {name: after[name] - before[name] for name in after} == {"r0": 1, "r1": 1}
+            refused = http.post("/v1/completions", headers={"Authorization": f"Bearer {limited}"},
+                                json={"model": "tiny", "prompt": "c", "max_tokens": 2})
+            assert refused.status_code == 429 and refused.json()["error"]["type"], refused.text
             metrics = http.get("/metrics").text
             for replica in ("r0", "r1"):
                 assert f'shoal:replica_up{{model_name="tiny",replica="{replica}"}} 1.0' in metrics, metrics
-            routed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                         if line.startswith("shoal:replica_routed_requests_total{"))
-            assert routed == 2      # the two generations (the 400 was refused before routing)
+            total = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                        if line.startswith("shoal:replica_routed_requests_total{"))
+            assert total == 4      # the 400 and the 429 were refused before routing
             listed = http.get("/v1/replicas").json()["data"]
             assert [(r["model"], r["replica"], r["up"]) for r in listed] == [("tiny", "r0", True), ("tiny", "r1", True)]
             assert all(r["node"] and r["pid"] for r in listed)
+            assert httpx.get(server.url + "/v1/replicas").status_code == 401     # behind the keys
     finally:
         server.stop()
 
