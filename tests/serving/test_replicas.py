@@ -240,3 +240,24 @@ def test_a_stream_whose_replica_dies_ends_with_an_engine_error(replicas: Replica
         assert [r.request_id for r in replicas.routes].count("doomed") == 1
 
     loop.run_until_complete(main())
+
+
+def test_sigterm_on_the_front_stops_its_replicas(cluster, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    server = LiveServer(tiny_llama_dir, "--ray", "--ray-address", cluster, "--replica-cpus", "0.5",
+                        "--served-model-name", "tiny", log_path=tmp_path / "serve.log")
+    try:
+        server.wait_ready(timeout=240)
+        (replica,) = httpx.get(server.url + "/v1/replicas", timeout=30).json()["data"]
+        os.kill(replica["pid"], 0)                      # `--ray` alone: one replica, alive
+    finally:
+        server.process.terminate()                      # SIGTERM: drain, then stop the replicas
+        assert server.process.wait(60) == 0, server.log()
+        server.stop()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(replica["pid"], 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"replica process {replica['pid']} outlived its front")
