@@ -71,3 +71,22 @@ def test_round_robin_and_least_loaded() -> None:
     assert picks.count("c") >= 10
     with pytest.raises(InvalidParameterError):
         Router("random")
+
+
+@pytest.mark.parametrize("env", [{"SHOAL_ROUTING": "random"}, {"SHOAL_REPLICA_CPUS": "0"},
+                                 {"SHOAL_REPLICA_CPUS": "lots"}, {"SHOAL_REPLICAS": "-1"}])
+def test_bad_replica_settings_are_named(env: dict[str, str]) -> None:
+    from shoal.serving.settings import ServerSettings
+
+    with pytest.raises(InvalidParameterError):
+        ServerSettings.from_env(env)
+
+
+def test_replica_settings_turn_replicas_on() -> None:
+    from shoal.serving.settings import ServerSettings
+
+    assert not ServerSettings.from_env({}).replicated
+    for env in ({"SHOAL_REPLICAS": "2"}, {"SHOAL_RAY": "1"}, {"SHOAL_RAY_ADDRESS": "auto"}):
+        assert ServerSettings.from_env(env).replicated, env
+    settings = ServerSettings.from_env({"SHOAL_REPLICA_CPUS": "2.5", "SHOAL_ROUTING": "Round_Robin"})
+    assert (settings.replica_cpus, settings.routing) == (2.5, "round_robin")
