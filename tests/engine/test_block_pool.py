@@ -164,3 +164,20 @@ def test_check_integrity_detects_corruption(corrupt):
         b.ref_cnt = 2                  # in use, yet queued for reuse
     with pytest.raises(KVCacheError):
         pool.check_integrity()
+
+
+# -- prefix-cache events (a replica router's feed) ------------------------------------------
+
+def test_store_and_evict_events_in_order_only_when_listened_to():
+    from collections import deque
+
+    pool = BlockPool(3)
+    (block,) = pool.get_new_blocks(1)
+    assert pool.cache_full_block(block, 11, (1, 2)) and pool.events is None   # nobody listens: nothing kept
+    pool.events = deque()
+    (other,) = pool.get_new_blocks(1)
+    pool.cache_full_block(other, 22, (3, 4))
+    pool.cache_full_block(other, 22, (3, 4))          # already cached: no second event
+    pool.free_blocks([block, other])
+    pool.get_new_blocks(2)                             # reuses both: their hashes are evicted
+    assert list(pool.events) == [(True, 22), (False, 11), (False, 22)]

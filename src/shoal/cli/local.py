@@ -137,7 +137,10 @@ def _serve(args: argparse.Namespace) -> int:
                               max_queue=args.max_queue, max_queue_batch=args.max_queue_batch,
                               max_queued_tokens=args.max_queued_tokens,
                               queue_timeout=args.queue_timeout, drain_timeout=args.drain_timeout,
-                              auth=args.auth, log_file=args.log_file),
+                              auth=args.auth, log_file=args.log_file, replicas=args.replicas,
+                              use_ray=args.ray or None, ray_address=args.ray_address,
+                              replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                              routing=args.routing),
             engine_flags=dict(model=args.model, compute=args.compute, device=args.device,
                               max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes,
                               max_num_seqs=args.max_num_seqs))
@@ -231,6 +234,15 @@ def add_local_commands(sub) -> None:
                             "$SHOAL_HOME/server-PORT.pid; `shoal server stop` reads it)")
     serve.add_argument("--log-file", default=None,
                        help="log to this file instead of stderr, rotated by size (SHOAL_LOG_FILE)")
+    serve.add_argument("--replicas", type=int, default=None,
+                       help="run N engine replicas on Ray behind this front (docs/scale-out.md; SHOAL_REPLICAS)")
+    serve.add_argument("--ray", action="store_true", help="serve through Ray even for one replica (SHOAL_RAY)")
+    serve.add_argument("--ray-address", default=None,
+                       help="join this Ray cluster ('auto', host:port; RAY_ADDRESS; SHOAL_RAY_ADDRESS)")
+    serve.add_argument("--replica-cpus", default=None, help="Ray CPUs (and threads) per replica (default 1)")
+    serve.add_argument("--replica-gpus", default=None, help="Ray GPUs per replica (default 0)")
+    serve.add_argument("--routing", choices=("cache_aware", "least_loaded", "round_robin"), default=None,
+                       help="how the front picks a replica (default cache_aware; SHOAL_ROUTING)")
     serve.set_defaults(func=_serve)
     env = sub.add_parser("env", help="list the SHOAL_* environment variables")
     env.set_defaults(func=_env)

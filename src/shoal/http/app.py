@@ -25,10 +25,12 @@ from shoal.http.ollama.routes import router as ollama_router
 from shoal.http.openai.embeddings import router as openai_embeddings_router
 from shoal.http.openai.routes import router as openai_router
 from shoal.http.probes import router as probes_router
+from shoal.http.replicas import router as replicas_router
 from shoal.serving.activity import server_activity
 from shoal.serving.generate import GenerationService
 from shoal.serving.live import LiveStats
-from shoal.serving.metrics import CONTENT_TYPE, ServerMetrics
+from shoal.serving.metrics import CONTENT_TYPE, PREFIX, ServerMetrics
+from shoal.serving.replicas.metrics import ReplicaCollector
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.server_state import ServerLifecycle
 from shoal.serving.settings import ServerSettings
@@ -63,6 +65,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     for model in residency.loaded():
         metrics.register_model(model.name)
     residency.add_load_listener(lambda model: metrics.register_model(model.name))
+    metrics.registry.register(ReplicaCollector(residency.loaded, PREFIX))
     service = GenerationService(residency, metrics, settings, lifecycle)
     authenticator = Authenticator.from_settings(settings)
     # the live dashboard's rolling view (GET /dashboard, `shoal top`), fed by every request record
@@ -109,6 +112,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.include_router(model_management_router)
     app.include_router(admin_router)
     app.include_router(dashboard_router)
+    app.include_router(replicas_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
                        read_timeout=settings.read_timeout)
     # NOTE: runs before the routes and the body limit: a request without a valid key is

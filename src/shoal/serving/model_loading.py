@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def make_residency(engine_config: EngineConfig, settings: ServerSettings,
         return residency
     spec = ModelSpec(name=name, path=resolve_model(engine_config.model), aliases=aliases, pinned=True)
     residency = _residency(engine_config, settings, store, spec)
-    model = build_served_model(spec, engine_config)
+    model = _model_builder(engine_config, settings)(spec)
     residency.adopt(model, pinned=True)
     log.info("model %s loaded in %.2fs (context %d tokens, %d KV blocks)", name,
              time.monotonic() - started, model.info.max_model_len, model.info.num_blocks)
@@ -109,9 +110,23 @@ def _residency(engine_config: EngineConfig, settings: ServerSettings, store,
     if store is not None:
         catalogs.append(StoreCatalog(store))
     catalog = ChainCatalog(catalogs)
+    build = _model_builder(engine_config, settings)
     residency = ResidencyManager(
-        catalog, lambda s: build_served_model(s, engine_config),
+        catalog, build,
         max_loaded=settings.max_loaded_models, memory_budget=settings.memory_budget,
         default_keep_alive=settings.keep_alive, load_timeout=settings.load_timeout,
         estimate=lambda s: estimate_bytes(s, engine_config))
     return residency
+
+
+def _model_builder(engine_config: EngineConfig, settings: ServerSettings) -> Callable[[ModelSpec], ServedModel]:
+    """In-process engines; or, with --replicas / --ray / --ray-address, replicas on Ray
+    (imported only then: the default server never loads Ray)."""
+    if not settings.replicated:
+        return lambda s: build_served_model(s, engine_config)
+    from shoal.serving.replicas.cluster import ReplicaOptions, build_replicated_model
+
+    options = ReplicaOptions(replicas=max(1, settings.replicas), address=settings.ray_address,
+                             cpus=float(settings.replica_cpus), gpus=float(settings.replica_gpus),
+                             routing=settings.routing)
+    return lambda s: build_replicated_model(s, engine_config, options)

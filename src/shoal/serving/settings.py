@@ -58,6 +58,12 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_LOG_MAX_BYTES": ("log_max_bytes", "Size at which SHOAL_LOG_FILE rotates to FILE.1 (default 10MiB; 0 = never)."),
     "SHOAL_LOG_BACKUPS": ("log_backups", "Rotated log files kept, FILE.1 .. FILE.N (default 3)."),
     "SHOAL_MAX_EMBEDDING_INPUTS": ("max_embedding_inputs", "Most inputs one embedding request may carry (/v1/embeddings, /api/embed); more gets 400 naming the limit (default 2048, OpenAI's)."),
+    "SHOAL_REPLICAS": ("replicas", "Engine replicas on Ray behind this one front (`serve --replicas`; docs/scale-out.md); 0 = the in-process engine, no Ray (default 0)."),
+    "SHOAL_RAY": ("use_ray", "1: serve through Ray replicas even with SHOAL_REPLICAS unset (one replica), e.g. to measure the hop (default 0)."),
+    "SHOAL_RAY_ADDRESS": ("ray_address", "Ray cluster to join ('auto', 'host:6379', 'ray://...'); implies replicas (default: RAY_ADDRESS, else a local cluster of this machine)."),
+    "SHOAL_REPLICA_CPUS": ("replica_cpus", "Ray CPUs per replica, also its torch threads (at least 1) (default 1)."),
+    "SHOAL_REPLICA_GPUS": ("replica_gpus", "Ray GPUs per replica; > 0 runs the replica on CUDA (default 0)."),
+    "SHOAL_ROUTING": ("routing", "How the front picks a replica: cache_aware (the replica holding the prompt's prefix blocks, unless load is imbalanced), least_loaded or round_robin (default cache_aware)."),
 }
 
 
@@ -103,6 +109,17 @@ class ServerSettings:
     log_max_bytes: int | str = 10 << 20
     log_backups: int = 3
     max_embedding_inputs: int = 2048
+    replicas: int = 0
+    use_ray: bool = False
+    ray_address: str | None = None
+    replica_cpus: float | str = 1.0
+    replica_gpus: float | str = 0.0
+    routing: str = "cache_aware"
+
+    @property
+    def replicated(self) -> bool:
+        """Whether the engine runs as replicas on Ray (else in this process, without Ray)."""
+        return self.replicas > 0 or self.use_ray or bool(self.ray_address)
 
     def __post_init__(self) -> None:
         # SHOAL_HOST=0.0.0.0:8000 (as OLLAMA_HOST accepts); a bare IPv6 address has several ':'
@@ -159,6 +176,7 @@ class ServerSettings:
         if self.max_embedding_inputs < 1:
             raise InvalidParameterError("max_embedding_inputs", "must be at least 1")
         self._check_auth()
+        self._check_replicas()
         try:        # a bad SHOAL_REGISTRY_ALLOW fails at start, not at the first pull
             EgressPolicy.parse(self.registry_allow)
         except ValueError as exc:
@@ -168,6 +186,24 @@ class ServerSettings:
     def registry_egress(self) -> EgressPolicy:
         """Where pulls and pushes may connect (store/egress.py); SHOAL_REGISTRY_ALLOW widens it."""
         return EgressPolicy.parse(self.registry_allow)
+
+    def _check_replicas(self) -> None:
+        if self.replicas < 0:
+            raise InvalidParameterError("replicas", "must be >= 0")
+        for name in ("replica_cpus", "replica_gpus"):
+            try:
+                value = float(getattr(self, name))
+            except ValueError:
+                raise InvalidParameterError(name, f"expected a number, got {getattr(self, name)!r}") from None
+            if not 0 <= value < math.inf or (name == "replica_cpus" and value == 0):
+                raise InvalidParameterError(name, f"must be a positive number, got {value}")
+            setattr(self, name, value)
+        from shoal.serving.replicas.routing import POLICIES
+
+        self.routing = self.routing.strip().lower()
+        if self.routing not in POLICIES:
+            raise InvalidParameterError("routing", f"SHOAL_ROUTING must be one of {', '.join(POLICIES)}, "
+                                        f"got {self.routing!r}")
 
     def _check_auth(self) -> None:
         self.auth = self.auth.strip().lower()

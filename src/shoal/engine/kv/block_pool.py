@@ -1,7 +1,7 @@
 """BlockPool: the fixed set of KV blocks, their reference counts and the prefix cache."""
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -46,6 +46,10 @@ class BlockPool:
         self._free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict(
             (block.block_id, block) for block in self.blocks[1:])
         self._cached: dict[int, KVCacheBlock] = {}
+        # (stored?, block_hash) per change of the prefix cache, for a router outside the engine
+        # (a replica set's KV-aware routing); None: nobody listens, nothing is recorded.
+        # NOTE: a deque: the engine thread appends while another thread pops, without a lock.
+        self.events: deque[tuple[bool, int]] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -102,6 +106,8 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self._cached[block_hash] = block
+        if self.events is not None:
+            self.events.append((True, block_hash))
         return True
 
     def get_cached_block(self, block_hash: int, token_ids: Sequence[int]) -> KVCacheBlock | None:
@@ -116,6 +122,8 @@ class BlockPool:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) is block:
                 del self._cached[block.block_hash]
+                if self.events is not None:
+                    self.events.append((False, block.block_hash))
             block.block_hash = None
             block.token_ids = None
 

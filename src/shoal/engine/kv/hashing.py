@@ -27,6 +27,15 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int], salt: int) -> 
     return int.from_bytes(digest.digest(), "little")
 
 
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, salt: int) -> list[int]:
+    """The chained hashes of a prompt's full blocks, as the prefix cache keys them (a
+    router outside the engine computes them here, so its keys match the engine's)."""
+    hashes: list[int] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[start:start + block_size], salt))
+    return hashes
+
+
 def update_block_hashes(request: Request, block_size: int) -> None:
     """Extends `request.block_hashes` with the hash of every newly full block."""
     tokens = request.all_token_ids

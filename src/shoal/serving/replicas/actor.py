@@ -1,0 +1,69 @@
+"""ReplicaActor: one full engine (its own model and KV cache) inside a Ray actor process.
+
+A plain class: cluster.py wraps it with ray.remote, so this module loads without Ray and
+the actor's methods are ordinary engine calls. It runs as an async actor, so many
+generate() streams share the actor's event loop the way HTTP requests share the server's.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from shoal.core.config import EngineConfig
+from shoal.core.sampling_params import SamplingParams
+from shoal.engine.async_engine import AsyncEngine
+from shoal.engine.events import EngineEvent
+
+
+class ReplicaActor:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = AsyncEngine(config)
+        # NOTE: a new id per process: after a restart the front forgets what the old one cached.
+        self.incarnation = uuid.uuid4().hex
+        self._kv_events: deque[tuple[bool, int]] = deque()
+        self.engine.core.scheduler.kv.pool.events = self._kv_events
+
+    def describe(self) -> dict[str, Any]:
+        """What the front needs to stand in for this engine: its info, limits, tokenizer,
+        and how it keys its prefix cache."""
+        import ray
+
+        core = self.engine.core
+        return {"info": self.engine.info, "limits": self.engine.limits, "tokenizer": self.engine.tokenizer,
+                "block_size": core.scheduler.kv.block_size, "cache_salt": core.cache_salt,
+                "incarnation": self.incarnation, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
+
+    def poll(self) -> tuple[Any, str, list[tuple[bool, int]]]:
+        """(stats, incarnation, the prefix-cache events since the last poll, in order).
+
+        NOTE: one consumer (the front's poller, one poll at a time per replica) keeps the
+        events in order; a deque pops safely while the engine thread appends.
+        """
+        events = []
+        queue = self._kv_events
+        while queue:
+            events.append(queue.popleft())
+        return self.engine.stats(), self.incarnation, events
+
+    def cached_hashes(self) -> set[int]:
+        """Every hash the prefix cache holds now (to check the front's index against)."""
+        return set(self.engine.core.scheduler.kv.pool._cached)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       priority: int, batch: bool, batch_aging_s: float) -> AsyncIterator[EngineEvent]:
+        async for event in self.engine.generate(request_id, prompt_token_ids, params, priority,
+                                                batch=batch, batch_aging_s=batch_aging_s):
+            yield event
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

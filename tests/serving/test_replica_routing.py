@@ -1,0 +1,92 @@
+"""The router's decisions over the per-replica prefix index (no Ray needed: plain state)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shoal.core.errors import InvalidParameterError
+from shoal.engine.kv.hashing import hash_block, prompt_block_hashes
+from shoal.serving.replicas.routing import ReplicaState, Router
+
+
+def _hashes(seed: int, blocks: int = 4) -> list[int]:
+    return prompt_block_hashes([seed * 1000 + i for i in range(blocks * 16 + 3)], 16, salt=7)
+
+
+def test_prompt_hashes_are_the_engines_chain() -> None:
+    ids = list(range(40))
+    first = hash_block(None, ids[:16], 7)
+    assert prompt_block_hashes(ids, 16, 7) == [first, hash_block(first, ids[16:32], 7)]
+
+
+def test_cache_aware_prefers_the_holder_until_load_is_imbalanced() -> None:
+    a, b = ReplicaState("a"), ReplicaState("b")
+    prompt = _hashes(1)
+    b.apply("b1", [(True, h) for h in prompt[:3]])
+    router = Router("cache_aware", imbalance=2, rng=random.Random(0))
+    decision = router.choose([a, b], prompt)
+    assert (decision.replica, decision.matched_blocks, decision.reason) == (b, 3, "prefix")
+    b.in_flight = 3                 # imbalanced beyond 2: least loaded wins
+    decision = router.choose([a, b], prompt)
+    assert (decision.replica, decision.reason) == (a, "imbalance")
+    b.in_flight = 1                 # balanced: 3/4 - 0.5*1 beats 0
+    assert router.choose([a, b], prompt).replica is b
+    b.up = False
+    assert router.choose([a, b], prompt).replica is a
+    assert router.choose([a, b], prompt, exclude=[a]) is None
+
+
+def test_evictions_and_restarts_update_the_index() -> None:
+    r = ReplicaState("r", incarnation="one")
+    prompt = _hashes(2)
+    r.apply("one", [(True, h) for h in prompt])
+    assert r.matched_blocks(prompt) == 4
+    r.apply("one", [(False, prompt[1])])          # a gap ends the chain
+    assert r.matched_blocks(prompt) == 1
+    r.apply("two", [])                            # a restarted replica holds nothing
+    assert r.matched_blocks(prompt) == 0 and not r.cached
+
+
+def test_a_burst_on_a_new_prefix_sticks_to_one_replica() -> None:
+    a, b = ReplicaState("a"), ReplicaState("b")
+    router = Router("cache_aware")
+    prompt = _hashes(3)
+    first = router.choose([a, b], prompt).replica
+    first.begin(prompt)
+    second = router.choose([a, b], prompt)
+    assert second.replica is first and second.matched_blocks == 4
+    first.end(prompt)
+    assert not first.pending and first.in_flight == 0
+
+
+def test_round_robin_and_least_loaded() -> None:
+    replicas = [ReplicaState(n) for n in "abc"]
+    router = Router("round_robin")
+    assert len({router.choose(replicas, []).replica.name for _ in range(3)}) == 3
+    replicas[0].in_flight, replicas[1].in_flight = 5, 5
+    least = Router("least_loaded", rng=random.Random(1))
+    picks = [least.choose(replicas, []).replica.name for _ in range(20)]
+    # of two random picks the less loaded: c whenever it is drawn (2 pairs in 3)
+    assert picks.count("c") >= 10
+    with pytest.raises(InvalidParameterError):
+        Router("random")
+
+
+@pytest.mark.parametrize("env", [{"SHOAL_ROUTING": "random"}, {"SHOAL_REPLICA_CPUS": "0"},
+                                 {"SHOAL_REPLICA_CPUS": "lots"}, {"SHOAL_REPLICAS": "-1"}])
+def test_bad_replica_settings_are_named(env: dict[str, str]) -> None:
+    from shoal.serving.settings import ServerSettings
+
+    with pytest.raises(InvalidParameterError):
+        ServerSettings.from_env(env)
+
+
+def test_replica_settings_turn_replicas_on() -> None:
+    from shoal.serving.settings import ServerSettings
+
+    assert not ServerSettings.from_env({}).replicated
+    for env in ({"SHOAL_REPLICAS": "2"}, {"SHOAL_RAY": "1"}, {"SHOAL_RAY_ADDRESS": "auto"}):
+        assert ServerSettings.from_env(env).replicated, env
+    settings = ServerSettings.from_env({"SHOAL_REPLICA_CPUS": "2.5", "SHOAL_ROUTING": "Round_Robin"})
+    assert (settings.replica_cpus, settings.routing) == (2.5, "round_robin")
