@@ -174,6 +174,11 @@ def test_the_http_front_with_two_replicas_serves_both_dialects(cluster, tiny_lla
             bad = http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": -1,
                                                           "messages": [{"role": "user", "content": "x"}]})
             assert bad.status_code == 400 and "error" in bad.json()
+            # embeddings are not routed to replicas yet: a 400 that says so, in each dialect
+            for path, body in (("/v1/embeddings", {"model": "tiny", "input": "x"}),
+                               ("/api/embed", {"model": "tiny", "input": "x"})):
+                refused = http.post(path, json=body)
+                assert refused.status_code == 400 and "replicas" in refused.text, refused.text
             # a key's quota is the front's, not a replica's: its two requests a minute land on
             # both replicas, and the third is refused though each replica saw only one
             before = routed()
