@@ -378,26 +378,6 @@ def write_reasoning_model(directory: str | Path, template: str = QWEN3_LIKE_TEMP
                           seed: int = 0) -> Path:
     """A tiny llama HF model whose vocabulary adds <think> and </think> as added, non-special
     tokens (as Qwen3's and the R1 distills' do) and whose chat template is `template`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import AddedToken
-
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = hf_config("llama", vocab_size=VOCAB_SIZE + len(THINK_TOKENS))
-    weights = random_weights(config, seed)
-    (directory / "config.json").write_text(json.dumps(config, indent=1))
-    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    tokens, merges, _ = tiny_vocab()
-    vocab = {tok: idx for idx, tok in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID],
-        "pad_token": SPECIAL_TOKENS[EOS_ID], "add_bos_token": False,
-        "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast",
-    }, indent=1))
+    write_hf_model(directory, seed=seed, extra_tokens=[(t, False) for t in THINK_TOKENS], chat_template=template)
     return directory
