@@ -96,7 +96,12 @@ def main() -> int:
             for name, size in ((args.out, (1280, 900)), (args.out.replace(".png", "-phone.png"), (390, 1500))):
                 page = browser.new_page(viewport={"width": size[0], "height": size[1]})
                 page.goto(url + "/dashboard")
-                page.wait_for_function("document.getElementById('c-output').textContent !== '–'", timeout=30000)
+                # (a Python poll: page.wait_for_function's in-page eval is barred by the page's CSP)
+                deadline = time.monotonic() + 30
+                while page.evaluate("document.getElementById('c-output').textContent") == "–":
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the dashboard showed no figures within 30 s")
+                    time.sleep(0.1)
                 page.wait_for_timeout(1500)
                 page.screenshot(path=name, full_page=True)
                 print(f"wrote {name}")

@@ -24,6 +24,17 @@ sync_api = pytest.importorskip("playwright.sync_api")
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
 
 
+def wait_for_js(page, expression: str, timeout: float) -> None:
+    """Polls `expression` until it is truthy. NOTE: not page.wait_for_function: that compiles
+    its predicate inside the page, which the dashboard's CSP (no 'unsafe-eval') forbids;
+    page.evaluate runs it through the DevTools protocol, which the CSP does not govern."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout / 1000:.0f} s: {expression}")
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
@@ -133,7 +144,9 @@ def test_the_snapshot_counts_requests_tokens_and_refusals(shoal_server) -> None:
     while True:
         snap = _snapshot(url, history=300)
         mine = _anonymous(snap)
-        if mine["requests"] >= before["requests"] + 2 or time.monotonic() > deadline:
+        # NOTE: the series gains a point a second: the tokens show there on the next tick
+        ticked = max(snap["series"]["output_tps"], default=0) > 0
+        if (mine["requests"] >= before["requests"] + 2 and ticked) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert mine["requests"] >= before["requests"] + 2
@@ -168,10 +181,10 @@ def test_the_page_moves_with_the_load_without_console_errors(shoal_server, brows
     page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.goto(shoal_server.url + "/dashboard")
-    page.wait_for_function("document.getElementById('c-output').textContent !== '–'", timeout=30000)
+    wait_for_js(page, "document.getElementById('c-output').textContent !== '–'", timeout=30000)
     assert page.is_hidden("#login") and page.is_visible("#main")
     with Load(shoal_server.url):
-        page.wait_for_function("parseFloat(document.getElementById('c-output').textContent) > 0", timeout=120000)
+        wait_for_js(page, "parseFloat(document.getElementById('c-output').textContent) > 0", timeout=120000)
         first, shot1 = _texts(page), page.screenshot(path=str(tmp_path / "1.png"))
         page.wait_for_timeout(3000)
         second, shot2 = _texts(page), page.screenshot(path=str(tmp_path / "2.png"))
@@ -256,13 +269,13 @@ def test_with_keys_the_page_asks_for_one_and_keeps_it_out_of_urls(keyed, browser
     assert page.is_hidden("#main")
     page.fill("#key", keys["plain"])                  # not an admin key: refused, asked again
     page.click("#login button")
-    page.wait_for_function("document.getElementById('login-error').textContent.includes('admin key')",
+    wait_for_js(page, "document.getElementById('login-error').textContent.includes('admin key')",
                            timeout=15000)
     assert page.is_visible("#login") and page.is_hidden("#main")
     page.fill("#key", keys["admin"])
     page.click("#login button")
     page.wait_for_selector("#main", state="visible", timeout=15000)
-    page.wait_for_function("document.getElementById('t-models').textContent.includes('smollm2:135m')",
+    wait_for_js(page, "document.getElementById('t-models').textContent.includes('smollm2:135m')",
                            timeout=15000)
     assert page.evaluate("sessionStorage.getItem('shoal.dashboard.key')") == keys["admin"]
     assert not any(keys["admin"] in u or keys["plain"] in u for u in urls), urls
