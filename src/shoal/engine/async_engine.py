@@ -232,6 +232,8 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_commands()
                 if not self.core.has_work_ready():
+                    if self._decoder:
+                        ENGINE_TURNS.decoder_busy(self, self.core.has_unfinished_requests())
                     # NOTE: also while every request waits for its grammar: a finished compile
                     # sets the wake-up event; the short wait notices compile timeouts.
                     self._wakeup.wait(0.5 if not self.core.has_unfinished_requests() else 0.1)
@@ -243,6 +245,7 @@ class AsyncEngine:
                         started = time.perf_counter()
                         outputs = self.core.step()
                         ENGINE_TURNS.last_decoder_seconds = time.perf_counter() - started
+                    ENGINE_TURNS.decoder_busy(self, self.core.has_unfinished_requests())
                 else:
                     outputs = self.core.step()
                 if outputs:
@@ -254,6 +257,8 @@ class AsyncEngine:
                 ids = list(self._streams)
             for request_id in ids:
                 self._deliver(request_id, [EngineDeadError(f"the engine loop died: {exc!r}")])
+        finally:
+            ENGINE_TURNS.decoder_busy(self, False)   # an unloaded engine has no next step
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """Hands a step's outputs to their streams: one wake-up per event loop, not per request.

@@ -305,7 +305,7 @@ class EngineCore:
     def _embedding_output(self, request: Request, vector) -> RequestOutput:
         self.num_prompt_tokens_total += request.num_prompt_tokens
         output = self._final_output(self._samples[request.request_id], "", [], None)
-        output.embedding = None if vector is None else vector.tolist()
+        output.embedding = None if vector is None else vector.float().cpu().numpy()
         return output
 
     def _make_output(self, sample: _SampleState, text: str, token_ids: list[int],

@@ -130,7 +130,7 @@ class EncoderCore:
     def step(self) -> list[RequestOutput]:
         with ENGINE_TURNS as turns:
             budget = self.max_batch_tokens
-            if turns.others_waiting:
+            if turns.others_waiting or turns.decoders_busy:
                 # NOTE: a decoder with streams waits for its turn: this pass takes at most
                 # half its latest step (at the encoder's measured speed), so a stream's gap
                 # between tokens grows by at most half while embeddings flood in.
@@ -178,5 +178,5 @@ class EncoderCore:
             outputs.append(RequestOutput(
                 request_id=item.request_id, index=item.index, text="", token_ids=[], finished=True,
                 finish_reason=FinishReason.STOP, num_prompt_tokens=len(item.token_ids),
-                timings=item.timings, produced_at=done, embedding=vector.tolist()))
+                timings=item.timings, produced_at=done, embedding=vector.numpy()))
         return outputs, sum(len(item.token_ids) for item in batch)

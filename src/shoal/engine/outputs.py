@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shoal.engine.request import FinishReason, RequestTimings
 
 
@@ -50,7 +52,9 @@ class RequestOutput:
     produced_at: float = 0.0            # time.monotonic() when the engine made this update
     # prompt_logprobs: on sample 0's first update only; None for the first prompt token
     prompt_logprobs: list[PromptLogprob | None] | None = None
-    embedding: list[float] | None = None    # an embedding request's pooled vector
+    # an embedding request's pooled vector, float32: kept as an array to the HTTP layer, which
+    # writes it straight to JSON or base64 (a list of Python floats cost more than the pass)
+    embedding: np.ndarray | None = None
 
 
 @dataclass(slots=True)

@@ -10,10 +10,11 @@ and /v1/embeddings always (Ollama's and vLLM's defaults), the legacy /api/embedd
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from shoal.core.errors import InvalidParameterError, ServerShuttingDownError
 from shoal.core.sampling_params import SamplingParams
@@ -24,7 +25,7 @@ from shoal.serving.served import ServedModel
 
 @dataclass(slots=True)
 class EmbeddingResult:
-    vectors: list[list[float]]
+    vectors: list[np.ndarray]        # float32, one per input
     num_prompt_tokens: int
     started: float                 # monotonic: the request's arrival
     finished: float
@@ -85,15 +86,17 @@ def check_dimensions(model: ServedModel, dimensions: int | None, field: str = "d
                                            f"it cannot give {dimensions}")
 
 
-def finish_vector(vector: list[float], *, normalize: bool, dimensions: int | None) -> list[float]:
-    """The vector cut to `dimensions`, then L2-normalised if asked (a cut one always is)."""
+def finish_vector(vector: np.ndarray, *, normalize: bool, dimensions: int | None) -> np.ndarray:
+    """The float32 vector cut to `dimensions`, then L2-normalised if asked (a cut one always
+    is); the norm is summed in float64 so a renormalised vector's length is 1 to float32's
+    precision."""
     if dimensions is not None and dimensions < len(vector):
         vector = vector[:dimensions]
         normalize = True
     if not normalize:
         return vector
-    norm = math.sqrt(math.fsum(x * x for x in vector))
-    return [x / norm for x in vector] if norm > 0 else vector
+    norm = float(np.sqrt(np.dot(vector.astype(np.float64), vector.astype(np.float64))))
+    return (vector / norm).astype(np.float32) if norm > 0 else vector
 
 
 async def embed(service: GenerationService, model: ServedModel, inputs: list[list[int]], *,
@@ -105,7 +108,7 @@ async def embed(service: GenerationService, model: ServedModel, inputs: list[lis
                           params=SamplingParams(max_tokens=1), dialect=dialect,
                           request_id=new_request_id("embd"), arrival_time=started,
                           keep_alive=keep_alive, embed_inputs=inputs)
-    vectors: list[list[float] | None] = [None] * len(inputs)
+    vectors: list[np.ndarray | None] = [None] * len(inputs)
     stream = service.start_embedding(req)
     try:
         async for batch in stream:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
 
 from shoal.core.errors import InvalidParameterError
+from shoal.http.fast_json import FastJSONResponse
 from shoal.http.ollama import serving
 from shoal.http.ollama.protocol import _Body, nanoseconds
 from shoal.http.ollama.routes import read_body
@@ -98,7 +99,7 @@ async def embed_endpoint(request: Request) -> JSONResponse:
                                                  truncate=body.truncate is not False,
                                                  dimensions=body.dimensions)
     vectors = [finish_vector(v, normalize=True, dimensions=body.dimensions) for v in result.vectors]
-    return JSONResponse({"model": body.model or model.name, "embeddings": vectors,
+    return FastJSONResponse({"model": body.model or model.name, "embeddings": vectors,
                          "total_duration": nanoseconds(time.monotonic() - started),
                          "load_duration": nanoseconds(load_seconds),
                          "prompt_eval_count": result.num_prompt_tokens})
@@ -111,4 +112,4 @@ async def embeddings_endpoint(request: Request) -> JSONResponse:
     if not body.prompt:
         return JSONResponse({"embedding": []})
     _model, result, _load = await _vectors(request, body, [body.prompt], truncate=True)
-    return JSONResponse({"embedding": result.vectors[0]})
+    return FastJSONResponse({"embedding": result.vectors[0]})

@@ -8,15 +8,15 @@ vLLM's by default) and sent as floats or as base64 of little-endian float32.
 from __future__ import annotations
 
 import base64
-import struct
 import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+import numpy as np
 from pydantic import Field
 
 from shoal.core.errors import InvalidParameterError
+from shoal.http.fast_json import FastJSONResponse
 from shoal.http.openai import serving
 from shoal.http.openai.protocol import _Body
 from shoal.serving.disconnect import run_until_disconnect
@@ -75,14 +75,14 @@ def _kind(value: Any) -> str:
             type(None): "null", str: "a string"}.get(type(value), type(value).__name__)
 
 
-def _encode(vector: list[float], fmt: str) -> list[float] | str:
+def _encode(vector: np.ndarray, fmt: str) -> np.ndarray | str:
     if fmt == "float":
         return vector
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+async def embeddings(body: EmbeddingRequest, request: Request) -> FastJSONResponse:
     arrival = time.monotonic()
     service = request.app.state.service
     residency = request.app.state.residency
@@ -111,6 +111,6 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
              "embedding": _encode(finish_vector(v, normalize=True, dimensions=body.dimensions),
                                   body.encoding_format)}
             for i, v in enumerate(result.vectors)]
-    return JSONResponse({"object": "list", "data": data, "model": body.model or model.name,
+    return FastJSONResponse({"object": "list", "data": data, "model": body.model or model.name,
                          "usage": {"prompt_tokens": result.num_prompt_tokens,
                                    "total_tokens": result.num_prompt_tokens}})
