@@ -25,40 +25,15 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from local_server import start_local_server
 
 DEFAULT_MODEL_FILE = Path.home() / ".cache/shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def start_server(model_file: str, name: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "SHOAL_LOG_LEVEL": "warning", "SHOAL_MODELS": tempfile.mkdtemp(prefix="shoal-bench-")}
-    process = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--model", model_file, "--port", str(port),
-                                "--served-model-name", name], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"shoal serve exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise SystemExit("shoal serve did not start in 300 s")
 
 
 async def stream_loop(client: httpx.AsyncClient, model: str, max_tokens: int, stop: asyncio.Event, i: int) -> None:
@@ -178,7 +153,7 @@ def main() -> int:
     process = None
     url = args.url
     if url is None:
-        process, url = start_server(args.model_file, args.model)
+        process, url = start_local_server(args.model_file, "--served-model-name", args.model)
     try:
         asyncio.run(run(args, url, process.pid if process is not None else args.pid))
     finally:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import resource
 import statistics
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from local_server import start_local_server
 
 SUBJECTS = ["The cat", "A new study", "My brother", "The government", "This recipe", "Our team",
             "The old bridge", "A small startup", "The weather", "Every student"]
@@ -109,20 +110,9 @@ def in_child(args: argparse.Namespace, what: str) -> dict:
 
 
 def start_server(model: str, port: int, threads: int, compute: str, store: str) -> subprocess.Popen:
-    env = {**os.environ, "SHOAL_NUM_THREADS": str(threads), "SHOAL_COMPUTE": compute,
-           "SHOAL_MODELS": store, "SHOAL_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--model", model, "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import httpx
-
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    process, _url = start_local_server(model, port=port, env={
+        "SHOAL_NUM_THREADS": str(threads), "SHOAL_COMPUTE": compute, "SHOAL_MODELS": store})
+    return process
 
 
 def server_peak_rss_mib(pid: int) -> float:

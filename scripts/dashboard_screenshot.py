@@ -11,48 +11,20 @@ model that does not exist (so the refusals table has a row), for about --seconds
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from local_server import start_local_server
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Write a haiku about the sea.", "List three uses of copper.", "Explain rain to a child.",
            "Name a fast animal and say why.", "Give a tip for learning Python."]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "SHOAL_LOG_LEVEL": "warning", "SHOAL_MODELS": tempfile.mkdtemp(prefix="shoal-shot-")}
-    process = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--model", model, "--port", str(port),
-                                "--served-model-name", "smollm2:135m", "--max-model-len", "2048",
-                                "--kv-cache-bytes", "128MiB"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"shoal serve exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise SystemExit("shoal serve did not start in 180 s")
 
 
 def run_load(url: str, model: str, stop: threading.Event, streams: int, max_tokens: int) -> None:
@@ -86,7 +58,9 @@ def main() -> int:
     process = None
     url = args.url
     if url is None:
-        process, url = start_server(args.model_file)
+        process, url = start_local_server(args.model_file, "--served-model-name", "smollm2:135m",
+                                          "--max-model-len", "2048", "--kv-cache-bytes", "128MiB",
+                                          timeout=180)
     stop = threading.Event()
     try:
         run_load(url, args.model, stop, args.streams, 48)

@@ -6,10 +6,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-
 
 _HANDED_OUT: set[int] = set()
 
@@ -76,3 +77,26 @@ class LiveServer:
                 self.process.wait(5)
         if self._log is not subprocess.DEVNULL:
             self._log.close()
+
+
+def shoal_keys(home: Path, *args: str) -> str:
+    """Runs `shoal keys ARGS…` on the key database under `home`, as a user would; its stdout."""
+    env = {**os.environ, "SHOAL_HOME": str(home)}
+    env.pop("SHOAL_KEYS_DB", None)
+    done = subprocess.run([sys.executable, "-m", "shoal", "keys", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@contextmanager
+def keyed_server(model: Path | str, home: Path, admin_key: str, *extra_args: str) -> Iterator[LiveServer]:
+    """A ready server that requires keys (those `shoal_keys` made under `home`, and the
+    SHOAL_ADMIN_KEY `admin_key`), serving `model` as smollm2:135m and smollm2."""
+    server = LiveServer(model, "--served-model-name", "smollm2:135m,smollm2", *extra_args,
+                        env={"SHOAL_HOME": str(home), "SHOAL_AUTH": "on", "SHOAL_ADMIN_KEY": admin_key},
+                        log_path=home / "serve.log")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()

@@ -18,43 +18,28 @@ MODEL = "smollm2:135m"
 CHAT = [{"role": "user", "content": "Say hi."}]
 
 
-def _shoal_keys(env: dict[str, str], *args: str) -> str:
-    """Runs `shoal keys ...` as a user would; returns its stdout."""
-    done = subprocess.run([sys.executable, "-m", "shoal", "keys", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def keyed(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """(server, keys by name): a server that requires keys, and keys of every kind."""
-    from live_server import LiveServer
+    from live_server import keyed_server, shoal_keys
 
     home = tmp_path_factory.mktemp("shoal-home")
-    env = {**os.environ, "SHOAL_HOME": str(home)}
-    env.pop("SHOAL_KEYS_DB", None)
     keys = {
-        "good": _shoal_keys(env, "create", "good"),
-        "smollm2-only": _shoal_keys(env, "create", "smollm2-only", "--models", "smollm2"),
-        "other-only": _shoal_keys(env, "create", "other-only", "--models", "qwen:0.5b"),
-        "rpm": _shoal_keys(env, "create", "rpm-bot", "--rpm", "2"),
-        "embed-rpm": _shoal_keys(env, "create", "embed-bot", "--rpm", "1"),
-        "one-at-a-time": _shoal_keys(env, "create", "one-at-a-time", "--max-concurrent", "1"),
-        "revoked": _shoal_keys(env, "create", "revoked"),
-        "expiring": _shoal_keys(env, "create", "expiring", "--expires", "1s"),
-        "admin": _shoal_keys(env, "create", "root", "--admin"),
+        "good": shoal_keys(home, "create", "good"),
+        "smollm2-only": shoal_keys(home, "create", "smollm2-only", "--models", "smollm2"),
+        "other-only": shoal_keys(home, "create", "other-only", "--models", "qwen:0.5b"),
+        "rpm": shoal_keys(home, "create", "rpm-bot", "--rpm", "2"),
+        "embed-rpm": shoal_keys(home, "create", "embed-bot", "--rpm", "1"),
+        "one-at-a-time": shoal_keys(home, "create", "one-at-a-time", "--max-concurrent", "1"),
+        "revoked": shoal_keys(home, "create", "revoked"),
+        "expiring": shoal_keys(home, "create", "expiring", "--expires", "1s"),
+        "admin": shoal_keys(home, "create", "root", "--admin"),
         "env-admin": ENV_ADMIN_KEY,
     }
-    _shoal_keys(env, "revoke", keys["revoked"].removeprefix("sk-shoal-").split("_")[0])
-    server = LiveServer(smollm2_path, "--served-model-name", "smollm2:135m,smollm2", "--max-model-len", "2048",
-                        "--kv-cache-bytes", "128MiB",
-                        env={"SHOAL_HOME": str(home), "SHOAL_AUTH": "on", "SHOAL_ADMIN_KEY": ENV_ADMIN_KEY},
-                        log_path=home / "serve.log")
-    try:
-        yield server.wait_ready(), keys
-    finally:
-        server.stop()
+    shoal_keys(home, "revoke", keys["revoked"].removeprefix("sk-shoal-").split("_")[0])
+    with keyed_server(smollm2_path, home, ENV_ADMIN_KEY, "--max-model-len", "2048",
+                      "--kv-cache-bytes", "128MiB") as server:
+        yield server, keys
 
 
 def _openai(server, key: str) -> openai.OpenAI:

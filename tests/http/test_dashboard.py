@@ -203,30 +203,16 @@ def test_the_page_moves_with_the_load_without_console_errors(shoal_server, brows
 # ---- keys on -----------------------------------------------------------------------------------
 
 
-def _shoal_keys(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "shoal", "keys", *args], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def keyed(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """(server, keys): a server that requires keys, an admin key and a plain one."""
-    from live_server import LiveServer
+    from live_server import keyed_server, shoal_keys
 
     home = tmp_path_factory.mktemp("dashboard-home")
-    env = {**os.environ, "SHOAL_HOME": str(home)}
-    env.pop("SHOAL_KEYS_DB", None)
-    keys = {"plain": _shoal_keys(env, "create", "plain"), "admin": _shoal_keys(env, "create", "ops", "--admin")}
-    server = LiveServer(smollm2_path, "--served-model-name", "smollm2:135m,smollm2", "--max-model-len", "1024",
-                        "--kv-cache-bytes", "64MiB",
-                        env={"SHOAL_HOME": str(home), "SHOAL_AUTH": "on", "SHOAL_ADMIN_KEY": ENV_ADMIN_KEY},
-                        log_path=home / "serve.log")
-    try:
-        yield server.wait_ready(), keys
-    finally:
-        server.stop()
+    keys = {"plain": shoal_keys(home, "create", "plain"), "admin": shoal_keys(home, "create", "ops", "--admin")}
+    with keyed_server(smollm2_path, home, ENV_ADMIN_KEY, "--max-model-len", "1024",
+                      "--kv-cache-bytes", "64MiB") as server:
+        yield server, keys
 
 
 def _bearer(key: str) -> dict[str, str]:

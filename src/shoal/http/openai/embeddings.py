@@ -11,8 +11,8 @@ import base64
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
 import numpy as np
+from fastapi import APIRouter, Request
 from pydantic import Field
 
 from shoal.core.errors import InvalidParameterError
