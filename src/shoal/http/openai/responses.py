@@ -26,7 +26,7 @@ from shoal.http.openai.responses_protocol import ResponsesRequest
 # where a chat field's error comes from in the Responses request
 _FIELD_NAMES = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens",
                 "max_completion_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort",
-                "top_logprobs": "top_logprobs", "logprobs": "include"}
+                "logprobs": "include"}
 _STATELESS = "shoal serves the Responses API statelessly: send the whole conversation in `input`"
 _LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
