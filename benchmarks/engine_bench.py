@@ -101,6 +101,7 @@ class ShoalTarget:
         self.load_s = time.monotonic() - started
         self.counter = 0
         self.name = f"shoal-{args.compute}"
+        self.compute = args.compute
         self.trace = None
         if args.trace:
             from step_trace import Trace
@@ -110,6 +111,18 @@ class ShoalTarget:
 
     def tokens(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text)
+
+    def use_f32_kernel(self, on: bool) -> None:
+        """Exact mode: float32 linears through the C++ kernel (on) or MKL's sgemm (off, the
+        path before it), switched between levels for a before/after in one run."""
+        from shoal.model.kernels.cpu import load_cpu_kernels
+        from shoal.model.layers.linear import ExactLinear
+
+        kernels = load_cpu_kernels() if on else None
+        for module in self.engine.core.runner.model.modules():
+            if isinstance(module, ExactLinear):
+                module.kernels = kernels
+        self.name = f"shoal-{self.compute}" + ("" if on else "-sgemm")
 
     async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
         from shoal import SamplingParams
@@ -272,8 +285,11 @@ async def main_async(args: argparse.Namespace) -> dict:
         await closed_loop(t, 2, 1, 16, offset=90000)
     if not args.levels:
         print("no concurrency levels: long-prompt checks only")
+    variants = (False, True) if args.ab_f32_kernel else (None,)
     for level in args.levels:
-        for t in targets:
+        for t, variant in [(t, v) for t in targets for v in variants]:
+            if variant is not None and isinstance(t, ShoalTarget):
+                t.use_f32_kernel(variant)
             per_client = max(1, args.requests_per_level // level) if args.requests_per_level else 2
             res = await closed_loop(t, level, per_client, args.max_tokens, offset=level * 100)
             res.extra["rss_peak_mb"] = t.rss_peak_mb()
@@ -320,6 +336,9 @@ def main() -> int:
                         help="NAME=PID of a peer's server process, for its peak RSS")
     parser.add_argument("--long-prompt-tokens", type=int, default=1300)
     parser.add_argument("--skip-shoal", action="store_true")
+    parser.add_argument("--ab-f32-kernel", action="store_true",
+                        help="exact mode: run each level with MKL's sgemm (before) and then the "
+                             "C++ float32 kernel (after)")
     parser.add_argument("--trace", action="store_true",
                         help="shoal: time every engine step, garbage collection and the asyncio "
                              "loop's lag, and print each level's slowest steps (step_trace.py)")
