@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from step_trace import format_summary
+
 TOPICS = ["the sea", "a violin", "volcanoes", "bread", "winter", "a lighthouse", "chess", "bees",
           "the moon", "rivers", "clocks", "trains", "mountains", "paper", "gardens", "rain",
           "owls", "glass", "maps", "salt", "bridges", "comets", "wool", "tea", "copper", "ferns",
@@ -99,9 +101,28 @@ class ShoalTarget:
         self.load_s = time.monotonic() - started
         self.counter = 0
         self.name = f"shoal-{args.compute}"
+        self.compute = args.compute
+        self.trace = None
+        if args.trace:
+            from step_trace import Trace
+
+            self.trace = Trace()
+            self.trace.attach(self.engine)
 
     def tokens(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text)
+
+    def use_f32_kernel(self, on: bool) -> None:
+        """Exact mode: float32 linears through the C++ kernel (on) or MKL's sgemm (off, the
+        path before it), switched between levels for a before/after in one run."""
+        from shoal.model.kernels.cpu import load_cpu_kernels
+        from shoal.model.layers.linear import ExactLinear
+
+        kernels = load_cpu_kernels() if on else None
+        for module in self.engine.core.runner.model.modules():
+            if isinstance(module, ExactLinear):
+                module.kernels = kernels
+        self.name = f"shoal-{self.compute}" + ("" if on else "-sgemm")
 
     async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
         from shoal import SamplingParams
@@ -195,6 +216,7 @@ async def closed_loop(target, concurrency: int, requests_per_client: int, max_to
     start = time.perf_counter()
     await asyncio.gather(*[client(c) for c in range(concurrency)])
     wall = time.perf_counter() - start
+    extra_trace = _trace_window(target, start, start + wall)
     itls = [x for rec in records for x in rec.itls]
     ttfts = [rec.ttft for rec in records]
     tokens = sum(rec.tokens for rec in records)
@@ -202,7 +224,14 @@ async def closed_loop(target, concurrency: int, requests_per_client: int, max_to
                          pct(ttfts, 50), pct(ttfts, 99), pct(itls, 50), pct(itls, 99),
                          max(itls, default=float("nan")))
     result.extra["errors"] = len(errors)
+    if extra_trace:
+        result.extra["trace"] = extra_trace
     return result
+
+
+def _trace_window(target, since: float, until: float) -> dict | None:
+    trace = getattr(target, "trace", None)
+    return trace.summary(since, until) if trace is not None else None
 
 
 async def long_prompt_ttft(target, approx_tokens: int) -> float:
@@ -229,8 +258,13 @@ async def long_prompt_during_streams(target, approx_tokens: int, streams: int = 
     ends = [started + r.e2e for r in records]
     if min(ends) < intruder_first_token:
         raise RuntimeError("streams ended before the long prompt was served: raise their length")
-    return {"max_gap_s": max(max(r.itls) for r in records if r.itls),
-            "intruder_ttft_s": intruder_rec.ttft}
+    result = {"max_gap_s": max(max(r.itls) for r in records if r.itls),
+              "intruder_ttft_s": intruder_rec.ttft}
+    # NOTE: the window of the prefill only: from the long prompt's arrival to its first token.
+    window = _trace_window(target, intruder_start, intruder_first_token)
+    if window:
+        result["trace"] = window
+    return result
 
 
 async def main_async(args: argparse.Namespace) -> dict:
@@ -244,12 +278,18 @@ async def main_async(args: argparse.Namespace) -> dict:
         targets.append(PeerTarget(name, url, args.peer_model, int(pid) if pid else None))
     results: list[LevelResult] = []
     extras: dict[str, dict] = {t.name: {} for t in targets}
+    stop_watch = asyncio.Event()
+    watchers = [asyncio.create_task(t.trace.watch_loop(stop_watch)) for t in targets
+                if getattr(t, "trace", None) is not None]
     for t in targets:   # warm-up: kernels, caches, first-request paths
         await closed_loop(t, 2, 1, 16, offset=90000)
     if not args.levels:
         print("no concurrency levels: long-prompt checks only")
+    variants = (False, True) if args.ab_f32_kernel else (None,)
     for level in args.levels:
-        for t in targets:
+        for t, variant in [(t, v) for t in targets for v in variants]:
+            if variant is not None and isinstance(t, ShoalTarget):
+                t.use_f32_kernel(variant)
             per_client = max(1, args.requests_per_level // level) if args.requests_per_level else 2
             res = await closed_loop(t, level, per_client, args.max_tokens, offset=level * 100)
             res.extra["rss_peak_mb"] = t.rss_peak_mb()
@@ -258,7 +298,10 @@ async def main_async(args: argparse.Namespace) -> dict:
                   f"TTFT p50 {res.ttft_p50:6.3f}s p99 {res.ttft_p99:6.3f}s  ITL p50 "
                   f"{res.itl_p50 * 1e3:6.1f}ms p99 {res.itl_p99 * 1e3:6.1f}ms max "
                   f"{res.itl_max * 1e3:6.1f}ms  RSS {res.extra['rss_peak_mb']:.0f}MB"
+                  f"  p99/p50 {res.itl_p99 / res.itl_p50:.2f}"
                   f"{'  ERRORS %d' % res.extra['errors'] if res.extra['errors'] else ''}", flush=True)
+            if "trace" in res.extra:
+                print(format_summary(f"c={level}", res.extra["trace"]), flush=True)
     if args.long_prompt_tokens:
         for t in targets:
             extras[t.name]["long_prompt_ttft_s"] = await long_prompt_ttft(t, args.long_prompt_tokens)
@@ -267,6 +310,11 @@ async def main_async(args: argparse.Namespace) -> dict:
                   f"{extras[t.name]['long_prompt_ttft_s']:.2f}s; 1000-token prompt during 8 streams: "
                   f"max gap {extras[t.name]['max_gap_s']:.2f}s (its TTFT "
                   f"{extras[t.name]['intruder_ttft_s']:.2f}s)", flush=True)
+            if "trace" in extras[t.name]:
+                print(format_summary("long prompt's prefill", extras[t.name]["trace"]), flush=True)
+    stop_watch.set()
+    for w in watchers:
+        await w
     for t in targets:
         extras[t.name]["rss_peak_mb"] = t.rss_peak_mb()
         await t.close()
@@ -288,6 +336,12 @@ def main() -> int:
                         help="NAME=PID of a peer's server process, for its peak RSS")
     parser.add_argument("--long-prompt-tokens", type=int, default=1300)
     parser.add_argument("--skip-shoal", action="store_true")
+    parser.add_argument("--ab-f32-kernel", action="store_true",
+                        help="exact mode: run each level with MKL's sgemm (before) and then the "
+                             "C++ float32 kernel (after)")
+    parser.add_argument("--trace", action="store_true",
+                        help="shoal: time every engine step, garbage collection and the asyncio "
+                             "loop's lag, and print each level's slowest steps (step_trace.py)")
     parser.add_argument("--json", default="bench-results/engine_bench.json")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",") if x.strip()]

@@ -185,3 +185,33 @@ def test_llm_generates_with_tiny_models_in_both_compute_modes(fixture, request):
         assert len(out.token_ids) == 8 and out.finish_reason == "length"
         assert all(0 <= t < llm.engine.vocab_size for t in out.token_ids)
         assert llm.engine.scheduler.kv.num_used_blocks == 0
+
+
+def test_exact_logits_are_the_same_bits_alone_and_in_any_batch(exact_runner):
+    """Exact mode is batch-invariant on the C++ attention kernel: a prompt's last logits, and
+    a decode step's, do not depend on what else the step computes (float32 linears through
+    the fixed-order kernel, not MKL, whose summation order follows the number of rows)."""
+    if exact_runner.kernels is None:
+        pytest.skip("the SDPA fallback's attention is not batch-invariant")
+    prompts = _prompts(exact_runner.model.config.vocab_size)
+    blocks = _Blocks(exact_runner.block_size)
+    alone = []
+    for prompt in prompts:
+        logits, _ = exact_runner.execute([DirectWork(TokenSequence(list(prompt)), len(prompt),
+                                                     blocks.take(len(prompt)), 0)])
+        alone.append(logits[0])
+    works = [DirectWork(TokenSequence(list(p)), len(p), blocks.take(len(p) + 8), 0) for p in prompts]
+    logits, sampling = exact_runner.execute(works)
+    by_request = {id(w.request): row for w, row in zip(sampling, logits)}
+    for work, expected in zip(works, alone):
+        assert torch.equal(by_request[id(work.request)], expected)
+    # one decode step of each sequence: alone, then all five together
+    for work in works:
+        work.request.all_token_ids.append(int(by_request[id(work.request)].argmax()))
+    decode_alone = [exact_runner.execute([DirectWork(w.request, 1, w.block_ids, len(w.request.all_token_ids) - 1)])[0][0]
+                    for w in works]
+    batch = [DirectWork(w.request, 1, w.block_ids, len(w.request.all_token_ids) - 1) for w in works]
+    logits, sampling = exact_runner.execute(batch)
+    rows = {id(w.request): row for w, row in zip(sampling, logits)}
+    for work, expected in zip(batch, decode_alone):
+        assert torch.equal(rows[id(work.request)], expected)

@@ -27,7 +27,12 @@ from torch import nn
 from shoal.core.errors import CorruptModelError
 from shoal.model.config import ModelConfig
 from shoal.model.layers.attention import AttentionMetadata, paged_attention
-from shoal.model.layers.linear import Int8Linear, int8_linear_fused, make_linear
+from shoal.model.layers.linear import (
+    ExactLinear,
+    Int8Linear,
+    int8_linear_fused,
+    make_linear,
+)
 from shoal.model.layers.norm import RMSNorm
 from shoal.model.layers.rotary import RotaryEmbedding
 
@@ -283,6 +288,13 @@ class CausalLM(nn.Module):
         if isinstance(self.lm_head, Int8Linear):
             self.lm_head.kernels = kernels
         self.fused = True
+
+    def enable_f32_kernel(self, kernels) -> None:
+        """Exact mode on the CPU: every float32 linear (the head included) through the C++
+        kernel, batch-invariant and faster at decoding sizes (layers/linear.py)."""
+        for module in self.modules():
+            if isinstance(module, ExactLinear):
+                module.enable_f32_kernel(kernels)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_weight is None:

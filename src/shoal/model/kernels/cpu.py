@@ -38,7 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "pymodule.cpp")
+_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "pymodule.cpp", "f32_linear.cpp")
 _HEADERS = ("common.h",)
 
 
@@ -104,7 +104,11 @@ def cache_root() -> Path:
 # same on every ISA level (v2 has no FMA, v3 does) and equal to the separate-step forms they
 # are checked against (int8_linear_small vs dequant_rows). Attention keeps FMAs: its scores
 # are compute-bound and it is compared with a tolerance.
-_SOURCE_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",), "sampling.cpp": ("-ffp-contract=off",)}
+# The float32 linear fuses every multiply-add where the ISA has FMA: each output element is
+# computed in one fixed order whatever the batch (f32_linear.cpp), so fusing changes nothing
+# between rows or batches, only between ISA variants.
+_SOURCE_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",), "sampling.cpp": ("-ffp-contract=off",),
+                 "f32_linear.cpp": ("-ffp-contract=fast",)}
 
 
 def _common_flags() -> tuple[str, ...]:
@@ -193,7 +197,8 @@ class CpuKernels:
                      "silu_mul_quant", "gelu_tanh_mul_quant", "dequant_rows", "rope_split",
                      "qk_norm_rope_split", "int8_matmul_small", "int8_linear_small",
                      "rms_norm_add_norm_quant",
-                     "top_k_rows", "draw_rows"):
+                     "top_k_rows", "draw_rows",
+                     "f32_linear"):
             setattr(self, "_" + name, getattr(module, name))
 
     # --- attention
@@ -341,6 +346,21 @@ class CpuKernels:
         self._rms_norm_add_norm_quant(x.data_ptr(), residual.data_ptr(), x_weight.data_ptr(),
                                       weight.data_ptr(), T, K, float(eps), q.data_ptr(), s.data_ptr())
         return q, s
+
+    # --- exact mode
+    def f32_linear(self, x, weight, bias=None) -> torch.Tensor:
+        """x [M, K] @ weight[N, K]^T (+ bias), float32; a row's result never depends on the
+        other rows (f32_linear.cpp)."""
+        x, weight = _f32(x, "f32_linear"), _f32(weight, "f32_linear weight")
+        M, K = x.shape
+        N = weight.shape[0]
+        _need(weight.dim() == 2 and weight.shape[1] == K, "f32_linear: inner sizes differ")
+        bias = _f32(bias, "f32_linear bias") if bias is not None else None
+        _need(bias is None or bias.numel() == N, "f32_linear: bias size")
+        out = torch.empty(M, N)
+        self._f32_linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                         M, K, N, out.data_ptr())
+        return out
 
     # --- sampling
     def sample_rows(self, logits, temperatures, top_ks, top_ps, min_ps, random_bits) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Both keep a row's result independent of the other rows in the batch, so a
 request's greedy output does not change with the company it keeps:
-- exact: float weights through F.linear (the mode reference tests use);
+- exact: float weights through F.linear (the mode reference tests use), or on the CPU with
+  float32 weights through the C++ kernel, which computes each output element in one fixed
+  order whatever the batch (kernels/csrc/f32_linear.cpp);
 - fast: weights quantized per output channel to int8 once at load, activations
   quantized per row (per token) at run time, products summed exactly in int32
   by torch._int_mm. NOTE: PyTorch's dynamic-quantized Linear would be as fast,
@@ -53,8 +55,22 @@ class ExactLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernels = None   # CPU kernels, set by enable_f32_kernel (float32 weights only)
+
+    def enable_f32_kernel(self, kernels) -> None:
+        """Routes float32 CPU inputs through the batch-invariant C++ kernel.
+
+        NOTE: MKL's sgemm sums in an order that changes with the number of rows (a row's
+        result alone differs from the same row among 3 others), and at decoding sizes it
+        streams the weights at a fraction of the memory bandwidth."""
+        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
+            self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            shape = x.shape
+            out = self.kernels.f32_linear(x.reshape(-1, shape[-1]), self.weight, self.bias)
+            return out.reshape(*shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -34,6 +34,8 @@ void shoal_rms_norm_add_norm_quant(const float*, float*, const float*, const flo
 void shoal_top_k_rows(float*, int64_t, int64_t, const int64_t*);
 void shoal_draw_rows(const float*, int64_t, int64_t, const double*, const float*,
                      const int64_t*, int64_t*);
+// exact mode's float32 linear (f32_linear.cpp)
+void shoal_f32_linear(const float*, const float*, const float*, int64_t, int64_t, int64_t, float*);
 }
 
 namespace {
@@ -113,6 +115,9 @@ SHOAL_WRAP(rms_norm_add_norm_quant, 9,
 SHOAL_WRAP(top_k_rows, 4, shoal_top_k_rows(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3)))
 SHOAL_WRAP(draw_rows, 7, shoal_draw_rows(x.p<float>(0), x.i[1], x.i[2], x.p<double>(3),
                                          x.p<float>(4), x.p<int64_t>(5), x.p<int64_t>(6)))
+// exact mode's float32 linear
+SHOAL_WRAP(f32_linear, 7, shoal_f32_linear(x.p<float>(0), x.p<float>(1), x.p<float>(2), x.i[3],
+                                           x.i[4], x.i[5], x.p<float>(6)))
 
 #define SHOAL_METHOD(name) {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_##name)), METH_FASTCALL, nullptr}
 
@@ -122,7 +127,10 @@ PyMethodDef methods[] = {
     SHOAL_METHOD(dequant_rows), SHOAL_METHOD(rope_split), SHOAL_METHOD(qk_norm_rope_split),
     SHOAL_METHOD(int8_matmul_small), SHOAL_METHOD(int8_linear_small),
     SHOAL_METHOD(rms_norm_add_norm_quant),
-    SHOAL_METHOD(top_k_rows), SHOAL_METHOD(draw_rows), {nullptr, nullptr, 0, nullptr}};
+    SHOAL_METHOD(top_k_rows), SHOAL_METHOD(draw_rows),
+    // exact mode's float32 linear
+    SHOAL_METHOD(f32_linear),
+    {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
                       nullptr, nullptr, nullptr, nullptr};
