@@ -34,6 +34,16 @@ void shoal_rms_norm_add_norm_quant(const float*, float*, const float*, const flo
 void shoal_top_k_rows(float*, int64_t, int64_t, const int64_t*);
 void shoal_draw_rows(const float*, int64_t, int64_t, const double*, const float*,
                      const int64_t*, int64_t*);
+// packed_linear.cpp: GGUF 4/8-bit blocks x per-block int8 activations
+void shoal_packed_linear(int32_t, const uint8_t*, int64_t, int64_t, const int8_t*, const float*,
+                         const int32_t*, const float*, int64_t, float*);
+void shoal_quant_blocks(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
+void shoal_rms_norm_quant_blocks(const float*, float*, const float*, int64_t, int64_t, float,
+                                 int32_t, int8_t*, float*, int32_t*);
+void shoal_rms_norm_add_norm_quant_blocks(const float*, float*, const float*, const float*,
+                                          int64_t, int64_t, float, int8_t*, float*, int32_t*);
+void shoal_act_mul_quant_blocks(const float*, int64_t, int64_t, int32_t, int8_t*, float*,
+                                int32_t*);
 }
 
 namespace {
@@ -113,6 +123,24 @@ SHOAL_WRAP(rms_norm_add_norm_quant, 9,
 SHOAL_WRAP(top_k_rows, 4, shoal_top_k_rows(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3)))
 SHOAL_WRAP(draw_rows, 7, shoal_draw_rows(x.p<float>(0), x.i[1], x.i[2], x.p<double>(3),
                                          x.p<float>(4), x.p<int64_t>(5), x.p<int64_t>(6)))
+// packed_linear.cpp
+SHOAL_WRAP(packed_linear, 10,
+           shoal_packed_linear(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3], x.p<int8_t>(4),
+                               x.p<float>(5), x.p<int32_t>(6), x.p<float>(7), x.i[8],
+                               x.p<float>(9)))
+SHOAL_WRAP(quant_blocks, 6, shoal_quant_blocks(x.p<float>(0), x.i[1], x.i[2], x.p<int8_t>(3),
+                                               x.p<float>(4), x.p<int32_t>(5)))
+SHOAL_WRAP(rms_norm_quant_blocks, 10,
+           shoal_rms_norm_quant_blocks(x.p<float>(0), x.p<float>(1), x.p<float>(2), x.i[3],
+                                       x.i[4], float(x.f[5]), int32_t(x.i[6]), x.p<int8_t>(7),
+                                       x.p<float>(8), x.p<int32_t>(9)))
+SHOAL_WRAP(rms_norm_add_norm_quant_blocks, 10,
+           shoal_rms_norm_add_norm_quant_blocks(x.p<float>(0), x.p<float>(1), x.p<float>(2),
+                                                x.p<float>(3), x.i[4], x.i[5], float(x.f[6]),
+                                                x.p<int8_t>(7), x.p<float>(8), x.p<int32_t>(9)))
+SHOAL_WRAP(act_mul_quant_blocks, 7,
+           shoal_act_mul_quant_blocks(x.p<float>(0), x.i[1], x.i[2], int32_t(x.i[3]),
+                                      x.p<int8_t>(4), x.p<float>(5), x.p<int32_t>(6)))
 
 #define SHOAL_METHOD(name) {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_##name)), METH_FASTCALL, nullptr}
 
@@ -122,7 +150,11 @@ PyMethodDef methods[] = {
     SHOAL_METHOD(dequant_rows), SHOAL_METHOD(rope_split), SHOAL_METHOD(qk_norm_rope_split),
     SHOAL_METHOD(int8_matmul_small), SHOAL_METHOD(int8_linear_small),
     SHOAL_METHOD(rms_norm_add_norm_quant),
-    SHOAL_METHOD(top_k_rows), SHOAL_METHOD(draw_rows), {nullptr, nullptr, 0, nullptr}};
+    SHOAL_METHOD(top_k_rows), SHOAL_METHOD(draw_rows),
+    // packed_linear.cpp
+    SHOAL_METHOD(packed_linear), SHOAL_METHOD(quant_blocks), SHOAL_METHOD(rms_norm_quant_blocks),
+    SHOAL_METHOD(rms_norm_add_norm_quant_blocks), SHOAL_METHOD(act_mul_quant_blocks),
+    {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
                       nullptr, nullptr, nullptr, nullptr};

@@ -1,0 +1,314 @@
+// Linear layers on GGUF's packed blocks (Q4_0, Q4_1, Q8_0) with int8 activations, as
+// llama.cpp's q4_1 x q8_1 dot products, plus the activation quantizers that feed them.
+//
+// Weights: repacked once at load (model/layers/packed.py) into tiles of 8 output rows x one
+// 32-element block: [8 fp16 scales][8 fp16 mins, Q4_1 only][values]. Value register j (32
+// bytes) holds elements 4j..4j+3 of each of the 8 rows (row r in bytes 4r..4r+3), so one
+// u8 x s8 dot-product instruction against 4 broadcast activation bytes gives the 8 rows'
+// partial sums in 8 lanes: no horizontal reductions. Q4 tiles hold registers j and j+4 as
+// the low and high nibbles of one 32-byte chunk (128 bytes); Q8_0 tiles hold all 8 (256).
+//
+// Activations: each row quantized per 32-element block to int8 with a float scale d and the
+// integer sum of its values (for Q4_1's min and Q4_0's offset of 8).
+//
+// The arithmetic is fixed per output element, whatever the ISA, batch size or thread count:
+// per block b an exact integer dot D_b, then in float32, without fused multiply-adds
+// (this file builds with -ffp-contract=off):
+//   t_b = float(D_b) * (dw_b * dx_b)                          (Q4_0, Q8_0)
+//   t_b = float(D_b) * (dw_b * dx_b) + mw_b * (dx_b * float(sum_b))   (Q4_1)
+//   y = ((0 + t_0) + t_1) + ... (+ bias)
+// so the AVX-512 VNNI, AVX-VNNI, AVX2 and scalar paths, and the PyTorch twin, agree bit for
+// bit, and a row's result never depends on the other rows of the batch.
+#include "common.h"
+
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define SHOAL_PACKED_SIMD 1
+#endif
+
+using shoal::grain;
+using shoal::parallel_for;
+
+namespace {
+
+enum PackedType : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };   // GGML type ids
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRows = 8;   // output rows per tile
+
+inline int64_t tile_bytes(int32_t type) {
+  return type == kQ4_1 ? 32 + 128 : type == kQ4_0 ? 16 + 128 : 16 + 256;
+}
+
+// IEEE half -> float, exactly (what F16C's vcvtph2ps and torch's .float() give).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {   // subnormal: normalise
+    exp = 113;
+    while (!(mant & 0x400u)) { mant <<= 1; --exp; }
+    bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// One row of K floats -> int8 per 32-block, scale d = amax / 127, integer block sums.
+inline void quantize_blocks(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    float amax = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float scale = amax / 127.f;
+    const float inv = scale > 0.f ? 1.f / scale : 0.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const float v = std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] * inv)));
+      q[b * kBlock + i] = static_cast<int8_t>(v);
+      sum += static_cast<int32_t>(v);
+    }
+    d[b] = scale;
+    s[b] = sum;
+  }
+}
+
+// Accumulates the tiles of one 8-row group g into acc [M][8] (zeroed by the caller).
+template <int32_t TYPE>
+void group_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const float* xd,
+               const int32_t* xs, int64_t M, int64_t K, float* acc) {
+  const int64_t tb = tile_bytes(TYPE);
+  const int64_t nscales = TYPE == kQ4_1 ? 2 : 1;
+#if SHOAL_PACKED_SIMD
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
+  const __m256i ones16 = _mm256_set1_epi16(1);
+#endif
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* tile = w + (g * B + b) * tb;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile)));
+    __m256 mw = _mm256_setzero_ps();
+    if (TYPE == kQ4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16)));
+    const uint8_t* qs = tile + 16 * nscales;
+    __m256i W[8];
+    if (TYPE == kQ8_0) {
+      for (int c = 0; c < 8; ++c) W[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+    } else {
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+        W[c] = _mm256_and_si256(v, low4);
+        W[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+    }
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+    // u8 x s8: Q8_0's signed weights shift by 128 (w ^ 0x80 = w + 128), undone below.
+    if (TYPE == kQ8_0) {
+      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+      for (int c = 0; c < 8; ++c) W[c] = _mm256_xor_si256(W[c], flip);
+    }
+#endif
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xb = xq + m * K + b * kBlock;
+      __m256i isum = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        int32_t four;
+        std::memcpy(&four, xb + 4 * c, 4);
+        const __m256i xv = _mm256_set1_epi32(four);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        isum = _mm256_dpbusd_epi32(isum, W[c], xv);
+#elif defined(__AVXVNNI__)
+        isum = _mm256_dpbusd_avx_epi32(isum, W[c], xv);
+#else
+        // maddubs saturates at int16: Q4's 15 * 127 * 2 cannot; Q8_0 takes |w| and x * sign(w).
+        const __m256i pairs = TYPE == kQ8_0
+            ? _mm256_maddubs_epi16(_mm256_sign_epi8(W[c], W[c]), _mm256_sign_epi8(xv, W[c]))
+            : _mm256_maddubs_epi16(W[c], xv);
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones16));
+#endif
+      }
+      const int32_t sum = xs[m * B + b];
+      if (TYPE == kQ4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * sum));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+      if (TYPE == kQ8_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * sum));
+#endif
+      const float dx = xd[m * B + b];
+      __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(dx)));
+      if (TYPE == kQ4_1) {
+        t = _mm256_add_ps(t, _mm256_mul_ps(mw, _mm256_set1_ps(dx * static_cast<float>(sum))));
+      }
+      float* a = acc + m * kRows;
+      _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), t));
+    }
+  }
+#else
+  int32_t wv[kRows][kBlock];
+  float dw[kRows], mw[kRows];
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* tile = w + (g * B + b) * tb;
+    for (int r = 0; r < kRows; ++r) {
+      uint16_t h;
+      std::memcpy(&h, tile + 2 * r, 2);
+      dw[r] = half_to_float(h);
+      if (TYPE == kQ4_1) {
+        std::memcpy(&h, tile + 16 + 2 * r, 2);
+        mw[r] = half_to_float(h);
+      }
+    }
+    const uint8_t* qs = tile + 16 * nscales;
+    for (int j = 0; j < 8; ++j) {
+      for (int r = 0; r < kRows; ++r) {
+        for (int kk = 0; kk < 4; ++kk) {
+          int32_t v;
+          if (TYPE == kQ8_0) {
+            v = static_cast<int8_t>(qs[32 * j + 4 * r + kk]);
+          } else {
+            const uint8_t byte = qs[32 * (j & 3) + 4 * r + kk];
+            v = j < 4 ? (byte & 0x0F) : (byte >> 4);
+            if (TYPE == kQ4_0) v -= 8;
+          }
+          wv[r][4 * j + kk] = v;
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xb = xq + m * K + b * kBlock;
+      const float dx = xd[m * B + b];
+      const float sx = dx * static_cast<float>(xs[m * B + b]);
+      float* a = acc + m * kRows;
+      for (int r = 0; r < kRows; ++r) {
+        int32_t dot = 0;
+        for (int k = 0; k < kBlock; ++k) dot += wv[r][k] * static_cast<int32_t>(xb[k]);
+        float t = static_cast<float>(dot) * (dw[r] * dx);
+        if (TYPE == kQ4_1) t = t + mw[r] * sx;
+        a[r] = a[r] + t;
+      }
+    }
+  }
+#endif
+}
+
+template <int32_t TYPE>
+void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, const float* xd,
+                   const int32_t* xs, const float* bias, int64_t M, float* out) {
+  const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows;
+  // NOTE: threads split the output columns (whole 8-row groups); each group's weights are
+  // unpacked once per block for all M rows.
+  parallel_for(G, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(M * kRows);
+    for (int64_t g = begin; g < end; ++g) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      group_dot<TYPE>(w, B, g, xq, xd, xs, M, K, acc.data());
+      const int64_t rows = std::min(kRows, N - g * kRows);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = g * kRows + r;
+          float v = acc[m * kRows + r];
+          if (bias != nullptr) v = v + bias[n];
+          out[m * N + n] = v;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// y [M, N] = x [M, K] (quantized per block: q, d [M, K/32], s [M, K/32]) times the packed
+// weight [N, K] of GGML type `type` (+ bias [N] when not null).
+SHOAL_API void shoal_packed_linear(int32_t type, const uint8_t* w, int64_t N, int64_t K,
+                                   const int8_t* xq, const float* xd, const int32_t* xs,
+                                   const float* bias, int64_t M, float* out) {
+  switch (type) {
+    case kQ4_0: packed_linear<kQ4_0>(w, N, K, xq, xd, xs, bias, M, out); break;
+    case kQ4_1: packed_linear<kQ4_1>(w, N, K, xq, xd, xs, bias, M, out); break;
+    case kQ8_0: packed_linear<kQ8_0>(w, N, K, xq, xd, xs, bias, M, out); break;
+    default: break;   // kernels/cpu.py admits only these types
+  }
+}
+
+// x [T, K] -> per-block int8 q [T, K], d [T, K/32], s [T, K/32].
+SHOAL_API void shoal_quant_blocks(const float* xp, int64_t T, int64_t K, int8_t* qp, float* dp,
+                                  int32_t* sp) {
+  const int64_t B = K / kBlock;
+  parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) quantize_blocks(xp + t * K, K, qp + t * K, dp + t * B, sp + t * B);
+  });
+}
+
+// As shoal_rms_norm_quant (fused_ops.cpp), quantizing per block: if add_residual,
+// residual += x; then RMSNorm(residual or x) * weight, quantized.
+SHOAL_API void shoal_rms_norm_quant_blocks(const float* xp, float* rp, const float* wp, int64_t T,
+                                           int64_t K, float eps, int32_t add_residual,
+                                           int8_t* qp, float* dp, int32_t* sp) {
+  const int64_t B = K / kBlock;
+  parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* h = xp + t * K;
+      if (add_residual) {
+        float* r = rp + t * K;
+        for (int64_t i = 0; i < K; ++i) r[i] += h[i];
+        h = r;
+      }
+      float sum = 0.f;
+      for (int64_t i = 0; i < K; ++i) sum += h[i] * h[i];
+      const float inv_rms = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
+      for (int64_t i = 0; i < K; ++i) row[i] = h[i] * inv_rms * wp[i];
+      quantize_blocks(row.data(), K, qp + t * K, dp + t * B, sp + t * B);
+    }
+  });
+}
+
+// As shoal_rms_norm_add_norm_quant (Gemma's sandwich norms), quantizing per block.
+SHOAL_API void shoal_rms_norm_add_norm_quant_blocks(const float* xp, float* rp, const float* xw,
+                                                    const float* wp, int64_t T, int64_t K,
+                                                    float eps, int8_t* qp, float* dp,
+                                                    int32_t* sp) {
+  const int64_t B = K / kBlock;
+  parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* h = xp + t * K;
+      float* r = rp + t * K;
+      float sum = 0.f;
+      for (int64_t i = 0; i < K; ++i) sum += h[i] * h[i];
+      const float inv_x = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
+      for (int64_t i = 0; i < K; ++i) r[i] += h[i] * inv_x * xw[i];
+      sum = 0.f;
+      for (int64_t i = 0; i < K; ++i) sum += r[i] * r[i];
+      const float inv_r = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
+      for (int64_t i = 0; i < K; ++i) row[i] = r[i] * inv_r * wp[i];
+      quantize_blocks(row.data(), K, qp + t * K, dp + t * B, sp + t * B);
+    }
+  });
+}
+
+// gate_up [T, 2I] (gate then up): act(gate) * up, quantized per block; gelu: 0 silu, 1 gelu_tanh.
+SHOAL_API void shoal_act_mul_quant_blocks(const float* gp, int64_t T, int64_t I, int32_t gelu,
+                                          int8_t* qp, float* dp, int32_t* sp) {
+  constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)
+  constexpr float kBeta = 0.044715f;
+  const int64_t B = I / kBlock;
+  parallel_for(T, grain(I), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(I);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = gp + t * 2 * I;
+      const float* u = g + I;
+      for (int64_t i = 0; i < I; ++i) {
+        const float x = g[i];
+        const float act = gelu ? 0.5f * x * (1.f + std::tanh(kAlpha * (x + kBeta * x * x * x)))
+                               : x / (1.f + std::exp(-x));
+        row[i] = act * u[i];
+      }
+      quantize_blocks(row.data(), I, qp + t * I, dp + t * B, sp + t * B);
+    }
+  });
+}
