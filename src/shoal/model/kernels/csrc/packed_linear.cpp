@@ -81,6 +81,49 @@ inline void quantize_blocks(const float* x, int64_t K, int8_t* q, float* d, int3
   }
 }
 
+#if SHOAL_PACKED_SIMD
+// The 8 rows' integer dots with one activation block (Q8_0 on VNNI still offset by 128).
+template <int32_t TYPE>
+inline __m256i block_dot(const __m256i* W, const int8_t* xb) {
+  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
+  const __m256i ones16 = _mm256_set1_epi16(1);
+#endif
+  for (int c = 0; c < 8; ++c) {
+    int32_t four;
+    std::memcpy(&four, xb + 4 * c, 4);
+    const __m256i xv = _mm256_set1_epi32(four);
+    __m256i& a = (c & 1) ? acc1 : acc0;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    a = _mm256_dpbusd_epi32(a, W[c], xv);
+#elif defined(__AVXVNNI__)
+    a = _mm256_dpbusd_avx_epi32(a, W[c], xv);
+#else
+    // maddubs saturates at int16: Q4's 15 * 127 * 2 cannot; Q8_0 takes |w| and x * sign(w).
+    const __m256i pairs = TYPE == kQ8_0
+        ? _mm256_maddubs_epi16(_mm256_sign_epi8(W[c], W[c]), _mm256_sign_epi8(xv, W[c]))
+        : _mm256_maddubs_epi16(W[c], xv);
+    a = _mm256_add_epi32(a, _mm256_madd_epi16(pairs, ones16));
+#endif
+  }
+  return _mm256_add_epi32(acc0, acc1);
+}
+
+// One block's float step for the 8 rows of one activation row: acc += t (see the top).
+template <int32_t TYPE>
+inline void finish(__m256i isum, __m256 dw, __m256 mw, float dx, int32_t sum, float* acc) {
+  if (TYPE == kQ4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * sum));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+  if (TYPE == kQ8_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * sum));
+#endif
+  __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(dx)));
+  if (TYPE == kQ4_1) {
+    t = _mm256_add_ps(t, _mm256_mul_ps(mw, _mm256_set1_ps(dx * static_cast<float>(sum))));
+  }
+  _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), t));
+}
+#endif
+
 // Accumulates the tiles of one 8-row group g into acc [M][8] (zeroed by the caller).
 template <int32_t TYPE>
 void group_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const float* xd,
@@ -89,9 +132,6 @@ void group_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const f
   const int64_t nscales = TYPE == kQ4_1 ? 2 : 1;
 #if SHOAL_PACKED_SIMD
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
-  const __m256i ones16 = _mm256_set1_epi16(1);
-#endif
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* tile = w + (g * B + b) * tb;
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile)));
@@ -115,37 +155,16 @@ void group_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const f
       for (int c = 0; c < 8; ++c) W[c] = _mm256_xor_si256(W[c], flip);
     }
 #endif
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xb = xq + m * K + b * kBlock;
-      __m256i isum = _mm256_setzero_si256();
-      for (int c = 0; c < 8; ++c) {
-        int32_t four;
-        std::memcpy(&four, xb + 4 * c, 4);
-        const __m256i xv = _mm256_set1_epi32(four);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        isum = _mm256_dpbusd_epi32(isum, W[c], xv);
-#elif defined(__AVXVNNI__)
-        isum = _mm256_dpbusd_avx_epi32(isum, W[c], xv);
-#else
-        // maddubs saturates at int16: Q4's 15 * 127 * 2 cannot; Q8_0 takes |w| and x * sign(w).
-        const __m256i pairs = TYPE == kQ8_0
-            ? _mm256_maddubs_epi16(_mm256_sign_epi8(W[c], W[c]), _mm256_sign_epi8(xv, W[c]))
-            : _mm256_maddubs_epi16(W[c], xv);
-        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones16));
-#endif
-      }
-      const int32_t sum = xs[m * B + b];
-      if (TYPE == kQ4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * sum));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
-      if (TYPE == kQ8_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * sum));
-#endif
-      const float dx = xd[m * B + b];
-      __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(dx)));
-      if (TYPE == kQ4_1) {
-        t = _mm256_add_ps(t, _mm256_mul_ps(mw, _mm256_set1_ps(dx * static_cast<float>(sum))));
-      }
-      float* a = acc + m * kRows;
-      _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), t));
+    // NOTE: two partial sums per row and rows in fours: independent dependency chains, so
+    // the dot-product units are not left waiting on one accumulator's latency.
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      __m256i isum[4];
+      for (int i = 0; i < 4; ++i) isum[i] = block_dot<TYPE>(W, xq + (m + i) * K + b * kBlock);
+      for (int i = 0; i < 4; ++i) finish<TYPE>(isum[i], dw, mw, xd[(m + i) * B + b], xs[(m + i) * B + b], acc + (m + i) * kRows);
+    }
+    for (; m < M; ++m) {
+      finish<TYPE>(block_dot<TYPE>(W, xq + m * K + b * kBlock), dw, mw, xd[m * B + b], xs[m * B + b], acc + m * kRows);
     }
   }
 #else
