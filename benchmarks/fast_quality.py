@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""How closely fast mode (int8) follows exact mode (float32) on the same model.
+"""How closely fast mode follows exact mode (float32) on the same model, per weight recipe.
 
 Teacher-forced on a fixed text and on exact mode's own chat answers, through each mode's
-serving path (fast: int8 fused ops and a bfloat16 KV cache; exact: float32 throughout):
+serving path (fast: fused int8 ops and a bfloat16 KV cache; exact: float32 throughout):
 perplexity of each mode, top-1 agreement, and mean KL(exact || fast) per position; plus
-greedy chat answers that come out identical.
+greedy 48-token chat answers that come out identical to exact mode's. Fast mode runs once
+per weight recipe (SHOAL_FAST_WEIGHTS): `packed` (the GGUF's 4/8-bit blocks, int8
+activations per 32-value block) and `int8` (SmoothQuant-calibrated int8 x int8).
 
-    python benchmarks/fast_quality.py
+    python benchmarks/fast_quality.py --recipes packed,int8
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -24,7 +28,15 @@ TEXT = ("The harbour had been busy since dawn. Fishing boats came in low in the 
         "it reaches the coast, where it spreads into a wide delta of reeds and sandbanks.")
 QUESTIONS = ["What is the capital of France?", "Name three rivers.", "Write a haiku about snow.",
              "Explain photosynthesis in one sentence.", "How do I reverse a list in Python?",
-             "What is 12 times 12?", "Describe a cat.", "Why is the sky blue?"]
+             "What is 12 times 12?", "Describe a cat.", "Why is the sky blue?",
+             "Give me a tip for sleeping better.", "What does a compiler do?",
+             "Translate 'good morning' into Spanish.", "Who wrote Romeo and Juliet?",
+             "List the planets of the solar system.", "What is the boiling point of water?",
+             "Suggest a name for a pet goldfish.", "How many legs does a spider have?",
+             "Write one sentence about autumn.", "What is a prime number?",
+             "Explain what a noun is.", "What should I pack for a beach trip?",
+             "Summarise the plot of Cinderella.", "What is the largest ocean?",
+             "How do bees make honey?", "Give an example of a renewable energy source."]
 
 
 def logits(llm: LLM, ids: list[int]) -> torch.Tensor:
@@ -58,29 +70,42 @@ def compare(exact: torch.Tensor, fast: torch.Tensor, targets: list[int]) -> dict
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default="packed,int8", help="fast-mode weight recipes to compare")
+    args = parser.parse_args()
     exact = LLM(compute="exact")
-    fast = LLM(compute="fast")
+    fasts = {r: LLM(compute="fast", fast_weights=r) for r in args.recipes.split(",") if r}
     ids = exact.tokenizer.encode(TEXT)
-    text = compare(logits(exact, ids)[:-1], logits(fast, ids)[:-1], ids[1:])
-    print(f"fixed text ({len(ids)} tokens): perplexity exact {text['ppl_exact']:.2f}, fast "
-          f"{text['ppl_fast']:.2f}; top-1 agreement {text['top1']:.1%}; KL {text['kl']:.4f}")
+    exact_text = logits(exact, ids)[:-1]
+    for name, fast in fasts.items():
+        text = compare(exact_text, logits(fast, ids)[:-1], ids[1:])
+        print(f"[{name}] fixed text ({len(ids)} tokens): perplexity exact {text['ppl_exact']:.2f}, "
+              f"fast {text['ppl_fast']:.2f}; top-1 agreement {text['top1']:.1%}; KL {text['kl']:.4f}")
     params = SamplingParams(temperature=0, max_tokens=48)
-    same = agree_n = total = 0
-    kls = []
+    same = dict.fromkeys(fasts, 0)
+    agree_n = dict.fromkeys(fasts, 0.0)
+    kls: dict[str, list[float]] = {name: [] for name in fasts}
+    total = 0
     for question in QUESTIONS:
         chat = [{"role": "user", "content": question}]
         e = exact.chat(chat, params)[0]
-        f = fast.chat(chat, params)[0]
-        same += e.outputs[0].token_ids == f.outputs[0].token_ids
         seq = e.prompt_token_ids + e.outputs[0].token_ids
         n = len(e.prompt_token_ids)
-        stats = compare(logits(exact, seq)[n - 1:-1], logits(fast, seq)[n - 1:-1], seq[n:])
-        agree_n += stats["top1"] * (len(seq) - n)
         total += len(seq) - n
-        kls.append(stats["kl"])
-        print(f"  {question!r}: exact {e.text[:60]!r} | fast {f.text[:60]!r}")
-    print(f"chat answers: {same}/{len(QUESTIONS)} greedy answers identical; teacher-forced on "
-          f"exact's answers: top-1 agreement {agree_n / total:.1%}, mean KL {sum(kls) / len(kls):.4f}")
+        exact_logits = logits(exact, seq)[n - 1:-1]
+        line = [f"  {question!r}: exact {e.text[:50]!r}"]
+        for name, fast in fasts.items():
+            f = fast.chat(chat, params)[0]
+            same[name] += e.outputs[0].token_ids == f.outputs[0].token_ids
+            stats = compare(exact_logits, logits(fast, seq)[n - 1:-1], seq[n:])
+            agree_n[name] += stats["top1"] * (len(seq) - n)
+            kls[name].append(stats["kl"])
+            line.append(f"{name} {'=' if e.outputs[0].token_ids == f.outputs[0].token_ids else f.text[:50]!r}")
+        print(" | ".join(line), flush=True)
+    for name in fasts:
+        print(f"[{name}] chat answers: {same[name]}/{len(QUESTIONS)} greedy 48-token answers identical "
+              f"to exact mode's; teacher-forced on exact's answers: top-1 agreement "
+              f"{agree_n[name] / total:.1%}, mean KL {sum(kls[name]) / len(kls[name]):.4f}")
     return 0
 
 

@@ -34,6 +34,9 @@ def _variants() -> list[Isa]:
     """Every build of the kernels this CPU can run, best first: each SIMD path and scalar."""
     flags = _cpu_flags()
     out = []
+    if {"amx_tile", "amx_int8", "avx512_vnni", "avx512vl", "avx512bw"} <= flags:
+        out.append(Isa("x86-64-v4-amx", ("-march=x86-64-v4", "-mavx512vnni", "-mamx-tile",
+                                         "-mamx-int8")))   # tiles for 8+ rows
     if {"avx512_vnni", "avx512vl", "avx512bw"} <= flags:
         out.append(Isa("x86-64-v4-vnni", ("-march=x86-64-v4", "-mavx512vnni")))
     if {"avx_vnni", "avx2", "f16c"} <= flags:
@@ -89,7 +92,7 @@ def test_every_isa_variant_matches_the_pytorch_twin_bit_for_bit(variant, ggml_ty
     q2, d2, s2 = variant.quant_blocks(x)
     assert torch.equal(q, q2) and torch.equal(d, d2) and torch.equal(s, s2)
     twin = layer.forward_quantized(q, d, s)       # no kernels set: PyTorch
-    for rows in (1, 2, 3, 5, 17, 37):
+    for rows in (1, 2, 3, 5, 8, 17, 37):
         got = variant.packed_linear(ggml_type, layer.tiles, n, k, q[:rows], d[:rows], s[:rows],
                                     layer.bias)
         assert torch.equal(got, twin[:rows]), f"{variant.isa.name}, {rows} rows"

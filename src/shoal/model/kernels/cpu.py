@@ -69,6 +69,10 @@ def select_isa(cpu_flags: set[str] | None = None, machine: str | None = None) ->
     for level, needed in _X86_LEVELS:
         if needed <= flags:
             if level == "x86-64-v4" and "avx512_vnni" in flags:
+                if {"amx_tile", "amx_int8"} <= flags:
+                    # NOTE: Sapphire Rapids' tile unit, for the packed linears' batches.
+                    return Isa(level + "-amx", (f"-march={level}", "-mavx512vnni", "-mamx-tile",
+                                                "-mamx-int8"))
                 return Isa(level + "-vnni", (f"-march={level}", "-mavx512vnni"))
             if level == "x86-64-v3" and "avx_vnni" in flags:
                 # NOTE: 256-bit VNNI without AVX-512 (Alder Lake and later client cores).

@@ -28,6 +28,11 @@
 #include <immintrin.h>
 #define SHOAL_PACKED_SIMD 1
 #endif
+#if SHOAL_PACKED_SIMD && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SHOAL_PACKED_AMX 1
+#endif
 
 using shoal::grain;
 using shoal::parallel_for;
@@ -214,9 +219,149 @@ void group_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const f
 #endif
 }
 
+
+#if SHOAL_PACKED_AMX
+// ----- AMX (Sapphire Rapids and later): batches of rows --------------------------------------
+// The tile unit computes the same exact integer block dots for 16 activation rows x 16 output
+// rows (two 8-row groups) per instruction; the float steps after it are the lane-wise ones of
+// the path above, so its results are bit-identical and the switch between them by batch size
+// cannot break batch invariance. Decoding's 1-2 rows stay on the VNNI path.
+constexpr int64_t kAmxMinRows = 8;
+
+bool amx_permitted() {
+  // NOTE: Linux hands out the tile state only on request (arch_prctl, once per process);
+  // refused (an old kernel, a sandbox), the VNNI path serves every batch.
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// C_i = A_i . B (tile 6) for `tiles` (1-3) consecutive 16-row tiles of activations at xa
+// (row stride K), stored to cbuf row after row. Tile numbers are immediates, hence the cases.
+template <int32_t TYPE>
+inline void tile_products(int64_t tiles, const int8_t* xa, int64_t K, int32_t* cbuf) {
+#define SHOAL_TDP(c, a) do { if (TYPE == kQ8_0) _tile_dpbssd(c, a, 6); else _tile_dpbsud(c, a, 6); } while (0)
+  _tile_loadd(3, xa, K);
+  _tile_zero(0);
+  if (tiles > 1) { _tile_loadd(4, xa + 16 * K, K); _tile_zero(1); }
+  if (tiles > 2) { _tile_loadd(5, xa + 32 * K, K); _tile_zero(2); }
+  SHOAL_TDP(0, 3);   // signed activations x signed Q8_0 weights, or x unsigned nibbles
+  if (tiles > 1) SHOAL_TDP(1, 4);
+  if (tiles > 2) SHOAL_TDP(2, 5);
+  _tile_stored(0, cbuf, 64);
+  if (tiles > 1) _tile_stored(1, cbuf + 256, 64);
+  if (tiles > 2) _tile_stored(2, cbuf + 512, 64);
+#undef SHOAL_TDP
+}
+
+template <int32_t TYPE>
+void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, const float* xd,
+                       const int32_t* xs, const float* bias, int64_t M, float* out) {
+  const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows, pairs = (G + 1) / 2;
+  const int64_t tb = tile_bytes(TYPE), nscales = TYPE == kQ4_1 ? 2 : 1;
+  const int64_t M16 = (M + 15) / 16 * 16;
+  // The A tiles read 16 rows at a time: a short last tile reads zeros, not past the end.
+  std::vector<int8_t> padded;
+  if (M16 != M) {
+    padded.assign(M16 * K, 0);
+    std::memcpy(padded.data(), xq, M * K);
+    xq = padded.data();
+  }
+  parallel_for(pairs, 4, [&](int64_t begin, int64_t end) {
+    TileConfig cfg;
+    for (int i = 0; i < 3; ++i) {
+      cfg.rows[i] = 16; cfg.colsb[i] = 64;       // C: 16 activation rows x 16 int32 sums
+      cfg.rows[3 + i] = 16; cfg.colsb[3 + i] = 32;   // A: 16 activation rows x one int8 block
+    }
+    cfg.rows[6] = 8; cfg.colsb[6] = 64;          // B: 8 dwords of 4 values x 16 output rows
+    _tile_loadconfig(&cfg);
+    alignas(64) uint8_t wbuf[8 * 64];
+    alignas(64) int32_t cbuf[3 * 16 * 16];
+    std::vector<float> acc(M16 * 16);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t p = begin; p < end; ++p) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t b = 0; b < B; ++b) {
+        __m256 dw[2], mw[2];
+        for (int h = 0; h < 2; ++h) {
+          const int64_t g = 2 * p + h;
+          if (g >= G) {   // an odd group count: the second half computes zeros (below)
+            dw[h] = mw[h] = _mm256_setzero_ps();
+            continue;
+          }
+          const uint8_t* tile = w + (g * B + b) * tb;
+          dw[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile)));
+          mw[h] = TYPE == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16)))
+                                : _mm256_setzero_ps();
+          const uint8_t* qs = tile + 16 * nscales;
+          for (int c = 0; c < (TYPE == kQ8_0 ? 8 : 4); ++c) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+            if (TYPE == kQ8_0) {
+              _mm256_store_si256(reinterpret_cast<__m256i*>(wbuf + 64 * c + 32 * h), v);
+            } else {
+              _mm256_store_si256(reinterpret_cast<__m256i*>(wbuf + 64 * c + 32 * h),
+                                 _mm256_and_si256(v, low4));
+              _mm256_store_si256(reinterpret_cast<__m256i*>(wbuf + 64 * (c + 4) + 32 * h),
+                                 _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+            }
+          }
+        }
+        if (2 * p + 1 >= G) {
+          for (int c = 0; c < 8; ++c) std::memset(wbuf + 64 * c + 32, 0, 32);
+        }
+        const __m512 dw16 = _mm512_insertf32x8(_mm512_castps256_ps512(dw[0]), dw[1], 1);
+        const __m512 mw16 = _mm512_insertf32x8(_mm512_castps256_ps512(mw[0]), mw[1], 1);
+        _tile_loadd(6, wbuf, 64);
+        // NOTE: three 16-row tiles in flight (C in tiles 0-2, A in 3-5): a tile product's
+        // latency is several times its issue rate, and batches of rows give independent ones.
+        for (int64_t m0 = 0; m0 < M; m0 += 48) {
+          const int64_t tiles = std::min<int64_t>(3, (M - m0 + 15) / 16);
+          const int8_t* xa = xq + m0 * K + b * kBlock;
+          tile_products<TYPE>(tiles, xa, K, cbuf);
+          for (int64_t m = m0; m < std::min(M, m0 + 48); ++m) {
+            __m512i isum = _mm512_load_si512(cbuf + 16 * (m - m0));
+            const int32_t sum = xs[m * B + b];
+            if (TYPE == kQ4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * sum));
+            const float dx = xd[m * B + b];
+            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw16, _mm512_set1_ps(dx)));
+            if (TYPE == kQ4_1) {
+              t = _mm512_add_ps(t, _mm512_mul_ps(mw16, _mm512_set1_ps(dx * static_cast<float>(sum))));
+            }
+            float* a = acc.data() + m * 16;
+            _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), t));
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t n = 2 * p * kRows + r;
+          if (n >= N) break;
+          float v = acc[m * 16 + r];
+          if (bias != nullptr) v = v + bias[n];
+          out[m * N + n] = v;
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 template <int32_t TYPE>
 void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, const float* xd,
                    const int32_t* xs, const float* bias, int64_t M, float* out) {
+#if SHOAL_PACKED_AMX
+  if (M >= kAmxMinRows && amx_permitted()) {
+    packed_linear_amx<TYPE>(w, N, K, xq, xd, xs, bias, M, out);
+    return;
+  }
+#endif
   const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows;
   // NOTE: threads split the output columns (whole 8-row groups); each group's weights are
   // unpacked once per block for all M rows.
