@@ -273,7 +273,16 @@ void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq,
     std::memcpy(padded.data(), xq, M * K);
     xq = padded.data();
   }
-  parallel_for(pairs, 4, [&](int64_t begin, int64_t end) {
+  parallel_for(pairs, 4, [&, xq](int64_t begin, int64_t end) {
+    // NOTE: locals, not the captured references: the vector stores below may alias anything,
+    // which made the compiler reload every captured pointer inside the loops.
+    const uint8_t* const wp = w;
+    const int8_t* const xp = xq;
+    const float* const xdp = xd;
+    const int32_t* const xsp = xs;
+    const float* const bp = bias;
+    float* const op = out;
+    const int64_t n_out = N, k_in = K, m_rows = M, nb = B, ng = G, tbytes = tb, scales = nscales;
     TileConfig cfg;
     for (int i = 0; i < 3; ++i) {
       cfg.rows[i] = 16; cfg.colsb[i] = 64;       // C: 16 activation rows x 16 int32 sums
@@ -283,23 +292,24 @@ void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq,
     _tile_loadconfig(&cfg);
     alignas(64) uint8_t wbuf[8 * 64];
     alignas(64) int32_t cbuf[3 * 16 * 16];
-    std::vector<float> acc(M16 * 16);
+    std::vector<float> acc_buf(M16 * 16);
+    float* const acc = acc_buf.data();
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int64_t p = begin; p < end; ++p) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t b = 0; b < B; ++b) {
+      std::fill(acc, acc + m_rows * 16, 0.f);
+      for (int64_t b = 0; b < nb; ++b) {
         __m256 dw[2], mw[2];
         for (int h = 0; h < 2; ++h) {
           const int64_t g = 2 * p + h;
-          if (g >= G) {   // an odd group count: the second half computes zeros (below)
+          if (g >= ng) {   // an odd group count: the second half computes zeros (below)
             dw[h] = mw[h] = _mm256_setzero_ps();
             continue;
           }
-          const uint8_t* tile = w + (g * B + b) * tb;
+          const uint8_t* tile = wp + (g * nb + b) * tbytes;
           dw[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile)));
           mw[h] = TYPE == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16)))
                                 : _mm256_setzero_ps();
-          const uint8_t* qs = tile + 16 * nscales;
+          const uint8_t* qs = tile + 16 * scales;
           for (int c = 0; c < (TYPE == kQ8_0 ? 8 : 4); ++c) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
             if (TYPE == kQ8_0) {
@@ -312,7 +322,7 @@ void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq,
             }
           }
         }
-        if (2 * p + 1 >= G) {
+        if (2 * p + 1 >= ng) {
           for (int c = 0; c < 8; ++c) std::memset(wbuf + 64 * c + 32, 0, 32);
         }
         const __m512 dw16 = _mm512_insertf32x8(_mm512_castps256_ps512(dw[0]), dw[1], 1);
@@ -320,32 +330,31 @@ void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq,
         _tile_loadd(6, wbuf, 64);
         // NOTE: three 16-row tiles in flight (C in tiles 0-2, A in 3-5): a tile product's
         // latency is several times its issue rate, and batches of rows give independent ones.
-        for (int64_t m0 = 0; m0 < M; m0 += 48) {
-          const int64_t tiles = std::min<int64_t>(3, (M - m0 + 15) / 16);
-          const int8_t* xa = xq + m0 * K + b * kBlock;
-          tile_products<TYPE>(tiles, xa, K, cbuf);
-          for (int64_t m = m0; m < std::min(M, m0 + 48); ++m) {
+        for (int64_t m0 = 0; m0 < m_rows; m0 += 48) {
+          const int64_t tiles = std::min<int64_t>(3, (m_rows - m0 + 15) / 16);
+          const int8_t* xa = xp + m0 * k_in + b * kBlock;
+          tile_products<TYPE>(tiles, xa, k_in, cbuf);
+          for (int64_t m = m0; m < std::min(m_rows, m0 + 48); ++m) {
             __m512i isum = _mm512_load_si512(cbuf + 16 * (m - m0));
-            const int32_t sum = xs[m * B + b];
+            const int32_t sum = xsp[m * nb + b];
             if (TYPE == kQ4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * sum));
-            const float dx = xd[m * B + b];
+            const float dx = xdp[m * nb + b];
             __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw16, _mm512_set1_ps(dx)));
             if (TYPE == kQ4_1) {
               t = _mm512_add_ps(t, _mm512_mul_ps(mw16, _mm512_set1_ps(dx * static_cast<float>(sum))));
             }
-            float* a = acc.data() + m * 16;
+            float* a = acc + m * 16;
             _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), t));
           }
         }
       }
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t r = 0; r < 16; ++r) {
-          const int64_t n = 2 * p * kRows + r;
-          if (n >= N) break;
-          float v = acc[m * 16 + r];
-          if (bias != nullptr) v = v + bias[n];
-          out[m * N + n] = v;
-        }
+      const int64_t n0 = 2 * p * kRows, width = std::min<int64_t>(16, n_out - n0);
+      const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
+      const __m512 bias16 = bp != nullptr ? _mm512_maskz_loadu_ps(lanes, bp + n0) : _mm512_setzero_ps();
+      for (int64_t m = 0; m < m_rows; ++m) {
+        __m512 v = _mm512_loadu_ps(acc + m * 16);
+        if (bp != nullptr) v = _mm512_add_ps(v, bias16);
+        _mm512_mask_storeu_ps(op + m * n_out + n0, lanes, v);
       }
     }
     _tile_release();
