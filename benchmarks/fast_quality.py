@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from shoal import LLM, SamplingParams
-from shoal.engine.model_runner import DirectWork, TokenSequence
+from shoal.engine.model_runner import DirectWork
 
 TEXT = ("The harbour had been busy since dawn. Fishing boats came in low in the water, and "
         "the gulls followed them, calling over the noise of the market. By noon the prices "
@@ -39,24 +39,29 @@ QUESTIONS = ["What is the capital of France?", "Name three rivers.", "Write a ha
              "How do bees make honey?", "Give an example of a renewable energy source."]
 
 
+class _Sequence:
+    """What the runner reads of a request that wants every prompt position's logits."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.all_token_ids = self.prompt_token_ids = list(ids)
+        self.skip_prefix_cache = True
+
+
 def logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     """Teacher-forced logits at every position, through the serving path.
 
-    The prompt is prefilled in one chunk, then each following token is fed as a decode
-    step, exactly as the engine runs a request (kernel attention, paged KV cache in its
-    serving dtype, fused ops). Uses blocks 1.. of an idle engine's pool.
+    The sequence is computed in one chunk with every position's logits (the path of
+    prompt_logprobs: kernel attention over the paged KV cache in its serving dtype, fused
+    ops). Both modes are batch- and chunk-invariant, so these are the logits each position
+    gets when decoded one token at a time. Uses blocks 1.. of an idle engine's pool.
     """
     runner = llm.engine.runner
     llm.engine.scheduler.kv.reset_prefix_cache()
     bs = runner.block_size
     table = list(range(1, (len(ids) + bs - 1) // bs + 2))
-    seq = TokenSequence(list(ids[:1]))
-    rows = []
-    for pos in range(len(ids)):
-        seq.all_token_ids = list(ids[: pos + 1])
-        out, _ = runner.execute([DirectWork(seq, 1, table, pos)])
-        rows.append(out[0])
-    return torch.stack(rows)
+    result = runner.execute_step([DirectWork(_Sequence(ids), len(ids), table, 0)])
+    rows = [chunk for _, chunk in result.prompt_logits[0].logits()] if result.prompt_logits else []
+    return torch.cat([*rows, result.logits[:1]])
 
 
 def compare(exact: torch.Tensor, fast: torch.Tensor, targets: list[int]) -> dict[str, float]:

@@ -214,3 +214,13 @@ def test_smollm2_packed_greedy_answers_do_not_depend_on_the_batch(smollm2_path):
     for i in (0, 3):
         assert llm.chat(chats[i], params)[0].outputs[0].token_ids == together[i]
     assert llm.chat(chats[1:3], params)[1].outputs[0].token_ids == together[2]
+
+
+def test_the_recipe_setting_is_checked_and_read_from_the_environment():
+    from shoal.core.config import EngineConfig
+    from shoal.core.errors import InvalidParameterError
+
+    assert EngineConfig().fast_weights == "packed"
+    assert EngineConfig.from_env({"SHOAL_FAST_WEIGHTS": "int8"}).fast_weights == "int8"
+    with pytest.raises(InvalidParameterError, match="fast_weights"):
+        EngineConfig(fast_weights="q4")
