@@ -224,3 +224,15 @@ def test_the_recipe_setting_is_checked_and_read_from_the_environment():
     assert EngineConfig.from_env({"SHOAL_FAST_WEIGHTS": "int8"}).fast_weights == "int8"
     with pytest.raises(InvalidParameterError, match="fast_weights"):
         EngineConfig(fast_weights="q4")
+
+
+def test_packed_linears_keep_the_kernels_when_attention_runs_in_pytorch(tiny_llama_gguf):
+    from shoal import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_gguf), compute="fast", attention_backend="torch")
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    assert llm.info.fast_weights == "packed" and layers
+    assert all(m.kernels is not None for m in layers)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+    assert llm.generate([[9, 9, 9, 9, 9], [5, 6, 7]], params)[1].outputs[0].token_ids == alone

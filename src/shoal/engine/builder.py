@@ -26,6 +26,7 @@ from shoal.engine.sampling.sampler import Sampler
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
 from shoal.model.config import ModelConfig
 from shoal.model.encoder_loader import is_encoder_model, load_encoder
+from shoal.model.kernels.cpu import load_cpu_kernels
 from shoal.model.layers.packed import PackedLinear
 from shoal.model.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
 from shoal.model.loader import model_class_for, open_model, resolve_model
@@ -126,6 +127,12 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore | EncoderCore, E
                          use_kernels=plan.use_kernels)
     if plan.use_kernels and config.compute == "fast":
         loaded.model.enable_fused_int8(runner.kernels)
+    elif loaded.fast_weights == "packed":
+        # NOTE: attention on the PyTorch path, linears still on the C++ kernels if they built
+        # (the same bits as the PyTorch twin they replace).
+        for module in loaded.model.modules():
+            if isinstance(module, PackedLinear):
+                module.kernels = load_cpu_kernels()
     core = EngineCore(runner=runner, scheduler=build_scheduler(config, plan), sampler=Sampler(),
                       tokenizer=loaded.tokenizer, max_model_len=plan.max_model_len,
                       vocab_size=loaded.config.vocab_size,
