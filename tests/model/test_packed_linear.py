@@ -236,3 +236,10 @@ def test_packed_linears_keep_the_kernels_when_attention_runs_in_pytorch(tiny_lla
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     alone = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
     assert llm.generate([[9, 9, 9, 9, 9], [5, 6, 7]], params)[1].outputs[0].token_ids == alone
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_the_cpp_repacking_is_the_pytorch_one(ggml_type):
+    weight = random_packed(ggml_type, 29, 96, seed=11)
+    tiles = repack(weight)
+    assert torch.equal(load_cpu_kernels().packed_repack(ggml_type, weight.data, *tiles.shape), tiles)

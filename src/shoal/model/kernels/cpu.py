@@ -205,7 +205,7 @@ class CpuKernels:
                      "top_k_rows", "draw_rows",
                      # packed_linear.cpp
                      "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
-                     "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks"):
+                     "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack"):
             setattr(self, "_" + name, getattr(module, name))
 
     # --- attention
@@ -398,6 +398,15 @@ class CpuKernels:
         self._act_mul_quant_blocks(gate_up.data_ptr(), T, I2 // 2, int(gelu), q.data_ptr(),
                                    d.data_ptr(), s.data_ptr())
         return q, d, s
+
+    def packed_repack(self, ggml_type: int, data: torch.Tensor, groups: int, blocks: int,
+                      tile_bytes: int) -> torch.Tensor:
+        """GGUF block bytes uint8 [N, K/32 * block] -> the kernels' tiles [groups, blocks, tile]."""
+        _need(ggml_type in (2, 3, 8) and data.dtype == torch.uint8, "packed_repack: GGUF blocks")
+        data = data.contiguous()
+        tiles = torch.empty(groups, blocks, tile_bytes, dtype=torch.uint8)
+        self._packed_repack(ggml_type, data.data_ptr(), data.shape[0], blocks * 32, tiles.data_ptr())
+        return tiles
 
     def packed_linear(self, ggml_type: int, packed, out_features: int, in_features: int,
                       q, d, s, bias) -> torch.Tensor:

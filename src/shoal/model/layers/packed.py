@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shoal.model.kernels.cpu import load_cpu_kernels
+
 BLOCK = 32
 TILE_ROWS = 8
 # GGML type id -> (name, bytes per GGUF block, scales per block: d, or d and min)
@@ -151,7 +153,15 @@ class PackedLinear(nn.Module):
             raise ValueError(f"GGML type {weight.ggml_type} cannot stay packed")
         self.ggml_type = weight.ggml_type
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("tiles", repack(weight))
+        kernels = load_cpu_kernels()
+        if kernels is not None:   # one C++ pass: the PyTorch shuffles took seconds per model
+            n, k = weight.shape
+            tile = 16 * PACKED_TYPES[weight.ggml_type][2] + (256 if weight.ggml_type == Q8_0 else 128)
+            tiles = kernels.packed_repack(weight.ggml_type, weight.data, -(-n // TILE_ROWS),
+                                          k // BLOCK, tile)
+        else:
+            tiles = repack(weight)
+        self.register_buffer("tiles", tiles)
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
         self.kernels = None        # the C++ kernels once the runner has them
         self._twin: tuple | None = None   # float values and scales for the PyTorch path

@@ -485,3 +485,37 @@ SHOAL_API void shoal_act_mul_quant_blocks(const float* gp, int64_t T, int64_t I,
     }
   });
 }
+
+// GGUF blocks (raw [N, K/32 blocks]) -> the tiles described at the top ([ceil(N/8), K/32,
+// tile bytes], rows past N zero). One pass at load; layers/packed.py's `repack` is the same
+// in PyTorch (and the reference it is tested against).
+SHOAL_API void shoal_packed_repack(int32_t type, const uint8_t* raw, int64_t N, int64_t K,
+                                   uint8_t* tiles) {
+  const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows, tb = tile_bytes(type);
+  const int64_t nscales = type == kQ4_1 ? 2 : 1;
+  const int64_t bb = type == kQ4_1 ? 20 : type == kQ4_0 ? 18 : 34;
+  parallel_for(G, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t b = 0; b < B; ++b) {
+        uint8_t* t = tiles + (g * B + b) * tb;
+        std::memset(t, 0, tb);
+        uint8_t* dst = t + 16 * nscales;
+        for (int64_t r = 0; r < kRows && g * kRows + r < N; ++r) {
+          const uint8_t* blk = raw + ((g * kRows + r) * B + b) * bb;
+          std::memcpy(t + 2 * r, blk, 2);
+          if (type == kQ4_1) std::memcpy(t + 16 + 2 * r, blk + 2, 2);
+          const uint8_t* qs = blk + 2 * nscales;
+          for (int64_t k = 0; k < kBlock; ++k) {
+            const int64_t j = k / 4, at = 4 * r + k % 4;
+            if (type == kQ8_0) {
+              dst[32 * j + at] = qs[k];
+            } else {
+              const uint8_t v = k < 16 ? (qs[k] & 0x0F) : (qs[k - 16] >> 4);
+              dst[32 * (j & 3) + at] |= j < 4 ? v : static_cast<uint8_t>(v << 4);
+            }
+          }
+        }
+      }
+    }
+  });
+}

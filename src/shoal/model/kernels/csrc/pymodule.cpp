@@ -44,6 +44,7 @@ void shoal_rms_norm_add_norm_quant_blocks(const float*, float*, const float*, co
                                           int64_t, int64_t, float, int8_t*, float*, int32_t*);
 void shoal_act_mul_quant_blocks(const float*, int64_t, int64_t, int32_t, int8_t*, float*,
                                 int32_t*);
+void shoal_packed_repack(int32_t, const uint8_t*, int64_t, int64_t, uint8_t*);
 }
 
 namespace {
@@ -141,6 +142,8 @@ SHOAL_WRAP(rms_norm_add_norm_quant_blocks, 10,
 SHOAL_WRAP(act_mul_quant_blocks, 7,
            shoal_act_mul_quant_blocks(x.p<float>(0), x.i[1], x.i[2], int32_t(x.i[3]),
                                       x.p<int8_t>(4), x.p<float>(5), x.p<int32_t>(6)))
+SHOAL_WRAP(packed_repack, 5, shoal_packed_repack(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3],
+                                                 x.p<uint8_t>(4)))
 
 #define SHOAL_METHOD(name) {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_##name)), METH_FASTCALL, nullptr}
 
@@ -154,6 +157,7 @@ PyMethodDef methods[] = {
     // packed_linear.cpp
     SHOAL_METHOD(packed_linear), SHOAL_METHOD(quant_blocks), SHOAL_METHOD(rms_norm_quant_blocks),
     SHOAL_METHOD(rms_norm_add_norm_quant_blocks), SHOAL_METHOD(act_mul_quant_blocks),
+    SHOAL_METHOD(packed_repack),
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
