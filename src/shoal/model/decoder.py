@@ -181,7 +181,8 @@ class DecoderLayer(nn.Module):
                              if "mlp_out_norm" in names else None)
 
     def enable_fused_int8(self, kernels) -> None:
-        """Switches to the fused C++ path; call after the linears became Int8Linear."""
+        """Switches to the fused C++ path; call once the linears are Int8Linear (after
+        calibration) or PackedLinear (GGUF blocks, per-block activation quantizers)."""
         self.kernels = kernels
         self.packed = isinstance(self.attention.qkv_proj, PackedLinear)
         # NOTE: each input norm's weight is divided by the smoothing factors of the linear it
@@ -233,8 +234,9 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """Embeddings, decoder layers, final norm and LM head, built from a weight stream.
 
-    Built with float weights; fast mode converts the linears to int8 afterwards
-    (shoal.model.layers.quantize), once activations have been calibrated.
+    Built with float weights, and fast mode converts the linears to int8 afterwards
+    (shoal.model.layers.quantize), once activations have been calibrated; or, with fast
+    mode's packed recipe, built directly from GGUF blocks (PackedWeight -> PackedLinear).
     """
 
     def __init__(self, config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]],
