@@ -8,7 +8,10 @@ drift hits all alike. Also measured: time to first token of a lone long prompt, 
 largest inter-token gap of 8 running streams while a long prompt arrives, and peak RSS.
 
 shoal runs in-process through AsyncEngine (the HTTP server is a later issue); the peer
-is reached over HTTP on loopback. Prints a table and writes JSON.
+is reached over HTTP on loopback. Prints a table and writes JSON. `--fast-weights
+packed,int8` runs one shoal engine per fast-mode weight recipe, levels interleaved, to
+compare them (their peak RSS is the process's, shared: benchmarks/load_memory.py measures
+each alone).
 
     python benchmarks/engine_bench.py --levels 1,4,16,32 \
         --peer llamacpp=http://127.0.0.1:8081 --peer-pid llamacpp=$(pgrep -f bin/llama-server) \
@@ -90,17 +93,18 @@ def pct(values: list[float], q: float) -> float:
 class ShoalTarget:
     name = "shoal"
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, fast_weights: str | None = None) -> None:
         from shoal.core.config import EngineConfig
         from shoal.engine.async_engine import AsyncEngine
 
         config = EngineConfig.from_env(model=args.model, compute=args.compute,
-                                       max_num_seqs=max([64, *args.levels]))
+                                       max_num_seqs=max([64, *args.levels]),
+                                       fast_weights=fast_weights)
         started = time.monotonic()
         self.engine = AsyncEngine.from_config(config)
         self.load_s = time.monotonic() - started
         self.counter = 0
-        self.name = f"shoal-{args.compute}"
+        self.name = f"shoal-{args.compute}" + (f"-{fast_weights}" if fast_weights else "")
         self.compute = args.compute
         self.trace = None
         if args.trace:
@@ -270,7 +274,9 @@ async def long_prompt_during_streams(target, approx_tokens: int, streams: int = 
 async def main_async(args: argparse.Namespace) -> dict:
     targets = []
     if not args.skip_shoal:
-        targets.append(ShoalTarget(args))
+        for recipe in args.fast_weights or [None]:
+            targets.append(ShoalTarget(args, recipe))
+            print(f"{targets[-1].name} loaded in {targets[-1].load_s:.2f}s", flush=True)
     pids = dict(spec.split("=", 1) for spec in args.peer_pid)
     for spec in args.peer:
         name, _, url = spec.partition("=")
@@ -342,9 +348,13 @@ def main() -> int:
     parser.add_argument("--trace", action="store_true",
                         help="shoal: time every engine step, garbage collection and the asyncio "
                              "loop's lag, and print each level's slowest steps (step_trace.py)")
+    parser.add_argument("--fast-weights", default="",
+                        help="comma-separated fast-mode weight recipes (packed, int8): one shoal "
+                             "engine each, interleaved (default: SHOAL_FAST_WEIGHTS's one)")
     parser.add_argument("--json", default="bench-results/engine_bench.json")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    args.fast_weights = [x.strip() for x in args.fast_weights.split(",") if x.strip()]
     result = asyncio.run(main_async(args))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))

@@ -113,12 +113,14 @@ def test_fast_mode_stays_close_to_reference_on_natural_text(smollm2_path, refere
     assert kl < 0.05, kl
 
 
-def test_fused_fast_path_matches_the_unfused_int8_layers(smollm2_path):
+@pytest.mark.parametrize("recipe", ["int8", "packed"])
+def test_fused_fast_path_matches_the_unfused_int8_layers(smollm2_path, recipe):
     """The fused C++ ops (norm+quantize, RoPE split, SiLU*up+quantize, dequantize) compute
-    what the Int8Linear modules compute, up to float rounding."""
+    what the Int8Linear (or PackedLinear) modules compute, up to float rounding."""
     # float32 KV, so that only the fused ops differ from the unfused layers
     core, _ = build_engine_core(EngineConfig(model=str(smollm2_path), compute="fast",
-                                             kv_cache_bytes=64 << 20, kv_cache_dtype="float32"))
+                                             kv_cache_bytes=64 << 20, kv_cache_dtype="float32",
+                                             fast_weights=recipe))
     if not core.runner.model.fused:
         pytest.skip("C++ kernels unavailable: no fused path to compare")
     ids = core.tokenizer.encode("A short note about fused kernels and why they help decoding.")
@@ -136,7 +138,9 @@ def test_fused_fast_path_matches_the_unfused_int8_layers(smollm2_path):
     assert int(fused[0].argmax()) == int(unfused.argmax())
     assert set(fused[0].topk(3).indices.tolist()) <= set(unfused.topk(5).indices.tolist())
     assert set(unfused.topk(3).indices.tolist()) <= set(fused[0].topk(5).indices.tolist())
-    assert diff.mean() < 0.3 and diff.max() < 2.0
+    # NOTE: packed rounds activations in 32-value blocks, so a last-bit difference in a norm
+    # or SiLU flips more (smaller) roundings: observed mean 0.32 (int8: 0.24), max 0.85 (1.04).
+    assert diff.mean() < (0.3 if recipe == "int8" else 0.45) and diff.max() < 2.0
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2_dir", "tiny_llama_dir", "tiny_llama_gguf"])

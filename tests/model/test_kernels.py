@@ -200,8 +200,13 @@ def test_a_killed_build_leaves_nothing_the_next_start_trusts(tmp_path) -> None:
 @pytest.mark.parametrize(("flags", "expected"), [
     ({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi1", "bmi2",
       "movbe", "f16c", "avx512_vnni"}, ("x86-64-v4-vnni", "-march=x86-64-v4")),
+    ({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi1", "bmi2",
+      "movbe", "f16c", "avx512_vnni", "amx_tile", "amx_int8"}, ("x86-64-v4-amx", "-march=x86-64-v4")),
     ({"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "sse4_2", "ssse3", "popcnt"},
      ("x86-64-v3", "-march=x86-64-v3")),
+    # AVX-VNNI without AVX-512 (Alder Lake and later): a 256-bit VNNI variant of its own
+    ({"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "avx_vnni"},
+     ("x86-64-v3-avxvnni", "-march=x86-64-v3")),
     ({"sse4_2", "ssse3", "popcnt"}, ("x86-64-v2", "-march=x86-64-v2")),
     (set(), ("x86-64", "-march=x86-64")),
 ])

@@ -27,7 +27,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_ATTENTION": ("attention_backend", "'auto' (C++ kernel on CPU when it builds), 'kernel', or 'torch'."),
     "SHOAL_GRAMMAR_COMPILE_TIMEOUT": ("grammar_compile_timeout", "Seconds a structured-output constraint (JSON schema, regex, grammar) may take to compile before its request is refused (default 10)."),
     "SHOAL_GRAMMAR_CACHE_SIZE": ("grammar_cache_size", "Compiled constraints kept for reuse, least recently used dropped first (default 128)."),
+    "SHOAL_FAST_WEIGHTS": ("fast_weights", "Fast mode's weight recipe on the CPU: 'packed' (default: a GGUF whose linears are all Q4_0/Q4_1/Q8_0 keeps its blocks, with int8 activations per 32-value block; other models use int8) or 'int8' (SmoothQuant-calibrated int8 weights for every model)."),
 }
+
+FAST_WEIGHTS = ("packed", "int8")   # fast mode's weight recipes (SHOAL_FAST_WEIGHTS)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20,
           "gib": 1 << 30}
@@ -71,6 +74,7 @@ class EngineConfig:
     adapters: tuple[str, ...] = ()
     grammar_compile_timeout: float = 10.0
     grammar_cache_size: int = 128
+    fast_weights: str = "packed"
 
     def __post_init__(self) -> None:
         paths = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else self.adapters
@@ -83,6 +87,8 @@ class EngineConfig:
                                         f"must be 'auto', 'kernel' or 'torch', got {self.attention_backend!r}")
         if self.compute not in ("fast", "exact"):
             raise InvalidParameterError("compute", f"must be 'fast' or 'exact', got {self.compute!r}")
+        if self.fast_weights not in FAST_WEIGHTS:
+            raise InvalidParameterError("fast_weights", f"must be 'packed' or 'int8', got {self.fast_weights!r}")
         if self.kv_cache_bytes is not None:
             self.kv_cache_bytes = parse_bytes(self.kv_cache_bytes)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "grammar_cache_size"):

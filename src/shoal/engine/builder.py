@@ -16,13 +16,18 @@ from shoal.core.errors import ShoalError
 from shoal.engine.core import EngineCore
 from shoal.engine.encoder_core import EncoderCore
 from shoal.engine.kv.manager import KVCacheManager
-from shoal.engine.kv.tensors import allocate_kv_caches, bytes_per_block, default_kv_cache_bytes
+from shoal.engine.kv.tensors import (
+    allocate_kv_caches,
+    bytes_per_block,
+    default_kv_cache_bytes,
+)
 from shoal.engine.model_runner import ModelRunner, kernel_supported
 from shoal.engine.sampling.sampler import Sampler
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
 from shoal.model.config import ModelConfig
 from shoal.model.encoder_loader import is_encoder_model, load_encoder
 from shoal.model.kernels.cpu import load_cpu_kernels
+from shoal.model.layers.packed import PackedLinear
 from shoal.model.layers.quantize import CALIBRATION_TEXT, quantize_model_int8
 from shoal.model.loader import model_class_for, open_model, resolve_model
 from shoal.model.lora import load_adapters, merge_adapters
@@ -52,6 +57,7 @@ class EngineInfo:
     quantization: str = ""        # the most common stored weight type, e.g. "Q4_1" or "BF16"
     weights_bytes: int = 0        # parameters and buffers as held in memory (after quantization)
     embedding_only: bool = False  # an encoder: it answers embedding requests, never generates
+    fast_weights: str = ""        # fast mode on the CPU: "packed" (GGUF blocks) or "int8"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +89,7 @@ class LoadedModel:
     model: torch.nn.Module
     num_parameters: int
     quantization: str             # the most common stored weight type
+    fast_weights: str = ""        # the fast-mode recipe used on the CPU: "packed" or "int8"
 
 
 @dataclass(slots=True)
@@ -120,6 +127,12 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore | EncoderCore, E
                          use_kernels=plan.use_kernels)
     if plan.use_kernels and config.compute == "fast":
         loaded.model.enable_fused_int8(runner.kernels)
+    elif loaded.fast_weights == "packed":
+        # NOTE: attention on the PyTorch path, linears still on the C++ kernels if they built
+        # (the same bits as the PyTorch twin they replace).
+        for module in loaded.model.modules():
+            if isinstance(module, PackedLinear):
+                module.kernels = load_cpu_kernels()
     if config.compute == "exact" and device.type == "cpu":
         kernels = runner.kernels or load_cpu_kernels()
         if kernels is not None:
@@ -138,10 +151,11 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore | EncoderCore, E
                       kv_cache_bytes=plan.num_bytes, max_model_len=plan.max_model_len,
                       load_seconds=time.monotonic() - started,
                       num_parameters=loaded.num_parameters, quantization=loaded.quantization,
-                      weights_bytes=_tensor_bytes(loaded.model))
-    log.info("loaded %s%s (%s) on %s: %d KV blocks, context %d, %.2fs", loaded.path,
+                      weights_bytes=_tensor_bytes(loaded.model), fast_weights=loaded.fast_weights)
+    log.info("loaded %s%s (%s%s) on %s: %d KV blocks, context %d, %.2fs", loaded.path,
              f" + {len(config.adapters)} LoRA adapter(s)" if config.adapters else "",
-             config.compute, device, plan.num_blocks, plan.max_model_len, info.load_seconds)
+             config.compute, f", {loaded.fast_weights} weights" if loaded.fast_weights else "",
+             device, plan.num_blocks, plan.max_model_len, info.load_seconds)
     return core, info
 
 
@@ -187,21 +201,30 @@ def load_model(config: EngineConfig, *, device: torch.device, dtype: torch.dtype
         else:
             tokenizer = Tokenizer.from_hf_dir(source.path)
         model_cls = model_class_for(model_config.architecture)
-        weights = source.iter_weights()
+        fast_weights = ""
+        if config.compute == "fast" and device.type == "cpu":
+            fast_weights = "int8"
+            # NOTE: LoRA merges into float weights, so adapted models take the int8 recipe.
+            if (config.fast_weights == "packed" and not config.adapters
+                    and getattr(source, "packable", lambda: False)()):
+                fast_weights = "packed"
+        weights = source.iter_packed_weights() if fast_weights == "packed" else source.iter_weights()
         if config.adapters:
             # NOTE: merged into the float weights before int8 calibration and packing, so
             # both compute modes and the kernels run the adapted model at the base's speed.
             weights = merge_adapters(weights, load_adapters(config.adapters, model_config))
         model = model_cls(model_config, weights, device=device, dtype=dtype,
                           source=str(source.path))
-        num_parameters = sum(p.numel() for p in model.parameters())
+        num_parameters = sum(p.numel() for p in model.parameters()) + sum(
+            m.out_features * m.in_features for m in model.modules() if isinstance(m, PackedLinear))
         stored_types = Counter(source.weight_types.values())
         quantization = stored_types.most_common(1)[0][0] if stored_types else str(dtype)
     finally:
         source.close()   # on error too: nothing half-loaded stays referenced
     model.eval()
-    if config.compute == "fast" and device.type == "cpu":
-        # NOTE: on CUDA, fast mode is simply the half-precision dtype chosen above.
+    if fast_weights == "int8":
+        # NOTE: on CUDA, fast mode is simply the half-precision dtype chosen above; packed
+        # weights need no calibration.
         calibration = tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=False)
         if tokenizer.add_bos_token and tokenizer.bos_token_id is not None:
             # NOTE: prompts start with BOS, and its row carries the largest activations of
@@ -209,7 +232,8 @@ def load_model(config: EngineConfig, *, device: torch.device, dtype: torch.dtype
             calibration = [tokenizer.bos_token_id, *calibration]
         quantize_model_int8(model, calibration)
     return LoadedModel(path=path, format=source.format, config=model_config, tokenizer=tokenizer,
-                       model=model, num_parameters=num_parameters, quantization=quantization)
+                       model=model, num_parameters=num_parameters, quantization=quantization,
+                       fast_weights=fast_weights)
 
 
 def plan_kv_cache(config: EngineConfig, model_config: ModelConfig, *, device: torch.device,
@@ -251,7 +275,8 @@ def build_scheduler(config: EngineConfig, plan: KVCachePlan) -> Scheduler:
 def _cache_salt(path: Path, config: EngineConfig) -> int:
     # NOTE: the salt keeps two models' (or two adapters') cached blocks apart even if
     # they ever share a pool.
-    return zlib.crc32(f"{path}:{config.compute}:{':'.join(config.adapters)}".encode())
+    return zlib.crc32(f"{path}:{config.compute}:{config.fast_weights}:{':'.join(config.adapters)}"
+                      .encode())
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:

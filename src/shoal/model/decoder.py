@@ -34,6 +34,7 @@ from shoal.model.layers.linear import (
     make_linear,
 )
 from shoal.model.layers.norm import RMSNorm
+from shoal.model.layers.packed import PackedLinear, PackedWeight
 from shoal.model.layers.rotary import RotaryEmbedding
 
 # ArchitectureSpec.mlp_activation -> (the PyTorch function, the fused act * up -> int8 kernel)
@@ -65,15 +66,15 @@ class Attention(nn.Module):
         self.q_size = config.q_size
         self.kv_size = config.kv_size
         self.scale = config.attention_scale
-        qkv = torch.cat([weights.pop("self_attn.q_proj.weight"), weights.pop("self_attn.k_proj.weight"),
-                         weights.pop("self_attn.v_proj.weight")])
+        qkv = _cat([weights.pop("self_attn.q_proj.weight"), weights.pop("self_attn.k_proj.weight"),
+                    weights.pop("self_attn.v_proj.weight")])
         qkv_bias = None
         if config.attention_bias:
             qkv_bias = torch.cat([weights.pop("self_attn.q_proj.bias"),
                                   weights.pop("self_attn.k_proj.bias"),
                                   weights.pop("self_attn.v_proj.bias")])
-        self.qkv_proj = make_linear(qkv, qkv_bias, dtype)
-        self.o_proj = make_linear(weights.pop("self_attn.o_proj.weight"), None, dtype)
+        self.qkv_proj = _linear(qkv, qkv_bias, dtype)
+        self.o_proj = _linear(weights.pop("self_attn.o_proj.weight"), None, dtype)
         qk_norm = config.spec.qk_norm
         self.q_norm = _norm(weights.pop("self_attn.q_norm.weight"), config) if qk_norm else None
         self.k_norm = _norm(weights.pop("self_attn.k_norm.weight"), config) if qk_norm else None
@@ -81,7 +82,8 @@ class Attention(nn.Module):
     def enable_fused_int8(self) -> None:
         qkv = self.qkv_proj
         self.qkv_bias = qkv.bias if qkv.bias is not None else torch.empty(0)
-        self.o_inv_smooth = _inv_smooth(self.o_proj)
+        self.packed = isinstance(qkv, PackedLinear)
+        self.o_inv_smooth = None if self.packed else _inv_smooth(self.o_proj)
         self.empty = torch.empty(0)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor,
@@ -105,9 +107,13 @@ class Attention(nn.Module):
                       rope: RotaryEmbedding, window: int,
                       kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                       ops) -> torch.Tensor:
-        """The same from the int8 stream (xq, row scales xs), with the fused C++ ops."""
-        qkv = int8_linear_fused(xq, xs, self.qkv_proj.qweight, self.qkv_proj.scale,
-                                self.qkv_bias, ops)
+        """The same from the int8 stream (xq, row scales xs; or per-block q, d, s for packed
+        weights), with the fused C++ ops."""
+        if self.packed:
+            qkv = self.qkv_proj.forward_quantized(*xq)
+        else:
+            qkv = int8_linear_fused(xq, xs, self.qkv_proj.qweight, self.qkv_proj.scale,
+                                    self.qkv_bias, ops)
         if self.q_norm is None:
             q, k, v = ops.rope_split(qkv, positions, rope.cos, rope.sin, self.num_heads,
                                      self.num_kv_heads, self.head_dim)
@@ -117,6 +123,8 @@ class Attention(nn.Module):
                                              self.q_norm.eps, self.num_heads, self.num_kv_heads,
                                              self.head_dim)
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, window)
+        if self.packed:
+            return self.o_proj.forward_quantized(*ops.quant_blocks(attn.reshape(attn.shape[0], -1)))
         xq, xs = ops.quant_rows(attn, self.o_inv_smooth)
         return int8_linear_fused(xq, xs, self.o_proj.qweight, self.o_proj.scale, self.empty, ops)
 
@@ -128,12 +136,17 @@ class MLP(nn.Module):
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
-        gate_up = torch.cat([weights.pop("mlp.gate_proj.weight"), weights.pop("mlp.up_proj.weight")])
-        self.gate_up_proj = make_linear(gate_up, None, dtype)
-        self.down_proj = make_linear(weights.pop("mlp.down_proj.weight"), None, dtype)
+        gate_up = _cat([weights.pop("mlp.gate_proj.weight"), weights.pop("mlp.up_proj.weight")])
+        self.gate_up_proj = _linear(gate_up, None, dtype)
+        self.down_proj = _linear(weights.pop("mlp.down_proj.weight"), None, dtype)
         self.activation, self.fused_activation = _ACTIVATIONS[config.spec.mlp_activation]
 
     def enable_fused_int8(self, kernels) -> None:
+        self.packed = isinstance(self.down_proj, PackedLinear)
+        if self.packed:
+            self.activation_mul_quant = partial(kernels.act_mul_quant_blocks,
+                                                gelu=self.fused_activation != "silu_mul_quant")
+            return
         self.activation_mul_quant = getattr(kernels, self.fused_activation)
         self.down_inv_smooth = _inv_smooth(self.down_proj)
         self.empty = torch.empty(0)
@@ -144,6 +157,9 @@ class MLP(nn.Module):
                               * gate_up[:, self.intermediate:])
 
     def forward_fused(self, xq: torch.Tensor, xs: torch.Tensor, ops) -> torch.Tensor:
+        if self.packed:
+            gate_up = self.gate_up_proj.forward_quantized(*xq)
+            return self.down_proj.forward_quantized(*self.activation_mul_quant(gate_up))
         gate_up = int8_linear_fused(xq, xs, self.gate_up_proj.qweight, self.gate_up_proj.scale,
                                     self.empty, ops)
         xq, xs = self.activation_mul_quant(gate_up, self.down_inv_smooth)
@@ -170,12 +186,17 @@ class DecoderLayer(nn.Module):
                              if "mlp_out_norm" in names else None)
 
     def enable_fused_int8(self, kernels) -> None:
-        """Switches to the fused C++ path; call after the linears became Int8Linear."""
+        """Switches to the fused C++ path; call once the linears are Int8Linear (after
+        calibration) or PackedLinear (GGUF blocks, per-block activation quantizers)."""
         self.kernels = kernels
+        self.packed = isinstance(self.attention.qkv_proj, PackedLinear)
         # NOTE: each input norm's weight is divided by the smoothing factors of the linear it
-        # feeds, so one kernel normalises, smooths and quantizes.
+        # feeds, so one kernel normalises, smooths and quantizes (packed weights: no smoothing).
         self.attn_weight = _folded(self.attn_norm, self.attention.qkv_proj)
         self.mlp_weight = _folded(self.mlp_norm, self.mlp.gate_up_proj)
+        for linear in self.modules():
+            if isinstance(linear, PackedLinear):
+                linear.kernels = kernels
         self.attention.enable_fused_int8()
         self.mlp.enable_fused_int8(kernels)
 
@@ -201,20 +222,26 @@ class DecoderLayer(nn.Module):
         eps = self.attn_norm.eps
         if residual is None:
             residual = hidden   # the embeddings: a fresh tensor, safe to update in place
-            xq, xs = ops.rms_norm_quant(hidden, residual, self.attn_weight, eps, False)
+            if self.packed:
+                xq, xs = ops.rms_norm_quant_blocks(hidden, residual, self.attn_weight, eps, False), None
+            else:
+                xq, xs = ops.rms_norm_quant(hidden, residual, self.attn_weight, eps, False)
         else:
-            xq, xs = _join_norm_quant(ops, hidden, residual, hidden_norm, self.attn_weight, eps)
+            xq, xs = _join_norm_quant(ops, hidden, residual, hidden_norm, self.attn_weight, eps,
+                                      self.packed)
         out = self.attention.forward_fused(xq, xs, positions, rope, self.window, kv_cache, meta,
                                            ops)
-        xq, xs = _join_norm_quant(ops, out, residual, self.attn_out_norm, self.mlp_weight, eps)
+        xq, xs = _join_norm_quant(ops, out, residual, self.attn_out_norm, self.mlp_weight, eps,
+                                  self.packed)
         return self.mlp.forward_fused(xq, xs, ops), residual
 
 
 class CausalLM(nn.Module):
     """Embeddings, decoder layers, final norm and LM head, built from a weight stream.
 
-    Built with float weights; fast mode converts the linears to int8 afterwards
-    (shoal.model.layers.quantize), once activations have been calibrated.
+    Built with float weights, and fast mode converts the linears to int8 afterwards
+    (shoal.model.layers.quantize), once activations have been calibrated; or, with fast
+    mode's packed recipe, built directly from GGUF blocks (PackedWeight -> PackedLinear).
     """
 
     def __init__(self, config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]],
@@ -229,7 +256,8 @@ class CausalLM(nn.Module):
         layers: list[DecoderLayer | None] = [None] * config.num_layers
         top: dict[str, torch.Tensor] = {}
         for name, tensor in _checked(weights, source):
-            tensor = tensor.to(self.device)
+            if not isinstance(tensor, PackedWeight):
+                tensor = tensor.to(self.device)
             if name.startswith("model.layers."):
                 index_str, _, rest = name[len("model.layers."):].partition(".")
                 index = int(index_str)
@@ -260,10 +288,11 @@ class CausalLM(nn.Module):
         self.norm = _norm(top.pop("model.norm.weight"), config)
         self.tied = head is None
         if head is None:
-            self.lm_head = make_linear(embed, None, dtype)
-            self.embed_weight = self.lm_head.weight
+            self.lm_head = _linear(embed, None, dtype)
+            # NOTE: a packed tied head serves the embedding lookups from its blocks.
+            self.embed_weight = None if isinstance(embed, PackedWeight) else self.lm_head.weight
         else:
-            self.lm_head = make_linear(head, None, dtype)
+            self.lm_head = _linear(head, None, dtype)
             self.embed_weight = nn.Parameter(embed.to(dtype), requires_grad=False)
         del embed, head
         # NOTE: as transformers: sqrt(hidden) rounded to the model dtype, then multiplied in.
@@ -285,7 +314,7 @@ class CausalLM(nn.Module):
         """Routes fast-mode forward passes through the fused C++ ops (when the runner has them)."""
         for layer in self.layers:
             layer.enable_fused_int8(kernels)
-        if isinstance(self.lm_head, Int8Linear):
+        if isinstance(self.lm_head, (Int8Linear, PackedLinear)):
             self.lm_head.kernels = kernels
         self.fused = True
 
@@ -300,7 +329,7 @@ class CausalLM(nn.Module):
         if self.embed_weight is None:
             # NOTE: a tied int8 head doubles as the embedding table, so the big vocab
             # matrix is held once.
-            assert isinstance(self.lm_head, Int8Linear)
+            assert isinstance(self.lm_head, (Int8Linear, PackedLinear))
             rows = self.lm_head.dequantized_rows(token_ids)
         else:
             rows = F.embedding(token_ids, self.embed_weight)
@@ -356,16 +385,35 @@ def _join(out: torch.Tensor, residual: torch.Tensor | None, out_norm: RMSNorm | 
 
 
 def _join_norm_quant(ops, out: torch.Tensor, residual: torch.Tensor, out_norm: RMSNorm | None,
-                     weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """_join, then the stream RMS-normalised by `weight` and quantized per row: one kernel."""
+                     weight: torch.Tensor, eps: float, blocks: bool = False):
+    """_join, then the stream RMS-normalised by `weight` and quantized per row (or, for
+    packed weights, per 32-element block: ((q, d, s), None)): one kernel."""
+    if blocks:
+        if out_norm is None:
+            return ops.rms_norm_quant_blocks(out, residual, weight, eps, True), None
+        return ops.rms_norm_add_norm_quant_blocks(out, residual, out_norm.weight, weight, eps), None
     if out_norm is None:
         return ops.rms_norm_quant(out, residual, weight, eps, True)
     return ops.rms_norm_add_norm_quant(out, residual, out_norm.weight, weight, eps)
 
 
-def _folded(norm: RMSNorm, linear: Int8Linear) -> torch.Tensor:
-    inv = linear.inv_smooth if linear.inv_smooth is not None else torch.ones_like(norm.weight)
-    return (norm.weight * inv).contiguous()
+def _folded(norm: RMSNorm, linear: Int8Linear | PackedLinear) -> torch.Tensor:
+    inv = getattr(linear, "inv_smooth", None)
+    return (norm.weight if inv is None else norm.weight * inv).contiguous()
+
+
+def _cat(parts: list) -> torch.Tensor | PackedWeight:
+    """Fused projections: float weights concatenated, or packed blocks row after row."""
+    if isinstance(parts[0], PackedWeight):
+        return PackedWeight.cat(parts)
+    return torch.cat(parts)
+
+
+def _linear(weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+    """A packed layer for GGUF blocks (fast mode's packed recipe), else a float layer."""
+    if isinstance(weight, PackedWeight):
+        return PackedLinear(weight, bias)
+    return make_linear(weight, bias, dtype)
 
 
 def _inv_smooth(linear: Int8Linear) -> torch.Tensor:
@@ -377,6 +425,6 @@ def _inv_smooth(linear: Int8Linear) -> torch.Tensor:
 def _checked(weights: Iterable[tuple[str, torch.Tensor]], source: str
              ) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in weights:
-        if not torch.is_floating_point(tensor):
+        if not isinstance(tensor, PackedWeight) and not torch.is_floating_point(tensor):
             raise CorruptModelError(source, f"tensor {name} is not floating point")
         yield name, tensor

@@ -38,7 +38,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "pymodule.cpp", "f32_linear.cpp")
+_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "packed_linear.cpp",
+            "f32_linear.cpp", "pymodule.cpp")
 _HEADERS = ("common.h",)
 
 
@@ -67,9 +68,16 @@ def select_isa(cpu_flags: set[str] | None = None, machine: str | None = None) ->
     flags = _cpu_flags() if cpu_flags is None else cpu_flags
     for level, needed in _X86_LEVELS:
         if needed <= flags:
-            extra = ("-mavx512vnni",) if level == "x86-64-v4" and "avx512_vnni" in flags else ()
-            name = level + ("-vnni" if extra else "")
-            return Isa(name, (f"-march={level}", *extra))
+            if level == "x86-64-v4" and "avx512_vnni" in flags:
+                if {"amx_tile", "amx_int8"} <= flags:
+                    # NOTE: Sapphire Rapids' tile unit, for the packed linears' batches.
+                    return Isa(level + "-amx", (f"-march={level}", "-mavx512vnni", "-mamx-tile",
+                                                "-mamx-int8"))
+                return Isa(level + "-vnni", (f"-march={level}", "-mavx512vnni"))
+            if level == "x86-64-v3" and "avx_vnni" in flags:
+                # NOTE: 256-bit VNNI without AVX-512 (Alder Lake and later client cores).
+                return Isa(level + "-avxvnni", (f"-march={level}", "-mavxvnni"))
+            return Isa(level, (f"-march={level}",))
     return Isa("x86-64", ("-march=x86-64",))
 
 
@@ -89,7 +97,7 @@ def _compiler() -> str | None:
 
 
 def _compiler_id(cxx: str) -> str:
-    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True, timeout=30)
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
@@ -108,7 +116,7 @@ def cache_root() -> Path:
 # computed in one fixed order whatever the batch (f32_linear.cpp), so fusing changes nothing
 # between rows or batches, only between ISA variants.
 _SOURCE_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",), "sampling.cpp": ("-ffp-contract=off",),
-                 "f32_linear.cpp": ("-ffp-contract=fast",)}
+                 "packed_linear.cpp": ("-ffp-contract=off",), "f32_linear.cpp": ("-ffp-contract=fast",)}
 
 
 def _common_flags() -> tuple[str, ...]:
@@ -158,7 +166,7 @@ def build_library(isa: Isa | None = None) -> Path:
                 raise RuntimeError("kernel compile failed: " + "".join(errors)[-2000:])
             lib = Path(tmp) / "lib.so"
             linked = subprocess.run([cxx, "-shared", "-fopenmp", *map(str, objects), "-o", str(lib)],
-                                    capture_output=True, text=True)
+                                    check=False, capture_output=True, text=True)
             if linked.returncode:
                 raise RuntimeError("kernel link failed: " + linked.stderr[-2000:])
             lib.replace(target)
@@ -198,7 +206,10 @@ class CpuKernels:
                      "qk_norm_rope_split", "int8_matmul_small", "int8_linear_small",
                      "rms_norm_add_norm_quant",
                      "top_k_rows", "draw_rows",
-                     "f32_linear"):
+                     "f32_linear",
+                     # packed_linear.cpp
+                     "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
+                     "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack"):
             setattr(self, "_" + name, getattr(module, name))
 
     # --- attention
@@ -360,6 +371,78 @@ class CpuKernels:
         out = torch.empty(M, N)
         self._f32_linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
                          M, K, N, out.data_ptr())
+        return out
+
+    # --- packed GGUF blocks x per-block int8 activations (packed_linear.cpp)
+    @staticmethod
+    def _blocks_out(rows: int, cols: int):
+        _need(cols % 32 == 0, "per-block quantization: the row length must be a multiple of 32")
+        return (torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, cols // 32),
+                torch.empty(rows, cols // 32, dtype=torch.int32))
+
+    def quant_blocks(self, x):
+        """x [T, K] -> (int8 [T, K], scales [T, K/32], integer block sums [T, K/32])."""
+        x = _f32(x, "quant_blocks")
+        T, K = x.shape
+        q, d, s = self._blocks_out(T, K)
+        self._quant_blocks(x.data_ptr(), T, K, q.data_ptr(), d.data_ptr(), s.data_ptr())
+        return q, d, s
+
+    def rms_norm_quant_blocks(self, x, residual, weight, eps: float, add_residual: bool):
+        x, weight = _f32(x, "rms_norm_quant_blocks"), _f32(weight, "weight")
+        _need(residual.is_contiguous() and residual.dtype == torch.float32, "residual: contiguous f32")
+        T, K = x.shape
+        q, d, s = self._blocks_out(T, K)
+        self._rms_norm_quant_blocks(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), T, K,
+                                    float(eps), int(add_residual), q.data_ptr(), d.data_ptr(),
+                                    s.data_ptr())
+        return q, d, s
+
+    def rms_norm_add_norm_quant_blocks(self, x, residual, x_weight, weight, eps: float):
+        x = _f32(x, "rms_norm_add_norm_quant_blocks")
+        x_weight, weight = _f32(x_weight, "x_weight"), _f32(weight, "weight")
+        _need(residual.is_contiguous() and residual.dtype == torch.float32, "residual: contiguous f32")
+        T, K = x.shape
+        q, d, s = self._blocks_out(T, K)
+        self._rms_norm_add_norm_quant_blocks(x.data_ptr(), residual.data_ptr(), x_weight.data_ptr(),
+                                             weight.data_ptr(), T, K, float(eps), q.data_ptr(),
+                                             d.data_ptr(), s.data_ptr())
+        return q, d, s
+
+    def act_mul_quant_blocks(self, gate_up, gelu: bool):
+        """act(gate) * up of gate_up [T, 2I] (silu, or gelu_tanh if `gelu`), quantized per block."""
+        gate_up = _f32(gate_up, "gate_up")
+        T, I2 = gate_up.shape
+        q, d, s = self._blocks_out(T, I2 // 2)
+        self._act_mul_quant_blocks(gate_up.data_ptr(), T, I2 // 2, int(gelu), q.data_ptr(),
+                                   d.data_ptr(), s.data_ptr())
+        return q, d, s
+
+    def packed_repack(self, ggml_type: int, data: torch.Tensor, groups: int, blocks: int,
+                      tile_bytes: int) -> torch.Tensor:
+        """GGUF block bytes uint8 [N, K/32 * block] -> the kernels' tiles [groups, blocks, tile]."""
+        _need(ggml_type in (2, 3, 8) and data.dtype == torch.uint8, "packed_repack: GGUF blocks")
+        data = data.contiguous()
+        tiles = torch.empty(groups, blocks, tile_bytes, dtype=torch.uint8)
+        self._packed_repack(ggml_type, data.data_ptr(), data.shape[0], blocks * 32, tiles.data_ptr())
+        return tiles
+
+    def packed_linear(self, ggml_type: int, packed, out_features: int, in_features: int,
+                      q, d, s, bias) -> torch.Tensor:
+        """Per-block int8 rows (q, d, s) times a weight packed by layers/packed.py -> [M, N]."""
+        _need(ggml_type in (2, 3, 8), "packed_linear: Q4_0, Q4_1 or Q8_0 weights only")
+        _need(packed.dtype == torch.uint8 and packed.is_contiguous(), "packed weights: contiguous uint8")
+        _need(q.dtype == torch.int8 and s.dtype == torch.int32, "packed_linear: quantized rows")
+        q, d, s = q.contiguous(), _f32(d, "block scales"), s.contiguous()
+        M, K = q.shape
+        _need(K == in_features and d.shape == (M, K // 32) and s.shape == (M, K // 32),
+              "packed_linear: shapes differ")
+        has_bias = bias is not None and bias.numel() == out_features
+        bias = _f32(bias, "bias") if has_bias else None
+        out = torch.empty(M, out_features)
+        self._packed_linear(ggml_type, packed.data_ptr(), out_features, K, q.data_ptr(),
+                            d.data_ptr(), s.data_ptr(), bias.data_ptr() if has_bias else 0, M,
+                            out.data_ptr())
         return out
 
     # --- sampling

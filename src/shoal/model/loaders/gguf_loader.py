@@ -19,8 +19,13 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from shoal.core.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+from shoal.core.errors import (
+    CorruptModelError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
 from shoal.model.config import ModelConfig
+from shoal.model.layers.packed import PACKED_TYPES, PackedWeight
 from shoal.model.loaders import ModelSource
 from shoal.model.loaders.dequant import check_supported, dequantize, type_name
 
@@ -365,6 +370,49 @@ class GGUFModelSource(ModelSource):
                      ) -> Iterator[tuple[str, torch.Tensor]]:
         for hf_name in list(self._index):
             yield hf_name, self.get_weight(hf_name, device)
+
+    def _packed_names(self) -> list[str]:
+        """The weights fast mode's packed recipe keeps as blocks: every linear (and the tied
+        head, which doubles as the embedding table; an untied table stays float)."""
+        tied = "lm_head.weight" not in self._index
+        return [n for n in self._index
+                if n.endswith("_proj.weight") or n == "lm_head.weight"
+                or (tied and n == "model.embed_tokens.weight")]
+
+    def packable(self) -> bool:
+        """Whether every linear is Q4_0, Q4_1 or Q8_0 and the fused pairs (q/k/v, gate/up)
+        share a type, so the whole model can run on its packed blocks."""
+        types = {n: self._index[n].ggml_type for n in self._packed_names()}
+        if not types or any(t not in PACKED_TYPES for t in types.values()):
+            return False
+        for layer in range(self.config.num_layers):
+            for group in (("q", "k", "v"), ("gate", "up")):
+                prefix = "self_attn" if group[0] == "q" else "mlp"
+                if len({types[f"model.layers.{layer}.{prefix}.{p}_proj.weight"] for p in group}) > 1:
+                    return False
+        return True
+
+    def get_packed_weight(self, hf_name: str) -> PackedWeight:
+        """One Q4_0 / Q4_1 / Q8_0 weight as the file's block bytes (a copy), in HF row order."""
+        info = self._index[hf_name]
+        if self._mm is None:
+            raise RuntimeError(f"{self.path}: model source is closed")
+        rows = info.shape[0]
+        data = torch.from_numpy(np.frombuffer(self._mm, np.uint8, info.nbytes, info.offset)
+                                ).reshape(rows, -1).clone()
+        weight = PackedWeight(info.ggml_type, data)
+        if self.config.spec.gguf_qk_permuted and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            heads = self.config.num_heads if ".q_proj." in hf_name else self.config.num_kv_heads
+            # NOTE: llama.cpp's Q/K permutation moves whole rows, so it is undone on the blocks.
+            weight = weight.permute_rows(unpermute_qk(torch.arange(rows), heads))
+        return weight
+
+    def iter_packed_weights(self) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+        """As iter_weights, but the linears (see `packable`) as PackedWeight blocks."""
+        packed = set(self._packed_names())
+        for hf_name in list(self._index):
+            yield hf_name, (self.get_packed_weight(hf_name) if hf_name in packed
+                            else self.get_weight(hf_name))
 
     def close(self) -> None:
         mm, self._mm = getattr(self, "_mm", None), None

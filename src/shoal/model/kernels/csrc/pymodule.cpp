@@ -36,6 +36,17 @@ void shoal_draw_rows(const float*, int64_t, int64_t, const double*, const float*
                      const int64_t*, int64_t*);
 // exact mode's float32 linear (f32_linear.cpp)
 void shoal_f32_linear(const float*, const float*, const float*, int64_t, int64_t, int64_t, float*);
+// packed_linear.cpp: GGUF 4/8-bit blocks x per-block int8 activations
+void shoal_packed_linear(int32_t, const uint8_t*, int64_t, int64_t, const int8_t*, const float*,
+                         const int32_t*, const float*, int64_t, float*);
+void shoal_quant_blocks(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
+void shoal_rms_norm_quant_blocks(const float*, float*, const float*, int64_t, int64_t, float,
+                                 int32_t, int8_t*, float*, int32_t*);
+void shoal_rms_norm_add_norm_quant_blocks(const float*, float*, const float*, const float*,
+                                          int64_t, int64_t, float, int8_t*, float*, int32_t*);
+void shoal_act_mul_quant_blocks(const float*, int64_t, int64_t, int32_t, int8_t*, float*,
+                                int32_t*);
+void shoal_packed_repack(int32_t, const uint8_t*, int64_t, int64_t, uint8_t*);
 }
 
 namespace {
@@ -118,6 +129,26 @@ SHOAL_WRAP(draw_rows, 7, shoal_draw_rows(x.p<float>(0), x.i[1], x.i[2], x.p<doub
 // exact mode's float32 linear
 SHOAL_WRAP(f32_linear, 7, shoal_f32_linear(x.p<float>(0), x.p<float>(1), x.p<float>(2), x.i[3],
                                            x.i[4], x.i[5], x.p<float>(6)))
+// packed_linear.cpp
+SHOAL_WRAP(packed_linear, 10,
+           shoal_packed_linear(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3], x.p<int8_t>(4),
+                               x.p<float>(5), x.p<int32_t>(6), x.p<float>(7), x.i[8],
+                               x.p<float>(9)))
+SHOAL_WRAP(quant_blocks, 6, shoal_quant_blocks(x.p<float>(0), x.i[1], x.i[2], x.p<int8_t>(3),
+                                               x.p<float>(4), x.p<int32_t>(5)))
+SHOAL_WRAP(rms_norm_quant_blocks, 10,
+           shoal_rms_norm_quant_blocks(x.p<float>(0), x.p<float>(1), x.p<float>(2), x.i[3],
+                                       x.i[4], float(x.f[5]), int32_t(x.i[6]), x.p<int8_t>(7),
+                                       x.p<float>(8), x.p<int32_t>(9)))
+SHOAL_WRAP(rms_norm_add_norm_quant_blocks, 10,
+           shoal_rms_norm_add_norm_quant_blocks(x.p<float>(0), x.p<float>(1), x.p<float>(2),
+                                                x.p<float>(3), x.i[4], x.i[5], float(x.f[6]),
+                                                x.p<int8_t>(7), x.p<float>(8), x.p<int32_t>(9)))
+SHOAL_WRAP(act_mul_quant_blocks, 7,
+           shoal_act_mul_quant_blocks(x.p<float>(0), x.i[1], x.i[2], int32_t(x.i[3]),
+                                      x.p<int8_t>(4), x.p<float>(5), x.p<int32_t>(6)))
+SHOAL_WRAP(packed_repack, 5, shoal_packed_repack(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3],
+                                                 x.p<uint8_t>(4)))
 
 #define SHOAL_METHOD(name) {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_##name)), METH_FASTCALL, nullptr}
 
@@ -130,6 +161,10 @@ PyMethodDef methods[] = {
     SHOAL_METHOD(top_k_rows), SHOAL_METHOD(draw_rows),
     // exact mode's float32 linear
     SHOAL_METHOD(f32_linear),
+    // packed_linear.cpp
+    SHOAL_METHOD(packed_linear), SHOAL_METHOD(quant_blocks), SHOAL_METHOD(rms_norm_quant_blocks),
+    SHOAL_METHOD(rms_norm_add_norm_quant_blocks), SHOAL_METHOD(act_mul_quant_blocks),
+    SHOAL_METHOD(packed_repack),
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
