@@ -90,3 +90,44 @@ def test_replica_settings_turn_replicas_on() -> None:
         assert ServerSettings.from_env(env).replicated, env
     settings = ServerSettings.from_env({"SHOAL_REPLICA_CPUS": "2.5", "SHOAL_ROUTING": "Round_Robin"})
     assert (settings.replica_cpus, settings.routing) == (2.5, "round_robin")
+
+
+def test_a_session_sticks_to_its_replica_until_it_is_down_or_overloaded() -> None:
+    a, b = ReplicaState("a"), ReplicaState("b")
+    router = Router("round_robin", imbalance=2)
+    home = router.choose([a, b], [], session="chat-1").replica
+    other = b if home is a else a
+    # round robin would alternate; the session stays put
+    assert {router.choose([a, b], [], session="chat-1").replica.name for _ in range(5)} == {home.name}
+    assert router.choose([a, b], [], session="chat-1").reason == "session"
+    home.in_flight = 3              # 3 more than the least loaded (> 2): the session moves
+    moved = router.choose([a, b], [], session="chat-1")
+    assert moved.replica is other and moved.reason != "session"
+    home.in_flight = 0
+    assert router.choose([a, b], [], session="chat-1").replica is other    # and stays where it went
+    other.up = False                # its replica is down: back to one that is up
+    assert router.choose([a, b], [], session="chat-1").replica is home
+    assert router.choose([a, b], [], session="chat-1", exclude=[home]) is None
+
+
+def test_cache_aware_with_a_session_and_the_session_table_is_bounded() -> None:
+    a, b = ReplicaState("a"), ReplicaState("b")
+    prompt = _hashes(4)
+    b.apply("b1", [(True, h) for h in prompt])
+    router = Router("cache_aware", max_sessions=2)
+    assert router.choose([a, b], prompt, session="s1").replica is b      # the policy's pick first
+    a.apply("a1", [(True, h) for h in prompt])
+    assert router.choose([a, b], prompt, session="s1").replica is b      # then the session's
+    router.choose([a, b], prompt, session="s2")
+    router.choose([a, b], prompt, session="s3")
+    assert router.session_home("s1") is None and router.session_home("s3") is not None
+
+
+def test_the_session_header_setting() -> None:
+    from shoal.serving.settings import ServerSettings
+
+    assert ServerSettings.from_env({}).session_header == "X-Session-ID"
+    assert ServerSettings.from_env({"SHOAL_SESSION_HEADER": "Off"}).session_header == ""
+    assert ServerSettings.from_env({"SHOAL_SESSION_HEADER": "X-Conversation"}).session_header == "X-Conversation"
+    with pytest.raises(InvalidParameterError, match="session_header"):
+        ServerSettings.from_env({"SHOAL_SESSION_HEADER": "no spaces: here"})

@@ -32,16 +32,6 @@ KV_BLOCKS = 32      # small enough that a handful of distinct prompts evicts the
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # NOTE: 4 logical CPUs on a 2-core box: Ray's CPUs are only bookkeeping here; the test's
-    # 2 replicas and the HTTP front's 2 take half a CPU each.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def loop():
     """One event loop for the module, as the server has one (the poller lives on it)."""
     loop = asyncio.new_event_loop()
@@ -243,6 +233,47 @@ def test_a_stream_whose_replica_dies_ends_with_an_engine_error(replicas: Replica
             async for _event in stream:
                 pass
         assert [r.request_id for r in replicas.routes].count("doomed") == 1
+
+    loop.run_until_complete(main())
+
+
+def test_a_replica_whose_engine_loop_hangs_is_treated_as_dead(replicas: ReplicaEngine, loop) -> None:
+    """The test hook (SHOAL_TEST_HOOKS, set by the cluster fixture) stalls one replica's step
+    loop for real while its actor still answers polls."""
+    async def main() -> None:
+        replicas.hang_after = 2.0
+        try:
+            prefix = _prompt(600, 2 * BLOCK)
+            stream = replicas.generate("frozen", prefix + [1], SamplingParams(max_tokens=200, temperature=0,
+                                                                            ignore_eos=True))
+            async for event in stream:
+                if isinstance(event, Update):
+                    break
+            home = next(r for r in replicas.replicas if r.state.name == _route(replicas, "frozen").replica)
+            before = home.state.incarnation
+            await home.actor.freeze.remote()
+            started = time.monotonic()
+            # requests that share the prefix go to the frozen replica (they wait there, unstreamed)
+            waiting = [asyncio.ensure_future(_run(replicas, f"behind-{i}", prefix + [2 + i], max_tokens=3))
+                       for i in range(3)]
+            await asyncio.sleep(0.3)
+            assert [_route(replicas, f"behind-{i}").replica for i in range(3)] == [home.state.name] * 3
+            with pytest.raises(EngineDeadError, match="died while streaming"):
+                async for _event in stream:
+                    pass
+            assert 2.0 <= time.monotonic() - started < 15
+            # ... and were retried on the other replica: none failed
+            assert all(tokens for tokens in await asyncio.gather(*waiting))
+            for i in range(3):
+                assert [r.replica for r in replicas.routes if r.request_id == f"behind-{i}"][-1] != home.state.name
+            assert home.hangs == 1
+            deadline = time.monotonic() + 90       # Ray restarts it; the router takes it back
+            while time.monotonic() < deadline and not (home.state.up and home.state.incarnation != before):
+                await replicas.refresh()
+                await asyncio.sleep(0.5)
+            assert home.state.up and home.state.incarnation != before
+        finally:
+            replicas.hang_after = 60.0
 
     loop.run_until_complete(main())
 

@@ -128,5 +128,5 @@ def _model_builder(engine_config: EngineConfig, settings: ServerSettings) -> Cal
 
     options = ReplicaOptions(replicas=max(1, settings.replicas), address=settings.ray_address,
                              cpus=float(settings.replica_cpus), gpus=float(settings.replica_gpus),
-                             routing=settings.routing)
+                             routing=settings.routing, hang_timeout=settings.replica_hang_timeout)
     return lambda s: build_replicated_model(s, engine_config, options)

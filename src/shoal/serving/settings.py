@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 from shoal.access.auth import ADMIN_KEY_MIN_LENGTH, AUTH_MODES
@@ -15,6 +16,7 @@ from shoal.store.egress import EgressPolicy
 # without configuration. `shoal serve --port` or SHOAL_PORT when Ollama itself runs here.
 DEFAULT_PORT = 11434
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110's token
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -64,6 +66,8 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_REPLICA_CPUS": ("replica_cpus", "Ray CPUs per replica, also its torch threads (at least 1) (default 1)."),
     "SHOAL_REPLICA_GPUS": ("replica_gpus", "Ray GPUs per replica; > 0 runs the replica on CUDA (default 0)."),
     "SHOAL_ROUTING": ("routing", "How the front picks a replica: cache_aware (the replica holding the prompt's prefix blocks, unless load is imbalanced), least_loaded or round_robin (default cache_aware)."),
+    "SHOAL_SESSION_HEADER": ("session_header", "Request header whose value keeps a session on one replica while it is up and not overloaded (session affinity; 'off' = none) (default X-Session-ID)."),
+    "SHOAL_REPLICA_HANG_TIMEOUT": ("replica_hang_timeout", "A replica whose engine loop makes no progress this long (or whose process stays silent this long while requests wait on it) is treated as dead: killed and restarted, its waiting requests retried elsewhere; longer than the slowest engine step; 0 or negative = never (default 60s)."),
 }
 
 
@@ -115,6 +119,8 @@ class ServerSettings:
     replica_cpus: float | str = 1.0
     replica_gpus: float | str = 0.0
     routing: str = "cache_aware"
+    session_header: str = "X-Session-ID"
+    replica_hang_timeout: float | str = 60.0
 
     @property
     def replicated(self) -> bool:
@@ -198,6 +204,12 @@ class ServerSettings:
             if not 0 <= value < math.inf or (name == "replica_cpus" and value == 0):
                 raise InvalidParameterError(name, f"must be a positive number, got {value}")
             setattr(self, name, value)
+        self.replica_hang_timeout = _seconds("replica_hang_timeout", self.replica_hang_timeout)
+        header = self.session_header.strip()
+        self.session_header = "" if header.lower() in ("", "off", "none", "0") else header
+        if self.session_header and not _HEADER_NAME.fullmatch(self.session_header):
+            raise InvalidParameterError("session_header", f"SHOAL_SESSION_HEADER must be a header name or "
+                                        f"'off', got {header!r}")
         from shoal.serving.replicas.routing import POLICIES
 
         self.routing = self.routing.strip().lower()

@@ -26,6 +26,7 @@ class ReplicaOptions:
     gpus: float = 0.0               # Ray GPUs per replica (>0: the replica runs on CUDA)
     routing: str = "cache_aware"
     max_restarts: int = 3           # Ray restarts a replica whose process died this often
+    hang_timeout: float = 60.0      # a replica whose engine loop is still this long is killed (0: never)
 
 
 def connect(address: str | None) -> bool:
@@ -37,7 +38,8 @@ def connect(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     # NOTE: the workers must import this very shoal (a checkout on PYTHONPATH included).
-    env = {k: os.environ[k] for k in ("PYTHONPATH",) if os.environ.get(k)}
+    # (and a test's hooks reach the replicas of a server it starts: actor.py)
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "SHOAL_TEST_HOOKS") if os.environ.get(k)}
     runtime_env = {"env_vars": env} if env else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
@@ -72,7 +74,8 @@ def build_replicated_model(spec: ModelSpec, base: EngineConfig, options: Replica
 
     owns = connect(options.address)
     config = dataclasses.replace(base, model=str(spec.path), adapters=tuple(str(p) for p in spec.adapters))
-    engine = ReplicaEngine(start_actors(config, options), Router(options.routing), owns_cluster=owns)
+    engine = ReplicaEngine(start_actors(config, options), Router(options.routing), owns_cluster=owns,
+                           hang_after=options.hang_timeout)
     log.info("%s: %d replicas on Ray (routing %s)", spec.name, options.replicas, options.routing)
     return ServedModel(name=spec.name, engine=engine, info=engine.info,  # type: ignore[arg-type]
                        aliases=spec.aliases, spec=spec)

@@ -8,13 +8,14 @@ blocks each replica could reuse.
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from shoal.core.errors import InvalidParameterError
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
+MAX_SESSIONS = 100_000      # sessions remembered (least recently seen forgotten first)
 
 
 @dataclass(slots=True, eq=False)
@@ -67,15 +68,20 @@ class ReplicaState:
 class Decision:
     replica: ReplicaState
     matched_blocks: int
-    reason: str           # "prefix", "least_loaded", "imbalance", "round_robin"
+    reason: str           # "prefix", "least_loaded", "imbalance", "round_robin", "session"
 
 
 class Router:
     """Scores replicas: matched_blocks / prompt_blocks - beta * relative_load, unless the load
-    is imbalanced beyond `imbalance` requests, then least loaded of two random picks."""
+    is imbalanced beyond `imbalance` requests, then least loaded of two random picks.
+
+    A request with a session id goes where the session's last request went while that replica
+    is up and not loaded beyond `imbalance` requests more than the least loaded; otherwise the
+    policy picks, and the session follows its pick.
+    """
 
     def __init__(self, policy: str = "cache_aware", beta: float = 0.5, imbalance: int = 4,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, max_sessions: int = MAX_SESSIONS) -> None:
         if policy not in POLICIES:
             raise InvalidParameterError("routing", f"must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.policy = policy
@@ -83,14 +89,34 @@ class Router:
         self.imbalance = imbalance
         self._rng = rng or random.Random()
         self._next = 0
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, ReplicaState] = OrderedDict()
 
     def choose(self, replicas: Sequence[ReplicaState], hashes: Sequence[int],
-               exclude: Iterable[ReplicaState] = ()) -> Decision | None:
+               exclude: Iterable[ReplicaState] = (), session: str | None = None) -> Decision | None:
         """The replica for a prompt with these block hashes; None when none is up."""
         skip = set(map(id, exclude))
         candidates = [r for r in replicas if r.up and id(r) not in skip]
         if not candidates:
             return None
+        if session is None:
+            return self._choose(candidates, hashes)
+        home = self._sessions.get(session)
+        least = min(r.in_flight for r in candidates)
+        if home is not None and any(r is home for r in candidates) and home.in_flight - least <= self.imbalance:
+            self._sessions.move_to_end(session)
+            return Decision(home, home.matched_blocks(hashes), "session")
+        decision = self._choose(candidates, hashes)
+        self._sessions[session] = decision.replica
+        self._sessions.move_to_end(session)
+        if len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+        return decision
+
+    def session_home(self, session: str) -> ReplicaState | None:
+        return self._sessions.get(session)
+
+    def _choose(self, candidates: list[ReplicaState], hashes: Sequence[int]) -> Decision:
         if self.policy == "round_robin":
             self._next += 1
             pick = candidates[self._next % len(candidates)]
