@@ -131,3 +131,25 @@ def test_the_session_header_setting() -> None:
     assert ServerSettings.from_env({"SHOAL_SESSION_HEADER": "X-Conversation"}).session_header == "X-Conversation"
     with pytest.raises(InvalidParameterError, match="session_header"):
         ServerSettings.from_env({"SHOAL_SESSION_HEADER": "no spaces: here"})
+
+
+def test_placement_gives_each_replica_a_gpu_on_gpu_clusters() -> None:
+    from shoal.serving.replicas.cluster import placement
+
+    assert placement(None, None, 0.0) == (1, 0.0)        # no GPUs: one replica on CPUs
+    assert placement(3, None, 0.0) == (3, 0.0)
+    assert placement(None, None, 4.0) == (4, 1.0)        # one replica per GPU
+    assert placement(2, None, 4.0) == (2, 1.0)           # --replicas 2: two, a GPU each
+    assert placement(None, 0.0, 4.0) == (1, 0.0)         # --replica-gpus 0: on CPUs
+    assert placement(None, 2.0, 4.0) == (1, 2.0)         # --replica-gpus given: as asked
+    assert placement(3, 0.5, 1.0) == (3, 0.5)
+
+
+def test_replica_gpus_default_to_auto() -> None:
+    from shoal.serving.settings import ServerSettings
+
+    assert ServerSettings.from_env({}).replica_gpus is None
+    assert ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "Auto"}).replica_gpus is None
+    assert ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "0"}).replica_gpus == 0.0
+    with pytest.raises(InvalidParameterError, match="replica_gpus"):
+        ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "-1"})

@@ -4,6 +4,7 @@ front with --replicas 2 in both dialects. One cluster for the module keeps it bo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -23,7 +24,8 @@ from shoal.core.errors import EngineDeadError
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.events import Update
 from shoal.engine.kv.hashing import prompt_block_hashes
-from shoal.serving.replicas.cluster import ReplicaOptions, start_actors
+from shoal.serving.replicas.cluster import ReplicaOptions, blob_source, start_actors
+from shoal.serving.replicas.model_files import ModelFile
 from shoal.serving.replicas.replica_engine import ReplicaEngine
 from shoal.serving.replicas.routing import Router
 
@@ -276,6 +278,45 @@ def test_a_replica_whose_engine_loop_hangs_is_treated_as_dead(replicas: ReplicaE
             replicas.hang_after = 60.0
 
     loop.run_until_complete(main())
+
+
+def test_a_replica_pulls_a_model_its_node_lacks_into_its_store_by_digest(cluster, tiny_llama_gguf: Path,
+                                                                           tmp_path: Path, loop) -> None:
+    """What a second node sees, on one machine: the front's path does not exist for the
+    replicas, so they pull the blob from the front's BlobSource into their store."""
+    data = tiny_llama_gguf.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    source = blob_source({digest: str(tiny_llama_gguf)})
+    store = tmp_path / "node-store"
+    missing = ModelFile(str(tmp_path / "front-only" / f"sha256-{digest[7:]}"), digest, source, str(store))
+    config = EngineConfig(model=missing.path, kv_cache_bytes=KV_BLOCKS * 8192, block_size=BLOCK, num_threads=1,
+                          max_model_len=128)
+    engine = ReplicaEngine(start_actors(config, ReplicaOptions(replicas=2, cpus=0.5), missing), Router("round_robin"))
+    try:
+        blob = store / "blobs" / f"sha256-{digest[7:]}"
+        assert blob.read_bytes() == data          # both pulled the one blob (the second found it there)
+        assert ray.get([r.actor.model_path.remote() for r in engine.replicas]) == [str(blob)] * 2
+        for i in range(2):                         # and both serve from it
+            assert loop.run_until_complete(_run(engine, f"pulled-{i}", _prompt(i, 20)))
+        assert {r.replica for r in engine.routes} == {"r0", "r1"}
+    finally:
+        engine.shutdown()
+    # a path the node has (a shared store) is used as it is: nothing is pulled
+    shared = ModelFile(str(tiny_llama_gguf), digest, source, str(tmp_path / "other-store"))
+    (actor,) = start_actors(config, ReplicaOptions(replicas=1, cpus=0.5), shared)
+    try:
+        assert ray.get(actor.model_path.remote()) == str(tiny_llama_gguf)
+        assert not (tmp_path / "other-store" / "blobs").exists()
+    finally:
+        ray.kill(actor, no_restart=True)
+    # bytes that do not hash to the digest never become a blob: the replica does not start
+    liar = blob_source({"sha256:" + "0" * 64: str(tiny_llama_gguf)})
+    wrong = ModelFile(str(tmp_path / "front-only" / "x"), "sha256:" + "0" * 64, liar, str(store))
+    with pytest.raises(Exception, match="content has digest"):
+        start_actors(config, ReplicaOptions(replicas=1, cpus=0.5, max_restarts=0), wrong)
+    assert not (store / "blobs" / ("sha256-" + "0" * 64)).exists()
+    for helper in (source, liar):
+        ray.kill(helper, no_restart=True)
 
 
 def test_sigterm_on_the_front_stops_its_replicas(cluster, tiny_llama_dir: Path, tmp_path: Path) -> None:

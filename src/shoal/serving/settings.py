@@ -64,7 +64,7 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_RAY": ("use_ray", "1: serve through Ray replicas even with SHOAL_REPLICAS unset (one replica), e.g. to measure the hop (default 0)."),
     "SHOAL_RAY_ADDRESS": ("ray_address", "Ray cluster to join ('auto', 'host:6379', 'ray://...'); implies replicas (default: RAY_ADDRESS, else a local cluster of this machine)."),
     "SHOAL_REPLICA_CPUS": ("replica_cpus", "Ray CPUs per replica, also its torch threads (at least 1) (default 1)."),
-    "SHOAL_REPLICA_GPUS": ("replica_gpus", "Ray GPUs per replica; > 0 runs the replica on CUDA (default 0)."),
+    "SHOAL_REPLICA_GPUS": ("replica_gpus", "Ray GPUs per replica; > 0 runs the replica on CUDA (default 'auto': 1 when the Ray cluster has GPUs, and then one replica per GPU unless SHOAL_REPLICAS is set; else 0)."),
     "SHOAL_ROUTING": ("routing", "How the front picks a replica: cache_aware (the replica holding the prompt's prefix blocks, unless load is imbalanced), least_loaded or round_robin (default cache_aware)."),
     "SHOAL_SESSION_HEADER": ("session_header", "Request header whose value keeps a session on one replica while it is up and not overloaded (session affinity; 'off' = none) (default X-Session-ID)."),
     "SHOAL_REPLICA_HANG_TIMEOUT": ("replica_hang_timeout", "A replica whose engine loop makes no progress this long (or whose process stays silent this long while requests wait on it) is treated as dead: killed and restarted, its waiting requests retried elsewhere; longer than the slowest engine step; 0 or negative = never (default 60s)."),
@@ -117,7 +117,7 @@ class ServerSettings:
     use_ray: bool = False
     ray_address: str | None = None
     replica_cpus: float | str = 1.0
-    replica_gpus: float | str = 0.0
+    replica_gpus: float | str | None = None     # None: 1 per replica when Ray reports GPUs, else 0
     routing: str = "cache_aware"
     session_header: str = "X-Session-ID"
     replica_hang_timeout: float | str = 60.0
@@ -196,7 +196,11 @@ class ServerSettings:
     def _check_replicas(self) -> None:
         if self.replicas < 0:
             raise InvalidParameterError("replicas", "must be >= 0")
+        if isinstance(self.replica_gpus, str) and self.replica_gpus.strip().lower() == "auto":
+            self.replica_gpus = None
         for name in ("replica_cpus", "replica_gpus"):
+            if getattr(self, name) is None:
+                continue
             try:
                 value = float(getattr(self, name))
             except ValueError:

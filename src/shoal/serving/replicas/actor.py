@@ -6,6 +6,7 @@ generate() streams share the actor's event loop the way HTTP requests share the 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -18,19 +19,26 @@ from shoal.core.config import EngineConfig
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.async_engine import AsyncEngine
 from shoal.engine.events import EngineEvent
+from shoal.serving.replicas.model_files import ModelFile, local_model_path
 
 
 class ReplicaActor:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: ModelFile | None = None) -> None:
+        self._node = ray_node_id()
+        if model is not None:       # the front's file, here or pulled into this node's store
+            config = dataclasses.replace(config, model=local_model_path(model, self._node))
         self.engine = AsyncEngine(config)
         # NOTE: a new id per process: after a restart the front forgets what the old one cached.
         self.incarnation = uuid.uuid4().hex
         self._kv_events: deque[tuple[bool, int]] = deque()
         self.engine.core.scheduler.kv.pool.events = self._kv_events
-        self._node = ray_node_id()
         self._thaw: threading.Event | None = None
         if os.environ.get("SHOAL_TEST_HOOKS") == "1":
             self._install_freeze_hook()
+
+    def model_path(self) -> str:
+        """The file this replica loaded (on its own node)."""
+        return self.engine.info.model_path
 
     def describe(self) -> dict[str, Any]:
         """What the front needs to stand in for this engine: its info, limits, tokenizer,

@@ -72,7 +72,8 @@ class Route:
 
 class ReplicaEngine:
     def __init__(self, actors: list[Any], router: Router, *, poll_interval: float = 0.5,
-                 dead_after: float = 5.0, hang_after: float = 60.0, owns_cluster: bool = False) -> None:
+                 dead_after: float = 5.0, hang_after: float = 60.0, owns_cluster: bool = False,
+                 helpers: list[Any] | None = None) -> None:
         described = ray.get([a.describe.remote() for a in actors])
         first = described[0]
         self.info = first["info"]
@@ -89,6 +90,7 @@ class ReplicaEngine:
         self._node = ray.get_runtime_context().get_node_id()     # this front's Ray node
         self.hang_after = hang_after if hang_after > 0 else math.inf
         self.owns_cluster = owns_cluster
+        self.helpers = helpers or []            # other actors of this model (its BlobSource), killed with it
         self.routes: deque[Route] = deque(maxlen=512)
         self.decisions: dict[str, int] = {}
         self.retries = 0
@@ -306,7 +308,7 @@ class ReplicaEngine:
             ray.get([r.actor.shutdown.remote() for r in self.replicas if r.state.up], timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("replica shutdown: %r", exc)
-        for replica in self.replicas:
-            ray.kill(replica.actor, no_restart=True)
+        for actor in [r.actor for r in self.replicas] + self.helpers:
+            ray.kill(actor, no_restart=True)
         if self.owns_cluster:
             ray.shutdown()
