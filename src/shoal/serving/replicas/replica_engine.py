@@ -284,7 +284,7 @@ class ReplicaEngine:
         if replica.node == self._node and replica.pid:
             try:
                 os.kill(replica.pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except OSError:         # gone already
                 pass
 
     def _mark_down(self, replica: Replica, exc: BaseException) -> None:
