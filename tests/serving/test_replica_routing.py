@@ -153,3 +153,19 @@ def test_replica_gpus_default_to_auto() -> None:
     assert ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "0"}).replica_gpus == 0.0
     with pytest.raises(InvalidParameterError, match="replica_gpus"):
         ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "-1"})
+
+
+def test_new_prefixes_go_where_the_fewest_blocks_are_held() -> None:
+    a, b = ReplicaState("a"), ReplicaState("b")
+    router = Router("cache_aware")
+    a.apply("a1", [(True, h) for h in _hashes(10, blocks=6)])
+    decision = router.choose([a, b], _hashes(11))         # nobody holds it: to the emptier one
+    assert (decision.replica, decision.reason) == (b, "new_prefix")
+    b.begin(_hashes(11))                                  # its blocks count while it runs ...
+    b.begin(_hashes(12, blocks=3))
+    assert router.choose([a, b], _hashes(13)).replica is a    # 6 held by a, 7 pending on b
+    # sixteen new prefixes in a row, each kept where it went: an even split
+    c, d = ReplicaState("c"), ReplicaState("d")
+    for seed in range(100, 116):
+        router.choose([c, d], _hashes(seed)).replica.apply("x", [(True, h) for h in _hashes(seed)])
+    assert len(c.cached) == len(d.cached) == 8 * 4

@@ -68,12 +68,13 @@ class ReplicaState:
 class Decision:
     replica: ReplicaState
     matched_blocks: int
-    reason: str           # "prefix", "least_loaded", "imbalance", "round_robin", "session"
+    reason: str           # "prefix", "new_prefix", "least_loaded", "imbalance", "round_robin", "session"
 
 
 class Router:
     """Scores replicas: matched_blocks / prompt_blocks - beta * relative_load, unless the load
-    is imbalanced beyond `imbalance` requests, then least loaded of two random picks.
+    is imbalanced beyond `imbalance` requests, then least loaded of two random picks. A prompt
+    no replica holds any block of goes to the one holding the fewest blocks.
 
     A request with a session id goes where the session's last request went while that replica
     is up and not loaded beyond `imbalance` requests more than the least loaded; otherwise the
@@ -126,6 +127,13 @@ class Router:
         loads = [r.in_flight for r in candidates]
         if max(loads) - min(loads) > self.imbalance:
             return self._least_loaded(candidates, hashes, "imbalance")
+        matches = [r.matched_blocks(hashes) for r in candidates]
+        if not any(matches):
+            # a new prefix: to the replica holding the fewest blocks (its requests' in flight
+            # counted), so that the prefixes, and the cache they need, split evenly; a replica
+            # that got more of them than its cache holds would evict its own prompts
+            pick = min(candidates, key=lambda r: (len(r.cached) + len(r.pending), r.in_flight, r.routed))
+            return Decision(pick, 0, "new_prefix")
         most = max(1, max(loads))
         blocks = max(1, len(hashes))
 
