@@ -155,15 +155,19 @@ def test_replica_gpus_default_to_auto() -> None:
         ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "-1"})
 
 
-def test_new_prefixes_go_where_the_fewest_blocks_are_held() -> None:
+def test_new_prefixes_go_where_the_fewest_prompts_are_held() -> None:
     a, b = ReplicaState("a"), ReplicaState("b")
     router = Router("cache_aware")
+    a.begin(_hashes(10, blocks=6))
+    a.end(_hashes(10, blocks=6))
     a.apply("a1", [(True, h) for h in _hashes(10, blocks=6)])
     decision = router.choose([a, b], _hashes(11))         # nobody holds it: to the emptier one
     assert (decision.replica, decision.reason) == (b, "new_prefix")
-    b.begin(_hashes(11))                                  # its blocks count while it runs ...
-    b.begin(_hashes(12, blocks=3))
-    assert router.choose([a, b], _hashes(13)).replica is a    # 6 held by a, 7 pending on b
+    b.begin(_hashes(11, blocks=2))                        # prompts in flight count: two on b ...
+    b.begin(_hashes(12, blocks=2))
+    assert router.choose([a, b], _hashes(13)).replica is a    # ... one on a (though it holds more blocks)
+    a.apply("a1", [(False, _hashes(10, blocks=6)[0])])        # a evicted its prompt's first block
+    assert a.held_prompts() == 0 and b.held_prompts() == 2
     # sixteen new prefixes in a row, each kept where it went: an even split
     c, d = ReplicaState("c"), ReplicaState("d")
     for seed in range(100, 116):

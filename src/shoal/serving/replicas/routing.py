@@ -31,28 +31,39 @@ class ReplicaState:
     # NOTE: the prompt blocks of its requests in flight count as held: a burst of requests
     # sharing a new prefix then sticks to one replica before its first store event arrives.
     pending: Counter[int] = field(default_factory=Counter)
+    # the first block of each prompt routed here, while the replica may hold it: how many
+    # distinct prompts (prefix families) live here, for placing new ones evenly
+    roots: set[int] = field(default_factory=set)
 
     def apply(self, incarnation: str, events: Iterable[tuple[bool, int]]) -> None:
         """Applies a batch of (stored?, hash) events, in the order the replica made them."""
         if incarnation != self.incarnation:
             self.cached.clear()       # a restarted replica starts with an empty cache
+            self.roots.clear()
             self.incarnation = incarnation
         for stored, block_hash in events:
             if stored:
                 self.cached.add(block_hash)
             else:
                 self.cached.discard(block_hash)
+                self.roots.discard(block_hash)
 
     def begin(self, hashes: Sequence[int]) -> None:
         """A request with these prompt blocks was routed here."""
         self.in_flight += 1
         self.routed += 1
         self.pending.update(hashes)
+        if hashes:
+            self.roots.add(hashes[0])
 
     def end(self, hashes: Sequence[int]) -> None:
         self.in_flight -= 1
         self.pending.subtract(hashes)
         self.pending += Counter()       # drops the zero counts
+
+    def held_prompts(self) -> int:
+        """Distinct prompts (by their first block) this replica holds or is computing."""
+        return sum(1 for h in self.roots if h in self.cached or h in self.pending)
 
     def matched_blocks(self, hashes: Sequence[int]) -> int:
         """Leading prompt blocks this replica holds (a chain: a gap ends the match)."""
@@ -74,7 +85,7 @@ class Decision:
 class Router:
     """Scores replicas: matched_blocks / prompt_blocks - beta * relative_load, unless the load
     is imbalanced beyond `imbalance` requests, then least loaded of two random picks. A prompt
-    no replica holds any block of goes to the one holding the fewest blocks.
+    no replica holds any block of goes to the one holding the fewest prompts, then blocks.
 
     A request with a session id goes where the session's last request went while that replica
     is up and not loaded beyond `imbalance` requests more than the least loaded; otherwise the
@@ -129,10 +140,11 @@ class Router:
             return self._least_loaded(candidates, hashes, "imbalance")
         matches = [r.matched_blocks(hashes) for r in candidates]
         if not any(matches):
-            # a new prefix: to the replica holding the fewest blocks (its requests' in flight
-            # counted), so that the prefixes, and the cache they need, split evenly; a replica
-            # that got more of them than its cache holds would evict its own prompts
-            pick = min(candidates, key=lambda r: (len(r.cached) + len(r.pending), r.in_flight, r.routed))
+            # a new prefix: to the replica holding the fewest prompts, then blocks (its requests
+            # in flight counted), so that the prefixes, and the cache they need, split evenly;
+            # one that got more than its cache holds would evict its own prompts
+            pick = min(candidates, key=lambda r: (r.held_prompts(), len(r.cached) + len(r.pending),
+                                                  r.in_flight, r.routed))
             return Decision(pick, 0, "new_prefix")
         most = max(1, max(loads))
         blocks = max(1, len(hashes))
