@@ -28,6 +28,7 @@ from shoal.serving.replicas.cluster import ReplicaOptions, blob_source, start_ac
 from shoal.serving.replicas.model_files import ModelFile
 from shoal.serving.replicas.replica_engine import ReplicaEngine
 from shoal.serving.replicas.routing import Router
+from shoal.serving.replicas.session import current_session
 
 BLOCK = 16
 KV_BLOCKS = 32      # small enough that a handful of distinct prompts evicts the first
@@ -90,6 +91,9 @@ def test_routing_sends_a_shared_prefix_to_the_replica_that_holds_it(replicas: Re
 
 def test_the_index_follows_stores_and_evictions(replicas: ReplicaEngine, loop) -> None:
     async def main() -> None:
+        # one session: the distinct prompts below all go to the first one's replica (new
+        # prefixes would otherwise split between the replicas)
+        current_session.set("evictions")
         first = _prompt(100, 6 * BLOCK)
         await _run(replicas, "evict-0", first + [1])
         home = next(r for r in replicas.replicas if r.state.name == _route(replicas, "evict-0").replica)

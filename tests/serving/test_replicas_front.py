@@ -108,6 +108,7 @@ def test_api_ps_and_metrics_show_each_replica(front: LiveServer) -> None:
             assert (row["node"], row["pid"]) == (listed["node"], listed["pid"]) and row["pid"] > 0
             assert 0.0 <= row["kv_usage"] <= 1.0
         # the engine families: one series per replica, labelled, and none without the label
+        time.sleep(1.5)             # the front polls the replicas' stats every 0.5 s: earlier requests in
         prompt_before = _series(http.get("/metrics").text, "shoal:prompt_tokens_total")
         used = [_chat(http, "count my tokens", max_tokens=2).json()["usage"]["prompt_tokens"] for _ in range(2)]
         time.sleep(1.5)             # the front polls the replicas' stats every 0.5 s
