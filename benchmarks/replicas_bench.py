@@ -8,7 +8,10 @@ local Ray cluster and sees the same requests. Requests go straight through Repli
 (the object the HTTP front uses), so the figures are the routing and the engines, not HTTP.
 
 Reported per policy: the prefix-cache hit rate (prompt tokens found cached / looked up, over
-all replicas), P50/P90 time to first token, total wall time, and requests per replica.
+all replicas) beside its ceiling (each prompt's first request computes it all; a request's
+last, partial block holds its own question), P50/P90 time to first token, total wall time,
+requests per replica, and how many prompts were served by one replica only (cache-aware
+routing should keep every prompt on one).
 
     python benchmarks/replicas_bench.py [--model PATH] [--replicas 2] [--threads 1] \\
         [--prompts 16] [--prefix-tokens 1000] [--users 8] [--max-tokens 64] [--concurrency 4] \\
@@ -43,16 +46,25 @@ from shoal.serving.replicas.replica_engine import ReplicaEngine
 from shoal.serving.replicas.routing import Router
 
 
-def workload(args, vocab: int) -> list[list[int]]:
+def workload(args, vocab: int) -> list[tuple[int, list[int]]]:
+    """(prompt index, token ids) of every request, shuffled."""
     rng = random.Random(1234)
     prefixes = [[rng.randrange(100, vocab - 100) for _ in range(args.prefix_tokens)] for _ in range(args.prompts)]
-    requests = [prefix + [rng.randrange(100, vocab - 100) for _ in range(8)]
-                for prefix in prefixes for _ in range(args.users)]
+    requests = [(p, prefix + [rng.randrange(100, vocab - 100) for _ in range(8)])
+                for p, prefix in enumerate(prefixes) for _ in range(args.users)]
     rng.shuffle(requests)
     return requests
 
 
-async def run_policy(engine: ReplicaEngine, requests: list[list[int]], args) -> dict:
+def hit_ceiling(args, block_size: int) -> float:
+    """The best hit rate possible: every request but each prompt's first finds the prompt's
+    full blocks cached, and no more."""
+    prompt = args.prefix_tokens + 8
+    cached = (args.prefix_tokens // block_size) * block_size
+    return (args.users - 1) * cached / (args.users * prompt)
+
+
+async def run_policy(engine: ReplicaEngine, requests: list[tuple[int, list[int]]], args) -> dict:
     ttfts: list[float] = []
     gate = asyncio.Semaphore(args.concurrency)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
@@ -66,16 +78,21 @@ async def run_policy(engine: ReplicaEngine, requests: list[list[int]], args) -> 
                     first = time.perf_counter() - started
             ttfts.append(first if first is not None else float("nan"))
 
+    engine.routes = collections.deque(maxlen=len(requests) + 16)
     started = time.perf_counter()
-    await asyncio.gather(*(one(i, ids) for i, ids in enumerate(requests)))
+    await asyncio.gather(*(one(i, ids) for i, (_p, ids) in enumerate(requests)))
     wall = time.perf_counter() - started
     await engine.refresh()
     stats = engine.stats()
     per_replica = collections.Counter(route.replica for route in engine.routes)
+    homes: dict[int, set[str]] = collections.defaultdict(set)
+    for route in engine.routes:
+        homes[requests[int(route.request_id.removeprefix("bench-"))][0]].add(route.replica)
     ttfts.sort()
     return {"hit_rate": stats.prefix_hits / max(1, stats.prefix_queries),
             "p50_ttft": statistics.median(ttfts), "p90_ttft": ttfts[int(0.9 * (len(ttfts) - 1))],
-            "wall": wall, "per_replica": dict(sorted(per_replica.items()))}
+            "wall": wall, "per_replica": dict(sorted(per_replica.items())),
+            "one_home": sum(len(h) == 1 for h in homes.values()), "decisions": dict(sorted(engine.decisions.items()))}
 
 
 async def single_streams(engine, args, vocab: int) -> tuple[float, float]:
@@ -149,7 +166,8 @@ def main() -> int:
     print(f"{args.replicas} replica(s) x {args.threads} thread(s); {args.prompts} prompts x {args.prefix_tokens} "
           f"tokens, {args.users} users each, {args.max_tokens} tokens out, {args.concurrency} in flight; "
           f"load average before: {os.getloadavg()[0]:.1f}")
-    print(f"{'policy':12s} {'hit rate':>9s} {'P50 TTFT':>9s} {'P90 TTFT':>9s} {'wall':>7s}  requests per replica")
+    print(f"{'policy':12s} {'hit rate':>9s} {'P50 TTFT':>9s} {'P90 TTFT':>9s} {'wall':>7s}  prompts on one replica; "
+          "requests per replica; router decisions")
     for policy in args.policies.split(","):
         actors = start_actors(config, ReplicaOptions(replicas=args.replicas, cpus=args.threads))
         engine = ReplicaEngine(actors, Router(policy))
@@ -157,12 +175,14 @@ def main() -> int:
             requests = workload(args, engine.info.model_config.vocab_size)
             if policy == args.policies.split(",")[0]:
                 print(f"(KV cache per replica: {engine.info.num_blocks * engine.info.block_size} tokens; "
-                      f"the prefixes: {args.prompts * args.prefix_tokens} tokens)")
+                      f"the prefixes: {args.prompts * args.prefix_tokens} tokens; hit-rate ceiling "
+                      f"{hit_ceiling(args, engine.block_size):.1%})")
             result = asyncio.run(run_policy(engine, requests, args))
         finally:
             engine.shutdown()
         print(f"{policy:12s} {result['hit_rate']:9.1%} {result['p50_ttft'] * 1000:7.0f}ms "
-              f"{result['p90_ttft'] * 1000:7.0f}ms {result['wall']:6.1f}s  {result['per_replica']}", flush=True)
+              f"{result['p90_ttft'] * 1000:7.0f}ms {result['wall']:6.1f}s  {result['one_home']}/{args.prompts}; "
+              f"{result['per_replica']}; {result['decisions']}", flush=True)
     ray.shutdown()
     return 0
 

@@ -27,7 +27,7 @@ from shoal.bench.runner import BenchConfig, run_bench
 from shoal.bench.stats import Slo, level_figures
 from shoal.bench.targets import BenchSetupError, parse_target, parse_targets, redact
 from shoal.bench.tokens import EstimateTokenizer, FileTokenizer
-from shoal.bench.workloads import CHAT_RAG_TURNS, PromptBuilder, make_workload
+from shoal.bench.workloads import CHAT_RAG_TURNS, SHARED_PREFIXES, PromptBuilder, make_workload
 from shoal.cli import main
 
 MAX_TOKENS = 6
@@ -346,6 +346,19 @@ def test_chat_rag_turns_grow_a_shared_prefix(smollm2_path):
     other = make_workload("chat-rag", 32).session(builder, "0/0/1", 1)
     assert other[0].messages[0] == session[0].messages[0]                 # the system prompt is shared
     assert other[0].messages[1] != session[0].messages[1]
+
+
+def test_shared_prefix_users_share_one_of_sixteen_system_prompts(smollm2_path):
+    builder = PromptBuilder(FileTokenizer(smollm2_path))
+    workload = make_workload("shared-prefix", None)
+    users = [workload.session(builder, f"0/0/{i}", i)[0] for i in range(2 * SHARED_PREFIXES + 1)]
+    systems = [u.messages[0]["content"] for u in users]
+    assert len(set(systems)) == SHARED_PREFIXES                      # 16 distinct system prompts
+    assert systems[0] == systems[SHARED_PREFIXES] == systems[2 * SHARED_PREFIXES] != systems[1]
+    assert len(systems[0].split()) == 1000 and users[0].max_tokens == 64
+    assert len({u.messages[1]["content"] for u in users}) == len(users)   # each user asks their own
+    # the same system prompt on another level (another key) and another seed
+    assert make_workload("shared-prefix", 8).session(builder, "7/3/5", 5)[0].messages[0]["content"] == systems[5]
 
 
 def test_jsonl_workload(tmp_path):

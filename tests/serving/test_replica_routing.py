@@ -90,3 +90,86 @@ def test_replica_settings_turn_replicas_on() -> None:
         assert ServerSettings.from_env(env).replicated, env
     settings = ServerSettings.from_env({"SHOAL_REPLICA_CPUS": "2.5", "SHOAL_ROUTING": "Round_Robin"})
     assert (settings.replica_cpus, settings.routing) == (2.5, "round_robin")
+
+
+def test_a_session_sticks_to_its_replica_until_it_is_down_or_overloaded() -> None:
+    a, b = ReplicaState("a"), ReplicaState("b")
+    router = Router("round_robin", imbalance=2)
+    home = router.choose([a, b], [], session="chat-1").replica
+    other = b if home is a else a
+    # round robin would alternate; the session stays put
+    assert {router.choose([a, b], [], session="chat-1").replica.name for _ in range(5)} == {home.name}
+    assert router.choose([a, b], [], session="chat-1").reason == "session"
+    home.in_flight = 3              # 3 more than the least loaded (> 2): the session moves
+    moved = router.choose([a, b], [], session="chat-1")
+    assert moved.replica is other and moved.reason != "session"
+    home.in_flight = 0
+    assert router.choose([a, b], [], session="chat-1").replica is other    # and stays where it went
+    other.up = False                # its replica is down: back to one that is up
+    assert router.choose([a, b], [], session="chat-1").replica is home
+    assert router.choose([a, b], [], session="chat-1", exclude=[home]) is None
+
+
+def test_cache_aware_with_a_session_and_the_session_table_is_bounded() -> None:
+    a, b = ReplicaState("a"), ReplicaState("b")
+    prompt = _hashes(4)
+    b.apply("b1", [(True, h) for h in prompt])
+    router = Router("cache_aware", max_sessions=2)
+    assert router.choose([a, b], prompt, session="s1").replica is b      # the policy's pick first
+    a.apply("a1", [(True, h) for h in prompt])
+    assert router.choose([a, b], prompt, session="s1").replica is b      # then the session's
+    router.choose([a, b], prompt, session="s2")
+    router.choose([a, b], prompt, session="s3")
+    assert router.session_home("s1") is None and router.session_home("s3") is not None
+
+
+def test_the_session_header_setting() -> None:
+    from shoal.serving.settings import ServerSettings
+
+    assert ServerSettings.from_env({}).session_header == "X-Session-ID"
+    assert ServerSettings.from_env({"SHOAL_SESSION_HEADER": "Off"}).session_header == ""
+    assert ServerSettings.from_env({"SHOAL_SESSION_HEADER": "X-Conversation"}).session_header == "X-Conversation"
+    with pytest.raises(InvalidParameterError, match="session_header"):
+        ServerSettings.from_env({"SHOAL_SESSION_HEADER": "no spaces: here"})
+
+
+def test_placement_gives_each_replica_a_gpu_on_gpu_clusters() -> None:
+    from shoal.serving.replicas.cluster import placement
+
+    assert placement(None, None, 0.0) == (1, 0.0)        # no GPUs: one replica on CPUs
+    assert placement(3, None, 0.0) == (3, 0.0)
+    assert placement(None, None, 4.0) == (4, 1.0)        # one replica per GPU
+    assert placement(2, None, 4.0) == (2, 1.0)           # --replicas 2: two, a GPU each
+    assert placement(None, 0.0, 4.0) == (1, 0.0)         # --replica-gpus 0: on CPUs
+    assert placement(None, 2.0, 4.0) == (1, 2.0)         # --replica-gpus given: as asked
+    assert placement(3, 0.5, 1.0) == (3, 0.5)
+
+
+def test_replica_gpus_default_to_auto() -> None:
+    from shoal.serving.settings import ServerSettings
+
+    assert ServerSettings.from_env({}).replica_gpus is None
+    assert ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "Auto"}).replica_gpus is None
+    assert ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "0"}).replica_gpus == 0.0
+    with pytest.raises(InvalidParameterError, match="replica_gpus"):
+        ServerSettings.from_env({"SHOAL_REPLICA_GPUS": "-1"})
+
+
+def test_new_prefixes_go_where_the_fewest_prompts_are_held() -> None:
+    a, b = ReplicaState("a"), ReplicaState("b")
+    router = Router("cache_aware")
+    a.begin(_hashes(10, blocks=6))
+    a.end(_hashes(10, blocks=6))
+    a.apply("a1", [(True, h) for h in _hashes(10, blocks=6)])
+    decision = router.choose([a, b], _hashes(11))         # nobody holds it: to the emptier one
+    assert (decision.replica, decision.reason) == (b, "new_prefix")
+    b.begin(_hashes(11, blocks=2))                        # prompts in flight count: two on b ...
+    b.begin(_hashes(12, blocks=2))
+    assert router.choose([a, b], _hashes(13)).replica is a    # ... one on a (though it holds more blocks)
+    a.apply("a1", [(False, _hashes(10, blocks=6)[0])])        # a evicted its prompt's first block
+    assert a.held_prompts() == 0 and b.held_prompts() == 2
+    # sixteen new prefixes in a row, each kept where it went: an even split
+    c, d = ReplicaState("c"), ReplicaState("d")
+    for seed in range(100, 116):
+        router.choose([c, d], _hashes(seed)).replica.apply("x", [(True, h) for h in _hashes(seed)])
+    assert len(c.cached) == len(d.cached) == 8 * 4

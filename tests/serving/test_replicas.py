@@ -4,6 +4,7 @@ front with --replicas 2 in both dialects. One cluster for the module keeps it bo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -23,22 +24,14 @@ from shoal.core.errors import EngineDeadError
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.events import Update
 from shoal.engine.kv.hashing import prompt_block_hashes
-from shoal.serving.replicas.cluster import ReplicaOptions, start_actors
+from shoal.serving.replicas.cluster import ReplicaOptions, blob_source, start_actors
+from shoal.serving.replicas.model_files import ModelFile
 from shoal.serving.replicas.replica_engine import ReplicaEngine
 from shoal.serving.replicas.routing import Router
+from shoal.serving.replicas.session import current_session
 
 BLOCK = 16
 KV_BLOCKS = 32      # small enough that a handful of distinct prompts evicts the first
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    # NOTE: 4 logical CPUs on a 2-core box: Ray's CPUs are only bookkeeping here; the test's
-    # 2 replicas and the HTTP front's 2 take half a CPU each.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +91,9 @@ def test_routing_sends_a_shared_prefix_to_the_replica_that_holds_it(replicas: Re
 
 def test_the_index_follows_stores_and_evictions(replicas: ReplicaEngine, loop) -> None:
     async def main() -> None:
+        # one session: the distinct prompts below all go to the first one's replica (new
+        # prefixes would otherwise split between the replicas)
+        current_session.set("evictions")
         first = _prompt(100, 6 * BLOCK)
         await _run(replicas, "evict-0", first + [1])
         home = next(r for r in replicas.replicas if r.state.name == _route(replicas, "evict-0").replica)
@@ -245,6 +241,86 @@ def test_a_stream_whose_replica_dies_ends_with_an_engine_error(replicas: Replica
         assert [r.request_id for r in replicas.routes].count("doomed") == 1
 
     loop.run_until_complete(main())
+
+
+def test_a_replica_whose_engine_loop_hangs_is_treated_as_dead(replicas: ReplicaEngine, loop) -> None:
+    """The test hook (SHOAL_TEST_HOOKS, set by the cluster fixture) stalls one replica's step
+    loop for real while its actor still answers polls."""
+    async def main() -> None:
+        replicas.hang_after = 2.0
+        try:
+            prefix = _prompt(600, 2 * BLOCK)
+            stream = replicas.generate("frozen", prefix + [1], SamplingParams(max_tokens=200, temperature=0,
+                                                                            ignore_eos=True))
+            async for event in stream:
+                if isinstance(event, Update):
+                    break
+            home = next(r for r in replicas.replicas if r.state.name == _route(replicas, "frozen").replica)
+            before = home.state.incarnation
+            await home.actor.freeze.remote()
+            started = time.monotonic()
+            # requests that share the prefix go to the frozen replica (they wait there, unstreamed)
+            waiting = [asyncio.ensure_future(_run(replicas, f"behind-{i}", prefix + [2 + i], max_tokens=3))
+                       for i in range(3)]
+            await asyncio.sleep(0.3)
+            assert [_route(replicas, f"behind-{i}").replica for i in range(3)] == [home.state.name] * 3
+            with pytest.raises(EngineDeadError, match="died while streaming"):
+                async for _event in stream:
+                    pass
+            assert 2.0 <= time.monotonic() - started < 15
+            # ... and were retried on the other replica: none failed
+            assert all(tokens for tokens in await asyncio.gather(*waiting))
+            for i in range(3):
+                assert [r.replica for r in replicas.routes if r.request_id == f"behind-{i}"][-1] != home.state.name
+            assert home.hangs == 1
+            deadline = time.monotonic() + 90       # Ray restarts it; the router takes it back
+            while time.monotonic() < deadline and not (home.state.up and home.state.incarnation != before):
+                await replicas.refresh()
+                await asyncio.sleep(0.5)
+            assert home.state.up and home.state.incarnation != before
+        finally:
+            replicas.hang_after = 60.0
+
+    loop.run_until_complete(main())
+
+
+def test_a_replica_pulls_a_model_its_node_lacks_into_its_store_by_digest(cluster, tiny_llama_gguf: Path,
+                                                                           tmp_path: Path, loop) -> None:
+    """What a second node sees, on one machine: the front's path does not exist for the
+    replicas, so they pull the blob from the front's BlobSource into their store."""
+    data = tiny_llama_gguf.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    source = blob_source({digest: str(tiny_llama_gguf)})
+    store = tmp_path / "node-store"
+    missing = ModelFile(str(tmp_path / "front-only" / f"sha256-{digest[7:]}"), digest, source, str(store))
+    config = EngineConfig(model=missing.path, kv_cache_bytes=KV_BLOCKS * 8192, block_size=BLOCK, num_threads=1,
+                          max_model_len=128)
+    engine = ReplicaEngine(start_actors(config, ReplicaOptions(replicas=2, cpus=0.5), missing), Router("round_robin"))
+    try:
+        blob = store / "blobs" / f"sha256-{digest[7:]}"
+        assert blob.read_bytes() == data          # both pulled the one blob (the second found it there)
+        assert ray.get([r.actor.model_path.remote() for r in engine.replicas]) == [str(blob)] * 2
+        for i in range(2):                         # and both serve from it
+            assert loop.run_until_complete(_run(engine, f"pulled-{i}", _prompt(i, 20)))
+        assert {r.replica for r in engine.routes} == {"r0", "r1"}
+    finally:
+        engine.shutdown()
+    # a path the node has (a shared store) is used as it is: nothing is pulled
+    shared = ModelFile(str(tiny_llama_gguf), digest, source, str(tmp_path / "other-store"))
+    (actor,) = start_actors(config, ReplicaOptions(replicas=1, cpus=0.5), shared)
+    try:
+        assert ray.get(actor.model_path.remote()) == str(tiny_llama_gguf)
+        assert not (tmp_path / "other-store" / "blobs").exists()
+    finally:
+        ray.kill(actor, no_restart=True)
+    # bytes that do not hash to the digest never become a blob: the replica does not start
+    liar = blob_source({"sha256:" + "0" * 64: str(tiny_llama_gguf)})
+    wrong = ModelFile(str(tmp_path / "front-only" / "x"), "sha256:" + "0" * 64, liar, str(store))
+    with pytest.raises(Exception, match="content has digest"):
+        start_actors(config, ReplicaOptions(replicas=1, cpus=0.5, max_restarts=0), wrong)
+    assert not (store / "blobs" / ("sha256-" + "0" * 64)).exists()
+    for helper in (source, liar):
+        ray.kill(helper, no_restart=True)
 
 
 def test_sigterm_on_the_front_stops_its_replicas(cluster, tiny_llama_dir: Path, tmp_path: Path) -> None:

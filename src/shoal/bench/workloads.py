@@ -4,7 +4,7 @@ Prompts are sequences of common English words drawn by a seeded generator: reque
 level L draws the same words on every target, so targets with the same tokenizer get the
 same text, and no two requests share more than their first word (no server gets a free ride
 from its prefix cache) — except in `chat-rag`, whose turns repeat their conversation so far
-on purpose.
+on purpose, and `shared-prefix`, whose users share a few long system prompts on purpose.
 
 Token-accurate lengths: `PromptBuilder.calibrate` keeps the words that are exactly one
 token for the target's tokenizer and checks that joined words add up (true for byte-level
@@ -50,8 +50,10 @@ PRESETS: dict[str, Preset] = {
     "long-long": Preset(1024, 512, True),
     "short-long": Preset(64, 512, True),
     "chat-rag": Preset(256, 64, False),        # per turn: one retrieved passage of 256 tokens
+    "shared-prefix": Preset(1000, 64, False),  # many users behind a few long system prompts
 }
 CHAT_RAG_TURNS = 4
+SHARED_PREFIXES = 16
 _QUESTION_TOKENS = 16
 WORKLOAD_NAMES = (*PRESETS, "jsonl:PATH")
 
@@ -179,6 +181,32 @@ class ChatRag(Workload):
         return requests
 
 
+class SharedPrefix(Workload):
+    """Many users behind a few long system prompts (issue 16's routing workload).
+
+    Session i is one user: system prompt i mod 16 (~1,000 tokens of words, the same on every
+    target and level) and a short question of its own. The sessions cycle through the
+    prompts, so each prompt's first request is the only one a prefix cache must compute in
+    full: a server (or a router over replicas) that keeps each prompt's cache computes the
+    rest's questions only; one whose caches cannot hold them all recomputes the prompts.
+    """
+
+    name = "shared-prefix"
+    long_answers = False
+    cache_free = False
+
+    def __init__(self, preset: Preset, max_tokens: int | None) -> None:
+        self.preset = preset
+        self.max_tokens = max_tokens or preset.answer_tokens
+
+    def session(self, builder: PromptBuilder, key: str, index: int) -> list[BenchRequest]:
+        prompt = index % SHARED_PREFIXES
+        system = builder.words_text(random.Random(f"shared-prefix/{prompt}"), self.preset.prompt_tokens)
+        question = builder.words_text(random.Random(key), _QUESTION_TOKENS)
+        return [BenchRequest(messages=({"role": "system", "content": system},
+                                       {"role": "user", "content": f"{question}?"}), max_tokens=self.max_tokens)]
+
+
 class JsonlPrompts(Workload):
     """The user's prompts, one JSON object a line: {"prompt": ...} or {"messages": [...]}, optional
     "max_tokens"; sessions cycle through the file in order."""
@@ -232,6 +260,8 @@ def make_workload(spec: str, max_tokens: int | None) -> Workload:
         return JsonlPrompts(spec[len("jsonl:"):], max_tokens)
     if spec == "chat-rag":
         return ChatRag(PRESETS[spec], max_tokens)
+    if spec == "shared-prefix":
+        return SharedPrefix(PRESETS[spec], max_tokens)
     if spec in PRESETS:
         return PromptPreset(spec, PRESETS[spec], max_tokens)
     raise BenchSetupError(f"--workload {spec!r}: choose one of {', '.join(WORKLOAD_NAMES)}")

@@ -64,6 +64,9 @@ class AsyncEngine:
         self._streams_lock = threading.Lock()
         self._stopping = False
         self.dead: BaseException | None = None
+        # when the loop last went round (it does at least twice a second, idle or not): a
+        # replica's front reads a stalled loop as a hung engine (serving/replicas)
+        self.last_beat = time.monotonic()
         ready = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._build_and_run, args=(config, ready, failure),
@@ -232,6 +235,7 @@ class AsyncEngine:
     def _run_loop(self) -> None:
         try:
             while not self._stopping:
+                self.last_beat = time.monotonic()
                 self._drain_commands()
                 if not self.core.has_work_ready():
                     if self._decoder:

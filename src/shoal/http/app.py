@@ -26,11 +26,12 @@ from shoal.http.openai.embeddings import router as openai_embeddings_router
 from shoal.http.openai.routes import router as openai_router
 from shoal.http.probes import router as probes_router
 from shoal.http.replicas import router as replicas_router
+from shoal.http.session_header import SessionHeaderMiddleware
 from shoal.serving.activity import server_activity
 from shoal.serving.generate import GenerationService
 from shoal.serving.live import LiveStats
 from shoal.serving.metrics import CONTENT_TYPE, PREFIX, ServerMetrics
-from shoal.serving.replicas.metrics import ReplicaCollector
+from shoal.serving.replicas.metrics import ReplicaCollector, engine_stats
 from shoal.serving.residency import ResidencyManager
 from shoal.serving.server_state import ServerLifecycle
 from shoal.serving.settings import ServerSettings
@@ -61,7 +62,7 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
 
     app = FastAPI(title="shoal", version=__version__, docs_url="/docs", redoc_url=None,
                   lifespan=lifespan)
-    metrics = ServerMetrics(lambda: [(m.name, m.engine.stats()) for m in residency.loaded()])
+    metrics = ServerMetrics(lambda: engine_stats(residency.loaded()))
     for model in residency.loaded():
         metrics.register_model(model.name)
     residency.add_load_listener(lambda model: metrics.register_model(model.name))
@@ -115,6 +116,8 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.include_router(replicas_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
                        read_timeout=settings.read_timeout)
+    if settings.replicated and settings.session_header:
+        app.add_middleware(SessionHeaderMiddleware, header=settings.session_header)
     # NOTE: runs before the routes and the body limit: a request without a valid key is
     # refused unread (only the observability layer, attached below, runs before it).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, count=count_rejection)

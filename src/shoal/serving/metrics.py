@@ -19,8 +19,9 @@ from shoal.engine.stats import EngineStats
 from shoal.serving.latency_window import RecentLatencies
 from shoal.serving.records import RequestRecord
 
-# Each loaded model's name and its engine's stats now (read at scrape time).
-EngineStatsSource = Callable[[], Iterable[tuple[str, EngineStats]]]
+# Each loaded model's name, its replica's name (None: an in-process engine) and that engine's
+# stats now (read at scrape time).
+EngineStatsSource = Callable[[], Iterable[tuple[str, str | None, EngineStats]]]
 
 PREFIX = "shoal:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -58,15 +59,16 @@ class _EngineCollector(Collector):
         preemptions = CounterMetricFamily(PREFIX + "num_preemptions",
                                           "Requests preempted (KV blocks reclaimed, recomputed later).",
                                           labels=label)
-        for name, stats in self._engines():
-            running.add_metric([name], stats.running)
-            waiting.add_metric([name], stats.waiting)
-            kv.add_metric([name], stats.kv_usage)
-            prompt.add_metric([name], stats.prompt_tokens)
-            generation.add_metric([name], stats.generation_tokens)
-            queries.add_metric([name], stats.prefix_queries)
-            hits.add_metric([name], stats.prefix_hits)
-            preemptions.add_metric([name], stats.preemptions)
+        for name, replica, stats in self._engines():
+            # NOTE: an engine replica's series add a `replica` label (sum by model_name for the
+            # model's total); an in-process engine's have model_name alone.
+            labels = {"model_name": name} if replica is None else {"model_name": name, "replica": replica}
+            for family, value in ((running, stats.running), (waiting, stats.waiting), (kv, stats.kv_usage)):
+                family.add_sample(family.name, labels, value)
+            for family, value in ((prompt, stats.prompt_tokens), (generation, stats.generation_tokens),
+                                  (queries, stats.prefix_queries), (hits, stats.prefix_hits),
+                                  (preemptions, stats.preemptions)):
+                family.add_sample(family.name + "_total", labels, value)
         return [running, waiting, kv, prompt, generation, queries, hits, preemptions]
 
 

@@ -126,7 +126,9 @@ def _model_builder(engine_config: EngineConfig, settings: ServerSettings) -> Cal
         return lambda s: build_served_model(s, engine_config)
     from shoal.serving.replicas.cluster import ReplicaOptions, build_replicated_model
 
-    options = ReplicaOptions(replicas=max(1, settings.replicas), address=settings.ray_address,
-                             cpus=float(settings.replica_cpus), gpus=float(settings.replica_gpus),
-                             routing=settings.routing)
+    # NOTE: replicas and GPUs not given (None): placement() decides from the cluster's GPUs
+    options = ReplicaOptions(replicas=settings.replicas or None, address=settings.ray_address,
+                             cpus=float(settings.replica_cpus),
+                             gpus=None if settings.replica_gpus is None else float(settings.replica_gpus),
+                             routing=settings.routing, hang_timeout=settings.replica_hang_timeout)
     return lambda s: build_replicated_model(s, engine_config, options)

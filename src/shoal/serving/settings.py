@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 from shoal.access.auth import ADMIN_KEY_MIN_LENGTH, AUTH_MODES
@@ -15,6 +16,7 @@ from shoal.store.egress import EgressPolicy
 # without configuration. `shoal serve --port` or SHOAL_PORT when Ollama itself runs here.
 DEFAULT_PORT = 11434
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110's token
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -62,8 +64,10 @@ SERVER_ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_RAY": ("use_ray", "1: serve through Ray replicas even with SHOAL_REPLICAS unset (one replica), e.g. to measure the hop (default 0)."),
     "SHOAL_RAY_ADDRESS": ("ray_address", "Ray cluster to join ('auto', 'host:6379', 'ray://...'); implies replicas (default: RAY_ADDRESS, else a local cluster of this machine)."),
     "SHOAL_REPLICA_CPUS": ("replica_cpus", "Ray CPUs per replica, also its torch threads (at least 1) (default 1)."),
-    "SHOAL_REPLICA_GPUS": ("replica_gpus", "Ray GPUs per replica; > 0 runs the replica on CUDA (default 0)."),
+    "SHOAL_REPLICA_GPUS": ("replica_gpus", "Ray GPUs per replica; > 0 runs the replica on CUDA (default 'auto': 1 when the Ray cluster has GPUs, and then one replica per GPU unless SHOAL_REPLICAS is set; else 0)."),
     "SHOAL_ROUTING": ("routing", "How the front picks a replica: cache_aware (the replica holding the prompt's prefix blocks, unless load is imbalanced), least_loaded or round_robin (default cache_aware)."),
+    "SHOAL_SESSION_HEADER": ("session_header", "Request header whose value keeps a session on one replica while it is up and not overloaded (session affinity; 'off' = none) (default X-Session-ID)."),
+    "SHOAL_REPLICA_HANG_TIMEOUT": ("replica_hang_timeout", "A replica whose engine loop makes no progress this long (or whose process stays silent this long while requests wait on it) is treated as dead: killed and restarted, its waiting requests retried elsewhere; longer than the slowest engine step; 0 or negative = never (default 60s)."),
 }
 
 
@@ -113,8 +117,10 @@ class ServerSettings:
     use_ray: bool = False
     ray_address: str | None = None
     replica_cpus: float | str = 1.0
-    replica_gpus: float | str = 0.0
+    replica_gpus: float | str | None = None     # None: 1 per replica when Ray reports GPUs, else 0
     routing: str = "cache_aware"
+    session_header: str = "X-Session-ID"
+    replica_hang_timeout: float | str = 60.0
 
     @property
     def replicated(self) -> bool:
@@ -190,7 +196,11 @@ class ServerSettings:
     def _check_replicas(self) -> None:
         if self.replicas < 0:
             raise InvalidParameterError("replicas", "must be >= 0")
+        if isinstance(self.replica_gpus, str) and self.replica_gpus.strip().lower() == "auto":
+            self.replica_gpus = None
         for name in ("replica_cpus", "replica_gpus"):
+            if getattr(self, name) is None:
+                continue
             try:
                 value = float(getattr(self, name))
             except ValueError:
@@ -198,6 +208,12 @@ class ServerSettings:
             if not 0 <= value < math.inf or (name == "replica_cpus" and value == 0):
                 raise InvalidParameterError(name, f"must be a positive number, got {value}")
             setattr(self, name, value)
+        self.replica_hang_timeout = _seconds("replica_hang_timeout", self.replica_hang_timeout)
+        header = self.session_header.strip()
+        self.session_header = "" if header.lower() in ("", "off", "none", "0") else header
+        if self.session_header and not _HEADER_NAME.fullmatch(self.session_header):
+            raise InvalidParameterError("session_header", f"SHOAL_SESSION_HEADER must be a header name or "
+                                        f"'off', got {header!r}")
         from shoal.serving.replicas.routing import POLICIES
 
         self.routing = self.routing.strip().lower()

@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "~/.shoal/models"
 
 
+def store_root_from_env() -> Path:
+    """This process's store: $SHOAL_MODELS, else $SHOAL_HOME/models, else ~/.shoal/models."""
+    home = os.environ.get("SHOAL_HOME")
+    default = str(Path(home).expanduser() / "models") if home else DEFAULT_ROOT
+    return Path(os.environ.get("SHOAL_MODELS") or default).expanduser()
+
+
 @dataclass(slots=True)
 class StoredModel:
     """One entry of `list()` (Ollama's /api/tags item)."""
@@ -151,9 +158,7 @@ class ModelStore:
     @classmethod
     def from_env(cls, **kwargs: Any) -> ModelStore:
         """The store at $SHOAL_MODELS (default $SHOAL_HOME/models, SHOAL_HOME being ~/.shoal)."""
-        home = os.environ.get("SHOAL_HOME")
-        default = str(Path(home).expanduser() / "models") if home else DEFAULT_ROOT
-        return cls(os.environ.get("SHOAL_MODELS") or default, **kwargs)
+        return cls(store_root_from_env(), **kwargs)
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r})"

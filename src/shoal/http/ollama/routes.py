@@ -230,6 +230,11 @@ async def ps(request: Request) -> dict[str, Any]:
             "size_vram": total if on_gpu else 0,
             "context_length": serving.served_context(model),
         })
+        # shoal's addition for a model served by engine replicas (docs/scale-out.md): where each
+        # runs and how busy it is
+        describe = getattr(model.engine, "describe_replicas", None)
+        if describe is not None:
+            models[-1]["replicas"] = [{key: row[key] for key in _PS_REPLICA_FIELDS} for row in describe()]
     # shoal's addition (Ollama clients ignore unknown keys): what the server is doing, e.g.
     # "loading smollm2:135m: downloading (4 s); building the CPU kernels (x86-64-v3, 2 s)".
     reply: dict[str, Any] = {"models": models, "status": request.app.state.lifecycle.state}
@@ -239,6 +244,7 @@ async def ps(request: Request) -> dict[str, Any]:
     return reply
 
 
+_PS_REPLICA_FIELDS = ("replica", "node", "pid", "up", "in_flight", "running", "waiting", "kv_usage")
 _GO_MAX_DURATION_S = (2**63 - 1) / 1e9
 
 

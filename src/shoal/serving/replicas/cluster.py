@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from shoal.core.config import EngineConfig
 from shoal.serving.catalog import ModelSpec
+from shoal.serving.replicas.model_files import ModelFile, model_file
 from shoal.serving.replicas.routing import Router
 from shoal.serving.served import ServedModel
 
@@ -20,12 +21,24 @@ log = logging.getLogger("shoal.server")
 
 @dataclass(slots=True, frozen=True)
 class ReplicaOptions:
-    replicas: int = 1
+    replicas: int | None = 1        # None: one per GPU of the cluster (with gpus None), else 1
     address: str | None = None      # None: RAY_ADDRESS, else a local cluster of this machine
     cpus: float = 1.0               # Ray CPUs per replica (and its torch threads, at least 1)
-    gpus: float = 0.0               # Ray GPUs per replica (>0: the replica runs on CUDA)
+    gpus: float | None = 0.0        # Ray GPUs per replica (>0: on CUDA); None: 1 if the cluster has GPUs
     routing: str = "cache_aware"
     max_restarts: int = 3           # Ray restarts a replica whose process died this often
+    hang_timeout: float = 60.0      # a replica whose engine loop is still this long is killed (0: never)
+    node_store: str | None = None   # the store replicas pull into (None: each node's own)
+
+
+def placement(replicas: int | None, gpus: float | None, cluster_gpus: float) -> tuple[int, float]:
+    """(replicas, GPUs each): on a cluster with GPUs and no --replica-gpus, one GPU per replica
+    and, without --replicas, one replica per GPU; else what was asked (1 replica, no GPU)."""
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus >= 1 else 0.0
+        if replicas is None and gpus:
+            replicas = int(cluster_gpus)
+    return replicas or 1, gpus
 
 
 def connect(address: str | None) -> bool:
@@ -37,7 +50,8 @@ def connect(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     # NOTE: the workers must import this very shoal (a checkout on PYTHONPATH included).
-    env = {k: os.environ[k] for k in ("PYTHONPATH",) if os.environ.get(k)}
+    # (and a test's hooks reach the replicas of a server it starts: actor.py)
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "SHOAL_TEST_HOOKS") if os.environ.get(k)}
     runtime_env = {"env_vars": env} if env else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
@@ -49,30 +63,51 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def start_actors(config: EngineConfig, options: ReplicaOptions) -> list:
-    """N ReplicaActors, each a full engine; returns once every one has loaded its model."""
+def start_actors(config: EngineConfig, options: ReplicaOptions, model: ModelFile | None = None) -> list:
+    """N ReplicaActors, each a full engine; returns once every one has loaded its model (found
+    on its node, or pulled there by digest: model_files.py)."""
     import ray
 
     from shoal.serving.replicas.actor import ReplicaActor
 
     threads = config.num_threads or max(1, int(options.cpus))
-    device = "cuda" if options.gpus > 0 else config.device
+    device = "cuda" if options.gpus else config.device
     replica_config = dataclasses.replace(config, num_threads=threads, device=device)
     remote = ray.remote(ReplicaActor).options(
         num_cpus=options.cpus, num_gpus=options.gpus, max_restarts=options.max_restarts,
         max_task_retries=0, max_concurrency=1000)
-    actors = [remote.remote(replica_config) for _ in range(options.replicas)]
+    actors = [remote.remote(replica_config, model) for _ in range(options.replicas or 1)]
     ray.get([a.pid.remote() for a in actors])     # raises here if a replica cannot load
     return actors
 
 
+def blob_source(files: dict[str, str]):
+    """A BlobSource actor on this process's node, serving these files (digest -> path)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from shoal.serving.replicas.model_files import BlobSource
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(BlobSource).options(num_cpus=0, scheduling_strategy=here, max_concurrency=8).remote(files)
+
+
 def build_replicated_model(spec: ModelSpec, base: EngineConfig, options: ReplicaOptions) -> ServedModel:
     """The ServedModel of one model served by N replicas (blocking, like build_served_model)."""
+    import ray
+
     from shoal.serving.replicas.replica_engine import ReplicaEngine
 
     owns = connect(options.address)
+    replicas, gpus = placement(options.replicas, options.gpus, ray.cluster_resources().get("GPU", 0.0))
+    options = dataclasses.replace(options, replicas=replicas, gpus=gpus)
     config = dataclasses.replace(base, model=str(spec.path), adapters=tuple(str(p) for p in spec.adapters))
-    engine = ReplicaEngine(start_actors(config, options), Router(options.routing), owns_cluster=owns)
-    log.info("%s: %d replicas on Ray (routing %s)", spec.name, options.replicas, options.routing)
+    model, source = model_file(spec.path), None
+    if model.digest is not None:    # a store blob: replicas on nodes without it pull it from here
+        source = blob_source({model.digest: model.path})
+        model = dataclasses.replace(model, source=source, store=options.node_store)
+    engine = ReplicaEngine(start_actors(config, options, model), Router(options.routing), owns_cluster=owns,
+                           hang_after=options.hang_timeout, helpers=[source] if source else [])
+    log.info("%s: %d replicas on Ray (%s GPU each; routing %s)", spec.name, replicas, gpus, options.routing)
     return ServedModel(name=spec.name, engine=engine, info=engine.info,  # type: ignore[arg-type]
                        aliases=spec.aliases, spec=spec)

@@ -1,18 +1,33 @@
 """/metrics series of engine replicas and their router, read at scrape time.
 
-Separate `shoal:replica_*` / `shoal:router_*` families (not a `replica` label on the engine
-families): those stay one series per model, summed over its replicas, so existing dashboards
-read the same. Imports no Ray: the collector is registered always and finds nothing to report
-on a server without replicas.
+A replicated model's engine families (`shoal:num_requests_running`, `shoal:prefix_cache_hits`,
+...) carry one series per replica with a `replica` label (engine_stats feeds them to the
+engine collector); an in-process model keeps its one series per model. The router's own
+view of each replica and its decisions are the `shoal:replica_*` / `shoal:router_*`
+families here. Imports no Ray: the collector is registered always and finds nothing to
+report on a server without replicas.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shoal.engine.stats import EngineStats
 from shoal.serving.served import ServedModel
+
+
+def engine_stats(models: Iterable[ServedModel]) -> Iterator[tuple[str, str | None, EngineStats]]:
+    """(model, replica or None, stats) of every engine: each replica of a replicated model
+    that is up (a down one's last stats would be stale), else the in-process engine."""
+    for model in models:
+        per_replica = getattr(model.engine, "replica_stats", None)
+        if per_replica is None:
+            yield model.name, None, model.engine.stats()
+            continue
+        for replica, stats in per_replica():
+            yield model.name, replica, stats
 
 
 class ReplicaCollector(Collector):
@@ -26,21 +41,12 @@ class ReplicaCollector(Collector):
             "up": GaugeMetricFamily(p + "replica_up", "1 while the replica answers its polls.", labels=labels),
             "in_flight": GaugeMetricFamily(p + "replica_requests_in_flight",
                                            "Requests the front routed to the replica, not yet ended.", labels=labels),
-            "running": GaugeMetricFamily(p + "replica_num_requests_running", "The replica's running batch.",
-                                         labels=labels),
-            "waiting": GaugeMetricFamily(p + "replica_num_requests_waiting", "Requests waiting in the replica.",
-                                         labels=labels),
-            "kv_usage": GaugeMetricFamily(p + "replica_kv_cache_usage_perc", "The replica's KV cache in use.",
-                                          labels=labels),
             "cached_blocks": GaugeMetricFamily(p + "replica_prefix_blocks_indexed",
                                                "Prefix blocks the router believes the replica holds.", labels=labels),
             "routed": CounterMetricFamily(p + "replica_routed_requests", "Requests routed to the replica.",
                                           labels=labels),
-            "prefix_cache_hits": CounterMetricFamily(p + "replica_prefix_cache_hits",
-                                                     "Prompt tokens the replica found in its prefix cache.",
-                                                     labels=labels),
-            "prefix_cache_queries": CounterMetricFamily(p + "replica_prefix_cache_queries",
-                                                        "Prompt tokens the replica looked up.", labels=labels),
+            "hung": CounterMetricFamily(p + "replica_hangs", "Times the replica's engine loop stalled past "
+                                        "SHOAL_REPLICA_HANG_TIMEOUT and it was killed.", labels=labels),
         }
         decisions = CounterMetricFamily(p + "router_decisions", "Requests routed, by the router's reason.",
                                         labels=["model_name", "decision"])

@@ -9,12 +9,17 @@ computed with the engine's own hashing function, and streams that replica's even
 A background poller asks each replica for its stats and its prefix-cache events (in order,
 one poll at a time per replica) and marks it down when the call fails or times out; a
 request routed to a replica that died before it produced a token is retried on another.
+A replica that hangs (its engine loop still for `hang_after` seconds, or its process
+silent that long while requests wait on it) is killed, so the same paths take over: Ray
+restarts it, its waiting requests go elsewhere, its streams end with an error.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import os
+import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -31,6 +36,7 @@ from shoal.engine.kv.hashing import prompt_block_hashes
 from shoal.engine.stats import EngineStats
 from shoal.engine.structured.grammar import check_structured_output
 from shoal.serving.replicas.routing import Decision, ReplicaState, Router
+from shoal.serving.replicas.session import current_session
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ class Replica:
     last_ok: float = field(default_factory=time.monotonic)
     poll_lock: asyncio.Lock | None = None
     polls: int = 0
+    hangs: int = 0                      # times it was killed for a stalled engine loop
+    killed: str | None = None           # the incarnation last killed as hung (killed once)
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,7 +72,8 @@ class Route:
 
 class ReplicaEngine:
     def __init__(self, actors: list[Any], router: Router, *, poll_interval: float = 0.5,
-                 dead_after: float = 5.0, owns_cluster: bool = False) -> None:
+                 dead_after: float = 5.0, hang_after: float = 60.0, owns_cluster: bool = False,
+                 helpers: list[Any] | None = None) -> None:
         described = ray.get([a.describe.remote() for a in actors])
         first = described[0]
         self.info = first["info"]
@@ -78,7 +87,10 @@ class ReplicaEngine:
         self.router = router
         self.poll_interval = poll_interval
         self.dead_after = dead_after
+        self._node = ray.get_runtime_context().get_node_id()     # this front's Ray node
+        self.hang_after = hang_after if hang_after > 0 else math.inf
         self.owns_cluster = owns_cluster
+        self.helpers = helpers or []            # other actors of this model (its BlobSource), killed with it
         self.routes: deque[Route] = deque(maxlen=512)
         self.decisions: dict[str, int] = {}
         self.retries = 0
@@ -110,6 +122,10 @@ class ReplicaEngine:
         total = EngineStats(*(sum(getattr(s, f) for s in seen) for f in EngineStats.__dataclass_fields__))
         return replace(total, kv_usage=total.kv_usage / len(seen))
 
+    def replica_stats(self) -> list[tuple[str, EngineStats]]:
+        """Each replica that is up and its last polled stats (/metrics' `replica` series)."""
+        return [(r.state.name, r.stats) for r in self.replicas if r.state.up and r.stats is not None]
+
     def describe_replicas(self) -> list[dict[str, Any]]:
         """Each replica as the front sees it now (GET /v1/replicas, /metrics)."""
         rows = []
@@ -121,7 +137,7 @@ class ReplicaEngine:
                          "running": stats.running if stats else 0, "waiting": stats.waiting if stats else 0,
                          "kv_usage": stats.kv_usage if stats else 0.0,
                          "prefix_cache_queries": stats.prefix_queries if stats else 0,
-                         "prefix_cache_hits": stats.prefix_hits if stats else 0})
+                         "prefix_cache_hits": stats.prefix_hits if stats else 0, "hung": r.hangs})
         return rows
 
     # ---- requests --------------------------------------------------------------------------
@@ -130,10 +146,12 @@ class ReplicaEngine:
                        batch_aging_s: float = math.inf) -> AsyncIterator[EngineEvent]:
         self._ensure_poller()
         hashes = prompt_block_hashes(prompt_token_ids, self.block_size, self.cache_salt)
+        session = current_session.get()     # in the HTTP request's context (its first read)
         tried: list[ReplicaState] = []
         scheduled_sent = False
         while True:
-            decision = self.router.choose([r.state for r in self.replicas], hashes, exclude=tried)
+            decision = self.router.choose([r.state for r in self.replicas], hashes, exclude=tried,
+                                          session=session)
             if decision is None:
                 raise EngineDeadError("no engine replica is up" + (" (tried again after one died)" if tried else ""))
             replica = self._replica(decision)
@@ -220,21 +238,54 @@ class ReplicaEngine:
         async with replica.poll_lock:     # one at a time: the events must apply in order
             try:
                 ref = replica.actor.poll.remote()
-                stats, incarnation, events = await asyncio.wait_for(asyncio.wrap_future(ref.future()),
-                                                                    self.dead_after)
-            except _DEAD as exc:
+                reply = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.dead_after)
+            except RayActorError as exc:       # its process is gone: Ray restarts it
                 self._mark_down(replica, exc)
+                return
+            except (GetTimeoutError, TimeoutError) as exc:
+                self._mark_down(replica, exc)
+                # NOTE: only with requests waiting on it: an actor that is restarting (loading
+                # its model) is silent too, and is left to finish
+                silent = time.monotonic() - replica.last_ok
+                if replica.state.in_flight and silent > self.hang_after:
+                    self._kill_hung(replica, f"it has not answered for {silent:.0f} s with "
+                                    f"{replica.state.in_flight} requests on it")
                 return
             except Exception as exc:  # noqa: BLE001 - a poll must not kill the poller
                 log.warning("polling replica %s failed: %r", replica.state.name, exc)
                 return
+            if reply["still"] > self.hang_after:
+                self._mark_down(replica, TimeoutError("engine loop stalled"))
+                self._kill_hung(replica, f"its engine loop has been still for {reply['still']:.0f} s")
+                return
             if not replica.state.up:
                 log.warning("engine replica %s is up again", replica.state.name)
             replica.state.up = True
-            replica.state.apply(incarnation, events)
-            replica.stats = stats
+            replica.state.apply(reply["incarnation"], reply["events"])
+            replica.stats = reply["stats"]
+            replica.pid, replica.node = reply["pid"], reply["node"]     # new after a restart
             replica.last_ok = time.monotonic()
             replica.polls += 1
+
+    def _kill_hung(self, replica: Replica, why: str) -> None:
+        """A hung replica is treated as dead: killed, so its streams fail and its waiting
+        requests are retried elsewhere (generate's paths for a dead replica); Ray restarts it."""
+        if replica.killed == replica.state.incarnation:
+            return          # killed already; its restart reports a new incarnation
+        log.warning("engine replica %s is hung (%s): killing it", replica.state.name, why)
+        replica.hangs += 1
+        replica.killed = replica.state.incarnation
+        try:
+            ray.kill(replica.actor, no_restart=False)
+        except Exception as exc:  # noqa: BLE001 - already gone is as good
+            log.warning("killing replica %s: %r", replica.state.name, exc)
+        # NOTE: ray.kill asks the worker to exit, which a stopped process does only when Ray's
+        # own timeout kills it (seconds later); on this node the signal is at hand
+        if replica.node == self._node and replica.pid:
+            try:
+                os.kill(replica.pid, signal.SIGKILL)
+            except OSError:         # gone already
+                pass
 
     def _mark_down(self, replica: Replica, exc: BaseException) -> None:
         if replica.state.up:
@@ -257,7 +308,7 @@ class ReplicaEngine:
             ray.get([r.actor.shutdown.remote() for r in self.replicas if r.state.up], timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("replica shutdown: %r", exc)
-        for replica in self.replicas:
-            ray.kill(replica.actor, no_restart=True)
+        for actor in [r.actor for r in self.replicas] + self.helpers:
+            ray.kill(actor, no_restart=True)
         if self.owns_cluster:
             ray.shutdown()
