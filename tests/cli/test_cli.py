@@ -401,7 +401,9 @@ def test_run_autostarts_a_server_and_reuses_it(smollm2_path, home):
         assert waits, first.stderr
         counters = [0] + [int(re.search(r"\[(\d+) s\]$", line)[1]) for line in waits]
         assert max(b - a for a, b in zip(counters, counters[1:])) <= 2, first.stderr
-        assert any("loading smollm2:135m" in line for line in waits), first.stderr
+        # NOTE: the model's own load (packed GGUF blocks: well under a second) may be over
+        # before it earns a line of its own, so only the first wait is certain.
+        assert "starting the server" in waits[0], first.stderr
 
         second = shoal("run", "smollm2", "hello", *SHORT, url=url, home=home, env=env, timeout=200)
         assert second.returncode == 0, second.stderr

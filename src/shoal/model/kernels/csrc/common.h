@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -42,6 +43,33 @@ inline uint16_t to_bf16(float f) {
   if (f != f) return 0x7FC0;
   const uint32_t rounding = ((bits >> 16) & 1u) + 0x7FFFu;
   return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+// One row of a decoder's pre-norm into `row`: with `residual`, residual += x first and the
+// sum is normed; then h * rsqrt(mean(h^2) + eps) * weight. Shared by the per-row (fused_ops)
+// and per-block (packed_linear) quantizers, so both quantize bit-identical floats.
+inline void rms_norm_row(const float* x, float* residual, const float* weight, int64_t K, float eps,
+                         float* row) {
+  const float* h = x;
+  if (residual != nullptr) {
+    for (int64_t i = 0; i < K; ++i) residual[i] += x[i];
+    h = residual;
+  }
+  float sum = 0.f;
+  for (int64_t i = 0; i < K; ++i) sum += h[i] * h[i];
+  const float inv_rms = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
+  for (int64_t i = 0; i < K; ++i) row[i] = h[i] * inv_rms * weight[i];
+}
+
+// Gemma's sandwich norms for one row: residual += RMSNorm(x) * x_weight, then
+// row = RMSNorm(residual) * weight.
+inline void rms_norm_add_norm_row(const float* x, float* residual, const float* x_weight,
+                                  const float* weight, int64_t K, float eps, float* row) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < K; ++i) sum += x[i] * x[i];
+  const float inv_x = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
+  for (int64_t i = 0; i < K; ++i) residual[i] += x[i] * inv_x * x_weight[i];
+  rms_norm_row(residual, nullptr, weight, K, eps, row);
 }
 
 }  // namespace shoal

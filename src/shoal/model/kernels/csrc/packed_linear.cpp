@@ -425,16 +425,7 @@ SHOAL_API void shoal_rms_norm_quant_blocks(const float* xp, float* rp, const flo
   parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t t = begin; t < end; ++t) {
-      const float* h = xp + t * K;
-      if (add_residual) {
-        float* r = rp + t * K;
-        for (int64_t i = 0; i < K; ++i) r[i] += h[i];
-        h = r;
-      }
-      float sum = 0.f;
-      for (int64_t i = 0; i < K; ++i) sum += h[i] * h[i];
-      const float inv_rms = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
-      for (int64_t i = 0; i < K; ++i) row[i] = h[i] * inv_rms * wp[i];
+      shoal::rms_norm_row(xp + t * K, add_residual ? rp + t * K : nullptr, wp, K, eps, row.data());
       quantize_blocks(row.data(), K, qp + t * K, dp + t * B, sp + t * B);
     }
   });
@@ -449,16 +440,7 @@ SHOAL_API void shoal_rms_norm_add_norm_quant_blocks(const float* xp, float* rp, 
   parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t t = begin; t < end; ++t) {
-      const float* h = xp + t * K;
-      float* r = rp + t * K;
-      float sum = 0.f;
-      for (int64_t i = 0; i < K; ++i) sum += h[i] * h[i];
-      const float inv_x = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
-      for (int64_t i = 0; i < K; ++i) r[i] += h[i] * inv_x * xw[i];
-      sum = 0.f;
-      for (int64_t i = 0; i < K; ++i) sum += r[i] * r[i];
-      const float inv_r = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
-      for (int64_t i = 0; i < K; ++i) row[i] = r[i] * inv_r * wp[i];
+      shoal::rms_norm_add_norm_row(xp + t * K, rp + t * K, xw, wp, K, eps, row.data());
       quantize_blocks(row.data(), K, qp + t * K, dp + t * B, sp + t * B);
     }
   });
