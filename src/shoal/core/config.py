@@ -10,7 +10,8 @@ from shoal.core.errors import InvalidParameterError
 # name -> (EngineConfig field, description). docs/operations.md mirrors this table.
 ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_MODEL": ("model", "Model to load: a GGUF file, a Hugging Face directory, or 'default'."),
-    "SHOAL_COMPUTE": ("compute", "'fast' (int8 kernels, default) or 'exact' (float weights)."),
+    "SHOAL_COMPUTE": ("compute", "'fast' (int8 kernels, default; the weight recipe is `SHOAL_FAST_WEIGHTS`) or "
+                                "'exact' (float weights)."),
     "SHOAL_DEVICE": ("device", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'."),
     "SHOAL_DTYPE": ("dtype", "'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16', 'float16'."),
     "SHOAL_KV_CACHE_BYTES": ("kv_cache_bytes", "KV cache budget, e.g. '2GiB' (default: 20% of free RAM up to 4 GiB; 80% of free GPU memory)."),
