@@ -45,6 +45,14 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>((bits + rounding) >> 16);
 }
 
+// The gated MLPs' activations, one definition for every kernel so all quantize the same floats.
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+inline float gelu_tanh(float x) {
+  constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)
+  constexpr float kBeta = 0.044715f;
+  return 0.5f * x * (1.f + std::tanh(kAlpha * (x + kBeta * x * x * x)));
+}
+
 // One row of a decoder's pre-norm into `row`: with `residual`, residual += x first and the
 // sum is normed; then h * rsqrt(mean(h^2) + eps) * weight. Shared by the per-row (fused_ops)
 // and per-block (packed_linear) quantizers, so both quantize bit-identical floats.

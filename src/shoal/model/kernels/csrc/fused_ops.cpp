@@ -64,10 +64,7 @@ SHOAL_API void shoal_silu_mul_quant(const float* gp, const float* sm, int64_t T,
     for (int64_t t = begin; t < end; ++t) {
       const float* g = gp + t * 2 * I;
       const float* u = g + I;
-      for (int64_t i = 0; i < I; ++i) {
-        const float silu = g[i] / (1.f + std::exp(-g[i]));
-        row[i] = silu * u[i] * sm[i];
-      }
+      for (int64_t i = 0; i < I; ++i) row[i] = shoal::silu(g[i]) * u[i] * sm[i];
       sp[t] = quantize_row(row.data(), I, qp + t * I);
     }
   });
@@ -183,18 +180,12 @@ SHOAL_API void shoal_rms_norm_add_norm_quant(const float* xp, float* rp, const f
 // gate_up: [T, 2I] (gate then up). gelu_tanh(gate) * up * inv_smooth, quantized per row.
 SHOAL_API void shoal_gelu_tanh_mul_quant(const float* gp, const float* sm, int64_t T, int64_t I,
                                          int8_t* qp, float* sp) {
-  constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)
-  constexpr float kBeta = 0.044715f;
   parallel_for(T, grain(I), [&](int64_t begin, int64_t end) {
     std::vector<float> row(I);
     for (int64_t t = begin; t < end; ++t) {
       const float* g = gp + t * 2 * I;
       const float* u = g + I;
-      for (int64_t i = 0; i < I; ++i) {
-        const float x = g[i];
-        const float gelu = 0.5f * x * (1.f + std::tanh(kAlpha * (x + kBeta * x * x * x)));
-        row[i] = gelu * u[i] * sm[i];
-      }
+      for (int64_t i = 0; i < I; ++i) row[i] = shoal::gelu_tanh(g[i]) * u[i] * sm[i];
       sp[t] = quantize_row(row.data(), I, qp + t * I);
     }
   });

@@ -449,20 +449,13 @@ SHOAL_API void shoal_rms_norm_add_norm_quant_blocks(const float* xp, float* rp, 
 // gate_up [T, 2I] (gate then up): act(gate) * up, quantized per block; gelu: 0 silu, 1 gelu_tanh.
 SHOAL_API void shoal_act_mul_quant_blocks(const float* gp, int64_t T, int64_t I, int32_t gelu,
                                           int8_t* qp, float* dp, int32_t* sp) {
-  constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)
-  constexpr float kBeta = 0.044715f;
   const int64_t B = I / kBlock;
   parallel_for(T, grain(I), [&](int64_t begin, int64_t end) {
     std::vector<float> row(I);
     for (int64_t t = begin; t < end; ++t) {
       const float* g = gp + t * 2 * I;
       const float* u = g + I;
-      for (int64_t i = 0; i < I; ++i) {
-        const float x = g[i];
-        const float act = gelu ? 0.5f * x * (1.f + std::tanh(kAlpha * (x + kBeta * x * x * x)))
-                               : x / (1.f + std::exp(-x));
-        row[i] = act * u[i];
-      }
+      for (int64_t i = 0; i < I; ++i) row[i] = (gelu ? shoal::gelu_tanh(g[i]) : shoal::silu(g[i])) * u[i];
       quantize_blocks(row.data(), I, qp + t * I, dp + t * B, sp + t * B);
     }
   });
