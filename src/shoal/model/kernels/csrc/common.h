@@ -45,6 +45,21 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>((bits + rounding) >> 16);
 }
 
+// max |x[i]| over n floats (NaN-free input). NOTE: a float max reduction is a dependency
+// chain the compiler may not reorder (it was most of a quantizer's time); for non-negative
+// floats the bit patterns order as the values do, and an integer max vectorizes. Same result.
+inline float abs_max(const float* x, int64_t n) {
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    top = std::max(top, bits & 0x7FFFFFFFu);
+  }
+  float out;
+  std::memcpy(&out, &top, sizeof(out));
+  return out;
+}
+
 // The gated MLPs' activations, one definition for every kernel so all quantize the same floats.
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 inline float gelu_tanh(float x) {

@@ -16,8 +16,7 @@ namespace {
 
 // Quantizes one row (already smoothed) to int8 with a symmetric per-row scale.
 inline float quantize_row(const float* x, int64_t n, int8_t* out) {
-  float amax = 0.f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float amax = shoal::abs_max(x, n);
   const float scale = std::max(amax, 1e-12f) / 127.f;
   const float inv = 1.f / scale;
   for (int64_t i = 0; i < n; ++i) {

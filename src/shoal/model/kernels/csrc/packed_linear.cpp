@@ -71,8 +71,7 @@ inline float half_to_float(uint16_t h) {
 inline void quantize_blocks(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const float* xb = x + b * kBlock;
-    float amax = 0.f;
-    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float amax = shoal::abs_max(xb, kBlock);
     const float scale = amax / 127.f;
     const float inv = scale > 0.f ? 1.f / scale : 0.f;
     int32_t sum = 0;
