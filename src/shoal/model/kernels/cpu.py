@@ -202,6 +202,7 @@ class CpuKernels:
         module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_shoal_cpu", loader))
         loader.exec_module(module)
         for name in ("write_kv", "paged_attention", "rms_norm_quant", "quant_rows",
+                     "hadamard_quant_rows",
                      "silu_mul_quant", "gelu_tanh_mul_quant", "dequant_rows", "rope_split",
                      "qk_norm_rope_split", "int8_matmul_small", "int8_linear_small",
                      "rms_norm_add_norm_quant",
@@ -263,6 +264,16 @@ class CpuKernels:
         T, K = x.shape
         q, s = self._quant_out(T, K)
         self._quant_rows(x.data_ptr(), inv_smooth.data_ptr(), T, K, q.data_ptr(), s.data_ptr())
+        return q, s
+
+    def hadamard_quant_rows(self, x):
+        """Each row's 32 chunks mixed by a Walsh-Hadamard transform, then quantized per row
+        (layers/hadamard.py)."""
+        x = _f32(x, "hadamard_quant_rows")
+        T, K = x.shape
+        _need(K % 32 == 0, "hadamard_quant_rows: width must be a multiple of 32")
+        q, s = self._quant_out(T, K)
+        self._hadamard_quant_rows(x.data_ptr(), T, K, q.data_ptr(), s.data_ptr())
         return q, s
 
     def _act_mul_quant(self, fn, gate_up, inv_smooth):

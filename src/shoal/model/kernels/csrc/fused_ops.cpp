@@ -55,6 +55,38 @@ SHOAL_API void shoal_quant_rows(const float* xp, const float* sm, int64_t T, int
   });
 }
 
+// x [T, K], K = 32 * C: each row is seen as 32 chunks of C values and the 32 chunks are
+// mixed by an (unnormalised, +-1) Walsh-Hadamard transform, then the row is quantized.
+// NOTE: a rotation spreads a channel that dwarfs the rest over 32 values, so one int8 scale
+// per row holds it (the encoders' GELU outputs have such channels, token by token); the
+// weights were rotated the same way at load (layers/hadamard.py), so the product is the
+// unrotated one. Mixing whole chunks keeps every butterfly a contiguous, vectorizable add.
+// The butterfly order is layers/hadamard.py's PyTorch twin's, so both give the same bits.
+SHOAL_API void shoal_hadamard_quant_rows(const float* xp, int64_t T, int64_t K, int8_t* qp,
+                                         float* sp) {
+  const int64_t C = K / 32;
+  parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t t = begin; t < end; ++t) {
+      std::copy(xp + t * K, xp + (t + 1) * K, row.begin());
+      for (int64_t h = 1; h < 32; h *= 2) {
+        for (int64_t i = 0; i < 32; i += 2 * h) {
+          for (int64_t j = i; j < i + h; ++j) {
+            float* a = row.data() + j * C;
+            float* b = a + h * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const float x = a[c], y = b[c];
+              a[c] = x + y;
+              b[c] = x - y;
+            }
+          }
+        }
+      }
+      sp[t] = quantize_row(row.data(), K, qp + t * K);
+    }
+  });
+}
+
 // gate_up: [T, 2I] (gate then up). silu(gate) * up * inv_smooth, quantized per row.
 SHOAL_API void shoal_silu_mul_quant(const float* gp, const float* sm, int64_t T, int64_t I,
                                     int8_t* qp, float* sp) {
