@@ -70,3 +70,19 @@ def test_kernel_and_pytorch_paths_agree_and_rows_do_not_depend_on_the_batch():
 def test_a_width_the_rotation_cannot_split_is_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         HadamardInt8Linear(torch.randn(4, 48))
+
+
+@pytest.mark.skipif(ops is None, reason="C++ kernels could not be built here")
+def test_the_fused_gelu_path_quantizes_what_torch_gelu_gives():
+    """dequant_gelu_hadamard_quant computes GELU (erf) itself: its int8 rows may differ from
+    PyTorch's GELU followed by the rotation only where a value sits on a rounding boundary."""
+    g = torch.Generator().manual_seed(3)
+    t, k = 256, 1536
+    acc = torch.randint(-30000, 30000, (t, k), dtype=torch.int32, generator=g)
+    x_scale, w_scale = torch.rand(t, 1, generator=g) * 2e-4, torch.rand(k, generator=g)
+    bias = torch.randn(k, generator=g)
+    q, s = ops.dequant_gelu_hadamard_quant(acc, x_scale, w_scale, bias)
+    q_ref, s_ref = ops.hadamard_quant_rows(F.gelu(ops.dequant_rows(acc, x_scale, w_scale, bias)))
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    off = (q.int() - q_ref.int()).abs()
+    assert off.max().item() <= 1 and off.float().mean().item() < 1e-4

@@ -202,7 +202,7 @@ class CpuKernels:
         module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_shoal_cpu", loader))
         loader.exec_module(module)
         for name in ("write_kv", "paged_attention", "rms_norm_quant", "quant_rows",
-                     "hadamard_quant_rows",
+                     "hadamard_quant_rows", "dequant_gelu_hadamard_quant",
                      "silu_mul_quant", "gelu_tanh_mul_quant", "dequant_rows", "rope_split",
                      "qk_norm_rope_split", "int8_matmul_small", "int8_linear_small",
                      "rms_norm_add_norm_quant",
@@ -274,6 +274,22 @@ class CpuKernels:
         _need(K % 32 == 0, "hadamard_quant_rows: width must be a multiple of 32")
         q, s = self._quant_out(T, K)
         self._hadamard_quant_rows(x.data_ptr(), T, K, q.data_ptr(), s.data_ptr())
+        return q, s
+
+    def dequant_gelu_hadamard_quant(self, acc, x_scale, w_scale, bias):
+        """An encoder's up projection (int32) dequantized, through GELU (erf), then as
+        hadamard_quant_rows: int8 [T, K] and row scales [T, 1]."""
+        _need(acc.dtype == torch.int32, "dequant_gelu_hadamard_quant: int32 accumulators")
+        acc = acc.contiguous()
+        x_scale, w_scale = _f32(x_scale, "x_scale"), _f32(w_scale, "w_scale")
+        T, K = acc.shape
+        _need(K % 32 == 0, "dequant_gelu_hadamard_quant: width must be a multiple of 32")
+        has_bias = bias is not None and bias.numel() == K
+        bias = _f32(bias, "bias") if has_bias else None
+        q, s = self._quant_out(T, K)
+        self._dequant_gelu_hadamard_quant(acc.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(),
+                                          bias.data_ptr() if has_bias else 0, T, K, q.data_ptr(),
+                                          s.data_ptr())
         return q, s
 
     def _act_mul_quant(self, fn, gate_up, inv_smooth):

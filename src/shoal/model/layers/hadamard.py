@@ -64,12 +64,16 @@ class HadamardInt8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
         if self.kernels is not None:
-            xq, xs = self.kernels.hadamard_quant_rows(x2)
-            acc = int8_matmul(xq, self.qweight, self.kernels)
-            bias = self.bias if self.bias is not None else self.scale[:0]
-            return self.kernels.dequant_rows(acc, xs, self.scale, bias).reshape(*shape[:-1], -1)
+            return self.forward_quantized(*self.kernels.hadamard_quant_rows(x2)).reshape(
+                *shape[:-1], -1)
         xq, xs = quantize_rows_torch(hadamard_chunks_torch(x2))
         y = int8_matmul(xq, self.qweight).to(torch.float32).mul_(xs).mul_(self.scale)
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*shape[:-1], -1)
+
+    def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """From rows already rotated and quantized (the kernels' fused GELU path)."""
+        acc = int8_matmul(xq, self.qweight, self.kernels)
+        bias = self.bias if self.bias is not None else self.scale[:0]
+        return self.kernels.dequant_rows(acc, xs, self.scale, bias)

@@ -55,33 +55,88 @@ SHOAL_API void shoal_quant_rows(const float* xp, const float* sm, int64_t T, int
   });
 }
 
-// x [T, K], K = 32 * C: each row is seen as 32 chunks of C values and the 32 chunks are
-// mixed by an (unnormalised, +-1) Walsh-Hadamard transform, then the row is quantized.
-// NOTE: a rotation spreads a channel that dwarfs the rest over 32 values, so one int8 scale
-// per row holds it (the encoders' GELU outputs have such channels, token by token); the
-// weights were rotated the same way at load (layers/hadamard.py), so the product is the
-// unrotated one. Mixing whole chunks keeps every butterfly a contiguous, vectorizable add.
-// The butterfly order is layers/hadamard.py's PyTorch twin's, so both give the same bits.
+namespace {
+
+// Mixes a row's 32 chunks of C = K / 32 values by an (unnormalised, +-1) Walsh-Hadamard
+// transform, in place. NOTE: a rotation spreads a channel that dwarfs the rest over 32
+// values, so one int8 scale per row holds it (the encoders' GELU outputs have such channels,
+// token by token); the weights were rotated the same way at load (layers/hadamard.py), so the
+// product is the unrotated one. Mixing whole chunks keeps every butterfly a contiguous,
+// vectorizable add. The butterfly order is layers/hadamard.py's PyTorch twin's: same bits.
+inline void hadamard_chunks(float* row, int64_t K) {
+  const int64_t C = K / 32;
+  for (int64_t h = 1; h < 32; h *= 2) {
+    for (int64_t i = 0; i < 32; i += 2 * h) {
+      for (int64_t j = i; j < i + h; ++j) {
+        float* a = row + j * C;
+        float* b = a + h * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float x = a[c], y = b[c];
+          a[c] = x + y;
+          b[c] = x - y;
+        }
+      }
+    }
+  }
+}
+
+// e^-z for z >= 0 from arithmetic the compiler vectorizes (std::exp is a library call per
+// value): 2^k times a degree-6 polynomial on |r| <= ln2 / 2; relative error ~2e-7.
+inline float exp_neg(float z) {
+  const float y = std::max(-87.f, -z);
+  const float k = std::nearbyint(y * 1.44269504f);
+  const float r = (y - k * 0.693145752f) - k * 1.42860677e-6f;
+  const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 +
+                  r * (1.f / 720))))));
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  return p * two_k;
+}
+
+// GELU with the error function (BERT's), erf from Abramowitz & Stegun 7.1.26 (absolute
+// error below 1.5e-7, far under the int8 step that follows).
+inline float gelu_erf(float x) {
+  const float z = std::fabs(x) * 0.70710678f;
+  const float t = 1.f / (1.f + 0.3275911f * z);
+  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f +
+                     t * (-1.453152027f + t * 1.061405429f))));
+  const float erf_abs = 1.f - poly * exp_neg(z * z);
+  return 0.5f * x * (1.f + (x < 0.f ? -erf_abs : erf_abs));
+}
+
+}  // namespace
+
+// x [T, K], K = 32 * C: each row's chunks mixed (hadamard_chunks), then quantized per row.
 SHOAL_API void shoal_hadamard_quant_rows(const float* xp, int64_t T, int64_t K, int8_t* qp,
                                          float* sp) {
-  const int64_t C = K / 32;
   parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t t = begin; t < end; ++t) {
       std::copy(xp + t * K, xp + (t + 1) * K, row.begin());
-      for (int64_t h = 1; h < 32; h *= 2) {
-        for (int64_t i = 0; i < 32; i += 2 * h) {
-          for (int64_t j = i; j < i + h; ++j) {
-            float* a = row.data() + j * C;
-            float* b = a + h * C;
-            for (int64_t c = 0; c < C; ++c) {
-              const float x = a[c], y = b[c];
-              a[c] = x + y;
-              b[c] = x - y;
-            }
-          }
-        }
+      hadamard_chunks(row.data(), K);
+      sp[t] = quantize_row(row.data(), K, qp + t * K);
+    }
+  });
+}
+
+// An encoder's feed-forward middle in one pass: acc int32 [T, K] of the up projection,
+// dequantized as dequant_rows does (x_scale [T], w_scale [K], bias [K] or null), GELU (erf),
+// rotated and quantized per row as hadamard_quant_rows.
+SHOAL_API void shoal_dequant_gelu_hadamard_quant(const int32_t* ap, const float* xs,
+                                                 const float* ws, const float* bp, int64_t T,
+                                                 int64_t K, int8_t* qp, float* sp) {
+  parallel_for(T, grain(K), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t t = begin; t < end; ++t) {
+      const float s = xs[t];
+      const int32_t* a = ap + t * K;
+      for (int64_t i = 0; i < K; ++i) {
+        float v = static_cast<float>(a[i]) * s * ws[i];
+        if (bp != nullptr) v += bp[i];
+        row[i] = gelu_erf(v);
       }
+      hadamard_chunks(row.data(), K);
       sp[t] = quantize_row(row.data(), K, qp + t * K);
     }
   });

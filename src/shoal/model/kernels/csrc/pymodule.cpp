@@ -18,6 +18,8 @@ void shoal_rms_norm_quant(const float*, float*, const float*, int64_t, int64_t, 
                           int8_t*, float*);
 void shoal_quant_rows(const float*, const float*, int64_t, int64_t, int8_t*, float*);
 void shoal_hadamard_quant_rows(const float*, int64_t, int64_t, int8_t*, float*);
+void shoal_dequant_gelu_hadamard_quant(const int32_t*, const float*, const float*, const float*,
+                                       int64_t, int64_t, int8_t*, float*);
 void shoal_silu_mul_quant(const float*, const float*, int64_t, int64_t, int8_t*, float*);
 void shoal_gelu_tanh_mul_quant(const float*, const float*, int64_t, int64_t, int8_t*, float*);
 void shoal_dequant_rows(const int32_t*, const float*, const float*, const float*, int64_t,
@@ -101,6 +103,10 @@ SHOAL_WRAP(quant_rows, 6, shoal_quant_rows(x.p<float>(0), x.p<float>(1), x.i[2],
                                            x.p<int8_t>(4), x.p<float>(5)))
 SHOAL_WRAP(hadamard_quant_rows, 5, shoal_hadamard_quant_rows(x.p<float>(0), x.i[1], x.i[2],
                                                              x.p<int8_t>(3), x.p<float>(4)))
+SHOAL_WRAP(dequant_gelu_hadamard_quant, 8,
+           shoal_dequant_gelu_hadamard_quant(x.p<int32_t>(0), x.p<float>(1), x.p<float>(2),
+                                             x.p<float>(3), x.i[4], x.i[5], x.p<int8_t>(6),
+                                             x.p<float>(7)))
 SHOAL_WRAP(silu_mul_quant, 6, shoal_silu_mul_quant(x.p<float>(0), x.p<float>(1), x.i[2], x.i[3],
                                                    x.p<int8_t>(4), x.p<float>(5)))
 SHOAL_WRAP(gelu_tanh_mul_quant, 6,
@@ -158,7 +164,7 @@ SHOAL_WRAP(packed_repack, 5, shoal_packed_repack(int32_t(x.i[0]), x.p<uint8_t>(1
 PyMethodDef methods[] = {
     SHOAL_METHOD(write_kv), SHOAL_METHOD(paged_attention), SHOAL_METHOD(rms_norm_quant),
     SHOAL_METHOD(quant_rows), SHOAL_METHOD(hadamard_quant_rows), SHOAL_METHOD(silu_mul_quant),
-    SHOAL_METHOD(gelu_tanh_mul_quant),
+    SHOAL_METHOD(gelu_tanh_mul_quant), SHOAL_METHOD(dequant_gelu_hadamard_quant),
     SHOAL_METHOD(dequant_rows), SHOAL_METHOD(rope_split), SHOAL_METHOD(qk_norm_rope_split),
     SHOAL_METHOD(int8_matmul_small), SHOAL_METHOD(int8_linear_small),
     SHOAL_METHOD(rms_norm_add_norm_quant),
