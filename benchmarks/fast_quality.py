@@ -196,14 +196,19 @@ def strip_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default="packed,int8", help="fast-mode weight recipes to compare")
+    parser.add_argument("--recipes", default="packed,int8",
+                        help="fast-mode weight recipes to compare; RECIPE:DTYPE also sets the KV cache "
+                             "dtype (e.g. packed:float32; default bfloat16)")
     parser.add_argument("--llamacpp", metavar="URL", default=None,
                         help="also measure a llama-server on the same GGUF (e.g. http://127.0.0.1:8081)")
     parser.add_argument("--n-probs", type=int, default=20,
                         help="top-N of the bucketed KL (and llama.cpp's n_probs)")
     args = parser.parse_args()
     exact = LLM(compute="exact")
-    fasts = {r: LLM(compute="fast", fast_weights=r) for r in args.recipes.split(",") if r}
+    fasts = {}
+    for spec in filter(None, args.recipes.split(",")):
+        recipe, _, kv = spec.partition(":")       # e.g. packed:float32 = a float32 KV cache
+        fasts[spec] = LLM(compute="fast", fast_weights=recipe, kv_cache_dtype=kv or "auto")
     peer = LlamaCpp(args.llamacpp, args.n_probs) if args.llamacpp else None
     names = [*fasts, *(["llama.cpp"] if peer else [])]
     eos = exact.tokenizer.eos_token_ids
