@@ -24,6 +24,10 @@
 // the sum changes nothing, so the arithmetic stays a function of (pos, w) alone.
 #include "common.h"
 
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -57,13 +61,26 @@ inline v16 load16(const uint16_t* p) {
   return v;
 }
 // float16 KV (fast mode's default: 3 more mantissa bits than bfloat16, as llama.cpp's KV
-// cache): widened to float exactly (one vcvtph2ps where F16C is present, exact software
-// conversion otherwise).
+// cache): widened to float exactly. NOTE: GCC 12 converts a _Float16 vector one lane at a
+// time, so the F16C / AVX-512 conversions are named; every route is exact, so the bits
+// are the same on every ISA.
 typedef _Float16 h16x16 __attribute__((vector_size(32)));
 inline v16 load16(const _Float16* p) {
+  v16 v;
+#if defined(__AVX512F__)
+  const __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  __builtin_memcpy(&v, &w, sizeof(v));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  __builtin_memcpy(&v, &lo, sizeof(lo));
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#else
   h16x16 h;
   __builtin_memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, v16);
+  v = __builtin_convertvector(h, v16);
+#endif
+  return v;
 }
 inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
