@@ -168,6 +168,65 @@ def test_bfloat16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_float16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
+    kc = torch.zeros(8, KV, HD, BS, dtype=torch.float16)
+    vc = torch.zeros(8, KV, BS, HD, dtype=torch.float16)
+    n = 37
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(n, KV, HD, generator=g), torch.randn(n, KV, HD, generator=g)
+    # Values float16 cannot hold exactly (ties, subnormals, beyond its range) round as torch's
+    k[0, 0, :4] = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 3e-6, 7e4])
+    table = [3, 5, 6]
+    slots = torch.tensor([table[t // BS] * BS + t % BS for t in range(n)])
+    ops.write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc[3, :, :, 4], k[4].to(torch.float16))
+    assert torch.equal(kc[3, 0, :4, 0], k[0, 0, :4].to(torch.float16))   # round to nearest even
+    assert torch.equal(vc[6, :, n - 33], v[n - 1].to(torch.float16))
+    k[0, 0, 3] = 0.5                                    # keep the reference finite below
+    ops.write_kv(k[:1], v[:1], kc, vc, slots[:1])
+    q = torch.randn(n, KV * GROUP, HD, generator=g)
+    out = ops.paged_attention(q, kc, vc, torch.tensor([table]), torch.tensor([0, n]),
+                              torch.tensor([0]), 0.125)
+    kr, vr = k.to(torch.float16).float(), v.to(torch.float16).float()
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kr.transpose(0, 1)[None],
+                                         vr.transpose(0, 1)[None], is_causal=True, scale=0.125,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    # A float32 cache holding the same rounded values gives the same bits: float16 is only
+    # widened on load.
+    kf, vf = kc.float(), vc.float()
+    assert torch.equal(ops.paged_attention(q, kf, vf, torch.tensor([table]), torch.tensor([0, n]),
+                                           torch.tensor([0]), 0.125), out)
+
+
+@pytest.mark.parametrize(("name", "flags", "needs"), [
+    ("x86-64-v4-vnni", ("-march=x86-64-v4", "-mavx512vnni"), {"avx512bw", "avx512vl", "avx512_vnni"}),
+    ("x86-64-v3", ("-march=x86-64-v3",), {"avx2", "f16c", "fma", "bmi2"}),    # F16C
+    ("x86-64-v2", ("-march=x86-64-v2",), {"sse4_2"}),                         # software
+])
+def test_every_isa_build_stores_float16_as_torch_does_and_widens_it_exactly(name, flags, needs):
+    from shoal.model.kernels.cpu import CpuKernels, Isa, _cpu_flags, build_library
+
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run {name}")
+    build = Isa(name, flags)
+    kernels = CpuKernels(build_library(build), build)
+    g = torch.Generator().manual_seed(4)
+    n = 40
+    k, v = torch.randn(n, KV, HD, generator=g) * 30, torch.randn(n, KV, HD, generator=g) * 1e-4
+    kc = torch.zeros(8, KV, HD, BS, dtype=torch.float16)
+    vc = torch.zeros(8, KV, BS, HD, dtype=torch.float16)
+    table = [7, 1, 4]
+    slots = torch.tensor([table[t // BS] * BS + t % BS for t in range(n)])
+    kernels.write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc[1, :, :, 3], k[19].to(torch.float16))
+    assert torch.equal(vc[4, :, 7], v[39].to(torch.float16))     # subnormals among them
+    q = torch.randn(n, KV * GROUP, HD, generator=g)
+    args = (torch.tensor([table]), torch.tensor([0, n]), torch.tensor([0]), 0.125)
+    assert torch.equal(kernels.paged_attention(q, kc, vc, *args),
+                       kernels.paged_attention(q, kc.float(), vc.float(), *args))
+
+
 def test_a_killed_build_leaves_nothing_the_next_start_trusts(tmp_path) -> None:
     """A first-run build killed half-way (Ctrl-C) leaves a lock file and a half-built
     directory; the next start must neither wait for the lock nor load the half-built library."""

@@ -23,7 +23,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_PREFIX_CACHING": ("enable_prefix_caching", "Reuse KV of shared prompt prefixes (default 1)."),
     "SHOAL_CHUNKED_PREFILL": ("enable_chunked_prefill", "Split long prompts across steps (default 1)."),
     "SHOAL_NUM_THREADS": ("num_threads", "Torch CPU threads (default: all cores)."),
-    "SHOAL_KV_CACHE_DTYPE": ("kv_cache_dtype", "'auto' (bfloat16 for fast mode on the CPU kernel, else the model dtype), 'float32', 'bfloat16'."),
+    "SHOAL_KV_CACHE_DTYPE": ("kv_cache_dtype", "'auto' (float16 for fast mode on the CPU kernel, else the model dtype), 'float32', 'float16', 'bfloat16' (3 fewer mantissa bits than float16, float32's range)."),
     "SHOAL_KV_CACHE_COMMIT": ("kv_cache_commit", "Touch every page of the KV cache at load (CPU), so its memory is taken, or refused, at start rather than under load, and RSS is flat from the first request (default 0: pages are taken as blocks are first used, so an idle server stays small)."),
     "SHOAL_ATTENTION": ("attention_backend", "'auto' (C++ kernel on CPU when it builds), 'kernel', or 'torch'."),
     "SHOAL_GRAMMAR_COMPILE_TIMEOUT": ("grammar_compile_timeout", "Seconds a structured-output constraint (JSON schema, regex, grammar) may take to compile before its request is refused (default 10)."),
@@ -80,9 +80,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         paths = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else self.adapters
         self.adapters = tuple(os.fspath(path) for path in paths)
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+        if self.kv_cache_dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InvalidParameterError("kv_cache_dtype",
-                                        f"must be 'auto', 'float32' or 'bfloat16', got {self.kv_cache_dtype!r}")
+                                        f"must be 'auto', 'float32', 'float16' or 'bfloat16', got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ("auto", "kernel", "torch"):
             raise InvalidParameterError("attention_backend",
                                         f"must be 'auto', 'kernel' or 'torch', got {self.attention_backend!r}")

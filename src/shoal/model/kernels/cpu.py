@@ -41,6 +41,8 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "packed_linear.cpp",
             "f32_linear.cpp", "pymodule.cpp")
 _HEADERS = ("common.h",)
+# KV cache element types the attention kernel reads, as its kv_type code (paged_attention.cpp).
+_KV_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @dataclass(frozen=True)
@@ -215,24 +217,25 @@ class CpuKernels:
 
     # --- attention
     @staticmethod
-    def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-        _need(k_cache.dtype in (torch.float32, torch.bfloat16) and v_cache.dtype == k_cache.dtype,
-              "paged attention: float32 or bfloat16 KV cache")
+    def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+        """The cache's element type as the kernel's kv_type code."""
+        _need(k_cache.dtype in _KV_TYPES and v_cache.dtype == k_cache.dtype,
+              "paged attention: float32, float16 or bfloat16 KV cache")
         _need(k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache must be contiguous")
         _need(k_cache.dim() == 4 and v_cache.dim() == 4, "KV cache must be blocked (4-D)")
-        return k_cache.dtype == torch.bfloat16
+        return _KV_TYPES[k_cache.dtype]
 
     def write_kv(self, k, v, k_cache, v_cache, slots) -> None:
-        bf16 = self._check_cache(k_cache, v_cache)
+        kv_type = self._check_cache(k_cache, v_cache)
         k, v, slots = _f32(k, "write_kv"), _f32(v, "write_kv"), _long(slots)
         T, KV, hd = k.shape
         _need(v.shape == k.shape and slots.numel() == T, "write_kv: shapes differ")
         self._write_kv(k.data_ptr(), v.data_ptr(), T, KV, hd, k_cache.data_ptr(),
-                       v_cache.data_ptr(), int(bf16), k_cache.shape[3], slots.data_ptr())
+                       v_cache.data_ptr(), kv_type, k_cache.shape[3], slots.data_ptr())
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_start, first_pos,
                         scale: float, window: int = 0) -> torch.Tensor:
-        bf16 = self._check_cache(k_cache, v_cache)
+        kv_type = self._check_cache(k_cache, v_cache)
         q = _f32(q, "paged attention: queries")
         block_tables, query_start, first_pos = _long(block_tables), _long(query_start), _long(first_pos)
         _, H, hd = q.shape
@@ -240,7 +243,7 @@ class CpuKernels:
         _need(hd % 16 == 0, "paged attention kernel: head_dim must be a multiple of 16")
         _need(window >= 0, "paged attention kernel: window must be >= 0")
         out = torch.empty_like(q)
-        self._paged_attention(q.data_ptr(), H, hd, k_cache.data_ptr(), v_cache.data_ptr(), int(bf16),
+        self._paged_attention(q.data_ptr(), H, hd, k_cache.data_ptr(), v_cache.data_ptr(), kv_type,
                               k_cache.shape[1], block_tables.data_ptr(), block_tables.shape[1],
                               query_start.data_ptr(), first_pos.data_ptr(), first_pos.shape[0],
                               float(scale), int(window), out.data_ptr())

@@ -1,7 +1,8 @@
 // Causal attention straight from the paged KV cache, for CPUs, for every query of a
 // step: decode queries (one per sequence) and prefill chunks (many) alike.
 //
-// K/V are float32 (exact mode) or bfloat16 (fast mode; widened exactly on load).
+// K/V are float32 (exact mode), float16 (fast mode's default) or bfloat16; the 16-bit
+// types are widened to float exactly on load.
 // Cache layout (per layer), chosen for this kernel (BS = 16 keys per block):
 //   K: [num_blocks, kv_heads, head_dim, BS]  (transposed inside a block)
 //   V: [num_blocks, kv_heads, BS, head_dim]
@@ -23,6 +24,10 @@
 // the sum changes nothing, so the arithmetic stays a function of (pos, w) alone.
 #include "common.h"
 
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -43,7 +48,7 @@ constexpr int BS = 16;   // keys per block = lanes of v16
 
 inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
 
-// bfloat16 KV (fast mode, stored as raw uint16_t bits): 16 values widened to float by a
+// bfloat16 KV (stored as raw uint16_t bits): 16 values widened to float by a
 // 16-bit shift, exactly.
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
@@ -53,6 +58,28 @@ inline v16 load16(const uint16_t* p) {
   const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
   v16 v;
   __builtin_memcpy(&v, &w, sizeof(v));
+  return v;
+}
+// float16 KV (fast mode's default: 3 more mantissa bits than bfloat16, as llama.cpp's KV
+// cache): widened to float exactly. NOTE: GCC 12 converts a _Float16 vector one lane at a
+// time, so the F16C / AVX-512 conversions are named; every route is exact, so the bits
+// are the same on every ISA.
+typedef _Float16 h16x16 __attribute__((vector_size(32)));
+inline v16 load16(const _Float16* p) {
+  v16 v;
+#if defined(__AVX512F__)
+  const __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  __builtin_memcpy(&v, &w, sizeof(v));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  __builtin_memcpy(&v, &lo, sizeof(lo));
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#else
+  h16x16 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  v = __builtin_convertvector(h, v16);
+#endif
   return v;
 }
 inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
@@ -195,10 +222,14 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
 
 namespace {
 
-// NOTE: float -> bfloat16 rounds to nearest even, as torch's .to(torch.bfloat16).
+// NOTE: float -> bfloat16 and float -> float16 round to nearest even, as torch's .to().
 template <typename KT> inline KT convert(float x);
 template <> inline float convert<float>(float x) { return x; }
 template <> inline uint16_t convert<uint16_t>(float x) { return shoal::to_bf16(x); }
+template <> inline _Float16 convert<_Float16>(float x) { return static_cast<_Float16>(x); }
+
+// The cache's element type, as the Python side passes it.
+enum KvType : int32_t { kKvF32 = 0, kKvBF16 = 1, kKvF16 = 2 };
 
 template <typename KT>
 void write_rows(const float* kp, const float* vp, const int64_t* sp, KT* kc, KT* vc, int64_t T,
@@ -220,12 +251,15 @@ void write_rows(const float* kp, const float* vp, const int64_t* sp, KT* kc, KT*
 
 // Writes each token's K and V into its slot (slot = block * BS + offset), converting to
 // the cache's element type. k, v: [T, KV, hd] f32; k_cache [N, KV, hd, bs];
-// v_cache [N, KV, bs, hd] (float32, or bfloat16 when bf16); slots [T].
+// v_cache [N, KV, bs, hd] (float32, bfloat16 or float16 as kv_type says); slots [T].
 SHOAL_API void shoal_write_kv(const float* k, const float* v, int64_t T, int64_t KV, int64_t hd,
-                              void* k_cache, void* v_cache, int32_t bf16, int64_t bs,
+                              void* k_cache, void* v_cache, int32_t kv_type, int64_t bs,
                               const int64_t* slots) {
-  if (bf16) {
+  if (kv_type == kKvBF16) {
     write_rows(k, v, slots, static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache), T,
+               KV, hd, bs);
+  } else if (kv_type == kKvF16) {
+    write_rows(k, v, slots, static_cast<_Float16*>(k_cache), static_cast<_Float16*>(v_cache), T,
                KV, hd, bs);
   } else {
     write_rows(k, v, slots, static_cast<float*>(k_cache), static_cast<float*>(v_cache), T, KV,
@@ -240,7 +274,7 @@ SHOAL_API void shoal_write_kv(const float* k, const float* v, int64_t T, int64_t
 // sees keys 0 .. p, or p - window + 1 .. p when window > 0 (sliding-window layers).
 // The caller checked the shapes (block size 16, hd % 16 == 0, window >= 0). out: [T, H, hd].
 SHOAL_API void shoal_paged_attention(const float* qp, int64_t H, int64_t hd, const void* kp,
-                                     const void* vp, int32_t bf16, int64_t KV,
+                                     const void* vp, int32_t kv_type, int64_t KV,
                                      const int64_t* bt, int64_t max_blocks, const int64_t* qs,
                                      const int64_t* fp, int64_t num_seqs, float scale,
                                      int64_t window, float* op) {
@@ -263,8 +297,11 @@ SHOAL_API void shoal_paged_attention(const float* qp, int64_t H, int64_t hd, con
       const Task& task = tasks[ti];
       const int64_t pos0 = fp[task.seq] + (task.q_begin - qs[task.seq]);
       const int64_t* table = bt + task.seq * max_blocks;
-      if (bf16) {
+      if (kv_type == kKvBF16) {
         attend_tile(task, qp, static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp),
+                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc);
+      } else if (kv_type == kKvF16) {
+        attend_tile(task, qp, static_cast<const _Float16*>(kp), static_cast<const _Float16*>(vp),
                     table, pos0, H, KV, hd, group, scale, window, op, scores, acc);
       } else {
         attend_tile(task, qp, static_cast<const float*>(kp), static_cast<const float*>(vp),
