@@ -5,7 +5,10 @@ Closed loop: at each concurrency level, C clients each keep one streaming reques
 flight; every request has a short, distinct prompt and asks for exactly
 --max-tokens tokens (ignore_eos). Levels are interleaved across targets so machine
 drift hits all alike. Also measured: time to first token of a lone long prompt, the
-largest inter-token gap of 8 running streams while a long prompt arrives, and peak RSS.
+largest inter-token gap of 8 running streams while a long prompt arrives, a prefill burst
+(--burst prompts of ~--burst-tokens tokens at once, --burst-max-tokens each: requests/s and
+TTFT), and peak RSS. `--ab-kernels OLD.so` runs every shoal measurement twice, with the
+C++ kernels of an earlier build (before) and then this checkout's (after), interleaved.
 
 shoal runs in-process through AsyncEngine (the HTTP server is a later issue); the peer
 is reached over HTTP on loopback. Prints a table and writes JSON. `--fast-weights
@@ -21,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +47,14 @@ def short_prompt(i: int) -> str:
 # NOTE: a per-run salt at the start of every long prompt, so no server (vLLM keeps its
 # prefix cache across runs) answers a repeated prompt from cache.
 RUN_SALT = os.urandom(4).hex()
+
+
+_long_ids = itertools.count(100)
+
+
+def fresh_long_prompt(approx_tokens: int) -> str:
+    """A long prompt no earlier request shares a prefix with (A/B runs repeat each check)."""
+    return long_prompt(next(_long_ids), approx_tokens)
 
 
 def long_prompt(i: int, approx_tokens: int) -> str:
@@ -115,6 +126,28 @@ class ShoalTarget:
 
     def tokens(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text)
+
+    def use_kernel_library(self, path: str | None) -> None:
+        """Fast mode: every C++ kernel from the library at `path` (a build of an earlier
+        checkout: before) or this checkout's (None: after), switched between measurements.
+        The libraries share one C interface; the engine is idle while it switches."""
+        from shoal.model.kernels.cpu import CpuKernels, load_cpu_kernels
+
+        ops = load_cpu_kernels()
+        if path is not None:
+            if getattr(self, "_old_kernels", None) is None:
+                self._old_kernels = CpuKernels(Path(path), ops.isa)
+            ops = self._old_kernels
+        runner = self.engine.core.runner
+        runner.kernels = ops
+        runner.model.enable_fused_int8(ops)
+        self.name = f"shoal-{self.compute}" + ("-before" if path else "")
+
+    def use_variant(self, variant: object, args: argparse.Namespace) -> None:
+        if args.ab_f32_kernel:
+            self.use_f32_kernel(bool(variant))
+        elif args.ab_kernels:
+            self.use_kernel_library(None if variant else args.ab_kernels)
 
     def use_f32_kernel(self, on: bool) -> None:
         """Exact mode: float32 linears through the C++ kernel (on) or MKL's sgemm (off, the
@@ -239,8 +272,21 @@ def _trace_window(target, since: float, until: float) -> dict | None:
 
 
 async def long_prompt_ttft(target, approx_tokens: int) -> float:
-    rec = await target.stream(long_prompt(7, approx_tokens), 8)
+    rec = await target.stream(fresh_long_prompt(approx_tokens), 8)
     return rec.ttft
+
+
+async def prefill_burst(target, prompts: int, approx_tokens: int, max_tokens: int) -> dict:
+    """`prompts` distinct long prompts sent at once, `max_tokens` answer tokens each:
+    completed requests per second and the spread of their first tokens (issue 18's prefill
+    target: 8 prompts of ~1,000 tokens, 32-token answers)."""
+    started = time.perf_counter()
+    records = await asyncio.gather(*(target.stream(fresh_long_prompt(approx_tokens), max_tokens)
+                                     for _ in range(prompts)))
+    wall = time.perf_counter() - started
+    ttfts = [r.ttft for r in records]
+    return {"burst_requests_per_s": prompts / wall, "burst_wall_s": wall,
+            "burst_ttft_p50_s": pct(ttfts, 50), "burst_ttft_p99_s": pct(ttfts, 99)}
 
 
 async def long_prompt_during_streams(target, approx_tokens: int, streams: int = 8) -> dict:
@@ -256,7 +302,7 @@ async def long_prompt_during_streams(target, approx_tokens: int, streams: int = 
     tasks = [asyncio.create_task(runner(i)) for i in range(streams)]
     await asyncio.sleep(1.5)   # let the streams reach steady decoding
     intruder_start = time.perf_counter()
-    intruder_rec = await target.stream(long_prompt(11, approx_tokens), 8)
+    intruder_rec = await target.stream(fresh_long_prompt(approx_tokens), 8)
     intruder_first_token = intruder_start + intruder_rec.ttft
     records = await asyncio.gather(*tasks)
     ends = [started + r.e2e for r in records]
@@ -283,7 +329,6 @@ async def main_async(args: argparse.Namespace) -> dict:
         pid = pids.get(name)
         targets.append(PeerTarget(name, url, args.peer_model, int(pid) if pid else None))
     results: list[LevelResult] = []
-    extras: dict[str, dict] = {t.name: {} for t in targets}
     stop_watch = asyncio.Event()
     watchers = [asyncio.create_task(t.trace.watch_loop(stop_watch)) for t in targets
                 if getattr(t, "trace", None) is not None]
@@ -291,11 +336,18 @@ async def main_async(args: argparse.Namespace) -> dict:
         await closed_loop(t, 2, 1, 16, offset=90000)
     if not args.levels:
         print("no concurrency levels: long-prompt checks only")
-    variants = (False, True) if args.ab_f32_kernel else (None,)
+    variants = (False, True) if args.ab_f32_kernel or args.ab_kernels else (None,)
+
+    def runs():
+        """(target, variant) pairs in the interleaved order, each target switched to its variant."""
+        for t in targets:
+            for v in (variants if isinstance(t, ShoalTarget) else (None,)):
+                if v is not None:
+                    t.use_variant(v, args)
+                yield t
+
     for level in args.levels:
-        for t, variant in [(t, v) for t in targets for v in variants]:
-            if variant is not None and isinstance(t, ShoalTarget):
-                t.use_f32_kernel(variant)
+        for t in runs():
             per_client = max(1, args.requests_per_level // level) if args.requests_per_level else 2
             res = await closed_loop(t, level, per_client, args.max_tokens, offset=level * 100)
             res.extra["rss_peak_mb"] = t.rss_peak_mb()
@@ -308,21 +360,36 @@ async def main_async(args: argparse.Namespace) -> dict:
                   f"{'  ERRORS %d' % res.extra['errors'] if res.extra['errors'] else ''}", flush=True)
             if "trace" in res.extra:
                 print(format_summary(f"c={level}", res.extra["trace"]), flush=True)
-    if args.long_prompt_tokens:
-        for t in targets:
-            extras[t.name]["long_prompt_ttft_s"] = await long_prompt_ttft(t, args.long_prompt_tokens)
-            extras[t.name].update(await long_prompt_during_streams(t, 1000))
-            print(f"{t.name:16s} lone ~{args.long_prompt_tokens}-token prompt TTFT "
-                  f"{extras[t.name]['long_prompt_ttft_s']:.2f}s; 1000-token prompt during 8 streams: "
-                  f"max gap {extras[t.name]['max_gap_s']:.2f}s (its TTFT "
-                  f"{extras[t.name]['intruder_ttft_s']:.2f}s)", flush=True)
-            if "trace" in extras[t.name]:
-                print(format_summary("long prompt's prefill", extras[t.name]["trace"]), flush=True)
+    extras = {}
+    for _ in range(args.long_rounds):
+        if args.long_prompt_tokens:
+            for t in runs():
+                ex = extras.setdefault(t.name, {})
+                ttft = await long_prompt_ttft(t, args.long_prompt_tokens)
+                gap = await long_prompt_during_streams(t, 1000)
+                ex.setdefault("long_prompt_ttft_s", []).append(ttft)
+                ex.setdefault("max_gap_s", []).append(gap["max_gap_s"])
+                ex.setdefault("intruder_ttft_s", []).append(gap["intruder_ttft_s"])
+                print(f"{t.name:16s} lone ~{args.long_prompt_tokens}-token prompt TTFT "
+                      f"{ttft:.2f}s; 1000-token prompt during 8 streams: max gap "
+                      f"{gap['max_gap_s']:.2f}s (its TTFT {gap['intruder_ttft_s']:.2f}s)", flush=True)
+                if "trace" in gap:
+                    print(format_summary("long prompt's prefill", gap["trace"]), flush=True)
+        if args.burst:
+            for t in runs():
+                ex = extras.setdefault(t.name, {})
+                burst = await prefill_burst(t, args.burst, args.burst_tokens, args.burst_max_tokens)
+                for k, v in burst.items():
+                    ex.setdefault(k, []).append(v)
+                print(f"{t.name:16s} {args.burst} x ~{args.burst_tokens}-token prompts at once, "
+                      f"{args.burst_max_tokens} tokens each: {burst['burst_requests_per_s']:.2f} req/s, "
+                      f"TTFT p50 {burst['burst_ttft_p50_s']:.2f}s p99 {burst['burst_ttft_p99_s']:.2f}s",
+                      flush=True)
     stop_watch.set()
     for w in watchers:
         await w
     for t in targets:
-        extras[t.name]["rss_peak_mb"] = t.rss_peak_mb()
+        extras.setdefault(t.name, {})["rss_peak_mb"] = t.rss_peak_mb()
         await t.close()
     return {"levels": [asdict(r) for r in results], "extras": extras,
             "settings": {k: v for k, v in vars(args).items()}}
@@ -341,6 +408,15 @@ def main() -> int:
     parser.add_argument("--peer-pid", action="append", default=[],
                         help="NAME=PID of a peer's server process, for its peak RSS")
     parser.add_argument("--long-prompt-tokens", type=int, default=1300)
+    parser.add_argument("--burst", type=int, default=8,
+                        help="long prompts sent at once for the prefill burst (0: skip it)")
+    parser.add_argument("--burst-tokens", type=int, default=1000)
+    parser.add_argument("--burst-max-tokens", type=int, default=32)
+    parser.add_argument("--long-rounds", type=int, default=1,
+                        help="repeat the long-prompt checks and the burst (interleaved A/B)")
+    parser.add_argument("--ab-kernels", default="",
+                        help="fast mode: run each shoal measurement with the kernel library at "
+                             "this path (an earlier build: before) and then this checkout's")
     parser.add_argument("--skip-shoal", action="store_true")
     parser.add_argument("--ab-f32-kernel", action="store_true",
                         help="exact mode: run each level with MKL's sgemm (before) and then the "

@@ -58,6 +58,31 @@ def test_paged_attention_result_is_independent_of_batch_and_chunking():
     assert torch.equal(torch.cat([first[5:], second]), whole)
 
 
+@pytest.mark.parametrize("window", [0, 21])
+def test_a_long_prompt_attends_like_sdpa_and_each_query_as_if_decoded_alone(window):
+    """Many tiles and blocks (the row-group and partial-block paths, the vector softmax),
+    a sliding window or none; a NaN in a slot no query may see yet must not leak."""
+    kc, vc = _blocked_cache(num_blocks=16, seed=4)
+    n, table = 150, [12, 3, 7, 0, 9, 14, 1, 5, 2, 10]
+    kc[table[n // BS], :, :, n % BS + 1] = float("nan")   # slots past the last query
+    vc[table[n // BS], :, n % BS + 1, :] = float("nan")
+    q = torch.randn(n, KV * GROUP, HD, generator=torch.Generator().manual_seed(5))
+    whole = ops.paged_attention(q, kc, vc, torch.tensor([table]), torch.tensor([0, n]),
+                                torch.tensor([0]), 0.125, window)
+    k, v = _contiguous_kv(kc, vc, table, n)
+    pos = torch.arange(n)
+    mask = pos[None, :] <= pos[:, None]
+    if window:
+        mask &= pos[None, :] > pos[:, None] - window
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                         scale=0.125, enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(whole, ref, atol=1e-5)
+    for i in (0, 15, 16, 47, 100, 149):   # as a decode step: one query, its position
+        one = ops.paged_attention(q[i:i + 1], kc, vc, torch.tensor([table]), torch.tensor([0, 1]),
+                                  torch.tensor([i]), 0.125, window)
+        assert torch.equal(one, whole[i:i + 1])
+
+
 def test_write_kv_places_rows_in_the_blocked_layout():
     kc, vc = torch.zeros(8, KV, HD, BS), torch.zeros(8, KV, BS, HD)
     k, v = torch.randn(3, KV, HD), torch.randn(3, KV, HD)

@@ -80,26 +80,32 @@ def test_repacked_tiles_hold_exactly_the_files_values(ggml_type):
     assert torch.equal(layer.dequantized_rows(rows), expected[rows])
 
 
+# (out, in, rows): an even and an odd count of 8-row groups and of blocks; prompt-sized
+# batches cross the AMX path's 64-row chunks and end in a short 16-row tile.
+SHAPES = [(45, 160, (1, 2, 3, 5, 8, 17, 37)), (37, 96, (16, 64, 65, 150))]
+
+
 @pytest.mark.parametrize("ggml_type", TYPES)
-def test_every_isa_variant_matches_the_pytorch_twin_bit_for_bit(variant, ggml_type):
-    n, k = 45, 160
+@pytest.mark.parametrize("n, k, batches", SHAPES)
+def test_every_isa_variant_matches_the_pytorch_twin_bit_for_bit(variant, ggml_type, n, k, batches):
     layer = PackedLinear(random_packed(ggml_type, n, k, seed=ggml_type),
                          bias=torch.randn(n, generator=torch.Generator().manual_seed(1)))
-    x = torch.randn(37, k, generator=torch.Generator().manual_seed(2)) * 3
+    x = torch.randn(max(batches), k, generator=torch.Generator().manual_seed(2)) * 3
     x[3, :32] = 0.0                               # an all-zero block: scale 0
     x[5, 40] = 200.0                              # an outlier confined to its block
     q, d, s = quant_blocks_torch(x)
     q2, d2, s2 = variant.quant_blocks(x)
     assert torch.equal(q, q2) and torch.equal(d, d2) and torch.equal(s, s2)
     twin = layer.forward_quantized(q, d, s)       # no kernels set: PyTorch
-    for rows in (1, 2, 3, 5, 8, 17, 37):
+    for rows in batches:
         got = variant.packed_linear(ggml_type, layer.tiles, n, k, q[:rows], d[:rows], s[:rows],
                                     layer.bias)
         assert torch.equal(got, twin[:rows]), f"{variant.isa.name}, {rows} rows"
     # and it is the matmul it stands for, to within the activations' rounding
     weight = dequantize(layer_bytes(layer, ggml_type, n, k), ggml_type, (n, k))
     reference = x @ weight.t() + layer.bias
-    assert (twin - reference).abs().max() < 0.02 * reference.abs().max()
+    keep = torch.arange(len(x)) != 5              # the outlier's row rounds coarsely
+    assert (twin - reference)[keep].abs().max() < 0.02 * reference.abs().max()
 
 
 def layer_bytes(layer: PackedLinear, ggml_type: int, n: int, k: int) -> torch.Tensor:

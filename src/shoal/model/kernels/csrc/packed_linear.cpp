@@ -22,6 +22,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <new>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__)
@@ -235,125 +236,189 @@ bool amx_permitted() {
   return ok;
 }
 
+template <typename T>
+struct AlignedAlloc {
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <typename U> AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const AlignedAlloc&) const { return true; }
+  bool operator!=(const AlignedAlloc&) const { return false; }
+};
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
 
-// C_i = A_i . B (tile 6) for `tiles` (1-3) consecutive 16-row tiles of activations at xa
-// (row stride K), stored to cbuf row after row. Tile numbers are immediates, hence the cases.
+constexpr int64_t kAmxChunk = 64;   // activation rows per pass over a thread's columns
+
+// The 16 output rows of pair p (groups 2p, 2p+1) for every block, as B tiles: [B][8 rows of
+// 64 bytes] (value register c of group 2p+h at bytes 64c + 32h, nibbles widened to bytes),
+// and their scales and mins as floats [B][16]. An odd group count's missing half is zeros.
 template <int32_t TYPE>
-inline void tile_products(int64_t tiles, const int8_t* xa, int64_t K, int32_t* cbuf) {
-#define SHOAL_TDP(c, a) do { if (TYPE == kQ8_0) _tile_dpbssd(c, a, 6); else _tile_dpbsud(c, a, 6); } while (0)
-  _tile_loadd(3, xa, K);
-  _tile_zero(0);
-  if (tiles > 1) { _tile_loadd(4, xa + 16 * K, K); _tile_zero(1); }
-  if (tiles > 2) { _tile_loadd(5, xa + 32 * K, K); _tile_zero(2); }
-  SHOAL_TDP(0, 3);   // signed activations x signed Q8_0 weights, or x unsigned nibbles
-  if (tiles > 1) SHOAL_TDP(1, 4);
-  if (tiles > 2) SHOAL_TDP(2, 5);
-  _tile_stored(0, cbuf, 64);
-  if (tiles > 1) _tile_stored(1, cbuf + 256, 64);
-  if (tiles > 2) _tile_stored(2, cbuf + 512, 64);
-#undef SHOAL_TDP
+void unpack_pair(const uint8_t* w, int64_t p, int64_t nb, int64_t ng, uint8_t* wb, float* dw,
+                 float* mw) {
+  const int64_t tb = tile_bytes(TYPE), scales = TYPE == kQ4_1 ? 2 : 1;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* dst = wb + b * 512;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t g = 2 * p + h;
+      if (g >= ng) {
+        for (int c = 0; c < 8; ++c) std::memset(dst + 64 * c + 32 * h, 0, 32);
+        _mm256_store_ps(dw + b * 16 + 8 * h, _mm256_setzero_ps());
+        _mm256_store_ps(mw + b * 16 + 8 * h, _mm256_setzero_ps());
+        continue;
+      }
+      const uint8_t* tile = w + (g * nb + b) * tb;
+      _mm256_store_ps(dw + b * 16 + 8 * h,
+                      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile))));
+      _mm256_store_ps(mw + b * 16 + 8 * h, TYPE == kQ4_1
+          ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16)))
+          : _mm256_setzero_ps());
+      const uint8_t* qs = tile + 16 * scales;
+      for (int c = 0; c < (TYPE == kQ8_0 ? 8 : 4); ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+        if (TYPE == kQ8_0) {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 64 * c + 32 * h), v);
+        } else {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 64 * c + 32 * h),
+                             _mm256_and_si256(v, low4));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 64 * (c + 4) + 32 * h),
+                             _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+        }
+      }
+    }
+  }
+}
+
+// One block's float step for 16 activation rows x 16 output rows, from the tile unit's int32
+// sums C (row i at cbuf + 16 i), into the accumulators held in registers (see the top).
+template <int32_t TYPE>
+inline void amx_finish(const int32_t* cbuf, __m512 dw, __m512 mw, const float* dx,
+                       const float* sx, const int32_t* off, __m512* acc) {
+  for (int i = 0; i < 16; ++i) {
+    __m512i isum = _mm512_load_si512(cbuf + 16 * i);
+    if (TYPE == kQ4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(off[i]));
+    __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(dx[i])));
+    if (TYPE == kQ4_1) t = _mm512_add_ps(t, _mm512_mul_ps(mw, _mm512_set1_ps(sx[i])));
+    acc[i] = _mm512_add_ps(acc[i], t);
+  }
 }
 
 template <int32_t TYPE>
 void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, const float* xd,
                        const int32_t* xs, const float* bias, int64_t M, float* out) {
   const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows, pairs = (G + 1) / 2;
-  const int64_t tb = tile_bytes(TYPE), nscales = TYPE == kQ4_1 ? 2 : 1;
   const int64_t M16 = (M + 15) / 16 * 16;
-  // The A tiles read 16 rows at a time: a short last tile reads zeros, not past the end.
-  std::vector<int8_t> padded;
-  if (M16 != M) {
-    padded.assign(M16 * K, 0);
-    std::memcpy(padded.data(), xq, M * K);
-    xq = padded.data();
+  // The activations as the A tiles read them: per 16 rows and block, 16 x 32 contiguous
+  // bytes (a tile load is then one sequential run, not 16 rows K bytes apart); a short last
+  // tile reads zeros.
+  std::vector<int8_t, AlignedAlloc<int8_t>> xa_tiles(M16 * K, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(xa_tiles.data() + ((m / 16) * B + b) * 512 + (m % 16) * kBlock,
+                  xq + m * K + b * kBlock, kBlock);
+    }
   }
-  parallel_for(pairs, 4, [&, xq](int64_t begin, int64_t end) {
+  // Per block, the rows' scales (and Q4_1's dx * sum, Q4_0's 8 * sum) side by side: 16 rows'
+  // values in one run for the float steps. Zero for the padding rows.
+  std::vector<float> dxt(B * M16, 0.f), sxt(TYPE == kQ4_1 ? B * M16 : 0, 0.f);
+  std::vector<int32_t> offt(TYPE == kQ4_0 ? B * M16 : 0, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < B; ++b) {
+      const float dx = xd[m * B + b];
+      const int32_t sum = xs[m * B + b];
+      dxt[b * M16 + m] = dx;
+      if (TYPE == kQ4_1) sxt[b * M16 + m] = dx * static_cast<float>(sum);
+      if (TYPE == kQ4_0) offt[b * M16 + m] = 8 * sum;
+    }
+  }
+  parallel_for(pairs, 4, [&](int64_t begin, int64_t end) {
     // NOTE: locals, not the captured references: the vector stores below may alias anything,
     // which made the compiler reload every captured pointer inside the loops.
-    const uint8_t* const wp = w;
-    const int8_t* const xp = xq;
-    const float* const xdp = xd;
-    const int32_t* const xsp = xs;
+    const int8_t* const xp = xa_tiles.data();
+    const float* const dxp = dxt.data();
+    const float* const sxp = sxt.data();
+    const int32_t* const offp = offt.data();
     const float* const bp = bias;
     float* const op = out;
-    const int64_t n_out = N, k_in = K, m_rows = M, nb = B, ng = G, tbytes = tb, scales = nscales;
+    const int64_t n_out = N, m_rows = M, m16 = M16, nb = B, ng = G;
     TileConfig cfg;
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < 2; ++i) {
       cfg.rows[i] = 16; cfg.colsb[i] = 64;       // C: 16 activation rows x 16 int32 sums
-      cfg.rows[3 + i] = 16; cfg.colsb[3 + i] = 32;   // A: 16 activation rows x one int8 block
+      cfg.rows[2 + i] = 16; cfg.colsb[2 + i] = 32;   // A: 16 activation rows x one int8 block
+      cfg.rows[4 + i] = 8; cfg.colsb[4 + i] = 64;    // B: 8 dwords of 4 values x 16 output rows
     }
-    cfg.rows[6] = 8; cfg.colsb[6] = 64;          // B: 8 dwords of 4 values x 16 output rows
     _tile_loadconfig(&cfg);
-    alignas(64) uint8_t wbuf[8 * 64];
-    alignas(64) int32_t cbuf[3 * 16 * 16];
-    std::vector<float> acc_buf(M16 * 16);
-    float* const acc = acc_buf.data();
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    for (int64_t p = begin; p < end; ++p) {
-      std::fill(acc, acc + m_rows * 16, 0.f);
-      for (int64_t b = 0; b < nb; ++b) {
-        __m256 dw[2], mw[2];
-        for (int h = 0; h < 2; ++h) {
-          const int64_t g = 2 * p + h;
-          if (g >= ng) {   // an odd group count: the second half computes zeros (below)
-            dw[h] = mw[h] = _mm256_setzero_ps();
-            continue;
-          }
-          const uint8_t* tile = wp + (g * nb + b) * tbytes;
-          dw[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile)));
-          mw[h] = TYPE == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16)))
-                                : _mm256_setzero_ps();
-          const uint8_t* qs = tile + 16 * scales;
-          for (int c = 0; c < (TYPE == kQ8_0 ? 8 : 4); ++c) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
-            if (TYPE == kQ8_0) {
-              _mm256_store_si256(reinterpret_cast<__m256i*>(wbuf + 64 * c + 32 * h), v);
+    std::vector<uint8_t, AlignedAlloc<uint8_t>> wb(nb * 512);
+    std::vector<float, AlignedAlloc<float>> dwb(nb * 16), mwb(nb * 16);
+    alignas(64) int32_t cbuf[2][2][16 * 16];
+    // NOTE: rows in chunks outside, columns inside: the outputs of one chunk stay a compact
+    // region (a pass over all rows per column pair wrote 64 bytes per 12 KB row: TLB misses).
+    for (int64_t c0 = 0; c0 < m16; c0 += kAmxChunk) {
+      const int64_t c1 = std::min(m16, c0 + kAmxChunk);
+      for (int64_t p = begin; p < end; ++p) {
+        unpack_pair<TYPE>(w, p, nb, ng, wb.data(), dwb.data(), mwb.data());
+        const int64_t n0 = 2 * p * kRows, width = std::min<int64_t>(16, n_out - n0);
+        const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
+        const __m512 bias16 = bp != nullptr ? _mm512_maskz_loadu_ps(lanes, bp + n0) : _mm512_setzero_ps();
+        for (int64_t m0 = c0; m0 < c1; m0 += 16) {
+          __m512 acc[16];
+          for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+          const int8_t* xa = xp + (m0 / 16) * nb * 512;
+          // NOTE: two blocks per step in two sets of tiles (C 0-1, A 2-3, B 4-5); the tile
+          // products of the next two blocks are issued before the float steps, and those
+          // read the sums stored one step earlier: the tile unit and the vector units work
+          // at once, and no load waits for a tile store just issued.
+          auto issue = [&](int64_t bb, int slot) {
+            if (slot == 0) {
+              _tile_loadd(2, xa + bb * 512, kBlock);
+              _tile_loadd(4, wb.data() + bb * 512, 64);
+              _tile_zero(0);
+              if (TYPE == kQ8_0) _tile_dpbssd(0, 2, 4); else _tile_dpbsud(0, 2, 4);
             } else {
-              _mm256_store_si256(reinterpret_cast<__m256i*>(wbuf + 64 * c + 32 * h),
-                                 _mm256_and_si256(v, low4));
-              _mm256_store_si256(reinterpret_cast<__m256i*>(wbuf + 64 * (c + 4) + 32 * h),
-                                 _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+              _tile_loadd(3, xa + bb * 512, kBlock);
+              _tile_loadd(5, wb.data() + bb * 512, 64);
+              _tile_zero(1);
+              if (TYPE == kQ8_0) _tile_dpbssd(1, 3, 5); else _tile_dpbsud(1, 3, 5);
+            }
+          };
+          auto finish = [&](int64_t bb, const int32_t* c) {
+            amx_finish<TYPE>(c, _mm512_load_ps(dwb.data() + bb * 16),
+                             _mm512_load_ps(mwb.data() + bb * 16), dxp + bb * m16 + m0,
+                             sxp + (TYPE == kQ4_1 ? bb * m16 + m0 : 0),
+                             offp + (TYPE == kQ4_0 ? bb * m16 + m0 : 0), acc);
+          };
+          issue(0, 0);
+          if (nb > 1) issue(1, 1);
+          for (int64_t b = 0; b < nb; b += 2) {
+            int32_t (*const cb)[256] = cbuf[(b / 2) & 1];
+            _tile_stored(0, cb[0], 64);
+            if (b + 1 < nb) _tile_stored(1, cb[1], 64);
+            if (b + 2 < nb) issue(b + 2, 0);
+            if (b + 3 < nb) issue(b + 3, 1);
+            if (b >= 2) {   // the previous two blocks, stored one step ago
+              int32_t (*const prev)[256] = cbuf[((b - 2) / 2) & 1];
+              finish(b - 2, prev[0]);
+              finish(b - 1, prev[1]);
             }
           }
-        }
-        if (2 * p + 1 >= ng) {
-          for (int c = 0; c < 8; ++c) std::memset(wbuf + 64 * c + 32, 0, 32);
-        }
-        const __m512 dw16 = _mm512_insertf32x8(_mm512_castps256_ps512(dw[0]), dw[1], 1);
-        const __m512 mw16 = _mm512_insertf32x8(_mm512_castps256_ps512(mw[0]), mw[1], 1);
-        _tile_loadd(6, wbuf, 64);
-        // NOTE: three 16-row tiles in flight (C in tiles 0-2, A in 3-5): a tile product's
-        // latency is several times its issue rate, and batches of rows give independent ones.
-        for (int64_t m0 = 0; m0 < m_rows; m0 += 48) {
-          const int64_t tiles = std::min<int64_t>(3, (m_rows - m0 + 15) / 16);
-          const int8_t* xa = xp + m0 * k_in + b * kBlock;
-          tile_products<TYPE>(tiles, xa, k_in, cbuf);
-          for (int64_t m = m0; m < std::min(m_rows, m0 + 48); ++m) {
-            __m512i isum = _mm512_load_si512(cbuf + 16 * (m - m0));
-            const int32_t sum = xsp[m * nb + b];
-            if (TYPE == kQ4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * sum));
-            const float dx = xdp[m * nb + b];
-            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw16, _mm512_set1_ps(dx)));
-            if (TYPE == kQ4_1) {
-              t = _mm512_add_ps(t, _mm512_mul_ps(mw16, _mm512_set1_ps(dx * static_cast<float>(sum))));
-            }
-            float* a = acc + m * 16;
-            _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), t));
+          {   // the last step's one or two blocks
+            const int64_t last = (nb - 1) / 2 * 2;
+            int32_t (*const cb)[256] = cbuf[(last / 2) & 1];
+            finish(last, cb[0]);
+            if (last + 1 < nb) finish(last + 1, cb[1]);
+          }
+          for (int i = 0; i < 16 && m0 + i < m_rows; ++i) {
+            __m512 v = acc[i];
+            if (bp != nullptr) v = _mm512_add_ps(v, bias16);
+            _mm512_mask_storeu_ps(op + (m0 + i) * n_out + n0, lanes, v);
           }
         }
-      }
-      const int64_t n0 = 2 * p * kRows, width = std::min<int64_t>(16, n_out - n0);
-      const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
-      const __m512 bias16 = bp != nullptr ? _mm512_maskz_loadu_ps(lanes, bp + n0) : _mm512_setzero_ps();
-      for (int64_t m = 0; m < m_rows; ++m) {
-        __m512 v = _mm512_loadu_ps(acc + m * 16);
-        if (bp != nullptr) v = _mm512_add_ps(v, bias16);
-        _mm512_mask_storeu_ps(op + m * n_out + n0, lanes, v);
       }
     }
     _tile_release();

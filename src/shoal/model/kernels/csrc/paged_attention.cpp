@@ -84,59 +84,151 @@ inline v16 load16(const _Float16* p) {
 }
 inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-// Scores of R rows (query, head) against one block's 16 keys: acc[r] lanes = keys.
-// Each lane sums q[d] * k[d] for d = 0..hd-1 in order, whatever R is.
-template <int R, typename KT>
-inline void score_block(const float* const* q, const KT* kt, int64_t hd, float scale,
+constexpr int kScoreRows = 16;   // rows scored together: independent FMA chains
+constexpr int kValueRows = 6;    // rows accumulated together: 6 x 4 vectors of accumulators
+
+// Scores of R rows (query, head) against one block's 16 keys (float, [hd][BS]): acc[r]
+// lanes = keys. Each lane sums q[d] * k[d] for d = 0..hd-1 in order, whatever R is.
+// qt: the rows' queries transposed, [hd][kScoreRows] (one pointer, constant offsets).
+template <int R>
+inline void score_block(const float* qt, const float* kt, int64_t hd, float scale,
                         float* const* out) {
   v16 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = v16{};
   for (int64_t d = 0; d < hd; ++d) {
     const v16 k = load16(kt + d * BS);
-    for (int r = 0; r < R; ++r) acc[r] += q[r][d] * k;
+    for (int r = 0; r < R; ++r) acc[r] += qt[d * kScoreRows + r] * k;
   }
   for (int r = 0; r < R; ++r) store16(out[r], acc[r] * scale);
 }
 
-// out[r][:] += sum over the block's first `lanes[r]` keys of p[r][l] * v[l][:], key by key.
-template <int R, typename KT>
-inline void accumulate_block(const float* const* p, const int64_t* lanes, const KT* vblock,
-                             int64_t hd, float* const* out) {
-  for (int64_t j = 0; j < hd; j += 16) {
-    v16 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = load16(out[r] + j);
+// out[r][:] += sum over the block's 16 keys of p[r][l] * v[l][:], key by key: rows that see
+// the whole block. J vectors of 16 dims per row at a time (R x J accumulators in registers).
+template <int R, int J>
+inline void accumulate_full(const float* const* p, const float* vblock, int64_t hd,
+                            float* const* out) {
+  for (int64_t j = 0; j < hd; j += 16 * J) {
+    v16 acc[R][J];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < J; ++c) acc[r][c] = load16(out[r] + j + 16 * c);
     for (int l = 0; l < BS; ++l) {
-      const v16 v = load16(vblock + l * hd + j);
+      v16 v[J];
+      for (int c = 0; c < J; ++c) v[c] = load16(vblock + l * hd + j + 16 * c);
       for (int r = 0; r < R; ++r) {
-        if (l < lanes[r]) acc[r] += p[r][l] * v;
+        const float pl = p[r][l];
+        for (int c = 0; c < J; ++c) acc[r][c] += pl * v[c];
       }
     }
-    for (int r = 0; r < R; ++r) store16(out[r] + j, acc[r]);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < J; ++c) store16(out[r] + j + 16 * c, acc[r][c]);
   }
 }
 
-template <int R, typename KT>
-void score_rows(int nr, const float* const* q, const KT* kt, int64_t hd, float scale,
+// The same for one row that sees only the block's first `lanes` keys (its query's own block).
+inline void accumulate_partial(const float* p, int64_t lanes, const float* vblock, int64_t hd,
+                               float* out) {
+  for (int64_t j = 0; j < hd; j += 16) {
+    v16 acc = load16(out + j);
+    for (int64_t l = 0; l < lanes; ++l) acc += p[l] * load16(vblock + l * hd + j);
+    store16(out + j, acc);
+  }
+}
+
+template <int R>
+void score_rows(int nr, const float* qt, const float* kt, int64_t hd, float scale,
                 float* const* out) {
-  if (nr == R) score_block<R>(q, kt, hd, scale, out);
-  else if constexpr (R > 1) score_rows<R - 1>(nr, q, kt, hd, scale, out);
+  if (nr == R) score_block<R>(qt, kt, hd, scale, out);
+  else if constexpr (R > 1) score_rows<R - 1>(nr, qt, kt, hd, scale, out);
 }
 
-template <int R, typename KT>
-void accumulate_rows(int nr, const float* const* p, const int64_t* lanes, const KT* vblock,
-                     int64_t hd, float* const* out) {
-  if (nr == R) accumulate_block<R>(p, lanes, vblock, hd, out);
-  else if constexpr (R > 1) accumulate_rows<R - 1>(nr, p, lanes, vblock, hd, out);
+template <int R, int J>
+void accumulate_rows(int nr, const float* const* p, const float* vblock, int64_t hd,
+                     float* const* out) {
+  if (nr == R) accumulate_full<R, J>(p, vblock, hd, out);
+  else if constexpr (R > 1) accumulate_rows<R - 1, J>(nr, p, vblock, hd, out);
 }
 
-constexpr int kScoreRows = 8;   // rows scored together: independent FMA chains
-constexpr int kValueRows = 4;   // rows accumulated together: 4 x hd/16 accumulators
+
+// One block of K or V as floats: bfloat16 / float16 widened once per tile (not once per row
+// group).
+inline const float* widen(const float* src, int64_t, float*) { return src; }
+inline const float* widen(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 16) store16(dst + i, load16(src + i));
+  return dst;
+}
+inline const float* widen(const _Float16* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 16) store16(dst + i, load16(src + i));
+  return dst;
+}
+
+// e^x for x <= 0, 16 lanes, within ~1 ulp (e^x below e^-87 gives e^-87: it weighs nothing
+// beside the row's maximum, whose e^0 = 1 is in every sum). NOTE: the softmax's scalar
+// expf calls and the serial sum were most of a long prompt's attention time.
+inline v16 exp16(v16 x) {
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  const v16 lo = v16{} - 87.f;
+  x = x < lo ? lo : x;
+  const v16 magic = v16{} + 12582912.f;                 // 1.5 * 2^23: round to an integer
+  const v16 n = (x * 1.44269504f + magic) - magic;       // round(x / ln 2)
+  const v16 r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  v16 p = v16{} + (1.f / 5040.f);
+  p = p * r + (1.f / 720.f);
+  p = p * r + (1.f / 120.f);
+  p = p * r + (1.f / 24.f);
+  p = p * r + (1.f / 6.f);
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;   // 2^n
+  v16 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Softmax of one row in place over keys lo .. pos (s[t]: key t, absolute; s is aligned so
+// that t % 16 is a lane): 16 lanes per step; lanes outside lo .. pos of the touched blocks
+// become 0. The sum runs lane-wise over the blocks in order, then over the lanes in a fixed
+// tree: a function of (lo, pos) and the scores alone, so batch invariance holds.
+inline void softmax_row(float* s, int64_t lo, int64_t pos) {
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  i32x16 lane;
+  for (int i = 0; i < BS; ++i) lane[i] = i;
+  const int64_t first = lo / BS, last = pos / BS;
+  const v16 ninf = v16{} - std::numeric_limits<float>::infinity();
+  auto valid = [&](int64_t b) {
+    const int64_t t0 = b * BS;
+    const i32x16 t = lane + static_cast<int32_t>(t0);
+    return (t >= static_cast<int32_t>(lo)) & (t <= static_cast<int32_t>(pos));
+  };
+  v16 vmax = ninf;
+  for (int64_t b = first; b <= last; ++b) {
+    const v16 v = load16(s + b * BS);
+    const v16 m = valid(b) ? v : ninf;
+    vmax = vmax > m ? vmax : m;
+  }
+  float mx = vmax[0];
+  for (int i = 1; i < BS; ++i) mx = std::max(mx, vmax[i]);
+  v16 total = v16{};
+  for (int64_t b = first; b <= last; ++b) {
+    const v16 e = exp16(load16(s + b * BS) - mx);
+    const v16 z = valid(b) ? e : v16{};
+    total += z;
+    store16(s + b * BS, z);
+  }
+  float t8[8], t4[4], t2[2];
+  for (int i = 0; i < 8; ++i) t8[i] = total[i] + total[i + 8];
+  for (int i = 0; i < 4; ++i) t4[i] = t8[i] + t8[i + 4];
+  for (int i = 0; i < 2; ++i) t2[i] = t4[i] + t4[i + 2];
+  const float inv = 1.f / (t2[0] + t2[1]);
+  for (int64_t b = first; b <= last; ++b) store16(s + b * BS, load16(s + b * BS) * inv);
+}
 
 template <typename KT>
 void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
                  const int64_t* table, int64_t pos0, int64_t H, int64_t KV, int64_t hd,
                  int64_t group, float scale, int64_t window, float* op,
-                 std::vector<float>& scores, std::vector<float>& acc) {
+                 std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& wide,
+                 std::vector<float>& qt) {
   const int64_t nq = task.q_end - task.q_begin;
   const int64_t rows = nq * group;                     // row = (query i, head g), i-major
   const int64_t len = pos0 + nq;                       // keys the tile's last query sees
@@ -146,8 +238,12 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
   const int64_t base = b0 * BS;
   const int64_t width = (nblocks - b0) * BS;
   const int64_t kvh = task.kv_head;
-  scores.assign(rows * width, 0.f);
+  scores.resize(rows * width);
   acc.assign(rows * hd, 0.f);
+  wide.resize(hd * BS);
+  // the queries by groups of kScoreRows rows, each group transposed to [hd][kScoreRows]
+  const int64_t groups = (rows + kScoreRows - 1) / kScoreRows;
+  qt.assign(groups * hd * kScoreRows, 0.f);
   const int64_t block_stride = KV * hd * BS;
   auto qrow = [&](int64_t r) {
     return qp + ((task.q_begin + r / group) * H + kvh * group + r % group) * hd;
@@ -162,54 +258,57 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
     }
   };
 
-  // Scores: rows whose query sees any key of the block, kScoreRows at a time.
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* q = qrow(r);
+    float* dst = qt.data() + (r / kScoreRows) * hd * kScoreRows + r % kScoreRows;
+    for (int64_t d = 0; d < hd; ++d) dst[d * kScoreRows] = q[d];
+  }
+  // Scores: rows whose query sees any key of the block, kScoreRows at a time (groups aligned
+  // to kScoreRows, so a row's queries sit in one transposed group).
   for (int64_t b = b0; b < nblocks; ++b) {
-    const KT* kt = kp + table[b] * block_stride + kvh * hd * BS;   // [hd][BS]
+    const float* kt = widen(kp + table[b] * block_stride + kvh * hd * BS, hd * BS, wide.data());
     const int64_t t0 = b * BS;
     int64_t first_row, end_row;
     row_range(t0, first_row, end_row);
-    for (int64_t r0 = first_row; r0 < end_row; r0 += kScoreRows) {
-      const int nr = static_cast<int>(std::min<int64_t>(kScoreRows, end_row - r0));
-      const float* q[kScoreRows];
+    for (int64_t r0 = first_row / kScoreRows * kScoreRows; r0 < end_row; r0 += kScoreRows) {
+      // NOTE: a group may start before first_row: those rows score keys they never read.
+      const int nr = static_cast<int>(std::min<int64_t>(kScoreRows, rows - r0));
       float* out[kScoreRows];
-      for (int r = 0; r < nr; ++r) {
-        q[r] = qrow(r0 + r);
-        out[r] = scores.data() + (r0 + r) * width + (t0 - base);
-      }
-      score_rows<kScoreRows, KT>(nr, q, kt, hd, scale, out);
+      for (int r = 0; r < nr; ++r) out[r] = scores.data() + (r0 + r) * width + (t0 - base);
+      score_rows<kScoreRows>(nr, qt.data() + (r0 / kScoreRows) * hd * kScoreRows, kt, hd, scale,
+                             out);
     }
   }
-  // Softmax of each row over its own keys lo .. pos.
+  // Softmax of each row over its own keys lo .. pos (keys of the first block before the
+  // window: scored above, weigh 0).
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = pos0 + r / group;
     const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-    float* s = scores.data() + r * width - base;       // s[t]: key t (absolute position)
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = lo; t <= pos; ++t) mx = std::max(mx, s[t]);
-    float total = 0.f;
-    for (int64_t t = lo; t <= pos; ++t) { s[t] = std::exp(s[t] - mx); total += s[t]; }
-    const float inv = 1.f / total;
-    for (int64_t t = lo; t <= pos; ++t) s[t] *= inv;
-    // keys of the first block before the window: scored above, weigh nothing
-    for (int64_t t = lo / BS * BS; t < lo; ++t) s[t] = 0.f;
+    softmax_row(scores.data() + r * width - base, lo, pos);
   }
-  // Weighted sum of V, key by key in order, kValueRows rows at a time.
+  // Weighted sum of V, key by key in order: rows that see the whole block kValueRows at a
+  // time, rows whose own block it is one at a time over their keys.
   for (int64_t b = b0; b < nblocks; ++b) {
-    const KT* vblock = vp + table[b] * block_stride + kvh * BS * hd;   // [BS][hd]
+    const float* vblock = widen(vp + table[b] * block_stride + kvh * BS * hd, hd * BS, wide.data());
     const int64_t t0 = b * BS;
     int64_t first_row, end_row;
     row_range(t0, first_row, end_row);
-    for (int64_t r0 = first_row; r0 < end_row; r0 += kValueRows) {
+    // rows from here on see all BS keys of the block
+    const int64_t full_row = std::min(end_row, std::max(first_row, (t0 + BS - 1 - pos0) * group));
+    for (int64_t r = first_row; r < full_row; ++r) {
+      accumulate_partial(scores.data() + r * width + (t0 - base), pos0 + r / group + 1 - t0,
+                         vblock, hd, acc.data() + r * hd);
+    }
+    for (int64_t r0 = full_row; r0 < end_row; r0 += kValueRows) {
       const int nr = static_cast<int>(std::min<int64_t>(kValueRows, end_row - r0));
       const float* p[kValueRows];
       float* out[kValueRows];
-      int64_t lanes[kValueRows];
       for (int r = 0; r < nr; ++r) {
         p[r] = scores.data() + (r0 + r) * width + (t0 - base);
         out[r] = acc.data() + (r0 + r) * hd;
-        lanes[r] = std::min<int64_t>(BS, pos0 + (r0 + r) / group + 1 - t0);
       }
-      accumulate_rows<kValueRows, KT>(nr, p, lanes, vblock, hd, out);
+      if (hd % 64 == 0) accumulate_rows<kValueRows, 4>(nr, p, vblock, hd, out);
+      else accumulate_rows<kValueRows, 1>(nr, p, vblock, hd, out);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -290,8 +389,7 @@ SHOAL_API void shoal_paged_attention(const float* qp, int64_t H, int64_t hd, con
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), ntasks));
   shoal::parallel_for(nthreads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> acc;
+    std::vector<float> scores, acc, wide, qt;
     for (int64_t worker = begin; worker < end; ++worker)
     for (int64_t ti = worker; ti < ntasks; ti += nthreads) {
       const Task& task = tasks[ti];
@@ -299,13 +397,13 @@ SHOAL_API void shoal_paged_attention(const float* qp, int64_t H, int64_t hd, con
       const int64_t* table = bt + task.seq * max_blocks;
       if (kv_type == kKvBF16) {
         attend_tile(task, qp, static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp),
-                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc);
+                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc, wide, qt);
       } else if (kv_type == kKvF16) {
         attend_tile(task, qp, static_cast<const _Float16*>(kp), static_cast<const _Float16*>(vp),
-                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc);
+                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc, wide, qt);
       } else {
         attend_tile(task, qp, static_cast<const float*>(kp), static_cast<const float*>(vp),
-                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc);
+                    table, pos0, H, KV, hd, group, scale, window, op, scores, acc, wide, qt);
       }
     }
   });
