@@ -4,7 +4,9 @@
 Run on a machine with a GPU (one short session):
     python scripts/gpu_check.py [--model PATH] [--tokens 64]
 Prints, for float32 and bfloat16 on CUDA: how many of the test prompts produce the
-same greedy tokens as CPU exact mode, and decode throughput at 1 and 32 streams.
+same greedy tokens as CPU exact mode, decode throughput at 1 and 32 streams, and at one
+stream the share of memory bandwidth used: each decoded token reads every weight once, so
+(weight bytes x tokens/s) against a device-to-device copy's measured bandwidth.
 """
 from __future__ import annotations
 
@@ -44,6 +46,26 @@ def throughput(llm: LLM, prompts: list[list[int]], streams: int, tokens: int) ->
     return sum(len(r.outputs[0].token_ids) for r in results) / (time.perf_counter() - start)
 
 
+def weight_bytes(llm: LLM) -> int:
+    """Bytes of the model's weights (parameters and weight buffers) on its device."""
+    model = llm.engine.runner.model
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def copy_bandwidth(device: str = "cuda", size: int = 1 << 30, rounds: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (each byte read once and written once)."""
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * size * rounds / (time.perf_counter() - start)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
@@ -57,6 +79,8 @@ def main() -> int:
     prompts = chats(cpu, PROMPTS)
     reference = greedy(cpu, prompts, args.tokens)
     del cpu
+    bandwidth = copy_bandwidth()
+    print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s")
     ok = True
     for dtype in ("float32", "bfloat16"):
         gpu = LLM(args.model, compute="exact", device="cuda", dtype=dtype)
@@ -66,7 +90,13 @@ def main() -> int:
         print(f"cuda {dtype}: greedy identical to CPU exact for {same}/{len(prompts)} prompts "
               f"(first token: {first_token_same}/{len(prompts)})")
         for streams in (1, 32):
-            print(f"cuda {dtype}: {streams:2d} streams: {throughput(gpu, prompts, streams, 128):8.1f} tok/s")
+            rate = throughput(gpu, prompts, streams, 128)
+            print(f"cuda {dtype}: {streams:2d} streams: {rate:8.1f} tok/s")
+            if streams == 1:
+                per_token = weight_bytes(gpu)
+                used = per_token * rate
+                print(f"cuda {dtype}: batch 1 reads {per_token / 1e6:.0f} MB of weights a token: "
+                      f"{used / 1e9:.0f} GB/s, {100 * used / bandwidth:.1f}% of the copy bandwidth")
         if dtype == "float32" and first_token_same < len(prompts) - 1:
             ok = False
         del gpu
