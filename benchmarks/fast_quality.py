@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import urllib.request
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -123,7 +124,7 @@ class Column:
     kl_bucketed: float = 0.0
     nll: float = 0.0
     full_logits: bool = True
-    per_sequence_kl: list[float] = field(default_factory=list)
+    per_position_kl: list[float] = field(default_factory=list)   # the bucketed KL, in order
 
     def add(self, exact: torch.Tensor, targets: list[int], *, full: torch.Tensor | None = None,
             tops: list[tuple[list[int], list[float]]] | None = None, n_probs: int) -> None:
@@ -133,7 +134,6 @@ class Column:
             full_lp = full.float().log_softmax(-1)
             kl = (exact_lp.exp() * (exact_lp - full_lp)).sum(-1)
             self.kl_full += kl.sum().item()
-            self.per_sequence_kl.append(kl.mean().item())
             self.nll -= full_lp.gather(1, torch.tensor(targets)[:, None]).sum().item()
             tops = [top_n(row, n_probs) for row in full]
         else:
@@ -143,7 +143,8 @@ class Column:
         exact_top1 = exact_lp.argmax(-1).tolist()
         for row, (ids, lps), want in zip(exact_lp, tops, exact_top1):
             self.top1 += ids[max(range(len(ids)), key=lps.__getitem__)] == want
-            self.kl_bucketed += bucketed_kl(row, ids, lps)
+            self.per_position_kl.append(bucketed_kl(row, ids, lps))
+            self.kl_bucketed += self.per_position_kl[-1]
         self.positions += len(targets)
 
 
@@ -278,6 +279,15 @@ def main() -> int:
     ]
     for label, cell in rows:
         print(f"| {label} | " + " | ".join(cell(chat_cols[n], n) for n in names) + " |")
+    # Is a column's bucketed KL really above or below the last one's? The mean per-position
+    # difference with its standard error (positions taken as independent, which flatters it).
+    last = names[-1]
+    diffs = {n: [a - b for a, b in zip(chat_cols[n].per_position_kl, chat_cols[last].per_position_kl)]
+             for n in names[:-1]}
+    if diffs:
+        print(f"| bucketed KL minus {last}'s, mean ± standard error | " + " | ".join(
+            f"{statistics.fmean(d):+.4f} ± {statistics.stdev(d) / math.sqrt(len(d)):.4f}"
+            for d in diffs.values()) + " | — |")
     t = text_cols
     print(f"| fixed {len(ids)}-token text: top-1 / top-{args.n_probs}-bucketed KL | "
           + " | ".join(f"{t[n].top1 / t[n].positions:.1%} / {t[n].kl_bucketed / t[n].positions:.4f}"
