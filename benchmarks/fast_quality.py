@@ -151,9 +151,10 @@ class Column:
 class LlamaCpp:
     """The few llama-server /completion calls this benchmark needs, on token ids."""
 
-    def __init__(self, url: str, n_probs: int) -> None:
+    def __init__(self, url: str, n_probs: int, prefill: bool = False) -> None:
         self.url = url.rstrip("/")
         self.n_probs = n_probs
+        self.prefill = prefill
 
     def _post(self, path: str, body: dict) -> dict:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
@@ -174,14 +175,18 @@ class LlamaCpp:
     def teacher_forced(self, ids: list[int], start: int) -> list[tuple[list[int], list[float]]]:
         """Top-N (ids, logprobs) predicting ids[k] from ids[:k], for k in start..len(ids)-1.
 
-        Each prefix reuses the previous one's KV cache in one slot, so the prompt ids[:start]
-        is prefilled in one batch and every later position is one decode step: the way
-        llama.cpp computes the answer it generates (and about 50x faster than re-prefilling).
+        By default each prefix reuses the previous one's KV cache in one slot, so the prompt
+        ids[:start] is prefilled in one batch and every later position is one decode step: the
+        way llama.cpp computes the answer it generates (and ~10x faster than re-prefilling).
+        llama.cpp is not batch-invariant (a position's log-probabilities differ by a few
+        hundredths between its prefill and decode paths), so with prefill=True every prefix is
+        prefilled afresh instead: each position as the last of a prompt.
         """
         tops = []
         for k in range(start, len(ids)):
             body = {"prompt": ids[:k], "n_predict": 1, "n_probs": self.n_probs, "temperature": 0,
-                    "top_k": 1, "cache_prompt": True, "id_slot": 0, "post_sampling_probs": False}
+                    "top_k": 1, "cache_prompt": not self.prefill, "id_slot": 0,
+                    "post_sampling_probs": False}
             probs = self._post("/completion", body)["completion_probabilities"][0]["top_logprobs"]
             tops.append(([p["id"] for p in probs], [p["logprob"] for p in probs]))
         return tops
@@ -202,6 +207,9 @@ def main() -> int:
                              "dtype (e.g. packed:float32; default bfloat16)")
     parser.add_argument("--llamacpp", metavar="URL", default=None,
                         help="also measure a llama-server on the same GGUF (e.g. http://127.0.0.1:8081)")
+    parser.add_argument("--llamacpp-prefill", action="store_true",
+                        help="teacher-force llama.cpp by prefilling every prefix afresh (its prefill "
+                             "path; slow) instead of decoding one position at a time (its decode path)")
     parser.add_argument("--n-probs", type=int, default=20,
                         help="top-N of the bucketed KL (and llama.cpp's n_probs)")
     args = parser.parse_args()
@@ -210,7 +218,7 @@ def main() -> int:
     for spec in filter(None, args.recipes.split(",")):
         recipe, _, kv = spec.partition(":")       # e.g. packed:float32 = a float32 KV cache
         fasts[spec] = LLM(compute="fast", fast_weights=recipe, kv_cache_dtype=kv or "auto")
-    peer = LlamaCpp(args.llamacpp, args.n_probs) if args.llamacpp else None
+    peer = LlamaCpp(args.llamacpp, args.n_probs, args.llamacpp_prefill) if args.llamacpp else None
     names = [*fasts, *(["llama.cpp"] if peer else [])]
     eos = exact.tokenizer.eos_token_ids
 
