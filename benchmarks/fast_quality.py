@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import urllib.request
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -123,7 +124,7 @@ class Column:
     kl_bucketed: float = 0.0
     nll: float = 0.0
     full_logits: bool = True
-    per_sequence_kl: list[float] = field(default_factory=list)
+    per_position_kl: list[float] = field(default_factory=list)   # the bucketed KL, in order
 
     def add(self, exact: torch.Tensor, targets: list[int], *, full: torch.Tensor | None = None,
             tops: list[tuple[list[int], list[float]]] | None = None, n_probs: int) -> None:
@@ -133,7 +134,6 @@ class Column:
             full_lp = full.float().log_softmax(-1)
             kl = (exact_lp.exp() * (exact_lp - full_lp)).sum(-1)
             self.kl_full += kl.sum().item()
-            self.per_sequence_kl.append(kl.mean().item())
             self.nll -= full_lp.gather(1, torch.tensor(targets)[:, None]).sum().item()
             tops = [top_n(row, n_probs) for row in full]
         else:
@@ -143,16 +143,18 @@ class Column:
         exact_top1 = exact_lp.argmax(-1).tolist()
         for row, (ids, lps), want in zip(exact_lp, tops, exact_top1):
             self.top1 += ids[max(range(len(ids)), key=lps.__getitem__)] == want
-            self.kl_bucketed += bucketed_kl(row, ids, lps)
+            self.per_position_kl.append(bucketed_kl(row, ids, lps))
+            self.kl_bucketed += self.per_position_kl[-1]
         self.positions += len(targets)
 
 
 class LlamaCpp:
     """The few llama-server /completion calls this benchmark needs, on token ids."""
 
-    def __init__(self, url: str, n_probs: int) -> None:
+    def __init__(self, url: str, n_probs: int, prefill: bool = False) -> None:
         self.url = url.rstrip("/")
         self.n_probs = n_probs
+        self.prefill = prefill
 
     def _post(self, path: str, body: dict) -> dict:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
@@ -173,14 +175,18 @@ class LlamaCpp:
     def teacher_forced(self, ids: list[int], start: int) -> list[tuple[list[int], list[float]]]:
         """Top-N (ids, logprobs) predicting ids[k] from ids[:k], for k in start..len(ids)-1.
 
-        Each prefix reuses the previous one's KV cache in one slot, so the prompt ids[:start]
-        is prefilled in one batch and every later position is one decode step: the way
-        llama.cpp computes the answer it generates (and about 50x faster than re-prefilling).
+        By default each prefix reuses the previous one's KV cache in one slot, so the prompt
+        ids[:start] is prefilled in one batch and every later position is one decode step: the
+        way llama.cpp computes the answer it generates (and ~10x faster than re-prefilling).
+        llama.cpp is not batch-invariant (a position's log-probabilities differ by a few
+        hundredths between its prefill and decode paths), so with prefill=True every prefix is
+        prefilled afresh instead: each position as the last of a prompt.
         """
         tops = []
         for k in range(start, len(ids)):
             body = {"prompt": ids[:k], "n_predict": 1, "n_probs": self.n_probs, "temperature": 0,
-                    "top_k": 1, "cache_prompt": True, "id_slot": 0, "post_sampling_probs": False}
+                    "top_k": 1, "cache_prompt": not self.prefill, "id_slot": 0,
+                    "post_sampling_probs": False}
             probs = self._post("/completion", body)["completion_probabilities"][0]["top_logprobs"]
             tops.append(([p["id"] for p in probs], [p["logprob"] for p in probs]))
         return tops
@@ -201,6 +207,9 @@ def main() -> int:
                              "dtype (e.g. packed:float32; default bfloat16)")
     parser.add_argument("--llamacpp", metavar="URL", default=None,
                         help="also measure a llama-server on the same GGUF (e.g. http://127.0.0.1:8081)")
+    parser.add_argument("--llamacpp-prefill", action="store_true",
+                        help="teacher-force llama.cpp by prefilling every prefix afresh (its prefill "
+                             "path; slow) instead of decoding one position at a time (its decode path)")
     parser.add_argument("--n-probs", type=int, default=20,
                         help="top-N of the bucketed KL (and llama.cpp's n_probs)")
     args = parser.parse_args()
@@ -209,7 +218,7 @@ def main() -> int:
     for spec in filter(None, args.recipes.split(",")):
         recipe, _, kv = spec.partition(":")       # e.g. packed:float32 = a float32 KV cache
         fasts[spec] = LLM(compute="fast", fast_weights=recipe, kv_cache_dtype=kv or "auto")
-    peer = LlamaCpp(args.llamacpp, args.n_probs) if args.llamacpp else None
+    peer = LlamaCpp(args.llamacpp, args.n_probs, args.llamacpp_prefill) if args.llamacpp else None
     names = [*fasts, *(["llama.cpp"] if peer else [])]
     eos = exact.tokenizer.eos_token_ids
 
@@ -278,6 +287,15 @@ def main() -> int:
     ]
     for label, cell in rows:
         print(f"| {label} | " + " | ".join(cell(chat_cols[n], n) for n in names) + " |")
+    # Is a column's bucketed KL really above or below the last one's? The mean per-position
+    # difference with its standard error (positions taken as independent, which flatters it).
+    last = names[-1]
+    diffs = {n: [a - b for a, b in zip(chat_cols[n].per_position_kl, chat_cols[last].per_position_kl)]
+             for n in names[:-1]}
+    if diffs:
+        print(f"| bucketed KL minus {last}'s, mean ± standard error | " + " | ".join(
+            f"{statistics.fmean(d):+.4f} ± {statistics.stdev(d) / math.sqrt(len(d)):.4f}"
+            for d in diffs.values()) + " | — |")
     t = text_cols
     print(f"| fixed {len(ids)}-token text: top-1 / top-{args.n_probs}-bucketed KL | "
           + " | ".join(f"{t[n].top1 / t[n].positions:.1%} / {t[n].kl_bucketed / t[n].positions:.4f}"

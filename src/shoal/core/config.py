@@ -23,7 +23,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_PREFIX_CACHING": ("enable_prefix_caching", "Reuse KV of shared prompt prefixes (default 1)."),
     "SHOAL_CHUNKED_PREFILL": ("enable_chunked_prefill", "Split long prompts across steps (default 1)."),
     "SHOAL_NUM_THREADS": ("num_threads", "Torch CPU threads (default: all cores)."),
-    "SHOAL_KV_CACHE_DTYPE": ("kv_cache_dtype", "'auto' (float16 for fast mode on the CPU kernel, else the model dtype), 'float32', 'float16', 'bfloat16' (3 fewer mantissa bits than float16, float32's range)."),
+    "SHOAL_KV_CACHE_DTYPE": ("kv_cache_dtype", "'auto' (bfloat16 for fast mode on the CPU kernel, else the model dtype), 'float32', 'bfloat16', 'float16' (3 more mantissa bits than bfloat16, as llama.cpp's KV cache; values beyond 65504 overflow)."),
     "SHOAL_KV_CACHE_COMMIT": ("kv_cache_commit", "Touch every page of the KV cache at load (CPU), so its memory is taken, or refused, at start rather than under load, and RSS is flat from the first request (default 0: pages are taken as blocks are first used, so an idle server stays small)."),
     "SHOAL_ATTENTION": ("attention_backend", "'auto' (C++ kernel on CPU when it builds), 'kernel', or 'torch'."),
     "SHOAL_GRAMMAR_COMPILE_TIMEOUT": ("grammar_compile_timeout", "Seconds a structured-output constraint (JSON schema, regex, grammar) may take to compile before its request is refused (default 10)."),

@@ -1,7 +1,7 @@
 // Causal attention straight from the paged KV cache, for CPUs, for every query of a
 // step: decode queries (one per sequence) and prefill chunks (many) alike.
 //
-// K/V are float32 (exact mode), float16 (fast mode's default) or bfloat16; the 16-bit
+// K/V are float32 (exact mode), bfloat16 (fast mode's default) or float16; the 16-bit
 // types are widened to float exactly on load.
 // Cache layout (per layer), chosen for this kernel (BS = 16 keys per block):
 //   K: [num_blocks, kv_heads, head_dim, BS]  (transposed inside a block)
@@ -48,7 +48,7 @@ constexpr int BS = 16;   // keys per block = lanes of v16
 
 inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
 
-// bfloat16 KV (stored as raw uint16_t bits): 16 values widened to float by a
+// bfloat16 KV (fast mode's default, stored as raw uint16_t bits): 16 values widened to float by a
 // 16-bit shift, exactly.
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
@@ -60,8 +60,8 @@ inline v16 load16(const uint16_t* p) {
   __builtin_memcpy(&v, &w, sizeof(v));
   return v;
 }
-// float16 KV (fast mode's default: 3 more mantissa bits than bfloat16, as llama.cpp's KV
-// cache): widened to float exactly. NOTE: GCC 12 converts a _Float16 vector one lane at a
+// float16 KV (SHOAL_KV_CACHE_DTYPE=float16: 3 more mantissa bits than bfloat16, as
+// llama.cpp's KV cache): widened to float exactly. NOTE: GCC 12 converts a _Float16 vector one lane at a
 // time, so the F16C / AVX-512 conversions are named; every route is exact, so the bits
 // are the same on every ISA.
 typedef _Float16 h16x16 __attribute__((vector_size(32)));
