@@ -289,14 +289,15 @@ async def prefill_burst(target, prompts: int, approx_tokens: int, max_tokens: in
             "burst_ttft_p50_s": pct(ttfts, 50), "burst_ttft_p99_s": pct(ttfts, 99)}
 
 
-async def long_prompt_during_streams(target, approx_tokens: int, streams: int = 8) -> dict:
+async def long_prompt_during_streams(target, approx_tokens: int, streams: int = 8,
+                                     stream_tokens: int = 1000) -> dict:
     """Largest gap between tokens of running streams while a long prompt is prefilled.
 
     The streams ask for many tokens and the long prompt arrives once they decode; the
     check below makes sure they were still running when its first token came back.
     """
     async def runner(i: int) -> RequestRecord:
-        return await target.stream(short_prompt(5000 + i), 1000)
+        return await target.stream(short_prompt(5000 + i), stream_tokens)
 
     started = time.perf_counter()
     tasks = [asyncio.create_task(runner(i)) for i in range(streams)]
@@ -366,7 +367,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             for t in runs():
                 ex = extras.setdefault(t.name, {})
                 ttft = await long_prompt_ttft(t, args.long_prompt_tokens)
-                gap = await long_prompt_during_streams(t, 1000)
+                gap = await long_prompt_during_streams(t, 1000, stream_tokens=args.gap_stream_tokens)
                 ex.setdefault("long_prompt_ttft_s", []).append(ttft)
                 ex.setdefault("max_gap_s", []).append(gap["max_gap_s"])
                 ex.setdefault("intruder_ttft_s", []).append(gap["intruder_ttft_s"])
@@ -412,6 +413,9 @@ def main() -> int:
                         help="long prompts sent at once for the prefill burst (0: skip it)")
     parser.add_argument("--burst-tokens", type=int, default=1000)
     parser.add_argument("--burst-max-tokens", type=int, default=32)
+    parser.add_argument("--gap-stream-tokens", type=int, default=1000,
+                        help="tokens each of the 8 streams asks for in the gap check (they must "
+                             "outlast the long prompt's prefill; fewer make the check quicker)")
     parser.add_argument("--long-rounds", type=int, default=1,
                         help="repeat the long-prompt checks and the burst (interleaved A/B)")
     parser.add_argument("--ab-kernels", default="",

@@ -254,6 +254,7 @@ struct alignas(64) TileConfig {
 };
 
 constexpr int64_t kAmxChunk = 64;   // activation rows per pass over a thread's columns
+constexpr int64_t kAmxUnpackedBytes = 2 << 20;   // a thread's columns unpacked at most
 
 // The 16 output rows of pair p (groups 2p, 2p+1) for every block, as B tiles: [B][8 rows of
 // 64 bytes] (value register c of group 2p+h at bytes 64c + 32h, nibbles widened to bytes),
@@ -354,15 +355,32 @@ void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq,
       cfg.rows[4 + i] = 8; cfg.colsb[4 + i] = 64;    // B: 8 dwords of 4 values x 16 output rows
     }
     _tile_loadconfig(&cfg);
-    std::vector<uint8_t, AlignedAlloc<uint8_t>> wb(nb * 512);
-    std::vector<float, AlignedAlloc<float>> dwb(nb * 16), mwb(nb * 16);
-    alignas(64) int32_t cbuf[2][2][16 * 16];
-    // NOTE: rows in chunks outside, columns inside: the outputs of one chunk stay a compact
-    // region (a pass over all rows per column pair wrote 64 bytes per 12 KB row: TLB misses).
-    for (int64_t c0 = 0; c0 < m16; c0 += kAmxChunk) {
-      const int64_t c1 = std::min(m16, c0 + kAmxChunk);
+    // NOTE: where the thread's columns fit in L2 unpacked (every linear but an output head),
+    // they are unpacked once and each 16-row tile then passes over all of them, so a tile
+    // writes its rows' outputs as one compact region; wider ones are unpacked pair by pair
+    // per 64-row chunk, as are batches of one chunk. (Chunks of many rows per pair wrote 64
+    // bytes per output row at the row stride: with 3072 columns, a TLB miss per row.)
+    const int64_t npairs = end - begin;
+    const bool whole = m16 > kAmxChunk && npairs * nb * 512 <= kAmxUnpackedBytes;
+    const int64_t slots = whole ? npairs : 1, chunk = whole ? 16 : kAmxChunk;
+    std::vector<uint8_t, AlignedAlloc<uint8_t>> wb(slots * nb * 512);
+    std::vector<float, AlignedAlloc<float>> dwb(slots * nb * 16), mwb(slots * nb * 16);
+    if (whole) {
       for (int64_t p = begin; p < end; ++p) {
-        unpack_pair<TYPE>(w, p, nb, ng, wb.data(), dwb.data(), mwb.data());
+        const int64_t at = p - begin;
+        unpack_pair<TYPE>(w, p, nb, ng, wb.data() + at * nb * 512, dwb.data() + at * nb * 16,
+                          mwb.data() + at * nb * 16);
+      }
+    }
+    alignas(64) int32_t cbuf[2][2][16 * 16];
+    for (int64_t c0 = 0; c0 < m16; c0 += chunk) {
+      const int64_t c1 = std::min(m16, c0 + chunk);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t at = whole ? p - begin : 0;
+        uint8_t* const wbp = wb.data() + at * nb * 512;
+        float* const dwp = dwb.data() + at * nb * 16;
+        float* const mwp = mwb.data() + at * nb * 16;
+        if (!whole) unpack_pair<TYPE>(w, p, nb, ng, wbp, dwp, mwp);
         const int64_t n0 = 2 * p * kRows, width = std::min<int64_t>(16, n_out - n0);
         const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
         const __m512 bias16 = bp != nullptr ? _mm512_maskz_loadu_ps(lanes, bp + n0) : _mm512_setzero_ps();
@@ -377,19 +395,19 @@ void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq,
           auto issue = [&](int64_t bb, int slot) {
             if (slot == 0) {
               _tile_loadd(2, xa + bb * 512, kBlock);
-              _tile_loadd(4, wb.data() + bb * 512, 64);
+              _tile_loadd(4, wbp + bb * 512, 64);
               _tile_zero(0);
               if (TYPE == kQ8_0) _tile_dpbssd(0, 2, 4); else _tile_dpbsud(0, 2, 4);
             } else {
               _tile_loadd(3, xa + bb * 512, kBlock);
-              _tile_loadd(5, wb.data() + bb * 512, 64);
+              _tile_loadd(5, wbp + bb * 512, 64);
               _tile_zero(1);
               if (TYPE == kQ8_0) _tile_dpbssd(1, 3, 5); else _tile_dpbsud(1, 3, 5);
             }
           };
           auto finish = [&](int64_t bb, const int32_t* c) {
-            amx_finish<TYPE>(c, _mm512_load_ps(dwb.data() + bb * 16),
-                             _mm512_load_ps(mwb.data() + bb * 16), dxp + bb * m16 + m0,
+            amx_finish<TYPE>(c, _mm512_load_ps(dwp + bb * 16), _mm512_load_ps(mwp + bb * 16),
+                             dxp + bb * m16 + m0,
                              sxp + (TYPE == kQ4_1 ? bb * m16 + m0 : 0),
                              offp + (TYPE == kQ4_0 ? bb * m16 + m0 : 0), acc);
           };
