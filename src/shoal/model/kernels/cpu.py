@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "packed_linear.cpp",
             "f32_linear.cpp", "pymodule.cpp")
 _HEADERS = ("common.h",)
+# the GGUF block formats packed_linear.cpp computes on
+_PACKED_GGML_TYPES = tuple(int(t) for t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                                            GGMLQuantizationType.Q8_0))
 # KV cache element types the attention kernel reads, as its kv_type code (paged_attention.cpp).
 _KV_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -460,7 +464,7 @@ class CpuKernels:
     def packed_linear(self, ggml_type: int, packed, out_features: int, in_features: int,
                       q, d, s, bias) -> torch.Tensor:
         """Per-block int8 rows (q, d, s) times a weight packed by layers/packed.py -> [M, N]."""
-        _need(ggml_type in (2, 3, 8), "packed_linear: Q4_0, Q4_1 or Q8_0 weights only")
+        _need(ggml_type in _PACKED_GGML_TYPES, "packed_linear: Q4_0, Q4_1 or Q8_0 weights only")
         _need(packed.dtype == torch.uint8 and packed.is_contiguous(), "packed weights: contiguous uint8")
         _need(q.dtype == torch.int8 and s.dtype == torch.int32, "packed_linear: quantized rows")
         q, d, s = q.contiguous(), _f32(d, "block scales"), s.contiguous()

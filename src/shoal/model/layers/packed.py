@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from shoal.model.kernels.cpu import load_cpu_kernels
@@ -23,8 +24,9 @@ from shoal.model.kernels.cpu import load_cpu_kernels
 BLOCK = 32
 TILE_ROWS = 8
 # GGML type id -> (name, bytes per GGUF block, scales per block: d, or d and min)
-PACKED_TYPES = {2: ("Q4_0", 18, 1), 3: ("Q4_1", 20, 2), 8: ("Q8_0", 34, 1)}
-Q4_0, Q4_1, Q8_0 = 2, 3, 8
+Q4_0, Q4_1, Q8_0 = (int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_1),
+                    int(GGMLQuantizationType.Q8_0))
+PACKED_TYPES = {Q4_0: ("Q4_0", 18, 1), Q4_1: ("Q4_1", 20, 2), Q8_0: ("Q8_0", 34, 1)}
 
 
 @dataclass
