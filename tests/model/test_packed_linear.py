@@ -280,3 +280,30 @@ def test_the_int8_recipe_keeps_the_per_op_path(tiny_llama_gguf):
 
     llm = LLM(str(tiny_llama_gguf), compute="fast", fast_weights="int8")
     assert llm.engine.runner.model.fused and llm.engine.runner.model.stack is None
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_the_work_pool_gives_openmps_bits_and_shares_itself_between_threads(ggml_type):
+    """Decode-sized batches run on the work pool (csrc/pool.h): the same bits as the OpenMP
+    split; and threads calling at once (one runs its job alone) get their own results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ops = load_cpu_kernels()
+    n, k = 2056, 192      # 257 groups: chunks of several groups and a short last one
+    layer = PackedLinear(random_packed(ggml_type, n, k, seed=5))
+    x = torch.randn(8, k)
+    q, d, s = ops.quant_blocks(x)
+
+    def run(rows: int) -> torch.Tensor:
+        return ops.packed_linear(ggml_type, layer.tiles, n, k, q[:rows], d[:rows], s[:rows], None)
+
+    pooled = [run(rows) for rows in range(1, 9)]
+    ops.set_work_pool(False)
+    try:
+        assert all(torch.equal(run(rows), p) for rows, p in zip(range(1, 9), pooled))
+    finally:
+        ops.set_work_pool(True)
+    with ThreadPoolExecutor(4) as threads:
+        for _ in range(5):
+            got = list(threads.map(run, [1, 2, 3, 8] * 8))
+            assert all(torch.equal(g, pooled[rows - 1]) for g, rows in zip(got, [1, 2, 3, 8] * 8))

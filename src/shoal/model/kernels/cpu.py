@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "packed_linear.cpp",
             "f32_linear.cpp", "decoder_stack.cpp", "pymodule.cpp")
-_HEADERS = ("common.h",)
+_HEADERS = ("common.h", "pool.h")
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ class CpuKernels:
                      "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
                      "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack",
                      # decoder_stack.cpp
-                     "packed_decoder_stack"):
+                     "packed_decoder_stack", "set_work_pool"):
             setattr(self, "_" + name, getattr(module, name))
 
     # --- attention
@@ -467,6 +467,11 @@ class CpuKernels:
                                    block_tables.shape[1], query_start.data_ptr(),
                                    first_pos.data_ptr(), first_pos.shape[0])
         return out
+
+    def set_work_pool(self, on: bool) -> None:
+        """Small decode-time jobs on the work pool (csrc/pool.h, the default) or as OpenMP
+        regions: the benchmarks' before/after switch; results are the same bits either way."""
+        self._set_work_pool(int(on))
 
     # --- sampling
     def sample_rows(self, logits, temperatures, top_ks, top_ps, min_ps, random_bits) -> torch.Tensor:

@@ -13,6 +13,7 @@
 // (pointers to weights, norms and the layer's KV cache, GGML types, the window); the scratch
 // buffers of a call are allocated here, once per call, sized by its token count.
 #include "common.h"
+#include "pool.h"
 
 #include <vector>
 
@@ -93,3 +94,6 @@ SHOAL_API void shoal_packed_decoder_stack(const int64_t* table, int64_t L, const
                         xq.data(), xd.data(), xs.data(), nullptr, T, out);
   }
 }
+
+// The work pool (pool.h) on or off; off, its jobs run as OpenMP regions (benchmarks' A/B).
+SHOAL_API void shoal_set_work_pool(int32_t on) { shoal::WorkPool::enabled().store(on != 0); }
