@@ -13,7 +13,6 @@
 // (pointers to weights, norms and the layer's KV cache, GGML types, the window); the scratch
 // buffers of a call are allocated here, once per call, sized by its token count.
 #include "common.h"
-#include "pool.h"
 
 #include <vector>
 

@@ -20,7 +20,6 @@
 // so the AVX-512 VNNI, AVX-VNNI, AVX2 and scalar paths, and the PyTorch twin, agree bit for
 // bit, and a row's result never depends on the other rows of the batch.
 #include "common.h"
-#include "pool.h"
 
 #include <cmath>
 #include <vector>
@@ -43,7 +42,7 @@ namespace {
 enum PackedType : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };   // GGML type ids
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRows = 8;   // output rows per tile
-constexpr int64_t kPoolRows = 8;   // batches up to this size run on the work pool (pool.h)
+constexpr int64_t kSmallRows = 8;   // decode-sized batches: finer chunks (below)
 
 inline int64_t tile_bytes(int32_t type) {
   return type == kQ4_1 ? 32 + 128 : type == kQ4_0 ? 16 + 128 : 16 + 256;
@@ -391,9 +390,9 @@ void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, con
       }
     }
   };
-  if (M <= kPoolRows) {
-    // decoding: chunks of groups claimed by whichever thread runs (pool.h), ~32 per call
-    // and at most ~64 KB of weights each
+  if (M <= kSmallRows) {
+    // decoding: finer chunks than parallel_for's, ~32 per call and at most ~64 KB of
+    // weights each, for the balance between threads
     const int64_t most = std::max<int64_t>(1, 65536 / (B * tile_bytes(TYPE)));
     shoal::WorkPool::get().run(G, std::min(most, std::max<int64_t>(1, G / 32)), groups);
   } else {

@@ -22,7 +22,6 @@
 // hold its keys; keys of its first block below lo get probability 0, and adding 0 * v to
 // the sum changes nothing, so the arithmetic stays a function of (pos, w) alone.
 #include "common.h"
-#include "pool.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,8 +1,8 @@
-// Small parallel jobs for decoding: items claimed one chunk at a time by whichever thread is
+// The kernels' parallel loops: items claimed one chunk at a time by whichever thread is
 // running, and no thread waits for another to show up.
 //
-// Why not OpenMP here: decoding one sequence runs ~150 parallel regions per token of a few
-// to a hundred microseconds each. An OpenMP region splits its items evenly and ends at a
+// Why not OpenMP: decoding one sequence runs ~150 parallel regions per token of a few to a
+// hundred microseconds each. An OpenMP region splits its items evenly and ends at a
 // barrier, so it lasts as long as its slowest thread; on a machine whose cores other
 // processes (or this server's own event loop and HTTP threads) also use, the second thread is
 // often not running at that moment, and the caller sat at the barrier for most of each step
@@ -19,8 +19,6 @@
 // then sleep on a condition variable until the next job.
 #pragma once
 
-#include "common.h"
-
 #include <omp.h>
 #include <unistd.h>
 
@@ -30,6 +28,7 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
+#include <algorithm>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -41,15 +40,34 @@
 
 namespace shoal {
 
+// f(begin, end) over [0, n) as one OpenMP region, one contiguous chunk of at least `grain`
+// items per thread (at::parallel_for's split): the pool's switched-off mode.
+template <typename F>
+inline void omp_split_for(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  const int64_t max_threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const int64_t chunks = std::min<int64_t>(max_threads, (n + grain - 1) / std::max<int64_t>(grain, 1));
+  if (chunks <= 1) { f(0, n); return; }
+#pragma omp parallel num_threads(static_cast<int>(chunks))
+  {
+    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t step = (n + nt - 1) / nt;
+    const int64_t begin = tid * step, end = std::min<int64_t>(n, begin + step);
+    if (begin < end) f(begin, end);
+  }
+}
+
 class WorkPool {
  public:
   // f(begin, end) over [0, n) in chunks of `chunk` items, on this thread and the workers.
+  int threads() const { return static_cast<int>(workers_.size()) + 1; }
+
   template <typename F>
   void run(int64_t n, int64_t chunk, const F& f) {
     if (n <= 0) return;
     chunk = std::max<int64_t>(chunk, 1);
     if (!enabled().load(std::memory_order_relaxed)) {   // OpenMP's even split (benchmarks' A/B)
-      parallel_for(n, chunk, f);
+      omp_split_for(n, chunk, f);
       return;
     }
     const int64_t chunks = (n + chunk - 1) / chunk;
