@@ -391,10 +391,10 @@ void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, con
     }
   };
   if (M <= kSmallRows) {
-    // decoding: finer chunks than parallel_for's, ~16 per call and at most ~64 KB of
-    // weights each, for the balance between threads
-    const int64_t most = std::max<int64_t>(1, 65536 / (B * tile_bytes(TYPE)));
-    shoal::WorkPool::get().run(G, std::min(most, std::max<int64_t>(1, G / 16)), groups);
+    // decoding: ~8 chunks per call (each claim moves a cache line between cores, so not
+    // many more), at most ~256 KB of weights each (the output head: ~110 chunks)
+    const int64_t most = std::max<int64_t>(1, 262144 / (B * tile_bytes(TYPE)));
+    shoal::WorkPool::get().run(G, std::min(most, std::max<int64_t>(1, G / 8)), groups);
   } else {
     parallel_for(G, 8, groups);
   }

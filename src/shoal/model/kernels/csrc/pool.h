@@ -184,10 +184,12 @@ class WorkPool {
   std::mutex busy_;
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::atomic<uint64_t> state_{0};    // generation << 32 | next chunk
-  std::atomic<int64_t> done_{0};      // chunks finished in this generation
-  std::atomic<int> sleepers_{0};
-  std::atomic<int64_t> chunks_{0};    // the current generation's chunk count
+  // NOTE: each on its own cache line: idle workers poll state_, and a claim that also
+  // invalidated the line of done_ or the job would cost every thread a second miss.
+  alignas(64) std::atomic<uint64_t> state_{0};    // generation << 32 | next chunk
+  alignas(64) std::atomic<int64_t> done_{0};      // chunks finished in this generation
+  alignas(64) std::atomic<int> sleepers_{0};
+  alignas(64) std::atomic<int64_t> chunks_{0};    // the current generation's chunk count
   std::atomic<const Job*> job_{nullptr};
 };
 
