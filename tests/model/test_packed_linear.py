@@ -250,3 +250,67 @@ def test_the_cpp_repacking_is_the_pytorch_one(ggml_type):
     weight = random_packed(ggml_type, 29, 96, seed=11)
     tiles = repack(weight)
     assert torch.equal(load_cpu_kernels().packed_repack(ggml_type, weight.data, *tiles.shape), tiles)
+
+
+@pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q4_0"), ("qwen2", "Q4_1"),
+                                              ("llama", "Q8_0")])
+def test_the_one_call_layer_stack_is_the_per_op_path_bit_for_bit(tmp_path, arch, qtype):
+    """decoder_stack.cpp runs every layer in one C++ call; its logits (here: every returned
+    log-probability) and tokens equal the Python-driven per-op path's, prefill and decode,
+    alone and batched (qwen2: the QKV bias too)."""
+    from shoal import LLM, SamplingParams
+
+    path = tmp_path / f"tiny-{arch}.{qtype}.gguf"
+    tiny_models.write_gguf_model(path, arch, weight_type=getattr(tiny_models.GGMLQuantizationType, qtype))
+    llm = LLM(str(path), compute="fast", fast_weights="packed")
+    model = llm.engine.runner.model
+    assert model.stack is not None
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5)
+    prompts = [list(range(3, 40)), [5, 6, 7], list(range(11, 30))]
+
+    def run(batch):
+        return [(o.outputs[0].token_ids, [(lp.logprob, lp.top) for lp in o.outputs[0].logprobs])
+                for o in llm.generate(batch, params)]
+
+    stacked, alone = run(prompts), run(prompts[1:2])
+    stack, model.stack = model.stack, None
+    try:
+        per_op = run(prompts)
+    finally:
+        model.stack = stack
+    assert stacked == per_op
+    assert alone[0] == stacked[1]
+
+
+def test_the_int8_recipe_keeps_the_per_op_path(tiny_llama_gguf):
+    from shoal import LLM
+
+    llm = LLM(str(tiny_llama_gguf), compute="fast", fast_weights="int8")
+    assert llm.engine.runner.model.fused and llm.engine.runner.model.stack is None
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_the_work_pool_gives_openmps_bits_and_shares_itself_between_threads(ggml_type):
+    """Decode-sized batches run on the work pool (csrc/pool.h): the same bits as the OpenMP
+    split; and threads calling at once (one runs its job alone) get their own results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ops = load_cpu_kernels()
+    n, k = 2056, 192      # 257 groups: chunks of several groups and a short last one
+    layer = PackedLinear(random_packed(ggml_type, n, k, seed=5))
+    x = torch.randn(8, k)
+    q, d, s = ops.quant_blocks(x)
+
+    def run(rows: int) -> torch.Tensor:
+        return ops.packed_linear(ggml_type, layer.tiles, n, k, q[:rows], d[:rows], s[:rows], None)
+
+    pooled = [run(rows) for rows in range(1, 9)]
+    ops.set_work_pool(False)
+    try:
+        assert all(torch.equal(run(rows), p) for rows, p in zip(range(1, 9), pooled))
+    finally:
+        ops.set_work_pool(True)
+    with ThreadPoolExecutor(4) as threads:
+        for _ in range(5):
+            got = list(threads.map(run, [1, 2, 3, 8] * 8))
+            assert all(torch.equal(g, pooled[rows - 1]) for g, rows in zip(got, [1, 2, 3, 8] * 8))

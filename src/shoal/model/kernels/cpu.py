@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "packed_linear.cpp",
-            "f32_linear.cpp", "pymodule.cpp")
-_HEADERS = ("common.h",)
+            "f32_linear.cpp", "decoder_stack.cpp", "pymodule.cpp")
+_HEADERS = ("common.h", "pool.h")
 # the GGUF block formats packed_linear.cpp computes on
 _PACKED_GGML_TYPES = tuple(int(t) for t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
                                             GGMLQuantizationType.Q8_0))
@@ -216,7 +216,9 @@ class CpuKernels:
                      "f32_linear",
                      # packed_linear.cpp
                      "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
-                     "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack"):
+                     "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack",
+                     # decoder_stack.cpp
+                     "packed_decoder_stack", "set_work_pool"):
             setattr(self, "_" + name, getattr(module, name))
 
     # --- attention
@@ -478,6 +480,32 @@ class CpuKernels:
                             d.data_ptr(), s.data_ptr(), bias.data_ptr() if has_bias else 0, M,
                             out.data_ptr())
         return out
+
+    def packed_decoder_stack(self, table: torch.Tensor, dims: torch.Tensor, eps: float,
+                             scale: float, residual: torch.Tensor, positions, slots, block_tables,
+                             query_start, first_pos) -> torch.Tensor:
+        """Every decoder layer in one call (decoder_stack.cpp; the table and dims from
+        model/layers/packed_stack.py, which holds the tensors they point to). residual [T, K]:
+        the embeddings, updated in place into the stream; returns the last MLP output."""
+        _need(table.dtype == torch.int64 and table.is_contiguous() and dims.dtype == torch.int64,
+              "packed_decoder_stack: int64 table and dims")
+        _need(residual.is_contiguous() and residual.dtype == torch.float32, "residual: contiguous f32")
+        T, K = residual.shape
+        positions, slots, block_tables = _long(positions), _long(slots), _long(block_tables)
+        query_start, first_pos = _long(query_start), _long(first_pos)
+        _need(positions.numel() == T and slots.numel() == T, "packed_decoder_stack: token counts")
+        out = torch.empty(T, K)
+        self._packed_decoder_stack(table.data_ptr(), table.shape[0], dims.data_ptr(), float(eps),
+                                   float(scale), residual.data_ptr(), out.data_ptr(), T,
+                                   positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
+                                   block_tables.shape[1], query_start.data_ptr(),
+                                   first_pos.data_ptr(), first_pos.shape[0])
+        return out
+
+    def set_work_pool(self, on: bool) -> None:
+        """Small decode-time jobs on the work pool (csrc/pool.h, the default) or as OpenMP
+        regions: the benchmarks' before/after switch; results are the same bits either way."""
+        self._set_work_pool(int(on))
 
     # --- sampling
     def sample_rows(self, logits, temperatures, top_ks, top_ps, min_ps, random_bits) -> torch.Tensor:

@@ -1,10 +1,12 @@
-// What every kernel source shares: the C ABI, OpenMP work splitting and bfloat16.
+// What every kernel source shares: the C ABI, work splitting (pool.h) and bfloat16.
 //
 // The kernels are plain C++ with C entry points (no torch headers: they compile in a few
 // seconds instead of minutes). Python allocates every tensor and passes data pointers
 // (kernels/cpu.py). The instruction set is chosen by the build flags of the variant that
 // kernels/cpu.py picked for this CPU at run time, never by the machine that built it.
 #pragma once
+
+#include "pool.h"
 
 #include <omp.h>
 
@@ -17,21 +19,15 @@
 
 namespace shoal {
 
-// f(begin, end) over [0, n) in contiguous chunks of at least `grain` items, one per
-// thread, like at::parallel_for (torch's OpenMP runtime is the one loaded: same threads).
+// f(begin, end) over [0, n) in contiguous chunks of at least `grain` items on the work pool
+// (pool.h): about four chunks per thread, claimed by whichever thread is free, so a thread
+// the OS took away delays no one. Each item's result must not depend on the split.
 template <typename F>
 inline void parallel_for(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
-  const int64_t max_threads = omp_in_parallel() ? 1 : omp_get_max_threads();
-  const int64_t chunks = std::min<int64_t>(max_threads, (n + grain - 1) / std::max<int64_t>(grain, 1));
-  if (chunks <= 1) { f(0, n); return; }
-#pragma omp parallel num_threads(static_cast<int>(chunks))
-  {
-    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t step = (n + nt - 1) / nt;
-    const int64_t begin = tid * step, end = std::min<int64_t>(n, begin + step);
-    if (begin < end) f(begin, end);
-  }
+  WorkPool& pool = WorkPool::get();
+  const int64_t per = (n + 4 * pool.threads() - 1) / (4 * pool.threads());
+  pool.run(n, std::max<int64_t>(std::max<int64_t>(grain, 1), per), f);
 }
 
 inline int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }

@@ -43,6 +43,7 @@ namespace {
 enum PackedType : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };   // GGML type ids
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRows = 8;   // output rows per tile
+constexpr int64_t kSmallRows = 8;   // decode-sized batches: finer chunks (below)
 
 inline int64_t tile_bytes(int32_t type) {
   return type == kQ4_1 ? 32 + 128 : type == kQ4_0 ? 16 + 128 : 16 + 256;
@@ -456,7 +457,7 @@ void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, con
   const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows;
   // NOTE: threads split the output columns (whole 8-row groups); each group's weights are
   // unpacked once per block for all M rows.
-  parallel_for(G, 8, [&](int64_t begin, int64_t end) {
+  auto groups = [&](int64_t begin, int64_t end) {
     std::vector<float> acc(M * kRows);
     for (int64_t g = begin; g < end; ++g) {
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -471,7 +472,15 @@ void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, con
         }
       }
     }
-  });
+  };
+  if (M <= kSmallRows) {
+    // decoding: ~8 chunks per call (each claim moves a cache line between cores, so not
+    // many more), at most ~256 KB of weights each (the output head: ~110 chunks)
+    const int64_t most = std::max<int64_t>(1, 262144 / (B * tile_bytes(TYPE)));
+    shoal::WorkPool::get().run(G, std::min(most, std::max<int64_t>(1, G / 8)), groups);
+  } else {
+    parallel_for(G, 8, groups);
+  }
 }
 
 }  // namespace

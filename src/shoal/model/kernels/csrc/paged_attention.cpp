@@ -384,14 +384,12 @@ SHOAL_API void shoal_paged_attention(const float* qp, int64_t H, int64_t hd, con
       for (int64_t h = 0; h < KV; ++h) tasks.push_back({n, b, std::min(b + kTile, qs[n + 1]), h});
     }
   }
-  // NOTE: a tile's cost grows with its position in a long prompt, so contiguous halves
-  // would leave one thread idle; threads take every nthreads-th task instead.
+  // NOTE: a tile's cost grows with its position in a long prompt, so threads claim tasks one
+  // at a time (pool.h) rather than taking contiguous halves.
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), ntasks));
-  shoal::parallel_for(nthreads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc, wide, qt;
-    for (int64_t worker = begin; worker < end; ++worker)
-    for (int64_t ti = worker; ti < ntasks; ti += nthreads) {
+  shoal::WorkPool::get().run(ntasks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores, acc, wide, qt;
+    for (int64_t ti = begin; ti < end; ++ti) {
       const Task& task = tasks[ti];
       const int64_t pos0 = fp[task.seq] + (task.q_begin - qs[task.seq]);
       const int64_t* table = bt + task.seq * max_blocks;

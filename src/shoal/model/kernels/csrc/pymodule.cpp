@@ -50,6 +50,11 @@ void shoal_rms_norm_add_norm_quant_blocks(const float*, float*, const float*, co
 void shoal_act_mul_quant_blocks(const float*, int64_t, int64_t, int32_t, int8_t*, float*,
                                 int32_t*);
 void shoal_packed_repack(int32_t, const uint8_t*, int64_t, int64_t, uint8_t*);
+// decoder_stack.cpp: the packed decoder layers in one call
+void shoal_packed_decoder_stack(const int64_t*, int64_t, const int64_t*, float, float, float*,
+                                float*, int64_t, const int64_t*, const int64_t*, const int64_t*,
+                                int64_t, const int64_t*, const int64_t*, int64_t);
+void shoal_set_work_pool(int32_t);
 }
 
 namespace {
@@ -156,6 +161,12 @@ SHOAL_WRAP(rms_norm_add_norm_quant_blocks, 10,
 SHOAL_WRAP(act_mul_quant_blocks, 7,
            shoal_act_mul_quant_blocks(x.p<float>(0), x.i[1], x.i[2], int32_t(x.i[3]),
                                       x.p<int8_t>(4), x.p<float>(5), x.p<int32_t>(6)))
+SHOAL_WRAP(packed_decoder_stack, 15,
+           shoal_packed_decoder_stack(x.p<int64_t>(0), x.i[1], x.p<int64_t>(2), float(x.f[3]),
+                                      float(x.f[4]), x.p<float>(5), x.p<float>(6), x.i[7],
+                                      x.p<int64_t>(8), x.p<int64_t>(9), x.p<int64_t>(10), x.i[11],
+                                      x.p<int64_t>(12), x.p<int64_t>(13), x.i[14]))
+SHOAL_WRAP(set_work_pool, 1, shoal_set_work_pool(int32_t(x.i[0])))
 SHOAL_WRAP(packed_repack, 5, shoal_packed_repack(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3],
                                                  x.p<uint8_t>(4)))
 
@@ -174,7 +185,8 @@ PyMethodDef methods[] = {
     // packed_linear.cpp
     SHOAL_METHOD(packed_linear), SHOAL_METHOD(quant_blocks), SHOAL_METHOD(rms_norm_quant_blocks),
     SHOAL_METHOD(rms_norm_add_norm_quant_blocks), SHOAL_METHOD(act_mul_quant_blocks),
-    SHOAL_METHOD(packed_repack),
+    SHOAL_METHOD(packed_repack), SHOAL_METHOD(packed_decoder_stack),
+    SHOAL_METHOD(set_work_pool),
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,

@@ -1,0 +1,98 @@
+// Fast mode's whole decoder-layer stack on packed GGUF blocks in one call from Python.
+//
+// The per-layer sequence of model/decoder.py's fused path for the plain pre-norm families
+// (Llama, SmolLM, Mistral, Qwen2: no q/k norms, no sandwich norms; model/layers/packed_stack.py
+// checks) (norm + quantize, QKV, RoPE, KV
+// write, paged attention, quantize, O, norm + quantize, gate/up, act * up + quantize, down),
+// calling the very same kernel entry points in the same order on the same floats, so its
+// results are bit-identical to the Python-driven path for any batch. What it saves is the
+// Python between them: ~11 calls per layer, each with its checks and output allocations,
+// cost about as much as the weight streaming itself when decoding one sequence.
+//
+// The layers are described once (model/layers/stack.py) by a table of int64 fields per layer
+// (pointers to weights, norms and the layer's KV cache, GGML types, the window); the scratch
+// buffers of a call are allocated here, once per call, sized by its token count.
+#include "common.h"
+
+#include <vector>
+
+extern "C" {
+void shoal_write_kv(const float*, const float*, int64_t, int64_t, int64_t, void*, void*, int32_t,
+                    int64_t, const int64_t*);
+void shoal_paged_attention(const float*, int64_t, int64_t, const void*, const void*, int32_t,
+                           int64_t, const int64_t*, int64_t, const int64_t*, const int64_t*,
+                           int64_t, float, int64_t, float*);
+void shoal_rope_split(const float*, int64_t, int64_t, const int64_t*, const float*, const float*,
+                      int64_t, int64_t, int64_t, float*, float*, float*);
+void shoal_packed_linear(int32_t, const uint8_t*, int64_t, int64_t, const int8_t*, const float*,
+                         const int32_t*, const float*, int64_t, float*);
+void shoal_quant_blocks(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
+void shoal_rms_norm_quant_blocks(const float*, float*, const float*, int64_t, int64_t, float,
+                                 int32_t, int8_t*, float*, int32_t*);
+void shoal_act_mul_quant_blocks(const float*, int64_t, int64_t, int32_t, int8_t*, float*,
+                                int32_t*);
+}
+
+namespace {
+
+// The fields of one layer's row in the table (model/layers/stack.py writes them).
+enum Field : int64_t {
+  kAttnNorm, kMlpNorm,   // the input norms' float32 weights [K]
+  kQkvType, kQkvTiles, kQkvBias, kOType, kOTiles, kGateUpType, kGateUpTiles, kDownType,
+  kDownTiles, kKCache, kVCache, kCos, kSin, kWindow,
+  kFields
+};
+
+// The model's sizes and switches (the dims array).
+enum Dim : int64_t { kHidden, kInter, kHeads, kKvHeads, kHeadDim, kGelu, kBf16, kBlockSize, kDims };
+
+template <typename T> inline T* ptr(int64_t v) { return reinterpret_cast<T*>(static_cast<intptr_t>(v)); }
+
+}  // namespace
+
+// residual [T, K]: the embeddings in, the residual stream before the last layer's MLP output
+// joins it out; out [T, K]: the last layer's MLP output (model/decoder.py's (hidden, residual)).
+// The attention arguments are paged_attention's (one row per sequence of the step).
+SHOAL_API void shoal_packed_decoder_stack(const int64_t* table, int64_t L, const int64_t* dims,
+                                          float eps, float scale, float* residual, float* out,
+                                          int64_t T, const int64_t* positions, const int64_t* slots,
+                                          const int64_t* block_tables, int64_t max_blocks,
+                                          const int64_t* query_start, const int64_t* first_pos,
+                                          int64_t num_seqs) {
+  const int64_t K = dims[kHidden], I = dims[kInter], H = dims[kHeads], KV = dims[kKvHeads];
+  const int64_t hd = dims[kHeadDim], W = (H + 2 * KV) * hd, A = H * hd;
+  const int32_t gelu = static_cast<int32_t>(dims[kGelu]), bf16 = static_cast<int32_t>(dims[kBf16]);
+  const int64_t widest = std::max(std::max(K, I), A);
+  std::vector<int8_t> xq(T * widest);
+  std::vector<float> xd(T * widest / 32), qkv(T * W), q(T * A), k(T * KV * hd), v(T * KV * hd),
+      attn(T * A), proj(T * K), gate_up(T * 2 * I);
+  std::vector<int32_t> xs(T * widest / 32);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t* f = table + l * kFields;
+    // the previous layer's MLP output joins the stream (the first layer's stream is the input)
+    shoal_rms_norm_quant_blocks(l == 0 ? residual : out, residual, ptr<float>(f[kAttnNorm]), T, K,
+                                eps, l == 0 ? 0 : 1, xq.data(), xd.data(), xs.data());
+    shoal_packed_linear(static_cast<int32_t>(f[kQkvType]), ptr<uint8_t>(f[kQkvTiles]), W, K,
+                        xq.data(), xd.data(), xs.data(), ptr<float>(f[kQkvBias]), T, qkv.data());
+    shoal_rope_split(qkv.data(), T, W, positions, ptr<float>(f[kCos]), ptr<float>(f[kSin]), H, KV,
+                     hd, q.data(), k.data(), v.data());
+    shoal_write_kv(k.data(), v.data(), T, KV, hd, ptr<void>(f[kKCache]), ptr<void>(f[kVCache]),
+                   bf16, dims[kBlockSize], slots);
+    shoal_paged_attention(q.data(), H, hd, ptr<void>(f[kKCache]), ptr<void>(f[kVCache]), bf16, KV,
+                          block_tables, max_blocks, query_start, first_pos, num_seqs, scale,
+                          f[kWindow], attn.data());
+    shoal_quant_blocks(attn.data(), T, A, xq.data(), xd.data(), xs.data());
+    shoal_packed_linear(static_cast<int32_t>(f[kOType]), ptr<uint8_t>(f[kOTiles]), K, A, xq.data(),
+                        xd.data(), xs.data(), nullptr, T, proj.data());
+    shoal_rms_norm_quant_blocks(proj.data(), residual, ptr<float>(f[kMlpNorm]), T, K, eps, 1,
+                                xq.data(), xd.data(), xs.data());
+    shoal_packed_linear(static_cast<int32_t>(f[kGateUpType]), ptr<uint8_t>(f[kGateUpTiles]), 2 * I,
+                        K, xq.data(), xd.data(), xs.data(), nullptr, T, gate_up.data());
+    shoal_act_mul_quant_blocks(gate_up.data(), T, I, gelu, xq.data(), xd.data(), xs.data());
+    shoal_packed_linear(static_cast<int32_t>(f[kDownType]), ptr<uint8_t>(f[kDownTiles]), K, I,
+                        xq.data(), xd.data(), xs.data(), nullptr, T, out);
+  }
+}
+
+// The work pool (pool.h) on or off; off, its jobs run as OpenMP regions (benchmarks' A/B).
+SHOAL_API void shoal_set_work_pool(int32_t on) { shoal::WorkPool::enabled().store(on != 0); }
