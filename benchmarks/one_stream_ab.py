@@ -12,11 +12,18 @@ Each round starts a request with a ~512-token prompt (its prefill step is timed)
 test_packed_linear.py), so only time differs.
 
     python benchmarks/one_stream_ab.py --rounds 12
+
+As `shoal` itself, it makes torch's OpenMP workers passive unless OMP_WAIT_POLICY is set
+(shoal/cli/__init__.py says why); `OMP_WAIT_POLICY=ACTIVE` shows the OpenMP variants at
+their best.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads libgomp
 
 from shoal.core.config import EngineConfig
 from shoal.core.sampling_params import SamplingParams

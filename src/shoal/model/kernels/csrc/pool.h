@@ -15,8 +15,8 @@
 //
 // One job at a time: a second thread that finds the pool busy (two engines in a process)
 // runs its job alone, as does a job started from inside a pool worker or an OpenMP region.
-// Workers spin briefly after a job (the next one of a decode step comes within microseconds),
-// then sleep on a condition variable until the next job.
+// Workers spin for a millisecond after a job (the next one comes within microseconds in a
+// step, within a millisecond between decode steps), then sleep until the next job.
 #pragma once
 
 #include <omp.h>
@@ -179,7 +179,9 @@ class WorkPool {
     }
   }
 
-  static constexpr int kSpinMicros = 200;
+  // NOTE: past the gap between two decode steps (the engine's Python, ~0.3-1 ms), so the
+  // first job of a step finds the worker awake rather than waiting on its wake-up.
+  static constexpr int kSpinMicros = 1000;
   std::vector<std::thread> workers_;
   std::mutex busy_;
   std::mutex mutex_;
