@@ -192,6 +192,17 @@ class SentenceEncoder(nn.Module):
     def forward(self, inputs: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token ids of each input (special tokens included) -> pooled embeddings [B, hidden],
         L2-normalised when the model says so."""
+        if self.kernels is None:
+            return self._forward(inputs)
+        # NOTE: the pass alternates torch's OpenMP ops with the kernels' at every layer: the
+        # kernels run as OpenMP regions during it too (kernels/csrc/pool.h says why)
+        self.kernels.openmp_in_this_thread(True)
+        try:
+            return self._forward(inputs)
+        finally:
+            self.kernels.openmp_in_this_thread(False)
+
+    def _forward(self, inputs: Sequence[Sequence[int]]) -> torch.Tensor:
         # NOTE: ordered by length, each length's inputs are one contiguous run of rows, so
         # attention takes them as a view (a gather and a scatter per length cost ~8%).
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))

@@ -218,7 +218,7 @@ class CpuKernels:
                      "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
                      "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack",
                      # decoder_stack.cpp
-                     "packed_decoder_stack", "set_work_pool"):
+                     "packed_decoder_stack", "set_work_pool", "openmp_in_this_thread"):
             setattr(self, "_" + name, getattr(module, name))
 
     # --- attention
@@ -506,6 +506,11 @@ class CpuKernels:
         """Small decode-time jobs on the work pool (csrc/pool.h, the default) or as OpenMP
         regions: the benchmarks' before/after switch; results are the same bits either way."""
         self._set_work_pool(int(on))
+
+    def openmp_in_this_thread(self, on: bool = True) -> None:
+        """This thread's jobs as OpenMP regions, for work that alternates with torch's own
+        OpenMP ops (csrc/pool.h, WorkPool::openmp_here)."""
+        self._openmp_in_this_thread(int(on))
 
     # --- sampling
     def sample_rows(self, logits, temperatures, top_ks, top_ps, min_ps, random_bits) -> torch.Tensor:

@@ -96,3 +96,4 @@ SHOAL_API void shoal_packed_decoder_stack(const int64_t* table, int64_t L, const
 
 // The work pool (pool.h) on or off; off, its jobs run as OpenMP regions (benchmarks' A/B).
 SHOAL_API void shoal_set_work_pool(int32_t on) { shoal::WorkPool::enabled().store(on != 0); }
+SHOAL_API void shoal_openmp_in_this_thread(int32_t on) { shoal::WorkPool::openmp_here() = on != 0; }
