@@ -9,33 +9,18 @@
 // Python between them: ~11 calls per layer, each with its checks and output allocations,
 // cost about as much as the weight streaming itself when decoding one sequence.
 //
-// The layers are described once (model/layers/stack.py) by a table of int64 fields per layer
+// The layers are described once (model/layers/packed_stack.py) by a table of int64 fields per layer
 // (pointers to weights, norms and the layer's KV cache, GGML types, the window); the scratch
 // buffers of a call are allocated here, once per call, sized by its token count.
 #include "common.h"
 
 #include <vector>
 
-extern "C" {
-void shoal_write_kv(const float*, const float*, int64_t, int64_t, int64_t, void*, void*, int32_t,
-                    int64_t, const int64_t*);
-void shoal_paged_attention(const float*, int64_t, int64_t, const void*, const void*, int32_t,
-                           int64_t, const int64_t*, int64_t, const int64_t*, const int64_t*,
-                           int64_t, float, int64_t, float*);
-void shoal_rope_split(const float*, int64_t, int64_t, const int64_t*, const float*, const float*,
-                      int64_t, int64_t, int64_t, float*, float*, float*);
-void shoal_packed_linear(int32_t, const uint8_t*, int64_t, int64_t, const int8_t*, const float*,
-                         const int32_t*, const float*, int64_t, float*);
-void shoal_quant_blocks(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
-void shoal_rms_norm_quant_blocks(const float*, float*, const float*, int64_t, int64_t, float,
-                                 int32_t, int8_t*, float*, int32_t*);
-void shoal_act_mul_quant_blocks(const float*, int64_t, int64_t, int32_t, int8_t*, float*,
-                                int32_t*);
-}
+#include "kernels.h"
 
 namespace {
 
-// The fields of one layer's row in the table (model/layers/stack.py writes them).
+// The fields of one layer's row in the table (model/layers/packed_stack.py writes them).
 enum Field : int64_t {
   kAttnNorm, kMlpNorm,   // the input norms' float32 weights [K]
   kQkvType, kQkvTiles, kQkvBias, kOType, kOTiles, kGateUpType, kGateUpTiles, kDownType,
