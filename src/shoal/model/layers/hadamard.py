@@ -12,7 +12,7 @@ The rotation mixes the 32 contiguous chunks of a row (K = 32 C), not 32 neighbou
 values: every butterfly is then an add over a contiguous chunk, which vectorizes.
 Measured on all-MiniLM-L6-v2's feed-forward output projection against sentence-transformers
 (520 sentences): worst cosine 0.9968 with this layer, 0.9920 with a SmoothQuant per-row int8
-one, 0.9972 with the layer left in float32, at a twelfth of float32's time.
+one, 0.9972 with the layer left in float32; about a fifth of float32's time at 1,024 rows.
 """
 from __future__ import annotations
 
