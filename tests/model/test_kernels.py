@@ -174,6 +174,13 @@ def test_cpp_row_sampler_draws_what_the_pytorch_sampler_draws(settings):
     assert torch.equal(got, expected)
 
 
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """PyTorch's causal attention of one sequence: q [n, H, hd], k and v [n, KV, hd]."""
+    return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                          v.transpose(0, 1)[None], is_causal=True, scale=scale,
+                                          enable_gqa=True)[0].transpose(0, 1)
+
+
 def test_bfloat16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
     kc = torch.zeros(8, KV, HD, BS, dtype=torch.bfloat16)
     vc = torch.zeros(8, KV, BS, HD, dtype=torch.bfloat16)
@@ -187,9 +194,7 @@ def test_bfloat16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
     out = ops.paged_attention(q, kc, vc, torch.tensor([table]), torch.tensor([0, n]),
                               torch.tensor([0]), 0.125)
     kr, vr = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
-    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kr.transpose(0, 1)[None],
-                                         vr.transpose(0, 1)[None], is_causal=True, scale=0.125,
-                                         enable_gqa=True)[0].transpose(0, 1)
+    ref = _causal_sdpa(q, kr, vr, 0.125)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -213,9 +218,7 @@ def test_float16_cache_round_trips_and_attends_like_sdpa_on_rounded_values():
     out = ops.paged_attention(q, kc, vc, torch.tensor([table]), torch.tensor([0, n]),
                               torch.tensor([0]), 0.125)
     kr, vr = k.to(torch.float16).float(), v.to(torch.float16).float()
-    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kr.transpose(0, 1)[None],
-                                         vr.transpose(0, 1)[None], is_causal=True, scale=0.125,
-                                         enable_gqa=True)[0].transpose(0, 1)
+    ref = _causal_sdpa(q, kr, vr, 0.125)
     assert torch.allclose(out, ref, atol=1e-5)
     # A float32 cache holding the same rounded values gives the same bits: float16 is only
     # widened on load.
