@@ -93,11 +93,9 @@ class EncoderLayer(nn.Module):
             return _apply(self.down, F.gelu(_apply(self.up, x, ops)), ops)
         # fast mode: the up projection's int32 sums go through GELU, the rotation and the
         # quantizer in one C++ pass (GELU alone was a sixth of the encoder's time)
-        up = self.up
-        xq, xs = ops.quant_rows(x, up.inv_smooth if up.inv_smooth is not None else up.ones)
-        acc = int8_matmul(xq, up.qweight, ops)
+        acc, xs = _int8_sums(self.up, x, ops)
         return self.down.forward_quantized(*ops.dequant_gelu_hadamard_quant(
-            acc, xs, up.scale, up.bias if up.bias is not None else up.ones[:0]))
+            acc, xs, self.up.scale, _bias_or_none(self.up)))
 
 
 def _apply(linear: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
@@ -106,10 +104,19 @@ def _apply(linear: nn.Module, x: torch.Tensor, ops) -> torch.Tensor:
     than the int8 matmul itself at MiniLM's width). The same arithmetic per row."""
     if ops is None or not isinstance(linear, Int8Linear):
         return linear(x)
-    smooth = linear.inv_smooth if linear.inv_smooth is not None else linear.ones
-    xq, xs = ops.quant_rows(x, smooth)
-    return ops.dequant_rows(int8_matmul(xq, linear.qweight, ops), xs, linear.scale,
-                            linear.bias if linear.bias is not None else linear.ones[:0])
+    return ops.dequant_rows(*_int8_sums(linear, x, ops), linear.scale, _bias_or_none(linear))
+
+
+def _int8_sums(linear: Int8Linear, x: torch.Tensor, ops) -> tuple[torch.Tensor, torch.Tensor]:
+    """x quantized per row (after the layer's smoothing) times its int8 weight: the int32
+    sums [T, N] and the rows' scales."""
+    xq, xs = ops.quant_rows(x, linear.inv_smooth if linear.inv_smooth is not None else linear.ones)
+    return int8_matmul(xq, linear.qweight, ops), xs
+
+
+def _bias_or_none(linear: Int8Linear) -> torch.Tensor:
+    """The bias, or an empty tensor the kernels read as none."""
+    return linear.bias if linear.bias is not None else linear.ones[:0]
 
 
 class PackedBatch:

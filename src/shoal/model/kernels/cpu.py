@@ -195,6 +195,15 @@ def _long(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64).contiguous()
 
 
+def _dequant_args(acc, x_scale, w_scale, bias, what: str):
+    """int32 sums [T, N] with float32 row and column scales, and a bias [N] (an absent or
+    empty one is none): (acc, x_scale, w_scale, bias or None), checked for the C side."""
+    _need(acc.dtype == torch.int32, f"{what}: int32 accumulators")
+    x_scale, w_scale = _f32(x_scale, "x_scale"), _f32(w_scale, "w_scale")
+    has_bias = bias is not None and bias.numel() == acc.shape[1]
+    return acc.contiguous(), x_scale, w_scale, _f32(bias, "bias") if has_bias else None
+
+
 class CpuKernels:
     """The compiled kernels behind the tensor interface the model calls (CPU tensors).
 
@@ -288,17 +297,14 @@ class CpuKernels:
     def dequant_gelu_hadamard_quant(self, acc, x_scale, w_scale, bias):
         """An encoder's up projection (int32) dequantized, through GELU (erf), then as
         hadamard_quant_rows: int8 [T, K] and row scales [T, 1]."""
-        _need(acc.dtype == torch.int32, "dequant_gelu_hadamard_quant: int32 accumulators")
-        acc = acc.contiguous()
-        x_scale, w_scale = _f32(x_scale, "x_scale"), _f32(w_scale, "w_scale")
+        acc, x_scale, w_scale, bias = _dequant_args(acc, x_scale, w_scale, bias,
+                                                    "dequant_gelu_hadamard_quant")
         T, K = acc.shape
         _need(K % 32 == 0, "dequant_gelu_hadamard_quant: width must be a multiple of 32")
-        has_bias = bias is not None and bias.numel() == K
-        bias = _f32(bias, "bias") if has_bias else None
         q, s = self._quant_out(T, K)
         self._dequant_gelu_hadamard_quant(acc.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(),
-                                          bias.data_ptr() if has_bias else 0, T, K, q.data_ptr(),
-                                          s.data_ptr())
+                                          0 if bias is None else bias.data_ptr(), T, K,
+                                          q.data_ptr(), s.data_ptr())
         return q, s
 
     def _act_mul_quant(self, fn, gate_up, inv_smooth):
@@ -315,15 +321,11 @@ class CpuKernels:
         return self._act_mul_quant(self._gelu_tanh_mul_quant, gate_up, inv_smooth)
 
     def dequant_rows(self, acc, x_scale, w_scale, bias) -> torch.Tensor:
-        _need(acc.dtype == torch.int32, "dequant_rows: int32 accumulators")
-        acc = acc.contiguous()
-        x_scale, w_scale = _f32(x_scale, "x_scale"), _f32(w_scale, "w_scale")
+        acc, x_scale, w_scale, bias = _dequant_args(acc, x_scale, w_scale, bias, "dequant_rows")
         T, N = acc.shape
-        has_bias = bias is not None and bias.numel() == N
-        bias = _f32(bias, "bias") if has_bias else None
         out = torch.empty(T, N)
         self._dequant_rows(acc.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(),
-                           bias.data_ptr() if has_bias else 0, T, N, out.data_ptr())
+                           0 if bias is None else bias.data_ptr(), T, N, out.data_ptr())
         return out
 
     def _qkv_out(self, T: int, H: int, KV: int, hd: int):

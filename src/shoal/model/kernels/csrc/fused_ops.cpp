@@ -26,6 +26,13 @@ inline float quantize_row(const float* x, int64_t n, int8_t* out) {
   return scale;
 }
 
+// One int32 sum back to float: sum * row scale * column scale (+ bias), in this order
+// everywhere, so the fused paths give dequant_rows' bits.
+inline float dequant(int32_t sum, float x_scale, float w_scale, const float* bias, int64_t n) {
+  const float v = static_cast<float>(sum) * x_scale * w_scale;
+  return bias != nullptr ? v + bias[n] : v;
+}
+
 }  // namespace
 
 // If add_residual: residual += x (in place). Then h = residual (or x), and each row of
@@ -131,11 +138,7 @@ SHOAL_API void shoal_dequant_gelu_hadamard_quant(const int32_t* ap, const float*
     for (int64_t t = begin; t < end; ++t) {
       const float s = xs[t];
       const int32_t* a = ap + t * K;
-      for (int64_t i = 0; i < K; ++i) {
-        float v = static_cast<float>(a[i]) * s * ws[i];
-        if (bp != nullptr) v += bp[i];
-        row[i] = gelu_erf(v);
-      }
+      for (int64_t i = 0; i < K; ++i) row[i] = gelu_erf(dequant(a[i], s, ws[i], bp, i));
       hadamard_chunks(row.data(), K);
       sp[t] = quantize_row(row.data(), K, qp + t * K);
     }
@@ -159,15 +162,10 @@ SHOAL_API void shoal_silu_mul_quant(const float* gp, const float* sm, int64_t T,
 // acc: int32 [T, N]; out = acc * x_scale[t] * w_scale[n] (+ bias[n] when bias is not null).
 SHOAL_API void shoal_dequant_rows(const int32_t* ap, const float* xs, const float* ws,
                                   const float* bp, int64_t T, int64_t N, float* op) {
-  const bool has_bias = bp != nullptr;
   parallel_for(T, grain(N), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float s = xs[t];
-      for (int64_t n = 0; n < N; ++n) {
-        float v = static_cast<float>(ap[t * N + n]) * s * ws[n];
-        if (has_bias) v += bp[n];
-        op[t * N + n] = v;
-      }
+      for (int64_t n = 0; n < N; ++n) op[t * N + n] = dequant(ap[t * N + n], s, ws[n], bp, n);
     }
   });
 }
@@ -237,9 +235,7 @@ SHOAL_API void shoal_int8_linear_small(const int8_t* xp, const float* xs, const 
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* row = wp + n * K;
       for (int64_t m = 0; m < M; ++m) {
-        float v = static_cast<float>(dot_i8(xp + m * K, row, K)) * xs[m] * ws[n];
-        if (bp != nullptr) v += bp[n];
-        op[m * N + n] = v;
+        op[m * N + n] = dequant(dot_i8(xp + m * K, row, K), xs[m], ws[n], bp, n);
       }
     }
   });
