@@ -219,3 +219,35 @@ def test_exact_logits_are_the_same_bits_alone_and_in_any_batch(exact_runner):
     rows = {id(w.request): row for w, row in zip(sampling, logits)}
     for work, expected in zip(batch, decode_alone):
         assert torch.equal(rows[id(work.request)], expected)
+
+
+def test_exact_mode_runs_its_layers_in_one_call_as_the_per_op_path_does(exact_runner):
+    """With the C++ kernels, exact mode's layers run in one call (decoder_stack.cpp's float32
+    variant); its norm and activation are its own float loops, so its logits equal the
+    Python per-op path's to float32 rounding, prefill and decode alike."""
+    if exact_runner.kernels is None:
+        pytest.skip("the one-call stack needs the C++ kernels")
+    model = exact_runner.model
+    assert model.stack is not None and model.stack.kind == "f32"
+    prompts = _prompts(model.config.vocab_size)[:3]
+    blocks = _Blocks(exact_runner.block_size)
+
+    def prefill_and_decode() -> list[torch.Tensor]:
+        works = [DirectWork(TokenSequence(list(p)), len(p), blocks.take(len(p) + 8), 0) for p in prompts]
+        logits, sampling = exact_runner.execute(works)
+        rows = [logits[i] for i in range(len(works))]
+        for work, row in zip(sampling, logits):
+            work.request.all_token_ids.append(int(row.argmax()))
+        batch = [DirectWork(w.request, 1, w.block_ids, len(w.request.all_token_ids) - 1) for w in works]
+        logits, _ = exact_runner.execute(batch)
+        return rows + [logits[i] for i in range(len(batch))]
+
+    stacked = prefill_and_decode()
+    stack, model.stack = model.stack, None
+    try:
+        per_op = prefill_and_decode()
+    finally:
+        model.stack = stack
+    for a, b in zip(stacked, per_op):
+        assert (a - b).abs().max().item() < 1e-3
+        assert a.argmax() == b.argmax()

@@ -252,19 +252,21 @@ def test_the_cpp_repacking_is_the_pytorch_one(ggml_type):
     assert torch.equal(load_cpu_kernels().packed_repack(ggml_type, weight.data, *tiles.shape), tiles)
 
 
-@pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q4_0"), ("qwen2", "Q4_1"),
-                                              ("llama", "Q8_0")])
-def test_the_one_call_layer_stack_is_the_per_op_path_bit_for_bit(tmp_path, arch, qtype):
+@pytest.mark.parametrize(("arch", "qtype", "kv_dtype"), [
+    ("llama", "Q4_0", "auto"), ("qwen2", "Q4_1", "auto"), ("llama", "Q8_0", "auto"),
+    ("llama", "Q4_1", "float16"), ("llama", "Q4_1", "float32")])
+def test_the_one_call_layer_stack_is_the_per_op_path_bit_for_bit(tmp_path, arch, qtype, kv_dtype):
     """decoder_stack.cpp runs every layer in one C++ call; its logits (here: every returned
     log-probability) and tokens equal the Python-driven per-op path's, prefill and decode,
-    alone and batched (qwen2: the QKV bias too)."""
+    alone and batched (qwen2: the QKV bias too), whichever KV cache type the server stores
+    (a float16 cache once made the stack refuse to start)."""
     from shoal import LLM, SamplingParams
 
     path = tmp_path / f"tiny-{arch}.{qtype}.gguf"
     tiny_models.write_gguf_model(path, arch, weight_type=getattr(tiny_models.GGMLQuantizationType, qtype))
-    llm = LLM(str(path), compute="fast", fast_weights="packed")
+    llm = LLM(str(path), compute="fast", fast_weights="packed", kv_cache_dtype=kv_dtype)
     model = llm.engine.runner.model
-    assert model.stack is not None
+    assert model.stack is not None and model.stack.kind == "packed"
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5)
     prompts = [list(range(3, 40)), [5, 6, 7], list(range(11, 30))]
 

@@ -35,7 +35,7 @@ from shoal.model.layers.linear import (
 )
 from shoal.model.layers.norm import RMSNorm
 from shoal.model.layers.packed import PackedLinear, PackedWeight
-from shoal.model.layers.packed_stack import PackedDecoderStack, stack_supported
+from shoal.model.layers.decoder_stack import DecoderStack, stack_kind
 from shoal.model.layers.rotary import RotaryEmbedding
 
 # ArchitectureSpec.mlp_activation -> (the PyTorch function, the fused act * up -> int8 kernel)
@@ -300,9 +300,9 @@ class CausalLM(nn.Module):
         self.embed_scale = (torch.tensor(config.hidden_size ** 0.5, dtype=dtype, device=self.device)
                             if config.spec.scale_embeddings else None)
         self.fused = False   # set by enable_fused_int8 (fast mode with CPU kernels)
-        # packed layers run by one C++ call per forward (set by enable_fused_int8; None: the
-        # per-op path, which the benchmarks can force by setting it to None)
-        self.stack: PackedDecoderStack | None = None
+        # the layers run by one C++ call per forward (set by enable_fused_int8 or
+        # enable_f32_kernel; None: the per-op path, which the benchmarks can force)
+        self.stack: DecoderStack | None = None
         self.rope_global = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                            config.rope_theta, config.rope_scaling, self.device,
                                            config.rope_freq_factors)
@@ -321,10 +321,7 @@ class CausalLM(nn.Module):
         if isinstance(self.lm_head, (Int8Linear, PackedLinear)):
             self.lm_head.kernels = kernels
         self.fused = True
-        if stack_supported(self.layers, self.config):
-            self.stack = PackedDecoderStack(
-                self.layers, lambda layer: self.rope_local if layer.window else self.rope_global,
-                self.config)
+        self._use_stack()
 
     def enable_f32_kernel(self, kernels) -> None:
         """Exact mode on the CPU: every float32 linear (the head included) through the C++
@@ -332,6 +329,14 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, ExactLinear):
                 module.enable_f32_kernel(kernels)
+        self._use_stack()
+
+    def _use_stack(self) -> None:
+        kind = stack_kind(self.layers, self.config)
+        if kind is not None:
+            self.stack = DecoderStack(
+                kind, self.layers, lambda layer: self.rope_local if layer.window else self.rope_global,
+                self.config)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_weight is None:
@@ -352,13 +357,9 @@ class CausalLM(nn.Module):
         hidden = self.embed(token_ids)
         residual: torch.Tensor | None = None
         hidden_norm: RMSNorm | None = None
-        if self.fused and meta.kernels is not None and self.stack is not None:
-            table, dims = self.stack.tables(kv_caches)
-            first = self.layers[0]
+        if self.stack is not None and meta.kernels is not None:
             residual = hidden.to(torch.float32).contiguous()
-            hidden = meta.kernels.packed_decoder_stack(
-                table, dims, first.attn_norm.eps, first.attention.scale, residual, positions,
-                meta.slot_mapping, meta.block_tables, meta.query_start, meta.first_pos)
+            hidden = self.stack.run(meta.kernels, kv_caches, residual, positions, meta)
             hidden_norm = self.layers[-1].mlp_out_norm
         elif self.fused and meta.kernels is not None:
             for layer, kv_cache in zip(self.layers, kv_caches):
