@@ -6,7 +6,10 @@
     (batches up to 1024 tokens), in both compute modes;
 (b) over HTTP: a `shoal serve` of the same directory, 16 concurrent clients each sending
     1-8 inputs per /v1/embeddings request until the N sentences are done.
-Each measurement runs in its own process (same thread count) so its peak RSS is its own.
+Each measurement runs in its own process (same thread count) so its peak RSS is its own,
+and is repeated (--repeats, default 3): the median counts. One pass over 2,000 sentences
+lasts about a second, and this host's speed drifts over seconds (a single pass of shoal's
+offline encoder measured anywhere from 1.25k to 2.2k sentences/s in consecutive runs).
 (c) with --mixed: 8 chat streams on SmolLM2 alone, then with an embedding flood (16 clients
     on all-minilm in the same server): the chat's inter-token latency P99 both ways.
 
@@ -52,18 +55,27 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_st(model_dir: str, sentences: list[str]) -> dict:
+def run_st(model_dir: str, sentences: list[str], repeats: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(model_dir, device="cpu")
     model.encode(sentences[:64], batch_size=32)
-    started = time.perf_counter()
-    model.encode(sentences, batch_size=32)
-    seconds = time.perf_counter() - started
-    return {"sentences_per_s": len(sentences) / seconds, "seconds": seconds}
+    return median_rate(lambda: model.encode(sentences, batch_size=32), len(sentences), repeats)
 
 
-def run_shoal_offline(model_dir: str, sentences: list[str], compute: str) -> dict:
+def median_rate(run, count: int, repeats: int) -> dict:
+    """Items/s of `run()` (which handles `count` items): the median of `repeats` timings."""
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    middle = statistics.median(seconds)
+    return {"sentences_per_s": count / middle, "seconds": middle,
+            "all_per_s": [round(count / s) for s in seconds]}
+
+
+def run_shoal_offline(model_dir: str, sentences: list[str], compute: str, repeats: int) -> dict:
     from shoal.model.encoder_loader import load_encoder
 
     encoder = load_encoder(model_dir, compute)
@@ -83,28 +95,31 @@ def run_shoal_offline(model_dir: str, sentences: list[str], compute: str) -> dic
             encoder.model(batch)
 
     encoder.model([encoder.tokenizer.encode(t) for t in sentences[:64]])
-    started = time.perf_counter()
-    embed_all()
-    seconds = time.perf_counter() - started
-    return {"sentences_per_s": len(sentences) / seconds, "seconds": seconds}
+    return median_rate(embed_all, len(sentences), repeats)
 
 
 def child(args: argparse.Namespace) -> None:
+    if args.child.startswith("shoal"):
+        # NOTE: as the server runs (the `shoal` command sets it); sentence-transformers keeps
+        # libgomp's own default. Before torch loads libgomp.
+        from shoal.core.openmp import set_openmp_defaults
+
+        set_openmp_defaults()
     import torch
 
     torch.set_num_threads(args.threads)
     sentences = make_sentences(args.sentences)
     if args.child == "st":
-        result = run_st(args.model_dir, sentences)
+        result = run_st(args.model_dir, sentences, args.repeats)
     else:
-        result = run_shoal_offline(args.model_dir, sentences, args.child.split(":")[1])
+        result = run_shoal_offline(args.model_dir, sentences, args.child.split(":")[1], args.repeats)
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
 
 
 def in_child(args: argparse.Namespace, what: str) -> dict:
     cmd = [sys.executable, __file__, "--model-dir", args.model_dir, "--threads", str(args.threads),
-           "--sentences", str(args.sentences), "--child", what]
+           "--sentences", str(args.sentences), "--repeats", str(args.repeats), "--child", what]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -201,6 +216,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=2000)
     parser.add_argument("--port", type=int, default=18611)
+    parser.add_argument("--repeats", type=int, default=3, help="timings per measurement (median)")
     parser.add_argument("--mixed", action="store_true", help="also the chat + embedding flood run")
     parser.add_argument("--only-mixed", action="store_true", help="only the mixed-load run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -227,22 +243,25 @@ def throughput(args: argparse.Namespace) -> None:
             try:
                 url = f"http://127.0.0.1:{args.port}"
                 asyncio.run(http_flood(url, None, sentences[:64]))       # warm-up
-                rate = asyncio.run(http_flood(url, None, sentences))
-                rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}"] = {
-                    "sentences_per_s": rate, "peak_rss_mib": server_peak_rss_mib(server.pid)}
                 # the openai SDK asks for base64 unless told otherwise
-                rate = asyncio.run(http_flood(url, None, sentences, encoding_format="base64"))
-                rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}, base64"] = {
-                    "sentences_per_s": rate, "peak_rss_mib": server_peak_rss_mib(server.pid)}
+                for fmt, suffix in (("float", ""), ("base64", ", base64")):
+                    rates = [asyncio.run(http_flood(url, None, sentences, encoding_format=fmt))
+                             for _ in range(args.repeats)]
+                    rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}{suffix}"] = {
+                        "sentences_per_s": statistics.median(rates),
+                        "all_per_s": [round(r) for r in rates],
+                        "peak_rss_mib": server_peak_rss_mib(server.pid)}
             finally:
                 server.terminate()
                 server.wait(30)
     base = rows["sentence-transformers encode(batch 32)"]["sentences_per_s"]
-    print("| run | sentences/s | vs sentence-transformers | peak RSS MiB |")
-    print("|---|---|---|---|")
+    print(f"| run | sentences/s (median of {args.repeats}) | each run | vs sentence-transformers "
+          "| peak RSS MiB |")
+    print("|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['sentences_per_s']:.0f} | {row['sentences_per_s'] / base:.2f}x | "
-              f"{row['peak_rss_mib']:.0f} |")
+        runs = " / ".join(str(r) for r in row.get("all_per_s", []))
+        print(f"| {name} | {row['sentences_per_s']:.0f} | {runs} | "
+              f"{row['sentences_per_s'] / base:.2f}x | {row['peak_rss_mib']:.0f} |")
     for compute in ("exact", "fast"):
         offline = rows[f"shoal offline, {compute}"]["sentences_per_s"]
         for suffix in ("", ", base64"):

@@ -32,6 +32,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shoal.core.openmp import set_openmp_defaults
+
+set_openmp_defaults()   # as `shoal serve` runs, before torch loads libgomp
+
 from step_trace import format_summary
 
 TOPICS = ["the sea", "a violin", "volcanoes", "bread", "winter", "a lighthouse", "chess", "bees",

@@ -13,17 +13,18 @@ test_packed_linear.py), so only time differs.
 
     python benchmarks/one_stream_ab.py --rounds 12
 
-As `shoal` itself, it makes torch's OpenMP workers passive unless OMP_WAIT_POLICY is set
-(shoal/cli/__init__.py says why); `OMP_WAIT_POLICY=ACTIVE` shows the OpenMP variants at
-their best.
+As `shoal` itself, it gives torch's OpenMP workers a short spin unless OMP_WAIT_POLICY or
+GOMP_SPINCOUNT is set (shoal/core/openmp.py says why); `OMP_WAIT_POLICY=ACTIVE` shows the
+OpenMP variants at their best.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads libgomp
+from shoal.core.openmp import set_openmp_defaults
+
+set_openmp_defaults()   # as `shoal` does, before torch loads libgomp
 
 from shoal.core.config import EngineConfig
 from shoal.core.sampling_params import SamplingParams

@@ -316,3 +316,61 @@ def test_the_work_pool_gives_openmps_bits_and_shares_itself_between_threads(ggml
         for _ in range(5):
             got = list(threads.map(run, [1, 2, 3, 8] * 8))
             assert all(torch.equal(g, pooled[rows - 1]) for g, rows in zip(got, [1, 2, 3, 8] * 8))
+
+
+def test_a_threads_openmp_team_size_is_its_own():
+    """omp_threads_in_this_thread (ModelRunner.prepare_threads) sizes the OpenMP team of the
+    calling thread only: torch's ops started elsewhere keep the process's team."""
+    import threading
+
+    ops = load_cpu_kernels()
+    process_threads = torch.get_num_threads()
+    seen = {}
+
+    def engine_thread() -> None:
+        ops.omp_threads_in_this_thread(1)
+        seen["inside"] = torch.get_num_threads()
+        ops.omp_threads_in_this_thread(process_threads)
+        seen["restored"] = torch.get_num_threads()
+
+    def other_thread() -> None:
+        ops.omp_threads_in_this_thread(1)
+        seen["other"] = torch.get_num_threads()
+
+    for target in (engine_thread, other_thread):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert seen == {"inside": 1, "restored": process_threads, "other": 1}
+    assert torch.get_num_threads() == process_threads
+
+
+def test_a_step_keeps_torchs_ops_on_the_engine_thread(tiny_llama_gguf):
+    """With the one-call stack, a step's torch ops run on the engine thread alone (its OpenMP
+    team is 1: no worker to wake, none left spinning on the pool's core), and the thread's
+    team is back after the step; without the stack, the usual team. Same tokens either way."""
+    from shoal import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_gguf), compute="fast", fast_weights="packed")
+    model = llm.engine.runner.model
+    assert model.stack is not None
+    teams = []
+    compute_logits = model.compute_logits
+
+    def noting_the_team(hidden):
+        teams.append(torch.get_num_threads())
+        return compute_logits(hidden)
+
+    model.compute_logits = noting_the_team
+    process_team = torch.get_num_threads()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    stacked = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+    assert set(teams) == {1} and torch.get_num_threads() == process_team
+    teams.clear()
+    stack, model.stack = model.stack, None
+    try:
+        per_op = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+    finally:
+        model.stack = stack
+    assert per_op == stacked
+    assert set(teams) == {process_team}

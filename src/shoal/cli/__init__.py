@@ -9,10 +9,10 @@ OLLAMA_HOST: `run` (one answer, or the interactive chat), `pull`, `push`, `list`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from shoal.cli.client import CliError
+from shoal.core.openmp import set_openmp_defaults
 
 
 def _add_client_commands(sub) -> None:
@@ -103,12 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # NOTE: before torch loads libgomp, which reads it once. The C++ kernels run their loops on
-    # their own work pool (model/kernels/csrc/pool.h); torch's OpenMP workers, left spinning
-    # after each of torch's own parallel ops (a step's sampling over the vocabulary), took a
-    # core from that pool's threads: one stream decoded ~25% slower (docs/benchmarks.md).
-    # Passive, they sleep at once. A value the user set wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_defaults()   # before torch loads libgomp, which reads them once
     parser = build_parser()
     # NOTE: as with Ollama's CLI, flags may come after the prompt: `shoal run m "hi" --verbose`.
     args, extra = parser.parse_known_args(argv)

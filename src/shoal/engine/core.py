@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from shoal.core.errors import InvalidParameterError
 from shoal.core.sampling_params import SamplingParams
 from shoal.engine.limits import EngineLimits
-from shoal.engine.model_runner import ModelRunner
+from shoal.engine.model_runner import ModelRunner, StepResult
 from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.engine.prompt_logprobs import PromptLogprobs
 from shoal.engine.request import Request, RequestStatus
@@ -198,6 +198,23 @@ class EngineCore:
             return []
         # NOTE: masks fill on their thread while the model computes the logits they mask.
         mask_job = self.structured.start_masks(self._constrained(scheduler_output))
+        with self.runner.step_threads():
+            sampled, logprobs, computed = self._compute_and_sample(scheduler_output, mask_job)
+        updated = self.scheduler.update_from_output(scheduler_output, sampled)
+        for request in updated:
+            sample = self._samples.get(request.request_id)
+            if sample is not None and sample.grammar is not None and sample.grammar.ended \
+                    and not request.is_finished:
+                # NOTE: the grammar allows nothing after its EOS, whatever ignore_eos says.
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED,
+                                              request.output_token_ids[-1])
+        return [self._embedding_output(r, computed.embeddings.get(r.request_id)) if r.embed
+                else self._output_for(r, logprobs.get(r.request_id)) for r in updated
+                if r.request_id in self._samples]
+
+    def _compute_and_sample(self, scheduler_output, mask_job
+                            ) -> tuple[dict[str, int], dict[str, TokenLogprob], StepResult]:
+        """The model's step and the sampled tokens (with their logprobs, where asked)."""
         computed = self.runner.execute_step(scheduler_output.scheduled)
         logits, sampling = computed.logits, computed.sampling
         if computed.prompt_logits:
@@ -221,17 +238,7 @@ class EngineCore:
                 if lp is not None:
                     logprobs[work.request.request_id] = TokenLogprob(lp.token_id, lp.logprob,
                                                                      list(lp.top))
-        updated = self.scheduler.update_from_output(scheduler_output, sampled)
-        for request in updated:
-            sample = self._samples.get(request.request_id)
-            if sample is not None and sample.grammar is not None and sample.grammar.ended \
-                    and not request.is_finished:
-                # NOTE: the grammar allows nothing after its EOS, whatever ignore_eos says.
-                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED,
-                                              request.output_token_ids[-1])
-        return [self._embedding_output(r, computed.embeddings.get(r.request_id)) if r.embed
-                else self._output_for(r, logprobs.get(r.request_id)) for r in updated
-                if r.request_id in self._samples]
+        return sampled, logprobs, computed
 
     def _take_prompt_logits(self, prompt_logits: list) -> None:
         for part in prompt_logits:

@@ -228,7 +228,7 @@ class CpuKernels:
                      "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack",
                      # decoder_stack.cpp
                      "packed_decoder_stack", "f32_decoder_stack", "set_work_pool",
-                     "openmp_in_this_thread"):
+                     "openmp_in_this_thread", "omp_threads_in_this_thread"):
             setattr(self, "_" + name, getattr(module, name))
 
     # --- attention
@@ -527,6 +527,11 @@ class CpuKernels:
         """This thread's jobs as OpenMP regions, for work that alternates with torch's own
         OpenMP ops (csrc/pool.h, WorkPool::openmp_here)."""
         self._openmp_in_this_thread(int(on))
+
+    def omp_threads_in_this_thread(self, n: int) -> None:
+        """The team size of torch's parallel ops started from this thread (not the process's:
+        torch.set_num_threads would change every thread's, and the work pool's size)."""
+        self._omp_threads_in_this_thread(int(n))
 
     # --- sampling
     def sample_rows(self, logits, temperatures, top_ks, top_ps, min_ps, random_bits) -> torch.Tensor:

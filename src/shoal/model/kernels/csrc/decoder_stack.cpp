@@ -136,3 +136,10 @@ SHOAL_API void shoal_f32_decoder_stack(const int64_t* table, int64_t L, const in
 // The work pool (pool.h) on or off; off, its jobs run as OpenMP regions (benchmarks' A/B).
 SHOAL_API void shoal_set_work_pool(int32_t on) { shoal::WorkPool::enabled().store(on != 0); }
 SHOAL_API void shoal_openmp_in_this_thread(int32_t on) { shoal::WorkPool::openmp_here() = on != 0; }
+// The OpenMP team size of torch's (and MKL's, oneDNN's) parallel ops started from this thread
+// only: omp_set_num_threads sets the calling thread's ICV. The work pool is made first, so its
+// size still follows the process's setting.
+SHOAL_API void shoal_omp_threads_in_this_thread(int32_t n) {
+  shoal::WorkPool::get();
+  omp_set_num_threads(n);
+}

@@ -55,4 +55,5 @@ void shoal_f32_decoder_stack(const int64_t*, int64_t, const int64_t*, float, flo
                              int64_t, const int64_t*, const int64_t*, int64_t);
 void shoal_set_work_pool(int32_t);
 void shoal_openmp_in_this_thread(int32_t);
+void shoal_omp_threads_in_this_thread(int32_t);
 }

@@ -126,6 +126,7 @@ SHOAL_WRAP(f32_decoder_stack, 15,
                                    x.p<int64_t>(12), x.p<int64_t>(13), x.i[14]))
 SHOAL_WRAP(set_work_pool, 1, shoal_set_work_pool(int32_t(x.i[0])))
 SHOAL_WRAP(openmp_in_this_thread, 1, shoal_openmp_in_this_thread(int32_t(x.i[0])))
+SHOAL_WRAP(omp_threads_in_this_thread, 1, shoal_omp_threads_in_this_thread(int32_t(x.i[0])))
 SHOAL_WRAP(packed_repack, 5, shoal_packed_repack(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3],
                                                  x.p<uint8_t>(4)))
 
@@ -147,6 +148,7 @@ PyMethodDef methods[] = {
     SHOAL_METHOD(packed_repack), SHOAL_METHOD(packed_decoder_stack),
     SHOAL_METHOD(f32_decoder_stack),
     SHOAL_METHOD(set_work_pool), SHOAL_METHOD(openmp_in_this_thread),
+    SHOAL_METHOD(omp_threads_in_this_thread),
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
