@@ -56,12 +56,35 @@ inline float abs_max(const float* x, int64_t n) {
   return out;
 }
 
+// e^-z for z >= 0 from arithmetic the compiler vectorizes (std::exp is a library call per
+// value): 2^k times a degree-6 polynomial on |r| <= ln2 / 2; relative error ~2e-7.
+inline float exp_neg(float z) {
+  const float y = std::max(-87.f, -z);
+  const float k = std::nearbyint(y * 1.44269504f);
+  const float r = (y - k * 0.693145752f) - k * 1.42860677e-6f;
+  const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 +
+                  r * (1.f / 720))))));
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  return p * two_k;
+}
+
 // The gated MLPs' activations, one definition for every kernel so all quantize the same floats.
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+// NOTE: from exp_neg, not std::exp / std::tanh (a library call per value): the loops over a
+// row vectorize. SiLU was ~6% of a 32-stream decode step, GELU-tanh (Gemma) ~40% of a prefill.
+// Both within ~3e-7 relative of the float32 library functions.
+inline float silu(float x) {
+  const float e = exp_neg(std::fabs(x));           // e^-|x|, in (0, 1]
+  return (x >= 0.f ? x : x * e) / (1.f + e);       // x / (1 + e^-x), either sign
+}
 inline float gelu_tanh(float x) {
   constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)
   constexpr float kBeta = 0.044715f;
-  return 0.5f * x * (1.f + std::tanh(kAlpha * (x + kBeta * x * x * x)));
+  const float u = kAlpha * (x + kBeta * x * x * x);
+  const float e = exp_neg(2.f * std::fabs(u));      // tanh|u| = (1 - e^-2|u|) / (1 + e^-2|u|)
+  const float t = (1.f - e) / (1.f + e);
+  return 0.5f * x * (1.f + (u < 0.f ? -t : t));
 }
 
 // One row of a decoder's pre-norm into `row`: with `residual`, residual += x first and the

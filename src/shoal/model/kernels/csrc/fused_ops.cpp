@@ -87,20 +87,6 @@ inline void hadamard_chunks(float* row, int64_t K) {
   }
 }
 
-// e^-z for z >= 0 from arithmetic the compiler vectorizes (std::exp is a library call per
-// value): 2^k times a degree-6 polynomial on |r| <= ln2 / 2; relative error ~2e-7.
-inline float exp_neg(float z) {
-  const float y = std::max(-87.f, -z);
-  const float k = std::nearbyint(y * 1.44269504f);
-  const float r = (y - k * 0.693145752f) - k * 1.42860677e-6f;
-  const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 +
-                  r * (1.f / 720))))));
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof(two_k));
-  return p * two_k;
-}
-
 // GELU with the error function (BERT's), erf from Abramowitz & Stegun 7.1.26 (absolute
 // error below 1.5e-7, far under the int8 step that follows).
 inline float gelu_erf(float x) {
@@ -108,7 +94,7 @@ inline float gelu_erf(float x) {
   const float t = 1.f / (1.f + 0.3275911f * z);
   const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f +
                      t * (-1.453152027f + t * 1.061405429f))));
-  const float erf_abs = 1.f - poly * exp_neg(z * z);
+  const float erf_abs = 1.f - poly * shoal::exp_neg(z * z);
   return 0.5f * x * (1.f + (x < 0.f ? -erf_abs : erf_abs));
 }
 
