@@ -313,3 +313,21 @@ def test_the_variant_this_cpu_got_runs_here() -> None:
     assert kernel_status().state == "ready"
     assert kernel_status().isa == select_isa().name
     assert ops.path.name.startswith(f"shoal_cpu_{select_isa().name}_")
+
+
+def test_argmax_rows_answers_as_torch_argmax():
+    """The sampler's C++ argmax: the first maximum on ties, the first NaN when there is one,
+    -inf rows, and widths that are not a multiple of its 16 lanes."""
+    ops = load_cpu_kernels()
+    g = torch.Generator().manual_seed(3)
+    for width in (1, 7, 16, 33, 49152):
+        x = torch.randn(9, width, generator=g)
+        if width > 1:
+            x[1, :] = 0.5                                   # all equal: index 0
+            x[2, width // 2] = x[2, -1] = 100.0             # a tie: the first one
+            x[3, :] = -torch.inf
+            x[4, width - 1] = torch.nan                     # NaN wins, as torch's argmax
+            x[5, min(3, width - 1)] = torch.nan
+            x[5, width - 1] = torch.nan
+            x[6] = torch.randint(0, 3, (width,), generator=g).float()   # many ties
+        assert torch.equal(ops.argmax_rows(x), x.argmax(dim=1)), width

@@ -221,7 +221,7 @@ class CpuKernels:
                      "silu_mul_quant", "gelu_tanh_mul_quant", "dequant_rows", "rope_split",
                      "qk_norm_rope_split", "int8_matmul_small", "int8_linear_small",
                      "rms_norm_add_norm_quant",
-                     "top_k_rows", "draw_rows",
+                     "top_k_rows", "argmax_rows", "draw_rows",
                      "f32_linear",
                      # packed_linear.cpp
                      "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
@@ -534,6 +534,15 @@ class CpuKernels:
         self._omp_threads_in_this_thread(int(n))
 
     # --- sampling
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.argmax(x, 1) of float32 rows [R, V] (the first maximum; the first NaN if any),
+        vectorized and on the work pool (sampling.cpp)."""
+        x = _f32(x, "argmax_rows")
+        _need(x.dim() == 2, "argmax_rows: [rows, vocab] expected")
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+        return out
+
     def sample_rows(self, logits, temperatures, top_ks, top_ps, min_ps, random_bits) -> torch.Tensor:
         """temperature / top_k / top_p / min_p sampling of logit rows with per-row random bits.
 

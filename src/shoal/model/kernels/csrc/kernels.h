@@ -31,6 +31,7 @@ void shoal_int8_linear_small(const int8_t*, const float*, const int8_t*, const f
 void shoal_rms_norm_add_norm_quant(const float*, float*, const float*, const float*, int64_t,
                                    int64_t, float, int8_t*, float*);
 void shoal_top_k_rows(float*, int64_t, int64_t, const int64_t*);
+void shoal_argmax_rows(const float*, int64_t, int64_t, int64_t*);
 void shoal_draw_rows(const float*, int64_t, int64_t, const double*, const float*,
                      const int64_t*, int64_t*);
 // exact mode's float32 linear (f32_linear.cpp)

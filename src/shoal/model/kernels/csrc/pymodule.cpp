@@ -90,6 +90,7 @@ SHOAL_WRAP(rms_norm_add_norm_quant, 9,
            shoal_rms_norm_add_norm_quant(x.p<float>(0), x.p<float>(1), x.p<float>(2),
                                          x.p<float>(3), x.i[4], x.i[5], float(x.f[6]),
                                          x.p<int8_t>(7), x.p<float>(8)))
+SHOAL_WRAP(argmax_rows, 4, shoal_argmax_rows(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3)))
 SHOAL_WRAP(top_k_rows, 4, shoal_top_k_rows(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3)))
 SHOAL_WRAP(draw_rows, 7, shoal_draw_rows(x.p<float>(0), x.i[1], x.i[2], x.p<double>(3),
                                          x.p<float>(4), x.p<int64_t>(5), x.p<int64_t>(6)))
@@ -139,7 +140,7 @@ PyMethodDef methods[] = {
     SHOAL_METHOD(dequant_rows), SHOAL_METHOD(rope_split), SHOAL_METHOD(qk_norm_rope_split),
     SHOAL_METHOD(int8_matmul_small), SHOAL_METHOD(int8_linear_small),
     SHOAL_METHOD(rms_norm_add_norm_quant),
-    SHOAL_METHOD(top_k_rows), SHOAL_METHOD(draw_rows),
+    SHOAL_METHOD(top_k_rows), SHOAL_METHOD(argmax_rows), SHOAL_METHOD(draw_rows),
     // exact mode's float32 linear
     SHOAL_METHOD(f32_linear),
     // packed_linear.cpp
