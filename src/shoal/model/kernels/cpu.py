@@ -227,7 +227,7 @@ class CpuKernels:
                      "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
                      "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack",
                      # decoder_stack.cpp
-                     "packed_decoder_stack", "f32_decoder_stack", "set_work_pool",
+                     "decoder_stack", "set_work_pool",
                      "openmp_in_this_thread", "omp_threads_in_this_thread"):
             setattr(self, "_" + name, getattr(module, name))
 
@@ -484,26 +484,14 @@ class CpuKernels:
                             out.data_ptr())
         return out
 
-    def packed_decoder_stack(self, table: torch.Tensor, dims: torch.Tensor, eps: float,
-                             scale: float, residual: torch.Tensor, positions, slots, block_tables,
-                             query_start, first_pos) -> torch.Tensor:
-        """Every decoder layer on packed GGUF blocks in one call (decoder_stack.cpp; the table
-        and dims from model/layers/decoder_stack.py, which holds the tensors they point to).
-        residual [T, K]: the embeddings, updated in place into the stream; returns the last
-        MLP output."""
-        return self._decoder_stack(self._packed_decoder_stack, table, dims, eps, scale, residual,
-                                   positions, slots, block_tables, query_start, first_pos)
-
-    def f32_decoder_stack(self, table: torch.Tensor, dims: torch.Tensor, eps: float,
-                          scale: float, residual: torch.Tensor, positions, slots, block_tables,
-                          query_start, first_pos) -> torch.Tensor:
-        """The same on float32 weights (exact mode)."""
-        return self._decoder_stack(self._f32_decoder_stack, table, dims, eps, scale, residual,
-                                   positions, slots, block_tables, query_start, first_pos)
-
-    @staticmethod
-    def _decoder_stack(entry, table, dims, eps, scale, residual, positions, slots, block_tables,
-                       query_start, first_pos) -> torch.Tensor:
+    def decoder_stack(self, kind: str, table: torch.Tensor, dims: torch.Tensor, eps: float,
+                      scale: float, residual: torch.Tensor, positions, slots, block_tables,
+                      query_start, first_pos) -> torch.Tensor:
+        """Every decoder layer in one call (decoder_stack.cpp), `kind` 'packed' (GGUF blocks)
+        or 'f32' (float32 weights); the table and dims from model/layers/decoder_stack.py,
+        which holds the tensors they point to. residual [T, K]: the embeddings, updated in
+        place into the stream; returns the last MLP output."""
+        _need(kind in ("packed", "f32"), "decoder stack: kind is 'packed' or 'f32'")
         _need(table.dtype == torch.int64 and table.is_contiguous() and dims.dtype == torch.int64,
               "decoder stack: int64 table and dims")
         _need(residual.is_contiguous() and residual.dtype == torch.float32, "residual: contiguous f32")
@@ -512,10 +500,11 @@ class CpuKernels:
         query_start, first_pos = _long(query_start), _long(first_pos)
         _need(positions.numel() == T and slots.numel() == T, "decoder stack: token counts")
         out = torch.empty(T, K)
-        entry(table.data_ptr(), table.shape[0], dims.data_ptr(), float(eps), float(scale),
-              residual.data_ptr(), out.data_ptr(), T, positions.data_ptr(), slots.data_ptr(),
-              block_tables.data_ptr(), block_tables.shape[1], query_start.data_ptr(),
-              first_pos.data_ptr(), first_pos.shape[0])
+        self._decoder_stack(int(kind == "f32"), table.data_ptr(), table.shape[0], dims.data_ptr(),
+                            float(eps), float(scale), residual.data_ptr(), out.data_ptr(), T,
+                            positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
+                            block_tables.shape[1], query_start.data_ptr(), first_pos.data_ptr(),
+                            first_pos.shape[0])
         return out
 
     def set_work_pool(self, on: bool) -> None:

@@ -65,9 +65,9 @@ class DecoderStack:
         returns the last layer's MLP output."""
         table, dims = self.tables(kv_caches)
         first = self.layers[0]
-        call = kernels.packed_decoder_stack if self.kind == "packed" else kernels.f32_decoder_stack
-        return call(table, dims, first.attn_norm.eps, first.attention.scale, residual, positions,
-                    meta.slot_mapping, meta.block_tables, meta.query_start, meta.first_pos)
+        return kernels.decoder_stack(self.kind, table, dims, first.attn_norm.eps,
+                                     first.attention.scale, residual, positions, meta.slot_mapping,
+                                     meta.block_tables, meta.query_start, meta.first_pos)
 
     def tables(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
                ) -> tuple[torch.Tensor, torch.Tensor]:

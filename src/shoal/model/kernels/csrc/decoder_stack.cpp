@@ -39,97 +39,128 @@ enum Dim : int64_t { kHidden, kInter, kHeads, kKvHeads, kHeadDim, kGelu, kKvType
 
 template <typename T> inline T* ptr(int64_t v) { return reinterpret_cast<T*>(static_cast<intptr_t>(v)); }
 
-}  // namespace
+// One call's arguments and the model's sizes, read once from the dims array.
+struct Stack {
+  const int64_t* table;
+  int64_t L;
+  const int64_t* dims;
+  float eps, scale;
+  float* residual;
+  float* out;
+  int64_t T;
+  const int64_t *positions, *slots, *block_tables;
+  int64_t max_blocks;
+  const int64_t *query_start, *first_pos;
+  int64_t num_seqs;
+  int64_t K = dims[kHidden], I = dims[kInter], H = dims[kHeads], KV = dims[kKvHeads];
+  int64_t hd = dims[kHeadDim], W = (H + 2 * KV) * hd, A = H * hd;
+  int32_t kv_type = static_cast<int32_t>(dims[kKvType]);
+  bool gelu = dims[kGelu] != 0;
+};
 
-// residual [T, K]: the embeddings in, the residual stream before the last layer's MLP output
-// joins it out; out [T, K]: the last layer's MLP output (model/decoder.py's (hidden, residual)).
-// The attention arguments are paged_attention's (one row per sequence of the step).
-SHOAL_API void shoal_packed_decoder_stack(const int64_t* table, int64_t L, const int64_t* dims,
-                                          float eps, float scale, float* residual, float* out,
-                                          int64_t T, const int64_t* positions, const int64_t* slots,
-                                          const int64_t* block_tables, int64_t max_blocks,
-                                          const int64_t* query_start, const int64_t* first_pos,
-                                          int64_t num_seqs) {
-  const int64_t K = dims[kHidden], I = dims[kInter], H = dims[kHeads], KV = dims[kKvHeads];
-  const int64_t hd = dims[kHeadDim], W = (H + 2 * KV) * hd, A = H * hd;
-  const int32_t gelu = static_cast<int32_t>(dims[kGelu]), kv_type = static_cast<int32_t>(dims[kKvType]);
+// Scratch of one call, sized by its token count.
+struct Attention {
+  std::vector<float> q, k, v, out;
+  explicit Attention(const Stack& s)
+      : q(s.T * s.A), k(s.T * s.KV * s.hd), v(s.T * s.KV * s.hd), out(s.T * s.A) {}
+
+  // qkv [T, W] of layer row f -> out [T, A]: RoPE, the layer's KV written, paged attention.
+  void run(const Stack& s, const int64_t* f, const float* qkv) {
+    shoal_rope_split(qkv, s.T, s.W, s.positions, ptr<float>(f[kCos]), ptr<float>(f[kSin]), s.H,
+                     s.KV, s.hd, q.data(), k.data(), v.data());
+    shoal_write_kv(k.data(), v.data(), s.T, s.KV, s.hd, ptr<void>(f[kKCache]),
+                   ptr<void>(f[kVCache]), s.kv_type, s.dims[kBlockSize], s.slots);
+    shoal_paged_attention(q.data(), s.H, s.hd, ptr<void>(f[kKCache]), ptr<void>(f[kVCache]),
+                          s.kv_type, s.KV, s.block_tables, s.max_blocks, s.query_start,
+                          s.first_pos, s.num_seqs, s.scale, f[kWindow], out.data());
+  }
+};
+
+// Fast mode: every linear on packed GGUF blocks, activations quantized per 32-value block.
+void packed_stack(const Stack& s) {
+  const int64_t T = s.T, K = s.K, I = s.I, A = s.A, W = s.W;
   const int64_t widest = std::max(std::max(K, I), A);
   std::vector<int8_t> xq(T * widest);
-  std::vector<float> xd(T * widest / 32), qkv(T * W), q(T * A), k(T * KV * hd), v(T * KV * hd),
-      attn(T * A), proj(T * K), gate_up(T * 2 * I);
+  std::vector<float> xd(T * widest / 32), qkv(T * W), proj(T * K), gate_up(T * 2 * I);
   std::vector<int32_t> xs(T * widest / 32);
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t* f = table + l * kFields;
+  Attention attention(s);
+  auto linear = [&](const int64_t* f, Field type, Field weight, int64_t n, int64_t k,
+                    const float* bias, float* y) {
+    shoal_packed_linear(static_cast<int32_t>(f[type]), ptr<uint8_t>(f[weight]), n, k, xq.data(),
+                        xd.data(), xs.data(), bias, T, y);
+  };
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t* f = s.table + l * kFields;
     // the previous layer's MLP output joins the stream (the first layer's stream is the input)
-    shoal_rms_norm_quant_blocks(l == 0 ? residual : out, residual, ptr<float>(f[kAttnNorm]), T, K,
-                                eps, l == 0 ? 0 : 1, xq.data(), xd.data(), xs.data());
-    shoal_packed_linear(static_cast<int32_t>(f[kQkvType]), ptr<uint8_t>(f[kQkvWeight]), W, K,
-                        xq.data(), xd.data(), xs.data(), ptr<float>(f[kQkvBias]), T, qkv.data());
-    shoal_rope_split(qkv.data(), T, W, positions, ptr<float>(f[kCos]), ptr<float>(f[kSin]), H, KV,
-                     hd, q.data(), k.data(), v.data());
-    shoal_write_kv(k.data(), v.data(), T, KV, hd, ptr<void>(f[kKCache]), ptr<void>(f[kVCache]),
-                   kv_type, dims[kBlockSize], slots);
-    shoal_paged_attention(q.data(), H, hd, ptr<void>(f[kKCache]), ptr<void>(f[kVCache]), kv_type, KV,
-                          block_tables, max_blocks, query_start, first_pos, num_seqs, scale,
-                          f[kWindow], attn.data());
-    shoal_quant_blocks(attn.data(), T, A, xq.data(), xd.data(), xs.data());
-    shoal_packed_linear(static_cast<int32_t>(f[kOType]), ptr<uint8_t>(f[kOWeight]), K, A, xq.data(),
-                        xd.data(), xs.data(), nullptr, T, proj.data());
-    shoal_rms_norm_quant_blocks(proj.data(), residual, ptr<float>(f[kMlpNorm]), T, K, eps, 1,
+    shoal_rms_norm_quant_blocks(l == 0 ? s.residual : s.out, s.residual, ptr<float>(f[kAttnNorm]),
+                                T, K, s.eps, l == 0 ? 0 : 1, xq.data(), xd.data(), xs.data());
+    linear(f, kQkvType, kQkvWeight, W, K, ptr<float>(f[kQkvBias]), qkv.data());
+    attention.run(s, f, qkv.data());
+    shoal_quant_blocks(attention.out.data(), T, A, xq.data(), xd.data(), xs.data());
+    linear(f, kOType, kOWeight, K, A, nullptr, proj.data());
+    shoal_rms_norm_quant_blocks(proj.data(), s.residual, ptr<float>(f[kMlpNorm]), T, K, s.eps, 1,
                                 xq.data(), xd.data(), xs.data());
-    shoal_packed_linear(static_cast<int32_t>(f[kGateUpType]), ptr<uint8_t>(f[kGateUpWeight]), 2 * I,
-                        K, xq.data(), xd.data(), xs.data(), nullptr, T, gate_up.data());
-    shoal_act_mul_quant_blocks(gate_up.data(), T, I, gelu, xq.data(), xd.data(), xs.data());
-    shoal_packed_linear(static_cast<int32_t>(f[kDownType]), ptr<uint8_t>(f[kDownWeight]), K, I,
-                        xq.data(), xd.data(), xs.data(), nullptr, T, out);
+    linear(f, kGateUpType, kGateUpWeight, 2 * I, K, nullptr, gate_up.data());
+    shoal_act_mul_quant_blocks(gate_up.data(), T, I, s.gelu ? 1 : 0, xq.data(), xd.data(), xs.data());
+    linear(f, kDownType, kDownWeight, K, I, nullptr, s.out);
   }
 }
 
-// The exact variant: residual and out as above; the same attention arguments.
-SHOAL_API void shoal_f32_decoder_stack(const int64_t* table, int64_t L, const int64_t* dims,
-                                       float eps, float scale, float* residual, float* out,
-                                       int64_t T, const int64_t* positions, const int64_t* slots,
-                                       const int64_t* block_tables, int64_t max_blocks,
-                                       const int64_t* query_start, const int64_t* first_pos,
-                                       int64_t num_seqs) {
-  const int64_t K = dims[kHidden], I = dims[kInter], H = dims[kHeads], KV = dims[kKvHeads];
-  const int64_t hd = dims[kHeadDim], W = (H + 2 * KV) * hd, A = H * hd;
-  const bool gelu = dims[kGelu] != 0;
-  const int32_t kv_type = static_cast<int32_t>(dims[kKvType]);
-  std::vector<float> normed(T * K), qkv(T * W), q(T * A), k(T * KV * hd), v(T * KV * hd),
-      attn(T * A), proj(T * K), gate_up(T * 2 * I), act(T * I);
-  // x joins the stream (when add) and the stream is normed into `normed`, row by row.
+// Exact mode: every linear float32 (f32_linear.cpp); norm and activation row by row.
+void f32_stack(const Stack& s) {
+  const int64_t T = s.T, K = s.K, I = s.I, A = s.A, W = s.W;
+  std::vector<float> normed(T * K), qkv(T * W), proj(T * K), gate_up(T * 2 * I), act(T * I);
+  Attention attention(s);
+  // x joins the stream (when add) and the stream is normed into `normed`.
   auto norm = [&](const float* x, const float* weight, bool add) {
     shoal::parallel_for(T, shoal::grain(K), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        shoal::rms_norm_row(x + t * K, add ? residual + t * K : nullptr, weight, K, eps, normed.data() + t * K);
+        shoal::rms_norm_row(x + t * K, add ? s.residual + t * K : nullptr, weight, K, s.eps,
+                            normed.data() + t * K);
       }
     });
   };
   auto linear = [&](const float* x, int64_t weight, const float* bias, int64_t in, int64_t n,
                     float* y) { shoal_f32_linear(x, ptr<float>(weight), bias, T, in, n, y); };
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t* f = table + l * kFields;
-    norm(l == 0 ? residual : out, ptr<float>(f[kAttnNorm]), l != 0);
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t* f = s.table + l * kFields;
+    norm(l == 0 ? s.residual : s.out, ptr<float>(f[kAttnNorm]), l != 0);
     linear(normed.data(), f[kQkvWeight], ptr<float>(f[kQkvBias]), K, W, qkv.data());
-    shoal_rope_split(qkv.data(), T, W, positions, ptr<float>(f[kCos]), ptr<float>(f[kSin]), H, KV,
-                     hd, q.data(), k.data(), v.data());
-    shoal_write_kv(k.data(), v.data(), T, KV, hd, ptr<void>(f[kKCache]), ptr<void>(f[kVCache]),
-                   kv_type, dims[kBlockSize], slots);
-    shoal_paged_attention(q.data(), H, hd, ptr<void>(f[kKCache]), ptr<void>(f[kVCache]), kv_type,
-                          KV, block_tables, max_blocks, query_start, first_pos, num_seqs, scale,
-                          f[kWindow], attn.data());
-    linear(attn.data(), f[kOWeight], nullptr, A, K, proj.data());
+    attention.run(s, f, qkv.data());
+    linear(attention.out.data(), f[kOWeight], nullptr, A, K, proj.data());
     norm(proj.data(), ptr<float>(f[kMlpNorm]), true);
     linear(normed.data(), f[kGateUpWeight], nullptr, K, 2 * I, gate_up.data());
     shoal::parallel_for(T, shoal::grain(I), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const float* g = gate_up.data() + t * 2 * I;
         float* a = act.data() + t * I;
-        for (int64_t i = 0; i < I; ++i) a[i] = (gelu ? shoal::gelu_tanh(g[i]) : shoal::silu(g[i])) * g[I + i];
+        for (int64_t i = 0; i < I; ++i) {
+          a[i] = (s.gelu ? shoal::gelu_tanh(g[i]) : shoal::silu(g[i])) * g[I + i];
+        }
       }
     });
-    linear(act.data(), f[kDownWeight], nullptr, I, K, out);
+    linear(act.data(), f[kDownWeight], nullptr, I, K, s.out);
+  }
+}
+
+}  // namespace
+
+// f32: 0 the packed variant, 1 the float32 one (the table's weights say which it holds).
+// residual [T, K]: the embeddings in, the residual stream before the last layer's MLP output
+// joins it out; out [T, K]: the last layer's MLP output (model/decoder.py's (hidden, residual)).
+// The attention arguments are paged_attention's (one row per sequence of the step).
+SHOAL_API void shoal_decoder_stack(int32_t f32, const int64_t* table, int64_t L,
+                                   const int64_t* dims, float eps, float scale, float* residual,
+                                   float* out, int64_t T, const int64_t* positions,
+                                   const int64_t* slots, const int64_t* block_tables,
+                                   int64_t max_blocks, const int64_t* query_start,
+                                   const int64_t* first_pos, int64_t num_seqs) {
+  const Stack s{table, L, dims, eps, scale, residual, out, T, positions, slots, block_tables,
+                max_blocks, query_start, first_pos, num_seqs};
+  if (f32 != 0) {
+    f32_stack(s);
+  } else {
+    packed_stack(s);
   }
 }
 

@@ -48,12 +48,9 @@ void shoal_act_mul_quant_blocks(const float*, int64_t, int64_t, int32_t, int8_t*
                                 int32_t*);
 void shoal_packed_repack(int32_t, const uint8_t*, int64_t, int64_t, uint8_t*);
 // decoder_stack.cpp: the decoder layers in one call (packed blocks, or float32 weights)
-void shoal_packed_decoder_stack(const int64_t*, int64_t, const int64_t*, float, float, float*,
-                                float*, int64_t, const int64_t*, const int64_t*, const int64_t*,
-                                int64_t, const int64_t*, const int64_t*, int64_t);
-void shoal_f32_decoder_stack(const int64_t*, int64_t, const int64_t*, float, float, float*,
-                             float*, int64_t, const int64_t*, const int64_t*, const int64_t*,
-                             int64_t, const int64_t*, const int64_t*, int64_t);
+void shoal_decoder_stack(int32_t, const int64_t*, int64_t, const int64_t*, float, float, float*,
+                         float*, int64_t, const int64_t*, const int64_t*, const int64_t*, int64_t,
+                         const int64_t*, const int64_t*, int64_t);
 void shoal_set_work_pool(int32_t);
 void shoal_openmp_in_this_thread(int32_t);
 void shoal_omp_threads_in_this_thread(int32_t);

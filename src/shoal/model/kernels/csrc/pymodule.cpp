@@ -115,16 +115,11 @@ SHOAL_WRAP(rms_norm_add_norm_quant_blocks, 10,
 SHOAL_WRAP(act_mul_quant_blocks, 7,
            shoal_act_mul_quant_blocks(x.p<float>(0), x.i[1], x.i[2], int32_t(x.i[3]),
                                       x.p<int8_t>(4), x.p<float>(5), x.p<int32_t>(6)))
-SHOAL_WRAP(packed_decoder_stack, 15,
-           shoal_packed_decoder_stack(x.p<int64_t>(0), x.i[1], x.p<int64_t>(2), float(x.f[3]),
-                                      float(x.f[4]), x.p<float>(5), x.p<float>(6), x.i[7],
-                                      x.p<int64_t>(8), x.p<int64_t>(9), x.p<int64_t>(10), x.i[11],
-                                      x.p<int64_t>(12), x.p<int64_t>(13), x.i[14]))
-SHOAL_WRAP(f32_decoder_stack, 15,
-           shoal_f32_decoder_stack(x.p<int64_t>(0), x.i[1], x.p<int64_t>(2), float(x.f[3]),
-                                   float(x.f[4]), x.p<float>(5), x.p<float>(6), x.i[7],
-                                   x.p<int64_t>(8), x.p<int64_t>(9), x.p<int64_t>(10), x.i[11],
-                                   x.p<int64_t>(12), x.p<int64_t>(13), x.i[14]))
+SHOAL_WRAP(decoder_stack, 16,
+           shoal_decoder_stack(int32_t(x.i[0]), x.p<int64_t>(1), x.i[2], x.p<int64_t>(3),
+                               float(x.f[4]), float(x.f[5]), x.p<float>(6), x.p<float>(7), x.i[8],
+                               x.p<int64_t>(9), x.p<int64_t>(10), x.p<int64_t>(11), x.i[12],
+                               x.p<int64_t>(13), x.p<int64_t>(14), x.i[15]))
 SHOAL_WRAP(set_work_pool, 1, shoal_set_work_pool(int32_t(x.i[0])))
 SHOAL_WRAP(openmp_in_this_thread, 1, shoal_openmp_in_this_thread(int32_t(x.i[0])))
 SHOAL_WRAP(omp_threads_in_this_thread, 1, shoal_omp_threads_in_this_thread(int32_t(x.i[0])))
@@ -146,8 +141,7 @@ PyMethodDef methods[] = {
     // packed_linear.cpp
     SHOAL_METHOD(packed_linear), SHOAL_METHOD(quant_blocks), SHOAL_METHOD(rms_norm_quant_blocks),
     SHOAL_METHOD(rms_norm_add_norm_quant_blocks), SHOAL_METHOD(act_mul_quant_blocks),
-    SHOAL_METHOD(packed_repack), SHOAL_METHOD(packed_decoder_stack),
-    SHOAL_METHOD(f32_decoder_stack),
+    SHOAL_METHOD(packed_repack), SHOAL_METHOD(decoder_stack),
     SHOAL_METHOD(set_work_pool), SHOAL_METHOD(openmp_in_this_thread),
     SHOAL_METHOD(omp_threads_in_this_thread),
     {nullptr, nullptr, 0, nullptr}};
