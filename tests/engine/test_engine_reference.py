@@ -138,11 +138,9 @@ def test_fused_fast_path_matches_the_unfused_int8_layers(smollm2_path, recipe):
     assert int(fused[0].argmax()) == int(unfused.argmax())
     assert set(fused[0].topk(3).indices.tolist()) <= set(unfused.topk(5).indices.tolist())
     assert set(unfused.topk(3).indices.tolist()) <= set(fused[0].topk(5).indices.tolist())
-    # NOTE: the kernels' SiLU (common.h, vectorized) and torch's differ in the last bit for
-    # about a third of the values, and each such difference at a rounding boundary moves one
-    # int8 level: observed mean 0.37 (int8) and 0.32 (packed, whose 32-value blocks round more
-    # often), max ~1. benchmarks/fast_quality.py's agreement with exact mode did not move.
-    assert diff.mean() < 0.45 and diff.max() < 2.0
+    # NOTE: packed rounds activations in 32-value blocks, so a last-bit difference in a norm
+    # or SiLU flips more (smaller) roundings: observed mean 0.32 (int8: 0.24), max 0.85 (1.04).
+    assert diff.mean() < (0.3 if recipe == "int8" else 0.45) and diff.max() < 2.0
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2_dir", "tiny_llama_dir", "tiny_llama_gguf"])

@@ -71,13 +71,13 @@ inline float exp_neg(float z) {
 }
 
 // The gated MLPs' activations, one definition for every kernel so all quantize the same floats.
-// NOTE: from exp_neg, not std::exp / std::tanh (a library call per value): the loops over a
-// row vectorize. SiLU was ~6% of a 32-stream decode step, GELU-tanh (Gemma) ~40% of a prefill.
-// Both within ~3e-7 relative of the float32 library functions.
-inline float silu(float x) {
-  const float e = exp_neg(std::fabs(x));           // e^-|x|, in (0, 1]
-  return (x >= 0.f ? x : x * e) / (1.f + e);       // x / (1 + e^-x), either sign
-}
+// NOTE: SiLU keeps std::exp, which rounds as torch's does for most values: an exp_neg SiLU
+// (3.3 -> 1.4 ms over 1,024 rows, as faithful to exact mode by benchmarks/fast_quality.py)
+// changed enough last bits that greedy answers the tests rely on changed (a JSON-schema answer
+// that no longer ended within its tokens). GELU-tanh (Gemma's) is from exp_neg: the loops over
+// a row vectorize (15.6 -> 1.4 ms over 1,024 rows; ~40% of a prefill), within ~3e-7 relative
+// of std::tanh.
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 inline float gelu_tanh(float x) {
   constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)
   constexpr float kBeta = 0.044715f;
