@@ -319,7 +319,7 @@ def test_the_work_pool_gives_openmps_bits_and_shares_itself_between_threads(ggml
 
 
 def test_a_threads_openmp_team_size_is_its_own():
-    """omp_threads_in_this_thread (ModelRunner.prepare_threads) sizes the OpenMP team of the
+    """omp_threads_in_this_thread (ModelRunner.step_threads) sizes the OpenMP team of the
     calling thread only: torch's ops started elsewhere keep the process's team."""
     import threading
 

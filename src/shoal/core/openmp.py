@@ -9,7 +9,7 @@ a region spins for GOMP_SPINCOUNT rounds (one pause instruction each), then slee
   embedding model's pass wake a sleeping worker, which on these VMs costs ~0.1 ms: all-MiniLM
   ran at half its speed;
 - a short spin covers the gaps between one pass's back-to-back regions, and decode steps start
-  no regions at all (ModelRunner.prepare_threads).
+  no regions at all (ModelRunner.step_threads).
 """
 from __future__ import annotations
 

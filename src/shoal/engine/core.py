@@ -19,7 +19,7 @@ from shoal.engine.sampling.row import SamplingRow
 from shoal.engine.sampling.sampler import Sampler
 from shoal.engine.scheduler import Scheduler, SchedulerOutput
 from shoal.engine.stats import EngineStats
-from shoal.engine.structured.manager import StructuredOutputManager
+from shoal.engine.structured.manager import MaskJob, StructuredOutputManager
 from shoal.engine.structured.masks import SampleGrammar
 from shoal.text.detokenizer import IncrementalDetokenizer
 from shoal.text.tokenizer import Tokenizer
@@ -212,7 +212,7 @@ class EngineCore:
                 else self._output_for(r, logprobs.get(r.request_id)) for r in updated
                 if r.request_id in self._samples]
 
-    def _compute_and_sample(self, scheduler_output, mask_job
+    def _compute_and_sample(self, scheduler_output: SchedulerOutput, mask_job: MaskJob | None
                             ) -> tuple[dict[str, int], dict[str, TokenLogprob], StepResult]:
         """The model's step and the sampled tokens (with their logprobs, where asked)."""
         computed = self.runner.execute_step(scheduler_output.scheduled)
