@@ -155,3 +155,43 @@ def test_a_bert_gguf_loads_with_its_wordpiece_vocabulary(minilm_dir: Path, refer
         assert encoder.tokenizer.encode(text) == reference.tokenizer(text)["input_ids"]
     cos = F.cosine_similarity(_shoal_embed(encoder, texts), reference_vectors[:60])
     assert cos.min().item() >= 0.9995      # F16 weights
+
+
+@pytest.mark.parametrize("on_pool", [True, False])
+def test_fast_mode_gives_an_input_the_same_bits_alone_or_in_any_batch(minilm_dir: Path,
+                                                                      on_pool: bool) -> None:
+    """Both fast passes: the work pool's (AMX products, the kernels' attention and norms) and
+    torch's OpenMP one. Every step is per row or per input, so batching changes no bit."""
+    encoder = load_encoder(minilm_dir, "fast")
+    if on_pool and not encoder.model.on_pool:
+        pytest.skip("no AMX here: fast mode runs torch's OpenMP pass")
+    if not on_pool:
+        _off_the_pool(encoder.model)
+    texts = ["short", "a much longer sentence with many more tokens than the first one",
+             "mid size", "another", "word " * 60]
+    ids = [encoder.tokenizer.encode(t) for t in texts]
+    alone = torch.cat([encoder.model([i]) for i in ids])
+    assert torch.equal(encoder.model(ids), alone)
+    assert torch.equal(encoder.model(ids[::-1] * 20)[-len(ids):].flip(0), alone)
+
+
+def test_the_pool_pass_agrees_with_torchs_pass(minilm_dir: Path) -> None:
+    """Same integers in the products; attention and LayerNorm differ in float rounding only."""
+    pooled = load_encoder(minilm_dir, "fast")
+    if not pooled.model.on_pool:
+        pytest.skip("no AMX here: fast mode runs torch's OpenMP pass")
+    plain = load_encoder(minilm_dir, "fast")
+    _off_the_pool(plain.model)
+    cos = F.cosine_similarity(_shoal_embed(pooled, TEXTS[:64]), _shoal_embed(plain, TEXTS[:64]))
+    # NOTE: a last-bit difference before a quantizer can move a value to the next int8 step,
+    # so the two fast passes differ by fast mode's own noise (a wrong kernel: far below)
+    assert cos.min().item() > 0.999
+
+
+def _off_the_pool(model) -> None:
+    model.on_pool = False
+    for module in model.modules():
+        if hasattr(module, "tiles"):
+            module.tiles = None
+        if hasattr(module, "on_pool"):
+            module.on_pool = False

@@ -331,3 +331,61 @@ def test_argmax_rows_answers_as_torch_argmax():
             x[5, width - 1] = torch.nan
             x[6] = torch.randint(0, 3, (width,), generator=g).float()   # many ties
         assert torch.equal(ops.argmax_rows(x), x.argmax(dim=1)), width
+
+
+# ----- the encoder's pass on the work pool (encoder_ops.cpp) ----------------------------
+
+@pytest.mark.skipif(ops is None or not ops.int8_gemm_ready, reason="no AMX on this CPU")
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 384, 1152), (15, 384, 384), (17, 64, 16),
+                                              (400, 384, 1536), (413, 1536, 48)])
+def test_amx_int8_gemm_gives_the_integers_int_mm_gives(rows, k, n):
+    """Every row count (short last tiles included), one and two tiles across: exact sums."""
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    assert torch.equal(ops.int8_gemm(x, ops.int8_gemm_pack(w)).long(), x.long() @ w.long().t())
+
+
+def test_int8_gemm_refuses_what_its_tiles_cannot_hold():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ops.int8_gemm_pack(torch.zeros(20, 64, dtype=torch.int8))
+    with pytest.raises(ValueError, match="multiple of 16, K of 64"):
+        ops.int8_gemm_pack(torch.zeros(16, 100, dtype=torch.int8))
+    if not ops.int8_gemm_ready:
+        with pytest.raises(ValueError, match="no AMX"):
+            ops.int8_gemm(torch.zeros(4, 64, dtype=torch.int8), ops.int8_gemm_pack(
+                torch.zeros(16, 64, dtype=torch.int8)))
+
+
+def test_encoder_attention_matches_sdpa_per_input():
+    H, D = 12, 32
+    lengths = [3, 3, 5, 9, 9, 9, 17, 130]
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(sum(lengths), 3 * H * D, generator=g)
+    runs, first = [], 0
+    for length in lengths:
+        if runs and runs[-1][2] == length:
+            runs[-1][1] += 1
+        else:
+            runs.append([first, 1, length])
+        first += length
+    got = ops.encoder_attention(qkv, [tuple(r) for r in runs], H, D, D ** -0.5)
+    row = 0
+    for length in lengths:
+        heads = qkv[row:row + length].view(length, 3, H, D).permute(1, 2, 0, 3)
+        want = F.scaled_dot_product_attention(heads[0], heads[1], heads[2])
+        torch.testing.assert_close(got[row:row + length], want.transpose(0, 1).reshape(length, H * D),
+                                   atol=5e-6, rtol=1e-5)
+        row += length
+    with pytest.raises(ValueError, match="cover the rows"):
+        ops.encoder_attention(qkv, [(0, 2, 3)], H, D, 1.0)
+
+
+def test_add_layer_norm_matches_torch_and_works_in_place():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(37, 384, generator=g) * 3, torch.randn(37, 384, generator=g)
+    weight, bias = torch.rand(384, generator=g) + 0.5, torch.randn(384, generator=g)
+    want = F.layer_norm(x + y, (384,), weight, bias, 1e-12)
+    out = ops.add_layer_norm(x, y, weight, bias, 1e-12)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)

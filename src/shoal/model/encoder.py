@@ -26,7 +26,7 @@ from shoal.model.encoder_config import EncoderConfig
 from shoal.model.kernels.cpu import load_cpu_kernels
 from shoal.model.layers.hadamard import ORDER as HADAMARD_ORDER
 from shoal.model.layers.hadamard import HadamardInt8Linear
-from shoal.model.layers.linear import ExactLinear, Int8Linear, int8_matmul, make_linear
+from shoal.model.layers.linear import ExactLinear, Int8Linear, int8_products, make_linear, pack_tiles
 from shoal.model.layers.quantize import convert_linears_int8
 
 # HF names inside "encoder.layer.N." and the ones of the embeddings
@@ -74,16 +74,24 @@ class EncoderLayer(nn.Module):
         self.down = make_linear(w["output.dense.weight"], w["output.dense.bias"], torch.float32)
         self.mlp_norm = _layer_norm(w["output.LayerNorm.weight"], w["output.LayerNorm.bias"],
                                     config.layer_norm_eps)
+        self.on_pool = False   # fast mode on AMX: attention and norms from the kernels too
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, ops=None) -> torch.Tensor:
-        hidden = x.shape[1]
         qkv = _apply(self.qkv, x, ops)                                 # [T, 3H]
+        if self.on_pool:
+            attn = ops.encoder_attention(qkv, batch.same_length, self.num_heads, self.head_dim,
+                                         self.head_dim ** -0.5)
+            # x is this pass's own tensor: the norms write over it
+            x = ops.add_layer_norm(x, _apply(self.out, attn, ops), self.attn_norm.weight,
+                                   self.attn_norm.bias, self.attn_norm.eps)
+            return ops.add_layer_norm(x, self._feed_forward(x, ops), self.mlp_norm.weight,
+                                      self.mlp_norm.bias, self.mlp_norm.eps)
         attn = torch.empty_like(x)
         for first, n, length in batch.same_length:   # inputs of one length sit side by side
             rows = slice(first, first + n * length)
             heads = qkv[rows].view(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(heads[0], heads[1], heads[2])  # [n, h, L, d]
-            attn[rows] = out.transpose(1, 2).reshape(n * length, hidden)
+            attn[rows] = out.transpose(1, 2).reshape(n * length, x.shape[1])
         x = self.attn_norm(x + _apply(self.out, attn, ops))
         return self.mlp_norm(x + self._feed_forward(x, ops))
 
@@ -111,7 +119,7 @@ def _int8_sums(linear: Int8Linear, x: torch.Tensor, ops) -> tuple[torch.Tensor, 
     """x quantized per row (after the layer's smoothing) times its int8 weight: the int32
     sums [T, N] and the rows' scales."""
     xq, xs = ops.quant_rows(x, linear.inv_smooth if linear.inv_smooth is not None else linear.ones)
-    return int8_matmul(xq, linear.qweight, ops), xs
+    return int8_products(xq, linear, ops), xs
 
 
 def _bias_or_none(linear: Int8Linear) -> torch.Tensor:
@@ -187,6 +195,7 @@ class SentenceEncoder(nn.Module):
             layers.append(EncoderLayer(config, {n: tensors.pop(prefix + n) for n in _LAYER_TENSORS}))
         self.layers = nn.ModuleList(layers)
         self.kernels = None     # the C++ int8 ops, once fast mode converted the linears
+        self.on_pool = False    # fast mode's pass on the kernels' work pool (quantize_int8)
         if self.word.shape != (config.vocab_size, config.hidden_size):
             raise CorruptModelError(source, f"word embeddings of shape {tuple(self.word.shape)}, "
                                             f"expected {(config.vocab_size, config.hidden_size)}")
@@ -201,6 +210,16 @@ class SentenceEncoder(nn.Module):
         L2-normalised when the model says so."""
         if self.kernels is None:
             return self._forward(inputs)
+        if self.on_pool:
+            # NOTE: the products and attention run on the work pool, where a thread the OS
+            # lends to the event loop for a moment delays no one (csrc/encoder_ops.cpp);
+            # torch's remaining ops (LayerNorm, adds, pooling) are small and stay on this thread.
+            team = torch.get_num_threads()
+            self.kernels.omp_threads_in_this_thread(1)
+            try:
+                return self._forward(inputs)
+            finally:
+                self.kernels.omp_threads_in_this_thread(team)
         # NOTE: the pass alternates torch's OpenMP ops with the kernels' at every layer: the
         # kernels run as OpenMP regions during it too (kernels/csrc/pool.h says why)
         self.kernels.openmp_in_this_thread(True)
@@ -278,3 +297,13 @@ class SentenceEncoder(nn.Module):
         for linear in self.modules():
             if isinstance(linear, Int8Linear):
                 linear.ones = torch.ones(linear.qweight.shape[1])
+        # NOTE: all or nothing: one layer left on torch's OpenMP product would run on this
+        # thread alone in a pool pass.
+        int8 = [m for m in self.modules() if isinstance(m, (Int8Linear, HadamardInt8Linear))]
+        if len(int8) == 4 * len(self.layers) and all(pack_tiles(m, self.kernels) for m in int8):
+            self.on_pool = True
+            for layer in self.layers:
+                layer.on_pool = True
+        else:
+            for m in int8:
+                m.tiles = None

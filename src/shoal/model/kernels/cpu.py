@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "packed_linear.cpp",
-            "f32_linear.cpp", "decoder_stack.cpp", "pymodule.cpp")
+            "f32_linear.cpp", "decoder_stack.cpp", "encoder_ops.cpp", "pymodule.cpp")
 _HEADERS = ("common.h", "pool.h", "kernels.h")
 # the GGUF block formats packed_linear.cpp computes on
 _PACKED_GGML_TYPES = tuple(int(t) for t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
@@ -228,6 +228,9 @@ class CpuKernels:
                      "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack",
                      # decoder_stack.cpp
                      "decoder_stack", "set_work_pool",
+                     # encoder_ops.cpp
+                     "int8_gemm_ready", "int8_gemm_pack", "int8_gemm", "encoder_attention",
+                     "add_layer_norm",
                      "openmp_in_this_thread", "omp_threads_in_this_thread"):
             setattr(self, "_" + name, getattr(module, name))
 
@@ -506,6 +509,76 @@ class CpuKernels:
                             block_tables.shape[1], query_start.data_ptr(), first_pos.data_ptr(),
                             first_pos.shape[0])
         return out
+
+    # --- the encoder's fast pass on the work pool (encoder_ops.cpp)
+    @property
+    def int8_gemm_ready(self) -> bool:
+        """int8_gemm runs here: this build has AMX and the CPU and OS let the process use it."""
+        return bool(self._int8_gemm_ready())
+
+    @staticmethod
+    def int8_gemm_fits(out_features: int, in_features: int) -> bool:
+        """Whether a weight [out, in] packs into int8_gemm's tiles (16 x 64 multiples)."""
+        return out_features % 16 == 0 and in_features % 64 == 0
+
+    def int8_gemm_pack(self, w: torch.Tensor) -> torch.Tensor:
+        """int8 weights [N, K] as int8_gemm's tiles [N/16, K/64, 16, 64]."""
+        _need(w.dtype == torch.int8 and w.dim() == 2, "int8_gemm_pack: int8 [N, K] weights")
+        N, K = w.shape
+        _need(self.int8_gemm_fits(N, K), "int8_gemm_pack: N must be a multiple of 16, K of 64")
+        w = w.contiguous()
+        out = torch.empty(N // 16, K // 64, 16, 64, dtype=torch.int8)
+        self._int8_gemm_pack(w.data_ptr(), N, K, out.data_ptr())
+        return out
+
+    def int8_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """int8 [M, K] x the packed weights [N, K] -> int32 [M, N]: the integers torch._int_mm
+        gives, on AMX tiles and the work pool."""
+        _need(self.int8_gemm_ready, "int8_gemm: no AMX here (check int8_gemm_ready)")
+        _need(x.dtype == torch.int8 and x.dim() == 2, "int8_gemm: int8 [M, K] activations")
+        _need(packed.dtype == torch.int8 and packed.dim() == 4 and packed.is_contiguous(),
+              "int8_gemm: weights from int8_gemm_pack")
+        x = x.contiguous()
+        M, K = x.shape
+        N = packed.shape[0] * 16
+        _need(packed.shape[1] * 64 == K, "int8_gemm: inner sizes differ")
+        out = torch.empty(M, N, dtype=torch.int32)
+        if M:
+            self._int8_gemm(x.data_ptr(), M, K, packed.data_ptr(), N, out.data_ptr())
+        return out
+
+    def encoder_attention(self, qkv: torch.Tensor, runs: list[tuple[int, int, int]],
+                          num_heads: int, head_dim: int, scale: float) -> torch.Tensor:
+        """Each input's bidirectional attention over its own rows. qkv [T, 3 H D]; runs:
+        (first row, inputs, length) of each run of equal-length inputs, back to back from
+        row 0 to T. Returns [T, H D]."""
+        qkv = _f32(qkv, "encoder_attention")
+        T, W = qkv.shape
+        _need(W == 3 * num_heads * head_dim, "encoder_attention: qkv width is not 3 H D")
+        row = 0
+        for first, count, length in runs:
+            _need(first == row and count > 0 and length > 0, "encoder_attention: runs must "
+                                                              "cover the rows in order")
+            row += count * length
+        _need(row == T, "encoder_attention: runs must cover the rows in order")
+        table = torch.tensor(runs, dtype=torch.int64)
+        out = torch.empty(T, num_heads * head_dim)
+        self._encoder_attention(qkv.data_ptr(), num_heads, head_dim, table.data_ptr(), len(runs),
+                                float(scale), out.data_ptr())
+        return out
+
+    def add_layer_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:
+        """x = LayerNorm(x + y) * weight + bias over the last dimension, in place; returns x."""
+        _need(x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2,
+              "add_layer_norm: x must be contiguous float32 [T, K]")
+        y, weight, bias = _f32(y, "add_layer_norm"), _f32(weight, "weight"), _f32(bias, "bias")
+        T, K = x.shape
+        _need(y.shape == x.shape and weight.shape == (K,) and bias.shape == (K,),
+              "add_layer_norm: shapes differ")
+        self._add_layer_norm(x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), T, K,
+                             float(eps))
+        return x
 
     def set_work_pool(self, on: bool) -> None:
         """Small decode-time jobs on the work pool (csrc/pool.h, the default) or as OpenMP

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.model.layers.linear import int8_matmul, quantize_rows_int8
+from shoal.model.layers.linear import int8_matmul, int8_products, quantize_rows_int8
 
 ORDER = 32
 
@@ -59,6 +59,7 @@ class HadamardInt8Linear(nn.Module):
         self.register_buffer("scale", scale)        # [N]
         self.register_buffer("bias", None if bias is None else bias.float())
         self.kernels = None   # the C++ kernels, when fast mode has them
+        self.tiles = None     # qweight as AMX tiles (linear.pack_tiles)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -74,6 +75,6 @@ class HadamardInt8Linear(nn.Module):
 
     def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """From rows already rotated and quantized (the kernels' fused GELU path)."""
-        acc = int8_matmul(xq, self.qweight, self.kernels)
+        acc = int8_products(xq, self, self.kernels)
         bias = self.bias if self.bias is not None else self.scale[:0]
         return self.kernels.dequant_rows(acc, xs, self.scale, bias)

@@ -32,6 +32,23 @@ def int8_matmul(xq: torch.Tensor, qweight: torch.Tensor, kernels=None) -> torch.
     return torch._int_mm(xq, qweight.t())
 
 
+def int8_products(xq: torch.Tensor, linear: nn.Module, kernels=None) -> torch.Tensor:
+    """xq int8 [M, K] times an int8 layer's weight: int32 [M, N]; on AMX tiles when the layer
+    has them (pack_tiles), else int8_matmul. The same integers either way."""
+    if linear.tiles is not None:
+        return kernels.int8_gemm(xq, linear.tiles)
+    return int8_matmul(xq, linear.qweight, kernels)
+
+
+def pack_tiles(linear: nn.Module, kernels) -> bool:
+    """Gives an int8 layer its weight as kernels.int8_gemm's AMX tiles where the kernels can
+    run them and the shape fits; True if it has them."""
+    if kernels is None or not kernels.int8_gemm_ready or not kernels.int8_gemm_fits(*linear.qweight.shape):
+        return False
+    linear.tiles = kernels.int8_gemm_pack(linear.qweight)
+    return True
+
+
 def int8_linear_fused(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor,
                       scale: torch.Tensor, bias: torch.Tensor, kernels) -> torch.Tensor:
     """Fast mode's fused path: int8 rows (row scales xs) through an int8 weight, dequantized
@@ -95,6 +112,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("smooth", None if smooth is None else smooth.float())
         self.register_buffer("inv_smooth", None if smooth is None else (1.0 / smooth).float())
         self.kernels = None   # CPU kernels, set with the fused path (small-batch matmul)
+        self.tiles = None     # qweight as AMX tiles (pack_tiles), for passes on the work pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -103,7 +121,7 @@ class Int8Linear(nn.Module):
             x2 = x2 * self.inv_smooth
         x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
         xq = torch.round(x2 / x_scale).to(torch.int8)
-        acc = int8_matmul(xq, self.qweight, self.kernels)
+        acc = int8_products(xq, self, self.kernels)
         y = acc.to(torch.float32).mul_(x_scale).mul_(self.scale)
         if self.bias is not None:
             y.add_(self.bias)

@@ -51,6 +51,13 @@ void shoal_packed_repack(int32_t, const uint8_t*, int64_t, int64_t, uint8_t*);
 void shoal_decoder_stack(int32_t, const int64_t*, int64_t, const int64_t*, float, float, float*,
                          float*, int64_t, const int64_t*, const int64_t*, const int64_t*, int64_t,
                          const int64_t*, const int64_t*, int64_t);
+// encoder_ops.cpp: the encoder's int8 products on AMX tiles and its attention, on the pool
+int32_t shoal_int8_gemm_ready();
+void shoal_int8_gemm_pack(const int8_t*, int64_t, int64_t, int8_t*);
+void shoal_int8_gemm(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*);
+void shoal_encoder_attention(const float*, int64_t, int64_t, const int64_t*, int64_t, float,
+                             float*);
+void shoal_add_layer_norm(float*, const float*, const float*, const float*, int64_t, int64_t, float);
 void shoal_set_work_pool(int32_t);
 void shoal_openmp_in_this_thread(int32_t);
 void shoal_omp_threads_in_this_thread(int32_t);

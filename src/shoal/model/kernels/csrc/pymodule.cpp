@@ -120,6 +120,24 @@ SHOAL_WRAP(decoder_stack, 16,
                                float(x.f[4]), float(x.f[5]), x.p<float>(6), x.p<float>(7), x.i[8],
                                x.p<int64_t>(9), x.p<int64_t>(10), x.p<int64_t>(11), x.i[12],
                                x.p<int64_t>(13), x.p<int64_t>(14), x.i[15]))
+// encoder_ops.cpp
+SHOAL_WRAP(int8_gemm_pack, 4, shoal_int8_gemm_pack(x.p<int8_t>(0), x.i[1], x.i[2], x.p<int8_t>(3)))
+SHOAL_WRAP(int8_gemm, 6, shoal_int8_gemm(x.p<int8_t>(0), x.i[1], x.i[2], x.p<int8_t>(3), x.i[4],
+                                         x.p<int32_t>(5)))
+SHOAL_WRAP(encoder_attention, 7,
+           shoal_encoder_attention(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3), x.i[4],
+                                   float(x.f[5]), x.p<float>(6)))
+SHOAL_WRAP(add_layer_norm, 7, shoal_add_layer_norm(x.p<float>(0), x.p<float>(1), x.p<float>(2),
+                                                   x.p<float>(3), x.i[4], x.i[5], float(x.f[6])))
+
+PyObject* py_int8_gemm_ready(PyObject*, PyObject* const*, Py_ssize_t n) {
+  if (n != 0) {
+    PyErr_Format(PyExc_TypeError, "expected 0 arguments, got %zd", n);
+    return nullptr;
+  }
+  return PyBool_FromLong(shoal_int8_gemm_ready());
+}
+
 SHOAL_WRAP(set_work_pool, 1, shoal_set_work_pool(int32_t(x.i[0])))
 SHOAL_WRAP(openmp_in_this_thread, 1, shoal_openmp_in_this_thread(int32_t(x.i[0])))
 SHOAL_WRAP(omp_threads_in_this_thread, 1, shoal_omp_threads_in_this_thread(int32_t(x.i[0])))
@@ -144,6 +162,9 @@ PyMethodDef methods[] = {
     SHOAL_METHOD(packed_repack), SHOAL_METHOD(decoder_stack),
     SHOAL_METHOD(set_work_pool), SHOAL_METHOD(openmp_in_this_thread),
     SHOAL_METHOD(omp_threads_in_this_thread),
+    // encoder_ops.cpp
+    SHOAL_METHOD(int8_gemm_ready), SHOAL_METHOD(int8_gemm_pack), SHOAL_METHOD(int8_gemm),
+    SHOAL_METHOD(encoder_attention), SHOAL_METHOD(add_layer_norm),
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
