@@ -195,3 +195,14 @@ def _off_the_pool(model) -> None:
             module.tiles = None
         if hasattr(module, "on_pool"):
             module.on_pool = False
+
+
+def test_the_one_call_stack_gives_the_per_op_pool_pass_bits(minilm_dir: Path) -> None:
+    """shoal_encoder_stack runs the per-op pool pass's kernels in its order: the same bits."""
+    encoder = load_encoder(minilm_dir, "fast")
+    if encoder.model.stack is None:
+        pytest.skip("no AMX here: fast mode runs torch's OpenMP pass")
+    ids = [encoder.tokenizer.encode(t) for t in TEXTS[:48] if len(t) < 400]
+    one_call = encoder.model(ids)
+    encoder.model.stack = None
+    assert torch.equal(one_call, encoder.model(ids))

@@ -24,9 +24,16 @@ from torch import nn
 from shoal.core.errors import CorruptModelError
 from shoal.model.encoder_config import EncoderConfig
 from shoal.model.kernels.cpu import load_cpu_kernels
+from shoal.model.layers.encoder_stack import EncoderStack
 from shoal.model.layers.hadamard import ORDER as HADAMARD_ORDER
 from shoal.model.layers.hadamard import HadamardInt8Linear
-from shoal.model.layers.linear import ExactLinear, Int8Linear, int8_products, make_linear, pack_tiles
+from shoal.model.layers.linear import (
+    ExactLinear,
+    Int8Linear,
+    int8_products,
+    make_linear,
+    pack_tiles,
+)
 from shoal.model.layers.quantize import convert_linears_int8
 
 # HF names inside "encoder.layer.N." and the ones of the embeddings
@@ -196,6 +203,7 @@ class SentenceEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.kernels = None     # the C++ int8 ops, once fast mode converted the linears
         self.on_pool = False    # fast mode's pass on the kernels' work pool (quantize_int8)
+        self.stack: EncoderStack | None = None   # that pass's layers in one kernel call
         if self.word.shape != (config.vocab_size, config.hidden_size):
             raise CorruptModelError(source, f"word embeddings of shape {tuple(self.word.shape)}, "
                                             f"expected {(config.vocab_size, config.hidden_size)}")
@@ -242,6 +250,8 @@ class SentenceEncoder(nn.Module):
         device = self.device
         ids = torch.tensor([t for seq in inputs for t in seq], dtype=torch.long, device=device)
         x = self.embed_norm(F.embedding(ids, self.word) + self.position[batch.positions] + self.type0)
+        if self.stack is not None:
+            return self.stack.run(x.contiguous(), batch.same_length)
         for layer in self.layers:
             x = layer(x, batch, self.kernels)
         return x
@@ -304,6 +314,7 @@ class SentenceEncoder(nn.Module):
             self.on_pool = True
             for layer in self.layers:
                 layer.on_pool = True
+            self.stack = EncoderStack(self.layers, self.kernels)
         else:
             for m in int8:
                 m.tiles = None

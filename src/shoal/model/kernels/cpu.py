@@ -204,6 +204,17 @@ def _dequant_args(acc, x_scale, w_scale, bias, what: str):
     return acc.contiguous(), x_scale, w_scale, _f32(bias, "bias") if has_bias else None
 
 
+def _runs_table(runs: list[tuple[int, int, int]], rows: int, what: str) -> torch.Tensor:
+    """Runs of equal-length inputs, (first row, inputs, length), checked to cover rows 0 to
+    `rows` in order: as the int64 [R, 3] table the C side reads."""
+    row = 0
+    for first, count, length in runs:
+        _need(first == row and count > 0 and length > 0, f"{what}: runs must cover the rows in order")
+        row += count * length
+    _need(row == rows, f"{what}: runs must cover the rows in order")
+    return torch.tensor(runs, dtype=torch.int64)
+
+
 class CpuKernels:
     """The compiled kernels behind the tensor interface the model calls (CPU tensors).
 
@@ -230,7 +241,7 @@ class CpuKernels:
                      "decoder_stack", "set_work_pool",
                      # encoder_ops.cpp
                      "int8_gemm_ready", "int8_gemm_pack", "int8_gemm", "encoder_attention",
-                     "add_layer_norm",
+                     "add_layer_norm", "encoder_stack",
                      "openmp_in_this_thread", "omp_threads_in_this_thread"):
             setattr(self, "_" + name, getattr(module, name))
 
@@ -555,13 +566,7 @@ class CpuKernels:
         qkv = _f32(qkv, "encoder_attention")
         T, W = qkv.shape
         _need(W == 3 * num_heads * head_dim, "encoder_attention: qkv width is not 3 H D")
-        row = 0
-        for first, count, length in runs:
-            _need(first == row and count > 0 and length > 0, "encoder_attention: runs must "
-                                                              "cover the rows in order")
-            row += count * length
-        _need(row == T, "encoder_attention: runs must cover the rows in order")
-        table = torch.tensor(runs, dtype=torch.int64)
+        table = _runs_table(runs, T, "encoder_attention")
         out = torch.empty(T, num_heads * head_dim)
         self._encoder_attention(qkv.data_ptr(), num_heads, head_dim, table.data_ptr(), len(runs),
                                 float(scale), out.data_ptr())
@@ -578,6 +583,25 @@ class CpuKernels:
               "add_layer_norm: shapes differ")
         self._add_layer_norm(x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), T, K,
                              float(eps))
+        return x
+
+    def encoder_stack(self, table: torch.Tensor, sizes: tuple[int, int, int], eps: float,
+                      scale: float, runs: list[tuple[int, int, int]], x: torch.Tensor) -> torch.Tensor:
+        """An encoder's layers in one call (model/encoder.py's EncoderStack builds `table`, one
+        row of pointers per layer, and keeps what they point at alive); x [T, hidden] is
+        overwritten with the last layer's output and returned. sizes: (hidden, intermediate,
+        heads); runs as for encoder_attention."""
+        _need(self.int8_gemm_ready, "encoder_stack: no AMX here (check int8_gemm_ready)")
+        _need(table.dtype == torch.int64 and table.dim() == 2 and table.is_contiguous(),
+              "encoder_stack: an int64 table [layers, fields]")
+        _need(x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2,
+              "encoder_stack: x must be contiguous float32 [T, hidden]")
+        hidden, inter, heads = sizes
+        T = x.shape[0]
+        _need(x.shape[1] == hidden and hidden % heads == 0, "encoder_stack: sizes differ")
+        runs_table = _runs_table(runs, T, "encoder_stack")
+        self._encoder_stack(table.data_ptr(), table.shape[0], hidden, inter, heads, float(eps),
+                            float(scale), runs_table.data_ptr(), len(runs), T, x.data_ptr())
         return x
 
     def set_work_pool(self, on: bool) -> None:

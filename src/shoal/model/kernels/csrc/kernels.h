@@ -58,6 +58,8 @@ void shoal_int8_gemm(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, in
 void shoal_encoder_attention(const float*, int64_t, int64_t, const int64_t*, int64_t, float,
                              float*);
 void shoal_add_layer_norm(float*, const float*, const float*, const float*, int64_t, int64_t, float);
+void shoal_encoder_stack(const int64_t*, int64_t, int64_t, int64_t, int64_t, float, float,
+                         const int64_t*, int64_t, int64_t, float*);
 void shoal_set_work_pool(int32_t);
 void shoal_openmp_in_this_thread(int32_t);
 void shoal_omp_threads_in_this_thread(int32_t);

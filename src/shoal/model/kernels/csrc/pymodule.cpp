@@ -127,6 +127,9 @@ SHOAL_WRAP(int8_gemm, 6, shoal_int8_gemm(x.p<int8_t>(0), x.i[1], x.i[2], x.p<int
 SHOAL_WRAP(encoder_attention, 7,
            shoal_encoder_attention(x.p<float>(0), x.i[1], x.i[2], x.p<int64_t>(3), x.i[4],
                                    float(x.f[5]), x.p<float>(6)))
+SHOAL_WRAP(encoder_stack, 11,
+           shoal_encoder_stack(x.p<int64_t>(0), x.i[1], x.i[2], x.i[3], x.i[4], float(x.f[5]),
+                               float(x.f[6]), x.p<int64_t>(7), x.i[8], x.i[9], x.p<float>(10)))
 SHOAL_WRAP(add_layer_norm, 7, shoal_add_layer_norm(x.p<float>(0), x.p<float>(1), x.p<float>(2),
                                                    x.p<float>(3), x.i[4], x.i[5], float(x.f[6])))
 
@@ -165,6 +168,7 @@ PyMethodDef methods[] = {
     // encoder_ops.cpp
     SHOAL_METHOD(int8_gemm_ready), SHOAL_METHOD(int8_gemm_pack), SHOAL_METHOD(int8_gemm),
     SHOAL_METHOD(encoder_attention), SHOAL_METHOD(add_layer_norm),
+    SHOAL_METHOD(encoder_stack),
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
