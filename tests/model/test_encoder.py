@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from embedding_texts import RETRIEVAL, sentences
 
+from shoal.model.encoder import PackedBatch
 from shoal.model.encoder_loader import is_encoder_model, load_encoder
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
@@ -200,9 +201,26 @@ def _off_the_pool(model) -> None:
 def test_the_one_call_stack_gives_the_per_op_pool_pass_bits(minilm_dir: Path) -> None:
     """shoal_encoder_stack runs the per-op pool pass's kernels in its order: the same bits."""
     encoder = load_encoder(minilm_dir, "fast")
+    model = encoder.model
+    if model.stack is None:
+        pytest.skip("no AMX here: fast mode runs torch's OpenMP pass")
+    ordered = sorted((encoder.tokenizer.encode(t) for t in TEXTS[:48] if len(t) < 400), key=len)
+    batch = PackedBatch([len(ids) for ids in ordered], model.device)
+    stack, model.stack = model.stack, None
+    per_op = model.hidden_states(ordered, batch)
+    embedded = model.embed_norm(F.embedding(torch.tensor([t for ids in ordered for t in ids]),
+                                            model.word) + model.position[batch.positions] + model.type0)
+    assert torch.equal(stack.run(embedded.contiguous(), batch.same_length), per_op)
+
+
+def test_the_one_call_pass_agrees_with_the_per_op_pass(minilm_dir: Path) -> None:
+    """Embeddings, norm and pooling in C++ too: float rounding apart, the same vectors."""
+    encoder = load_encoder(minilm_dir, "fast")
     if encoder.model.stack is None:
         pytest.skip("no AMX here: fast mode runs torch's OpenMP pass")
-    ids = [encoder.tokenizer.encode(t) for t in TEXTS[:48] if len(t) < 400]
-    one_call = encoder.model(ids)
+    one_call = _shoal_embed(encoder, TEXTS[:64])
     encoder.model.stack = None
-    assert torch.equal(one_call, encoder.model(ids))
+    cos = F.cosine_similarity(one_call, _shoal_embed(encoder, TEXTS[:64]))
+    assert cos.min().item() > 0.999      # fast mode's own noise (see the test above)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        load_encoder(minilm_dir, "fast").model([[1, 2, 10 ** 6]])

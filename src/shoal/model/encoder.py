@@ -134,6 +134,21 @@ def _bias_or_none(linear: Int8Linear) -> torch.Tensor:
     return linear.bias if linear.bias is not None else linear.ones[:0]
 
 
+def equal_length_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first flat row, inputs, length) of each run of equal lengths, for inputs ordered by
+    length and packed back to back."""
+    runs: list[tuple[int, int, int]] = []
+    first = 0
+    for n in lengths:
+        if runs and runs[-1][2] == n:
+            start, count, _ = runs[-1]
+            runs[-1] = (start, count + 1, n)
+        else:
+            runs.append((first, 1, n))
+        first += n
+    return runs
+
+
 class PackedBatch:
     """Where each input's tokens sit in the flat batch: runs of inputs of one length for
     attention (the caller orders inputs by length, so each length is one run), and a padded
@@ -152,16 +167,7 @@ class PackedBatch:
                                         torch.full_like(valid, self.total, dtype=torch.long))
         self.valid = valid
         self.positions = torch.cat([torch.arange(n, device=device) for n in self.lengths])
-        # (first flat row, inputs, length) of each run of equal lengths
-        self.same_length: list[tuple[int, int, int]] = []
-        first = 0
-        for n in self.lengths:
-            if self.same_length and self.same_length[-1][2] == n:
-                start, count, _ = self.same_length[-1]
-                self.same_length[-1] = (start, count + 1, n)
-            else:
-                self.same_length.append((first, 1, n))
-            first += n
+        self.same_length = equal_length_runs(self.lengths)
 
     def pad(self, flat: torch.Tensor) -> torch.Tensor:
         extended = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
@@ -203,7 +209,7 @@ class SentenceEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.kernels = None     # the C++ int8 ops, once fast mode converted the linears
         self.on_pool = False    # fast mode's pass on the kernels' work pool (quantize_int8)
-        self.stack: EncoderStack | None = None   # that pass's layers in one kernel call
+        self.stack: EncoderStack | None = None   # that pass in one kernel call
         if self.word.shape != (config.vocab_size, config.hidden_size):
             raise CorruptModelError(source, f"word embeddings of shape {tuple(self.word.shape)}, "
                                             f"expected {(config.vocab_size, config.hidden_size)}")
@@ -216,7 +222,8 @@ class SentenceEncoder(nn.Module):
     def forward(self, inputs: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token ids of each input (special tokens included) -> pooled embeddings [B, hidden],
         L2-normalised when the model says so."""
-        if self.kernels is None:
+        if self.kernels is None or self.stack is not None:
+            # NOTE: the stack's pass is one kernel call (no torch op needs a team)
             return self._forward(inputs)
         if self.on_pool:
             # NOTE: the products and attention run on the work pool, where a thread the OS
@@ -240,18 +247,23 @@ class SentenceEncoder(nn.Module):
         # NOTE: ordered by length, each length's inputs are one contiguous run of rows, so
         # attention takes them as a view (a gather and a scatter per length cost ~8%).
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-        batch = PackedBatch([len(inputs[i]) for i in order], self.device)
-        pooled = self.pool(self.hidden_states([inputs[i] for i in order], batch), batch)
+        ordered = [inputs[i] for i in order]
+        if self.stack is not None:
+            pooled = self.stack.run_pass(ordered, equal_length_runs([len(s) for s in ordered]))
+        else:
+            batch = PackedBatch([len(s) for s in ordered], self.device)
+            pooled = self.pool(self.hidden_states(ordered, batch), batch)
         if order == list(range(len(inputs))):
             return pooled
-        return pooled[torch.argsort(torch.tensor(order, device=pooled.device))]
+        where = [0] * len(order)          # input i -> its row among the ordered ones
+        for row, i in enumerate(order):
+            where[i] = row
+        return pooled[where]
 
     def hidden_states(self, inputs: Sequence[Sequence[int]], batch: PackedBatch) -> torch.Tensor:
         device = self.device
         ids = torch.tensor([t for seq in inputs for t in seq], dtype=torch.long, device=device)
         x = self.embed_norm(F.embedding(ids, self.word) + self.position[batch.positions] + self.type0)
-        if self.stack is not None:
-            return self.stack.run(x.contiguous(), batch.same_length)
         for layer in self.layers:
             x = layer(x, batch, self.kernels)
         return x
@@ -314,7 +326,11 @@ class SentenceEncoder(nn.Module):
             self.on_pool = True
             for layer in self.layers:
                 layer.on_pool = True
-            self.stack = EncoderStack(self.layers, self.kernels)
+            self.stack = EncoderStack(
+                self.layers, self.kernels,
+                {"word": self.word, "position": self.position, "type0": self.type0,
+                 "norm_weight": self.embed_norm.weight, "norm_bias": self.embed_norm.bias},
+                self.config.pooling, self.config.normalize)
         else:
             for m in int8:
                 m.tiles = None

@@ -241,7 +241,7 @@ class CpuKernels:
                      "decoder_stack", "set_work_pool",
                      # encoder_ops.cpp
                      "int8_gemm_ready", "int8_gemm_pack", "int8_gemm", "encoder_attention",
-                     "add_layer_norm", "encoder_stack",
+                     "add_layer_norm", "encoder_stack", "encoder_pass",
                      "openmp_in_this_thread", "omp_threads_in_this_thread"):
             setattr(self, "_" + name, getattr(module, name))
 
@@ -603,6 +603,28 @@ class CpuKernels:
         self._encoder_stack(table.data_ptr(), table.shape[0], hidden, inter, heads, float(eps),
                             float(scale), runs_table.data_ptr(), len(runs), T, x.data_ptr())
         return x
+
+    def encoder_pass(self, model: torch.Tensor, table: torch.Tensor, sizes: tuple[int, int, int],
+                     eps: float, scale: float, ids: torch.Tensor, runs: list[tuple[int, int, int]],
+                     inputs: int) -> torch.Tensor:
+        """A whole fast pass in one call: embeddings and their norm, encoder_stack, pooling (and
+        the L2 normalisation when asked). `model`: int64 fields (word, position and type-0
+        embeddings, the embedding norm, pooling code, normalize; EncoderStack writes them);
+        `ids`: int64 token ids back to back in the order of `runs`, each a valid row of the
+        tables (the caller checks). Returns the pooled rows [inputs, hidden] in that order."""
+        _need(self.int8_gemm_ready, "encoder_pass: no AMX here (check int8_gemm_ready)")
+        _need(model.dtype == torch.int64 and model.numel() == 7 and table.dtype == torch.int64
+              and table.dim() == 2, "encoder_pass: int64 model fields and layer table")
+        _need(ids.dtype == torch.int64 and ids.dim() == 1 and ids.is_contiguous(),
+              "encoder_pass: ids must be contiguous int64 [T]")
+        runs_table = _runs_table(runs, ids.shape[0], "encoder_pass")
+        _need(sum(count for _, count, _ in runs) == inputs, "encoder_pass: input count differs")
+        hidden, inter, heads = sizes
+        out = torch.empty(inputs, hidden)
+        self._encoder_pass(model.data_ptr(), table.data_ptr(), table.shape[0], hidden, inter, heads,
+                           float(eps), float(scale), ids.data_ptr(), runs_table.data_ptr(),
+                           len(runs), ids.shape[0], out.data_ptr())
+        return out
 
     def set_work_pool(self, on: bool) -> None:
         """Small decode-time jobs on the work pool (csrc/pool.h, the default) or as OpenMP

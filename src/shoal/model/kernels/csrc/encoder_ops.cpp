@@ -208,6 +208,24 @@ SHOAL_API void shoal_encoder_attention(const float* qkv, int64_t H, int64_t D, c
   });
 }
 
+namespace {
+
+// row = LayerNorm(row) * weight + bias, in place: mean, then the mean of squared deviations.
+inline void layer_norm_row(float* row, int64_t K, const float* weight, const float* bias,
+                           float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < K; ++i) sum += row[i];
+  const float mean = sum / static_cast<float>(K);
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < K; ++i) squares += (row[i] - mean) * (row[i] - mean);
+  const float inv = 1.f / std::sqrt(squares / static_cast<float>(K) + eps);
+  for (int64_t i = 0; i < K; ++i) row[i] = (row[i] - mean) * inv * weight[i] + bias[i];
+}
+
+}  // namespace
+
 // x = LayerNorm(x + y) * weight + bias over rows of K, in place (the encoder's residual add
 // and norm after each sublayer): one pass on the pool instead of two torch ops on the
 // engine thread. Each row's arithmetic is fixed, so its result does not depend on the batch.
@@ -217,18 +235,8 @@ SHOAL_API void shoal_add_layer_norm(float* x, const float* y, const float* weigh
     for (int64_t t = begin; t < end; ++t) {
       float* row = x + t * K;
       const float* add = y + t * K;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < K; ++i) {
-        row[i] += add[i];
-        sum += row[i];
-      }
-      const float mean = sum / static_cast<float>(K);
-      float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t i = 0; i < K; ++i) squares += (row[i] - mean) * (row[i] - mean);
-      const float inv = 1.f / std::sqrt(squares / static_cast<float>(K) + eps);
-      for (int64_t i = 0; i < K; ++i) row[i] = (row[i] - mean) * inv * weight[i] + bias[i];
+      for (int64_t i = 0; i < K; ++i) row[i] += add[i];
+      layer_norm_row(row, K, weight, bias, eps);
     }
   });
 }
@@ -296,4 +304,83 @@ SHOAL_API void shoal_encoder_stack(const int64_t* table, int64_t L, int64_t K, i
     shoal_add_layer_norm(x, y.data(), field<float>(f, kMlpNormWeight),
                          field<float>(f, kMlpNormBias), T, K, eps);
   }
+}
+
+// ----- a whole pass: embeddings, the stack, pooling ---------------------------------------
+// The embeddings' sum and norm before the stack and the pooling after it, so that a pass takes
+// the GIL once (see above): even the dozen small torch ops around the stack waited for the
+// event loop under load. `model`: the fields of EncoderModel below; `ids` the inputs' token
+// ids back to back, in the order of `runs`. Writes one pooled row per input [B, K].
+
+namespace {
+
+enum EncoderModel : int64_t {
+  kWord, kPosition, kType0, kEmbedNormWeight, kEmbedNormBias, kPooling, kNormalize,
+  kModelFields
+};
+enum Pooling : int64_t { kMean, kCls, kLast, kMax };
+
+}  // namespace
+
+SHOAL_API void shoal_encoder_pass(const int64_t* model, const int64_t* table, int64_t L,
+                                  int64_t K, int64_t I, int64_t H, float eps, float scale,
+                                  const int64_t* ids, const int64_t* runs, int64_t R, int64_t T,
+                                  float* out) {
+  const float* word = field<float>(model, kWord);
+  const float* position = field<float>(model, kPosition);
+  const float* type0 = field<float>(model, kType0);
+  std::vector<int64_t> first, length;
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t i = 0; i < runs[3 * r + 1]; ++i) {
+      first.push_back(runs[3 * r] + i * runs[3 * r + 2]);
+      length.push_back(runs[3 * r + 2]);
+    }
+  }
+  const int64_t B = static_cast<int64_t>(first.size());
+  std::vector<float> x(T * K);
+  // (word + position) + type 0, then the norm: the order of the torch expression it replaces
+  parallel_for(B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t p = 0; p < length[b]; ++p) {
+        const int64_t t = first[b] + p;
+        float* row = x.data() + t * K;
+        const float* w = word + ids[t] * K;
+        const float* pos = position + p * K;
+        for (int64_t k = 0; k < K; ++k) row[k] = (w[k] + pos[k]) + type0[k];
+        layer_norm_row(row, K, field<float>(model, kEmbedNormWeight),
+                       field<float>(model, kEmbedNormBias), eps);
+      }
+    }
+  });
+  shoal_encoder_stack(table, L, K, I, H, eps, scale, runs, R, T, x.data());
+  const int64_t pooling = model[kPooling];
+  const bool normalize = model[kNormalize] != 0;
+  parallel_for(B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      float* o = out + b * K;
+      const float* rows = x.data() + first[b] * K;
+      const int64_t n = length[b];
+      if (pooling == kCls || pooling == kLast) {
+        std::memcpy(o, rows + (pooling == kCls ? 0 : n - 1) * K, K * sizeof(float));
+      } else if (pooling == kMax) {
+        std::memcpy(o, rows, K * sizeof(float));
+        for (int64_t p = 1; p < n; ++p) {
+          for (int64_t k = 0; k < K; ++k) o[k] = std::max(o[k], rows[p * K + k]);
+        }
+      } else {
+        std::fill(o, o + K, 0.f);
+        for (int64_t p = 0; p < n; ++p) {
+          for (int64_t k = 0; k < K; ++k) o[k] += rows[p * K + k];
+        }
+        for (int64_t k = 0; k < K; ++k) o[k] /= static_cast<float>(n);
+      }
+      if (normalize) {   // as F.normalize: v / max(|v|, 1e-12)
+        float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t k = 0; k < K; ++k) squares += o[k] * o[k];
+        const float norm = std::max(std::sqrt(squares), 1e-12f);
+        for (int64_t k = 0; k < K; ++k) o[k] /= norm;
+      }
+    }
+  });
 }

@@ -60,6 +60,8 @@ void shoal_encoder_attention(const float*, int64_t, int64_t, const int64_t*, int
 void shoal_add_layer_norm(float*, const float*, const float*, const float*, int64_t, int64_t, float);
 void shoal_encoder_stack(const int64_t*, int64_t, int64_t, int64_t, int64_t, float, float,
                          const int64_t*, int64_t, int64_t, float*);
+void shoal_encoder_pass(const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, float,
+                        float, const int64_t*, const int64_t*, int64_t, int64_t, float*);
 void shoal_set_work_pool(int32_t);
 void shoal_openmp_in_this_thread(int32_t);
 void shoal_omp_threads_in_this_thread(int32_t);

@@ -130,6 +130,10 @@ SHOAL_WRAP(encoder_attention, 7,
 SHOAL_WRAP(encoder_stack, 11,
            shoal_encoder_stack(x.p<int64_t>(0), x.i[1], x.i[2], x.i[3], x.i[4], float(x.f[5]),
                                float(x.f[6]), x.p<int64_t>(7), x.i[8], x.i[9], x.p<float>(10)))
+SHOAL_WRAP(encoder_pass, 13,
+           shoal_encoder_pass(x.p<int64_t>(0), x.p<int64_t>(1), x.i[2], x.i[3], x.i[4], x.i[5],
+                              float(x.f[6]), float(x.f[7]), x.p<int64_t>(8), x.p<int64_t>(9),
+                              x.i[10], x.i[11], x.p<float>(12)))
 SHOAL_WRAP(add_layer_norm, 7, shoal_add_layer_norm(x.p<float>(0), x.p<float>(1), x.p<float>(2),
                                                    x.p<float>(3), x.i[4], x.i[5], float(x.f[6])))
 
@@ -168,7 +172,7 @@ PyMethodDef methods[] = {
     // encoder_ops.cpp
     SHOAL_METHOD(int8_gemm_ready), SHOAL_METHOD(int8_gemm_pack), SHOAL_METHOD(int8_gemm),
     SHOAL_METHOD(encoder_attention), SHOAL_METHOD(add_layer_norm),
-    SHOAL_METHOD(encoder_stack),
+    SHOAL_METHOD(encoder_stack), SHOAL_METHOD(encoder_pass),
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_shoal_cpu", "shoal's C++ CPU kernels", -1, methods,
