@@ -158,11 +158,23 @@ def test_rope_split_matches_the_python_rotary_embedding():
     dict(temperature=1.3, top_k=0, top_p=1.0, min_p=0.05),
     dict(temperature=0.5, top_k=3, top_p=0.5, min_p=0.2),
 ])
-def test_cpp_row_sampler_draws_what_the_pytorch_sampler_draws(settings):
+@pytest.mark.parametrize("shape", ["random", "vocabulary-sized"])
+def test_cpp_row_sampler_draws_what_the_pytorch_sampler_draws(settings, shape):
+    """Random logits, and rows of a real vocabulary's size shaped as a model's (a few likely
+    tokens over a long tail): at 0.7 / 0.95 the nucleus is found among the tokens near the
+    likeliest (most rows), in the top 1,024 (the last row) or over the whole row (rows 12-14)."""
     from shoal.engine.sampling.filters import RandomRowParams, sample_random
 
     g = torch.Generator().manual_seed(11)
-    logits = torch.randn(16, 5000, generator=g) * 3
+    if shape == "random":
+        logits = torch.randn(16, 5000, generator=g) * 3
+    else:
+        logits = torch.randn(16, 49152, generator=g)
+        for r in range(15):
+            logits[r, torch.randint(0, 49152, (3 + 40 * r,), generator=g)] += 12.0 - 0.6 * r
+        # one likely token, and 800 each 2^-13 as likely (at 0.7) that top_p 0.95 needs
+        logits[15, :800] = 7.7
+        logits[15, 900] = 14.0
     rows = 16
     params = RandomRowParams([settings["temperature"]] * rows, [settings["top_k"]] * rows,
                              [settings["top_p"]] * rows, [settings["min_p"]] * rows,

@@ -44,11 +44,11 @@ int64_t draw_row(const float* probs, int64_t V, double top_p, float min_p, int64
     int64_t total = 0;
     for (int64_t v = 0; v < V; ++v) total += q[v];
     const int64_t tp = std::max<int64_t>(1, static_cast<int64_t>(top_p * static_cast<double>(kProbOne)));
-    // Kept while the mass before a token (in descending order) is below top_p of the
-    // total, compared as exact integer products.
-    auto cut_in = [&](int64_t k, int64_t& cut) -> bool {
-      sorted.assign(q.begin(), q.end());
-      std::partial_sort(sorted.begin(), sorted.begin() + k, sorted.end(), std::greater<int64_t>());
+    // A token is kept while the mass before it (in descending order) is below top_p of the
+    // total, compared as exact integer products. The cut over a descending prefix of the
+    // sorted row; true when the prefix holds the mass the cut needs, so the rest would
+    // change nothing.
+    auto cut_over = [&](int64_t k, int64_t& cut) -> bool {
       int64_t before = 0;
       int64_t kept = 0;
       for (int64_t j = 0; j < k; ++j) {
@@ -60,8 +60,38 @@ int64_t draw_row(const float* probs, int64_t V, double top_p, float min_p, int64
       cut = sorted[std::max<int64_t>(kept, 1) - 1];
       return static_cast<__int128>(before) * kProbOne >= static_cast<__int128>(tp) * total;
     };
+    // the k largest, in descending order (what partial_sort gives, at O(V) + O(k log k))
+    auto top = [&](int64_t k) {
+      sorted.assign(q.begin(), q.end());
+      if (k < V) std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(),
+                                  std::greater<int64_t>());
+      std::sort(sorted.begin(), sorted.begin() + k, std::greater<int64_t>());
+    };
+    // NOTE: first only the tokens within 2^-12 of the most likely one, which are exactly the
+    // top of the sorted row: a peaked row's nucleus lies within them, found without copying
+    // the vocabulary (a partial sort of 1,024 of 49,152 per row was ~6 ms of a 32-row step).
+    int64_t qmax = 0;
+    for (int64_t v = 0; v < V; ++v) qmax = std::max(qmax, q[v]);
+    const int64_t floor_q = std::max<int64_t>(1, qmax >> 12);
+    sorted.clear();
+    for (int64_t v = 0; v < V; ++v) {
+      if (q[v] >= floor_q) sorted.push_back(q[v]);
+    }
+    const int64_t near = static_cast<int64_t>(sorted.size());
+    std::sort(sorted.begin(), sorted.end(), std::greater<int64_t>());
     int64_t cut = 0;
-    if (!(V > kNucleusPrefix && cut_in(kNucleusPrefix, cut))) cut_in(V, cut);
+    if (!(near > 0 && cut_over(near, cut))) {
+      if (V > kNucleusPrefix && near < kNucleusPrefix) {
+        top(kNucleusPrefix);
+        if (!cut_over(kNucleusPrefix, cut)) {
+          top(V);
+          cut_over(V, cut);
+        }
+      } else {
+        top(V);
+        cut_over(V, cut);
+      }
+    }
     for (int64_t v = 0; v < V; ++v) {
       if (q[v] < cut) q[v] = 0;
     }
