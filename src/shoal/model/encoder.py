@@ -287,25 +287,6 @@ class SentenceEncoder(nn.Module):
             pooled = F.normalize(pooled, p=2, dim=1)
         return pooled
 
-    def use_exact_kernels(self) -> None:
-        """Exact mode on the CPU: whole passes in one kernel call on float32 weights (as fast
-        mode's on AMX, csrc/encoder_ops.cpp), when the kernels are built; else torch's ops."""
-        kernels = load_cpu_kernels() if self.device.type == "cpu" else None
-        if kernels is None or not all(isinstance(getattr(layer, name), ExactLinear)
-                                      and getattr(layer, name).weight.dtype == torch.float32
-                                      for layer in self.layers
-                                      for name in ("qkv", "out", "up", "down")):
-            return
-        self.kernels = kernels
-        self.stack = self._stack(exact=True)
-
-    def _stack(self, exact: bool) -> EncoderStack:
-        return EncoderStack(self.layers, self.kernels,
-                            {"word": self.word, "position": self.position, "type0": self.type0,
-                             "norm_weight": self.embed_norm.weight,
-                             "norm_bias": self.embed_norm.bias},
-                            self.config.pooling, self.config.normalize, exact=exact)
-
     def quantize_int8(self, calibration: Sequence[Sequence[int]]) -> None:
         """Fast mode: record each linear's input range on `calibration`, then convert them all
         to calibrated int8 (layers.quantize)."""
@@ -345,7 +326,11 @@ class SentenceEncoder(nn.Module):
             self.on_pool = True
             for layer in self.layers:
                 layer.on_pool = True
-            self.stack = self._stack(exact=False)
+            self.stack = EncoderStack(
+                self.layers, self.kernels,
+                {"word": self.word, "position": self.position, "type0": self.type0,
+                 "norm_weight": self.embed_norm.weight, "norm_bias": self.embed_norm.bias},
+                self.config.pooling, self.config.normalize)
         else:
             for m in int8:
                 m.tiles = None

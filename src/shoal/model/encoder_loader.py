@@ -119,7 +119,5 @@ def load_encoder(path: str | Path, compute: str = "exact",
         model.quantize_int8([empty[:head] + text[i:i + window] + empty[head:]
                              for i in range(0, len(text), window)]
                             + [empty, tokenizer.encode("a")])
-    elif torch.device(device).type == "cpu":
-        model.use_exact_kernels()
     return LoadedEncoder(path=path, format=fmt, config=config, tokenizer=tokenizer, model=model,
                          num_parameters=num_parameters, quantization=quantization)

@@ -607,17 +607,16 @@ class CpuKernels:
     def encoder_pass(self, model: torch.Tensor, table: torch.Tensor, sizes: tuple[int, int, int],
                      eps: float, scale: float, ids: torch.Tensor, runs: list[tuple[int, int, int]],
                      inputs: int) -> torch.Tensor:
-        """A whole pass in one call: embeddings and their norm, the layers (fast mode's
-        encoder_stack, or exact mode's float32 one), pooling (and the L2 normalisation when
-        asked). `model`: int64 fields (word, position and type-0 embeddings, the embedding
-        norm, pooling code, normalize, exact; EncoderStack writes them);
+        """A whole fast pass in one call: embeddings and their norm, encoder_stack, pooling (and
+        the L2 normalisation when asked). `model`: int64 fields (word, position and type-0
+        embeddings, the embedding norm, pooling code, normalize; EncoderStack writes them);
         `ids`: int64 token ids back to back in the order of `runs`, each a valid row of the
         tables (the caller checks). Returns the pooled rows [inputs, hidden] in that order."""
-        _need(model.dtype == torch.int64 and model.numel() == 8 and table.dtype == torch.int64
+        _need(self.int8_gemm_ready, "encoder_pass: no AMX here (check int8_gemm_ready)")
+        _need(model.dtype == torch.int64 and model.numel() == 7 and table.dtype == torch.int64
               and table.dim() == 2, "encoder_pass: int64 model fields and layer table")
         _need(ids.dtype == torch.int64 and ids.dim() == 1 and ids.is_contiguous(),
               "encoder_pass: ids must be contiguous int64 [T]")
-        _need(bool(model[7]) or self.int8_gemm_ready, "encoder_pass: no AMX here for fast mode")
         runs_table = _runs_table(runs, ids.shape[0], "encoder_pass")
         _need(sum(count for _, count, _ in runs) == inputs, "encoder_pass: input count differs")
         hidden, inter, heads = sizes

@@ -1,12 +1,10 @@
-"""An encoder's layers as one table of pointers, for the kernels' one-call pass
-(kernels/csrc/encoder_ops.cpp: shoal_encoder_pass, and shoal_encoder_stack for the layers
-alone), in both compute modes: fast (int8 products on AMX tiles) and exact (float32 weights).
+"""An encoder's layers as one table of pointers, for the kernels' one-call pass (fast mode
+with AMX; kernels/csrc/encoder_ops.cpp, shoal_encoder_stack and shoal_encoder_pass).
 
-Each layer's row names its linears' weights (fast: tiles, scales, biases and the quantizer's
-smoothing factors) and its two LayerNorms, in the order of EncoderField / ExactField there.
-The table holds raw data pointers, so the tensors they point at are kept here too: the stack
-lives as long as the model that built it, and its weights never move (CPU tensors, no
-`.to()` after it is built).
+Each layer's row names its int8 linears' AMX tiles, scales, biases and smoothing factors and
+its two LayerNorms, in the order EncoderField lists them there. The table holds raw data
+pointers, so the tensors they point at are kept here too: the stack lives as long as the model
+that built it and its weights never move (CPU tensors, no `.to()` after quantization).
 """
 from __future__ import annotations
 
@@ -16,43 +14,39 @@ import torch
 
 # the pooling codes of shoal_encoder_pass
 _POOLING = {"mean": 0, "cls": 1, "last": 2, "max": 3}
-# fast mode, per linear: tiles, scale, bias (0 when none), the quantizer's smoothing (the down
+# per linear: tiles, scale, bias (0 when none), the quantizer's smoothing (the down
 # projection's input is rotated instead, so it has none)
-_INT8_LINEARS = (("qkv", True), ("out", True), ("up", True), ("down", False))
-_LINEARS = ("qkv", "out", "up", "down")
+_LINEARS = (("qkv", True), ("out", True), ("up", True), ("down", False))
 
 
 class EncoderStack:
-    """The table of model/encoder.py's EncoderLayers and the embedding tables before them.
+    """The table of model/encoder.py's EncoderLayers, all of them with AMX tiles."""
 
-    `embeddings`: word, position, type0, norm_weight and norm_bias tensors. Fast mode needs
-    every linear with AMX tiles (linear.pack_tiles); exact mode float32 weights."""
-
-    def __init__(self, layers: Sequence, kernels, embeddings: dict[str, torch.Tensor],
-                 pooling: str, normalize: bool, *, exact: bool) -> None:
+    def __init__(self, layers: Sequence, kernels, embeddings: dict[str, torch.Tensor] | None = None,
+                 pooling: str = "mean", normalize: bool = False) -> None:
+        """`embeddings` (word, position, type0, norm_weight, norm_bias) enables run_pass."""
         self.kernels = kernels
-        self.exact = exact
         self._alive: list[torch.Tensor] = []
-        rows = [self._exact_row(layer) if exact else self._int8_row(layer) for layer in layers]
+        rows = [self._row(layer) for layer in layers]
         self.table = torch.tensor(rows, dtype=torch.int64)
         first = layers[0]
-        qkv, up = ((first.qkv.weight, first.up.weight) if exact
-                   else (first.qkv.qweight, first.up.qweight))
-        self.sizes = (qkv.shape[1], up.shape[0], first.num_heads)
+        self.sizes = (first.qkv.qweight.shape[1], first.up.qweight.shape[0], first.num_heads)
         self.eps = float(first.attn_norm.eps)
         self.scale = first.head_dim ** -0.5
-        self.vocab_size, self.max_positions = (embeddings["word"].shape[0],
-                                               embeddings["position"].shape[0])
-        self.model = torch.tensor([self._ptr(embeddings[name]) for name in
-                                   ("word", "position", "type0", "norm_weight", "norm_bias")]
-                                  + [_POOLING[pooling], int(normalize), int(exact)],
-                                  dtype=torch.int64)
+        self.model: torch.Tensor | None = None
+        if embeddings is not None:
+            self.vocab_size, self.max_positions = (embeddings["word"].shape[0],
+                                                   embeddings["position"].shape[0])
+            self.model = torch.tensor([self._ptr(embeddings[name]) for name in
+                                       ("word", "position", "type0", "norm_weight", "norm_bias")]
+                                      + [_POOLING[pooling], int(normalize)], dtype=torch.int64)
 
-    def _int8_row(self, layer) -> list[int]:
+    def _row(self, layer) -> list[int]:
         row: list[int] = []
-        for name, smoothed in _INT8_LINEARS:
+        for name, smoothed in _LINEARS:
             linear = getattr(layer, name)
-            row += [self._ptr(linear.tiles), self._ptr(linear.scale), self._bias(linear)]
+            row += [self._ptr(linear.tiles), self._ptr(linear.scale),
+                    0 if linear.bias is None else self._ptr(linear.bias)]
             if smoothed:
                 row.append(self._ptr(linear.inv_smooth if linear.inv_smooth is not None
                                      else linear.ones))
@@ -60,23 +54,12 @@ class EncoderStack:
                 row += [self._ptr(layer.attn_norm.weight), self._ptr(layer.attn_norm.bias)]
         return row + [self._ptr(layer.mlp_norm.weight), self._ptr(layer.mlp_norm.bias)]
 
-    def _exact_row(self, layer) -> list[int]:
-        row: list[int] = []
-        for name in _LINEARS:
-            linear = getattr(layer, name)
-            row += [self._ptr(linear.weight), self._bias(linear)]
-            if name == "out":
-                row += [self._ptr(layer.attn_norm.weight), self._ptr(layer.attn_norm.bias)]
-        return row + [self._ptr(layer.mlp_norm.weight), self._ptr(layer.mlp_norm.bias)]
-
-    def _bias(self, linear) -> int:
-        return 0 if linear.bias is None else self._ptr(linear.bias)
-
     def _ptr(self, tensor: torch.Tensor) -> int:
         tensor = tensor.detach()
-        if tensor.dtype not in (torch.float32, torch.int8) or tensor.device.type != "cpu":
-            raise TypeError(f"encoder stack: a {tensor.dtype} tensor on {tensor.device}")
-        tensor = tensor.contiguous()
+        if tensor.dtype == torch.float32 or tensor.dtype == torch.int8:
+            tensor = tensor.contiguous()
+        else:
+            raise TypeError(f"encoder stack: unexpected {tensor.dtype} tensor")
         self._alive.append(tensor)
         return tensor.data_ptr()
 
@@ -93,8 +76,5 @@ class EncoderStack:
                                          torch.tensor(ids, dtype=torch.int64), runs, len(inputs))
 
     def run(self, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Fast mode's layers alone: x [T, hidden] (embeddings after their norm) -> the last
-        layer's output, in place."""
-        if self.exact:
-            raise ValueError("encoder stack: run() is fast mode's; exact mode runs whole passes")
+        """x [T, hidden] (embeddings after their norm) -> the last layer's output, in place."""
         return self.kernels.encoder_stack(self.table, self.sizes, self.eps, self.scale, runs, x)

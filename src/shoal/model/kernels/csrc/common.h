@@ -77,18 +77,6 @@ inline float exp_neg(float z) {
 // that no longer ended within its tokens). GELU-tanh (Gemma's) is from exp_neg: the loops over
 // a row vectorize (15.6 -> 1.4 ms over 1,024 rows; ~40% of a prefill), within ~3e-7 relative
 // of std::tanh.
-// GELU with the error function (BERT's), erf from Abramowitz & Stegun 7.1.26 (absolute
-// error below 1.5e-7: under fast mode's int8 step, and under float32's rounding of the
-// activations exact mode feeds on).
-inline float gelu_erf(float x) {
-  const float z = std::fabs(x) * 0.70710678f;
-  const float t = 1.f / (1.f + 0.3275911f * z);
-  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f +
-                     t * (-1.453152027f + t * 1.061405429f))));
-  const float erf_abs = 1.f - poly * exp_neg(z * z);
-  return 0.5f * x * (1.f + (x < 0.f ? -erf_abs : erf_abs));
-}
-
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 inline float gelu_tanh(float x) {
   constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)

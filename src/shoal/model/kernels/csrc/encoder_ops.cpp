@@ -306,42 +306,6 @@ SHOAL_API void shoal_encoder_stack(const int64_t* table, int64_t L, int64_t K, i
   }
 }
 
-// Exact mode's stack: the same sequence on float32 weights (f32_linear.cpp's fixed-order
-// dot products, GELU from gelu_erf), every row's arithmetic fixed, so batch-invariant too.
-namespace {
-
-enum ExactField : int64_t {
-  kQkvWeight, kQkvBiasF, kOutWeight, kOutBiasF, kAttnNormWeightF, kAttnNormBiasF,
-  kUpWeight, kUpBiasF, kDownWeight, kDownBiasF, kMlpNormWeightF, kMlpNormBiasF,
-  kExactFields
-};
-
-void exact_stack(const int64_t* table, int64_t L, int64_t K, int64_t I, int64_t H, float eps,
-                 float scale, const int64_t* runs, int64_t R, int64_t T, float* x) {
-  const int64_t D = K / H;
-  std::vector<float> wide(T * 3 * K), attn(T * K), y(T * K), h(T * I);
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t* f = table + l * kExactFields;
-    shoal_f32_linear(x, field<float>(f, kQkvWeight), field<float>(f, kQkvBiasF), T, K, 3 * K,
-                     wide.data());
-    shoal_encoder_attention(wide.data(), H, D, runs, R, scale, attn.data());
-    shoal_f32_linear(attn.data(), field<float>(f, kOutWeight), field<float>(f, kOutBiasF), T, K,
-                     K, y.data());
-    shoal_add_layer_norm(x, y.data(), field<float>(f, kAttnNormWeightF),
-                         field<float>(f, kAttnNormBiasF), T, K, eps);
-    shoal_f32_linear(x, field<float>(f, kUpWeight), field<float>(f, kUpBiasF), T, K, I, h.data());
-    parallel_for(T, shoal::grain(I), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin * I; i < end * I; ++i) h[i] = shoal::gelu_erf(h[i]);
-    });
-    shoal_f32_linear(h.data(), field<float>(f, kDownWeight), field<float>(f, kDownBiasF), T, I,
-                     K, y.data());
-    shoal_add_layer_norm(x, y.data(), field<float>(f, kMlpNormWeightF),
-                         field<float>(f, kMlpNormBiasF), T, K, eps);
-  }
-}
-
-}  // namespace
-
 // ----- a whole pass: embeddings, the stack, pooling ---------------------------------------
 // The embeddings' sum and norm before the stack and the pooling after it, so that a pass takes
 // the GIL once (see above): even the dozen small torch ops around the stack waited for the
@@ -352,7 +316,6 @@ namespace {
 
 enum EncoderModel : int64_t {
   kWord, kPosition, kType0, kEmbedNormWeight, kEmbedNormBias, kPooling, kNormalize,
-  kExact,   // 1: the table is exact mode's (ExactField rows), 0: fast mode's int8 one
   kModelFields
 };
 enum Pooling : int64_t { kMean, kCls, kLast, kMax };
@@ -389,11 +352,7 @@ SHOAL_API void shoal_encoder_pass(const int64_t* model, const int64_t* table, in
       }
     }
   });
-  if (model[kExact] != 0) {
-    exact_stack(table, L, K, I, H, eps, scale, runs, R, T, x.data());
-  } else {
-    shoal_encoder_stack(table, L, K, I, H, eps, scale, runs, R, T, x.data());
-  }
+  shoal_encoder_stack(table, L, K, I, H, eps, scale, runs, R, T, x.data());
   const int64_t pooling = model[kPooling];
   const bool normalize = model[kNormalize] != 0;
   parallel_for(B, 1, [&](int64_t begin, int64_t end) {
