@@ -78,6 +78,12 @@ def test_repacked_tiles_hold_exactly_the_files_values(ggml_type):
     assert torch.equal(restored, expected)
     rows = torch.tensor([[0, 20], [7, 8]])
     assert torch.equal(layer.dequantized_rows(rows), expected[rows])
+    kernels = load_cpu_kernels()
+    if kernels is not None:     # the embedding lookup's kernel: the same floats
+        layer.kernels = kernels
+        assert torch.equal(layer.dequantized_rows(rows), expected[rows])
+        with pytest.raises(ValueError, match="outside the weight"):
+            layer.dequantized_rows(torch.tensor([24]))
 
 
 # (out, in, rows): an even and an odd count of 8-row groups and of blocks; prompt-sized

@@ -237,6 +237,7 @@ class CpuKernels:
                      # packed_linear.cpp
                      "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
                      "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack",
+                     "packed_rows",
                      # decoder_stack.cpp
                      "decoder_stack", "set_work_pool",
                      # encoder_ops.cpp
@@ -479,6 +480,23 @@ class CpuKernels:
         tiles = torch.empty(groups, blocks, tile_bytes, dtype=torch.uint8)
         self._packed_repack(ggml_type, data.data_ptr(), data.shape[0], blocks * 32, tiles.data_ptr())
         return tiles
+
+    def packed_rows(self, ggml_type: int, packed: torch.Tensor, in_features: int,
+                    rows: torch.Tensor) -> torch.Tensor:
+        """Rows of a packed weight as floats (layers/packed.py's dequantized_rows, bit for
+        bit): [len(rows), in_features]. rows: int64 indices below the weight's row count."""
+        _need(ggml_type in _PACKED_GGML_TYPES, "packed_rows: Q4_0, Q4_1 or Q8_0 weights only")
+        _need(packed.dtype == torch.uint8 and packed.is_contiguous() and packed.dim() == 3,
+              "packed weights: contiguous uint8 tiles")
+        rows = _long(rows).reshape(-1)
+        _need(packed.shape[1] * 32 == in_features, "packed_rows: in_features differs")
+        if rows.numel():
+            _need(int(rows.min()) >= 0 and int(rows.max()) < packed.shape[0] * 8,
+                  "packed_rows: a row index outside the weight")
+        out = torch.empty(rows.numel(), in_features)
+        self._packed_rows(ggml_type, packed.data_ptr(), in_features, rows.data_ptr(), rows.numel(),
+                          out.data_ptr())
+        return out
 
     def packed_linear(self, ggml_type: int, packed, out_features: int, in_features: int,
                       q, d, s, bias) -> torch.Tensor:

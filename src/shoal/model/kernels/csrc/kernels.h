@@ -47,6 +47,7 @@ void shoal_rms_norm_add_norm_quant_blocks(const float*, float*, const float*, co
 void shoal_act_mul_quant_blocks(const float*, int64_t, int64_t, int32_t, int8_t*, float*,
                                 int32_t*);
 void shoal_packed_repack(int32_t, const uint8_t*, int64_t, int64_t, uint8_t*);
+void shoal_packed_rows(int32_t, const uint8_t*, int64_t, const int64_t*, int64_t, float*);
 // decoder_stack.cpp: the decoder layers in one call (packed blocks, or float32 weights)
 void shoal_decoder_stack(int32_t, const int64_t*, int64_t, const int64_t*, float, float, float*,
                          float*, int64_t, const int64_t*, const int64_t*, const int64_t*, int64_t,

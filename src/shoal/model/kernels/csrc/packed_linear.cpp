@@ -585,3 +585,42 @@ SHOAL_API void shoal_packed_repack(int32_t type, const uint8_t* raw, int64_t N, 
     }
   });
 }
+
+// Rows of a packed weight as floats, as layers/packed.py's dequantized_rows gives them (the
+// embedding lookup of a tied head): per block d * v (+ m for Q4_1), v the integer value (Q4_0
+// less 8). Only the tiles of the rows asked for are read. out: [n, K].
+SHOAL_API void shoal_packed_rows(int32_t type, const uint8_t* tiles, int64_t K, const int64_t* rows,
+                                 int64_t n, float* out) {
+  const int64_t B = K / kBlock, tb = tile_bytes(type);
+  const int64_t scales = type == kQ4_1 ? 2 : 1;
+  parallel_for(n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = rows[i] / kRows, r = rows[i] % kRows;
+      float* o = out + i * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const uint8_t* tile = tiles + (g * B + b) * tb;
+        uint16_t h;
+        std::memcpy(&h, tile + 2 * r, 2);
+        const float d = half_to_float(h);
+        float m = 0.f;
+        if (type == kQ4_1) {
+          std::memcpy(&h, tile + 16 + 2 * r, 2);
+          m = half_to_float(h);
+        }
+        const uint8_t* qs = tile + 16 * scales;
+        for (int64_t e = 0; e < kBlock; ++e) {
+          const int64_t j = e / 4, at = 4 * r + e % 4;
+          float v;
+          if (type == kQ8_0) {
+            v = static_cast<float>(static_cast<int8_t>(qs[32 * j + at]));
+          } else {
+            const uint8_t byte = qs[32 * (j % 4) + at];
+            const int32_t nibble = j < 4 ? (byte & 0x0F) : (byte >> 4);
+            v = static_cast<float>(type == kQ4_0 ? nibble - 8 : nibble);
+          }
+          o[b * kBlock + e] = type == kQ4_1 ? d * v + m : d * v;
+        }
+      }
+    }
+  });
+}

@@ -120,6 +120,8 @@ SHOAL_WRAP(decoder_stack, 16,
                                float(x.f[4]), float(x.f[5]), x.p<float>(6), x.p<float>(7), x.i[8],
                                x.p<int64_t>(9), x.p<int64_t>(10), x.p<int64_t>(11), x.i[12],
                                x.p<int64_t>(13), x.p<int64_t>(14), x.i[15]))
+SHOAL_WRAP(packed_rows, 6, shoal_packed_rows(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2],
+                                             x.p<int64_t>(3), x.i[4], x.p<float>(5)))
 // encoder_ops.cpp
 SHOAL_WRAP(int8_gemm_pack, 4, shoal_int8_gemm_pack(x.p<int8_t>(0), x.i[1], x.i[2], x.p<int8_t>(3)))
 SHOAL_WRAP(int8_gemm, 6, shoal_int8_gemm(x.p<int8_t>(0), x.i[1], x.i[2], x.p<int8_t>(3), x.i[4],
@@ -166,7 +168,7 @@ PyMethodDef methods[] = {
     // packed_linear.cpp
     SHOAL_METHOD(packed_linear), SHOAL_METHOD(quant_blocks), SHOAL_METHOD(rms_norm_quant_blocks),
     SHOAL_METHOD(rms_norm_add_norm_quant_blocks), SHOAL_METHOD(act_mul_quant_blocks),
-    SHOAL_METHOD(packed_repack), SHOAL_METHOD(decoder_stack),
+    SHOAL_METHOD(packed_repack), SHOAL_METHOD(packed_rows), SHOAL_METHOD(decoder_stack),
     SHOAL_METHOD(set_work_pool), SHOAL_METHOD(openmp_in_this_thread),
     SHOAL_METHOD(omp_threads_in_this_thread),
     // encoder_ops.cpp
