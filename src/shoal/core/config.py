@@ -18,7 +18,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "SHOAL_BLOCK_SIZE": ("block_size", "Tokens per KV block (default 16)."),
     "SHOAL_MAX_NUM_SEQS": ("max_num_seqs", "Most sequences in one running batch (default 64)."),
     "SHOAL_MAX_BATCHED_TOKENS": ("max_num_batched_tokens", "Token budget of one engine step (default 1024)."),
-    "SHOAL_MAX_BATCHED_TOKENS_DECODING": ("max_batched_tokens_while_decoding", "Step budget while streams are decoding, bounding their inter-token gap when long prompts arrive (default 128; 0 = no cap)."),
+    "SHOAL_MAX_BATCHED_TOKENS_DECODING": ("max_batched_tokens_while_decoding", "Step budget while streams are decoding, bounding their inter-token gap when long prompts arrive (default 128; 0 = no cap); an embedding model's passes meanwhile take half of it."),
     "SHOAL_MAX_MODEL_LEN": ("max_model_len", "Context length cap (default: the model's)."),
     "SHOAL_PREFIX_CACHING": ("enable_prefix_caching", "Reuse KV of shared prompt prefixes (default 1)."),
     "SHOAL_CHUNKED_PREFILL": ("enable_chunked_prefill", "Split long prompts across steps (default 1)."),

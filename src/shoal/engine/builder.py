@@ -174,7 +174,12 @@ def build_encoder_core(config: EngineConfig, path: Path, device: torch.device,
     core = EncoderCore(loaded.model, loaded.tokenizer, max_model_len=max_model_len,
                        max_num_seqs=max(config.max_num_seqs, 256),
                        max_batch_tokens=config.max_num_batched_tokens,
-                       short_pass_tokens=config.max_batched_tokens_while_decoding or 128)
+                       # NOTE: half the decoder's budget while its streams decode: a pass then
+                       # shares the cores with the event loop serving the flood that fills it,
+                       # and took 2-3x its quiet time. At 128 tokens 8 chat streams' ITL P99 rose
+                       # 1.57-2.03x under an all-MiniLM flood, at 64 tokens 1.35-1.46x
+                       # (benchmarks/embed_bench.py --only-mixed; ~15% fewer embeddings meanwhile).
+                       short_pass_tokens=max(1, (config.max_batched_tokens_while_decoding or 128) // 2))
     info = EngineInfo(model_path=str(path), model_format=loaded.format,
                       model_config=loaded.config, device=str(device), dtype="float32",
                       compute=config.compute, num_blocks=0, block_size=config.block_size,
