@@ -2,7 +2,7 @@
 // data pointers and sizes as ints and floats with METH_FASTCALL. A call costs well under a
 // microsecond: ctypes' argument conversion cost 4-5 us, which over the ~400 kernel calls of
 // a decode step would have been most of what fusing the ops saved. The GIL is released
-// while a kernel runs.
+// while a kernel runs (the thread settings below, which return at once, keep it).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -147,9 +147,19 @@ PyObject* py_int8_gemm_ready(PyObject*, PyObject* const*, Py_ssize_t n) {
   return PyBool_FromLong(shoal_int8_gemm_ready());
 }
 
-SHOAL_WRAP(set_work_pool, 1, shoal_set_work_pool(int32_t(x.i[0])))
-SHOAL_WRAP(openmp_in_this_thread, 1, shoal_openmp_in_this_thread(int32_t(x.i[0])))
-SHOAL_WRAP(omp_threads_in_this_thread, 1, shoal_omp_threads_in_this_thread(int32_t(x.i[0])))
+// Settings that return at once keep the GIL: giving it up and taking it back costs the engine
+// thread a wait whenever the event loop holds it meanwhile (twice per decode step here).
+#define SHOAL_WRAP_QUICK(name, nargs, call)                                             \
+  PyObject* py_##name(PyObject*, PyObject* const* a, Py_ssize_t n) {                    \
+    Args x(a, n, nargs);                                                                \
+    if (!x.ok) return nullptr;                                                          \
+    call;                                                                               \
+    Py_RETURN_NONE;                                                                     \
+  }
+
+SHOAL_WRAP_QUICK(set_work_pool, 1, shoal_set_work_pool(int32_t(x.i[0])))
+SHOAL_WRAP_QUICK(openmp_in_this_thread, 1, shoal_openmp_in_this_thread(int32_t(x.i[0])))
+SHOAL_WRAP_QUICK(omp_threads_in_this_thread, 1, shoal_omp_threads_in_this_thread(int32_t(x.i[0])))
 SHOAL_WRAP(packed_repack, 5, shoal_packed_repack(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3],
                                                  x.p<uint8_t>(4)))
 
