@@ -22,9 +22,10 @@ _LINEARS = (("qkv", True), ("out", True), ("up", True), ("down", False))
 class EncoderStack:
     """The table of model/encoder.py's EncoderLayers, all of them with AMX tiles."""
 
-    def __init__(self, layers: Sequence, kernels, embeddings: dict[str, torch.Tensor] | None = None,
-                 pooling: str = "mean", normalize: bool = False) -> None:
-        """`embeddings` (word, position, type0, norm_weight, norm_bias) enables run_pass."""
+    def __init__(self, layers: Sequence, kernels, embeddings: dict[str, torch.Tensor],
+                 pooling: str, normalize: bool) -> None:
+        """`embeddings`: the word, position and type-0 tables and the embedding norm's
+        norm_weight and norm_bias; `pooling` and `normalize` as the model's EncoderConfig."""
         self.kernels = kernels
         self._alive: list[torch.Tensor] = []
         rows = [self._row(layer) for layer in layers]
@@ -33,13 +34,11 @@ class EncoderStack:
         self.sizes = (first.qkv.qweight.shape[1], first.up.qweight.shape[0], first.num_heads)
         self.eps = float(first.attn_norm.eps)
         self.scale = first.head_dim ** -0.5
-        self.model: torch.Tensor | None = None
-        if embeddings is not None:
-            self.vocab_size, self.max_positions = (embeddings["word"].shape[0],
-                                                   embeddings["position"].shape[0])
-            self.model = torch.tensor([self._ptr(embeddings[name]) for name in
-                                       ("word", "position", "type0", "norm_weight", "norm_bias")]
-                                      + [_POOLING[pooling], int(normalize)], dtype=torch.int64)
+        self.vocab_size, self.max_positions = (embeddings["word"].shape[0],
+                                               embeddings["position"].shape[0])
+        self.model = torch.tensor([self._ptr(embeddings[name]) for name in
+                                   ("word", "position", "type0", "norm_weight", "norm_bias")]
+                                  + [_POOLING[pooling], int(normalize)], dtype=torch.int64)
 
     def _row(self, layer) -> list[int]:
         row: list[int] = []
@@ -76,5 +75,6 @@ class EncoderStack:
                                          torch.tensor(ids, dtype=torch.int64), runs, len(inputs))
 
     def run(self, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
-        """x [T, hidden] (embeddings after their norm) -> the last layer's output, in place."""
+        """The layers alone: x [T, hidden] (embeddings after their norm) -> the last layer's
+        output, in place (tests hold it against the per-op pass)."""
         return self.kernels.encoder_stack(self.table, self.sizes, self.eps, self.scale, runs, x)
