@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "sampling.cpp", "packed_linear.cpp",
             "f32_linear.cpp", "decoder_stack.cpp", "encoder_ops.cpp", "pymodule.cpp")
-_HEADERS = ("common.h", "pool.h", "kernels.h")
+_HEADERS = ("common.h", "pool.h", "kernels.h", "amx.h")
 # the GGUF block formats packed_linear.cpp computes on
 _PACKED_GGML_TYPES = tuple(int(t) for t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
                                             GGMLQuantizationType.Q8_0))

@@ -15,14 +15,8 @@
 #include <cmath>
 #include <vector>
 
+#include "amx.h"
 #include "kernels.h"
-
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define SHOAL_GEMM_AMX 1
-#endif
 
 using shoal::parallel_for;
 
@@ -32,21 +26,23 @@ constexpr int64_t kTileK = 64;     // int8 values of one A-tile row
 constexpr int64_t kTileN = 16;     // output columns of one B tile
 constexpr int64_t kPanel = kTileN * kTileK;   // bytes of one packed B tile
 
-#if SHOAL_GEMM_AMX
-bool amx_permitted() {
-  // NOTE: Linux grants the tile state only on request, once per process (packed_linear.cpp
-  // asks the same; a second request is harmless).
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
+// Each input's first row and length, from runs of R x (first row, inputs, length).
+struct Inputs {
+  std::vector<int64_t> first, length;
+  int64_t longest = 0;
+  Inputs(const int64_t* runs, int64_t R) {
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t i = 0; i < runs[3 * r + 1]; ++i) {
+        first.push_back(runs[3 * r] + i * runs[3 * r + 2]);
+        length.push_back(runs[3 * r + 2]);
+      }
+      longest = std::max(longest, runs[3 * r + 2]);
+    }
+  }
+  int64_t count() const { return static_cast<int64_t>(first.size()); }
 };
 
+#if SHOAL_AMX
 // One 16 x 16 block of int32 results into out (row stride N), `rows` of them valid.
 inline void store_rows(const int32_t* block, int64_t rows, int32_t* out, int64_t N) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * N, block + r * 16, 16 * sizeof(int32_t));
@@ -57,8 +53,8 @@ inline void store_rows(const int32_t* block, int64_t rows, int32_t* out, int64_t
 
 // 1 where shoal_int8_gemm can run: built for AMX and the kernel lets this process use it.
 SHOAL_API int32_t shoal_int8_gemm_ready() {
-#if SHOAL_GEMM_AMX
-  return amx_permitted() ? 1 : 0;
+#if SHOAL_AMX
+  return shoal::amx_permitted() ? 1 : 0;
 #else
   return 0;
 #endif
@@ -86,7 +82,7 @@ SHOAL_API void shoal_int8_gemm_pack(const int8_t* w, int64_t N, int64_t K, int8_
 // Callers check shoal_int8_gemm_ready() first; without AMX this does nothing.
 SHOAL_API void shoal_int8_gemm(const int8_t* x, int64_t M, int64_t K, const int8_t* wp, int64_t N,
                                int32_t* out) {
-#if SHOAL_GEMM_AMX
+#if SHOAL_AMX
   const int64_t kb_count = K / kTileK, nb_count = N / kTileN;
   const int64_t full = M / 16, mb_count = (M + 15) / 16;
   // the last rows short of 16, as a zero-padded tile source
@@ -96,7 +92,7 @@ SHOAL_API void shoal_int8_gemm(const int8_t* x, int64_t M, int64_t K, const int8
   // NOTE: items in n-major order: a chunk's consecutive items reuse one pair of weight
   // panels (12-48 KB) while the activations stream past.
   parallel_for(mpairs * npairs, 1, [&](int64_t begin, int64_t end) {
-    TileConfig cfg;
+    shoal::TileConfig cfg;
     for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
     _tile_loadconfig(&cfg);
     alignas(64) int32_t block[16 * 16];
@@ -161,21 +157,13 @@ SHOAL_API void shoal_int8_gemm(const int8_t* x, int64_t M, int64_t K, const int8
 // and head, no mask (every input is whole).
 SHOAL_API void shoal_encoder_attention(const float* qkv, int64_t H, int64_t D, const int64_t* runs,
                                        int64_t R, float scale, float* out) {
-  std::vector<int64_t> first, length;
-  int64_t longest = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t i = 0; i < runs[3 * r + 1]; ++i) {
-      first.push_back(runs[3 * r] + i * runs[3 * r + 2]);
-      length.push_back(runs[3 * r + 2]);
-    }
-    longest = std::max(longest, runs[3 * r + 2]);
-  }
+  const Inputs inputs(runs, R);
   const int64_t width = 3 * H * D, out_width = H * D;
-  parallel_for(static_cast<int64_t>(first.size()) * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(longest), acc(D);
+  parallel_for(inputs.count() * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(inputs.longest), acc(D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t input = item / H, h = item % H;
-      const int64_t r0 = first[input], L = length[input];
+      const int64_t r0 = inputs.first[input], L = inputs.length[input];
       const float* keys = qkv + r0 * width + H * D + h * D;
       const float* values = qkv + r0 * width + 2 * H * D + h * D;
       for (int64_t a = 0; a < L; ++a) {
@@ -329,14 +317,10 @@ SHOAL_API void shoal_encoder_pass(const int64_t* model, const int64_t* table, in
   const float* word = field<float>(model, kWord);
   const float* position = field<float>(model, kPosition);
   const float* type0 = field<float>(model, kType0);
-  std::vector<int64_t> first, length;
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t i = 0; i < runs[3 * r + 1]; ++i) {
-      first.push_back(runs[3 * r] + i * runs[3 * r + 2]);
-      length.push_back(runs[3 * r + 2]);
-    }
-  }
-  const int64_t B = static_cast<int64_t>(first.size());
+  const Inputs inputs(runs, R);
+  const std::vector<int64_t>& first = inputs.first;
+  const std::vector<int64_t>& length = inputs.length;
+  const int64_t B = inputs.count();
   std::vector<float> x(T * K);
   // (word + position) + type 0, then the norm: the order of the torch expression it replaces
   parallel_for(B, 1, [&](int64_t begin, int64_t end) {

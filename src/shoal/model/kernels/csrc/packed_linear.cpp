@@ -29,9 +29,8 @@
 #include <immintrin.h>
 #define SHOAL_PACKED_SIMD 1
 #endif
-#if SHOAL_PACKED_SIMD && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
+#if SHOAL_PACKED_SIMD && SHOAL_AMX
 #define SHOAL_PACKED_AMX 1
 #endif
 
@@ -229,14 +228,6 @@ void group_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const f
 // cannot break batch invariance. Decoding's 1-2 rows stay on the VNNI path.
 constexpr int64_t kAmxMinRows = 8;
 
-bool amx_permitted() {
-  // NOTE: Linux hands out the tile state only on request (arch_prctl, once per process);
-  // refused (an old kernel, a sandbox), the VNNI path serves every batch.
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
-}
-
 template <typename T>
 struct AlignedAlloc {
   using value_type = T;
@@ -246,12 +237,6 @@ struct AlignedAlloc {
   void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
   bool operator==(const AlignedAlloc&) const { return true; }
   bool operator!=(const AlignedAlloc&) const { return false; }
-};
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
 };
 
 constexpr int64_t kAmxChunk = 64;   // activation rows per pass over a thread's columns
@@ -349,7 +334,7 @@ void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq,
     const float* const bp = bias;
     float* const op = out;
     const int64_t n_out = N, m_rows = M, m16 = M16, nb = B, ng = G;
-    TileConfig cfg;
+    shoal::TileConfig cfg;
     for (int i = 0; i < 2; ++i) {
       cfg.rows[i] = 16; cfg.colsb[i] = 64;       // C: 16 activation rows x 16 int32 sums
       cfg.rows[2 + i] = 16; cfg.colsb[2 + i] = 32;   // A: 16 activation rows x one int8 block
@@ -449,7 +434,7 @@ template <int32_t TYPE>
 void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, const float* xd,
                    const int32_t* xs, const float* bias, int64_t M, float* out) {
 #if SHOAL_PACKED_AMX
-  if (M >= kAmxMinRows && amx_permitted()) {
+  if (M >= kAmxMinRows && shoal::amx_permitted()) {
     packed_linear_amx<TYPE>(w, N, K, xq, xd, xs, bias, M, out);
     return;
   }
