@@ -107,3 +107,27 @@ def test_turns_are_first_come_first_served() -> None:
     thread.join()
     assert order == ["first", "other", "second"]
     assert seen_waiting == [True, False]
+
+
+def test_while_chat_streams_decode_a_pass_takes_half_their_budget(minilm_dir: Path) -> None:
+    """Short encoder passes between a decoder's steps: at most half its while-decoding budget
+    (SHOAL_MAX_BATCHED_TOKENS_DECODING), however many inputs wait; a whole pass otherwise."""
+    from shoal.engine.turns import ENGINE_TURNS
+
+    core, _ = build_engine_core(EngineConfig(model=str(minilm_dir), compute="exact",
+                                             max_batched_tokens_while_decoding=40))
+    decoder, last_step = object(), ENGINE_TURNS.last_decoder_seconds
+    try:
+        tok = core.tokenizer
+        inputs = [tok.encode(f"sentence number {i}") for i in range(12)]   # 5 tokens each
+        assert {len(ids) for ids in inputs} == {5}
+        core.add_embedding_request("many", inputs)
+        ENGINE_TURNS.decoder_busy(decoder, True)
+        ENGINE_TURNS.last_decoder_seconds = 10.0          # time leaves room: the cap decides
+        assert len(core.step()) == 4                       # 4 x 5 tokens <= 40 // 2 < 5 x 5
+        ENGINE_TURNS.decoder_busy(decoder, False)
+        assert len(core.step()) == 8                       # no streams: the rest in one pass
+    finally:
+        ENGINE_TURNS.decoder_busy(decoder, False)
+        ENGINE_TURNS.last_decoder_seconds = last_step
+        core.close()
