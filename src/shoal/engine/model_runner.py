@@ -103,12 +103,8 @@ class ModelRunner:
         if self.kernels is None or getattr(self.model, "stack", None) is None:
             yield
             return
-        team = torch.get_num_threads()
-        self.kernels.omp_threads_in_this_thread(1)
-        try:
+        with self.kernels.torch_alone_in_this_thread():
             yield
-        finally:
-            self.kernels.omp_threads_in_this_thread(team)
 
     def execute(self, scheduled: Sequence[ScheduledWork]) -> tuple[torch.Tensor, list[ScheduledWork]]:
         """Computes the step; returns (logits [R, vocab], the R sampling requests in order)."""

@@ -231,12 +231,8 @@ class SentenceEncoder(nn.Module):
             # NOTE: the products and attention run on the work pool, where a thread the OS
             # lends to the event loop for a moment delays no one (csrc/encoder_ops.cpp);
             # torch's remaining ops (LayerNorm, adds, pooling) are small and stay on this thread.
-            team = torch.get_num_threads()
-            self.kernels.omp_threads_in_this_thread(1)
-            try:
+            with self.kernels.torch_alone_in_this_thread():
                 return self._forward(inputs)
-            finally:
-                self.kernels.omp_threads_in_this_thread(team)
         # NOTE: the pass alternates torch's OpenMP ops with the kernels' at every layer: the
         # kernels run as OpenMP regions during it too (kernels/csrc/pool.h says why)
         self.kernels.openmp_in_this_thread(True)

@@ -30,6 +30,8 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -658,6 +660,17 @@ class CpuKernels:
         """The team size of torch's parallel ops started from this thread (not the process's:
         torch.set_num_threads would change every thread's, and the work pool's size)."""
         self._omp_threads_in_this_thread(int(n))
+
+    @contextmanager
+    def torch_alone_in_this_thread(self) -> Iterator[None]:
+        """Within: torch's ops started from this thread run on it alone (a team of 1); the
+        thread's team is restored after. For work whose heavy parts run on the pool."""
+        team = torch.get_num_threads()
+        self.omp_threads_in_this_thread(1)
+        try:
+            yield
+        finally:
+            self.omp_threads_in_this_thread(team)
 
     # --- sampling
     def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
