@@ -138,6 +138,34 @@ def test_openai_bad_input_is_a_400_naming_the_field(server, body, param, needle)
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("raw,needle", [
+    (b"", "missing request body"),
+    (b"null", "missing request body"),
+    (b"[1, 2]", "must be a JSON object, got array"),
+    (b'{"input": "x",', "not valid JSON"),
+])
+def test_a_malformed_openai_body_is_a_400_in_openai_shape(server, raw: bytes, needle: str) -> None:
+    """The body is read by hand on this route (it is served directly): the same 400s."""
+    reply = httpx.post(server.url + "/v1/embeddings", content=raw,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_the_directly_served_routes_keep_their_methods_and_schema(server) -> None:
+    """Served ahead of FastAPI's router, the embedding routes still answer a wrong method in
+    their dialect's shape and are still described, body included, in /openapi.json."""
+    wrong = httpx.get(server.url + "/v1/embeddings")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert "not allowed" in wrong.json()["error"]["message"]
+    assert httpx.get(server.url + "/api/embed").json()["error"].startswith("method GET")
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    for path in ("/v1/embeddings", "/api/embed", "/api/embeddings"):
+        schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "input" in schema["properties"] or "prompt" in schema["properties"]
+
+
 def test_a_hundred_thousand_inputs_are_a_400_naming_the_limit(server) -> None:
     reply = httpx.post(server.url + "/api/embed", json={"model": MINILM, "input": ["a"] * 100_000},
                        timeout=60)

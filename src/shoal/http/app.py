@@ -17,12 +17,13 @@ from shoal.http.admin_keys import router as admin_router
 from shoal.http.auth import AuthMiddleware
 from shoal.http.body_limits import BodyLimitMiddleware
 from shoal.http.dashboard import router as dashboard_router
+from shoal.http.direct_routes import serve_directly
 from shoal.http.error_responses import add_error_handlers, host_refused, origin_refused
 from shoal.http.hosts import AllowedHosts, HostPolicy
-from shoal.http.ollama.embeddings import router as ollama_embeddings_router
+from shoal.http.ollama import embeddings as ollama_embeddings
 from shoal.http.ollama.model_management import router as model_management_router
 from shoal.http.ollama.routes import router as ollama_router
-from shoal.http.openai.embeddings import router as openai_embeddings_router
+from shoal.http.openai import embeddings as openai_embeddings
 from shoal.http.openai.routes import router as openai_router
 from shoal.http.probes import router as probes_router
 from shoal.http.replicas import router as replicas_router
@@ -108,12 +109,16 @@ def create_app(residency: ResidencyManager, settings: ServerSettings, store=None
     app.include_router(probes_router)
     app.include_router(openai_router)
     app.include_router(ollama_router)
-    app.include_router(openai_embeddings_router)
-    app.include_router(ollama_embeddings_router)
+    app.include_router(openai_embeddings.router)
+    app.include_router(ollama_embeddings.router)
     app.include_router(model_management_router)
     app.include_router(admin_router)
     app.include_router(dashboard_router)
     app.include_router(replicas_router)
+    # small, frequent requests: past FastAPI's routing and wrappers (direct_routes.py)
+    serve_directly(app, openai_embeddings.router, openai_embeddings.embeddings)
+    serve_directly(app, ollama_embeddings.router, ollama_embeddings.embed_endpoint,
+                   ollama_embeddings.embeddings_endpoint)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
                        read_timeout=settings.read_timeout)
     if settings.replicated and settings.session_header:

@@ -18,8 +18,8 @@ from shoal.core.errors import InvalidParameterError
 from shoal.http.fast_json import FastJSONResponse
 from shoal.http.ollama import serving
 from shoal.http.ollama.protocol import _Body, nanoseconds
-from shoal.http.ollama.routes import read_body
 from shoal.http.openapi_bodies import json_body
+from shoal.http.request_body import body_as, json_type
 from shoal.serving.disconnect import run_until_disconnect
 from shoal.serving.embedding import (
     check_dimensions,
@@ -57,9 +57,9 @@ def parse_input(value: Any) -> list[str]:
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise InvalidParameterError("input", f"invalid input type: input[{i}] is "
-                                                     f"{serving.json_type(item)}, not a string")
+                                                     f"{json_type(item)}, not a string")
         return list(value)
-    raise InvalidParameterError("input", f"invalid input type: {serving.json_type(value)}")
+    raise InvalidParameterError("input", f"invalid input type: {json_type(value)}")
 
 
 async def _vectors(request: Request, body: EmbedBody | EmbeddingsBody, items: list[str], *,
@@ -88,7 +88,7 @@ async def _vectors(request: Request, body: EmbedBody | EmbeddingsBody, items: li
 @router.post("/embed", openapi_extra=json_body(EmbedBody))
 async def embed_endpoint(request: Request) -> JSONResponse:
     started = time.monotonic()
-    body = await read_body(request, EmbedBody)
+    body = await body_as(request, EmbedBody)
     name = serving.check_model_name(request.app.state.residency, body.model)
     items = parse_input(body.input)
     if body.dimensions is not None and body.dimensions <= 0:
@@ -107,7 +107,7 @@ async def embed_endpoint(request: Request) -> JSONResponse:
 
 @router.post("/embeddings", openapi_extra=json_body(EmbeddingsBody))
 async def embeddings_endpoint(request: Request) -> JSONResponse:
-    body = await read_body(request, EmbeddingsBody)
+    body = await body_as(request, EmbeddingsBody)
     serving.check_model_name(request.app.state.residency, body.model)
     if not body.prompt:
         return JSONResponse({"embedding": []})

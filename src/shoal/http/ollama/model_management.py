@@ -19,8 +19,9 @@ from shoal.core.errors import InvalidParameterError, UnknownModelError
 from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
 from shoal.http.ollama.protocol import CopyBody, CreateBody, DeleteBody, PullBody, PushBody
-from shoal.http.ollama.routes import NDJSON, read_body
+from shoal.http.ollama.routes import NDJSON
 from shoal.http.openapi_bodies import binary_body, json_body
+from shoal.http.request_body import body_as
 from shoal.store.blobs import is_digest, normalize_digest
 from shoal.store.create import LocalPaths
 from shoal.store.errors import DigestMismatchError
@@ -111,7 +112,7 @@ def _stream_flag(body: Any) -> bool:
 
 @router.post("/pull", openapi_extra=json_body(PullBody))
 async def pull(request: Request) -> Response:
-    body = await read_body(request, PullBody)
+    body = await body_as(request, PullBody)
     name = _model_name(body)
     store = _store(request)
     # NOTE: a refused registry host is a plain 400 before any progress is streamed.
@@ -123,7 +124,7 @@ async def pull(request: Request) -> Response:
 
 @router.post("/push", openapi_extra=json_body(PushBody))
 async def push(request: Request) -> Response:
-    body = await read_body(request, PushBody)
+    body = await body_as(request, PushBody)
     name = _model_name(body)
     store = _store(request)
     if not await asyncio.to_thread(store.exists, name):
@@ -137,7 +138,7 @@ async def push(request: Request) -> Response:
 
 @router.post("/create", openapi_extra=json_body(CreateBody))
 async def create(request: Request) -> Response:
-    body = await read_body(request, CreateBody)
+    body = await body_as(request, CreateBody)
     name = _model_name(body)
     store = _store(request)
     modelfile, base_dir, uploads = modelfile_of(body, store)
@@ -222,7 +223,7 @@ def modelfile_of(body: CreateBody, store) -> tuple[Any, Path, dict[str, dict[str
 
 @router.post("/copy", openapi_extra=json_body(CopyBody))
 async def copy(request: Request) -> Response:
-    body = await read_body(request, CopyBody)
+    body = await body_as(request, CopyBody)
     if not body.source or not body.destination:
         raise HttpError(400, "source and destination are required")
     check_name_size(body.source, "source")
@@ -234,7 +235,7 @@ async def copy(request: Request) -> Response:
 
 @router.delete("/delete", openapi_extra=json_body(DeleteBody))
 async def delete(request: Request) -> Response:
-    body = await read_body(request, DeleteBody)
+    body = await body_as(request, DeleteBody)
     name = _model_name(body)
     store = _store(request)
     residency = request.app.state.residency

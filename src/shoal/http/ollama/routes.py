@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from shoal.access.model_access import visible_models
 from shoal.core.version import __version__
@@ -21,6 +19,7 @@ from shoal.http.ollama.thinking import resolve_think
 from shoal.http.ollama.protocol import (OLLAMA_COMPAT_VERSION, ChatBody, GenerateBody, ShowBody,
                                        far_future, timestamp_at)
 from shoal.http.openapi_bodies import json_body
+from shoal.http.request_body import body_as
 from shoal.http.tools import no_other_constraint, tool_plan
 from shoal.serving.activity import server_activity
 from shoal.serving.catalog import ModelSpec, path_size
@@ -35,32 +34,6 @@ NDJSON = "application/x-ndjson"
 B = TypeVar("B", bound=BaseModel)
 
 
-async def read_body(request: Request, model: type[B]) -> B:
-    """The JSON body as `model`, whatever the Content-Type (Ollama's own examples use plain
-    `curl -d`, which sends a form type). Errors take the app's 400 path: malformed JSON and
-    bad fields are named the same way on every endpoint."""
-    raw = await request.body()
-    if not raw.strip():
-        raise HttpError(400, "missing request body")
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        # NOTE: besides syntax and UTF-8 errors (both ValueErrors), json.loads raises
-        # ValueError for integers over 4300 digits and RecursionError for deep nesting.
-        problem = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",),
-                                       "msg": "JSON decode error", "ctx": {"error": problem}}]) from None
-    if data is None:
-        raise HttpError(400, "missing request body")
-    if not isinstance(data, dict):
-        raise HttpError(400, f"the request body must be a JSON object, got {serving.json_type(data)}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
-                                      for e in exc.errors()]) from None
-
-
 async def _run(request: Request, turn: serving.Turn, stream: bool) -> Response:
     service = request.app.state.service
     if not stream:
@@ -73,7 +46,7 @@ async def _run(request: Request, turn: serving.Turn, stream: bool) -> Response:
 @router.post("/generate", openapi_extra=json_body(GenerateBody))
 async def generate(request: Request) -> Response:
     started = time.monotonic()
-    body = await read_body(request, GenerateBody)
+    body = await body_as(request, GenerateBody)
     residency = request.app.state.residency
     name = serving.check_model_name(residency, body.model)
     if body.raw and (body.template or body.system or body.context):
@@ -113,7 +86,7 @@ async def generate(request: Request) -> Response:
 @router.post("/chat", openapi_extra=json_body(ChatBody))
 async def chat(request: Request) -> Response:
     started = time.monotonic()
-    body = await read_body(request, ChatBody)
+    body = await body_as(request, ChatBody)
     residency = request.app.state.residency
     name = serving.check_model_name(residency, body.model)
     keep_alive = serving.check_keep_alive(residency, body, load_call=not body.messages)
@@ -191,7 +164,7 @@ def _unloaded_facts(spec: ModelSpec) -> tuple[int, str, dict[str, Any]]:
 
 @router.post("/show", openapi_extra=json_body(ShowBody))
 async def show(request: Request) -> Response:
-    body = await read_body(request, ShowBody)
+    body = await body_as(request, ShowBody)
     name = body.model or body.name
     if not name:
         raise HttpError(400, "model is required", param="model")

@@ -22,6 +22,7 @@ from shoal.core.structured_output import StructuredOutput
 from shoal.engine.outputs import RequestOutput
 from shoal.http.errors import HttpError, classify
 from shoal.http.json_lines import json_line
+from shoal.http.request_body import json_type
 from shoal.http.ollama import templates
 from shoal.http.ollama.thinking import logprob_entries
 from shoal.http.ollama.protocol import ROLES, ChatBody, GenerateBody, nanoseconds, timestamp
@@ -123,17 +124,6 @@ def served_context(model: ServedModel) -> int:
 
 
 # ---- options ------------------------------------------------------------------------------
-
-def json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
-
 
 def _check_option(name: str, value: Any) -> Any:
     kind = OPTION_TYPES[name]

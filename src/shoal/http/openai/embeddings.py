@@ -13,12 +13,15 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from pydantic import Field
 
 from shoal.core.errors import InvalidParameterError
 from shoal.http.fast_json import FastJSONResponse
 from shoal.http.openai import serving
 from shoal.http.openai.protocol import _Body
+from shoal.http.openapi_bodies import json_body
+from shoal.http.request_body import body_as
 from shoal.serving.disconnect import run_until_disconnect
 from shoal.serving.embedding import (
     check_dimensions,
@@ -81,9 +84,12 @@ def _encode(vector: np.ndarray, fmt: str) -> np.ndarray | str:
     return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
 
 
-@router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> FastJSONResponse:
+# NOTE: the body is read by hand (FastAPI's errors, same shapes) so that the app can serve
+# this route directly (direct_routes.py).
+@router.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest))
+async def embeddings(request: Request) -> Response:
     arrival = time.monotonic()
+    body = await body_as(request, EmbeddingRequest)
     service = request.app.state.service
     residency = request.app.state.residency
     items = parse_input(body.input)
