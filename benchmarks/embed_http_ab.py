@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Embeddings over HTTP, two checkouts side by side: sentences/s and the server's event-loop
+CPU per request, the servers started in turn (A, B, A, B, ...) so that drift on this host
+falls on both alike.
+
+    python benchmarks/embed_http_ab.py --model-dir DIR --checkouts OLD_SRC,NEW_SRC [--rounds 3]
+
+Each checkout is a `src` directory put first on the server's PYTHONPATH (for instance a
+`git worktree add /tmp/base <commit>` and its /tmp/base/src). Each round starts a `shoal serve`
+of DIR (fast mode by default, 2 threads) and floods it as embed_bench.py's HTTP run does: 16
+aiohttp clients sending 1-8 inputs each, 4 passes over the sentences; the median pass counts.
+The event loop's CPU is its thread's (the main thread's) user + system time over the passes.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from embed_bench import http_flood, make_sentences
+from local_server import start_local_server
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_round(src: str, args: argparse.Namespace, sentences: list[str]) -> tuple[float, float]:
+    process, url = start_local_server(args.model_dir, env={
+        "SHOAL_NUM_THREADS": str(args.threads), "SHOAL_COMPUTE": args.compute,
+        "SHOAL_MODELS": tempfile.mkdtemp(prefix="shoal-ab-"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))})
+    try:
+        asyncio.run(http_flood(url, None, sentences[:64]))
+        before = main_thread_cpu_seconds(process.pid)
+        rates = []
+        for _ in range(args.passes):
+            rates.append(asyncio.run(http_flood(url, None, sentences)))
+        # NOTE: the clients send 1-8 inputs per request, 4.5 on average
+        requests = args.passes * len(sentences) / 4.5
+        loop_ms = (main_thread_cpu_seconds(process.pid) - before) / requests * 1e3
+        return statistics.median(rates), loop_ms
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--checkouts", required=True, help="comma-separated src directories")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compute", default="fast", choices=["fast", "exact"])
+    parser.add_argument("--sentences", type=int, default=2000)
+    args = parser.parse_args()
+    print(f"# python {' '.join(sys.argv)}")
+    sentences = make_sentences(args.sentences)
+    checkouts = args.checkouts.split(",")
+    results: dict[str, list[tuple[float, float]]] = {src: [] for src in checkouts}
+    for _ in range(args.rounds):
+        for src in checkouts:
+            results[src].append(one_round(src, args, sentences))
+    print("| checkout | sentences/s per round | median | event loop ms/request per round |")
+    print("|---|---|---|---|")
+    for src, rows in results.items():
+        rates = " / ".join(f"{rate:,.0f}" for rate, _ in rows)
+        loops = " / ".join(f"{ms:.2f}" for _, ms in rows)
+        print(f"| {src} | {rates} | {statistics.median(r for r, _ in rows):,.0f} | {loops} |")
+
+
+if __name__ == "__main__":
+    main()
