@@ -7,11 +7,16 @@ flight; every request has a short, distinct prompt and asks for exactly
 drift hits all alike. Also measured: time to first token of a lone long prompt, the
 largest inter-token gap of 8 running streams while a long prompt arrives, a prefill burst
 (--burst prompts of ~--burst-tokens tokens at once, --burst-max-tokens each: requests/s and
-TTFT), and peak RSS. `--ab-kernels OLD.so` runs every shoal measurement twice, with the
+TTFT), and peak RSS. With --freeze-others, every other target that has a pid (--peer-pid: the
+process and its children) is stopped (SIGSTOP) while one target is measured, and continued
+after: one server at a time, as the issues' tables are measured, with levels still
+interleaved; an idle server's own wake-ups then take nothing from the one measured.
+`--ab-kernels OLD.so` runs every shoal measurement twice, with the
 C++ kernels of an earlier build (before) and then this checkout's (after), interleaved.
 
-shoal runs in-process through AsyncEngine (the HTTP server is a later issue); the peer
-is reached over HTTP on loopback. Prints a table and writes JSON. `--fast-weights
+shoal runs in-process through AsyncEngine, its client in the same process; for the same
+client over HTTP, pass a `shoal serve` as a peer and --skip-shoal (as the issue 18 runs do).
+Peers are reached over HTTP on loopback. Prints a table and writes JSON. `--fast-weights
 packed,int8` runs one shoal engine per fast-mode weight recipe, levels interleaved, to
 compare them (their peak RSS is the process's, shared: benchmarks/load_memory.py measures
 each alone).
@@ -24,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -241,6 +249,51 @@ class PeerTarget:
         await self.client.aclose()
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (vLLM serves from a child process)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+_STOPPED: set[int] = set()
+
+
+def _continue_all() -> None:
+    for pid in list(_STOPPED):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        _STOPPED.discard(pid)
+
+
+atexit.register(_continue_all)   # a failed run must not leave a peer stopped
+
+
+@contextlib.contextmanager
+def others_stopped(targets: list, current: object, enabled: bool):
+    """Every target but `current` that has a pid, stopped for the block (--freeze-others)."""
+    pids = [p for t in targets if enabled and t is not current and getattr(t, "pid", None)
+            for p in process_tree(t.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+        _STOPPED.add(pid)
+    try:
+        yield
+    finally:
+        _continue_all()
+
+
 # ---- measurements ---------------------------------------------------------------------------
 async def closed_loop(target, concurrency: int, requests_per_client: int, max_tokens: int,
                       offset: int) -> LevelResult:
@@ -344,12 +397,14 @@ async def main_async(args: argparse.Namespace) -> dict:
     variants = (False, True) if args.ab_f32_kernel or args.ab_kernels else (None,)
 
     def runs():
-        """(target, variant) pairs in the interleaved order, each target switched to its variant."""
+        """(target, variant) pairs in the interleaved order, each target switched to its variant
+        (and, with --freeze-others, the other targets stopped while it is measured)."""
         for t in targets:
             for v in (variants if isinstance(t, ShoalTarget) else (None,)):
                 if v is not None:
                     t.use_variant(v, args)
-                yield t
+                with others_stopped(targets, t, args.freeze_others):
+                    yield t
 
     for level in args.levels:
         for t in runs():
@@ -426,6 +481,8 @@ def main() -> int:
                         help="fast mode: run each shoal measurement with the kernel library at "
                              "this path (an earlier build: before) and then this checkout's")
     parser.add_argument("--skip-shoal", action="store_true")
+    parser.add_argument("--freeze-others", action="store_true",
+                        help="stop the other targets' processes (--peer-pid) while one is measured")
     parser.add_argument("--ab-f32-kernel", action="store_true",
                         help="exact mode: run each level with MKL's sgemm (before) and then the "
                              "C++ float32 kernel (after)")
