@@ -2,9 +2,9 @@
 
 Embedding requests are small and many (an indexer sends thousands), and on a small machine
 the event loop shares the cores with the encoder. FastAPI's routing through every included
-router, its request wrappers and its dependency solving took ~0.25 ms of the event loop's
-~1 ms per request (py-spy of an all-MiniLM flood); served directly, the same flood embeds
-~15% more sentences/s (docs/benchmarks.md).
+router, its request wrappers and its dependency solving took about a fifth of the event
+loop's CPU per request (py-spy of an all-MiniLM flood: 1.06 -> 0.86 ms served directly),
+and the flood embedded ~6% more sentences/s (docs/benchmarks.md, benchmarks/embed_http_ab.py).
 
 A direct route is a plain Starlette route, first in the app's router, that calls the
 endpoint with the Request and sends its Response. Everything around the router applies as

@@ -4,11 +4,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
 
 from shoal.access.model_access import visible_models
 from shoal.core.version import __version__
@@ -29,9 +28,6 @@ from shoal.serving.thinking import thinking_for
 router = APIRouter(prefix="/api")
 
 NDJSON = "application/x-ndjson"
-
-
-B = TypeVar("B", bound=BaseModel)
 
 
 async def _run(request: Request, turn: serving.Turn, stream: bool) -> Response:
