@@ -172,6 +172,17 @@ def test_bad_input_is_400_naming_the_field(shoal_server, body: dict, param: str)
     assert error["message"]
 
 
+def test_an_answer_longer_than_the_context_is_a_400_naming_max_output_tokens(shoal_server) -> None:
+    """The chat layer's context error, renamed to the Responses field, keeps its code (the
+    fuzzer found it a 500: the renaming rebuilt the error through the wrong constructor)."""
+    reply = httpx.post(shoal_server.url + "/v1/responses", timeout=60,
+                       json={"model": MODEL, "input": "", "max_output_tokens": 10**9})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "max_output_tokens" and error["code"] == "context_length_exceeded"
+    assert "maximum context length" in error["message"]
+
+
 def test_bad_input_through_the_client(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_123")

@@ -74,7 +74,12 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
 def renamed(exc: InvalidParameterError) -> InvalidParameterError:
     """A chat-level error about this request, naming the Responses field it came from."""
     field = _responses_field(exc.field)
-    return exc if field == exc.field else type(exc)(field, exc.message)
+    # NOTE: renamed in place: a subclass (ContextLengthExceededError) keeps its type and its
+    # own constructor's arguments, which a new instance could not be given.
+    if field != exc.field:
+        exc.field = field
+        exc.args = (f"{field}: {exc.message}",)
+    return exc
 
 
 def _responses_field(field: str) -> str:
