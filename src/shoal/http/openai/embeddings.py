@@ -84,8 +84,8 @@ def _encode(vector: np.ndarray, fmt: str) -> np.ndarray | str:
     return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
 
 
-# NOTE: the body is read by hand (FastAPI's errors, same shapes) so that the app can serve
-# this route directly (direct_routes.py).
+# NOTE: the route takes the bare Request and reads its body by hand (request_body.py), so
+# that the app can serve it directly (direct_routes.py).
 @router.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
     arrival = time.monotonic()
