@@ -6,7 +6,10 @@ falls on both alike.
     python benchmarks/embed_http_ab.py --model-dir DIR --checkouts OLD_SRC,NEW_SRC [--rounds 3]
 
 Each checkout is a `src` directory put first on the server's PYTHONPATH (for instance a
-`git worktree add /tmp/base <commit>` and its /tmp/base/src). Each round starts a `shoal serve`
+`git worktree add /tmp/base <commit>` and its /tmp/base/src). The word `bare` instead names
+an upper bound, not something to ship: the installed shoal with its /v1/embeddings answered
+by a bare ASGI function in front of the whole app (no middleware, no validation, no
+records, no error shapes): what any request path could reach at best. Each round starts a `shoal serve`
 of DIR (fast mode by default, 2 threads) and floods it as embed_bench.py's HTTP run does: 16
 aiohttp clients sending 1-8 inputs each, 4 passes over the sentences; the median pass counts.
 The event loop's CPU is its thread's (the main thread's) user + system time over the passes.
@@ -24,6 +27,8 @@ from pathlib import Path
 from embed_bench import http_flood, make_sentences
 from local_server import start_local_server
 
+BARE = "bare"
+
 
 def main_thread_cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
@@ -31,11 +36,67 @@ def main_thread_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def serve_bare() -> None:
+    """`shoal serve` (the arguments after --bare-server) with POST /v1/embeddings answered by
+    a bare ASGI function in front of the app."""
+    from shoal.core.openmp import set_openmp_defaults
+
+    set_openmp_defaults()   # as the `shoal` command does, before torch loads
+    import orjson
+
+    import shoal.http.server as server
+    from shoal.cli import main as shoal_main
+    from shoal.http.openai import serving
+    from shoal.http.openai.embeddings import parse_input
+    from shoal.serving.embedding import embed, finish_vector, tokenize_inputs
+
+    create_app = server.create_app
+
+    def bare_app(*app_args, **app_kwargs):
+        app = create_app(*app_args, **app_kwargs)
+
+        async def bare(scope, receive, send) -> None:
+            if scope["type"] != "http" or scope["path"] != "/v1/embeddings":
+                return await app(scope, receive, send)
+            raw = b""
+            while True:
+                message = await receive()
+                raw += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            body = orjson.loads(raw)
+            residency, service = app.state.residency, app.state.service
+            model = await serving.acquire_model(residency, body.get("model"))
+            try:
+                inputs = tokenize_inputs(model, parse_input(body["input"]), truncate=False)
+                result = await embed(service, model, inputs, dialect="openai")
+            finally:
+                residency.release(model)
+            data = [{"object": "embedding", "index": i,
+                     "embedding": finish_vector(v, normalize=True, dimensions=None)}
+                    for i, v in enumerate(result.vectors)]
+            answer = orjson.dumps({"object": "list", "data": data, "model": model.name},
+                                  option=orjson.OPT_SERIALIZE_NUMPY)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": answer})
+
+        bare.state = app.state      # serve() reads the app's state (lifecycle, service)
+        return bare
+
+    server.create_app = bare_app
+    sys.argv = ["shoal", *sys.argv[sys.argv.index("--bare-server") + 1:]]
+    shoal_main()
+
+
 def one_round(src: str, args: argparse.Namespace, sentences: list[str]) -> tuple[float, float]:
+    bare = src == BARE
+    pythonpath = [] if bare else [src]
     process, url = start_local_server(args.model_dir, env={
         "SHOAL_NUM_THREADS": str(args.threads), "SHOAL_COMPUTE": args.compute,
         "SHOAL_MODELS": tempfile.mkdtemp(prefix="shoal-ab-"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))})
+        "PYTHONPATH": os.pathsep.join(filter(None, [*pythonpath, os.environ.get("PYTHONPATH")]))},
+        launcher=[sys.executable, __file__, "--bare-server"] if bare else None)
     try:
         asyncio.run(http_flood(url, None, sentences[:64]))
         before = main_thread_cpu_seconds(process.pid)
@@ -52,6 +113,9 @@ def one_round(src: str, args: argparse.Namespace, sentences: list[str]) -> tuple
 
 
 def main() -> None:
+    if "--bare-server" in sys.argv:
+        serve_bare()
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--checkouts", required=True, help="comma-separated src directories")

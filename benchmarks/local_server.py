@@ -23,13 +23,15 @@ def free_port() -> int:
 
 
 def start_local_server(model: str, *args: str, env: dict[str, str] | None = None,
-                       port: int | None = None, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+                       port: int | None = None, timeout: float = 300,
+                       launcher: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     """`shoal serve --model MODEL ARGS…` on 127.0.0.1; returns (process, base URL) once it
-    answers. `env` adds to (and overrides) this process's environment."""
+    answers. `env` adds to (and overrides) this process's environment; `launcher` replaces
+    `python -m shoal` (a script that runs shoal's CLI its own way)."""
     port = port or free_port()
     child_env = {**os.environ, "SHOAL_LOG_LEVEL": "warning",
                  "SHOAL_MODELS": tempfile.mkdtemp(prefix="shoal-bench-"), **(env or {})}
-    process = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--model", model,
+    process = subprocess.Popen([*(launcher or [sys.executable, "-m", "shoal"]), "serve", "--model", model,
                                 "--port", str(port), *args], env=child_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
