@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 from local_server import start_local_server
+from process_cpu import cpu_seconds
 
 DEFAULT_MODEL_FILE = Path.home() / ".cache/shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -62,25 +63,6 @@ async def feed(url: str, headers: dict[str, str], frames: list[int]) -> None:
                 frame, buffer = buffer.split("\n\n", 1)
                 json.loads(frame.partition("data: ")[2])
                 frames[0] += 1
-
-
-def cpu_seconds(pid: int | None) -> tuple[float, float]:
-    """(event-loop thread, whole process) CPU seconds of the server, from /proc; zeros without it."""
-    if pid is None:
-        return 0.0, 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    main = total = 0.0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:         # a thread that just ended
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick     # utime + stime
-        total += seconds
-        if int(tid) == pid:
-            main += seconds
-    return main, total
 
 
 async def generation_tokens(client: httpx.AsyncClient) -> float:

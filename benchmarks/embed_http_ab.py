@@ -24,18 +24,12 @@ import os
 import statistics
 import sys
 import tempfile
-from pathlib import Path
 
 from embed_bench import http_flood, make_sentences
 from local_server import start_local_server
+from process_cpu import cpu_seconds
 
 BARE = "bare"
-
-
-def main_thread_cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve_bare() -> None:
@@ -101,13 +95,13 @@ def one_round(src: str, args: argparse.Namespace, sentences: list[str]) -> tuple
         launcher=[sys.executable, __file__, "--bare-server"] if bare else None)
     try:
         asyncio.run(http_flood(url, None, sentences[:64]))
-        before = main_thread_cpu_seconds(process.pid)
+        before = cpu_seconds(process.pid)[0]
         rates = []
         for _ in range(args.passes):
             rates.append(asyncio.run(http_flood(url, None, sentences)))
         # NOTE: the clients send 1-8 inputs per request, 4.5 on average
         requests = args.passes * len(sentences) / 4.5
-        loop_ms = (main_thread_cpu_seconds(process.pid) - before) / requests * 1e3
+        loop_ms = (cpu_seconds(process.pid)[0] - before) / requests * 1e3
         return statistics.median(rates), loop_ms
     finally:
         process.terminate()

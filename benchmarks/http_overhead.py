@@ -22,6 +22,7 @@ import statistics
 import time
 
 import httpx
+from process_cpu import cpu_seconds
 
 
 def pct(values: list[float], q: float) -> float:
@@ -54,23 +55,6 @@ async def stream_loop(url: str, model: str, max_tokens: int, stop: asyncio.Event
                         counts[0] += len(json.loads(line[6:])["choices"][0]["text"]) > 0
 
 
-def thread_cpu_seconds(pid: int) -> tuple[float, float]:
-    """(main thread, all other threads) CPU seconds of a process, from /proc."""
-    import os
-
-    tick = os.sysconf("SC_CLK_TCK")
-    main = others = 0.0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / tick     # utime + stime
-        if int(tid) == pid:
-            main += seconds
-        else:
-            others += seconds
-    return main, others
-
-
 async def measure(url: str, model: str, concurrency: int, seconds: float, max_tokens: int,
                   pid: int | None = None) -> dict:
     stop = asyncio.Event()
@@ -79,10 +63,10 @@ async def measure(url: str, model: str, concurrency: int, seconds: float, max_to
                for _ in range(concurrency)]
     await asyncio.sleep(2.0 if concurrency else 0)   # let the batch fill
     counts[0] = 0
-    cpu_before = thread_cpu_seconds(pid) if pid else None
+    cpu_before = cpu_seconds(pid) if pid else None
     prober = asyncio.ensure_future(probe(url, stop))
     await asyncio.sleep(seconds)
-    cpu_after = thread_cpu_seconds(pid) if pid else None
+    cpu_after = cpu_seconds(pid) if pid else None
     stop.set()
     latencies = await prober
     for task in streams:
@@ -92,7 +76,9 @@ async def measure(url: str, model: str, concurrency: int, seconds: float, max_to
             "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * pct(latencies, 99),
             "max_ms": 1000 * max(latencies), "stream_chunks_per_s": counts[0] / seconds,
             "cpu_event_loop_s": cpu_after[0] - cpu_before[0] if pid else None,
-            "cpu_engine_and_torch_s": cpu_after[1] - cpu_before[1] if pid else None, "seconds": seconds}
+            # the other threads: the whole process less its event loop
+            "cpu_engine_and_torch_s": ((cpu_after[1] - cpu_after[0]) - (cpu_before[1] - cpu_before[0])
+                                       if pid else None), "seconds": seconds}
 
 
 def main() -> None:
