@@ -12,7 +12,7 @@ by a bare ASGI function in front of the whole app (no middleware, no validation,
 records, no error shapes): what any request path could reach at best.
 
 Each round starts a `shoal serve` of DIR (fast mode by default, 2 threads) and floods it as
-embed_bench.py's HTTP run does: 16 aiohttp clients sending 1-8 inputs each, 4 passes over
+embed_bench.py's HTTP run does: 16 clients (lean_http) sending 1-8 inputs each, 4 passes over
 the sentences; the median pass counts. The event loop's CPU is its thread's (the main
 thread's) user + system time over the passes.
 """

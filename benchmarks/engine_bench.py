@@ -201,24 +201,38 @@ class ShoalTarget:
 
 
 class PeerTarget:
-    """Any OpenAI-compatible server (llama.cpp's llama-server, vLLM)."""
+    """Any OpenAI-compatible server over HTTP (llama.cpp's llama-server, vLLM, shoal serve).
 
-    def __init__(self, name: str, url: str, model: str, pid: int | None) -> None:
-        import httpx
+    The client is lean_http's by default: on a 2-core machine the benchmark's clients share
+    the servers' cores, and 32 httpx streams took about a third of a core at shoal's
+    32-stream rate (docs/benchmarks.md) that the server under test then lacked. `httpx` is
+    kept for comparison (--client httpx)."""
 
+    def __init__(self, name: str, url: str, model: str, pid: int | None,
+                 client: str = "lean") -> None:
         self.name = name
         self.url = url.rstrip("/")
         self.model = model
         self.pid = pid
-        # NOTE: no keep-alive: llama-server closes idle connections, and a reused, closed one
-        # fails the next request ("server disconnected") through no fault of the server.
-        self.client = httpx.AsyncClient(timeout=600, limits=httpx.Limits(
-            max_connections=256, max_keepalive_connections=0))
+        self.client_kind = client
+        self.client = None
+        if client == "httpx":
+            import httpx
 
-    async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            # NOTE: no keep-alive: llama-server closes idle connections, and a reused, closed
+            # one fails the next request ("server disconnected") through no fault of the server.
+            self.client = httpx.AsyncClient(timeout=600, limits=httpx.Limits(
+                max_connections=256, max_keepalive_connections=0))
+
+    def body(self, prompt: str, max_tokens: int) -> dict:
+        return {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                 "temperature": 0, "ignore_eos": True, "cache_prompt": False,
                 "stream_options": {"include_usage": True}}
+
+    async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
+        if self.client is None:
+            return await self._stream_lean(prompt, max_tokens)
+        body = self.body(prompt, max_tokens)
         start = time.perf_counter()
         times: list[float] = []
         usage_tokens = None
@@ -237,6 +251,30 @@ class PeerTarget:
         return RequestRecord(times[0] - start, [b - a for a, b in zip(times, times[1:])], tokens,
                              times[-1] - start)
 
+    async def _stream_lean(self, prompt: str, max_tokens: int) -> RequestRecord:
+        import orjson
+        from lean_http import post_events
+
+        times: list[float] = []
+        usage: list[int] = []
+
+        def on_event(event: bytes, arrived: float) -> None:
+            if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                return
+            data = orjson.loads(event[6:])
+            if data.get("usage"):
+                usage.append(data["usage"].get("completion_tokens"))
+            choices = data.get("choices") or []
+            if choices and choices[0].get("text"):
+                times.append(arrived)
+
+        start = time.perf_counter()
+        await post_events(self.url, "/v1/completions", orjson.dumps(self.body(prompt, max_tokens)),
+                          on_event)
+        tokens = usage[-1] if usage and usage[-1] is not None else len(times)
+        return RequestRecord(times[0] - start, [b - a for a, b in zip(times, times[1:])], tokens,
+                             times[-1] - start)
+
     def rss_peak_mb(self) -> float:
         if not self.pid:
             return float("nan")
@@ -246,7 +284,8 @@ class PeerTarget:
         return float("nan")
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
 
 
 def process_tree(pid: int) -> list[int]:
@@ -307,9 +346,10 @@ async def closed_loop(target, concurrency: int, requests_per_client: int, max_to
             except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
                 errors.append(type(exc).__name__)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     await asyncio.gather(*[client(c) for c in range(concurrency)])
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     extra_trace = _trace_window(target, start, start + wall)
     itls = [x for rec in records for x in rec.itls]
     ttfts = [rec.ttft for rec in records]
@@ -318,6 +358,9 @@ async def closed_loop(target, concurrency: int, requests_per_client: int, max_to
                          pct(ttfts, 50), pct(ttfts, 99), pct(itls, 50), pct(itls, 99),
                          max(itls, default=float("nan")))
     result.extra["errors"] = len(errors)
+    # this process's CPU: the clients' for a server over HTTP (what they take from it on a
+    # machine they share), the engine's too for in-process shoal
+    result.extra["bench_process_cores"] = cpu / wall
     if extra_trace:
         result.extra["trace"] = extra_trace
     return result
@@ -385,7 +428,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     for spec in args.peer:
         name, _, url = spec.partition("=")
         pid = pids.get(name)
-        targets.append(PeerTarget(name, url, args.peer_model, int(pid) if pid else None))
+        targets.append(PeerTarget(name, url, args.peer_model, int(pid) if pid else None,
+                                  args.client))
     results: list[LevelResult] = []
     stop_watch = asyncio.Event()
     watchers = [asyncio.create_task(t.trace.watch_loop(stop_watch)) for t in targets
@@ -417,6 +461,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                   f"{res.itl_p50 * 1e3:6.1f}ms p99 {res.itl_p99 * 1e3:6.1f}ms max "
                   f"{res.itl_max * 1e3:6.1f}ms  RSS {res.extra['rss_peak_mb']:.0f}MB"
                   f"  p99/p50 {res.itl_p99 / res.itl_p50:.2f}"
+                  f"  bench CPU {res.extra['bench_process_cores']:.2f} cores"
                   f"{'  ERRORS %d' % res.extra['errors'] if res.extra['errors'] else ''}", flush=True)
             if "trace" in res.extra:
                 print(format_summary(f"c={level}", res.extra["trace"]), flush=True)
@@ -465,6 +510,8 @@ def main() -> int:
                         help="total requests per level (default: 2 per client)")
     parser.add_argument("--peer", action="append", default=[], help="NAME=URL of an OpenAI-compatible server")
     parser.add_argument("--peer-model", default="smollm2")
+    parser.add_argument("--client", default="lean", choices=("lean", "httpx"),
+                        help="the peers' HTTP client: lean_http's (default) or httpx")
     parser.add_argument("--peer-pid", action="append", default=[],
                         help="NAME=PID of a peer's server process, for its peak RSS")
     parser.add_argument("--long-prompt-tokens", type=int, default=1300)
