@@ -13,6 +13,7 @@ machines without the C++ kernels, and the reference the kernels are tested again
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -165,8 +166,23 @@ class PackedLinear(nn.Module):
             tiles = repack(weight)
         self.register_buffer("tiles", tiles)
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
-        self.kernels = None        # the C++ kernels once the runner has them
+        self.kernels = None        # the C++ kernels once the runner has them (use_kernels)
+        self.unpacked: torch.Tensor | None = None   # the AMX path's copy (use_kernels)
         self._twin: tuple | None = None   # float values and scales for the PyTorch path
+
+    def use_kernels(self, kernels, amx_unpacked: bool | None = None) -> None:
+        """Computes on `kernels` (None: the PyTorch twin). With `amx_unpacked` (default: unless
+        SHOAL_AMX_UNPACKED=0), also keeps the weight as the AMX path's tiles where that path
+        runs: batches of 8-64 rows then skip unpacking it on every call, for ~2x a Q4 weight's
+        bytes (docs/benchmarks.md). The same bits either way."""
+        self.kernels = kernels
+        if amx_unpacked is None:
+            amx_unpacked = os.environ.get("SHOAL_AMX_UNPACKED", "1") != "0"
+        if kernels is None or not amx_unpacked:
+            self.unpacked = None
+        elif self.unpacked is None:
+            self.unpacked = kernels.packed_unpack(self.ggml_type, self.tiles, self.out_features,
+                                                  self.in_features)
 
     @property
     def type_name(self) -> str:
@@ -185,7 +201,7 @@ class PackedLinear(nn.Module):
         """From rows already quantized per block (the fused path's norm + quantize kernels)."""
         if self.kernels is not None:
             return self.kernels.packed_linear(self.ggml_type, self.tiles, self.out_features,
-                                              self.in_features, q, d, s, self.bias)
+                                              self.in_features, q, d, s, self.bias, self.unpacked)
         if self._twin is None:
             # NOTE: the PyTorch path holds float copies (exact mode's memory), built on first use.
             vals, dw, mw = unpack(self.tiles, self.ggml_type, self.out_features)
