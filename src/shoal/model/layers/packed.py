@@ -172,13 +172,16 @@ class PackedLinear(nn.Module):
 
     def use_kernels(self, kernels, amx_unpacked: bool | None = None) -> None:
         """Computes on `kernels` (None: the PyTorch twin). With `amx_unpacked` (default: unless
-        SHOAL_AMX_UNPACKED=0), also keeps the weight as the AMX path's tiles where that path
-        runs: batches of 8-64 rows then skip unpacking it on every call, for ~2x a Q4 weight's
-        bytes (docs/benchmarks.md). The same bits either way."""
+        SHOAL_AMX_UNPACKED=0), a Q8_0 weight also keeps a copy as the AMX path's tiles where
+        that path runs (batches of 8+ rows), which then reads it instead of unpacking the
+        weight on every call: the same bits, ~1.06x the weight's bytes more memory."""
         self.kernels = kernels
         if amx_unpacked is None:
             amx_unpacked = os.environ.get("SHOAL_AMX_UNPACKED", "1") != "0"
-        if kernels is None or not amx_unpacked:
+        # NOTE: Q8_0 only. A Q4 weight's copy is twice its bytes (nibbles widened to bytes):
+        # reading that from memory each step cost more than the unpacking it saves (a decode
+        # step at 16 or 32 streams 1-5% slower; docs/benchmarks.md).
+        if kernels is None or not amx_unpacked or self.ggml_type != Q8_0:
             self.unpacked = None
         elif self.unpacked is None:
             self.unpacked = kernels.packed_unpack(self.ggml_type, self.tiles, self.out_features,
