@@ -175,15 +175,15 @@ class PackedLinear(nn.Module):
         SHOAL_AMX_UNPACKED=0), a Q8_0 weight also keeps a copy as the AMX path's tiles where
         that path runs (batches of 8+ rows), which then reads it instead of unpacking the
         weight on every call: the same bits, ~1.06x the weight's bytes more memory."""
-        self.kernels = kernels
+        previous, self.kernels = self.kernels, kernels
         if amx_unpacked is None:
             amx_unpacked = os.environ.get("SHOAL_AMX_UNPACKED", "1") != "0"
         # NOTE: Q8_0 only. A Q4 weight's copy is twice its bytes (nibbles widened to bytes):
-        # reading that from memory each step cost more than the unpacking it saves (a decode
-        # step at 16 or 32 streams 1-5% slower; docs/benchmarks.md).
+        # streaming that every step cost more than the unpacking it saves (decode steps at 16
+        # and 32 streams up to 6% slower; docs/benchmarks.md).
         if kernels is None or not amx_unpacked or self.ggml_type != Q8_0:
             self.unpacked = None
-        elif self.unpacked is None:
+        elif self.unpacked is None or kernels is not previous:   # another build: its own say
             self.unpacked = kernels.packed_unpack(self.ggml_type, self.tiles, self.out_features,
                                                   self.in_features)
 
