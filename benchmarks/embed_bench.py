@@ -8,8 +8,10 @@
     1-8 inputs per /v1/embeddings request until the N sentences are done.
 Each measurement runs in its own process (same thread count) so its peak RSS is its own,
 and is repeated (--repeats, default 3): the median counts. One pass over 2,000 sentences
-lasts about a second, and this host's speed drifts over seconds (a single pass of shoal's
-offline encoder measured anywhere from 1.25k to 2.2k sentences/s in consecutive runs).
+lasts about a second, and this host's speed drifts over seconds and minutes (a single pass
+of shoal's offline encoder measured anywhere from 1.25k to 2.2k sentences/s in consecutive
+runs, and 2.1k then 2.8k in runs five minutes apart), so per compute mode the offline and
+HTTP timings alternate round by round, and the HTTP/offline ratio is each round's, medianed.
 (c) with --mixed: 8 chat streams on SmolLM2 alone, then with an embedding flood (16 clients
     on all-minilm in the same server): the chat's inter-token latency P99 both ways.
 
@@ -117,9 +119,10 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def in_child(args: argparse.Namespace, what: str) -> dict:
+def in_child(args: argparse.Namespace, what: str, repeats: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--model-dir", args.model_dir, "--threads", str(args.threads),
-           "--sentences", str(args.sentences), "--repeats", str(args.repeats), "--child", what]
+           "--sentences", str(args.sentences), "--repeats", str(repeats or args.repeats),
+           "--child", what]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -238,27 +241,42 @@ def main() -> None:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    rows = {"sentence-transformers encode(batch 32)": in_child(args, "st"),
-            "shoal offline, exact": in_child(args, "shoal:exact"),
-            "shoal offline, fast": in_child(args, "shoal:fast")}
+    """Per compute mode, rounds of (offline, HTTP float, HTTP base64) one after the other
+    with the server up (idle while the offline child runs): the machine's speed drifts by a
+    quarter over minutes here, and a ratio of runs minutes apart measured the drift."""
+    rows = {"sentence-transformers encode(batch 32)": in_child(args, "st")}
     sentences = make_sentences(args.sentences)
+    ratios: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as store:
         for compute in ("exact", "fast"):
             server = start_server(args.model_dir, args.port, args.threads, compute, store)
+            offline_rows: list[dict] = []
+            rates: dict[str, list[float]] = {"": [], ", base64": []}
             try:
                 url = f"http://127.0.0.1:{args.port}"
                 asyncio.run(http_flood(url, None, sentences[:64]))       # warm-up
-                # the openai SDK asks for base64 unless told otherwise
-                for fmt, suffix in (("float", ""), ("base64", ", base64")):
-                    rates = [asyncio.run(http_flood(url, None, sentences, encoding_format=fmt))
-                             for _ in range(args.repeats)]
-                    rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}{suffix}"] = {
-                        "sentences_per_s": statistics.median(rates),
-                        "all_per_s": [round(r) for r in rates],
-                        "peak_rss_mib": server_peak_rss_mib(server.pid)}
+                for _ in range(args.repeats):
+                    offline_rows.append(in_child(args, f"shoal:{compute}", repeats=1))
+                    offline = offline_rows[-1]["sentences_per_s"]
+                    # the openai SDK asks for base64 unless told otherwise
+                    for fmt, suffix in (("float", ""), ("base64", ", base64")):
+                        rate = asyncio.run(http_flood(url, None, sentences, encoding_format=fmt))
+                        rates[suffix].append(rate)
+                        ratios.setdefault(f"HTTP{suffix} / offline ({compute})", []).append(
+                            rate / offline)
+                peak = server_peak_rss_mib(server.pid)
             finally:
                 server.terminate()
                 server.wait(30)
+            offline_rates = [row["sentences_per_s"] for row in offline_rows]
+            rows[f"shoal offline, {compute}"] = {
+                "sentences_per_s": statistics.median(offline_rates),
+                "all_per_s": [round(r) for r in offline_rates],
+                "peak_rss_mib": max(row["peak_rss_mib"] for row in offline_rows)}
+            for suffix, values in rates.items():
+                rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}{suffix}"] = {
+                    "sentences_per_s": statistics.median(values),
+                    "all_per_s": [round(r) for r in values], "peak_rss_mib": peak}
     base = rows["sentence-transformers encode(batch 32)"]["sentences_per_s"]
     print(f"| run | sentences/s (median of {args.repeats}) | each run | vs sentence-transformers "
           "| peak RSS MiB |")
@@ -267,11 +285,9 @@ def throughput(args: argparse.Namespace) -> None:
         runs = " / ".join(str(r) for r in row.get("all_per_s", []))
         print(f"| {name} | {row['sentences_per_s']:.0f} | {runs} | "
               f"{row['sentences_per_s'] / base:.2f}x | {row['peak_rss_mib']:.0f} |")
-    for compute in ("exact", "fast"):
-        offline = rows[f"shoal offline, {compute}"]["sentences_per_s"]
-        for suffix in ("", ", base64"):
-            http = rows[f"shoal HTTP, 16 clients x 1-8 inputs, {compute}{suffix}"]["sentences_per_s"]
-            print(f"HTTP{suffix} / offline ({compute}): {http / offline:.2f}")
+    for name, values in ratios.items():
+        each = " / ".join(f"{v:.2f}" for v in values)
+        print(f"{name}: {statistics.median(values):.2f} (median of the rounds' ratios: {each})")
 
 
 def mixed_load(args: argparse.Namespace) -> None:
