@@ -12,10 +12,7 @@ process and its children) is stopped (SIGSTOP) while one target is measured, and
 after: one server at a time, as the issues' tables are measured, with levels still
 interleaved; an idle server's own wake-ups then take nothing from the one measured.
 `--ab-kernels OLD.so` runs every shoal measurement twice, with the
-C++ kernels of an earlier build (before) and then this checkout's (after), interleaved (the
-library must take this checkout's C interface). `--ab-amx-unpacked` runs every shoal
-measurement without and then with the packed linears' pre-unpacked AMX copies
-(PackedLinear.use_kernels), interleaved.
+C++ kernels of an earlier build (before) and then this checkout's (after), interleaved.
 
 shoal runs in-process through AsyncEngine, its client in the same process; for the same
 client over HTTP, pass a `shoal serve` as a peer and --skip-shoal (as the issue 18 runs do).
@@ -163,15 +160,6 @@ class ShoalTarget:
             self.use_f32_kernel(bool(variant))
         elif args.ab_kernels:
             self.use_kernel_library(None if variant else args.ab_kernels)
-        elif args.ab_amx_unpacked:
-            self.use_amx_unpacked(bool(variant))
-
-    def use_amx_unpacked(self, on: bool) -> None:
-        """Fast mode: the packed linears read their pre-unpacked AMX copies (on) or unpack
-        per call (off, the path before them); the engine is idle while it switches."""
-        runner = self.engine.core.runner
-        runner.model.enable_fused_int8(runner.kernels, amx_unpacked=on)
-        self.name = f"shoal-{self.compute}" + ("" if on else "-unpacking")
 
     def use_f32_kernel(self, on: bool) -> None:
         """Exact mode: float32 linears through the C++ kernel (on) or MKL's sgemm (off, the
@@ -450,8 +438,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         await closed_loop(t, 2, 1, 16, offset=90000)
     if not args.levels:
         print("no concurrency levels: long-prompt checks only")
-    ab = args.ab_f32_kernel or args.ab_kernels or args.ab_amx_unpacked
-    variants = (False, True) if ab else (None,)
+    variants = (False, True) if args.ab_f32_kernel or args.ab_kernels else (None,)
 
     def runs():
         """(target, variant) pairs in the interleaved order, each target switched to its variant
@@ -546,9 +533,6 @@ def main() -> int:
     parser.add_argument("--ab-f32-kernel", action="store_true",
                         help="exact mode: run each level with MKL's sgemm (before) and then the "
                              "C++ float32 kernel (after)")
-    parser.add_argument("--ab-amx-unpacked", action="store_true",
-                        help="fast mode: run each level with the packed linears unpacking per "
-                             "call (before) and then reading their pre-unpacked AMX copies")
     parser.add_argument("--trace", action="store_true",
                         help="shoal: time every engine step, garbage collection and the asyncio "
                              "loop's lag, and print each level's slowest steps (step_trace.py)")

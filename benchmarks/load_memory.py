@@ -8,17 +8,11 @@ reading, packing or dequantizing + calibrating, and the KV cache plan), then run
 (VmHWM). The kernels are built before the first round so no round pays for a compile.
 
     python benchmarks/load_memory.py --recipes packed,int8 --rounds 3 --streams 32
-
-`--amx-unpacked 0,1` runs each recipe once per value of SHOAL_AMX_UNPACKED (the packed
-linears' pre-unpacked AMX copies off and on), interleaved too.
-
-    python benchmarks/load_memory.py --recipes packed --amx-unpacked 0,1 --rounds 3
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -44,28 +38,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--amx-unpacked", default="",
-                        help="comma-separated SHOAL_AMX_UNPACKED values to run each recipe with")
     args = parser.parse_args()
-    flags = [f.strip() for f in args.amx_unpacked.split(",") if f.strip()]
-    # (label, recipe, SHOAL_AMX_UNPACKED or None: the environment's)
-    variants = [(r.strip() + (f" amx_unpacked={f}" if f else ""), r.strip(), f or None)
-                for r in args.recipes.split(",") if r.strip() for f in flags or [""]]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     warm = "from shoal.model.kernels.cpu import load_cpu_kernels; load_cpu_kernels()"
     subprocess.run([sys.executable, "-c", warm], check=True)
-    runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+    runs: dict[str, list[dict]] = {r: [] for r in recipes}
     for round_ in range(args.rounds):
-        for label, recipe, flag in variants:
-            env = dict(os.environ, **({"SHOAL_AMX_UNPACKED": flag} if flag else {}))
+        for recipe in recipes:
             out = subprocess.run([sys.executable, "-c", CHILD, recipe, str(args.streams),
-                                  str(args.max_tokens)], check=True, capture_output=True,
-                                 text=True, env=env)
+                                  str(args.max_tokens)], check=True, capture_output=True, text=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            runs[label].append(row)
-            print(f"round {round_ + 1} {label:7s} load {row['load_s']:.2f}s  weights "
+            runs[recipe].append(row)
+            print(f"round {round_ + 1} {recipe:7s} load {row['load_s']:.2f}s  weights "
                   f"{row['weights_mb']:.0f} MB  peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-    for label, rows in runs.items():
-        print(f"{label:7s} median load {statistics.median(r['load_s'] for r in rows):.2f}s, "
+    for recipe, rows in runs.items():
+        print(f"{recipe:7s} median load {statistics.median(r['load_s'] for r in rows):.2f}s, "
               f"median peak RSS at {args.streams} streams "
               f"{statistics.median(r['peak_rss_mb'] for r in rows):.0f} MB")
     return 0

@@ -115,48 +115,6 @@ def test_every_isa_variant_matches_the_pytorch_twin_bit_for_bit(variant, ggml_ty
     assert (twin - reference)[keep].abs().max() < 0.02 * reference.abs().max()
 
 
-# (out, in): 1, 5 (odd: a pair's missing half), 6 and 525 groups (over 2 MB a thread: not
-# unpacked whole by the per-call path); batches below, at and past the 64-row chunk.
-COPY_SHAPES = [(8, 64), (37, 96), (45, 160), (4200, 1024)]
-
-
-@pytest.mark.parametrize("ggml_type", TYPES)
-@pytest.mark.parametrize("n, k", COPY_SHAPES)
-def test_the_pre_unpacked_amx_copy_gives_the_same_bits(variant, ggml_type, n, k):
-    """packed_unpack's copy of the AMX path's tiles: made only where that path runs, and then
-    the same bits as unpacking per call (and as the PyTorch twin), whatever the type."""
-    layer = PackedLinear(random_packed(ggml_type, n, k, seed=3),
-                         bias=torch.randn(n, generator=torch.Generator().manual_seed(4)))
-    q, d, s = quant_blocks_torch(torch.randn(200, k, generator=torch.Generator().manual_seed(5)))
-    twin = layer.forward_quantized(q, d, s)
-    copy = variant.packed_unpack(ggml_type, layer.tiles, n, k)
-    if not variant.isa.name.endswith("-amx"):
-        assert copy is None
-        return
-    for rows in (1, 8, 9, 16, 33, 64, 65, 200):
-        args = (ggml_type, layer.tiles, n, k, q[:rows], d[:rows], s[:rows], layer.bias)
-        per_call, with_copy = variant.packed_linear(*args), variant.packed_linear(*args, copy)
-        assert torch.equal(with_copy, per_call) and torch.equal(with_copy, twin[:rows]), rows
-
-
-def test_only_q8_0_weights_keep_an_amx_copy_and_it_follows_its_switch(monkeypatch):
-    ops = load_cpu_kernels()
-    q8, q4 = PackedLinear(random_packed(8, 16, 64)), PackedLinear(random_packed(3, 16, 64))
-    monkeypatch.setenv("SHOAL_AMX_UNPACKED", "0")
-    q8.use_kernels(ops)
-    assert q8.unpacked is None and q8.kernels is ops
-    monkeypatch.delenv("SHOAL_AMX_UNPACKED")
-    q8.use_kernels(ops)
-    q4.use_kernels(ops)
-    assert (q8.unpacked is not None) == ops.int8_gemm_ready   # AMX here: a copy
-    assert q4.unpacked is None and q4.kernels is ops   # twice its bytes: it would not pay
-    q8.use_kernels(ops, amx_unpacked=False)
-    assert q8.unpacked is None
-    with pytest.raises(ValueError, match="unpacked"):
-        q, d, s = ops.quant_blocks(torch.randn(8, 64))
-        ops.packed_linear(8, q8.tiles, 16, 64, q, d, s, None, torch.zeros(64, dtype=torch.uint8))
-
-
 def layer_bytes(layer: PackedLinear, ggml_type: int, n: int, k: int) -> torch.Tensor:
     """The GGUF bytes back from the tiles (through the numbers), for the float reference."""
     vals, d, m = unpack(layer.tiles, ggml_type, n)
@@ -330,13 +288,6 @@ def test_the_one_call_layer_stack_is_the_per_op_path_bit_for_bit(tmp_path, arch,
         model.stack = stack
     assert stacked == per_op
     assert alone[0] == stacked[1]
-    # Q8_0 linears' AMX copies (where AMX runs) reach the stack's table, and change no bit
-    ops = llm.engine.runner.kernels
-    copies = model.stack.tables(llm.engine.runner.kv_caches)[0][:, 16:]
-    assert bool((copies != 0).all()) == (ops.int8_gemm_ready and qtype == "Q8_0")
-    model.enable_fused_int8(ops, amx_unpacked=False)
-    assert bool((model.stack.tables(llm.engine.runner.kv_caches)[0][:, 16:] == 0).all())
-    assert run(prompts) == stacked
 
 
 def test_the_int8_recipe_keeps_the_per_op_path(tiny_llama_gguf):

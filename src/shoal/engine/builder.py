@@ -132,7 +132,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore | EncoderCore, E
         # (the same bits as the PyTorch twin they replace).
         for module in loaded.model.modules():
             if isinstance(module, PackedLinear):
-                module.use_kernels(load_cpu_kernels())
+                module.kernels = load_cpu_kernels()
     if config.compute == "exact" and device.type == "cpu":
         kernels = runner.kernels or load_cpu_kernels()
         if kernels is not None:

@@ -186,10 +186,9 @@ class DecoderLayer(nn.Module):
         self.mlp_out_norm = (_norm(weights.pop(names["mlp_out_norm"]), config)
                              if "mlp_out_norm" in names else None)
 
-    def enable_fused_int8(self, kernels, amx_unpacked: bool | None = None) -> None:
+    def enable_fused_int8(self, kernels) -> None:
         """Switches to the fused C++ path; call once the linears are Int8Linear (after
-        calibration) or PackedLinear (GGUF blocks, per-block activation quantizers; their AMX
-        copies as PackedLinear.use_kernels says)."""
+        calibration) or PackedLinear (GGUF blocks, per-block activation quantizers)."""
         self.kernels = kernels
         self.packed = isinstance(self.attention.qkv_proj, PackedLinear)
         # NOTE: each input norm's weight is divided by the smoothing factors of the linear it
@@ -198,7 +197,7 @@ class DecoderLayer(nn.Module):
         self.mlp_weight = _folded(self.mlp_norm, self.mlp.gate_up_proj)
         for linear in self.modules():
             if isinstance(linear, PackedLinear):
-                linear.use_kernels(kernels, amx_unpacked)
+                linear.kernels = kernels
         self.attention.enable_fused_int8()
         self.mlp.enable_fused_int8(kernels)
 
@@ -315,14 +314,11 @@ class CausalLM(nn.Module):
         else:
             self.rope_local = self.rope_global
 
-    def enable_fused_int8(self, kernels, amx_unpacked: bool | None = None) -> None:
-        """Routes fast-mode forward passes through the fused C++ ops (when the runner has them);
-        `amx_unpacked`: PackedLinear.use_kernels' switch (the benchmarks' A/B)."""
+    def enable_fused_int8(self, kernels) -> None:
+        """Routes fast-mode forward passes through the fused C++ ops (when the runner has them)."""
         for layer in self.layers:
-            layer.enable_fused_int8(kernels, amx_unpacked)
-        if isinstance(self.lm_head, PackedLinear):
-            self.lm_head.use_kernels(kernels, amx_unpacked)
-        elif isinstance(self.lm_head, Int8Linear):
+            layer.enable_fused_int8(kernels)
+        if isinstance(self.lm_head, (Int8Linear, PackedLinear)):
             self.lm_head.kernels = kernels
         self.fused = True
         self._use_stack()

@@ -239,7 +239,7 @@ class CpuKernels:
                      # packed_linear.cpp
                      "packed_linear", "quant_blocks", "rms_norm_quant_blocks",
                      "rms_norm_add_norm_quant_blocks", "act_mul_quant_blocks", "packed_repack",
-                     "packed_rows", "packed_unpack", "packed_unpacked_bytes",
+                     "packed_rows",
                      # decoder_stack.cpp
                      "decoder_stack", "set_work_pool",
                      # encoder_ops.cpp
@@ -500,32 +500,11 @@ class CpuKernels:
                           out.data_ptr())
         return out
 
-    def packed_unpack(self, ggml_type: int, packed: torch.Tensor, out_features: int,
-                      in_features: int) -> torch.Tensor | None:
-        """The packed tiles as the AMX path reads them (uint8, ~2x a Q4 weight's bytes), for
-        packed_linear's `unpacked`; None where that path cannot run (no AMX): nothing to gain."""
-        _need(ggml_type in _PACKED_GGML_TYPES, "packed_unpack: Q4_0, Q4_1 or Q8_0 weights only")
-        _need(packed.dtype == torch.uint8 and packed.is_contiguous() and packed.dim() == 3
-              and packed.shape[0] * 8 >= out_features and packed.shape[1] * 32 == in_features,
-              "packed_unpack: the weight's tiles")
-        size = self._packed_unpacked_bytes(ggml_type, out_features, in_features)
-        if size == 0:
-            return None
-        out = torch.empty(size, dtype=torch.uint8)
-        _need(out.data_ptr() % 64 == 0, "packed_unpack: 64-byte aligned memory expected")
-        self._packed_unpack(ggml_type, packed.data_ptr(), out_features, in_features, out.data_ptr())
-        return out
-
     def packed_linear(self, ggml_type: int, packed, out_features: int, in_features: int,
-                      q, d, s, bias, unpacked: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-block int8 rows (q, d, s) times a weight packed by layers/packed.py -> [M, N];
-        `unpacked`: the weight's packed_unpack copy (the same bits, faster on AMX)."""
+                      q, d, s, bias) -> torch.Tensor:
+        """Per-block int8 rows (q, d, s) times a weight packed by layers/packed.py -> [M, N]."""
         _need(ggml_type in _PACKED_GGML_TYPES, "packed_linear: Q4_0, Q4_1 or Q8_0 weights only")
         _need(packed.dtype == torch.uint8 and packed.is_contiguous(), "packed weights: contiguous uint8")
-        _need(unpacked is None or (unpacked.dtype == torch.uint8 and unpacked.is_contiguous()
-                                   and unpacked.numel() == self._packed_unpacked_bytes(
-                                       ggml_type, out_features, in_features)),
-              "packed_linear: `unpacked` is not this weight's packed_unpack copy")
         _need(q.dtype == torch.int8 and s.dtype == torch.int32, "packed_linear: quantized rows")
         q, d, s = q.contiguous(), _f32(d, "block scales"), s.contiguous()
         M, K = q.shape
@@ -534,10 +513,9 @@ class CpuKernels:
         has_bias = bias is not None and bias.numel() == out_features
         bias = _f32(bias, "bias") if has_bias else None
         out = torch.empty(M, out_features)
-        self._packed_linear(ggml_type, packed.data_ptr(),
-                            0 if unpacked is None else unpacked.data_ptr(), out_features, K,
-                            q.data_ptr(), d.data_ptr(), s.data_ptr(),
-                            bias.data_ptr() if has_bias else 0, M, out.data_ptr())
+        self._packed_linear(ggml_type, packed.data_ptr(), out_features, K, q.data_ptr(),
+                            d.data_ptr(), s.data_ptr(), bias.data_ptr() if has_bias else 0, M,
+                            out.data_ptr())
         return out
 
     def decoder_stack(self, kind: str, table: torch.Tensor, dims: torch.Tensor, eps: float,

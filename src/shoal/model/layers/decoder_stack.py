@@ -19,7 +19,7 @@ import torch
 from shoal.model.layers.linear import ExactLinear
 from shoal.model.layers.packed import PackedLinear
 
-_FIELDS = 20   # decoder_stack.cpp's Field enum
+_FIELDS = 16   # decoder_stack.cpp's Field enum
 _F32 = 0       # GGML's type code for float32: an exact-mode weight in the table
 # paged_attention.cpp's kv_type codes (the KV cache element types the stack reads)
 _KV_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -93,9 +93,6 @@ class DecoderStack:
                 return linear.ggml_type, p(linear.tiles)
             return _F32, p(linear.weight)
 
-        def unpacked(linear) -> int:   # the AMX copy of a packed weight, if it has one
-            return p(linear.unpacked) if self.kind == "packed" else 0
-
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             # NOTE: what kernels/cpu.py checks per call on the Python path, checked once here.
             if not (k_cache.dim() == 4 and k_cache.shape[3] == 16 and k_cache.is_contiguous()
@@ -111,7 +108,7 @@ class DecoderStack:
             mlp_norm = layer.mlp_weight if self.kind == "packed" else layer.mlp_norm.weight
             rows.append([p(attn_norm), p(mlp_norm), *weight(qkv), p(qkv.bias), *weight(o),
                          *weight(gate_up), *weight(down), p(k_cache), p(v_cache), p(rope.cos),
-                         p(rope.sin), layer.window, *map(unpacked, (qkv, o, gate_up, down))])
+                         p(rope.sin), layer.window])
         table = torch.tensor(rows, dtype=torch.int64)
         assert table.shape[1] == _FIELDS
         k0 = kv_caches[0][0]

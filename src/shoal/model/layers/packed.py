@@ -13,7 +13,6 @@ machines without the C++ kernels, and the reference the kernels are tested again
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -166,26 +165,8 @@ class PackedLinear(nn.Module):
             tiles = repack(weight)
         self.register_buffer("tiles", tiles)
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
-        self.kernels = None        # the C++ kernels once the runner has them (use_kernels)
-        self.unpacked: torch.Tensor | None = None   # the AMX path's copy (use_kernels)
+        self.kernels = None        # the C++ kernels once the runner has them
         self._twin: tuple | None = None   # float values and scales for the PyTorch path
-
-    def use_kernels(self, kernels, amx_unpacked: bool | None = None) -> None:
-        """Computes on `kernels` (None: the PyTorch twin). With `amx_unpacked` (default: unless
-        SHOAL_AMX_UNPACKED=0), a Q8_0 weight also keeps a copy as the AMX path's tiles where
-        that path runs (batches of 8+ rows), which then reads it instead of unpacking the
-        weight on every call: the same bits, ~1.06x the weight's bytes more memory."""
-        previous, self.kernels = self.kernels, kernels
-        if amx_unpacked is None:
-            amx_unpacked = os.environ.get("SHOAL_AMX_UNPACKED", "1") != "0"
-        # NOTE: Q8_0 only. A Q4 weight's copy is twice its bytes (nibbles widened to bytes):
-        # streaming that every step cost more than the unpacking it saves (decode steps at 16
-        # and 32 streams up to 6% slower; docs/benchmarks.md).
-        if kernels is None or not amx_unpacked or self.ggml_type != Q8_0:
-            self.unpacked = None
-        elif self.unpacked is None or kernels is not previous:   # another build: its own say
-            self.unpacked = kernels.packed_unpack(self.ggml_type, self.tiles, self.out_features,
-                                                  self.in_features)
 
     @property
     def type_name(self) -> str:
@@ -204,7 +185,7 @@ class PackedLinear(nn.Module):
         """From rows already quantized per block (the fused path's norm + quantize kernels)."""
         if self.kernels is not None:
             return self.kernels.packed_linear(self.ggml_type, self.tiles, self.out_features,
-                                              self.in_features, q, d, s, self.bias, self.unpacked)
+                                              self.in_features, q, d, s, self.bias)
         if self._twin is None:
             # NOTE: the PyTorch path holds float copies (exact mode's memory), built on first use.
             vals, dw, mw = unpack(self.tiles, self.ggml_type, self.out_features)

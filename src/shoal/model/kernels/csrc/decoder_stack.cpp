@@ -27,12 +27,10 @@ namespace {
 
 // The fields of one layer's row in the table (model/layers/decoder_stack.py writes them).
 // A weight is packed GGUF tiles (fast) or a float32 [N, K] matrix (exact; its type is 0, F32).
-// A packed weight's Unpacked field: its AMX copy (shoal_packed_unpack) or 0.
 enum Field : int64_t {
   kAttnNorm, kMlpNorm,   // the input norms' float32 weights [K]
   kQkvType, kQkvWeight, kQkvBias, kOType, kOWeight, kGateUpType, kGateUpWeight, kDownType,
   kDownWeight, kKCache, kVCache, kCos, kSin, kWindow,
-  kQkvUnpacked, kOUnpacked, kGateUpUnpacked, kDownUnpacked,
   kFields
 };
 
@@ -86,27 +84,25 @@ void packed_stack(const Stack& s) {
   std::vector<float> xd(T * widest / 32), qkv(T * W), proj(T * K), gate_up(T * 2 * I);
   std::vector<int32_t> xs(T * widest / 32);
   Attention attention(s);
-  // A packed weight's fields: its type, tiles and AMX copy.
-  auto linear = [&](const int64_t* f, Field type, Field weight, Field unpacked, int64_t n,
-                    int64_t k, const float* bias, float* y) {
-    shoal_packed_linear(static_cast<int32_t>(f[type]), ptr<uint8_t>(f[weight]),
-                        ptr<uint8_t>(f[unpacked]), n, k, xq.data(), xd.data(), xs.data(), bias, T,
-                        y);
+  auto linear = [&](const int64_t* f, Field type, Field weight, int64_t n, int64_t k,
+                    const float* bias, float* y) {
+    shoal_packed_linear(static_cast<int32_t>(f[type]), ptr<uint8_t>(f[weight]), n, k, xq.data(),
+                        xd.data(), xs.data(), bias, T, y);
   };
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t* f = s.table + l * kFields;
     // the previous layer's MLP output joins the stream (the first layer's stream is the input)
     shoal_rms_norm_quant_blocks(l == 0 ? s.residual : s.out, s.residual, ptr<float>(f[kAttnNorm]),
                                 T, K, s.eps, l == 0 ? 0 : 1, xq.data(), xd.data(), xs.data());
-    linear(f, kQkvType, kQkvWeight, kQkvUnpacked, W, K, ptr<float>(f[kQkvBias]), qkv.data());
+    linear(f, kQkvType, kQkvWeight, W, K, ptr<float>(f[kQkvBias]), qkv.data());
     attention.run(s, f, qkv.data());
     shoal_quant_blocks(attention.out.data(), T, A, xq.data(), xd.data(), xs.data());
-    linear(f, kOType, kOWeight, kOUnpacked, K, A, nullptr, proj.data());
+    linear(f, kOType, kOWeight, K, A, nullptr, proj.data());
     shoal_rms_norm_quant_blocks(proj.data(), s.residual, ptr<float>(f[kMlpNorm]), T, K, s.eps, 1,
                                 xq.data(), xd.data(), xs.data());
-    linear(f, kGateUpType, kGateUpWeight, kGateUpUnpacked, 2 * I, K, nullptr, gate_up.data());
+    linear(f, kGateUpType, kGateUpWeight, 2 * I, K, nullptr, gate_up.data());
     shoal_act_mul_quant_blocks(gate_up.data(), T, I, s.gelu ? 1 : 0, xq.data(), xd.data(), xs.data());
-    linear(f, kDownType, kDownWeight, kDownUnpacked, K, I, nullptr, s.out);
+    linear(f, kDownType, kDownWeight, K, I, nullptr, s.out);
   }
 }
 

@@ -37,10 +37,8 @@ void shoal_draw_rows(const float*, int64_t, int64_t, const double*, const float*
 // exact mode's float32 linear (f32_linear.cpp)
 void shoal_f32_linear(const float*, const float*, const float*, int64_t, int64_t, int64_t, float*);
 // packed_linear.cpp: GGUF 4/8-bit blocks x per-block int8 activations
-void shoal_packed_linear(int32_t, const uint8_t*, const uint8_t*, int64_t, int64_t, const int8_t*,
-                         const float*, const int32_t*, const float*, int64_t, float*);
-int64_t shoal_packed_unpacked_bytes(int32_t, int64_t, int64_t);
-void shoal_packed_unpack(int32_t, const uint8_t*, int64_t, int64_t, uint8_t*);
+void shoal_packed_linear(int32_t, const uint8_t*, int64_t, int64_t, const int8_t*, const float*,
+                         const int32_t*, const float*, int64_t, float*);
 void shoal_quant_blocks(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
 void shoal_rms_norm_quant_blocks(const float*, float*, const float*, int64_t, int64_t, float,
                                  int32_t, int8_t*, float*, int32_t*);

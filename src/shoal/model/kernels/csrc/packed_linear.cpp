@@ -242,46 +242,39 @@ struct AlignedAlloc {
 constexpr int64_t kAmxChunk = 64;   // activation rows per pass over a thread's columns
 constexpr int64_t kAmxUnpackedBytes = 2 << 20;   // a thread's columns unpacked at most
 
-// The 16 output rows of pair p (groups 2p, 2p+1) for every block as the tile unit reads them,
-// back to back from `dst` (64-byte aligned): the B tiles [B][8 rows of 64 bytes] (value
-// register c of group 2p+h at bytes 64c + 32h, nibbles widened to bytes), then the scales as
-// floats [B][16], then (Q4_1) the mins [B][16]. An odd group count's missing half is zeros.
-// Kept per call in scratch, or for the whole weight at load (shoal_packed_unpack).
+// The 16 output rows of pair p (groups 2p, 2p+1) for every block, as B tiles: [B][8 rows of
+// 64 bytes] (value register c of group 2p+h at bytes 64c + 32h, nibbles widened to bytes),
+// and their scales and mins as floats [B][16]. An odd group count's missing half is zeros.
 template <int32_t TYPE>
-constexpr int64_t pair_bytes(int64_t nb) { return nb * (512 + 64 * (TYPE == kQ4_1 ? 2 : 1)); }
-
-template <int32_t TYPE>
-void unpack_pair(const uint8_t* w, int64_t p, int64_t nb, int64_t ng, uint8_t* dst) {
+void unpack_pair(const uint8_t* w, int64_t p, int64_t nb, int64_t ng, uint8_t* wb, float* dw,
+                 float* mw) {
   const int64_t tb = tile_bytes(TYPE), scales = TYPE == kQ4_1 ? 2 : 1;
-  float* const dw = reinterpret_cast<float*>(dst + nb * 512);
-  float* const mw = dw + nb * 16;   // Q4_1 only
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
-    uint8_t* wb = dst + b * 512;
+    uint8_t* dst = wb + b * 512;
     for (int h = 0; h < 2; ++h) {
       const int64_t g = 2 * p + h;
       if (g >= ng) {
-        for (int c = 0; c < 8; ++c) std::memset(wb + 64 * c + 32 * h, 0, 32);
+        for (int c = 0; c < 8; ++c) std::memset(dst + 64 * c + 32 * h, 0, 32);
         _mm256_store_ps(dw + b * 16 + 8 * h, _mm256_setzero_ps());
-        if (TYPE == kQ4_1) _mm256_store_ps(mw + b * 16 + 8 * h, _mm256_setzero_ps());
+        _mm256_store_ps(mw + b * 16 + 8 * h, _mm256_setzero_ps());
         continue;
       }
       const uint8_t* tile = w + (g * nb + b) * tb;
       _mm256_store_ps(dw + b * 16 + 8 * h,
                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile))));
-      if (TYPE == kQ4_1) {
-        _mm256_store_ps(mw + b * 16 + 8 * h,
-                        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16))));
-      }
+      _mm256_store_ps(mw + b * 16 + 8 * h, TYPE == kQ4_1
+          ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 16)))
+          : _mm256_setzero_ps());
       const uint8_t* qs = tile + 16 * scales;
       for (int c = 0; c < (TYPE == kQ8_0 ? 8 : 4); ++c) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
         if (TYPE == kQ8_0) {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(wb + 64 * c + 32 * h), v);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 64 * c + 32 * h), v);
         } else {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(wb + 64 * c + 32 * h),
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 64 * c + 32 * h),
                              _mm256_and_si256(v, low4));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(wb + 64 * (c + 4) + 32 * h),
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 64 * (c + 4) + 32 * h),
                              _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
         }
       }
@@ -303,12 +296,9 @@ inline void amx_finish(const int32_t* cbuf, __m512 dw, __m512 mw, const float* d
   }
 }
 
-// unpacked: the weight's pairs as unpack_pair writes them (shoal_packed_unpack), or null: each
-// call unpacks what it reads.
 template <int32_t TYPE>
-void packed_linear_amx(const uint8_t* w, const uint8_t* unpacked, int64_t N, int64_t K,
-                       const int8_t* xq, const float* xd, const int32_t* xs, const float* bias,
-                       int64_t M, float* out) {
+void packed_linear_amx(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, const float* xd,
+                       const int32_t* xs, const float* bias, int64_t M, float* out) {
   const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows, pairs = (G + 1) / 2;
   const int64_t M16 = (M + 15) / 16 * 16;
   // The activations as the A tiles read them: per 16 rows and block, 16 x 32 contiguous
@@ -342,9 +332,8 @@ void packed_linear_amx(const uint8_t* w, const uint8_t* unpacked, int64_t N, int
     const float* const sxp = sxt.data();
     const int32_t* const offp = offt.data();
     const float* const bp = bias;
-    const uint8_t* const ready = unpacked;
     float* const op = out;
-    const int64_t n_out = N, m_rows = M, m16 = M16, nb = B, ng = G, pb = pair_bytes<TYPE>(B);
+    const int64_t n_out = N, m_rows = M, m16 = M16, nb = B, ng = G;
     shoal::TileConfig cfg;
     for (int i = 0; i < 2; ++i) {
       cfg.rows[i] = 16; cfg.colsb[i] = 64;       // C: 16 activation rows x 16 int32 sums
@@ -357,22 +346,27 @@ void packed_linear_amx(const uint8_t* w, const uint8_t* unpacked, int64_t N, int
     // writes its rows' outputs as one compact region; wider ones are unpacked pair by pair
     // per 64-row chunk, as are batches of one chunk. (Chunks of many rows per pair wrote 64
     // bytes per output row at the row stride: with 3072 columns, a TLB miss per row.)
-    // A pre-unpacked copy replaces the scratch (and every unpacking) below.
     const int64_t npairs = end - begin;
     const bool whole = m16 > kAmxChunk && npairs * nb * 512 <= kAmxUnpackedBytes;
-    const int64_t chunk = whole ? 16 : kAmxChunk;
-    std::vector<uint8_t, AlignedAlloc<uint8_t>> scratch(ready ? 0 : (whole ? npairs : 1) * pb);
-    if (whole && !ready) {
-      for (int64_t p = begin; p < end; ++p) unpack_pair<TYPE>(w, p, nb, ng, scratch.data() + (p - begin) * pb);
+    const int64_t slots = whole ? npairs : 1, chunk = whole ? 16 : kAmxChunk;
+    std::vector<uint8_t, AlignedAlloc<uint8_t>> wb(slots * nb * 512);
+    std::vector<float, AlignedAlloc<float>> dwb(slots * nb * 16), mwb(slots * nb * 16);
+    if (whole) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t at = p - begin;
+        unpack_pair<TYPE>(w, p, nb, ng, wb.data() + at * nb * 512, dwb.data() + at * nb * 16,
+                          mwb.data() + at * nb * 16);
+      }
     }
     alignas(64) int32_t cbuf[2][2][16 * 16];
     for (int64_t c0 = 0; c0 < m16; c0 += chunk) {
       const int64_t c1 = std::min(m16, c0 + chunk);
       for (int64_t p = begin; p < end; ++p) {
-        if (!whole && !ready) unpack_pair<TYPE>(w, p, nb, ng, scratch.data());
-        const uint8_t* const wbp = ready ? ready + p * pb : scratch.data() + (whole ? p - begin : 0) * pb;
-        const float* const dwp = reinterpret_cast<const float*>(wbp + nb * 512);
-        const float* const mwp = dwp + nb * 16;   // Q4_1 only
+        const int64_t at = whole ? p - begin : 0;
+        uint8_t* const wbp = wb.data() + at * nb * 512;
+        float* const dwp = dwb.data() + at * nb * 16;
+        float* const mwp = mwb.data() + at * nb * 16;
+        if (!whole) unpack_pair<TYPE>(w, p, nb, ng, wbp, dwp, mwp);
         const int64_t n0 = 2 * p * kRows, width = std::min<int64_t>(16, n_out - n0);
         const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
         const __m512 bias16 = bp != nullptr ? _mm512_maskz_loadu_ps(lanes, bp + n0) : _mm512_setzero_ps();
@@ -398,8 +392,7 @@ void packed_linear_amx(const uint8_t* w, const uint8_t* unpacked, int64_t N, int
             }
           };
           auto finish = [&](int64_t bb, const int32_t* c) {
-            amx_finish<TYPE>(c, _mm512_load_ps(dwp + bb * 16),
-                             TYPE == kQ4_1 ? _mm512_load_ps(mwp + bb * 16) : _mm512_setzero_ps(),
+            amx_finish<TYPE>(c, _mm512_load_ps(dwp + bb * 16), _mm512_load_ps(mwp + bb * 16),
                              dxp + bb * m16 + m0,
                              sxp + (TYPE == kQ4_1 ? bb * m16 + m0 : 0),
                              offp + (TYPE == kQ4_0 ? bb * m16 + m0 : 0), acc);
@@ -438,12 +431,11 @@ void packed_linear_amx(const uint8_t* w, const uint8_t* unpacked, int64_t N, int
 #endif
 
 template <int32_t TYPE>
-void packed_linear(const uint8_t* w, const uint8_t* unpacked, int64_t N, int64_t K,
-                   const int8_t* xq, const float* xd, const int32_t* xs, const float* bias,
-                   int64_t M, float* out) {
+void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, const float* xd,
+                   const int32_t* xs, const float* bias, int64_t M, float* out) {
 #if SHOAL_PACKED_AMX
   if (M >= kAmxMinRows && shoal::amx_permitted()) {
-    packed_linear_amx<TYPE>(w, unpacked, N, K, xq, xd, xs, bias, M, out);
+    packed_linear_amx<TYPE>(w, N, K, xq, xd, xs, bias, M, out);
     return;
   }
 #endif
@@ -479,57 +471,16 @@ void packed_linear(const uint8_t* w, const uint8_t* unpacked, int64_t N, int64_t
 }  // namespace
 
 // y [M, N] = x [M, K] (quantized per block: q, d [M, K/32], s [M, K/32]) times the packed
-// weight [N, K] of GGML type `type` (+ bias [N] when not null). unpacked: the weight's copy
-// from shoal_packed_unpack, or null (then the AMX path unpacks per call; the others ignore it).
-SHOAL_API void shoal_packed_linear(int32_t type, const uint8_t* w, const uint8_t* unpacked,
-                                   int64_t N, int64_t K, const int8_t* xq, const float* xd,
-                                   const int32_t* xs, const float* bias, int64_t M, float* out) {
+// weight [N, K] of GGML type `type` (+ bias [N] when not null).
+SHOAL_API void shoal_packed_linear(int32_t type, const uint8_t* w, int64_t N, int64_t K,
+                                   const int8_t* xq, const float* xd, const int32_t* xs,
+                                   const float* bias, int64_t M, float* out) {
   switch (type) {
-    case kQ4_0: packed_linear<kQ4_0>(w, unpacked, N, K, xq, xd, xs, bias, M, out); break;
-    case kQ4_1: packed_linear<kQ4_1>(w, unpacked, N, K, xq, xd, xs, bias, M, out); break;
-    case kQ8_0: packed_linear<kQ8_0>(w, unpacked, N, K, xq, xd, xs, bias, M, out); break;
+    case kQ4_0: packed_linear<kQ4_0>(w, N, K, xq, xd, xs, bias, M, out); break;
+    case kQ4_1: packed_linear<kQ4_1>(w, N, K, xq, xd, xs, bias, M, out); break;
+    case kQ8_0: packed_linear<kQ8_0>(w, N, K, xq, xd, xs, bias, M, out); break;
     default: break;   // kernels/cpu.py admits only these types
   }
-}
-
-// Bytes of a weight's pre-unpacked copy for the AMX path (unpack_pair's layout, every pair);
-// 0 where that path cannot run (no AMX build, or the tile state refused): no copy is made.
-SHOAL_API int64_t shoal_packed_unpacked_bytes(int32_t type, int64_t N, int64_t K) {
-#if SHOAL_PACKED_AMX
-  if (!shoal::amx_permitted()) return 0;
-  const int64_t B = K / kBlock, pairs = ((N + kRows - 1) / kRows + 1) / 2;
-  switch (type) {
-    case kQ4_0: return pairs * pair_bytes<kQ4_0>(B);
-    case kQ4_1: return pairs * pair_bytes<kQ4_1>(B);
-    case kQ8_0: return pairs * pair_bytes<kQ8_0>(B);
-    default: return 0;
-  }
-#else
-  (void)type, (void)N, (void)K;
-  return 0;
-#endif
-}
-
-// The packed tiles -> the copy shoal_packed_unpacked_bytes sizes (out 64-byte aligned): once
-// at load, so the AMX path's decode-sized batches read it instead of unpacking every call.
-SHOAL_API void shoal_packed_unpack(int32_t type, const uint8_t* w, int64_t N, int64_t K,
-                                   uint8_t* out) {
-#if SHOAL_PACKED_AMX
-  const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows, pairs = (G + 1) / 2;
-  auto run = [&](auto unpack, int64_t bytes) {
-    parallel_for(pairs, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) unpack(w, p, B, G, out + p * bytes);
-    });
-  };
-  switch (type) {
-    case kQ4_0: run(unpack_pair<kQ4_0>, pair_bytes<kQ4_0>(B)); break;
-    case kQ4_1: run(unpack_pair<kQ4_1>, pair_bytes<kQ4_1>(B)); break;
-    case kQ8_0: run(unpack_pair<kQ8_0>, pair_bytes<kQ8_0>(B)); break;
-    default: break;
-  }
-#else
-  (void)type, (void)w, (void)N, (void)K, (void)out;
-#endif
 }
 
 // x [T, K] -> per-block int8 q [T, K], d [T, K/32], s [T, K/32].

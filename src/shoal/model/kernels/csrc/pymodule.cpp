@@ -98,12 +98,10 @@ SHOAL_WRAP(draw_rows, 7, shoal_draw_rows(x.p<float>(0), x.i[1], x.i[2], x.p<doub
 SHOAL_WRAP(f32_linear, 7, shoal_f32_linear(x.p<float>(0), x.p<float>(1), x.p<float>(2), x.i[3],
                                            x.i[4], x.i[5], x.p<float>(6)))
 // packed_linear.cpp
-SHOAL_WRAP(packed_linear, 11,
-           shoal_packed_linear(int32_t(x.i[0]), x.p<uint8_t>(1), x.p<uint8_t>(2), x.i[3], x.i[4],
-                               x.p<int8_t>(5), x.p<float>(6), x.p<int32_t>(7), x.p<float>(8),
-                               x.i[9], x.p<float>(10)))
-SHOAL_WRAP(packed_unpack, 5, shoal_packed_unpack(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3],
-                                                 x.p<uint8_t>(4)))
+SHOAL_WRAP(packed_linear, 10,
+           shoal_packed_linear(int32_t(x.i[0]), x.p<uint8_t>(1), x.i[2], x.i[3], x.p<int8_t>(4),
+                               x.p<float>(5), x.p<int32_t>(6), x.p<float>(7), x.i[8],
+                               x.p<float>(9)))
 SHOAL_WRAP(quant_blocks, 6, shoal_quant_blocks(x.p<float>(0), x.i[1], x.i[2], x.p<int8_t>(3),
                                                x.p<float>(4), x.p<int32_t>(5)))
 SHOAL_WRAP(rms_norm_quant_blocks, 10,
@@ -140,12 +138,6 @@ SHOAL_WRAP(encoder_pass, 13,
                               x.i[10], x.i[11], x.p<float>(12)))
 SHOAL_WRAP(add_layer_norm, 7, shoal_add_layer_norm(x.p<float>(0), x.p<float>(1), x.p<float>(2),
                                                    x.p<float>(3), x.i[4], x.i[5], float(x.f[6])))
-
-PyObject* py_packed_unpacked_bytes(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  Args x(a, n, 3);
-  if (!x.ok) return nullptr;
-  return PyLong_FromLongLong(shoal_packed_unpacked_bytes(int32_t(x.i[0]), x.i[1], x.i[2]));
-}
 
 PyObject* py_int8_gemm_ready(PyObject*, PyObject* const*, Py_ssize_t n) {
   if (n != 0) {
@@ -186,8 +178,7 @@ PyMethodDef methods[] = {
     // packed_linear.cpp
     SHOAL_METHOD(packed_linear), SHOAL_METHOD(quant_blocks), SHOAL_METHOD(rms_norm_quant_blocks),
     SHOAL_METHOD(rms_norm_add_norm_quant_blocks), SHOAL_METHOD(act_mul_quant_blocks),
-    SHOAL_METHOD(packed_repack), SHOAL_METHOD(packed_rows), SHOAL_METHOD(packed_unpack),
-    SHOAL_METHOD(packed_unpacked_bytes), SHOAL_METHOD(decoder_stack),
+    SHOAL_METHOD(packed_repack), SHOAL_METHOD(packed_rows), SHOAL_METHOD(decoder_stack),
     SHOAL_METHOD(set_work_pool), SHOAL_METHOD(openmp_in_this_thread),
     SHOAL_METHOD(omp_threads_in_this_thread),
     // encoder_ops.cpp
