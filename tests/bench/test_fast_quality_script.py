@@ -2,24 +2,16 @@
 its top N) and shoal's modes in one comparable column."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fast_quality.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def fq():
-    spec = importlib.util.spec_from_file_location("fast_quality_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fast_quality.py", "fast_quality_script")
 
 
 def test_bucketed_kl_on_a_crafted_distribution(fq):

@@ -4,25 +4,13 @@ real shoal server and a loopback server that cuts its bytes at awkward places.""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
+import itertools
 
 import orjson
 import pytest
+from benchmark_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lean_http.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("lean_http", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lean_http = _load()
+lean_http = load_benchmark("lean_http.py", "lean_http")
 
 
 def test_streamed_completion_from_shoal_arrives_event_by_event(shoal_server) -> None:
@@ -84,7 +72,7 @@ EVENTS = b'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
 
 def _cut(data: bytes, at: list[int]) -> list[bytes]:
     edges = [0, *at, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 @pytest.mark.parametrize("framing", ["chunked", "content-length", "until-close"])

@@ -3,7 +3,6 @@ read the way SSE is framed."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "overload.py"
+from benchmark_scripts import BENCHMARKS, load_benchmark
+
+SCRIPT = BENCHMARKS / "overload.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("overload_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module        # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("overload.py", "overload_script")
 
 
 def _run(*args: str, **kwargs) -> subprocess.Popen:
