@@ -9,7 +9,10 @@ Each checkout is a `src` directory put first on the server's PYTHONPATH (for ins
 `git worktree add /tmp/base <commit>` and its /tmp/base/src). The word `bare` instead names
 an upper bound, not something to ship: the installed shoal with its /v1/embeddings answered
 by a bare ASGI function in front of the whole app (no middleware, no validation, no
-records, no error shapes): what any request path could reach at best.
+records, no error shapes): what any request path could reach at best. The word `offline`
+names the reference: embed_bench.py's offline run of the installed shoal (same sentences,
+threads and mode), timed in its turn like the servers, so HTTP/offline ratios come from
+neighbouring rounds.
 
 Each round starts a `shoal serve` of DIR (fast mode by default, 2 threads) and floods it as
 embed_bench.py's HTTP run does: 16 clients (lean_http) sending 1-8 inputs each, 4 passes over
@@ -20,16 +23,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from embed_bench import http_flood, make_sentences
 from local_server import start_local_server
 from process_cpu import cpu_seconds
 
 BARE = "bare"
+OFFLINE = "offline"
 
 
 def serve_bare() -> None:
@@ -85,7 +92,20 @@ def serve_bare() -> None:
     shoal_main()
 
 
+def offline_round(args: argparse.Namespace) -> tuple[float, float]:
+    """The installed shoal's encoder fed directly (embed_bench.py's offline child): the
+    reference the HTTP rounds are a fraction of, timed between them."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("embed_bench.py")), "--model-dir",
+         args.model_dir, "--threads", str(args.threads), "--sentences", str(args.sentences),
+         "--repeats", str(args.passes), "--child", f"shoal:{args.compute}"],
+        capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["sentences_per_s"], float("nan")
+
+
 def one_round(src: str, args: argparse.Namespace, sentences: list[str]) -> tuple[float, float]:
+    if src == OFFLINE:
+        return offline_round(args)
     bare = src == BARE
     pythonpath = [] if bare else [src]
     process, url = start_local_server(args.model_dir, env={
