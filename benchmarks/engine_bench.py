@@ -204,9 +204,9 @@ class PeerTarget:
     """Any OpenAI-compatible server over HTTP (llama.cpp's llama-server, vLLM, shoal serve).
 
     The client is lean_http's by default: on a 2-core machine the benchmark's clients share
-    the servers' cores, and 32 httpx streams took about a third of a core at shoal's
-    32-stream rate (docs/benchmarks.md) that the server under test then lacked. `httpx` is
-    kept for comparison (--client httpx)."""
+    the servers' cores, and 32 httpx streams took 0.05 of a core at 318 tok/s, lean_http's
+    0.02-0.03 at 660-730 (this process's CPU, printed per level): CPU the server under test
+    gets back. `httpx` is kept for comparison (--client httpx)."""
 
     def __init__(self, name: str, url: str, model: str, pid: int | None,
                  client: str = "lean") -> None:
@@ -214,7 +214,6 @@ class PeerTarget:
         self.url = url.rstrip("/")
         self.model = model
         self.pid = pid
-        self.client_kind = client
         self.client = None
         if client == "httpx":
             import httpx

@@ -6,7 +6,7 @@ client spends building and parsing requests is a millisecond the server under te
 This client sends prebuilt request bytes over keep-alive connections and reads each answer
 only as far as HTTP needs: the status line, Content-Length (or a chunked body's sizes) and
 the body's bytes. Callers check what they need of the body themselves (cheaply: a count of
-a byte string, not a JSON parse). About a third of aiohttp's CPU per request here (docs/
+a byte string, not a JSON parse). Under half of aiohttp's CPU per request here (docs/
 benchmarks.md, "Embeddings (issue 15)").
 
 Only what a benchmark against a known server needs: no redirects, no TLS, no proxies.
@@ -50,7 +50,12 @@ class _Answer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        answer = _parse(self.buffer)
+        try:
+            answer = _parse(self.buffer)
+        except (HttpError, ValueError) as exc:      # the caller hears of it, not the loop's log
+            if self.pending is not None and not self.pending.done():
+                self.pending.set_exception(HttpError(f"unreadable answer: {exc}"))
+            return
         if answer is not None and self.pending is not None and not self.pending.done():
             status, body, used = answer
             del self.buffer[:used]
@@ -90,7 +95,7 @@ def _parse(buffer: bytearray) -> tuple[int, bytes, int] | None:
 
 
 class LeanClient:
-    """`connections` keep-alive connections to `url`; `post` uses whichever is free."""
+    """`connections` keep-alive connections to `url`; `send` uses whichever is free."""
 
     def __init__(self, url: str, connections: int) -> None:
         parts = urlsplit(url)
@@ -149,7 +154,14 @@ class _EventStream(asyncio.Protocol):
         transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        now = time.perf_counter()
+        try:
+            self._receive(data, time.perf_counter())
+        except ValueError as exc:       # a malformed head or chunk size: the caller hears of it
+            if not self.done.done():
+                self.done.set_exception(HttpError(f"unreadable answer: {exc}"))
+            self.transport.close()
+
+    def _receive(self, data: bytes, now: float) -> None:
         if not self.status:
             self.head += data
             end = self.head.find(b"\r\n\r\n")

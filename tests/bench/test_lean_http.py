@@ -121,3 +121,14 @@ def test_a_connection_cut_mid_answer_raises() -> None:
 
     with pytest.raises(lean_http.HttpError, match="closed the connection mid-answer"):
         asyncio.run(go())
+
+
+def test_a_malformed_answer_raises_instead_of_hanging() -> None:
+    async def go() -> None:
+        server, url = await _serve_in_pieces(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"zz\r\nnot hex\r\n"])
+        async with server:
+            await asyncio.wait_for(lean_http.post_events(url, "/x", b"{}", lambda e, _t: None), 10)
+
+    with pytest.raises(lean_http.HttpError, match="unreadable answer"):
+        asyncio.run(go())
