@@ -101,34 +101,22 @@ def test_events_survive_any_framing_and_any_cut(framing: str) -> None:
     assert asyncio.run(go()) == [b'data: {"n": 1}', b'data: {"n": 2}', b"data: [DONE]"]
 
 
-def test_an_error_status_raises_with_the_body() -> None:
+@pytest.mark.parametrize(("pieces", "error"), [
+    # an error status: raised with the start of its body
+    ([b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\n", b"busy, sor"],
+     "HTTP 503: b'busy, sor'"),
+    # the connection closes before the promised length
+    ([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"data: {}\n\n"],
+     "closed the connection mid-answer"),
+    # a chunk size that is not hex: raised, not left waiting forever
+    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"zz\r\nnot hex\r\n"],
+     "unreadable answer"),
+], ids=["error-status", "cut-mid-answer", "malformed"])
+def test_a_bad_answer_raises(pieces: list[bytes], error: str) -> None:
     async def go() -> None:
-        server, url = await _serve_in_pieces(
-            [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\n", b"busy, sorry"[:9]])
-        async with server:
-            await lean_http.post_events(url, "/x", b"{}", lambda e, _t: None)
-
-    with pytest.raises(lean_http.HttpError, match="HTTP 503: b'busy, sor'"):
-        asyncio.run(go())
-
-
-def test_a_connection_cut_mid_answer_raises() -> None:
-    async def go() -> None:
-        server, url = await _serve_in_pieces(
-            [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"data: {}\n\n"])
-        async with server:
-            await lean_http.post_events(url, "/x", b"{}", lambda e, _t: None)
-
-    with pytest.raises(lean_http.HttpError, match="closed the connection mid-answer"):
-        asyncio.run(go())
-
-
-def test_a_malformed_answer_raises_instead_of_hanging() -> None:
-    async def go() -> None:
-        server, url = await _serve_in_pieces(
-            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"zz\r\nnot hex\r\n"])
+        server, url = await _serve_in_pieces(pieces)
         async with server:
             await asyncio.wait_for(lean_http.post_events(url, "/x", b"{}", lambda e, _t: None), 10)
 
-    with pytest.raises(lean_http.HttpError, match="unreadable answer"):
+    with pytest.raises(lean_http.HttpError, match=error):
         asyncio.run(go())
