@@ -200,6 +200,29 @@ class ShoalTarget:
         self.engine.shutdown()
 
 
+class _CompletionEvents:
+    """One streamed /v1/completions answer's events, read the same way whichever client got
+    them: a token's arrival time per event with text, the count from the usage event."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.times: list[float] = []
+        self.usage_tokens: int | None = None
+
+    def note(self, event: dict, arrived: float) -> None:
+        if event.get("usage"):
+            self.usage_tokens = event["usage"].get("completion_tokens")
+        choices = event.get("choices") or []
+        if choices and choices[0].get("text"):
+            self.times.append(arrived)
+
+    def record(self) -> RequestRecord:
+        times = self.times
+        tokens = self.usage_tokens if self.usage_tokens is not None else len(times)
+        return RequestRecord(times[0] - self.start, [b - a for a, b in zip(times, times[1:])],
+                             tokens, times[-1] - self.start)
+
+
 class PeerTarget:
     """Any OpenAI-compatible server over HTTP (llama.cpp's llama-server, vLLM, shoal serve).
 
@@ -229,50 +252,25 @@ class PeerTarget:
                 "stream_options": {"include_usage": True}}
 
     async def stream(self, prompt: str, max_tokens: int) -> RequestRecord:
+        tokens = _CompletionEvents(time.perf_counter())
         if self.client is None:
-            return await self._stream_lean(prompt, max_tokens)
-        body = self.body(prompt, max_tokens)
-        start = time.perf_counter()
-        times: list[float] = []
-        usage_tokens = None
-        async with self.client.stream("POST", f"{self.url}/v1/completions", json=body) as resp:
+            import orjson
+            from lean_http import post_events
+
+            def on_event(event: bytes, arrived: float) -> None:
+                if event.startswith(b"data: ") and event != b"data: [DONE]":
+                    tokens.note(orjson.loads(event[6:]), arrived)
+
+            await post_events(self.url, "/v1/completions",
+                              orjson.dumps(self.body(prompt, max_tokens)), on_event)
+            return tokens.record()
+        async with self.client.stream("POST", f"{self.url}/v1/completions",
+                                      json=self.body(prompt, max_tokens)) as resp:
             resp.raise_for_status()
             async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event.get("usage"):
-                    usage_tokens = event["usage"].get("completion_tokens")
-                choices = event.get("choices") or []
-                if choices and choices[0].get("text"):
-                    times.append(time.perf_counter())
-        tokens = usage_tokens if usage_tokens is not None else len(times)
-        return RequestRecord(times[0] - start, [b - a for a, b in zip(times, times[1:])], tokens,
-                             times[-1] - start)
-
-    async def _stream_lean(self, prompt: str, max_tokens: int) -> RequestRecord:
-        import orjson
-        from lean_http import post_events
-
-        times: list[float] = []
-        usage: list[int] = []
-
-        def on_event(event: bytes, arrived: float) -> None:
-            if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                return
-            data = orjson.loads(event[6:])
-            if data.get("usage"):
-                usage.append(data["usage"].get("completion_tokens"))
-            choices = data.get("choices") or []
-            if choices and choices[0].get("text"):
-                times.append(arrived)
-
-        start = time.perf_counter()
-        await post_events(self.url, "/v1/completions", orjson.dumps(self.body(prompt, max_tokens)),
-                          on_event)
-        tokens = usage[-1] if usage and usage[-1] is not None else len(times)
-        return RequestRecord(times[0] - start, [b - a for a, b in zip(times, times[1:])], tokens,
-                             times[-1] - start)
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    tokens.note(json.loads(line[6:]), time.perf_counter())
+        return tokens.record()
 
     def rss_peak_mb(self) -> float:
         if not self.pid:
