@@ -62,22 +62,27 @@ class _Answer(asyncio.Protocol):
             self.pending.set_result((status, body))
 
 
-def _parse(buffer: bytearray) -> tuple[int, bytes, int] | None:
-    """(status, body, bytes used) of the first complete answer in `buffer`, or None."""
+def _head(buffer: bytearray) -> tuple[int, int, bool, int] | None:
+    """(status, where the body starts, chunked, Content-Length or -1) of the answer whose head
+    opens `buffer`, or None while the head is incomplete."""
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
         return None
     head = bytes(buffer[:head_end]).lower()
-    status = int(head[9:12])
-    start = head_end + 4
-    at = head.find(b"\r\ncontent-length:")
-    if at >= 0:
+    length = -1
+    if (at := head.find(b"\r\ncontent-length:")) >= 0:
         line_end = head.find(b"\r\n", at + 2)
         length = int(head[at + 17:line_end if line_end > 0 else len(head)])
-        if len(buffer) < start + length:
-            return None
-        return status, bytes(buffer[start:start + length]), start + length
-    if b"\r\ntransfer-encoding: chunked" in head:
+    return int(head[9:12]), head_end + 4, b"\r\ntransfer-encoding: chunked" in head, length
+
+
+def _parse(buffer: bytearray) -> tuple[int, bytes, int] | None:
+    """(status, body, bytes used) of the first complete answer in `buffer`, or None."""
+    head = _head(buffer)
+    if head is None:
+        return None
+    status, start, chunked, length = head
+    if chunked:
         body = bytearray()
         at = start
         while True:
@@ -91,6 +96,10 @@ def _parse(buffer: bytearray) -> tuple[int, bytes, int] | None:
             at = line_end + 2 + size + 2
             if size == 0:
                 return status, bytes(body), at
+    if length >= 0:
+        if len(buffer) < start + length:
+            return None
+        return status, bytes(buffer[start:start + length]), start + length
     raise HttpError("an answer with neither Content-Length nor chunked encoding")
 
 
@@ -164,17 +173,15 @@ class _EventStream(asyncio.Protocol):
     def _receive(self, data: bytes, now: float) -> None:
         if not self.status:
             self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
+            head = _head(self.head)
+            if head is None:
                 return
-            head = bytes(self.head[:end]).lower()
-            self.status = int(head[9:12])
-            data = bytes(self.head[end + 4:])
-            if b"\r\ntransfer-encoding: chunked" in head:
+            self.status, start, chunked, length = head
+            data = bytes(self.head[start:])
+            if chunked:
                 self.chunked = True
-            elif (at := head.find(b"\r\ncontent-length:")) >= 0:
-                line_end = head.find(b"\r\n", at + 2)
-                self.left = int(head[at + 17:line_end if line_end > 0 else len(head)])
+            else:
+                self.left = length
         if self.chunked:
             self.raw += data
             self._dechunk()
