@@ -220,6 +220,88 @@ void group_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const f
 }
 
 
+#if SHOAL_PACKED_SIMD && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// ----- AVX-512 VNNI without the tile unit: two 8-row groups per 512-bit register ---------------
+// Group g's value register c in the low half and group g+1's in the high half: each u8 x s8
+// instruction gives 16 output rows' partial sums, the float step runs 16 lanes at once, and a
+// row's activation broadcast feeds twice the rows. Every lane's arithmetic is the 8-lane
+// path's (the same exact integer dot, the same float steps in the same order), so results
+// are bit-identical to it and to the PyTorch twin.
+#define SHOAL_PACKED_PAIRS 1
+
+inline __m512i both_halves(const uint8_t* lo, const uint8_t* hi) {
+  return _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)), 1);
+}
+
+inline __m512 halves_to_float(const uint8_t* lo, const uint8_t* hi) {
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1));
+}
+
+template <int32_t TYPE>
+inline __m512i pair_block_dot(const __m512i* W, const int8_t* xb) {
+  __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+  for (int c = 0; c < 8; ++c) {
+    int32_t four;
+    std::memcpy(&four, xb + 4 * c, 4);
+    __m512i& a = (c & 1) ? acc1 : acc0;
+    a = _mm512_dpbusd_epi32(a, W[c], _mm512_set1_epi32(four));
+  }
+  return _mm512_add_epi32(acc0, acc1);
+}
+
+template <int32_t TYPE>
+inline void pair_finish(__m512i isum, __m512 dw, __m512 mw, float dx, int32_t sum, float* acc) {
+  if (TYPE == kQ4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * sum));
+  if (TYPE == kQ8_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * sum));
+  __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(dx)));
+  if (TYPE == kQ4_1) {
+    t = _mm512_add_ps(t, _mm512_mul_ps(mw, _mm512_set1_ps(dx * static_cast<float>(sum))));
+  }
+  _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), t));
+}
+
+// As group_dot for groups g and g+1 together: acc [M][16] (zeroed by the caller).
+template <int32_t TYPE>
+void pair_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const float* xd,
+              const int32_t* xs, int64_t M, int64_t K, float* acc) {
+  const int64_t tb = tile_bytes(TYPE);
+  const int64_t nscales = TYPE == kQ4_1 ? 2 : 1;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* lo = w + (g * B + b) * tb;
+    const uint8_t* hi = w + ((g + 1) * B + b) * tb;
+    const __m512 dw = halves_to_float(lo, hi);
+    const __m512 mw = TYPE == kQ4_1 ? halves_to_float(lo + 16, hi + 16) : _mm512_setzero_ps();
+    const int64_t at = 16 * nscales;
+    __m512i W[8];
+    if (TYPE == kQ8_0) {
+      // u8 x s8: the signed weights shift by 128 (w ^ 0x80 = w + 128), undone in pair_finish
+      const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+      for (int c = 0; c < 8; ++c) W[c] = _mm512_xor_si512(both_halves(lo + at + 32 * c, hi + at + 32 * c), flip);
+    } else {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = both_halves(lo + at + 32 * c, hi + at + 32 * c);
+        W[c] = _mm512_and_si512(v, low4);
+        W[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      }
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      __m512i isum[4];
+      for (int i = 0; i < 4; ++i) isum[i] = pair_block_dot<TYPE>(W, xq + (m + i) * K + b * kBlock);
+      for (int i = 0; i < 4; ++i) pair_finish<TYPE>(isum[i], dw, mw, xd[(m + i) * B + b], xs[(m + i) * B + b], acc + (m + i) * 2 * kRows);
+    }
+    for (; m < M; ++m) {
+      pair_finish<TYPE>(pair_block_dot<TYPE>(W, xq + m * K + b * kBlock), dw, mw, xd[m * B + b], xs[m * B + b], acc + m * 2 * kRows);
+    }
+  }
+}
+#endif
+
 #if SHOAL_PACKED_AMX
 // ----- AMX (Sapphire Rapids and later): batches of rows --------------------------------------
 // The tile unit computes the same exact integer block dots for 16 activation rows x 16 output
@@ -442,20 +524,32 @@ void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, con
   const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows;
   // NOTE: threads split the output columns (whole 8-row groups); each group's weights are
   // unpacked once per block for all M rows.
-  auto groups = [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(M * kRows);
-    for (int64_t g = begin; g < end; ++g) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      group_dot<TYPE>(w, B, g, xq, xd, xs, M, K, acc.data());
-      const int64_t rows = std::min(kRows, N - g * kRows);
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = g * kRows + r;
-          float v = acc[m * kRows + r];
-          if (bias != nullptr) v = v + bias[n];
-          out[m * N + n] = v;
-        }
+  // acc [M][width] for the groups from g on -> out (+ bias)
+  auto store = [&](const float* acc, int64_t g, int64_t width) {
+    const int64_t cols = std::min(width, N - g * kRows);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t r = 0; r < cols; ++r) {
+        const int64_t n = g * kRows + r;
+        float v = acc[m * width + r];
+        if (bias != nullptr) v = v + bias[n];
+        out[m * N + n] = v;
       }
+    }
+  };
+  auto groups = [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(M * 2 * kRows);
+    int64_t g = begin;
+#if SHOAL_PACKED_PAIRS
+    for (; g + 2 <= end; g += 2) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      pair_dot<TYPE>(w, B, g, xq, xd, xs, M, K, acc.data());
+      store(acc.data(), g, 2 * kRows);
+    }
+#endif
+    for (; g < end; ++g) {
+      std::fill(acc.begin(), acc.begin() + M * kRows, 0.f);
+      group_dot<TYPE>(w, B, g, xq, xd, xs, M, K, acc.data());
+      store(acc.data(), g, kRows);
     }
   };
   if (M <= kSmallRows) {
