@@ -3,7 +3,7 @@
 
 At prompt sizes (hundreds of rows), with SmolLM2-135M's shapes: the paged attention of one
 layer over a whole T-token prompt (9 query heads, 3 KV heads, head_dim 64, bfloat16 cache,
-as fast mode keeps it), and the packed linears (Q4_1 qkv 960x576, gate/up 3072x576, down
+as fast mode keeps it), and over decoding queries (one per sequence; --decode), and the packed linears (Q4_1 qkv 960x576, gate/up 3072x576, down
 576x1536; Q4_0 and Q8_0 at 1000x576) at M rows. Each figure is the best of --reps calls,
 the two builds called alternately (this machine is shared: interleaving spreads its noise
 over both); the packed results are checked bit-identical between the builds.
@@ -56,6 +56,23 @@ def attention(old: CpuKernels, new: CpuKernels, tokens: int, reps: int) -> None:
           flush=True)
 
 
+def decode_attention(old: CpuKernels, new: CpuKernels, seqs: int, context: int, reps: int) -> None:
+    """One decoding query per sequence (9 heads over 3 KV heads), each at `context` keys."""
+    heads, kv, hd, bs = 9, 3, 64, 16
+    per_seq = (context + bs) // bs
+    g = torch.Generator().manual_seed(0)
+    kc = torch.randn(seqs * per_seq, kv, hd, bs, generator=g).to(torch.bfloat16)
+    vc = torch.randn(seqs * per_seq, kv, bs, hd, generator=g).to(torch.bfloat16)
+    tables = torch.randperm(seqs * per_seq, generator=g).view(seqs, per_seq)
+    q = torch.randn(seqs, heads, hd, generator=g)
+    args = (q, kc, vc, tables, torch.arange(seqs + 1), torch.full((seqs,), context), 0.125)
+    best = best_pair({"old": lambda: old.paged_attention(*args), "new": lambda: new.paged_attention(*args)}, reps)
+    same = torch.equal(old.paged_attention(*args), new.paged_attention(*args))
+    print(f"decode attention, one layer, {seqs} sequences at {context} keys: before "
+          f"{best['old'] * 1e3:6.3f} ms, after {best['new'] * 1e3:6.3f} ms, "
+          f"{best['old'] / best['new']:.2f}x, bit-identical {same}", flush=True)
+
+
 def linear(old: CpuKernels, new: CpuKernels, ggml_type: int, n: int, k: int, rows: int, reps: int) -> None:
     layer = PackedLinear(random_packed(ggml_type, n, k))
     q, d, s = new.quant_blocks(torch.randn(rows, k))
@@ -75,6 +92,8 @@ def main() -> int:
     parser.add_argument("--against", required=True, help="the earlier build's kernel library (.so)")
     parser.add_argument("--tokens", default="256,1000", help="prompt lengths for attention")
     parser.add_argument("--rows", default="64,256,512", help="batch rows for the linears")
+    parser.add_argument("--decode", default="1x150,32x150,32x1000",
+                        help="decode attention cases, SEQUENCESxCONTEXT, comma-separated ('' for none)")
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
     new = load_cpu_kernels()
@@ -84,6 +103,9 @@ def main() -> int:
     print(f"kernels: {new.isa.name}, {torch.get_num_threads()} thread(s)")
     for tokens in (int(t) for t in args.tokens.split(",")):
         attention(old, new, tokens, args.reps)
+    for case in filter(None, args.decode.split(",")):
+        seqs, context = (int(x) for x in case.split("x"))
+        decode_attention(old, new, seqs, context, args.reps)
     for ggml_type, n, k in LINEARS:
         for rows in (int(r) for r in args.rows.split(",")):
             linear(old, new, ggml_type, n, k, rows, args.reps)

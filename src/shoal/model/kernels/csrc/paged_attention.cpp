@@ -87,11 +87,12 @@ inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
 constexpr int kScoreRows = 16;   // rows scored together: independent FMA chains
 constexpr int kValueRows = 6;    // rows accumulated together: 6 x 4 vectors of accumulators
 
-// Scores of R rows (query, head) against one block's 16 keys (float, [hd][BS]): acc[r]
-// lanes = keys. Each lane sums q[d] * k[d] for d = 0..hd-1 in order, whatever R is.
+// Scores of R rows (query, head) against one block's 16 keys ([hd][BS], as floats or as the
+// cache's 16-bit values, widened on load): acc[r] lanes = keys. Each lane sums q[d] * k[d]
+// for d = 0..hd-1 in order, whatever R is.
 // qt: the rows' queries transposed, [hd][kScoreRows] (one pointer, constant offsets).
-template <int R>
-inline void score_block(const float* qt, const float* kt, int64_t hd, float scale,
+template <int R, typename ET>
+inline void score_block(const float* qt, const ET* kt, int64_t hd, float scale,
                         float* const* out) {
   v16 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = v16{};
@@ -104,8 +105,8 @@ inline void score_block(const float* qt, const float* kt, int64_t hd, float scal
 
 // out[r][:] += sum over the block's 16 keys of p[r][l] * v[l][:], key by key: rows that see
 // the whole block. J vectors of 16 dims per row at a time (R x J accumulators in registers).
-template <int R, int J>
-inline void accumulate_full(const float* const* p, const float* vblock, int64_t hd,
+template <int R, int J, typename ET>
+inline void accumulate_full(const float* const* p, const ET* vblock, int64_t hd,
                             float* const* out) {
   for (int64_t j = 0; j < hd; j += 16 * J) {
     v16 acc[R][J];
@@ -125,7 +126,8 @@ inline void accumulate_full(const float* const* p, const float* vblock, int64_t 
 }
 
 // The same for one row that sees only the block's first `lanes` keys (its query's own block).
-inline void accumulate_partial(const float* p, int64_t lanes, const float* vblock, int64_t hd,
+template <typename ET>
+inline void accumulate_partial(const float* p, int64_t lanes, const ET* vblock, int64_t hd,
                                float* out) {
   for (int64_t j = 0; j < hd; j += 16) {
     v16 acc = load16(out + j);
@@ -134,15 +136,15 @@ inline void accumulate_partial(const float* p, int64_t lanes, const float* vbloc
   }
 }
 
-template <int R>
-void score_rows(int nr, const float* qt, const float* kt, int64_t hd, float scale,
+template <int R, typename ET>
+void score_rows(int nr, const float* qt, const ET* kt, int64_t hd, float scale,
                 float* const* out) {
   if (nr == R) score_block<R>(qt, kt, hd, scale, out);
   else if constexpr (R > 1) score_rows<R - 1>(nr, qt, kt, hd, scale, out);
 }
 
-template <int R, int J>
-void accumulate_rows(int nr, const float* const* p, const float* vblock, int64_t hd,
+template <int R, int J, typename ET>
+void accumulate_rows(int nr, const float* const* p, const ET* vblock, int64_t hd,
                      float* const* out) {
   if (nr == R) accumulate_full<R, J>(p, vblock, hd, out);
   else if constexpr (R > 1) accumulate_rows<R - 1, J>(nr, p, vblock, hd, out);
@@ -265,8 +267,12 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
   }
   // Scores: rows whose query sees any key of the block, kScoreRows at a time (groups aligned
   // to kScoreRows, so a row's queries sit in one transposed group).
-  for (int64_t b = b0; b < nblocks; ++b) {
-    const float* kt = widen(kp + table[b] * block_stride + kvh * hd * BS, hd * BS, wide.data());
+  // NOTE: a block's 16-bit K (V) is widened into `wide` once when several row groups read it;
+  // a decode tile's one group (a query's heads) reads the cache directly, each value widened
+  // in the register that uses it, skipping a store and reload of the whole block. Widening
+  // is exact, so both give the same bits.
+  const bool direct_k = rows <= kScoreRows, direct_v = rows <= 2 * kValueRows;
+  auto score_keys = [&](int64_t b, const auto* kt) {
     const int64_t t0 = b * BS;
     int64_t first_row, end_row;
     row_range(t0, first_row, end_row);
@@ -278,6 +284,11 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
       score_rows<kScoreRows>(nr, qt.data() + (r0 / kScoreRows) * hd * kScoreRows, kt, hd, scale,
                              out);
     }
+  };
+  for (int64_t b = b0; b < nblocks; ++b) {
+    const KT* kt = kp + table[b] * block_stride + kvh * hd * BS;
+    if (direct_k) score_keys(b, kt);
+    else score_keys(b, widen(kt, hd * BS, wide.data()));
   }
   // Softmax of each row over its own keys lo .. pos (keys of the first block before the
   // window: scored above, weigh 0).
@@ -288,8 +299,7 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
   }
   // Weighted sum of V, key by key in order: rows that see the whole block kValueRows at a
   // time, rows whose own block it is one at a time over their keys.
-  for (int64_t b = b0; b < nblocks; ++b) {
-    const float* vblock = widen(vp + table[b] * block_stride + kvh * BS * hd, hd * BS, wide.data());
+  auto add_values = [&](int64_t b, const auto* vblock) {
     const int64_t t0 = b * BS;
     int64_t first_row, end_row;
     row_range(t0, first_row, end_row);
@@ -310,6 +320,11 @@ void attend_tile(const Task& task, const float* qp, const KT* kp, const KT* vp,
       if (hd % 64 == 0) accumulate_rows<kValueRows, 4>(nr, p, vblock, hd, out);
       else accumulate_rows<kValueRows, 1>(nr, p, vblock, hd, out);
     }
+  };
+  for (int64_t b = b0; b < nblocks; ++b) {
+    const KT* vblock = vp + table[b] * block_stride + kvh * BS * hd;
+    if (direct_v) add_values(b, vblock);
+    else add_values(b, widen(vblock, hd * BS, wide.data()));
   }
   for (int64_t r = 0; r < rows; ++r) {
     std::copy(acc.begin() + r * hd, acc.begin() + (r + 1) * hd,
