@@ -227,7 +227,11 @@ void group_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const f
 // row's activation broadcast feeds twice the rows. Every lane's arithmetic is the 8-lane
 // path's (the same exact integer dot, the same float steps in the same order), so results
 // are bit-identical to it and to the PyTorch twin.
+// Below kPairRows rows the two groups' unpacking (twice the 8-lane path's vector operations
+// per block, with the halves' inserts) is not spread over enough rows to pay: 1-4 rows ran
+// 0.6-1.0x the 8-lane path, 8-64 rows 1.2-1.6x (two threads, SmolLM2's gate/up and head).
 #define SHOAL_PACKED_PAIRS 1
+constexpr int64_t kPairRows = 8;
 
 inline __m512i both_halves(const uint8_t* lo, const uint8_t* hi) {
   return _mm512_inserti64x4(
@@ -271,9 +275,24 @@ void pair_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const fl
   const int64_t tb = tile_bytes(TYPE);
   const int64_t nscales = TYPE == kQ4_1 ? 2 : 1;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  // NOTE: the two groups' tiles are two runs of B * tb bytes read side by side, and each run
+  // then jumps over the other's: the hardware prefetcher loses both streams at every pair
+  // (decode-sized batches ran at half the 8-lane path's speed). So each run is fetched
+  // kAhead bytes early, continuing into the next pair's run of the same half past its end.
+  constexpr int64_t kAhead = 1024;
+  const int64_t span = B * tb;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(w);
+  auto fetch_ahead = [&](int64_t gg, int64_t at) {
+    const int64_t from = at < span ? gg * span + at : (gg + 2) * span + (at - span);
+    _mm_prefetch(reinterpret_cast<const char*>(base + from), _MM_HINT_T0);
+  };
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* lo = w + (g * B + b) * tb;
     const uint8_t* hi = w + ((g + 1) * B + b) * tb;
+    for (int64_t line = 0; line < tb; line += 64) {
+      fetch_ahead(g, b * tb + kAhead + line);
+      fetch_ahead(g + 1, b * tb + kAhead + line);
+    }
     const __m512 dw = halves_to_float(lo, hi);
     const __m512 mw = TYPE == kQ4_1 ? halves_to_float(lo + 16, hi + 16) : _mm512_setzero_ps();
     const int64_t at = 16 * nscales;
@@ -540,7 +559,7 @@ void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, con
     std::vector<float> acc(M * 2 * kRows);
     int64_t g = begin;
 #if SHOAL_PACKED_PAIRS
-    for (; g + 2 <= end; g += 2) {
+    for (; M >= kPairRows && g + 2 <= end; g += 2) {
       std::fill(acc.begin(), acc.end(), 0.f);
       pair_dot<TYPE>(w, B, g, xq, xd, xs, M, K, acc.data());
       store(acc.data(), g, 2 * kRows);
