@@ -3,6 +3,10 @@ of every instruction set this CPU runs against the PyTorch twin, bit for bit; ba
 invariance; the packed recipe on tiny and real models."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
+
 import pytest
 import tiny_models
 import torch
@@ -165,6 +169,27 @@ def test_fused_norm_and_activation_quantizers_match_pytorch():
     close(ops.act_mul_quant_blocks(gate_up, False), quant_blocks_torch(act))
     act = torch.nn.functional.gelu(gate_up[:, :96], approximate="tanh") * gate_up[:, 96:]
     close(ops.act_mul_quant_blocks(gate_up, True), quant_blocks_torch(act))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the SiLU kernels follow glibc's expf")
+def test_silu_rows_are_those_of_the_c_librarys_expf_bit_for_bit(variant):
+    """The MLP's SiLU, x / (1 + expf(-x)) * up: AVX-512 builds compute glibc's expf 8 values at
+    a time (common.h), the others call it; either way a row's floats, and so its quantized
+    blocks, are those of the C library's expf, including its overflow and underflow ends."""
+    expf = ctypes.CDLL(ctypes.util.find_library("m")).expf
+    expf.restype, expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    g = torch.Generator().manual_seed(11)
+    edges = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 87.9, 88.0, 88.5, 88.7228, 88.72284, 88.73, 89.0,
+                          103.0, 103.5, 104.0, 120.0, 1e30])
+    gate = torch.cat([torch.randn(4000, generator=g) * 4, torch.randn(2000, generator=g) * 40,
+                      edges, -edges])
+    gate = torch.cat([gate, torch.zeros(-len(gate) % 64)]).reshape(-1, 64)
+    up = torch.randn(gate.shape, generator=g)
+    e = torch.tensor([expf(-x) for x in gate.reshape(-1).tolist()]).reshape(gate.shape)
+    want = gate / (1.0 + e) * up                  # float32, one rounding per operation
+    got = variant.act_mul_quant_blocks(torch.cat([gate, up], dim=1), False)
+    for a, b in zip(got, quant_blocks_torch(want)):
+        assert torch.equal(a, b)
 
 
 def test_the_repacked_layout_puts_four_values_of_each_row_in_one_dword():

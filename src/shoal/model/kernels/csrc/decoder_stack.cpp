@@ -133,10 +133,7 @@ void f32_stack(const Stack& s) {
     shoal::parallel_for(T, shoal::grain(I), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const float* g = gate_up.data() + t * 2 * I;
-        float* a = act.data() + t * I;
-        for (int64_t i = 0; i < I; ++i) {
-          a[i] = (s.gelu ? shoal::gelu_tanh(g[i]) : shoal::silu(g[i])) * g[I + i];
-        }
+        shoal::act_mul_row(g, g + I, I, s.gelu, act.data() + t * I);
       }
     });
     linear(act.data(), f[kDownWeight], nullptr, I, K, s.out);

@@ -644,7 +644,7 @@ SHOAL_API void shoal_act_mul_quant_blocks(const float* gp, int64_t T, int64_t I,
     for (int64_t t = begin; t < end; ++t) {
       const float* g = gp + t * 2 * I;
       const float* u = g + I;
-      for (int64_t i = 0; i < I; ++i) row[i] = (gelu ? shoal::gelu_tanh(g[i]) : shoal::silu(g[i])) * u[i];
+      shoal::act_mul_row(g, u, I, gelu != 0, row.data());
       quantize_blocks(row.data(), I, qp + t * I, dp + t * B, sp + t * B);
     }
   });
