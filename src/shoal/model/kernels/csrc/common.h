@@ -92,11 +92,12 @@ inline float gelu_tanh(float x) {
 
 #if defined(__AVX512F__) && defined(__FMA__) && defined(__GLIBC__)
 // glibc's expf for 8 floats at once, operation for operation as its FMA build (__expf_fma,
-// which glibc runs on every x86-64 CPU with FMA, so on every machine this build runs on):
+// which glibc picks on every x86-64 CPU with FMA and AVX2, so on every machine this build
+// runs on):
 // x = (k + r) ln2 / 32, 2^(k/32) from a 32-entry table, a cubic in r, all in double. So a
 // SiLU row costs a few vector instructions per value instead of a library call each, with
 // the same bits (tests/model/test_packed_linear.py checks it against the C library's expf).
-// Valid for x in [-88, 88.72]; silu_mul_row handles the rest as expf's special cases do.
+// Valid for x in [-88, 88.72]; act_mul_row handles the rest as expf's special cases do.
 alignas(64) inline constexpr uint64_t kExp2fTable[32] = {
     0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
     0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
