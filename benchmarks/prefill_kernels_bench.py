@@ -90,7 +90,7 @@ def linear(old: CpuKernels, new: CpuKernels, ggml_type: int, n: int, k: int, row
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", required=True, help="the earlier build's kernel library (.so)")
-    parser.add_argument("--tokens", default="256,1000", help="prompt lengths for attention")
+    parser.add_argument("--tokens", default="256,1000", help="prompt lengths for attention ('' for none)")
     parser.add_argument("--rows", default="64,256,512", help="batch rows for the linears")
     parser.add_argument("--decode", default="1x150,32x150,32x1000",
                         help="decode attention cases, SEQUENCESxCONTEXT, comma-separated ('' for none)")
@@ -101,7 +101,7 @@ def main() -> int:
         raise SystemExit("the C++ kernels are unavailable")
     old = CpuKernels(Path(args.against), new.isa)
     print(f"kernels: {new.isa.name}, {torch.get_num_threads()} thread(s)")
-    for tokens in (int(t) for t in args.tokens.split(",")):
+    for tokens in (int(t) for t in filter(None, args.tokens.split(","))):
         attention(old, new, tokens, args.reps)
     for case in filter(None, args.decode.split(",")):
         seqs, context = (int(x) for x in case.split("x"))

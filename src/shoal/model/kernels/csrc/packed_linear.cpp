@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__)
@@ -543,8 +544,10 @@ void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, con
   const int64_t B = K / kBlock, G = (N + kRows - 1) / kRows;
   // NOTE: threads split the output columns (whole 8-row groups); each group's weights are
   // unpacked once per block for all M rows.
-  // acc [M][width] for the groups from g on -> out (+ bias)
-  auto store = [&](const float* acc, int64_t g, int64_t width) {
+  // acc [M][width] for the groups from g on -> out (+ bias); width a compile-time constant
+  // (a runtime one cost decoding's one-row calls ~5%)
+  auto store = [&](const float* acc, int64_t g, auto width_constant) {
+    constexpr int64_t width = decltype(width_constant)::value;
     const int64_t cols = std::min(width, N - g * kRows);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t r = 0; r < cols; ++r) {
@@ -562,13 +565,13 @@ void packed_linear(const uint8_t* w, int64_t N, int64_t K, const int8_t* xq, con
     for (; M >= kPairRows && g + 2 <= end; g += 2) {
       std::fill(acc.begin(), acc.end(), 0.f);
       pair_dot<TYPE>(w, B, g, xq, xd, xs, M, K, acc.data());
-      store(acc.data(), g, 2 * kRows);
+      store(acc.data(), g, std::integral_constant<int64_t, 2 * kRows>{});
     }
 #endif
     for (; g < end; ++g) {
       std::fill(acc.begin(), acc.begin() + M * kRows, 0.f);
       group_dot<TYPE>(w, B, g, xq, xd, xs, M, K, acc.data());
-      store(acc.data(), g, kRows);
+      store(acc.data(), g, std::integral_constant<int64_t, kRows>{});
     }
   };
   if (M <= kSmallRows) {
