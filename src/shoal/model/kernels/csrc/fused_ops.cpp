@@ -131,18 +131,28 @@ SHOAL_API void shoal_dequant_gelu_hadamard_quant(const int32_t* ap, const float*
   });
 }
 
-// gate_up: [T, 2I] (gate then up). silu(gate) * up * inv_smooth, quantized per row.
-SHOAL_API void shoal_silu_mul_quant(const float* gp, const float* sm, int64_t T, int64_t I,
-                                    int8_t* qp, float* sp) {
+namespace {
+
+// gate_up: [T, 2I] (gate then up). act(gate) * up * inv_smooth, quantized per row.
+void act_mul_smooth_quant(const float* gp, const float* sm, int64_t T, int64_t I, bool gelu,
+                          int8_t* qp, float* sp) {
   parallel_for(T, grain(I), [&](int64_t begin, int64_t end) {
     std::vector<float> row(I);
     for (int64_t t = begin; t < end; ++t) {
       const float* g = gp + t * 2 * I;
-      const float* u = g + I;
-      for (int64_t i = 0; i < I; ++i) row[i] = shoal::silu(g[i]) * u[i] * sm[i];
+      shoal::act_mul_row(g, g + I, I, gelu, row.data());
+      for (int64_t i = 0; i < I; ++i) row[i] = row[i] * sm[i];
       sp[t] = quantize_row(row.data(), I, qp + t * I);
     }
   });
+}
+
+}  // namespace
+
+// gate_up: [T, 2I] (gate then up). silu(gate) * up * inv_smooth, quantized per row.
+SHOAL_API void shoal_silu_mul_quant(const float* gp, const float* sm, int64_t T, int64_t I,
+                                    int8_t* qp, float* sp) {
+  act_mul_smooth_quant(gp, sm, T, I, false, qp, sp);
 }
 
 // acc: int32 [T, N]; out = acc * x_scale[t] * w_scale[n] (+ bias[n] when bias is not null).
@@ -248,15 +258,7 @@ SHOAL_API void shoal_rms_norm_add_norm_quant(const float* xp, float* rp, const f
 // gate_up: [T, 2I] (gate then up). gelu_tanh(gate) * up * inv_smooth, quantized per row.
 SHOAL_API void shoal_gelu_tanh_mul_quant(const float* gp, const float* sm, int64_t T, int64_t I,
                                          int8_t* qp, float* sp) {
-  parallel_for(T, grain(I), [&](int64_t begin, int64_t end) {
-    std::vector<float> row(I);
-    for (int64_t t = begin; t < end; ++t) {
-      const float* g = gp + t * 2 * I;
-      const float* u = g + I;
-      for (int64_t i = 0; i < I; ++i) row[i] = shoal::gelu_tanh(g[i]) * u[i] * sm[i];
-      sp[t] = quantize_row(row.data(), I, qp + t * I);
-    }
-  });
+  act_mul_smooth_quant(gp, sm, T, I, true, qp, sp);
 }
 
 // qkv: [T, W]. Writes q [T, H, hd] and k [T, KV, hd], each head RMS-normalised over hd

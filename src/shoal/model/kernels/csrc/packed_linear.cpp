@@ -246,7 +246,6 @@ inline __m512 halves_to_float(const uint8_t* lo, const uint8_t* hi) {
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1));
 }
 
-template <int32_t TYPE>
 inline __m512i pair_block_dot(const __m512i* W, const int8_t* xb) {
   __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
   for (int c = 0; c < 8; ++c) {
@@ -312,11 +311,11 @@ void pair_dot(const uint8_t* w, int64_t B, int64_t g, const int8_t* xq, const fl
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
       __m512i isum[4];
-      for (int i = 0; i < 4; ++i) isum[i] = pair_block_dot<TYPE>(W, xq + (m + i) * K + b * kBlock);
+      for (int i = 0; i < 4; ++i) isum[i] = pair_block_dot(W, xq + (m + i) * K + b * kBlock);
       for (int i = 0; i < 4; ++i) pair_finish<TYPE>(isum[i], dw, mw, xd[(m + i) * B + b], xs[(m + i) * B + b], acc + (m + i) * 2 * kRows);
     }
     for (; m < M; ++m) {
-      pair_finish<TYPE>(pair_block_dot<TYPE>(W, xq + m * K + b * kBlock), dw, mw, xd[m * B + b], xs[m * B + b], acc + m * 2 * kRows);
+      pair_finish<TYPE>(pair_block_dot(W, xq + m * K + b * kBlock), dw, mw, xd[m * B + b], xs[m * B + b], acc + m * 2 * kRows);
     }
   }
 }
